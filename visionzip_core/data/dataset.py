@@ -1,0 +1,269 @@
+"""The training/validation dataset: preflight-checked, mixed by weight, decoded lazily per item.
+
+``build_dataset`` does all checking before training starts (structure, roles, placeholders vs
+images, image files, whether the sample fits), through ``datasets.map`` so that the result is
+cached by fingerprint and can use several processes. Samples stay in memory-mapped arrow files;
+the dataset itself holds only two small integer arrays (source, row) and the lengths.
+
+An image that passed preflight but fails to decode later (a truncated file with a valid header,
+or a file changed after the check) never reaches the model: under ``on_bad_sample: error`` the
+worker raises :class:`BadDataError`; under ``skip`` the item is replaced by the next sample in
+index order that decodes, a warning names the file, and the worker stops with
+:class:`BadDataError` once it has replaced more than ``max_skip_fraction`` of the split. Use
+``check_images: decode`` to catch such files in preflight instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from visionzip_core.data.encode import Encoder
+from visionzip_core.data.images import ImageTransform
+from visionzip_core.data.settings import DatasetSource, DataSettings
+from visionzip_core.data.sources import load_source, sample_id_of, to_conversation
+from visionzip_core.data.validation import (
+    BadDataError,
+    SampleError,
+    SkipReport,
+    check_image_file,
+    check_roles,
+    describe_sample,
+    resolve_image_path,
+)
+
+logger = logging.getLogger(__name__)
+
+# Below this many rows a single process is faster than starting a pool.
+_PARALLEL_PREFLIGHT_ROWS = 20_000
+
+
+@dataclass
+class _Source:
+    spec: DatasetSource
+    table: object  # datasets.Dataset, memory-mapped
+    fmt: str
+
+
+def preflight_row(
+    row: dict, index: int, *, fmt: str, encoder: Encoder, image_folder: str | None, decode: bool
+):
+    """Check one raw row; returns ``{"kind", "reason", "length", "sample_id"}`` (kind "" when good).
+
+    ``length`` is the token count after image expansion, negative for text-only samples.
+    """
+    sample_id = None
+    try:
+        sample_id = sample_id_of(row)
+        conv = to_conversation(row, fmt, encoder.image_token)
+        check_roles(conv.turns, encoder.template)
+        n_placeholders = sum(text.count(encoder.image_token) for _, text in conv.turns)
+        if n_placeholders != len(conv.images):
+            raise SampleError(
+                "placeholder_mismatch",
+                f"{n_placeholders} {encoder.image_token} placeholder(s) for {len(conv.images)} image(s)",
+            )
+        for image in conv.images:
+            check_image_file(resolve_image_path(image, image_folder), decode)
+        ids, _ = encoder(conv.turns, len(conv.images))
+        length = len(ids) if conv.images else -len(ids)
+        return {"kind": "", "reason": "", "length": length, "sample_id": sample_id or ""}
+    except SampleError as err:
+        return {"kind": err.kind, "reason": err.reason, "length": 0, "sample_id": sample_id or ""}
+
+
+def mixture_indices(
+    valid_rows: list[np.ndarray], weights: list[float], seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(source, row)`` arrays: each source's valid rows ``floor(w)`` times plus a seeded subset of
+    ``round(frac(w) * n)`` of them, so a weight of 2.5 gives every row twice and half of them thrice."""
+    sources, rows = [], []
+    for s, (valid, weight) in enumerate(zip(valid_rows, weights)):
+        whole, frac = int(math.floor(weight)), weight - math.floor(weight)
+        parts = [np.tile(valid, whole)]
+        extra = int(round(frac * len(valid)))
+        if extra:
+            rng = np.random.default_rng([seed, s])
+            parts.append(np.sort(rng.choice(valid, size=extra, replace=False)))
+        picked = np.concatenate(parts).astype(np.int64)
+        sources.append(np.full(len(picked), s, dtype=np.int32))
+        rows.append(picked)
+    return np.concatenate(sources), np.concatenate(rows)
+
+
+class VisionLanguageDataset(torch.utils.data.Dataset):
+    """``ds[i] -> {"input_ids": LongTensor[T], "labels": LongTensor[T], "pixel_values"?: FloatTensor[n, 3, H, W]}``.
+
+    ``pixel_values`` is absent for text-only samples. ``lengths[i]`` is ``T`` (negative when
+    text-only), the count after compression: K ids per image. ``skip_report`` is the preflight
+    summary (``SkipReport.as_dict()``) for logging.
+    """
+
+    def __init__(self, split, sources, source_of, row_of, lengths, encoder, transform, settings, report):
+        self.split = split
+        self.sources = sources
+        self._source_of = source_of
+        self._row_of = row_of
+        self._lengths = lengths
+        self.encoder = encoder
+        self.transform = transform
+        self.on_bad_sample = settings.on_bad_sample
+        self.max_skip_fraction = settings.max_skip_fraction
+        self.skip_report = report.as_dict()
+        self._decode_failures = 0  # per worker process
+
+    def __len__(self) -> int:
+        return len(self._row_of)
+
+    @property
+    def lengths(self) -> list[int]:
+        return self._lengths.tolist()
+
+    @property
+    def modality_lengths(self) -> np.ndarray:
+        """The same as :attr:`lengths`, as an int64 array (no Python list for large sets)."""
+        return self._lengths
+
+    def describe(self, i: int) -> str:
+        src = self.sources[self._source_of[i]]
+        row = int(self._row_of[i])
+        return describe_sample(src.spec.path, row, sample_id_of(src.table[row]))
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        for attempt in range(len(self)):
+            j = (i + attempt) % len(self)
+            try:
+                return self._load(j)
+            except _DecodeFailure as failure:
+                if self.on_bad_sample == "error":
+                    raise BadDataError(f"{self.describe(j)}: {failure}") from None
+                self._decode_failures += 1
+                logger.warning("%s: %s; using the next sample instead", self.describe(j), failure)
+                if self._decode_failures > max(1, self.max_skip_fraction * len(self)):
+                    raise BadDataError(
+                        f"data.{self.split}: {self._decode_failures} images failed to decode in one "
+                        f"worker, more than max_skip_fraction {self.max_skip_fraction:.2%}; last: "
+                        f"{self.describe(j)}: {failure}"
+                    ) from None
+        raise BadDataError(f"data.{self.split}: no sample could be loaded")
+
+    def _load(self, i: int) -> dict[str, torch.Tensor]:
+        src = self.sources[self._source_of[i]]
+        row = src.table[int(self._row_of[i])]
+        try:
+            conv = to_conversation(row, src.fmt, self.encoder.image_token)
+            ids, labels = self.encoder(conv.turns, len(conv.images))
+        except SampleError as err:  # only when the file changed after preflight
+            raise BadDataError(f"{self.describe(i)}: {err.reason} (changed since preflight?)") from None
+        item = {
+            "input_ids": torch.tensor(ids, dtype=torch.long),
+            "labels": torch.tensor(labels, dtype=torch.long),
+        }
+        if conv.images:
+            paths = [resolve_image_path(p, src.spec.image_folder) for p in conv.images]
+            try:
+                item["pixel_values"] = self.transform(paths)
+            except Exception as err:  # PIL raises OSError, ValueError, SyntaxError, ... on bad files
+                raise _DecodeFailure(f"image failed to decode: {' '.join(str(err).split())[:200]}") from err
+        return item
+
+
+class _DecodeFailure(Exception):
+    pass
+
+
+def build_dataset(
+    settings: DataSettings,
+    split: str,
+    tokenizer,
+    image_processor,
+    image_tokens_per_image: int,
+    image_token: str = "<image>",
+    base_dir: str | os.PathLike | None = None,
+) -> VisionLanguageDataset:
+    """Load, preflight-check and mix the ``split`` ("train" or "val") sources of ``settings``.
+
+    Raises :class:`BadDataError` (one line) on the first bad sample under ``on_bad_sample: error``,
+    or when skipped samples exceed ``max_skip_fraction``; ``ValueError`` for settings problems
+    (missing files, a tokenizer without the image token or without a chat template).
+    Relative paths resolve against ``base_dir`` (default: the current working directory).
+    """
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    settings = settings.resolve_paths(base_dir)
+    specs = getattr(settings, split)
+    if not specs:
+        raise ValueError(f"data.{split} is empty")
+    encoder = Encoder(
+        tokenizer=tokenizer,
+        template=settings.template,
+        image_token=image_token,
+        image_tokens_per_image=image_tokens_per_image,
+        model_max_length=settings.model_max_length,
+        system_prompt=settings.system_prompt,
+    )
+    report = SkipReport(split)
+    sources, valid_rows, lengths, first_bad, n_bad = [], [], [], None, 0
+    for spec in specs:
+        table, fmt = load_source(spec, settings.cache_dir)
+        checked = run_preflight(table, fmt, encoder, spec, settings)
+        kinds = np.asarray(checked.data.column("kind").to_numpy(zero_copy_only=False))
+        bad = np.flatnonzero(kinds != "")
+        report.total += len(kinds)
+        n_bad += len(bad)
+        for r in bad:
+            rec = checked[int(r)]
+            where = f"{describe_sample(spec.path, int(r), rec['sample_id'] or None)}: {rec['reason']}"
+            report.add(rec["kind"], where)
+            if first_bad is None:
+                first_bad = where
+        valid = np.flatnonzero(kinds == "")
+        sources.append(_Source(spec, table, fmt))
+        valid_rows.append(valid)
+        lengths.append(np.asarray(checked.data.column("length").to_numpy(), dtype=np.int64))
+
+    if first_bad is not None and settings.on_bad_sample == "error":
+        more = f" (+{n_bad - 1} more bad samples; scripts/check_data.py lists them)" if n_bad > 1 else ""
+        raise BadDataError(first_bad + more)
+    report.enforce(settings.max_skip_fraction)
+    if report.skipped:
+        logger.warning(
+            "data.%s: skipped %d bad samples: %s", split, report.skipped, report.as_dict()["by_kind"]
+        )
+
+    source_of, row_of = mixture_indices(valid_rows, [s.weight for s in specs], settings.seed)
+    if len(row_of) == 0:
+        raise BadDataError(f"data.{split}: no usable samples")
+    per_item = np.empty(len(row_of), dtype=np.int64)
+    for s, lens in enumerate(lengths):
+        mask = source_of == s
+        per_item[mask] = lens[row_of[mask]]
+    transform = ImageTransform(image_processor, settings.image_aspect_ratio)
+    return VisionLanguageDataset(
+        split, sources, source_of, row_of, per_item, encoder, transform, settings, report
+    )
+
+
+def run_preflight(table, fmt: str, encoder: Encoder, spec: DatasetSource, settings: DataSettings):
+    """``datasets.map`` of :func:`preflight_row` over one source; cached by the datasets fingerprint."""
+    num_proc = settings.preflight_num_proc
+    if num_proc is None and len(table) >= _PARALLEL_PREFLIGHT_ROWS:
+        num_proc = max(1, min(8, os.cpu_count() or 1))
+    return table.map(
+        preflight_row,
+        with_indices=True,
+        fn_kwargs={
+            "fmt": fmt,
+            "encoder": encoder,
+            "image_folder": spec.image_folder,
+            "decode": settings.check_images == "decode",
+        },
+        remove_columns=table.column_names,
+        num_proc=num_proc if num_proc and num_proc > 1 else None,
+        desc=f"preflight {spec.label}",
+    )

@@ -1,0 +1,152 @@
+"""Reading sample files through `datasets` (memory-mapped arrow) and normalising samples to turns.
+
+Two on-disk formats are accepted and reduced to one in-memory shape, a :class:`Conversation`:
+
+- LLaVA: ``{"id", "image"?: str | [str], "conversations": [{"from": "human"|"gpt"|"system", "value": str}]}``
+- HF messages: ``{"messages": [{"role": "user"|"assistant"|"system", "content": str | [parts]}],
+  "images"?: [str]}`` where a content part is ``{"type": "text", "text": ...}`` or ``{"type": "image"}``
+  (an image part becomes an ``<image>`` placeholder at that position).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from visionzip_core.data.settings import DatasetSource
+from visionzip_core.data.validation import BadDataError, SampleError
+
+_LLAVA_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+}
+_MESSAGE_ROLES = {"user": "user", "assistant": "assistant", "system": "system"}
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """A sample reduced to roles and text; ``images`` are paths in placeholder order."""
+
+    turns: tuple[tuple[str, str], ...]  # (role in {"system", "user", "assistant"}, text with placeholders)
+    images: tuple[str, ...]
+    sample_id: str | None
+
+
+def load_source(source: DatasetSource, cache_dir: str | None = None):
+    """Load one JSON/JSONL file as a memory-mapped ``datasets.Dataset`` and detect its format.
+
+    Returns ``(dataset, format)`` with format ``"llava"`` or ``"messages"``. Malformed JSON raises
+    :class:`BadDataError` naming the file, line and column (arrow's own message names neither).
+    """
+    import datasets
+
+    path = source.path
+    try:
+        ds = datasets.load_dataset("json", data_files=path, split="train", cache_dir=cache_dir)
+    except Exception as exc:  # arrow's errors carry a byte offset at best; find line/column ourselves
+        located = locate_json_error(path)
+        if located is not None:
+            raise BadDataError(f"{path}: malformed JSON at {located}") from exc
+        raise BadDataError(f"{path}: could not be read as JSON/JSONL: {_one_line(exc)}") from exc
+    columns = set(ds.column_names)
+    fmt = source.format
+    if fmt == "auto":
+        if "conversations" in columns:
+            fmt = "llava"
+        elif "messages" in columns:
+            fmt = "messages"
+        else:
+            raise BadDataError(
+                f"{path}: cannot tell the format: no 'conversations' (LLaVA) or 'messages' column "
+                f"(columns: {sorted(columns)}); set format explicitly"
+            )
+    needed = "conversations" if fmt == "llava" else "messages"
+    if needed not in columns:
+        raise BadDataError(f"{path}: format {fmt!r} needs a {needed!r} field, columns are {sorted(columns)}")
+    return ds, fmt
+
+
+def locate_json_error(path: str | Path) -> str | None:
+    """``"line L, column C: reason"`` for the first syntax error in a JSON or JSONL file, else None."""
+    text = Path(path).read_text(encoding="utf-8", errors="replace")
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as err:
+            return f"line {err.lineno}, column {err.colno}: {err.msg}"
+        return None
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            json.loads(line)
+        except json.JSONDecodeError as err:
+            return f"line {lineno}, column {err.colno}: {err.msg}"
+    return None
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:300]
+
+
+def sample_id_of(row: dict[str, Any]) -> str | None:
+    sid = row.get("id")
+    return None if sid is None else str(sid)
+
+
+def to_conversation(row: dict[str, Any], fmt: str, image_token: str) -> Conversation:
+    """Normalise one raw row; raises :class:`SampleError` (kind + reason) on structural problems."""
+    if fmt == "llava":
+        turns_raw, images = row.get("conversations"), row.get("image")
+        role_key, text_key, roles = "from", "value", _LLAVA_ROLES
+    else:
+        turns_raw, images = row.get("messages"), row.get("images")
+        role_key, text_key, roles = "role", "content", _MESSAGE_ROLES
+    if turns_raw is None or (isinstance(turns_raw, list) and not turns_raw):
+        raise SampleError("empty_conversation", "no conversation turns")
+    if not isinstance(turns_raw, list):
+        raise SampleError("bad_structure", f"turns must be a list, got {type(turns_raw).__name__}")
+
+    turns = []
+    for t, turn in enumerate(turns_raw):
+        if not isinstance(turn, dict):
+            raise SampleError("bad_structure", f"turn {t} is a {type(turn).__name__}, not an object")
+        role = turn.get(role_key)
+        if role not in roles:
+            raise SampleError(
+                "unknown_role", f"turn {t} has unknown role {role!r} (expected one of {sorted(roles)})"
+            )
+        text = turn.get(text_key)
+        if fmt == "messages" and isinstance(text, list):
+            text = _join_parts(text, t, image_token)
+        if not isinstance(text, str):
+            raise SampleError(
+                "non_string_content", f"turn {t} content is {type(text).__name__}, not a string"
+            )
+        turns.append((roles[role], text))
+
+    if images is None:
+        images = []
+    elif isinstance(images, str):
+        images = [images]
+    if not isinstance(images, list) or not all(isinstance(p, str) and p for p in images):
+        raise SampleError("bad_structure", "images must be a path or a list of non-empty paths")
+    return Conversation(turns=tuple(turns), images=tuple(images), sample_id=sample_id_of(row))
+
+
+def _join_parts(parts: list, t: int, image_token: str) -> str:
+    out = []
+    for p in parts:
+        if isinstance(p, dict) and p.get("type") == "image":
+            out.append(image_token)
+        elif isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str):
+            out.append(p["text"])
+        else:
+            raise SampleError("non_string_content", f"turn {t} has a content part that is not text or image")
+    return "".join(out)

@@ -1,0 +1,144 @@
+"""Conversation templates: a conversation becomes text pieces, each marked as trained on or not.
+
+A template returns ``(pieces, add_bos)`` where ``pieces`` is a list of ``(text, is_reply)``; the
+concatenated text still holds the ``<image>`` placeholders, which :mod:`encode` expands. Loss goes
+only on ``is_reply`` pieces: the assistant replies and the end-of-turn token after each.
+
+- ``plain`` (stage-1): ``<image>...`` + caption + eos; the user's words are dropped, as LLaVA's
+  pretraining does; loss on caption + eos.
+- ``vicuna_v1`` (LLaVA-1.5): ``{system} USER: {q} ASSISTANT: {a}</s>USER: ...``; loss on `` {a}</s>``.
+- ``chat_template``: the tokenizer's own template; reply spans are found by rendering the
+  conversation prefix by prefix (works for any template that renders prefixes stably).
+"""
+
+from __future__ import annotations
+
+from visionzip_core.data.settings import VICUNA_V1_SYSTEM
+from visionzip_core.data.validation import SampleError
+
+Pieces = list[tuple[str, bool]]
+
+
+def render(
+    template: str, turns, tokenizer, image_token: str, system_prompt: str | None
+) -> tuple[Pieces, bool]:
+    if template == "plain":
+        return render_plain(turns, tokenizer, image_token), True
+    if template == "vicuna_v1":
+        return render_vicuna_v1(turns, tokenizer, system_prompt), True
+    if template == "chat_template":
+        return ChatTemplateRenderer.for_tokenizer(tokenizer).render(turns, image_token, system_prompt), False
+    raise ValueError(f"data.template: unknown template {template!r}")
+
+
+def render_plain(turns, tokenizer, image_token: str) -> Pieces:
+    user = next(text for role, text in turns if role == "user")
+    reply = next(text for role, text in turns if role == "assistant")
+    return [(image_token * user.count(image_token), False), (reply + tokenizer.eos_token, True)]
+
+
+def render_vicuna_v1(turns, tokenizer, system_prompt: str | None) -> Pieces:
+    system = system_prompt if system_prompt is not None else VICUNA_V1_SYSTEM
+    if turns and turns[0][0] == "system":
+        system, turns = turns[0][1], turns[1:]
+    pieces: Pieces = []
+    prompt = system + " "
+    for role, text in turns:
+        if role == "user":
+            prompt += f"USER: {text} ASSISTANT:"
+        else:
+            pieces.append((prompt, False))
+            pieces.append((f" {text}{tokenizer.eos_token}", True))
+            prompt = ""
+    return pieces
+
+
+class ChatTemplateRenderer:
+    """Renders with ``tokenizer.apply_chat_template`` and locates assistant replies by prefix rendering.
+
+    Message content is passed as a plain string with placeholders when the template renders that
+    faithfully; templates that expect HF content parts (``[{"type": "image"}, {"type": "text"}]``,
+    e.g. llava-hf's) get parts instead. The choice is made once per tokenizer.
+    """
+
+    _cache: dict[int, ChatTemplateRenderer] = {}
+
+    def __init__(self, tokenizer):
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError(
+                "data.template is 'chat_template' but the tokenizer has no chat template; "
+                "use template: vicuna_v1 or plain, or give the tokenizer a chat_template"
+            )
+        self.tokenizer = tokenizer
+        self.use_parts: bool | None = None
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer) -> ChatTemplateRenderer:
+        key = id(tokenizer)
+        if key not in cls._cache or cls._cache[key].tokenizer is not tokenizer:
+            cls._cache[key] = cls(tokenizer)
+        return cls._cache[key]
+
+    def _messages(self, turns, image_token: str, parts: bool) -> list[dict]:
+        msgs = []
+        for role, text in turns:
+            if not parts:
+                msgs.append({"role": role, "content": text})
+                continue
+            content = []
+            for i, chunk in enumerate(text.split(image_token)):
+                if i > 0:
+                    content.append({"type": "image"})
+                if chunk:
+                    content.append({"type": "text", "text": chunk})
+            msgs.append({"role": role, "content": content})
+        return msgs
+
+    def _apply(self, msgs, generation_prompt: bool) -> str:
+        if not msgs:
+            return ""
+        return self.tokenizer.apply_chat_template(
+            msgs, tokenize=False, add_generation_prompt=generation_prompt
+        )
+
+    def _faithful(self, turns, image_token: str, parts: bool) -> bool:
+        text = self._apply(self._messages(turns, image_token, parts), False)
+        n_images = sum(t.count(image_token) for _, t in turns)
+        words = [w for _, t in turns for w in t.replace(image_token, " ").split()]
+        return text.count(image_token) >= n_images and all(w in text for w in words) and "'type'" not in text
+
+    def render(self, turns, image_token: str, system_prompt: str | None) -> Pieces:
+        turns = list(turns)
+        if system_prompt is not None and turns[0][0] != "system":
+            turns.insert(0, ("system", system_prompt))
+        if self.use_parts is None:
+            if self._faithful(turns, image_token, parts=False):
+                self.use_parts = False
+            elif self._faithful(turns, image_token, parts=True):
+                self.use_parts = True
+            else:
+                raise ValueError(
+                    "data.template: the tokenizer's chat template drops message text or images "
+                    "(tried string content and content parts)"
+                )
+        msgs = self._messages(turns, image_token, self.use_parts)
+        pieces: Pieces = []
+        done = ""
+        for i, (role, _) in enumerate(turns):
+            if role != "assistant":
+                continue
+            before = self._apply(msgs[:i], True)
+            upto = self._apply(msgs[: i + 1], False)
+            if not before.startswith(done) or not upto.startswith(before):
+                raise SampleError(
+                    "bad_structure",
+                    "the chat template does not render this conversation prefix by prefix, so the "
+                    "assistant replies cannot be located",
+                )
+            pieces.append((before[len(done) :], False))
+            pieces.append((upto[len(before) :], True))
+            done = upto
+        full = self._apply(msgs, False)
+        if len(full) > len(done):
+            pieces.append((full[len(done) :], False))
+        return pieces
