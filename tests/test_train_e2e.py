@@ -1,0 +1,261 @@
+"""The real entry point, end to end, on the tiny LLaVA and the bundled demo data (CPU, a few steps each).
+
+    pytest -m slow tests/test_train_e2e.py        # ~2-3 minutes on 2 cores
+
+Covers every mode, the deepspeed launcher and torchrun, ZeRO-2 and ZeRO-3 with two processes,
+exact resume after SIGKILL, export -> load -> generate, and the NaN guard.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def _env(**extra) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "WANDB_MODE": "disabled"}
+    env.pop("RANK", None)
+    env.update(extra)
+    return env
+
+
+def _base(model_dir: Path, out: Path) -> list[str]:
+    return [
+        f"model.name_or_path={model_dir}",
+        f"train.output_dir={out}",
+        "train.per_device_batch_size=4",
+        "train.max_steps=4",
+        "train.save_steps=2",
+        "train.eval_steps=null",
+        "train.logging_steps=1",
+        "data.num_workers=0",
+        "wandb.enabled=false",
+        "data.val=[{path: data/demo/instruct_val.json, image_folder: data/demo/images}]",
+    ]
+
+
+def _cmd(launcher: str, overrides: list[str]) -> list[str]:
+    script = ["train/finetune.py", "--config", "configs/demo.yaml", *overrides]
+    if launcher == "python":
+        return [sys.executable, *script]
+    if launcher == "deepspeed":
+        return [str(Path(sys.executable).parent / "deepspeed"), *script]
+    if launcher == "deepspeed2":
+        return [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", *script]
+    if launcher == "torchrun2":
+        return [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", *script]
+    raise ValueError(launcher)
+
+
+def train(overrides: list[str], launcher: str = "python", expect: int = 0, timeout: int = 300):
+    proc = subprocess.run(
+        _cmd(launcher, overrides), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout
+    )
+    assert proc.returncode == expect, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "final" / "model.safetensors"))
+
+
+def _generate(final: Path) -> str:
+    from PIL import Image
+    from transformers import LlavaForConditionalGeneration
+
+    from visionzip_core import load_visionzip_model, load_visionzip_processor
+
+    plain = LlavaForConditionalGeneration.from_pretrained(final)
+    assert plain.config.visionzip["dominant"] == 12
+    model = load_visionzip_model(final).eval()
+    processor = load_visionzip_processor(final)
+    image = Image.open(REPO / "data/demo/images/val_0000.png")
+    inputs = processor(
+        images=image, text="USER: <image>\nWhat colour is the shape? ASSISTANT:", return_tensors="pt"
+    )
+    assert (inputs["input_ids"] == model.config.image_token_id).sum() == 16  # 12 dominant + 4 contextual
+    out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert out.shape[1] > inputs["input_ids"].shape[1]
+    return processor.decode(out[0, inputs["input_ids"].shape[1] :])
+
+
+def test_finetune_via_deepspeed_launcher_exports_a_model_that_loads_and_generates(tiny_llava_dir, tmp_path):
+    out = tmp_path / "run"
+    proc = train(
+        _base(tiny_llava_dir, out) + ["train.max_steps=8", "train.save_total_limit=2"], launcher="deepspeed"
+    )
+    records = [r for r in metrics(out) if "loss" in r]
+    assert [r["step"] for r in records] == list(range(1, 9))
+    for key in ("lr", "grad_norm", "samples_per_s", "tokens_per_s", "visual_tokens_per_image", "peak_mem_mb"):
+        assert records[0][key] is not None, key
+    assert records[0]["visual_tokens_per_image"] == 16 and set(records[0]["lr"]) == {"projector", "llm"}
+    assert records[-1]["loss"] < records[0]["loss"]
+    assert any("val_loss" in r for r in metrics(out))
+    # keep the last K: only checkpoint-6 and checkpoint-8 remain, both complete
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-6", "checkpoint-8"]
+    assert all((p / "COMPLETE").is_file() for p in out.glob("checkpoint-*"))
+    assert f"model:   {out}/final" in proc.stdout and "metrics:" in proc.stdout and "wandb:" in proc.stdout
+    # the LLM changed, the frozen vision tower did not
+    base = load_file(str(tiny_llava_dir / "model.safetensors"))
+    new = final_weights(out)
+    vision = [k for k in base if "vision_tower" in k]
+    llm = [k for k in base if "language_model" in k and "layers.0.mlp" in k]
+    assert vision and all(torch.equal(base[k], new[k]) for k in vision)
+    assert llm and not all(torch.equal(base[k], new[k]) for k in llm)
+    _generate(out / "final")
+
+
+def test_projector_mode_trains_only_the_projector_and_writes_it_alone(tiny_llava_dir, tmp_path):
+    out = tmp_path / "run"
+    train(_base(tiny_llava_dir, out) + ["train.mode=projector"])
+    base, new = load_file(str(tiny_llava_dir / "model.safetensors")), final_weights(out)
+    projector = load_file(str(out / "final" / "projector.safetensors"))
+    assert projector and all("multi_modal_projector" in k for k in projector)
+    for key, value in projector.items():
+        assert torch.equal(new[key], value)
+        assert not torch.equal(base[key], value), f"{key} did not train"
+    frozen = [k for k in base if "multi_modal_projector" not in k]
+    assert all(torch.equal(base[k], new[k]) for k in frozen)
+
+
+def test_lora_mode_writes_adapter_and_merged_model(tiny_llava_dir, tmp_path):
+    out = tmp_path / "run"
+    train(_base(tiny_llava_dir, out) + ["train.mode=lora", "lora.r=4", "lora.alpha=8", "optim.lr_llm=1e-2"])
+    adapter = json.loads((out / "final/adapter/adapter_config.json").read_text())
+    assert "language_model" in adapter["target_modules"] and adapter["modules_to_save"] == [
+        "multi_modal_projector"
+    ]
+    lora = load_file(str(out / "final/adapter/adapter_model.safetensors"))
+    assert any("lora_A" in k for k in lora) and not any("vision_tower" in k and "lora" in k for k in lora)
+    assert any("multi_modal_projector" in k for k in lora)
+    base, merged = load_file(str(tiny_llava_dir / "model.safetensors")), final_weights(out)
+    assert set(merged) == set(base)  # plain llava-hf names after merging
+    q = next(k for k in base if "language_model" in k and "q_proj.weight" in k)
+    assert not torch.equal(base[q], merged[q])
+    assert all(torch.equal(base[k], merged[k]) for k in base if "vision_tower" in k)
+
+
+def test_pretrain_mode_assembles_llava_from_clip_and_llm(tiny_pretrain_dirs, tmp_path):
+    clip_dir, llm_dir = tiny_pretrain_dirs
+    out = tmp_path / "run"
+    overrides = _base(Path("unused"), out)[1:] + [
+        "train.mode=pretrain",
+        "model.name_or_path=null",
+        f"model.vision_tower={clip_dir}",
+        f"model.language_model={llm_dir}",
+        "data.template=plain",
+        "data.train=[{path: data/demo/pretrain_train.json, image_folder: data/demo/images}]",
+        "data.val=[]",
+    ]
+    train(overrides)
+    config = json.loads((out / "final/config.json").read_text())
+    assert (
+        config["architectures"] == ["LlavaForConditionalGeneration"] and config["visionzip"]["dominant"] == 12
+    )
+    new = final_weights(out)
+    clip = load_file(str(clip_dir / "model.safetensors"))
+    k = next(iter(clip))
+    assert torch.equal(clip[k], new[f"vision_tower.{k}"])  # the CLIP weights, untouched (llava-hf names)
+    assert set(load_file(str(out / "final/projector.safetensors"))) == {
+        k for k in new if "multi_modal_projector" in k
+    }
+
+
+def test_zero3_two_processes_under_torchrun(tiny_llava_dir, tmp_path):
+    out = tmp_path / "run"
+    train(
+        _base(tiny_llava_dir, out)
+        + ["deepspeed.config=configs/deepspeed/zero3.json", "train.per_device_batch_size=2"],
+        launcher="torchrun2",
+    )
+    assert (out / "checkpoint-4/COMPLETE").is_file()
+    state = json.loads((out / "checkpoint-4/trainer_state.json").read_text())
+    assert state["world_size"] == 2 and state["step"] == 4
+    assert (out / "checkpoint-4/rng_state_rank1.pt").is_file()
+    base, new = load_file(str(tiny_llava_dir / "model.safetensors")), final_weights(out)
+    assert set(new) == set(base)  # whole (gathered) weights, not ZeRO-3 partitions
+    assert all(new[k].shape == base[k].shape for k in base)
+
+
+def test_resume_after_sigkill_matches_an_unbroken_run(tiny_llava_dir, tmp_path):
+    common = ["train.max_steps=7", "train.save_steps=3", "train.grad_accum_steps=2", "debug.log_samples=true"]
+    unbroken, killed = tmp_path / "unbroken", tmp_path / "killed"
+    train(_base(tiny_llava_dir, unbroken) + common)
+
+    cmd = _cmd("python", _base(tiny_llava_dir, killed) + common + ["debug.step_sleep_s=1.0"])
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (killed / "checkpoint-3" / "COMPLETE").is_file():
+        assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
+        time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "final").exists() and not (killed / "checkpoint-6").exists()
+    # An interrupted save: a folder without the marker must be ignored (and cleaned) by resume=auto.
+    torn = killed / "checkpoint-6.tmp-0badc0de"
+    (torn / "engine").mkdir(parents=True)
+    (torn / "engine" / "garbage.pt").write_bytes(b"half-written")
+
+    resumed = train(_base(tiny_llava_dir, killed) + common)
+    assert f"resumed from {killed}/checkpoint-3" in resumed.stdout
+    assert not torn.exists()
+
+    a, b = final_weights(unbroken), final_weights(killed)
+    assert set(a) == set(b)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=lambda m, key=key: f"{key}: {m}")
+    samples = [
+        (unbroken / "debug/samples-rank0.jsonl").read_text(),
+        (killed / "debug/samples-rank0.jsonl").read_text(),
+    ]
+    assert samples[0] == samples[1]  # the same samples, in the same order: none skipped or repeated
+    losses = [[r["loss"] for r in metrics(d) if "loss" in r] for d in (unbroken, killed)]
+    assert len(losses[1]) == 7
+    assert losses[0] == pytest.approx(losses[1], abs=1e-6)
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_llava_dir, tmp_path):
+    out = tmp_path / "run"
+    proc = train(_base(tiny_llava_dir, out) + ["debug.nan_at_step=3"], expect=3)
+    assert (
+        "loss is nan at step 3" in proc.stderr and f"last good checkpoint: {out}/checkpoint-2" in proc.stderr
+    )
+    assert (out / "checkpoint-2/COMPLETE").is_file()
+    assert not (out / "final").exists() and not list(out.glob("checkpoint-*.tmp-*"))
+
+
+def test_wandb_offline_run_gets_metrics_and_the_projector_artifact(tiny_llava_dir, tmp_path):
+    out = tmp_path / "run"
+    overrides = [o for o in _base(tiny_llava_dir, out) if not o.startswith("wandb.")]
+    overrides += [
+        "train.mode=projector",
+        "train.max_steps=2",
+        "wandb.mode=offline",
+        "wandb.log_artifact=projector",
+    ]
+    env = _env()
+    env.pop("WANDB_MODE")
+    env.pop("WANDB_API_KEY", None)
+    proc = subprocess.run(
+        _cmd("python", overrides), cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and "offline; upload with `wandb sync" in proc.stdout
+    assert list(runs[0].glob("*.wandb"))

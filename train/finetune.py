@@ -1,0 +1,401 @@
+"""Train LLaVA on VisionZip-compressed visual tokens: projector | pretrain | finetune | lora.
+
+    deepspeed train/finetune.py --config configs/demo.yaml [section.key=value ...]
+    torchrun --nproc_per_node 2 train/finetune.py --config configs/demo.yaml
+    python train/finetune.py --config configs/demo.yaml train.max_steps=20
+
+Recipe: validate the config (every problem at once, before any weights load) -> build the
+processor and check the data -> build the model and the DeepSpeed engine -> resume if a
+checkpoint exists -> fit (log, evaluate, checkpoint) -> export ``final/``.
+Exit codes: 0 done, 2 bad config or data, 3 the loss became NaN/inf.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from visionzip_core.training import distributed as dist
+
+dist.set_env_defaults()  # before deepspeed is imported: it reads the accelerator and build dirs at import
+
+import deepspeed  # noqa: E402
+import torch  # noqa: E402
+
+from visionzip_core.data import BadDataError, build_dataset  # noqa: E402
+from visionzip_core.training import checkpointing  # noqa: E402
+from visionzip_core.training.checkpointing import TrainerState  # noqa: E402
+from visionzip_core.training.dataloaders import build_train_loader, build_val_loader  # noqa: E402
+from visionzip_core.training.deepspeed_config import fill_deepspeed_config, zero_stage  # noqa: E402
+from visionzip_core.training.export import export_final  # noqa: E402
+from visionzip_core.training.metrics import MetricsLog, peak_memory_mb, truncate_jsonl  # noqa: E402
+from visionzip_core.training.modeling import (  # noqa: E402
+    build_model,
+    build_processor,
+    count_parameters,
+    param_groups,
+    resolve_precision,
+    seed_everything,
+    torch_dtype,
+)
+from visionzip_core.training.optimization import build_optimizer, build_scheduler  # noqa: E402
+from visionzip_core.training.settings import ConfigError, Settings, load_config  # noqa: E402
+from visionzip_core.training.tracking import WandbTracker  # noqa: E402
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+@dataclass
+class Run:
+    """Everything the loop needs, built once by :func:`setup`."""
+
+    settings: Settings
+    engine: object
+    processor: object
+    train_loader: object
+    sampler: object
+    val_loader: object | None
+    state: TrainerState
+    steps_per_epoch: int
+    dtype: torch.dtype
+    stage: int
+    group_names: list[str]
+    image_tokens: int
+    nonce: str
+    metrics: MetricsLog
+    tracker: WandbTracker | None
+    output_dir: Path
+    history: dict = field(default_factory=dict)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", required=True, help="training YAML (see configs/)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help="set by the deepspeed launcher")
+    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.max_steps=10")
+    return p.parse_intermixed_args(argv)
+
+
+def setup(settings: Settings) -> Run:
+    t, rank, world = settings.train, dist.rank(), dist.world_size()
+    seed_everything(t.seed)
+    output_dir = Path(t.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    resume_from = dist.broadcast_object(checkpointing.resolve_resume(t.resume, output_dir))
+    if dist.is_main():
+        for stale in checkpointing.remove_incomplete(output_dir):
+            dist.print0(f"removed incomplete checkpoint {stale} (interrupted save)")
+    dist.barrier()
+    precision = resolve_precision(t.precision)
+    dtype = torch_dtype(precision)
+
+    # Data first: it needs only the tokenizer and image processor, so bad data stops the run
+    # before any weights load. Rank 0 preflights first; the others then read its cache.
+    processor, image_tokens = build_processor(settings)
+    if not dist.is_main():
+        dist.barrier()
+    datasets = {
+        split: build_dataset(
+            settings.data,
+            split,
+            tokenizer=processor.tokenizer,
+            image_processor=processor.image_processor,
+            image_tokens_per_image=image_tokens,
+        )
+        for split in ("train", "val")
+        if getattr(settings.data, split)
+    }
+    if dist.is_main():
+        dist.barrier()
+    pad_id = processor.tokenizer.pad_token_id
+    train_loader, sampler = build_train_loader(
+        datasets["train"], settings.data, t.per_device_batch_size, rank, world, pad_id
+    )
+    val_loader = (
+        build_val_loader(datasets["val"], settings.data, t.per_device_batch_size, rank, world, pad_id)
+        if "val" in datasets
+        else None
+    )
+    steps_per_epoch = sampler.num_samples // (t.per_device_batch_size * t.grad_accum_steps)
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"data.train: {len(datasets['train'])} samples make no full optimizer step of "
+            f"{t.per_device_batch_size} x {t.grad_accum_steps} x {world} processes"
+        )
+    total_steps = t.max_steps or t.epochs * steps_per_epoch
+
+    model = build_model(settings, dtype, processor).model
+    groups, group_names = param_groups(model, settings)
+    optimizer = build_optimizer(groups, settings.optim)
+    scheduler = build_scheduler(optimizer, total_steps, settings.optim)
+    ds_config = fill_deepspeed_config(settings, world, precision, model.config.text_config.hidden_size)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
+    )
+    trainable, total = count_parameters(engine.module)
+    dist.print0(
+        f"mode={t.mode} precision={precision} zero={zero_stage(ds_config)} processes={world} "
+        f"visual tokens/image={image_tokens} trainable={trainable:,}/{total:,} steps={total_steps} "
+        f"({steps_per_epoch}/epoch) global batch={ds_config['train_batch_size']}"
+    )
+
+    state = TrainerState(world_size=world, total_steps=total_steps)
+    if resume_from is not None:
+        state = checkpointing.load_checkpoint(engine, resume_from)
+        dist.print0(f"resumed from {resume_from}: step {state.step}, epoch {state.epoch}")
+        if state.total_steps != total_steps:
+            dist.print0(f"note: the schedule now has {total_steps} steps (checkpoint: {state.total_steps})")
+            state.total_steps = total_steps
+    tracker = None
+    if dist.is_main():
+        tracker = WandbTracker(
+            settings.wandb, output_dir, settings.model_dump(mode="json"), state.wandb_run_id
+        )
+        state.wandb_run_id = tracker.run_id
+    if settings.debug.log_samples:
+        truncate_jsonl(output_dir / "debug" / f"samples-rank{rank}.jsonl", state.step)
+    run = Run(
+        settings=settings,
+        engine=engine,
+        processor=processor,
+        train_loader=train_loader,
+        sampler=sampler,
+        val_loader=val_loader,
+        state=state,
+        steps_per_epoch=steps_per_epoch,
+        dtype=dtype,
+        stage=zero_stage(ds_config),
+        group_names=group_names,
+        image_tokens=image_tokens,
+        nonce=dist.broadcast_object(uuid.uuid4().hex[:8]),
+        metrics=MetricsLog(output_dir / "metrics.jsonl", total_steps, state.step, dist.is_main()),
+        tracker=tracker,
+        output_dir=output_dir,
+    )
+    if resume_from is not None:
+        checkpointing.restore_rng(resume_from)  # last: nothing after this may draw random numbers
+    return run
+
+
+def step_batches(run: Run):
+    """Yield ``((epoch, samples consumed this epoch), micro_batches)`` for each optimizer step, from
+    the run's saved position; leftover micro-batches at an epoch's end are dropped."""
+    t = run.settings.train
+    per_step = t.per_device_batch_size * t.grad_accum_steps
+    epoch, consumed = run.state.epoch, run.state.samples_in_epoch
+    while True:
+        if consumed >= run.steps_per_epoch * per_step:
+            epoch, consumed = epoch + 1, 0
+        run.sampler.set_epoch(epoch)
+        run.sampler.set_start(consumed)
+        batches = iter(run.train_loader)
+        while consumed < run.steps_per_epoch * per_step:
+            micro = [next(batches) for _ in range(t.grad_accum_steps)]
+            consumed += per_step
+            yield (epoch, consumed), micro
+        del batches
+
+
+def to_device(batch: dict, dtype: torch.dtype) -> dict:
+    device = (
+        torch.device("cuda", torch.cuda.current_device())
+        if torch.cuda.is_available()
+        else torch.device("cpu")
+    )
+    return {k: v.to(device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in batch.items()}
+
+
+def train_step(run: Run, micro_batches: list[dict]) -> dict:
+    """Forward/backward over the micro-batches, then one optimizer step unless the loss is not finite."""
+    engine, step = run.engine, run.state.step + 1
+    loss_sum = tokens = samples = 0.0
+    lrs = run.engine.lr_scheduler.get_last_lr()
+    for i, batch in enumerate(micro_batches):
+        ids = batch.pop("sample_index")
+        if run.settings.debug.log_samples:
+            log_samples(run, step, ids)
+        batch = to_device(batch, run.dtype)
+        loss = engine(**batch).loss
+        if run.settings.debug.nan_at_step == step:
+            loss = loss * float("nan")
+        loss_sum += loss.item()
+        tokens += batch["attention_mask"].sum().item()
+        samples += len(ids)
+        engine.backward(loss)
+        if i < len(micro_batches) - 1:
+            engine.step()
+    loss_sum, n, tokens, samples = dist.all_reduce_sum([loss_sum, len(micro_batches), tokens, samples])
+    loss = loss_sum / n
+    if math.isfinite(loss):
+        engine.step()  # the accumulation boundary: the update (and the scheduler step) happens here
+    grad_norm = engine.get_global_grad_norm()
+    return {
+        "loss": loss,
+        "tokens": tokens,
+        "samples": samples,
+        "lr": dict(zip(run.group_names, lrs)),
+        "grad_norm": float(grad_norm) if grad_norm is not None else None,
+    }
+
+
+def log_samples(run: Run, step: int, ids: list[int]) -> None:
+    path = run.output_dir / "debug" / f"samples-rank{dist.rank()}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps({"step": step, "samples": ids}) + "\n")
+
+
+@torch.no_grad()
+def evaluate(run: Run) -> float | None:
+    """Token-weighted validation loss over the whole val split. ALL RANKS must call this."""
+    if run.val_loader is None:
+        return None
+    run.engine.eval()
+    loss_sum = n_tokens = 0.0
+    for batch in run.val_loader:
+        batch.pop("sample_index")
+        batch = to_device(batch, run.dtype)
+        n = (batch["labels"][:, 1:] != -100).sum().item()
+        loss_sum += run.engine(**batch).loss.item() * n
+        n_tokens += n
+    run.engine.train()
+    loss_sum, n_tokens = dist.all_reduce_sum([loss_sum, n_tokens])
+    val_loss = loss_sum / max(n_tokens, 1)
+    record = {"step": run.state.step, "val_loss": val_loss}
+    run.metrics.write(record)
+    run.metrics.note(f"step {run.state.step}: val_loss {val_loss:.4f}")
+    if run.tracker:
+        run.tracker.log(record)
+    run.history.setdefault("val_loss", []).append(val_loss)
+    return val_loss
+
+
+def save_checkpoint(run: Run) -> None:
+    path = checkpointing.save_checkpoint(
+        run.engine, run.state, run.output_dir, run.nonce, run.settings.train.save_total_limit
+    )
+    run.metrics.note(f"step {run.state.step}: saved {path}")
+
+
+def log_step(run: Run, stats: dict, window: dict) -> None:
+    record = {
+        "step": run.state.step,
+        "epoch": run.state.epoch,
+        "loss": stats["loss"],
+        "lr": stats["lr"],
+        "grad_norm": stats["grad_norm"],
+        "samples_per_s": window["samples"] / window["seconds"],
+        "tokens_per_s": window["tokens"] / window["seconds"],
+        "visual_tokens_per_image": run.image_tokens,
+        "peak_mem_mb": round(peak_memory_mb(), 1),
+    }
+    run.metrics.write(record)
+    if run.tracker:
+        run.tracker.log(record)
+    run.history.setdefault("loss", []).append(stats["loss"])
+
+
+def fit(run: Run) -> None:
+    t, state = run.settings.train, run.state
+    batches = step_batches(run)
+    window = {"samples": 0.0, "tokens": 0.0, "seconds": 0.0}
+    run.engine.train()
+    while state.step < state.total_steps:
+        start = time.perf_counter()
+        position, micro = next(batches)
+        stats = train_step(run, micro)
+        if not math.isfinite(stats["loss"]):
+            raise TrainingDiverged(diverged_message(run, stats["loss"]))
+        state.step += 1
+        state.epoch, state.samples_in_epoch = position
+        window = {
+            k: window[k] + v for k, v in (("samples", stats["samples"]), ("tokens", stats["tokens"]))
+        } | {"seconds": window["seconds"] + time.perf_counter() - start}
+        run.metrics.advance(stats["loss"])
+        if run.settings.debug.step_sleep_s:
+            time.sleep(run.settings.debug.step_sleep_s)
+        if state.step % t.logging_steps == 0 or state.step == state.total_steps or state.step == 1:
+            log_step(run, stats, window)
+            window = {"samples": 0.0, "tokens": 0.0, "seconds": 0.0}
+        if t.eval_steps and state.step % t.eval_steps == 0 and state.step < state.total_steps:
+            evaluate(run)
+        if state.step % t.save_steps == 0:
+            save_checkpoint(run)
+    run.metrics.close()
+    evaluate(run)
+
+
+def diverged_message(run: Run, loss: float) -> str:
+    latest = checkpointing.complete_checkpoints(run.output_dir)
+    keep = f"last good checkpoint: {latest[-1]}" if latest else "no checkpoint was written yet"
+    return (
+        f"loss is {loss} at step {run.state.step + 1} (epoch {run.state.epoch}); stopped before the update. "
+        f"{keep}. Lower the learning rates (optim.lr_*) or check the data, then rerun (resume: auto)."
+    )
+
+
+def export(run: Run) -> dict[str, Path]:
+    s = run.settings
+    if not s.export.enabled:
+        return {}
+    paths = export_final(run.engine, s, run.processor, run.stage, run.dtype)
+    if run.tracker and s.wandb.log_artifact != "none":
+        kind = s.wandb.log_artifact
+        chosen = paths.get(kind) or (paths.get("model") if kind == "model" else None)
+        run.tracker.log_artifact(f"{Path(s.train.output_dir).name}-{kind}", kind, [chosen] if chosen else [])
+    return paths
+
+
+def report(run: Run, paths: dict[str, Path], seconds: float) -> None:
+    losses = run.history.get("loss", [])
+    val = run.history.get("val_loss", [])
+    dist.print0(f"\ndone: step {run.state.step}/{run.state.total_steps} in {seconds:.1f} s")
+    if losses:
+        dist.print0(f"  loss:    {losses[0]:.4f} (first logged) -> {losses[-1]:.4f} (last)")
+    if val:
+        dist.print0(f"  val:     {val[-1]:.4f}")
+    for kind, p in paths.items():
+        dist.print0(f"  {kind + ':':<9}{p}")
+    dist.print0(f"  metrics: {run.metrics.path}")
+    dist.print0(f"  wandb:   {run.tracker.location if run.tracker else 'disabled'}")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        settings = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr, flush=True)
+        return 2
+    dist.init(args.local_rank)
+    run, started, code = None, time.perf_counter(), 0
+    try:
+        run = setup(settings)
+        fit(run)
+        paths = export(run)
+        report(run, paths, time.perf_counter() - started)
+    except (BadDataError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        code = 2
+    except TrainingDiverged as e:
+        if run is not None:
+            run.metrics.close()
+        dist.print0(f"error: {e}", file=sys.stderr)
+        code = 3
+    finally:
+        if run is not None and run.tracker is not None:
+            run.tracker.finish()
+        dist.shutdown(run.engine if run is not None else None)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

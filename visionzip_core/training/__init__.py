@@ -1,0 +1,8 @@
+"""Training on VisionZip-compressed visual tokens; the entry point is ``train/finetune.py``.
+
+Modules: ``settings`` (typed YAML config, ``load_config``, ``ConfigError``), ``distributed``
+(launcher-agnostic process group, ``print0``), ``modeling`` (build/assemble, freeze, LoRA,
+param groups), ``optimization`` (AdamW, warmup + cosine), ``deepspeed_config`` (fill "auto"),
+``dataloaders``, ``checkpointing`` (atomic save, exact resume), ``metrics`` (metrics.jsonl,
+progress bar), ``tracking`` (wandb), ``export`` (``final/``).
+"""

@@ -1,0 +1,183 @@
+"""Atomic, resumable checkpoints: engine states, trainer state, per-rank RNG, exact data position.
+
+Layout of ``output_dir/checkpoint-N/``::
+
+    engine/               DeepSpeed model + optimizer + scheduler states (frozen weights excluded)
+    trainer_state.json    step, epoch, samples consumed this epoch per rank, world size, run ids
+    rng_state_rank{r}.pt  python, numpy, torch (and CUDA) generator states of rank r
+    COMPLETE              written last; a folder without it is never resumed from
+
+Writes go to ``checkpoint-N.tmp-<nonce>``; after every rank has written and flushed its files,
+rank 0 writes the marker and renames the folder. A kill at any moment leaves either the previous
+complete checkpoints or a ``.tmp-`` folder that ``resume: auto`` ignores (and removes).
+Assumes ``output_dir`` is on a file system every rank sees (as DeepSpeed does).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from visionzip_core.training import distributed as dist
+
+MARKER = "COMPLETE"
+ENGINE_TAG = "engine"
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+@dataclass
+class TrainerState:
+    """Where the run is. ``samples_in_epoch`` counts samples this rank consumed in ``epoch``."""
+
+    step: int = 0
+    epoch: int = 0
+    samples_in_epoch: int = 0
+    world_size: int = 1
+    total_steps: int = 0
+    wandb_run_id: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def complete_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints in ``output_dir``, oldest first."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = _NAME.match(p.name)
+        if m and p.is_dir() and (p / MARKER).is_file():
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def resolve_resume(resume: str, output_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint to resume from: ``auto`` = latest complete one (or None), ``never``, or a path."""
+    if resume == "never":
+        return None
+    if resume == "auto":
+        found = complete_checkpoints(output_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / MARKER).is_file():
+        raise FileNotFoundError(f"train.resume: {path} is not a complete checkpoint (no {MARKER} marker)")
+    return path
+
+
+def remove_incomplete(output_dir: str | os.PathLike) -> list[Path]:
+    """Delete ``checkpoint-*.tmp-*`` folders left by interrupted saves (call on rank 0 before training)."""
+    root = Path(output_dir)
+    stale = [p for p in root.glob("checkpoint-*.tmp-*") if p.is_dir()] if root.is_dir() else []
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return stale
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(
+    engine, state: TrainerState, output_dir: str | os.PathLike, nonce: str, keep: int
+) -> Path:
+    """Write ``checkpoint-{state.step}`` atomically and keep the last ``keep``. ALL RANKS must call this."""
+    root = Path(output_dir)
+    final = root / f"checkpoint-{state.step}"
+    tmp = root / f"checkpoint-{state.step}.tmp-{nonce}"
+    # Frozen weights are re-read from the base checkpoint on resume: projector/LoRA checkpoints
+    # stay megabytes instead of a full copy of the model.
+    engine.save_checkpoint(str(tmp), tag=ENGINE_TAG, save_latest=False, exclude_frozen_parameters=True)
+    torch.save(rng_state(), tmp / f"rng_state_rank{dist.rank()}.pt")
+    if dist.is_main():
+        (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=1))
+    _fsync_tree(tmp)
+    dist.barrier()
+    if dist.is_main():
+        marker = tmp / MARKER
+        marker.write_text(f"step {state.step}\n")
+        _fsync_tree(tmp)
+        old = None
+        if final.exists():  # only when a run with resume=never re-saves over an earlier run's step
+            old = root / f"checkpoint-{state.step}.old-{nonce}"
+            final.rename(old)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        for stale in complete_checkpoints(root)[:-keep]:
+            shutil.rmtree(stale, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def load_checkpoint(engine, path: Path) -> TrainerState:
+    """Restore engine states from ``path`` and return its trainer state. ALL RANKS must call this.
+
+    RNG states are restored separately by :func:`restore_rng`, as the very last step before
+    training resumes, so that nothing built in between consumes them.
+    """
+    state = TrainerState(**json.loads((path / "trainer_state.json").read_text()))
+    if state.world_size != dist.world_size():
+        raise ValueError(
+            f"train.resume: {path} was written by {state.world_size} processes; resume it with "
+            f"{state.world_size} (this run has {dist.world_size()}) so that the data position stays exact"
+        )
+    load_path, _ = engine.load_checkpoint(
+        str(path),
+        tag=ENGINE_TAG,
+        load_module_strict=False,  # frozen weights were not saved; they come from the base model
+        load_optimizer_states=True,
+        load_lr_scheduler_states=True,
+    )
+    if load_path is None:
+        raise RuntimeError(f"train.resume: DeepSpeed could not load {path / ENGINE_TAG}")
+    return state
+
+
+def restore_rng(path: Path) -> None:
+    set_rng_state(torch.load(path / f"rng_state_rank{dist.rank()}.pt", weights_only=True))

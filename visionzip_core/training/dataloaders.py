@@ -1,0 +1,90 @@
+"""DataLoaders for training (length-grouped, rank-sharded, resumable) and validation (sharded, in order)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from visionzip_core.data import DataCollator, LengthGroupedSampler
+
+
+class IndexedDataset(Dataset):
+    """Adds each item's dataset index as ``sample_index`` (so the trainer can log what it saw)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict:
+        return {**self.dataset[i], "sample_index": i}
+
+
+@dataclass(frozen=True)
+class IndexedCollator:
+    collator: DataCollator
+
+    def __call__(self, items: list[dict]) -> dict:
+        batch = self.collator(items)
+        batch["sample_index"] = [int(item["sample_index"]) for item in items]
+        return batch
+
+
+def build_train_loader(dataset, data_settings, batch_size: int, rank: int, world: int, pad_token_id: int):
+    """``(loader, sampler)``; drop-last batches of ``batch_size`` per rank in a seeded grouped order.
+
+    Position it with ``sampler.set_epoch(e); sampler.set_start(n)`` before each ``iter(loader)``.
+    """
+    sampler = LengthGroupedSampler(
+        dataset.lengths,
+        batch_size=batch_size,
+        num_replicas=world,
+        rank=rank,
+        seed=data_settings.seed,
+        group_by_modality=True,
+        group_by_length=data_settings.group_by_length,
+    )
+    loader = DataLoader(
+        IndexedDataset(dataset),
+        batch_size=batch_size,
+        sampler=sampler,
+        collate_fn=IndexedCollator(DataCollator(pad_token_id=pad_token_id)),
+        num_workers=data_settings.num_workers,
+        drop_last=True,
+        # A private generator: creating an iterator must not draw from the global torch RNG, or a
+        # resumed run (which creates it mid-epoch) would see a different random stream.
+        generator=torch.Generator().manual_seed(data_settings.seed),
+        persistent_workers=False,
+        pin_memory=torch.cuda.is_available(),
+    )
+    return loader, sampler
+
+
+class _RankShard(torch.utils.data.Sampler[int]):
+    """Indices ``rank, rank + world, ...`` padded by wrapping so that every rank runs the same number
+    of batches (ZeRO-3 forward passes are collective: a rank that stops early hangs the others)."""
+
+    def __init__(self, n: int, rank: int, world: int):
+        per_rank = -(-n // world)
+        order = list(range(n)) + list(range(per_rank * world - n))
+        self.indices = order[rank::world]
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def build_val_loader(dataset, data_settings, batch_size: int, rank: int, world: int, pad_token_id: int):
+    return DataLoader(
+        IndexedDataset(dataset),
+        batch_size=batch_size,
+        sampler=_RankShard(len(dataset), rank, world),
+        collate_fn=IndexedCollator(DataCollator(pad_token_id=pad_token_id)),
+        num_workers=data_settings.num_workers,
+        generator=torch.Generator().manual_seed(data_settings.seed),
+    )

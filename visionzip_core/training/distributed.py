@@ -1,0 +1,125 @@
+"""Process-group set-up that works the same under ``deepspeed``, ``torchrun`` and plain ``python``.
+
+Hazards handled here (each seen on real runs):
+  - Plain ``python train.py`` has none of RANK/WORLD_SIZE/MASTER_*; DeepSpeed then falls into
+    MPI discovery and fails. We fill single-process defaults when they are absent.
+  - The ``deepspeed`` launcher appends ``--local_rank=N``; the entry point must accept it.
+  - On CPU the backend must be gloo (nccl needs CUDA).
+  - ZeRO-3 with several processes can abort at exit inside gloo's threads unless the engine is
+    destroyed and the group torn down in order; see :func:`shutdown`.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import socket
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def set_env_defaults() -> None:
+    """Environment for a launcher-less run and for quiet, cached first-use builds.
+
+    Call before importing deepspeed: it reads DS_ACCELERATOR and TORCH_EXTENSIONS_DIR at import.
+    """
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # DeepSpeed compiles ops (e.g. deepspeed_shm_comm with 2+ CPU processes) on first use; keep the
+    # builds in the project's cache so that they are reused across runs and survive ~/.cache cleans.
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO_ROOT / ".cache" / "torch_extensions"))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if "RANK" not in os.environ:
+        os.environ.update(
+            RANK="0",
+            LOCAL_RANK=os.environ.get("LOCAL_RANK", "0"),
+            WORLD_SIZE="1",
+            LOCAL_WORLD_SIZE="1",
+            MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"),
+            MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())),
+        )
+
+
+def init(local_rank_arg: int | None = None) -> torch.device:
+    """Start the process group (gloo on CPU, nccl on CUDA) and return this process's device."""
+    import deepspeed
+
+    if local_rank_arg is not None and local_rank_arg >= 0:
+        os.environ.setdefault("LOCAL_RANK", str(local_rank_arg))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    return device
+
+
+def rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def world_size() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def print0(*args, **kwargs) -> None:
+    if is_main():
+        print(*args, **kwargs, flush=True)
+
+
+def barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def broadcast_object(obj):
+    """Rank 0's ``obj`` on every rank. ALL RANKS must call this."""
+    if not torch.distributed.is_initialized() or world_size() == 1:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    """Element-wise sum over ranks, in float64. ALL RANKS must call this."""
+    if not torch.distributed.is_initialized() or world_size() == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64)
+    if torch.cuda.is_available():
+        t = t.cuda()
+    torch.distributed.all_reduce(t)
+    return t.cpu().tolist()
+
+
+def shutdown(engine=None) -> None:
+    """Tear down in the order that exits cleanly under ZeRO-3 with several gloo processes."""
+    if engine is not None:
+        try:
+            engine.destroy()
+        except Exception:  # noqa: BLE001 - best effort at exit; the run's result is already written
+            pass
+        del engine
+    gc.collect()
+    if torch.distributed.is_initialized():
+        try:
+            torch.distributed.barrier()
+        finally:
+            torch.distributed.destroy_process_group()

@@ -1,0 +1,285 @@
+"""Build the model a training mode needs: load or assemble LLaVA, compress, freeze, LoRA, param groups.
+
+Modes:
+  - ``projector``: a trained LLaVA; only ``multi_modal_projector`` trains (VisionZip efficient tuning).
+  - ``pretrain``: LLaVA assembled from a CLIP vision folder and a causal-LM folder with a fresh
+    projector; only the projector trains (stage 1).
+  - ``finetune``: projector + LLM train; the vision tower too with ``train.tune_vision_tower``.
+  - ``lora``: LoRA adapters on the LLM's linear layers (never CLIP's, which share the names
+    ``q_proj``/``v_proj``: the target is a regex anchored on ``language_model``) and the projector in full.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from visionzip_core.training.settings import Settings
+
+IMAGE_TOKEN = "<image>"
+PROJECTOR = "multi_modal_projector"
+MODULE_GROUPS = ("projector", "vision", "llm")
+
+
+def resolve_precision(precision: str) -> str:
+    """ "auto" -> bf16 on a GPU that has it, else fp32 (CPU bf16 works but is slower than fp32 here)."""
+    if precision != "auto":
+        return precision
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def torch_dtype(precision: str) -> torch.dtype:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+
+
+def model_path(name: str, key: str) -> str:
+    """Local folder for ``name`` (``builtin:*`` test models are built on first use); clear error if missing."""
+    from visionzip_core.checkpoints import resolve_model_path
+
+    path = Path(resolve_model_path(name))
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"{key}: no such model folder {path} (edit the config or override {key}=/path)"
+        )
+    return str(path)
+
+
+@dataclass
+class BuiltModel:
+    model: nn.Module
+    image_tokens_per_image: int
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_processor(settings: Settings):
+    """``(processor, image tokens per image)`` without loading any weights.
+
+    The processor expands ``<image>`` to the compressed count when VisionZip is on. In pretrain
+    mode it is assembled from the LLM's tokenizer (``<image>`` and a pad token added when missing)
+    and the CLIP folder's image processor.
+    """
+    from transformers import AutoConfig, AutoProcessor
+
+    from visionzip_core import VisionZipConfig, num_image_tokens
+    from visionzip_core.llava import visionzip_processor
+
+    m, vz = settings.model, settings.visionzip
+    trust = m.trust_remote_code
+    if settings.train.mode == "pretrain":
+        processor = assemble_processor(
+            model_path(m.vision_tower, "model.vision_tower"),
+            model_path(m.language_model, "model.language_model"),
+            trust,
+        )
+        vcfg = AutoConfig.from_pretrained(
+            model_path(m.vision_tower, "model.vision_tower"), trust_remote_code=trust
+        )
+        stock = (vcfg.image_size // vcfg.patch_size) ** 2
+    else:
+        path = model_path(m.name_or_path, "model.name_or_path")
+        processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust)
+        stock = num_image_tokens(AutoConfig.from_pretrained(path, trust_remote_code=trust))
+    if not vz.enabled:
+        return processor, stock
+    config = VisionZipConfig(
+        dominant=vz.dominant,
+        contextual=vz.contextual,
+        feature_layer=vz.feature_layer,
+        keep_cls=vz.keep_cls,
+        merge=vz.merge,
+    )
+    return visionzip_processor(processor, config), config.tokens_per_image
+
+
+def build_model(settings: Settings, dtype: torch.dtype, processor, for_export: bool = False) -> BuiltModel:
+    """Load or assemble the model for ``settings.train.mode``, compressed, frozen and (lora) wrapped.
+
+    ``for_export`` builds the same structure without training switches (used under ZeRO-3 to
+    receive gathered weights on rank 0).
+    """
+    from transformers import LlavaForConditionalGeneration
+
+    from visionzip_core import num_image_tokens, visionzip
+
+    m = settings.model
+    kwargs = {"dtype": dtype, "trust_remote_code": m.trust_remote_code}
+    if m.attn_implementation:
+        kwargs["attn_implementation"] = m.attn_implementation
+    if settings.train.mode == "pretrain":
+        model = assemble_llava(
+            model_path(m.vision_tower, "model.vision_tower"),
+            model_path(m.language_model, "model.language_model"),
+            processor,
+            kwargs,
+        )
+    else:
+        model = LlavaForConditionalGeneration.from_pretrained(
+            model_path(m.name_or_path, "model.name_or_path"), **kwargs
+        )
+    vz = settings.visionzip
+    if vz.enabled:
+        visionzip(
+            model,
+            dominant=vz.dominant,
+            contextual=vz.contextual,
+            feature_layer=vz.feature_layer,
+            keep_cls=vz.keep_cls,
+            merge=vz.merge,
+        )
+    model.config.use_cache = False
+    set_trainable(model, settings)
+    if settings.train.gradient_checkpointing and not for_export:
+        # Non-reentrant: works with frozen inputs (projector/LoRA modes) without enable_input_require_grads.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if settings.train.mode == "lora":
+        model = wrap_lora(model, settings)
+    return BuiltModel(model=model, image_tokens_per_image=num_image_tokens(model.config))
+
+
+def assemble_processor(vision_path: str, llm_path: str, trust_remote_code: bool):
+    """A ``LlavaProcessor`` from the LLM's tokenizer and the CLIP folder's image processor."""
+    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, LlavaProcessor
+
+    tokenizer = AutoTokenizer.from_pretrained(llm_path, trust_remote_code=trust_remote_code)
+    image_processor = AutoImageProcessor.from_pretrained(vision_path, trust_remote_code=trust_remote_code)
+    if IMAGE_TOKEN not in tokenizer.get_vocab():
+        tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
+    if tokenizer.pad_token is None:
+        # LLaVA-1.5 pads vicuna with <unk>; padded positions carry label -100 either way.
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    vcfg = AutoConfig.from_pretrained(vision_path, trust_remote_code=trust_remote_code)
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=vcfg.patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=getattr(tokenizer, "chat_template", None),
+    )
+
+
+def assemble_llava(vision_path: str, llm_path: str, processor, kwargs: dict):
+    """LLaVA-1.5 from a CLIP vision folder and a causal-LM folder, with a freshly initialised projector.
+
+    The loaded towers are placed into the LLaVA skeleton as they are (no copy), and the skeleton
+    itself is built on the meta device so that a 7B model is never allocated twice.
+    """
+    from transformers import AutoModelForCausalLM, CLIPVisionModel, LlavaConfig, LlavaForConditionalGeneration
+    from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+    tokenizer = processor.tokenizer
+    vision = CLIPVisionModel.from_pretrained(vision_path, **kwargs)
+    llm = AutoModelForCausalLM.from_pretrained(llm_path, **kwargs)
+    if len(tokenizer) > llm.get_input_embeddings().weight.shape[0]:
+        llm.resize_token_embeddings(len(tokenizer))
+    vcfg = vision.config
+    config = LlavaConfig(
+        vision_config=vcfg.to_dict(),
+        text_config=llm.config.to_dict(),
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        projector_hidden_act="gelu",
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        image_seq_length=(vcfg.image_size // vcfg.patch_size) ** 2,
+        tie_word_embeddings=bool(getattr(llm.config, "tie_word_embeddings", False)),
+    )
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(config)
+    model.model.vision_tower = vision
+    model.model.language_model = llm.model
+    model.lm_head = llm.lm_head
+    model.model.multi_modal_projector = LlavaMultiModalProjector(config).to(vision.dtype)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.language_model.get_input_embeddings().weight
+    meta = [n for n, p in [*model.named_parameters(), *model.named_buffers()] if p.device.type == "meta"]
+    if meta:
+        raise RuntimeError(f"pretrain assembly left uninitialised tensors: {meta[:5]}")
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    return model
+
+
+def module_group(param_name: str) -> str:
+    """Which learning-rate group a parameter belongs to: projector, vision or llm."""
+    if PROJECTOR in param_name:
+        return "projector"
+    if "vision_tower" in param_name:
+        return "vision"
+    return "llm"
+
+
+def set_trainable(model: nn.Module, settings: Settings) -> None:
+    mode = settings.train.mode
+    for name, p in model.named_parameters():
+        group = module_group(name)
+        if mode in ("projector", "pretrain", "lora"):
+            p.requires_grad_(group == "projector")
+        else:  # finetune
+            p.requires_grad_(group != "vision" or settings.train.tune_vision_tower)
+
+
+def wrap_lora(model: nn.Module, settings: Settings) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    lora = settings.lora_or_default
+    names = "|".join(re.escape(t) for t in lora.target_modules)
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        # A regex (not a list): CLIP's attention also has q_proj/k_proj/v_proj.
+        target_modules=rf".*language_model.*\.({names})",
+        # The projector trains in full and travels inside the adapter.
+        modules_to_save=[PROJECTOR],
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def param_groups(model: nn.Module, settings: Settings) -> tuple[list[dict], list[str]]:
+    """Optimizer groups with per-module learning rates; biases and norms get no weight decay.
+
+    Returns ``(groups, names)``; ``names[i]`` labels group ``i`` in logs (``llm``, ``llm/no_decay``).
+    """
+    optim = settings.optim
+    lrs = {"projector": optim.lr_projector, "vision": optim.lr_vision, "llm": optim.lr_llm}
+    buckets: dict[str, list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        no_decay = optim.weight_decay > 0 and (p.ndim < 2 or "norm" in name.lower())
+        key = module_group(name) + ("/no_decay" if no_decay else "")
+        buckets.setdefault(key, []).append(p)
+    if not buckets:
+        raise ValueError(f"train.mode={settings.train.mode}: no parameter is trainable")
+    groups, names = [], []
+    for key in sorted(buckets):
+        base = key.split("/")[0]
+        wd = 0.0 if key.endswith("/no_decay") else optim.weight_decay
+        groups.append({"params": buckets[key], "lr": lrs[base], "weight_decay": wd})
+        names.append(key)
+    return groups, names
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts (ZeRO-3 aware: uses ``ds_numel`` when partitioned)."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = getattr(p, "ds_numel", p.numel())
+        total += n
+        trainable += n if p.requires_grad else 0
+    return trainable, total

@@ -1,0 +1,385 @@
+"""The training YAML as typed, frozen settings, validated as a whole before any weights load.
+
+``load_config(path, overrides)`` reports every problem at once in one :class:`ConfigError`:
+unknown keys (with a suggestion), wrong types, and contradictions between sections, each named
+by its dotted key (``train.save_steps``). Path existence is checked later, at build time, so a
+shipped config with placeholder paths still validates.
+
+Overrides are ``section.key=value`` strings; the value is parsed with ``yaml.safe_load`` so that
+``train.max_steps=10`` is an int and ``visionzip.enabled=false`` a bool.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from visionzip_core.data import DataSettings
+
+Mode = Literal["projector", "pretrain", "finetune", "lora"]
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+class ConfigError(ValueError):
+    """Every problem found in a training config, one per line, each naming its dotted key."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{len(problems)} problem(s) in {source}:\n{lines}")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSettings(_Section):
+    """Which weights to start from. Paths are local folders (or ``builtin:tiny-*`` test models)."""
+
+    name_or_path: str | None = Field(
+        None, description="llava-hf folder to start from (projector, finetune, lora modes)."
+    )
+    vision_tower: str | None = Field(None, description="CLIP vision folder (pretrain mode only).")
+    language_model: str | None = Field(
+        None, description="Causal-LM folder with tokenizer (pretrain mode only)."
+    )
+    trust_remote_code: bool = Field(
+        False, description="Run code shipped with the checkpoint. Off unless trusted."
+    )
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] | None = Field(
+        None, description="Attention kernel for both towers (default: transformers' choice, SDPA)."
+    )
+
+
+class VisionZipSettings(_Section):
+    """Visual-token compression applied in every forward pass; ``enabled: false`` = stock 576 baseline."""
+
+    enabled: bool = True
+    dominant: int = Field(54, ge=1)
+    contextual: int = Field(10, ge=0)
+    feature_layer: int = -2
+    keep_cls: bool = True
+    merge: Literal["paper", "mean"] = "paper"
+
+
+class TrainSettings(_Section):
+    mode: Mode = Field(
+        description="projector: projector only, from a LLaVA checkpoint; pretrain: stage 1 from CLIP + LLM; "
+        "finetune: projector + LLM (+ vision tower); lora: LoRA on the LLM + full projector."
+    )
+    output_dir: str
+    epochs: int | None = Field(
+        1, ge=1, description="Passes over the training data (ignored if max_steps is set)."
+    )
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs when set.")
+    per_device_batch_size: int = Field(1, ge=1)
+    grad_accum_steps: int = Field(1, ge=1)
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="auto: bf16 where the GPU supports it, else fp32."
+    )
+    gradient_checkpointing: bool = False
+    tune_vision_tower: bool = Field(False, description="finetune mode: also train the vision tower.")
+    save_steps: int = Field(500, ge=1, description="Checkpoint every N optimizer steps.")
+    save_total_limit: int = Field(2, ge=1, description="Keep the last K complete checkpoints.")
+    resume: str = Field(
+        "auto", description="auto: latest complete checkpoint in output_dir; never; or a path."
+    )
+    eval_steps: int | None = Field(
+        None, ge=1, description="Validation every N steps (and always at the end)."
+    )
+    logging_steps: int = Field(10, ge=1)
+    seed: int = 42
+
+
+class OptimSettings(_Section):
+    lr_projector: float = Field(1e-3, ge=0)
+    lr_llm: float = Field(2e-5, ge=0)
+    lr_vision: float = Field(2e-6, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    scheduler: Literal["cosine", "constant"] = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping (0 = off).")
+
+
+class LoraSettings(_Section):
+    r: int = Field(128, ge=1)
+    alpha: int = Field(256, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        description="Module names inside the LLM only (CLIP's projections share names; they are excluded).",
+    )
+
+
+class DeepSpeedSettings(_Section):
+    config: str = Field(
+        "configs/deepspeed/zero2.json", description="JSON with 'auto' fields filled from this YAML."
+    )
+
+
+class WandbSettings(_Section):
+    enabled: bool = True
+    project: str = "visionzip"
+    entity: str | None = None
+    name: str | None = None
+    tags: list[str] = Field(default_factory=list)
+    mode: Literal["auto", "online", "offline"] = Field(
+        "auto", description="auto: online with an API key, else offline (sync later with `wandb sync`)."
+    )
+    log_artifact: Literal["projector", "adapter", "model", "none"] = "projector"
+
+
+class ExportSettings(_Section):
+    enabled: bool = True
+    merge_lora: bool = Field(True, description="lora: also write the merged full model into final/.")
+
+
+class DebugSettings(_Section):
+    nan_at_step: int | None = Field(
+        None, ge=1, description="Make the loss NaN at this step (tests the guard)."
+    )
+    log_samples: bool = Field(False, description="Write the sample indices of every step to debug/.")
+    step_sleep_s: float = Field(
+        0.0, ge=0, description="Pause after each step (lets tests kill a run mid-way)."
+    )
+
+
+class Settings(_Section):
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    visionzip: VisionZipSettings = Field(default_factory=VisionZipSettings)
+    data: DataSettings
+    train: TrainSettings
+    optim: OptimSettings = Field(default_factory=OptimSettings)
+    lora: LoraSettings | None = None
+    deepspeed: DeepSpeedSettings = Field(default_factory=DeepSpeedSettings)
+    wandb: WandbSettings = Field(default_factory=WandbSettings)
+    export: ExportSettings = Field(default_factory=ExportSettings)
+    debug: DebugSettings = Field(default_factory=DebugSettings)
+
+    @property
+    def lora_or_default(self) -> LoraSettings:
+        return self.lora or LoraSettings()
+
+
+_SECTIONS: dict[str, type[BaseModel]] = {
+    name: field.annotation if isinstance(field.annotation, type) else LoraSettings
+    for name, field in Settings.model_fields.items()
+}
+
+
+def resolve_repo_path(path: str) -> Path:
+    """A config-relative path: as given if it exists from the cwd, else under the repository root."""
+    p = Path(os.path.expanduser(path))
+    if p.is_absolute() or p.exists():
+        return p
+    return REPO_ROOT / p
+
+
+def apply_overrides(raw: dict, overrides: list[str], problems: list[str]) -> dict:
+    """Set ``section.key=value`` pairs (values typed by ``yaml.safe_load``) into a copy of ``raw``."""
+    out = json.loads(json.dumps(raw))
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            problems.append(f"{item}: overrides look like section.key=value")
+            continue
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        try:
+            node[parts[-1]] = yaml.safe_load(value) if value != "" else None
+        except yaml.YAMLError as e:
+            problems.append(f"{key}: cannot parse override value {value!r} ({e.__class__.__name__})")
+    return out
+
+
+def _describe(section: str, err: dict, raw_section: Any) -> str:
+    loc = ".".join(str(p) for p in (section, *err["loc"]))
+    if err["type"] == "extra_forbidden":
+        model = _SECTIONS[section]
+        known = list(model.model_fields) if len(err["loc"]) == 1 else []
+        close = difflib.get_close_matches(str(err["loc"][-1]), known, n=1)
+        hint = (
+            f" (did you mean '{section}.{close[0]}'?)"
+            if close
+            else f" (known: {', '.join(known)})"
+            if known
+            else ""
+        )
+        return f"{loc}: unknown key{hint}"
+    if err["type"] == "missing":
+        return f"{loc}: required"
+    got = err.get("input")
+    return f"{loc}: {err['msg']} (got {got!r})"
+
+
+def _contradictions(s: dict[str, Any], raw: dict) -> list[str]:
+    """Problems between fields; only sections that validated on their own are in ``s``."""
+    problems: list[str] = []
+    model, train, data, vz = s.get("model"), s.get("train"), s.get("data"), s.get("visionzip")
+    if train is not None:
+        if train.epochs is None and train.max_steps is None:
+            problems.append("train.max_steps: set train.max_steps or train.epochs")
+        if train.tune_vision_tower and train.mode != "finetune":
+            problems.append(
+                f"train.tune_vision_tower: only finetune mode trains the vision tower (mode is '{train.mode}')"
+            )
+        if "lora" in raw and raw["lora"] is not None and train.mode != "lora":
+            problems.append(
+                f"lora: LoRA settings given but train.mode is '{train.mode}' (set train.mode=lora)"
+            )
+        if train.precision == "fp16" and not _cuda():
+            problems.append("train.precision: fp16 needs a GPU; use bf16 or fp32 (or auto) on CPU")
+        if train.precision == "bf16" and _cuda() and not _bf16_gpu():
+            problems.append("train.precision: this GPU has no bf16; use fp16, fp32 or auto")
+        if train.resume not in ("auto", "never") and not train.resume.strip():
+            problems.append("train.resume: auto, never, or a checkpoint path")
+    if train is not None and model is not None:
+        if train.mode == "pretrain":
+            if not model.vision_tower:
+                problems.append("model.vision_tower: pretrain mode needs a CLIP vision folder")
+            if not model.language_model:
+                problems.append("model.language_model: pretrain mode needs a causal-LM folder")
+            if model.name_or_path:
+                problems.append(
+                    "model.name_or_path: pretrain mode assembles the model; leave name_or_path empty"
+                )
+        else:
+            if not model.name_or_path:
+                problems.append(
+                    f"model.name_or_path: {train.mode} mode starts from a LLaVA checkpoint folder"
+                )
+            for key in ("vision_tower", "language_model"):
+                if getattr(model, key):
+                    problems.append(f"model.{key}: only used in pretrain mode (mode is '{train.mode}')")
+    if train is not None and data is not None and train.mode == "pretrain" and data.template != "plain":
+        problems.append(f"data.template: stage-1 pretraining uses 'plain' (got '{data.template}')")
+    if vz is not None and vz.keep_cls and vz.dominant < 1:
+        problems.append("visionzip.dominant: must be >= 1 when keep_cls (CLS is a dominant token)")
+    if s.get("deepspeed") is not None and train is not None:
+        problems += _deepspeed_contradictions(s["deepspeed"], train, s.get("optim"))
+    export, wandb = s.get("export"), s.get("wandb")
+    if wandb is not None and train is not None and wandb.enabled:
+        if wandb.log_artifact == "adapter" and train.mode != "lora":
+            problems.append(
+                f"wandb.log_artifact: 'adapter' exists only in lora mode (mode is '{train.mode}')"
+            )
+        if wandb.log_artifact != "none" and export is not None and not export.enabled:
+            problems.append(
+                "wandb.log_artifact: nothing to upload with export.enabled=false (set it to none)"
+            )
+    return problems
+
+
+def _deepspeed_contradictions(
+    ds: DeepSpeedSettings, train: TrainSettings, optim: OptimSettings | None
+) -> list[str]:
+    """The JSON must not hold a second, different value for anything the YAML sets."""
+    path = resolve_repo_path(ds.config)
+    try:
+        cfg = json.loads(path.read_text())
+    except FileNotFoundError:
+        return [f"deepspeed.config: no such file {path}"]
+    except (OSError, json.JSONDecodeError) as e:
+        return [f"deepspeed.config: cannot read {path} ({e})"]
+    problems = []
+    if "optimizer" in cfg or "scheduler" in cfg:
+        problems.append(
+            f"deepspeed.config: {path.name} has an optimizer/scheduler section; remove it, the optim: section "
+            "builds both (per-module learning rates)"
+        )
+    stage = cfg.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        problems.append(f"deepspeed.config: zero_optimization.stage must be 0-3 (got {stage!r})")
+    yaml_values = {
+        "train_micro_batch_size_per_gpu": ("train.per_device_batch_size", train.per_device_batch_size),
+        "gradient_accumulation_steps": ("train.grad_accum_steps", train.grad_accum_steps),
+    }
+    if optim is not None:
+        yaml_values["gradient_clipping"] = ("optim.max_grad_norm", optim.max_grad_norm)
+    for key, (yaml_key, value) in yaml_values.items():
+        if key in cfg and cfg[key] != "auto" and cfg[key] != value:
+            problems.append(
+                f'{yaml_key}: {value} but {path.name} sets {key}={cfg[key]}; set it to "auto" there'
+            )
+    for name in ("bf16", "fp16"):
+        enabled = cfg.get(name, {}).get("enabled", "auto")
+        if enabled not in ("auto", False) and train.precision not in (name, "auto"):
+            problems.append(
+                f'train.precision: {train.precision} but {path.name} enables {name}; set it to "auto"'
+            )
+    return problems
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _bf16_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> Settings:
+    """Read, override and validate a training YAML. Raises :class:`ConfigError` listing every problem."""
+    source = str(path)
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(source, [f"--config: no such file {path}"]) from None
+    except yaml.YAMLError as e:
+        raise ConfigError(source, [f"YAML syntax: {e}".replace("\n", " ")]) from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(source, ["top level must be a mapping of sections (model:, data:, train:, ...)"])
+    problems: list[str] = []
+    raw = apply_overrides(raw, list(overrides), problems)
+
+    sections: dict[str, Any] = {}
+    for key in raw:
+        if key not in _SECTIONS:
+            close = difflib.get_close_matches(key, list(_SECTIONS), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else f" (sections: {', '.join(_SECTIONS)})"
+            problems.append(f"{key}: unknown section{hint}")
+    for name, model in _SECTIONS.items():
+        value = raw.get(name)
+        required = Settings.model_fields[name].is_required()
+        if value is None:
+            if required:
+                problems.append(f"{name}: required section")
+            continue
+        if not isinstance(value, dict):
+            problems.append(f"{name}: must be a mapping (got {type(value).__name__})")
+            continue
+        try:
+            sections[name] = model.model_validate(value)
+        except ValidationError as e:
+            problems += [_describe(name, err, value) for err in e.errors()]
+            # Without the bad keys (defaults instead), the section can still take part in the
+            # cross-section checks, so that one run reports contradictions too.
+            bad = {err["loc"][0] for err in e.errors() if err["loc"]}
+            try:
+                sections[name] = model.model_validate({k: v for k, v in value.items() if k not in bad})
+            except ValidationError:
+                pass
+    problems += _contradictions(sections, raw)
+    if problems:
+        raise ConfigError(source, problems)
+    return Settings(**sections)
