@@ -222,14 +222,37 @@ def module_group(param_name: str) -> str:
     return "llm"
 
 
+def vision_params_after_feature_layer(model: nn.Module) -> set[str]:
+    """Names of vision-tower parameters that never influence the features the LLM sees.
+
+    The features are read at ``vision_feature_layer`` (-2 in LLaVA-1.5), so later encoder layers
+    and ``post_layernorm`` get no gradient (with VisionZip they are not even run). Left trainable
+    they would only hold optimizer state and weight-decay drift.
+    """
+    config = model.config
+    layer = config.vision_feature_layer
+    if not isinstance(layer, int):  # several feature layers: keep every layer up to the deepest
+        layer = max(i if i >= 0 else config.vision_config.num_hidden_layers + 1 + i for i in layer)
+    num_layers = config.vision_config.num_hidden_layers
+    last_used = (layer if layer >= 0 else num_layers + 1 + layer) - 1  # hidden_states[i] = output of layer i-1
+    after = re.compile(r"vision_tower\.(?:.*\.)?(?:encoder\.layers\.(\d+)\.|post_layernorm\.)")
+    unused = set()
+    for name, _ in model.named_parameters():
+        match = after.search(name)
+        if match and (match.group(1) is None or int(match.group(1)) > last_used):
+            unused.add(name)
+    return unused
+
+
 def set_trainable(model: nn.Module, settings: Settings) -> None:
     mode = settings.train.mode
+    unused = vision_params_after_feature_layer(model) if settings.train.tune_vision_tower else set()
     for name, p in model.named_parameters():
         group = module_group(name)
         if mode in ("projector", "pretrain", "lora"):
             p.requires_grad_(group == "projector")
         else:  # finetune
-            p.requires_grad_(group != "vision" or settings.train.tune_vision_tower)
+            p.requires_grad_(group != "vision" or (settings.train.tune_vision_tower and name not in unused))
 
 
 def wrap_lora(model: nn.Module, settings: Settings) -> nn.Module:
