@@ -23,7 +23,9 @@ class VisionZipConfig(BaseModel):
     dominant: int = Field(54, ge=1, description="Tokens kept by CLS attention, CLS included when keep_cls.")
     contextual: int = Field(10, ge=0, description="Merged tokens built from the rest.")
     feature_layer: int = Field(-2, description="Vision layer whose attention, keys and output are used.")
-    keep_cls: bool = Field(True, description="Keep the CLS token as the first dominant token (the paper does).")
+    keep_cls: bool = Field(
+        True, description="Keep the CLS token as the first dominant token (the paper does)."
+    )
     merge: Literal["paper", "mean"] = Field(
         "paper", description="'paper': target + mean of assigned; 'mean': mean over target and assigned."
     )
@@ -46,7 +48,9 @@ class VisionZipConfig(BaseModel):
                 f"{available} tokens available (tower has {num_tokens} tokens, keep_cls={self.keep_cls})"
             )
         if self.keep_cls and self.dominant < 1:
-            raise ValueError("visionzip.dominant must be >= 1 when keep_cls is true (CLS is a dominant token)")
+            raise ValueError(
+                "visionzip.dominant must be >= 1 when keep_cls is true (CLS is a dominant token)"
+            )
 
 
 def read_visionzip_config(model_config: Any) -> VisionZipConfig | None:

@@ -234,7 +234,8 @@ def vision_params_after_feature_layer(model: nn.Module) -> set[str]:
     if not isinstance(layer, int):  # several feature layers: keep every layer up to the deepest
         layer = max(i if i >= 0 else config.vision_config.num_hidden_layers + 1 + i for i in layer)
     num_layers = config.vision_config.num_hidden_layers
-    last_used = (layer if layer >= 0 else num_layers + 1 + layer) - 1  # hidden_states[i] = output of layer i-1
+    # hidden_states[i] is the output of encoder layer i - 1.
+    last_used = (layer if layer >= 0 else num_layers + 1 + layer) - 1
     after = re.compile(r"vision_tower\.(?:.*\.)?(?:encoder\.layers\.(\d+)\.|post_layernorm\.)")
     unused = set()
     for name, _ in model.named_parameters():
