@@ -1,0 +1,256 @@
+"""Prefill latency (time to first token) and generation throughput at visual-token budgets
+576 (stock), 192, 128 and 64, through transformers' ``generate`` and the VisionZip processor.
+
+Per budget the prompt goes through ``LlavaProcessor`` adapted by ``visionzip_processor`` (so
+``<image>`` expands to the budget's token count), then ``model.generate``:
+  - time to first token: ``generate(max_new_tokens=1)`` (vision tower, compression, projector,
+    LLM prefill, one LM-head position);
+  - generation: ``generate(max_new_tokens=N, min_new_tokens=N)``; decode tokens/s is
+    ``batch * (N - 1) / (t_N - t_1)``, and end-to-end new tokens/s is ``batch * N / t_N``.
+Greedy decoding, random weights; budgets interleaved after a warm-up; medians.
+
+    python scripts/bench_prefill.py --out results/bench_prefill_cpu.json
+    python scripts/bench_prefill.py --quick
+    python scripts/bench_prefill.py --size llava-1.5-7b --out results/bench_prefill_7b.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_train import machine_description  # noqa: E402
+
+from visionzip_core.benchmarking import (  # noqa: E402
+    BUDGETS,
+    SIZES,
+    build_random_llava,
+    interleaved_schedule,
+    median,
+    set_budget,
+)
+from visionzip_core.flops import TrainableParts, llava_step_flops  # noqa: E402
+
+# A LLaVA-bench-like request: one image and a one-sentence question.
+QUESTION = (
+    "What objects can you see in this picture, where are they located, and which colour and shape "
+    "is each one? Please describe the background too, and answer briefly."
+)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", choices=sorted(SIZES), default="cpu")
+    p.add_argument(
+        "--quick", action="store_true", help="smoke run: fewer layers, 1 timed round, 8 new tokens"
+    )
+    p.add_argument("--rounds", type=int, default=None, help="timed rounds per budget (default 3; quick 1)")
+    p.add_argument("--new-tokens", type=int, default=None, help="tokens generated (default 32; quick 8)")
+    p.add_argument("--batch-size", type=int, default=1, help="prompts per generate call")
+    p.add_argument("--budgets", default="576,192,128,64")
+    p.add_argument("--device", default=None)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", type=Path, default=None, help="JSON path; .md is written beside it")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    args.budgets = [int(b) for b in args.budgets.split(",")]
+    bad = [b for b in args.budgets if b not in BUDGETS]
+    if bad or 576 not in args.budgets:
+        p.error(
+            f"--budgets: {bad or 'missing 576'}; allowed {list(BUDGETS)} and 576 (the reference) must be in"
+        )
+    return args
+
+
+def build_processor(size, model):
+    """A LlavaProcessor (CLIP preprocessing, byte-level BPE) matched to ``model``'s token ids."""
+    from transformers import LlavaProcessor
+
+    from visionzip_core.tiny import (
+        IMAGE_TOKEN,
+        TINY_CHAT_TEMPLATE,
+        build_image_processor,
+        build_tiny_tokenizer,
+    )
+
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.model_max_length = 4096  # prompts carry up to 576 image tokens
+    processor = LlavaProcessor(
+        image_processor=build_image_processor(size.vision.image_size),
+        tokenizer=tokenizer,
+        patch_size=size.vision.patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=TINY_CHAT_TEMPLATE,
+    )
+    # The random model's embedding covers these ids; point its special ids at the tokenizer's.
+    model.config.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        setattr(model.generation_config, key, getattr(tokenizer, key))
+    return processor
+
+
+def prompt_inputs(size, model, batch_size: int, device, seed: int):
+    """Processor outputs for the current budget of ``model`` (the processor expands ``<image>``)."""
+    from visionzip_core import visionzip_processor
+
+    processor = visionzip_processor(build_processor(size, model), model.config)
+    rng = np.random.default_rng(seed)
+    side = size.vision.image_size
+    images = [
+        Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)) for _ in range(batch_size)
+    ]
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": f"<image>\n{QUESTION}"}], add_generation_prompt=True, tokenize=False
+    )
+    inputs = processor(images=images, text=[text] * batch_size, return_tensors="pt", padding=True)
+    inputs["pixel_values"] = inputs["pixel_values"].to(getattr(torch, size.dtype))
+    return {k: v.to(device) for k, v in inputs.items()}
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    size = SIZES[args.size].quick() if args.quick else SIZES[args.size]
+    size = replace(size, batch_size=args.batch_size)
+    rounds = args.rounds or (1 if args.quick else 3)
+    new_tokens = args.new_tokens or (8 if args.quick else 32)
+
+    model = build_random_llava(size, device, seed=args.seed).eval()
+    build_processor(size, model)
+    inputs = {}
+    for tokens in args.budgets:
+        set_budget(model, tokens)
+        inputs[tokens] = prompt_inputs(size, model, size.batch_size, device, args.seed)
+        found = int((inputs[tokens]["input_ids"] == model.config.image_token_id).sum()) // size.batch_size
+        if found != tokens:
+            raise RuntimeError(f"processor inserted {found} image tokens for budget {tokens}")
+
+    def generate(tokens: int, n: int) -> float:
+        set_budget(model, tokens)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(**inputs[tokens], max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        elapsed = time.perf_counter() - start
+        if out.shape[1] - inputs[tokens]["input_ids"].shape[1] != n:
+            raise RuntimeError(
+                f"generate returned {out.shape[1] - inputs[tokens]['input_ids'].shape[1]} != {n} tokens"
+            )
+        return elapsed
+
+    for tokens in args.budgets:  # warm-up
+        generate(tokens, 2)
+    first: dict[int, list[float]] = {k: [] for k in args.budgets}
+    full: dict[int, list[float]] = {k: [] for k in args.budgets}
+    for tokens in interleaved_schedule(args.budgets, rounds):
+        first[tokens].append(generate(tokens, 1))
+        full[tokens].append(generate(tokens, new_tokens))
+        print(
+            f"  {tokens:>3} tokens: first {first[tokens][-1]:.3f}s, {new_tokens} new {full[tokens][-1]:.3f}s",
+            flush=True,
+        )
+
+    def prefill_flops(tokens: int) -> int:
+        return llava_step_flops(
+            size.vision,
+            size.llm,
+            TrainableParts(projector=False),
+            num_images=size.batch_size,
+            batch=size.batch_size,
+            seq_len=inputs[tokens]["input_ids"].shape[1],
+            image_tokens=tokens,
+            visionzip_split=BUDGETS[tokens],
+            logits_positions=1,
+        )["total"].forward
+
+    base_ttft, base_flops = median(first[576]), prefill_flops(576)
+    base_e2e = median(full[576])
+    results = []
+    for tokens in args.budgets:
+        ttft, t_n = median(first[tokens]), median(full[tokens])
+        b = size.batch_size
+        results.append(
+            {
+                "tokens": tokens,
+                "split": list(BUDGETS[tokens]) if BUDGETS[tokens] else None,
+                "prompt_len": inputs[tokens]["input_ids"].shape[1],
+                "ttft_s": ttft,
+                "prefill_speedup": base_ttft / ttft,
+                "ideal_prefill_speedup": base_flops / prefill_flops(tokens),
+                "generate_s": t_n,
+                "new_tokens": new_tokens,
+                "new_tokens_per_s": b * new_tokens / t_n,
+                # Paired per round (same machine state), then the median.
+                "decode_tokens_per_s": b
+                * (new_tokens - 1)
+                / max(median(f - s for f, s in zip(full[tokens], first[tokens])), 1e-9),
+                "generate_speedup": base_e2e / t_n,
+            }
+        )
+    meta = {
+        "size": size.name,
+        "shapes": size.note,
+        "device": str(device),
+        "dtype": size.dtype,
+        "batch_size": size.batch_size,
+        "rounds": rounds,
+        "threads": torch.get_num_threads(),
+        "machine": machine_description(device),
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "loadavg_1min_at_end": os.getloadavg()[0],
+        "command": "python " + " ".join(sys.argv),
+    }
+    for r in results:
+        r["run"] = meta
+    return results
+
+
+def markdown_table(results: list[dict]) -> str:
+    n = results[0]["new_tokens"]
+    head = (
+        f"| visual tokens | prompt len | time to first token (s) | prefill speed-up | FLOP-ideal | "
+        f"measured / ideal | generate {n} (s) | new tokens/s | decode tokens/s |\n"
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+    )
+    lines = [
+        f"| {r['tokens']}{'' if r['split'] else ' (stock)'} | {r['prompt_len']} | {r['ttft_s']:.3f} "
+        f"| {r['prefill_speedup']:.2f}x | {r['ideal_prefill_speedup']:.2f}x "
+        f"| {r['prefill_speedup'] / r['ideal_prefill_speedup']:.0%} | {r['generate_s']:.3f} "
+        f"| {r['new_tokens_per_s']:.1f} | {r['decode_tokens_per_s']:.1f} |"
+        for r in results
+    ]
+    return head + "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    results = run(args)
+    meta = results[0]["run"]
+    title = f"{meta['size']} / generate / {meta['machine']} / batch {meta['batch_size']}"
+    table = markdown_table(results)
+    print(f"\n{title}\n{meta['shapes']}\n\n{table}")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+        args.out.with_suffix(".md").write_text(f"{title}\n\n{meta['shapes']}\n\n{table}")
+        print(f"wrote {args.out}, {args.out.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,304 @@
+"""Training-step time and peak memory at visual-token budgets 576 (stock), 192, 128 and 64,
+against the FLOP-ideal speed-up from the model's shapes and the real sequence lengths.
+
+One process, one model, one batch of text per run; only the image-token count changes.
+A step is forward + backward + ``torch.optim.AdamW.step`` on the trainable parameters
+(projector, or projector + LoRA), which is what compression changes. Warm-up first (one step
+per budget, then one memory-measuring step per budget), then the timed steps, interleaved.
+
+    python scripts/bench_train.py --out results/bench_train_cpu.json            # CPU, < 10 min
+    python scripts/bench_train.py --quick                                        # ~1 min smoke
+    python scripts/bench_train.py --size llava-1.5-7b --mode lora --out results/bench_train_7b_lora.json
+
+Writes ``--out`` (JSON list, one object per budget), and beside it ``.md`` (table) and ``.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from visionzip_core.benchmarking import (
+    BUDGETS,
+    SIZES,
+    build_random_llava,
+    interleaved_schedule,
+    median,
+    model_tensors,
+    peak_memory_bytes,
+    set_budget,
+    synthetic_batch,
+)
+from visionzip_core.flops import LlamaShape, TrainableParts, VisionTowerShape, llava_step_flops
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_RANK, LORA_ALPHA = 128, 256  # LLaVA-1.5's LoRA recipe, as configs/ use
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", choices=sorted(SIZES), default="cpu")
+    p.add_argument("--mode", choices=("projector", "lora"), default="projector")
+    p.add_argument("--quick", action="store_true", help="smoke run: fewer layers, batch 1, 2 timed steps")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per budget (default 5; quick 2)")
+    p.add_argument("--batch-size", type=int, default=None, help="override the size's batch")
+    p.add_argument(
+        "--budgets", default="576,192,128,64", help="visual tokens per image, from " + str(list(BUDGETS))
+    )
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    p.add_argument("--out", type=Path, default=None, help="JSON path; .md and .png are written beside it")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    args.budgets = [int(b) for b in args.budgets.split(",")]
+    bad = [b for b in args.budgets if b not in BUDGETS]
+    if bad or 576 not in args.budgets:
+        p.error(
+            f"--budgets: {bad or 'missing 576'}; allowed {list(BUDGETS)} and 576 (the reference) must be in"
+        )
+    return args
+
+
+def trainable_parts(mode: str) -> TrainableParts:
+    if mode == "lora":
+        return TrainableParts(projector=True, llm="lora", lora_rank=LORA_RANK, lora_targets=LORA_TARGETS)
+    return TrainableParts(projector=True)
+
+
+def prepare_for_training(model: torch.nn.Module, mode: str) -> torch.nn.Module:
+    """Freeze all but the projector; in lora mode wrap the LLM's linears with peft adapters."""
+    for name, p in model.named_parameters():
+        p.requires_grad_("multi_modal_projector" in name)
+    if mode == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(
+            r=LORA_RANK,
+            lora_alpha=LORA_ALPHA,
+            lora_dropout=0.05,
+            # Anchored on language_model: CLIP's attention has q_proj/k_proj/v_proj too.
+            target_modules=rf".*language_model.*\.({'|'.join(LORA_TARGETS)})",
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, config)
+        for name, p in model.named_parameters():
+            if "multi_modal_projector" in name:
+                p.requires_grad_(True)
+    model.config.use_cache = False
+    return model.train()
+
+
+def ideal_flops(size, tokens: int, seq_len: int, batch: int, parts: TrainableParts) -> int:
+    return llava_step_flops(
+        size.vision,
+        size.llm,
+        parts,
+        num_images=batch,
+        batch=batch,
+        seq_len=seq_len,
+        image_tokens=tokens,
+        visionzip_split=BUDGETS[tokens],
+    )["total"].total
+
+
+def check_shapes(model: torch.nn.Module, size) -> None:
+    """The FLOP model must describe the model actually built."""
+    cfg = model.config
+    if VisionTowerShape.from_config(cfg.vision_config) != size.vision or LlamaShape.from_config(
+        cfg.text_config
+    ) != LlamaShape(**{**size.llm.__dict__, "head_dim": LlamaShape.from_config(cfg.text_config).head_dim}):
+        raise RuntimeError(
+            "benchmark model shapes differ from the FLOP model's; fix benchmarking.llava_config"
+        )
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    size = SIZES[args.size].quick() if args.quick else SIZES[args.size]
+    if args.batch_size:
+        from dataclasses import replace
+
+        size = replace(size, batch_size=args.batch_size)
+    steps = args.steps or (2 if args.quick else 5)
+    parts = trainable_parts(args.mode)
+
+    t0 = time.perf_counter()
+    model = build_random_llava(size, device, seed=args.seed)
+    check_shapes(model, size)
+    model = prepare_for_training(model, args.mode)
+    print(f"built {size.name} ({size.note}) on {device} in {time.perf_counter() - t0:.1f}s", flush=True)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    batches = {k: synthetic_batch(size, k, device, seed=args.seed) for k in args.budgets}
+
+    def step(tokens: int) -> None:
+        set_budget(model, tokens)
+        loss = model(**batches[tokens]).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for tokens in args.budgets:  # warm-up: kernels, allocator, optimizer state
+        step(tokens)
+    memory = {}
+    for tokens in args.budgets:
+        memory[tokens] = peak_memory_bytes(
+            lambda t=tokens: step(t), device, lambda: model_tensors(model, optimizer)
+        )
+    times: dict[int, list[float]] = {k: [] for k in args.budgets}
+    for tokens in interleaved_schedule(args.budgets, steps):
+        set_budget(model, tokens)
+        start = time.perf_counter()
+        step(tokens)
+        times[tokens].append(time.perf_counter() - start)
+        print(f"  {tokens:>3} tokens: {times[tokens][-1]:.3f}s", flush=True)
+
+    base = median(times[576])
+    base_flops = None
+    rows = []
+    for tokens in args.budgets:
+        batch = batches[tokens]
+        seq_len = batch["input_ids"].shape[1]
+        flops = ideal_flops(size, tokens, seq_len, batch["input_ids"].shape[0], parts)
+        if tokens == 576:
+            base_flops = flops
+        rows.append({"tokens": tokens, "seq_len": seq_len, "flops": flops, "batch": batch})
+    results = []
+    for row in rows:
+        tokens, batch = row["tokens"], row["batch"]
+        t = median(times[tokens])
+        peak, start = memory[tokens]
+        measured, ideal = base / t, base_flops / row["flops"]
+        results.append(
+            {
+                "tokens": tokens,
+                "split": list(BUDGETS[tokens]) if BUDGETS[tokens] else None,
+                "step_time_s": t,
+                "step_times_s": times[tokens],
+                "peak_mem_mb": peak / 2**20,
+                "resident_mem_mb": start / 2**20,
+                "peak_above_resident_mb": (peak - start) / 2**20,
+                "tokens_per_s": int(batch["attention_mask"].sum()) / t,
+                "samples_per_s": batch["input_ids"].shape[0] / t,
+                "seq_len": row["seq_len"],
+                "step_gflop": row["flops"] / 1e9,
+                "achieved_gflop_per_s": row["flops"] / 1e9 / t,
+                "measured_speedup": measured,
+                "ideal_speedup": ideal,
+                "measured_over_ideal": measured / ideal,
+            }
+        )
+    meta = {
+        "size": size.name,
+        "shapes": size.note,
+        "mode": args.mode,
+        "device": str(device),
+        "dtype": size.dtype,
+        "batch_size": size.batch_size,
+        "text_tokens_range": list(size.text_tokens),
+        "timed_steps_per_budget": steps,
+        "threads": torch.get_num_threads(),
+        "memory_measure": (
+            "torch.cuda.max_memory_allocated"
+            if device.type == "cuda"
+            else "peak live tensor storage (LiveTensorMemory dispatch tracker)"
+        ),
+        "machine": machine_description(device),
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "loadavg_1min_at_end": os.getloadavg()[0],
+        "command": "python " + " ".join(sys.argv),
+    }
+    for r in results:
+        r["run"] = meta
+    return results
+
+
+def machine_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model_name = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model_name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model_name}, {os.cpu_count()} cores, {platform.system()}"
+
+
+def markdown_table(results: list[dict]) -> str:
+    head = (
+        "| visual tokens | seq len | step time (s) | peak mem (MB) | above resident (MB) | tokens/s "
+        "| measured speed-up | FLOP-ideal speed-up | measured / ideal |\n"
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+    )
+    lines = [
+        f"| {r['tokens']}{'' if r['split'] else ' (stock)'} | {r['seq_len']} | {r['step_time_s']:.3f} "
+        f"| {r['peak_mem_mb']:.0f} | {r['peak_above_resident_mb']:.0f} | {r['tokens_per_s']:.0f} "
+        f"| {r['measured_speedup']:.2f}x | {r['ideal_speedup']:.2f}x | {r['measured_over_ideal']:.0%} |"
+        for r in results
+    ]
+    return head + "\n".join(lines) + "\n"
+
+
+def plot(results: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tokens = [r["tokens"] for r in results]
+    labels = [str(t) for t in tokens]
+    base = next(r["step_time_s"] for r in results if r["tokens"] == 576)
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_t.bar(labels, [r["step_time_s"] for r in results], color="tab:blue", label="measured (median)")
+    ax_t.plot(labels, [base / r["ideal_speedup"] for r in results], "k--o", label="FLOP-ideal")
+    ax_t.set(xlabel="visual tokens per image", ylabel="step time (s)", title="training step time")
+    ax_t.legend()
+    ax_m.bar(
+        labels, [r["resident_mem_mb"] for r in results], color="tab:gray", label="resident (weights, optim)"
+    )
+    ax_m.bar(
+        labels,
+        [r["peak_above_resident_mb"] for r in results],
+        bottom=[r["resident_mem_mb"] for r in results],
+        color="tab:orange",
+        label="activations + transient",
+    )
+    ax_m.set(xlabel="visual tokens per image", ylabel="peak memory (MB)", title="peak memory")
+    ax_m.legend()
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    results = run(args)
+    meta = results[0]["run"]
+    title = f"{meta['size']} / {meta['mode']} / {meta['machine']} / batch {meta['batch_size']}"
+    table = markdown_table(results)
+    print(f"\n{title}\n{meta['shapes']}\n\n{table}")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+        args.out.with_suffix(".md").write_text(f"{title}\n\n{meta['shapes']}\n\n{table}")
+        plot(results, args.out.with_suffix(".png"), title)
+        print(f"wrote {args.out}, {args.out.with_suffix('.md')}, {args.out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()

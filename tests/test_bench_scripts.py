@@ -1,0 +1,63 @@
+"""Smoke runs of the benchmark entry points on their quick size, through the real command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(script: str, out: Path, *extra: str) -> list[dict]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(ROOT / "scripts" / script), "--quick", "--threads", "1", "--budgets", "576,64"]
+    subprocess.run([*cmd, *extra, "--out", str(out)], check=True, env=env, cwd=ROOT, timeout=600)
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_bench_train_quick(tmp_path):
+    results = _run("bench_train.py", tmp_path / "train.json", "--steps", "1")
+    assert [r["tokens"] for r in results] == [576, 64]
+    stock, small = results
+    for key in ("tokens", "step_time_s", "peak_mem_mb", "measured_speedup", "ideal_speedup"):
+        assert key in stock and key in small
+    assert stock["measured_speedup"] == 1.0 and stock["ideal_speedup"] == 1.0
+    # Shapes, not timing: fewer tokens means less compute and less activation memory.
+    assert small["ideal_speedup"] > 1.5
+    assert small["seq_len"] == stock["seq_len"] - 512
+    assert small["peak_above_resident_mb"] < stock["peak_above_resident_mb"]
+    assert (tmp_path / "train.md").read_text().count("\n| ") == 3
+    assert (tmp_path / "train.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_bench_prefill_quick(tmp_path):
+    results = _run("bench_prefill.py", tmp_path / "prefill.json", "--new-tokens", "3")
+    stock, small = results
+    # The processor helper inserted the budget's image tokens: the prompts differ by 576 - 64.
+    assert stock["prompt_len"] - small["prompt_len"] == 512
+    assert small["ideal_prefill_speedup"] > 1.0 and stock["ttft_s"] > 0
+
+
+def test_llava_7b_size_builds_on_meta_and_matches_flop_model():
+    """The GPU size is built for real only on a GPU; here its structure and FLOP shapes are checked."""
+    import torch
+
+    from visionzip_core.benchmarking import SIZES, build_random_llava
+    from visionzip_core.flops import LlamaShape, VisionTowerShape
+
+    size = SIZES["llava-1.5-7b"]
+    model = build_random_llava(size, "meta")
+    cfg = model.config
+    assert VisionTowerShape.from_config(cfg.vision_config) == size.vision
+    assert LlamaShape.from_config(cfg.text_config).dim_per_head == 128
+    assert next(model.parameters()).dtype == torch.bfloat16
+    params = sum(p.numel() for p in model.parameters())
+    # LLaVA-1.5-7B: 6.74B Llama + 0.30B CLIP-L/336 + 21M projector (7.06B).
+    assert 7.0e9 < params < 7.1e9

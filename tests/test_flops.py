@@ -1,0 +1,208 @@
+"""The FLOP model against torch's own count of a real training step on a tiny LLaVA.
+
+``FlopCounterMode`` counts every matmul that runs (it does not see CPU SDPA kernels, hence eager
+attention here). Forward and backward are counted separately and must match exactly.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from visionzip_core import num_image_tokens, remove_visionzip, visionzip
+from visionzip_core.flops import (
+    LORA_TARGETS,
+    Flops,
+    LlamaShape,
+    TrainableParts,
+    VisionTowerShape,
+    llava_step_flops,
+)
+
+BATCH, TEXT = 2, 11
+
+
+def _tiny_eager_llava():
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    from visionzip_core.tiny import tiny_text_config, tiny_vision_config
+
+    config = LlavaConfig(
+        vision_config=tiny_vision_config(),
+        text_config=tiny_text_config(300),
+        image_token_id=299,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        image_seq_length=64,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    return LlavaForConditionalGeneration._from_config(config, attn_implementation="eager")
+
+
+def _batch(model):
+    k = num_image_tokens(model.config)
+    text = torch.randint(0, 298, (BATCH, TEXT))
+    image = torch.full((BATCH, k), model.config.image_token_id)
+    input_ids = torch.cat([text[:, :3], image, text[:, 3:]], dim=1)
+    pixel_values = torch.randn(BATCH, 3, 112, 112)
+    return input_ids, pixel_values
+
+
+def _counted(model, input_ids, pixel_values) -> Flops:
+    with FlopCounterMode(display=False) as forward_counter:
+        loss = model(input_ids=input_ids, pixel_values=pixel_values, labels=input_ids).loss
+    with FlopCounterMode(display=False) as backward_counter:
+        loss.backward()
+    return Flops(forward_counter.get_total_flops(), backward_counter.get_total_flops())
+
+
+def _set_trainable(model, parts: TrainableParts) -> None:
+    inner = model.model
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in inner.multi_modal_projector.parameters():
+        p.requires_grad_(parts.projector)
+    for p in inner.vision_tower.parameters():
+        p.requires_grad_(parts.vision)
+    if parts.llm == "full":
+        for p in list(inner.language_model.parameters()) + list(model.lm_head.parameters()):
+            p.requires_grad_(True)
+        # Embedding rows are a lookup, not a matmul; keep them out so the count is pure matmuls.
+        inner.language_model.embed_tokens.weight.requires_grad_(False)
+
+
+def _modelled(model, parts: TrainableParts, input_ids, split) -> Flops:
+    cfg = model.config
+    return llava_step_flops(
+        VisionTowerShape.from_config(cfg.vision_config),
+        LlamaShape.from_config(cfg.text_config),
+        parts,
+        num_images=BATCH,
+        batch=input_ids.shape[0],
+        seq_len=input_ids.shape[1],
+        image_tokens=num_image_tokens(cfg),
+        feature_layer=cfg.vision_feature_layer,
+        visionzip_split=split,
+    )["total"]
+
+
+@pytest.mark.parametrize(
+    "parts",
+    [
+        TrainableParts(projector=True),
+        TrainableParts(vision=True, projector=True, llm="full"),
+        TrainableParts(vision=True, projector=False),
+    ],
+    ids=["projector", "everything", "vision-only"],
+)
+@pytest.mark.parametrize("split", [None, (6, 3), (10, 0)], ids=["stock", "6+3", "10+0"])
+def test_flop_model_matches_flop_counter(parts, split):
+    model = _tiny_eager_llava()
+    if split is not None:
+        visionzip(model, dominant=split[0], contextual=split[1])
+    _set_trainable(model, parts)
+    input_ids, pixel_values = _batch(model)
+    counted = _counted(model, input_ids, pixel_values)
+    modelled = _modelled(model, parts, input_ids, split)
+    assert counted.forward > 0 and counted.backward > 0
+    assert modelled == counted
+
+
+@pytest.mark.parametrize("split", [None, (6, 3)], ids=["stock", "6+3"])
+def test_flop_model_matches_flop_counter_lora(split):
+    from peft import LoraConfig, get_peft_model
+
+    model = _tiny_eager_llava()
+    if split is not None:
+        visionzip(model, dominant=split[0], contextual=split[1])
+    _set_trainable(model, TrainableParts(projector=True))
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=4,
+            lora_alpha=8,
+            lora_dropout=0.0,
+            target_modules=rf".*language_model.*\.({'|'.join(LORA_TARGETS)})",
+        ),
+    )
+    for p in model.base_model.model.model.multi_modal_projector.parameters():
+        p.requires_grad_(True)
+    parts = TrainableParts(projector=True, llm="lora", lora_rank=4, lora_targets=LORA_TARGETS)
+    input_ids, pixel_values = _batch(model.base_model.model)
+    counted = _counted(model, input_ids, pixel_values)
+    assert _modelled(model.base_model.model, parts, input_ids, split) == counted
+
+
+def test_frozen_model_forward_only_and_budget_ratio():
+    """No trainable part: no backward. Compressing shrinks the modelled step, mostly in the LLM."""
+    vision = VisionTowerShape(
+        hidden=1024, intermediate=4096, layers=24, heads=16, image_size=336, patch_size=14
+    )
+    llm = LlamaShape(hidden=4096, intermediate=11008, layers=32, heads=32, kv_heads=32, vocab=32064)
+    text = 128
+    parts = TrainableParts(projector=True)
+    stock = llava_step_flops(vision, llm, parts, num_images=1, batch=1, seq_len=576 + text, image_tokens=576)
+    small = llava_step_flops(
+        vision,
+        llm,
+        parts,
+        num_images=1,
+        batch=1,
+        seq_len=64 + text,
+        image_tokens=64,
+        visionzip_split=(54, 10),
+    )
+    assert stock["vision"].backward == 0 and small["vision"].backward == 0
+    # One fewer tower layer, and an LLM over 192 instead of 704 tokens.
+    assert small["vision"].forward < stock["vision"].forward
+    ratio = stock["total"].total / small["total"].total
+    assert 3.0 < ratio < 704 / 192
+    frozen = TrainableParts(projector=False)
+    assert (
+        llava_step_flops(vision, llm, frozen, num_images=1, batch=1, seq_len=704, image_tokens=576)[
+            "total"
+        ].backward
+        == 0
+    )
+
+
+def test_remove_visionzip_restores_stock_count():
+    model = _tiny_eager_llava()
+    parts = TrainableParts(projector=True)
+    _set_trainable(model, parts)
+    remove_visionzip(visionzip(model, dominant=6, contextual=3))
+    input_ids, pixel_values = _batch(model)
+    assert _counted(model, input_ids, pixel_values) == _modelled(model, parts, input_ids, None)
+
+
+def test_bad_trainable_parts_rejected():
+    with pytest.raises(ValueError, match="lora_rank"):
+        TrainableParts(llm="lora")
+    with pytest.raises(ValueError, match="not modelled"):
+        TrainableParts(projector=False, llm="full")
+
+
+@pytest.mark.parametrize("split", [None, (6, 3)], ids=["stock", "6+3"])
+def test_flop_model_matches_generate_prefill(split):
+    """Inference prefill: forward only, LM head on the last position (as ``generate`` does)."""
+    model = _tiny_eager_llava().eval()
+    if split is not None:
+        visionzip(model, dominant=split[0], contextual=split[1])
+    input_ids, pixel_values = _batch(model)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(input_ids=input_ids, pixel_values=pixel_values, logits_to_keep=1)
+    cfg = model.config
+    modelled = llava_step_flops(
+        VisionTowerShape.from_config(cfg.vision_config),
+        LlamaShape.from_config(cfg.text_config),
+        TrainableParts(projector=False),
+        num_images=BATCH,
+        batch=BATCH,
+        seq_len=input_ids.shape[1],
+        image_tokens=num_image_tokens(cfg),
+        visionzip_split=split,
+        logits_positions=1,
+    )["total"]
+    assert modelled == Flops(counter.get_total_flops(), 0)

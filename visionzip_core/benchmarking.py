@@ -1,0 +1,297 @@
+"""Pieces shared by the benchmarks in ``scripts/``: model sizes, random models, synthetic batches,
+visual-token budgets, an interleaved schedule and peak-memory measurement.
+
+Random weights are enough: compression changes shapes, not values, and step time and memory
+depend only on shapes (VisionZip's selection is data-dependent, but its cost is not).
+"""
+
+from __future__ import annotations
+
+import statistics
+import weakref
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from visionzip_core.flops import LlamaShape, VisionTowerShape
+
+# Visual tokens per image -> (dominant, contextual); None is the stock model (compression off).
+BUDGETS: dict[int, tuple[int, int] | None] = {576: None, 192: (162, 30), 128: (108, 20), 64: (54, 10)}
+
+# llava-hf LLaVA-1.5 token ids (vocab 32064: Llama's 32000 + <image> + <pad> + padding to 64).
+IMAGE_TOKEN_ID, PAD_TOKEN_ID, BOS_TOKEN_ID, EOS_TOKEN_ID = 32000, 32001, 1, 2
+
+CLIP_L_336 = VisionTowerShape(
+    hidden=1024, intermediate=4096, layers=24, heads=16, image_size=336, patch_size=14
+)
+
+
+@dataclass(frozen=True)
+class BenchSize:
+    """A model size and the workload run on it.
+
+    Attributes:
+        text_tokens: per-sample text length range ``[lo, hi]`` (drawn once per sample, fixed seed),
+            besides the image tokens: a LLaVA-665k-like instruction + answer.
+        batch_size: samples (one image each) per training step.
+        dtype: "float32" on CPU (bf16 matmuls are slower on CPUs without bf16 units), "bfloat16" on GPU.
+    """
+
+    name: str
+    vision: VisionTowerShape
+    llm: LlamaShape
+    batch_size: int
+    text_tokens: tuple[int, int]
+    dtype: str
+    note: str = ""
+
+    def quick(self) -> BenchSize:
+        """A clearly smaller variant for smoke runs: 6 tower layers, 2 LLM layers, same widths."""
+        return replace(
+            self,
+            name=f"{self.name}-quick",
+            vision=replace(self.vision, layers=min(self.vision.layers, 6)),
+            llm=replace(self.llm, layers=min(self.llm.layers, 2)),
+            batch_size=1,
+            note=f"QUICK (smoke only): {self.name} widths, 6 tower layers, 2 LLM layers, batch 1",
+        )
+
+
+SIZES: dict[str, BenchSize] = {
+    "cpu": BenchSize(
+        name="cpu",
+        vision=CLIP_L_336,
+        # Llama-2 layout at 1/4 width and 1/4 depth, full Llama-2 vocabulary.
+        llm=LlamaShape(hidden=1024, intermediate=2816, layers=8, heads=16, kv_heads=16, vocab=32064),
+        batch_size=2,
+        text_tokens=(100, 150),
+        dtype="float32",
+        note="CLIP-L/336 tower (24 layers, 1024 wide) + Llama 8 layers x 1024 (MLP 2816, 16 heads, vocab 32064)",
+    ),
+    "llava-1.5-7b": BenchSize(
+        name="llava-1.5-7b",
+        vision=CLIP_L_336,
+        llm=LlamaShape(hidden=4096, intermediate=11008, layers=32, heads=32, kv_heads=32, vocab=32064),
+        batch_size=8,
+        text_tokens=(100, 150),
+        dtype="bfloat16",
+        note="CLIP-L/336 + Llama-2-7B shapes (LLaVA-1.5-7B), bf16",
+    ),
+}
+
+
+def llava_config(size: BenchSize):
+    """A ``LlavaConfig`` with LLaVA-1.5's settings and ``size``'s shapes."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    v, t = size.vision, size.llm
+    vision = CLIPVisionConfig(
+        hidden_size=v.hidden,
+        intermediate_size=v.intermediate,
+        num_hidden_layers=v.layers,
+        num_attention_heads=v.heads,
+        image_size=v.image_size,
+        patch_size=v.patch_size,
+        projection_dim=768,
+        hidden_act="quick_gelu",
+    )
+    text = LlamaConfig(
+        vocab_size=t.vocab,
+        hidden_size=t.hidden,
+        intermediate_size=t.intermediate,
+        num_hidden_layers=t.layers,
+        num_attention_heads=t.heads,
+        num_key_value_heads=t.kv_heads,
+        max_position_embeddings=4096,
+        pad_token_id=PAD_TOKEN_ID,
+        bos_token_id=BOS_TOKEN_ID,
+        eos_token_id=EOS_TOKEN_ID,
+        tie_word_embeddings=False,
+    )
+    return LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=IMAGE_TOKEN_ID,
+        projector_hidden_act="gelu",
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        image_seq_length=v.num_patches,
+        tie_word_embeddings=False,
+    )
+
+
+def build_random_llava(size: BenchSize, device: str | torch.device = "cpu", seed: int = 0):
+    """A ``LlavaForConditionalGeneration`` with random weights, built directly on ``device``.
+
+    On a GPU the weights are allocated and initialised there (a 7B model builds in seconds);
+    ``device="meta"`` builds the structure only, for checks without memory.
+    """
+    from transformers import LlavaForConditionalGeneration
+
+    dtype = getattr(torch, size.dtype)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = LlavaForConditionalGeneration._from_config(llava_config(size), dtype=dtype)
+    model.generation_config.pad_token_id = PAD_TOKEN_ID
+    model.generation_config.bos_token_id = BOS_TOKEN_ID
+    model.generation_config.eos_token_id = EOS_TOKEN_ID
+    return model
+
+
+def set_budget(model: torch.nn.Module, tokens: int) -> None:
+    """Switch ``model`` (LLaVA, possibly peft-wrapped) to ``tokens`` visual tokens per image."""
+    from visionzip_core import remove_visionzip, visionzip
+
+    split = BUDGETS[tokens]
+    remove_visionzip(model)
+    if split is not None:
+        visionzip(model, dominant=split[0], contextual=split[1])
+
+
+def text_lengths(size: BenchSize, seed: int = 0) -> list[int]:
+    """Per-sample text lengths, fixed by ``seed`` so that every budget sees the same text."""
+    gen = torch.Generator().manual_seed(seed)
+    lo, hi = size.text_tokens
+    return torch.randint(lo, hi + 1, (size.batch_size,), generator=gen).tolist()
+
+
+def synthetic_batch(
+    size: BenchSize, image_tokens: int, device: str | torch.device = "cpu", seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """A right-padded LLaVA training batch: ``<s>`` prompt ``<image>*K`` question answer, one image each.
+
+    The first 20% of each sample's text is the prompt before the image, the answer is the last
+    60%; only answer tokens carry labels (image, prompt and padding are -100), as in LLaVA.
+    The text tokens are identical for every ``image_tokens``.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    lengths = text_lengths(size, seed)
+    rows, labels = [], []
+    for n in lengths:
+        text = torch.randint(3, IMAGE_TOKEN_ID, (n,), generator=gen)
+        before, answer_from = n // 5, n - (3 * n) // 5
+        ids = torch.cat(
+            [
+                torch.tensor([BOS_TOKEN_ID]),
+                text[:before],
+                torch.full((image_tokens,), IMAGE_TOKEN_ID),
+                text[before:],
+            ]
+        )
+        lab = torch.full_like(ids, -100)
+        offset = 1 + image_tokens
+        lab[offset + answer_from :] = ids[offset + answer_from :]
+        rows.append(ids)
+        labels.append(lab)
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), PAD_TOKEN_ID)
+    attention_mask = torch.zeros(len(rows), width, dtype=torch.long)
+    label_t = torch.full((len(rows), width), -100)
+    for i, (r, lab) in enumerate(zip(rows, labels)):
+        input_ids[i, : len(r)] = r
+        attention_mask[i, : len(r)] = 1
+        label_t[i, : len(r)] = lab
+    pixel_gen = torch.Generator().manual_seed(seed + 1)
+    v = size.vision
+    pixel_values = torch.randn(len(rows), 3, v.image_size, v.image_size, generator=pixel_gen)
+    batch = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": label_t,
+        "pixel_values": pixel_values.to(getattr(torch, size.dtype)),
+    }
+    return {k: t.to(device) for k, t in batch.items()}
+
+
+def interleaved_schedule(budgets: Iterable[int], rounds: int) -> list[int]:
+    """``rounds`` passes over ``budgets``, each pass rotated by one, so that no budget always runs
+    first or right after the same neighbour (drift and cache effects spread over all budgets)."""
+    order = list(budgets)
+    out: list[int] = []
+    for r in range(rounds):
+        shift = r % len(order)
+        out.extend(order[shift:] + order[:shift])
+    return out
+
+
+def median(values: Iterable[float]) -> float:
+    return statistics.median(list(values))
+
+
+class LiveTensorMemory(TorchDispatchMode):
+    """Peak bytes of live tensor storage while active, for CPU where torch keeps no allocator stats.
+
+    Every storage produced by an op inside the mode is counted until it is freed (a weakref
+    finalizer on the storage, which torch keeps alive exactly as long as the memory). That includes
+    activations saved by autograd, gradients, optimizer states and temporaries; kernel-internal
+    scratch buffers that never become tensors are not seen. Storages that existed before, passed as
+    ``resident``, form the starting level (weights, inputs, optimizer states) and are tracked too, so
+    that gradients freed by ``zero_grad`` count down.
+    """
+
+    def __init__(self, resident: Iterable[torch.Tensor] = ()):
+        super().__init__()
+        self._live: dict[int, int] = {}
+        self.current = self.peak = 0
+        for t in resident:
+            self._track(t)
+        self.start = self.current
+        self.peak = self.current
+
+    def _release(self, key: int, nbytes: int) -> None:
+        if self._live.pop(key, None) is not None:
+            self.current -= nbytes
+
+    def _track(self, t: torch.Tensor) -> None:
+        if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+            return
+        storage = t.untyped_storage()
+        key = id(storage)
+        if key in self._live:
+            return
+        nbytes = storage.nbytes()
+        self._live[key] = nbytes
+        self.current += nbytes
+        self.peak = max(self.peak, self.current)
+        weakref.finalize(storage, self._release, key, nbytes)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            self._track(t)
+        return out
+
+
+def peak_memory_bytes(
+    step: Callable[[], object], device: torch.device, resident: Callable[[], Iterable[torch.Tensor]]
+) -> tuple[int, int]:
+    """``(peak, start)`` bytes of one call of ``step``.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` after a reset (everything the caching allocator
+    handed out). CPU: :class:`LiveTensorMemory` over the tensors ``resident()`` returns.
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        start = torch.cuda.memory_allocated(device)
+        step()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device), start
+    with LiveTensorMemory(resident()) as tracker:
+        step()
+    return tracker.peak, tracker.start
+
+
+def model_tensors(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None
+) -> list[torch.Tensor]:
+    """Parameters, buffers, existing gradients and optimizer states: the resident tensors."""
+    tensors = [*model.parameters(), *model.buffers()]
+    tensors += [p.grad for p in model.parameters() if p.grad is not None]
+    if optimizer is not None:
+        for state in optimizer.state.values():
+            tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
+    return tensors
