@@ -17,30 +17,25 @@ Greedy decoding, random weights; budgets interleaved after a warm-up; medians.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import sys
 import time
 from dataclasses import replace
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import machine_description  # noqa: E402
-
-from visionzip_core.benchmarking import (  # noqa: E402
+from visionzip_core.benchmarking import (
     BUDGETS,
     SIZES,
     build_random_llava,
     interleaved_schedule,
     median,
+    run_context,
     set_budget,
+    write_report,
 )
-from visionzip_core.flops import TrainableParts, llava_step_flops  # noqa: E402
+from visionzip_core.flops import TrainableParts, llava_step_flops
 
 # A LLaVA-bench-like request: one image and a one-sentence question.
 QUESTION = (
@@ -210,11 +205,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         "dtype": size.dtype,
         "batch_size": size.batch_size,
         "rounds": rounds,
-        "threads": torch.get_num_threads(),
-        "machine": machine_description(device),
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "loadavg_1min_at_end": os.getloadavg()[0],
-        "command": "python " + " ".join(sys.argv),
+        **run_context(device),
     }
     for r in results:
         r["run"] = meta
@@ -246,10 +237,7 @@ def main(argv=None) -> None:
     table = markdown_table(results)
     print(f"\n{title}\n{meta['shapes']}\n\n{table}")
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2) + "\n")
-        args.out.with_suffix(".md").write_text(f"{title}\n\n{meta['shapes']}\n\n{table}")
-        print(f"wrote {args.out}, {args.out.with_suffix('.md')}")
+        print("wrote", ", ".join(map(str, write_report(args.out, results, title, table))))
 
 
 if __name__ == "__main__":

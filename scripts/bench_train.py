@@ -16,12 +16,7 @@ Writes ``--out`` (JSON list, one object per budget), and beside it ``.md`` (tabl
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -34,8 +29,10 @@ from visionzip_core.benchmarking import (
     median,
     model_tensors,
     peak_memory_bytes,
+    run_context,
     set_budget,
     synthetic_batch,
+    write_report,
 )
 from visionzip_core.flops import LlamaShape, TrainableParts, VisionTowerShape, llava_step_flops
 
@@ -208,34 +205,16 @@ def run(args: argparse.Namespace) -> list[dict]:
         "batch_size": size.batch_size,
         "text_tokens_range": list(size.text_tokens),
         "timed_steps_per_budget": steps,
-        "threads": torch.get_num_threads(),
         "memory_measure": (
             "torch.cuda.max_memory_allocated"
             if device.type == "cuda"
             else "peak live tensor storage (LiveTensorMemory dispatch tracker)"
         ),
-        "machine": machine_description(device),
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "loadavg_1min_at_end": os.getloadavg()[0],
-        "command": "python " + " ".join(sys.argv),
+        **run_context(device),
     }
     for r in results:
         r["run"] = meta
     return results
-
-
-def machine_description(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model_name = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model_name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model_name}, {os.cpu_count()} cores, {platform.system()}"
 
 
 def markdown_table(results: list[dict]) -> str:
@@ -293,11 +272,9 @@ def main(argv=None) -> None:
     table = markdown_table(results)
     print(f"\n{title}\n{meta['shapes']}\n\n{table}")
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2) + "\n")
-        args.out.with_suffix(".md").write_text(f"{title}\n\n{meta['shapes']}\n\n{table}")
+        written = write_report(args.out, results, title, table)
         plot(results, args.out.with_suffix(".png"), title)
-        print(f"wrote {args.out}, {args.out.with_suffix('.md')}, {args.out.with_suffix('.png')}")
+        print("wrote", ", ".join(map(str, [*written, args.out.with_suffix(".png")])))
 
 
 if __name__ == "__main__":
