@@ -56,3 +56,52 @@ def test_projector_mode_trains_the_projector_only(tiny_llava_dir):
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("multi_modal_projector" in n for n in trainable)
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+ZERO3_LOAD = """
+import sys
+from visionzip_core.training import distributed as dist
+dist.set_env_defaults()
+dist.init()
+import torch
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+from visionzip_core.training.deepspeed_config import fill_deepspeed_config, partitioned_loading
+from visionzip_core.training.modeling import build_model, build_processor, llm_hidden_size
+from visionzip_core.training.settings import load_config
+
+settings = load_config(sys.argv[1], sys.argv[2:])
+cfg = fill_deepspeed_config(settings, 1, "fp32", llm_hidden_size(settings))
+processor, _ = build_processor(settings)
+with partitioned_loading(cfg):
+    assert is_deepspeed_zero3_enabled()
+    model = build_model(settings, torch.float32, processor).model
+assert not is_deepspeed_zero3_enabled(), "the global switch leaked out of model building"
+params = list(model.parameters())
+assert all(hasattr(p, "ds_id") for p in params), "weights were not loaded into ZeRO-3 partitions"
+assert sum(p.numel() for p in params) == 0 and sum(p.ds_numel for p in params) > 0
+print("partitioned", sum(p.ds_numel for p in params))
+dist.shutdown()
+"""
+
+
+@pytest.mark.parametrize("mode", ["finetune", "projector"])
+def test_zero3_loads_weights_into_partitions_and_scopes_the_switch(tiny_llava_dir, mode):
+    import os
+    import subprocess
+    import sys
+
+    overrides = [
+        f"model.name_or_path={tiny_llava_dir}",
+        "deepspeed.config=configs/deepspeed/zero3.json",
+        f"train.mode={mode}",
+    ]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    done = subprocess.run(
+        [sys.executable, "-c", ZERO3_LOAD, str(REPO / "configs/demo.yaml"), *overrides],
+        cwd=REPO,
+        env=env | {"OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0 and "partitioned" in done.stdout, done.stderr[-3000:]

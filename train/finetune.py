@@ -32,13 +32,18 @@ from visionzip_core.data import BadDataError, build_dataset  # noqa: E402
 from visionzip_core.training import checkpointing  # noqa: E402
 from visionzip_core.training.checkpointing import TrainerState  # noqa: E402
 from visionzip_core.training.dataloaders import build_train_loader, build_val_loader  # noqa: E402
-from visionzip_core.training.deepspeed_config import fill_deepspeed_config, zero_stage  # noqa: E402
+from visionzip_core.training.deepspeed_config import (  # noqa: E402
+    fill_deepspeed_config,
+    partitioned_loading,
+    zero_stage,
+)
 from visionzip_core.training.export import export_final  # noqa: E402
 from visionzip_core.training.metrics import MetricsLog, peak_memory_mb, truncate_jsonl  # noqa: E402
 from visionzip_core.training.modeling import (  # noqa: E402
     build_model,
     build_processor,
     count_parameters,
+    llm_hidden_size,
     param_groups,
     resolve_precision,
     seed_everything,
@@ -132,11 +137,16 @@ def setup(settings: Settings) -> Run:
         )
     total_steps = t.max_steps or t.epochs * steps_per_epoch
 
-    model = build_model(settings, dtype, processor).model
+    ds_config = fill_deepspeed_config(settings, world, precision, llm_hidden_size(settings))
+    # ZeRO-3: each rank loads only its shard. Not for pretrain, whose LLaVA skeleton is built on
+    # the meta device (transformers' ZeRO-3 weight init cannot run there), nor lora, where peft
+    # deep-copies the projector for modules_to_save and a copy of a partitioned parameter is
+    # empty: those two load whole weights on every rank, then DeepSpeed partitions them.
+    with partitioned_loading(ds_config, enabled=t.mode in ("projector", "finetune")):
+        model = build_model(settings, dtype, processor).model
     groups, group_names = param_groups(model, settings)
     optimizer = build_optimizer(groups, settings.optim)
     scheduler = build_scheduler(optimizer, total_steps, settings.optim)
-    ds_config = fill_deepspeed_config(settings, world, precision, model.config.text_config.hidden_size)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
     )

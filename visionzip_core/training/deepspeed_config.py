@@ -10,6 +10,8 @@ silent default. The optimizer and scheduler are torch objects passed to ``deepsp
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from visionzip_core.training.settings import Settings, resolve_repo_path
@@ -61,6 +63,28 @@ def fill_deepspeed_config(
 
 def zero_stage(cfg: dict[str, Any]) -> int:
     return int(cfg.get("zero_optimization", {}).get("stage", 0))
+
+
+@contextmanager
+def partitioned_loading(cfg: dict[str, Any], enabled: bool = True) -> Iterator[None]:
+    """Under ZeRO-3, make ``from_pretrained`` inside this block load weights straight into
+    per-rank partitions (``deepspeed.zero.Init``) instead of a whole copy on every rank.
+
+    Only model building may run inside: transformers' switch is process-global, and while it is
+    on every ``from_pretrained`` is a collective. Export later builds an unpartitioned copy on
+    rank 0 alone, which would hang if the switch were still on. ALL RANKS must enter together.
+    """
+    if not enabled or zero_stage(cfg) < 3:
+        yield
+        return
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    switch = HfDeepSpeedConfig(cfg)  # transformers keeps only a weak reference: hold it here
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()
+        del switch
 
 
 def _parent(cfg: dict, dotted: str) -> tuple[dict | None, str]:

@@ -104,6 +104,18 @@ def build_processor(settings: Settings):
     return visionzip_processor(processor, config), config.tokens_per_image
 
 
+def llm_hidden_size(settings: Settings) -> int:
+    """The LLM's hidden size, read from config files only (no weights): sizes ZeRO's buffers."""
+    from transformers import AutoConfig
+
+    m = settings.model
+    if settings.train.mode == "pretrain":
+        path = model_path(m.language_model, "model.language_model")
+        return AutoConfig.from_pretrained(path, trust_remote_code=m.trust_remote_code).hidden_size
+    path = model_path(m.name_or_path, "model.name_or_path")
+    return AutoConfig.from_pretrained(path, trust_remote_code=m.trust_remote_code).text_config.hidden_size
+
+
 def build_model(settings: Settings, dtype: torch.dtype, processor, for_export: bool = False) -> BuiltModel:
     """Load or assemble the model for ``settings.train.mode``, compressed, frozen and (lora) wrapped.
 
