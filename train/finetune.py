@@ -131,7 +131,7 @@ def setup(settings: Settings) -> Run:
     )
     steps_per_epoch = sampler.num_samples // (t.per_device_batch_size * t.grad_accum_steps)
     if steps_per_epoch == 0:
-        raise ValueError(
+        raise BadDataError(
             f"data.train: {len(datasets['train'])} samples make no full optimizer step of "
             f"{t.per_device_batch_size} x {t.grad_accum_steps} x {world} processes"
         )
