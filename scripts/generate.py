@@ -1,12 +1,17 @@
 """Training-free VisionZip inference on a llava-hf checkpoint.
 
     python scripts/generate.py --model builtin:tiny-llava --prompt "What is in the picture?"
-    python scripts/generate.py --model llava-hf/llava-1.5-7b-hf --image cat.jpg --dominant 54 --contextual 10
+    python scripts/generate.py --model /models/llava-1.5-7b-hf --image cat.jpg --dominant 54 --contextual 10
+    python scripts/generate.py --model outputs/demo/final --image data/demo/images/val_0000.png \\
+        --prompt "What colour is the shape?"     # a trained export: its recorded split is used
     python scripts/generate.py --model PATH --image a.png --image b.png --prompt "Compare them." --no-visionzip
 
 Prints how many visual tokens each image kept and the generated text. Without ``--image`` a
-small built-in picture (a red circle on white) is used. The prompt follows LLaVA-1.5's format,
-``USER: <image>\\n<prompt> ASSISTANT:``, with one ``<image>`` per image.
+small built-in picture (a red circle on white) is used. ``--prompt`` is the question only; it is
+wrapped the way LLaVA-1.5 trains (the ``vicuna_v1`` template):
+``{system} USER: <image>\\n{prompt} ASSISTANT:``, one ``<image>`` per image.
+A checkpoint that records VisionZip settings (an export of ``train/finetune.py``) keeps them
+for any of ``--dominant/--contextual`` left out; any other checkpoint defaults to 54 + 10.
 """
 
 from __future__ import annotations
@@ -24,9 +29,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--image", action="append", default=[], help="image file (repeat for several)")
     parser.add_argument("--prompt", default="What is in the picture?")
     parser.add_argument(
-        "--dominant", type=int, default=54, help="tokens kept by CLS attention (CLS included)"
+        "--dominant", type=int, default=None, help="tokens kept by CLS attention, CLS included (default 54)"
     )
-    parser.add_argument("--contextual", type=int, default=10, help="merged tokens built from the rest")
+    parser.add_argument(
+        "--contextual", type=int, default=None, help="merged tokens built from the rest (default 10)"
+    )
+    parser.add_argument("--system", default=None, help="system prompt (default: LLaVA-1.5's; '' for none)")
     parser.add_argument("--no-visionzip", action="store_true", help="run the stock model (all patches)")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
@@ -56,24 +64,29 @@ def main(argv=None) -> int:
     from visionzip_core import (
         VisionZipConfig,
         num_image_tokens,
+        read_visionzip_config,
         remove_visionzip,
         visionzip,
         visionzip_processor,
     )
     from visionzip_core.checkpoints import resolve_model_path
-
-    settings = None
-    if not args.no_visionzip:
-        try:
-            settings = VisionZipConfig(dominant=args.dominant, contextual=args.contextual)
-        except ValueError as err:
-            sys.exit(f"error: {err}")
+    from visionzip_core.data.settings import VICUNA_V1_SYSTEM
 
     path = resolve_model_path(args.model)
     dtype = getattr(torch, args.dtype)
     model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype).to(args.device).eval()
     processor = LlavaProcessor.from_pretrained(path)
+    recorded = read_visionzip_config(model.config)
     stock_tokens = num_image_tokens(remove_visionzip(model).config)
+    settings = None
+    if not args.no_visionzip:
+        # A flag left out keeps the checkpoint's recorded value, else the paper's 54 + 10.
+        base = recorded.model_dump() if recorded is not None else {"dominant": 54, "contextual": 10}
+        chosen = {"dominant": args.dominant, "contextual": args.contextual}
+        try:
+            settings = VisionZipConfig(**(base | {k: v for k, v in chosen.items() if v is not None}))
+        except ValueError as err:
+            sys.exit(f"error: {err}")
     if settings is not None:
         try:
             visionzip(model, config=settings)
@@ -82,7 +95,8 @@ def main(argv=None) -> int:
         visionzip_processor(processor, model.config)
 
     images = [Image.open(p).convert("RGB") for p in args.image] or [default_image()]
-    prompt = "USER: " + "<image>\n" * len(images) + f"{args.prompt} ASSISTANT:"
+    system = VICUNA_V1_SYSTEM if args.system is None else args.system
+    prompt = f"{system} USER: " + "<image>\n" * len(images) + f"{args.prompt} ASSISTANT:"
     inputs = processor(text=[prompt], images=images, return_tensors="pt").to(args.device)
     inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
     kept = int((inputs["input_ids"] == model.config.image_token_id).sum()) // len(images)

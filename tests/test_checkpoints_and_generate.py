@@ -48,3 +48,28 @@ def test_generate_cli_reports_kept_tokens(tiny_llava_dir):
     assert "visual tokens per image: 64 of 64 (stock)" in stock
     bad = subprocess.run(cmd + ["--dominant", "60", "--contextual", "10"], capture_output=True, text=True)
     assert bad.returncode != 0 and "dominant + contextual = 70" in bad.stderr
+
+
+@pytest.mark.slow
+def test_generate_cli_keeps_the_split_a_checkpoint_records(tiny_llava_dir, tmp_path):
+    from transformers import LlavaForConditionalGeneration, LlavaProcessor
+
+    from visionzip_core import visionzip
+
+    saved = tmp_path / "trained"
+    visionzip(
+        LlavaForConditionalGeneration.from_pretrained(tiny_llava_dir), dominant=6, contextual=2
+    ).save_pretrained(saved)
+    LlavaProcessor.from_pretrained(tiny_llava_dir).save_pretrained(saved)
+    cmd = [
+        sys.executable,
+        str(REPO / "scripts" / "generate.py"),
+        "--model",
+        str(saved),
+        "--max-new-tokens",
+        "2",
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    assert "visual tokens per image: 8 of 64 (VisionZip dominant 6 + contextual 2)" in out
+    override = subprocess.run(cmd + ["--contextual", "4"], capture_output=True, text=True, check=True).stdout
+    assert "visual tokens per image: 10 of 64 (VisionZip dominant 6 + contextual 4)" in override
