@@ -105,3 +105,14 @@ def test_zero3_loads_weights_into_partitions_and_scopes_the_switch(tiny_llava_di
         timeout=300,
     )
     assert done.returncode == 0 and "partitioned" in done.stdout, done.stderr[-3000:]
+
+
+def test_a_split_larger_than_the_tower_is_a_config_error_before_weights_load(tiny_llava_dir):
+    from visionzip_core.training.settings import ConfigError
+
+    settings = load_config(
+        REPO / "configs/demo.yaml",
+        [f"model.name_or_path={tiny_llava_dir}", "visionzip.dominant=60", "visionzip.contextual=10"],
+    )
+    with pytest.raises(ConfigError, match=r"visionzip: dominant \+ contextual = 70 exceeds the 65 tokens"):
+        build_processor(settings)

@@ -392,7 +392,7 @@ def main(argv=None) -> int:
         fit(run)
         paths = export(run)
         report(run, paths, time.perf_counter() - started)
-    except (BadDataError, FileNotFoundError) as e:
+    except (ConfigError, BadDataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         code = 2
     except TrainingDiverged as e:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from visionzip_core.training.settings import Settings
+from visionzip_core.training.settings import ConfigError, Settings
 
 IMAGE_TOKEN = "<image>"
 PROJECTOR = "multi_modal_projector"
@@ -73,7 +73,7 @@ def build_processor(settings: Settings):
     """
     from transformers import AutoConfig, AutoProcessor
 
-    from visionzip_core import VisionZipConfig, num_image_tokens
+    from visionzip_core import num_image_tokens
     from visionzip_core.llava import visionzip_processor
 
     m, vz = settings.model, settings.visionzip
@@ -92,15 +92,14 @@ def build_processor(settings: Settings):
         path = model_path(m.name_or_path, "model.name_or_path")
         processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust)
         stock = num_image_tokens(AutoConfig.from_pretrained(path, trust_remote_code=trust))
-    if not vz.enabled:
+    config = vz.core()
+    if config is None:
         return processor, stock
-    config = VisionZipConfig(
-        dominant=vz.dominant,
-        contextual=vz.contextual,
-        feature_layer=vz.feature_layer,
-        keep_cls=vz.keep_cls,
-        merge=vz.merge,
-    )
+    try:
+        config.check_fits(stock + 1)  # the CLIP tower's tokens: patches + CLS
+    except ValueError as err:
+        source = m.vision_tower if settings.train.mode == "pretrain" else m.name_or_path
+        raise ConfigError(f"the config, for the vision tower of {source}", [str(err)]) from None
     return visionzip_processor(processor, config), config.tokens_per_image
 
 
@@ -141,16 +140,8 @@ def build_model(settings: Settings, dtype: torch.dtype, processor, for_export: b
         model = LlavaForConditionalGeneration.from_pretrained(
             model_path(m.name_or_path, "model.name_or_path"), **kwargs
         )
-    vz = settings.visionzip
-    if vz.enabled:
-        visionzip(
-            model,
-            dominant=vz.dominant,
-            contextual=vz.contextual,
-            feature_layer=vz.feature_layer,
-            keep_cls=vz.keep_cls,
-            merge=vz.merge,
-        )
+    if settings.visionzip.enabled:
+        visionzip(model, config=settings.visionzip.core())
     model.config.use_cache = False
     set_trainable(model, settings)
     if settings.train.gradient_checkpointing and not for_export:

@@ -20,6 +20,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from visionzip_core.config import VisionZipConfig
 from visionzip_core.data import DataSettings
 
 Mode = Literal["projector", "pretrain", "finetune", "lora"]
@@ -58,15 +59,17 @@ class ModelSettings(_Section):
     )
 
 
-class VisionZipSettings(_Section):
-    """Visual-token compression applied in every forward pass; ``enabled: false`` = stock 576 baseline."""
+class VisionZipSettings(VisionZipConfig):
+    """Visual-token compression applied in every forward pass; ``enabled: false`` = stock 576 baseline.
+
+    The split and options are :class:`VisionZipConfig`'s own fields, validated the same way.
+    """
 
     enabled: bool = True
-    dominant: int = Field(54, ge=1)
-    contextual: int = Field(10, ge=0)
-    feature_layer: int = -2
-    keep_cls: bool = True
-    merge: Literal["paper", "mean"] = "paper"
+
+    def core(self) -> VisionZipConfig | None:
+        """The library config to apply, or None when compression is off."""
+        return VisionZipConfig(**self.model_dump(exclude={"enabled"})) if self.enabled else None
 
 
 class TrainSettings(_Section):
