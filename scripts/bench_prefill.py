@@ -31,6 +31,7 @@ from visionzip_core.benchmarking import (
     build_random_llava,
     interleaved_schedule,
     median,
+    parse_budgets,
     run_context,
     set_budget,
     write_report,
@@ -59,12 +60,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None, help="JSON path; .md is written beside it")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    args.budgets = [int(b) for b in args.budgets.split(",")]
-    bad = [b for b in args.budgets if b not in BUDGETS]
-    if bad or 576 not in args.budgets:
-        p.error(
-            f"--budgets: {bad or 'missing 576'}; allowed {list(BUDGETS)} and 576 (the reference) must be in"
-        )
+    try:
+        args.budgets = parse_budgets(args.budgets)
+    except ValueError as err:
+        p.error(str(err))
     return args
 
 

@@ -28,6 +28,7 @@ from visionzip_core.benchmarking import (
     interleaved_schedule,
     median,
     model_tensors,
+    parse_budgets,
     peak_memory_bytes,
     run_context,
     set_budget,
@@ -55,12 +56,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None, help="JSON path; .md and .png are written beside it")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    args.budgets = [int(b) for b in args.budgets.split(",")]
-    bad = [b for b in args.budgets if b not in BUDGETS]
-    if bad or 576 not in args.budgets:
-        p.error(
-            f"--budgets: {bad or 'missing 576'}; allowed {list(BUDGETS)} and 576 (the reference) must be in"
-        )
+    try:
+        args.budgets = parse_budgets(args.budgets)
+    except ValueError as err:
+        p.error(str(err))
     return args
 
 

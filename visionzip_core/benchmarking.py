@@ -210,6 +210,20 @@ def synthetic_batch(
     return {k: t.to(device) for k, t in batch.items()}
 
 
+def parse_budgets(text: str) -> list[int]:
+    """``"576,64"`` -> ``[576, 64]``; each from :data:`BUDGETS`, and 576 (the reference) present."""
+    try:
+        budgets = [int(b) for b in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--budgets: {text!r} is not a comma-separated list of integers") from None
+    bad = [b for b in budgets if b not in BUDGETS]
+    if bad or 576 not in budgets:
+        raise ValueError(
+            f"--budgets: {bad or 'missing 576'}; allowed {list(BUDGETS)} and 576 (the reference) must be in"
+        )
+    return budgets
+
+
 def interleaved_schedule(budgets: Iterable[int], rounds: int) -> list[int]:
     """``rounds`` passes over ``budgets``, each pass rotated by one, so that no budget always runs
     first or right after the same neighbour (drift and cache effects spread over all budgets)."""
