@@ -70,6 +70,7 @@ class Run:
     val_loader: object | None
     state: TrainerState
     steps_per_epoch: int
+    device: torch.device
     dtype: torch.dtype
     stage: int
     group_names: list[str]
@@ -89,7 +90,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_intermixed_args(argv)
 
 
-def setup(settings: Settings) -> Run:
+def setup(settings: Settings, device: torch.device) -> Run:
     t, rank, world = settings.train, dist.rank(), dist.world_size()
     seed_everything(t.seed)
     output_dir = Path(t.output_dir)
@@ -181,6 +182,7 @@ def setup(settings: Settings) -> Run:
         val_loader=val_loader,
         state=state,
         steps_per_epoch=steps_per_epoch,
+        device=device,
         dtype=dtype,
         stage=zero_stage(ds_config),
         group_names=group_names,
@@ -214,12 +216,7 @@ def step_batches(run: Run):
         del batches
 
 
-def to_device(batch: dict, dtype: torch.dtype) -> dict:
-    device = (
-        torch.device("cuda", torch.cuda.current_device())
-        if torch.cuda.is_available()
-        else torch.device("cpu")
-    )
+def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
     return {k: v.to(device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in batch.items()}
 
 
@@ -232,7 +229,7 @@ def train_step(run: Run, micro_batches: list[dict]) -> dict:
         ids = batch.pop("sample_index")
         if run.settings.debug.log_samples:
             log_samples(run, step, ids)
-        batch = to_device(batch, run.dtype)
+        batch = to_device(batch, run.device, run.dtype)
         loss = engine(**batch).loss
         if run.settings.debug.nan_at_step == step:
             loss = loss * float("nan")
@@ -272,7 +269,7 @@ def evaluate(run: Run) -> float | None:
     loss_sum = n_tokens = 0.0
     for batch in run.val_loader:
         batch.pop("sample_index")
-        batch = to_device(batch, run.dtype)
+        batch = to_device(batch, run.device, run.dtype)
         n = (batch["labels"][:, 1:] != -100).sum().item()
         loss_sum += run.engine(**batch).loss.item() * n
         n_tokens += n
@@ -385,10 +382,10 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr, flush=True)
         return 2
-    dist.init(args.local_rank)
+    device = dist.init(args.local_rank)
     run, started, code = None, time.perf_counter(), 0
     try:
-        run = setup(settings)
+        run = setup(settings, device)
         fit(run)
         paths = export(run)
         report(run, paths, time.perf_counter() - started)

@@ -22,9 +22,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from visionzip_core.config import VisionZipConfig
 from visionzip_core.data import DataSettings
+from visionzip_core.training.distributed import REPO_ROOT
 
 Mode = Literal["projector", "pretrain", "finetune", "lora"]
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 class ConfigError(ValueError):
