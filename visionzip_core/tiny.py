@@ -76,6 +76,76 @@ def build_tiny_tokenizer(vocab_size: int = 1024):
     return fast
 
 
+def build_sentencepiece_model(vocab_size: int = 1000) -> bytes:
+    """A Llama/Vicuna-style SentencePiece model (``tokenizer.model`` bytes), trained in memory.
+
+    Same kind as Vicuna's: BPE with byte fallback and a dummy prefix, ``<unk>/<s>/</s>`` = 0/1/2,
+    no pad piece, identity normalisation, whitespace kept, digits split. The corpus holds no line
+    breaks or tabs, so (as in Llama's vocabulary) those encode through byte fallback (``<0x0A>``).
+    Deterministic: one thread, fixed corpus.
+    """
+    import io
+
+    import sentencepiece as spm
+
+    lines = [" ".join(_CORPUS_WORDS)] * 4 + [w.capitalize() for w in _CORPUS_WORDS]
+    lines += ["USER: What is in the picture? ASSISTANT: a red circle.", "A chat between a curious user"]
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines),
+        model_writer=buf,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        byte_fallback=True,
+        add_dummy_prefix=True,
+        remove_extra_whitespaces=False,
+        normalization_rule_name="identity",
+        split_digits=True,
+        allow_whitespace_only_pieces=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        character_coverage=1.0,
+        hard_vocab_limit=False,
+        num_threads=1,
+        minloglevel=2,
+    )
+    return buf.getvalue()
+
+
+def write_sentencepiece_tokenizer(
+    out_dir: str | os.PathLike, legacy: bool | None = False, vocab_size: int = 1000
+):
+    """Write a tokenizer folder laid out like ``lmsys/vicuna-7b-v1.5``'s: ``tokenizer.model`` and
+    ``tokenizer_config.json`` only (no ``tokenizer.json``, no ``<image>``, no pad token).
+
+    ``legacy=None`` leaves the key out, as older Llama folders do. Returns the folder.
+    """
+    import json
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tokenizer.model").write_bytes(build_sentencepiece_model(vocab_size))
+    config = {
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "bos_token": BOS_TOKEN,
+        "eos_token": EOS_TOKEN,
+        "unk_token": UNK_TOKEN,
+        "pad_token": None,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": 4096,
+        "padding_side": "right",
+        "sp_model_kwargs": {},
+        "tokenizer_class": "LlamaTokenizer",
+    }
+    if legacy is not None:
+        config["legacy"] = legacy
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    return out
+
+
 def tiny_vision_config(image_size: int = 112, patch_size: int = 14, num_layers: int = 3):
     from transformers import CLIPVisionConfig
 
