@@ -52,6 +52,7 @@ from visionzip_core.training.modeling import (  # noqa: E402
 from visionzip_core.training.optimization import build_optimizer, build_scheduler  # noqa: E402
 from visionzip_core.training.settings import ConfigError, Settings, load_config  # noqa: E402
 from visionzip_core.training.tracking import WandbTracker  # noqa: E402
+from visionzip_core.weight_checks import WeightsError  # noqa: E402
 
 
 class TrainingDiverged(RuntimeError):
@@ -95,7 +96,7 @@ def setup(settings: Settings, device: torch.device) -> Run:
     seed_everything(t.seed)
     output_dir = Path(t.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    resume_from = dist.broadcast_object(checkpointing.resolve_resume(t.resume, output_dir))
+    resume_from = dist.broadcast_object(checkpointing.resolve_resume(t.resume, output_dir, warn=dist.print0))
     if dist.is_main():
         for stale in checkpointing.remove_incomplete(output_dir):
             dist.print0(f"removed incomplete checkpoint {stale} (interrupted save)")
@@ -389,7 +390,7 @@ def main(argv=None) -> int:
         fit(run)
         paths = export(run)
         report(run, paths, time.perf_counter() - started)
-    except (ConfigError, BadDataError, FileNotFoundError) as e:
+    except (ConfigError, BadDataError, FileNotFoundError, checkpointing.CheckpointError, WeightsError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         code = 2
     except TrainingDiverged as e:
