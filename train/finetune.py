@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 import uuid
@@ -38,6 +39,7 @@ from visionzip_core.training.deepspeed_config import (  # noqa: E402
     zero_stage,
 )
 from visionzip_core.training.export import export_final  # noqa: E402
+from visionzip_core.training.input_checks import check_global_batch  # noqa: E402
 from visionzip_core.training.metrics import MetricsLog, peak_memory_mb, truncate_jsonl  # noqa: E402
 from visionzip_core.training.modeling import (  # noqa: E402
     build_model,
@@ -122,6 +124,7 @@ def setup(settings: Settings, device: torch.device) -> Run:
     }
     if dist.is_main():
         dist.barrier()
+    check_global_batch(len(datasets["train"]), t, world, warn=dist.print0)
     pad_id = processor.tokenizer.pad_token_id
     train_loader, sampler = build_train_loader(
         datasets["train"], settings.data, t.per_device_batch_size, rank, world, pad_id
@@ -376,10 +379,15 @@ def report(run: Run, paths: dict[str, Path], seconds: float) -> None:
     dist.print0(f"  wandb:   {run.tracker.location if run.tracker else 'disabled'}")
 
 
+def _print_rank0(line: str) -> None:
+    if os.environ.get("RANK", "0") == "0":  # before the process group exists
+        print(line, file=sys.stderr, flush=True)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        settings = load_config(args.config, args.overrides)
+        settings = load_config(args.config, args.overrides, check_files=True, warn=_print_rank0)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr, flush=True)
         return 2
