@@ -2,8 +2,9 @@
 
 ``load_config(path, overrides)`` reports every problem at once in one :class:`ConfigError`:
 unknown keys (with a suggestion), wrong types, and contradictions between sections, each named
-by its dotted key (``train.save_steps``). Path existence is checked later, at build time, so a
-shipped config with placeholder paths still validates.
+by its dotted key (``train.save_steps``). What the config points at (files, folders, model
+configs) is checked only with ``check_files=True``, as the entry point does, so that a shipped
+config with placeholder paths still validates.
 
 Overrides are ``section.key=value`` strings; the value is parsed with ``yaml.safe_load`` so that
 ``train.max_steps=10`` is an int and ``visionzip.enabled=false`` a bool.
