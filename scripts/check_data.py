@@ -1,10 +1,12 @@
-"""Run the data preflight alone and list every bad sample (no model weights are loaded).
+"""Check a training config's data exactly as training would, and list every bad sample (no weights load).
 
-    python scripts/check_data.py --config configs/X.yaml --model path/to/llava-hf-folder [--image-tokens 64]
+    python scripts/check_data.py --config configs/X.yaml [section.key=value ...] [--processes N]
 
-Reads the ``data:`` section of the training YAML, checks each train and val source exactly as
-training would (same cache), prints one line per bad sample and a summary per split, and exits
-with status 1 when training would stop under the configured policy.
+Runs the trainer's own path: ``load_config`` (with the same overrides and file checks as
+``train/finetune.py``) -> ``build_processor`` (the configured VisionZip token count) -> the
+dataset preflight (same cache) -> the bad-sample policy -> the mixture and the batch check.
+Prints one line per bad sample, a summary per split, and what training would do. Exit status:
+0 training would start, 1 it would stop on the data, 2 the config itself is wrong.
 """
 
 from __future__ import annotations
@@ -13,75 +15,76 @@ import argparse
 import json
 import sys
 
-import numpy as np
-import yaml
-
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="training YAML with a data: section")
-    parser.add_argument(
-        "--model", required=True, help="folder with the tokenizer + image processor (llava-hf)"
-    )
-    parser.add_argument(
-        "--image-tokens", type=int, default=None, help="K per <image> (default: from the model)"
-    )
-    parser.add_argument("--image-token", default="<image>")
-    parser.add_argument("--max-lines", type=int, default=200, help="bad samples printed per source")
-    args = parser.parse_args(argv)
+    parser.add_argument("--config", required=True, help="training YAML (see configs/)")
+    parser.add_argument("--processes", type=int, default=1, help="processes training would use (batch check)")
+    parser.add_argument("--max-lines", type=int, default=200, help="bad samples printed per split")
+    parser.add_argument("overrides", nargs="*", help="section.key=value, as for train/finetune.py")
+    args = parser.parse_intermixed_args(argv)
 
-    from transformers import AutoConfig, AutoProcessor
+    import numpy as np
 
-    from visionzip_core.config import num_image_tokens
-    from visionzip_core.data import BadDataError, DataSettings
-    from visionzip_core.data.dataset import run_preflight
-    from visionzip_core.data.encode import Encoder
-    from visionzip_core.data.sources import load_source
-    from visionzip_core.data.validation import SkipReport, describe_sample
+    from visionzip_core.data import BadDataError
+    from visionzip_core.data.dataset import apply_policy, make_encoder, mixture_indices, preflight_split
+    from visionzip_core.training.input_checks import check_global_batch
+    from visionzip_core.training.modeling import IMAGE_TOKEN, build_processor
+    from visionzip_core.training.settings import ConfigError, load_config
 
-    with open(args.config) as f:
-        raw = yaml.safe_load(f) or {}
-    if "data" not in raw:
-        print(f"{args.config}: no data: section", file=sys.stderr)
+    try:
+        settings = load_config(args.config, args.overrides, check_files=True, warn=print)
+        processor, image_tokens = build_processor(settings)
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"config error: {err}", file=sys.stderr)
         return 2
-    settings = DataSettings(**raw["data"]).resolve_paths()
-    processor = AutoProcessor.from_pretrained(args.model)
-    k = args.image_tokens or num_image_tokens(AutoConfig.from_pretrained(args.model))
-    encoder = Encoder(
-        processor.tokenizer,
-        settings.template,
-        args.image_token,
-        k,
-        settings.model_max_length,
-        settings.system_prompt,
+    data = settings.data.resolve_paths()
+    encoder = make_encoder(data, processor.tokenizer, image_tokens, IMAGE_TOKEN)
+    print(
+        f"visual tokens per image: {image_tokens} (template {data.template}, max length {data.model_max_length})"
     )
-    failed = False
+
+    stop = None
     for split in ("train", "val"):
-        report = SkipReport(split)
-        for spec in getattr(settings, split):
-            try:
-                table, fmt = load_source(spec, settings.cache_dir)
-            except BadDataError as err:
-                print(err)
-                failed = True
-                continue
-            checked = run_preflight(table, fmt, encoder, spec, settings)
-            kinds = np.asarray(checked.data.column("kind").to_numpy(zero_copy_only=False))
-            report.total += len(kinds)
-            for n, r in enumerate(np.flatnonzero(kinds != "")):
-                rec = checked[int(r)]
-                where = f"{describe_sample(spec.path, int(r), rec['sample_id'] or None)}: {rec['reason']}"
-                report.add(rec["kind"], where)
-                if n < args.max_lines:
-                    print(f"[{rec['kind']}] {where}")
-        summary = report.as_dict()
-        print(json.dumps(summary))
-        stops = summary["skipped"] and (
-            settings.on_bad_sample == "error" or summary["fraction"] > settings.max_skip_fraction
+        if not getattr(data, split):
+            continue
+        try:
+            found = preflight_split(data, split, encoder)
+        except BadDataError as err:
+            print(err)
+            stop = stop or str(err)
+            continue
+        for kind, where in found.bad[: args.max_lines]:
+            print(f"[{kind}] {where}")
+        if len(found.bad) > args.max_lines:
+            print(f"... {len(found.bad) - args.max_lines} more")
+        print(json.dumps(found.report.as_dict()))
+        try:
+            apply_policy(found, data)
+        except BadDataError as err:
+            stop = stop or str(err)
+            continue
+        weights = [s.weight for s in getattr(data, split)]
+        _, rows = mixture_indices(found.valid_rows, weights, data.seed)
+        lengths = np.concatenate([lens[valid] for lens, valid in zip(found.lengths, found.valid_rows)])
+        with_images = int((lengths > 0).sum()) if len(lengths) else 0
+        print(
+            f"data.{split}: {len(rows)} samples per epoch after mixing ({with_images} of {len(lengths)} valid rows "
+            f"with images), longest {int(np.abs(lengths).max()) if len(lengths) else 0} tokens"
         )
-        failed = failed or bool(stops)
-    print("training would stop on this data" if failed else "data OK for training")
-    return 1 if failed else 0
+        if split == "train":
+            if len(rows) == 0:
+                stop = stop or f"data.{split}: no usable samples"
+                continue
+            try:
+                check_global_batch(len(rows), settings.train, args.processes, warn=print)
+            except ConfigError as err:
+                stop = stop or "; ".join(err.problems)
+    if stop:
+        print(f"training would stop: {stop}")
+        return 1
+    print("data OK for training")
+    return 0
 
 
 if __name__ == "__main__":

@@ -50,12 +50,17 @@ def default_image():
     return img
 
 
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     # Cheap checks before any weights load.
     missing = [p for p in args.image if not Path(p).is_file()]
     if missing:
-        sys.exit(f"error: --image not found: {', '.join(missing)}")
+        return _fail(f"--image not found: {', '.join(missing)}")
 
     import torch
     from PIL import Image
@@ -71,10 +76,17 @@ def main(argv=None) -> int:
     )
     from visionzip_core.checkpoints import resolve_model_path
     from visionzip_core.data.settings import VICUNA_V1_SYSTEM
+    from visionzip_core.weight_checks import WeightsError, load_checked
 
-    path = resolve_model_path(args.model)
+    try:
+        path = resolve_model_path(args.model)
+    except ValueError as err:
+        return _fail(f"--model: {err}")
     dtype = getattr(torch, args.dtype)
-    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype).to(args.device).eval()
+    try:
+        model = load_checked(LlavaForConditionalGeneration, path, dtype=dtype).to(args.device).eval()
+    except WeightsError as err:
+        return _fail(str(err))
     processor = LlavaProcessor.from_pretrained(path)
     recorded = read_visionzip_config(model.config)
     stock_tokens = num_image_tokens(remove_visionzip(model).config)
@@ -86,12 +98,12 @@ def main(argv=None) -> int:
         try:
             settings = VisionZipConfig(**(base | {k: v for k, v in chosen.items() if v is not None}))
         except ValueError as err:
-            sys.exit(f"error: {err}")
+            return _fail(str(err))
     if settings is not None:
         try:
             visionzip(model, config=settings)
         except ValueError as err:
-            sys.exit(f"error: {err}")
+            return _fail(str(err))
         visionzip_processor(processor, model.config)
 
     images = [Image.open(p).convert("RGB") for p in args.image] or [default_image()]

@@ -263,3 +263,54 @@ def test_settings_reject_unknown_keys():
         DataSettings(train=[{"path": "x.json"}], templat="plain")
     with pytest.raises(ValueError, match="weight"):
         DataSettings(train=[{"path": "x.json", "weight": 0}])
+
+
+def test_cached_preflight_is_not_reused_after_an_image_is_deleted(folder, tok, proc, caplog):
+    path = write(folder, "train.json", good_rows(8))
+    s = settings(folder, path)
+    assert len(build_dataset(s, "train", tok, proc, K)) == 8
+    with caplog.at_level("WARNING"):
+        assert len(build_dataset(s, "train", tok, proc, K)) == 8  # cached, nothing changed
+    assert "checking again" not in caplog.text
+    (folder / "images" / "ok2.png").unlink()
+    with pytest.raises(BadDataError, match=r"sample 2 \(id 's2'\): image file not found: .*ok2\.png"):
+        build_dataset(s, "train", tok, proc, K)
+    # skip: the rows of that image are dropped; restored, they are back
+    skip = settings(folder, path, on_bad_sample="skip", max_skip_fraction=0.5)
+    assert len(build_dataset(skip, "train", tok, proc, K)) == 6
+    Image.new("RGB", (50, 50), "white").save(folder / "images" / "ok2.png")
+    assert len(build_dataset(skip, "train", tok, proc, K)) == 8
+
+
+def test_an_image_replaced_in_place_is_checked_again(folder, tok, proc):
+    path = write(folder, "train.json", good_rows(4))
+    s = settings(folder, path)
+    assert len(build_dataset(s, "train", tok, proc, K)) == 4
+    (folder / "images" / "ok1.png").write_bytes(b"not an image any more")
+    with pytest.raises(BadDataError, match=r"sample 1 \(id 's1'\): image cannot be read"):
+        build_dataset(s, "train", tok, proc, K)
+
+
+def _epochs(ds, epochs: int, workers: int) -> int:
+    import torch
+
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=workers, collate_fn=lambda b: len(b))
+    return sum(n for _ in range(epochs) for n in loader)
+
+
+def test_skip_limit_counts_distinct_samples_across_epochs_and_workers(folder, tok, proc):
+    images = folder / "images"
+    for i in range(20):
+        Image.new("RGB", (40, 40), "red").save(images / f"n{i}.png")
+    path = write(folder, "train.json", [llava(i, image=f"n{i}.png") for i in range(20)])
+    s = settings(folder, path, on_bad_sample="skip", max_skip_fraction=0.1)  # at most 2 of 20
+    ds = build_dataset(s, "train", tok, proc, K)
+    for i in (5, 13):  # gone after the preflight: they fail while loading, every epoch
+        (images / f"n{i}.png").unlink()
+    assert _epochs(ds, epochs=3, workers=2) == 60  # replaced by the next sample, every epoch
+    assert int(ds._failed.sum()) == 2
+    (images / "n17.png").unlink()
+    with pytest.raises(
+        BadDataError, match=r"data.train: 3 of 20 samples failed to decode, more than max_skip_fraction 10"
+    ):
+        _epochs(ds, epochs=1, workers=0)

@@ -138,10 +138,15 @@ def test_bad_config_stops_the_entry_point_before_any_weights_load(tmp_path):
 
 
 def test_resume_auto_ignores_incomplete_and_interrupted_saves(tmp_path):
+    import torch
+
     for step, complete in ((2, True), (4, True), (6, False)):
         d = tmp_path / f"checkpoint-{step}"
         d.mkdir()
         if complete:
+            (d / "engine").mkdir()
+            torch.save({"module": {}}, d / "engine" / "mp_rank_00_model_states.pt")
+            (d / "trainer_state.json").write_text(json.dumps({"step": step}))
             (d / checkpointing.MARKER).write_text("ok")
     (tmp_path / "checkpoint-8.tmp-deadbeef").mkdir()
     (tmp_path / "checkpoint-8.tmp-deadbeef" / checkpointing.MARKER).write_text("renamed never happened")
@@ -169,3 +174,168 @@ def _cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+# --- what the config points at (load_config(check_files=True), as train/finetune.py calls it) ----
+
+
+def _demo(tiny_llava_dir, tmp_path, *overrides, warn=None):
+    base = [f"model.name_or_path={tiny_llava_dir}", f"train.output_dir={tmp_path / 'out'}"]
+    return load_config(REPO / "configs/demo.yaml", base + list(overrides), check_files=True, warn=warn)
+
+
+def test_the_demo_config_passes_the_file_checks_without_warnings(tiny_llava_dir, tmp_path):
+    notes = []
+    settings = _demo(tiny_llava_dir, tmp_path, warn=notes.append)
+    assert settings.visionzip.dominant == 12 and notes == []
+
+
+def test_path_model_and_schema_problems_are_one_list(tiny_llava_dir, tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "empty.json").write_text("")
+    with pytest.raises(ConfigError) as info:
+        _demo(
+            tiny_llava_dir,
+            tmp_path,
+            "train.sav_steps=1",  # a typo (schema stage)
+            f"train.output_dir={tmp_path / 'a_file'}",
+            f"data.train=[{{path: {tmp_path}/nope.json, image_folder: {tmp_path}/nodir}}, "
+            f"{{path: {tmp_path}/empty.json}}]",
+            "visionzip.dominant=60",  # 60 + 10 > 65 tokens of the tiny tower
+            "visionzip.contextual=10",
+        )
+    problems = info.value.problems
+    expected = [
+        "train.sav_steps: unknown key",
+        f"train.output_dir: {tmp_path / 'a_file'} is a file",
+        f"data.train[0].path: no such file {tmp_path}/nope.json",
+        f"data.train[0].image_folder: no such folder {tmp_path}/nodir",
+        f"data.train[1].path: {tmp_path}/empty.json is empty (0 bytes)",
+        "visionzip: dominant + contextual = 70 exceeds the 65 tokens available",
+    ]
+    for text in expected:
+        assert sum(p.startswith(text) for p in problems) == 1, (text, problems)
+    assert len(problems) == len(expected), problems
+
+
+@pytest.mark.parametrize("layer", [99, -99, 0])
+def test_feature_layer_out_of_range_is_a_config_error(tiny_llava_dir, tmp_path, layer):
+    with pytest.raises(ConfigError) as info:
+        _demo(tiny_llava_dir, tmp_path, f"visionzip.feature_layer={layer}")
+    assert info.value.problems == [
+        f"visionzip.feature_layer: {layer} is out of range for a 3-layer vision tower (allowed: 1..3 or -3..-1)"
+    ]
+
+
+def test_feature_layer_other_than_the_models_is_a_config_error(tiny_llava_dir, tmp_path):
+    with pytest.raises(
+        ConfigError, match="visionzip.feature_layer: -1 differs from the model's vision_feature_layer -2"
+    ):
+        _demo(tiny_llava_dir, tmp_path, "visionzip.feature_layer=-1")
+    assert (
+        _demo(tiny_llava_dir, tmp_path, "visionzip.feature_layer=2").visionzip.feature_layer == 2
+    )  # = -2 of 3
+
+
+def test_unknown_builtin_and_missing_model_folder(tmp_path):
+    for name, expected in (
+        ("builtin:tiny-lava", "model.name_or_path: unknown model 'builtin:tiny-lava'; built-in models:"),
+        (str(tmp_path / "nomodel"), f"model.name_or_path: no such model folder {tmp_path / 'nomodel'}"),
+    ):
+        with pytest.raises(ConfigError) as info:
+            _demo(name, tmp_path)
+        assert len(info.value.problems) == 1 and info.value.problems[0].startswith(expected), (
+            info.value.problems
+        )
+
+
+def test_settings_without_effect_are_warned_by_key(tiny_llava_dir, tmp_path):
+    notes = []
+    _demo(
+        tiny_llava_dir,
+        tmp_path,
+        "optim.lr_vision=1e-5",
+        "train.max_steps=5",
+        "train.eval_steps=2",
+        "data.val=[]",
+        warn=notes.append,
+    )
+    assert [n.split(":")[1].strip() for n in notes] == ["optim.lr_vision", "train.epochs", "train.eval_steps"]
+    notes.clear()
+    _demo(tiny_llava_dir, tmp_path, "train.mode=projector", "optim.lr_llm=1e-4", warn=notes.append)
+    assert len(notes) == 1 and notes[0].startswith("warning: optim.lr_llm: has no effect in projector mode")
+    notes.clear()
+    _demo(tiny_llava_dir, tmp_path, "train.tune_vision_tower=true", "optim.lr_vision=1e-5", warn=notes.append)
+    assert notes == []
+
+
+def test_a_global_batch_larger_than_the_data_is_an_error_and_heavy_padding_a_warning():
+    from types import SimpleNamespace
+
+    from visionzip_core.training.input_checks import check_global_batch
+
+    notes = []
+    with pytest.raises(
+        ConfigError, match=r"train.per_device_batch_size: a global batch of 1000 \(1000 x 1 x 1"
+    ):
+        check_global_batch(
+            330, SimpleNamespace(per_device_batch_size=1000, grad_accum_steps=1), 1, notes.append
+        )
+    check_global_batch(330, SimpleNamespace(per_device_batch_size=100, grad_accum_steps=2), 1, notes.append)
+    assert notes == [
+        "warning: train.per_device_batch_size: a global batch of 200 (100 x 2 x 1 processes) pads each epoch "
+        "of 330 samples to 400 by repeating 70"
+    ]
+    notes.clear()
+    check_global_batch(330, SimpleNamespace(per_device_batch_size=16, grad_accum_steps=1), 1, notes.append)
+    assert notes == []
+
+
+def test_an_empty_data_file_says_so(tmp_path):
+    from visionzip_core.data import BadDataError, DatasetSource
+    from visionzip_core.data.sources import load_source
+
+    for name, text in (("empty.json", ""), ("blank.jsonl", "\n  \n"), ("list.json", "[]")):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(BadDataError, match=f"{name}: holds no samples"):
+            load_source(DatasetSource(path=str(tmp_path / name)), str(tmp_path / "cache"))
+
+
+def _entry_point(*overrides, cache):
+    env = {**os.environ, "VISIONZIP_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "train/finetune.py", "--config", "configs/demo.yaml", *overrides],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_path_errors_at_the_entry_point_are_one_list_with_exit_2(tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    proc = _entry_point(
+        "model.name_or_path=builtin:tiny-lava",
+        f"train.output_dir={tmp_path / 'a_file'}",
+        f"data.train=[{{path: {tmp_path}/nope.json, image_folder: {tmp_path}/nodir}}]",
+        cache=tmp_path / "cache",
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "config error: 4 problem(s)" in proc.stderr, proc.stderr[-3000:]
+    for text in (
+        "model.name_or_path: unknown model",
+        "train.output_dir:",
+        "data.train[0].path:",
+        "image_folder:",
+    ):
+        assert text in proc.stderr
+
+
+def test_feature_layer_stops_the_entry_point_before_weights_load(tmp_path):
+    proc = _entry_point(
+        "visionzip.feature_layer=99", f"train.output_dir={tmp_path / 'out'}", cache=tmp_path / "cache"
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "visionzip.feature_layer: 99 is out of range" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()  # nothing written: the run never started

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 import uuid
@@ -38,6 +39,7 @@ from visionzip_core.training.deepspeed_config import (  # noqa: E402
     zero_stage,
 )
 from visionzip_core.training.export import export_final  # noqa: E402
+from visionzip_core.training.input_checks import check_global_batch  # noqa: E402
 from visionzip_core.training.metrics import MetricsLog, peak_memory_mb, truncate_jsonl  # noqa: E402
 from visionzip_core.training.modeling import (  # noqa: E402
     build_model,
@@ -52,6 +54,7 @@ from visionzip_core.training.modeling import (  # noqa: E402
 from visionzip_core.training.optimization import build_optimizer, build_scheduler  # noqa: E402
 from visionzip_core.training.settings import ConfigError, Settings, load_config  # noqa: E402
 from visionzip_core.training.tracking import WandbTracker  # noqa: E402
+from visionzip_core.weight_checks import WeightsError  # noqa: E402
 
 
 class TrainingDiverged(RuntimeError):
@@ -95,7 +98,7 @@ def setup(settings: Settings, device: torch.device) -> Run:
     seed_everything(t.seed)
     output_dir = Path(t.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    resume_from = dist.broadcast_object(checkpointing.resolve_resume(t.resume, output_dir))
+    resume_from = dist.broadcast_object(checkpointing.resolve_resume(t.resume, output_dir, warn=dist.print0))
     if dist.is_main():
         for stale in checkpointing.remove_incomplete(output_dir):
             dist.print0(f"removed incomplete checkpoint {stale} (interrupted save)")
@@ -121,6 +124,7 @@ def setup(settings: Settings, device: torch.device) -> Run:
     }
     if dist.is_main():
         dist.barrier()
+    check_global_batch(len(datasets["train"]), t, world, warn=dist.print0)
     pad_id = processor.tokenizer.pad_token_id
     train_loader, sampler = build_train_loader(
         datasets["train"], settings.data, t.per_device_batch_size, rank, world, pad_id
@@ -375,10 +379,15 @@ def report(run: Run, paths: dict[str, Path], seconds: float) -> None:
     dist.print0(f"  wandb:   {run.tracker.location if run.tracker else 'disabled'}")
 
 
+def _print_rank0(line: str) -> None:
+    if os.environ.get("RANK", "0") == "0":  # before the process group exists
+        print(line, file=sys.stderr, flush=True)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        settings = load_config(args.config, args.overrides)
+        settings = load_config(args.config, args.overrides, check_files=True, warn=_print_rank0)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr, flush=True)
         return 2
@@ -389,7 +398,7 @@ def main(argv=None) -> int:
         fit(run)
         paths = export(run)
         report(run, paths, time.perf_counter() - started)
-    except (ConfigError, BadDataError, FileNotFoundError) as e:
+    except (ConfigError, BadDataError, FileNotFoundError, checkpointing.CheckpointError, WeightsError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         code = 2
     except TrainingDiverged as e:

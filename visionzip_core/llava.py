@@ -33,6 +33,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from visionzip_core.algorithm import visionzip_compress
 from visionzip_core.capture import capture_feature_layer, check_vision_tower, resolve_feature_layer
 from visionzip_core.config import CONFIG_KEY, VisionZipConfig, num_image_tokens, read_visionzip_config
+from visionzip_core.weight_checks import load_checked
 
 SUPPORTED_MODELS = ("LlavaForConditionalGeneration", "LlavaModel")
 
@@ -186,10 +187,14 @@ def load_visionzip_model(
 
     ``trust_remote_code`` is never turned on here; pass it yourself only for code you trust.
 
+    The weights are checked first (:func:`visionzip_core.weight_checks.load_checked`): a missing,
+    unexpected or non-finite tensor, or an unreadable file, is refused instead of loaded.
+
     Raises:
+        WeightsError: unusable weights (one line naming the file and tensor).
         ValueError: the checkpoint records no VisionZip settings.
     """
-    model = LlavaForConditionalGeneration.from_pretrained(path, **from_pretrained_kwargs)
+    model = load_checked(LlavaForConditionalGeneration, path, **from_pretrained_kwargs)
     config = read_visionzip_config(model.config)
     if config is None:
         raise ValueError(

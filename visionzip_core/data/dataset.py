@@ -8,8 +8,9 @@ the dataset itself holds only two small integer arrays (source, row) and the len
 An image that passed preflight but fails to decode later (a truncated file with a valid header,
 or a file changed after the check) never reaches the model: under ``on_bad_sample: error`` the
 worker raises :class:`BadDataError`; under ``skip`` the item is replaced by the next sample in
-index order that decodes, a warning names the file, and the worker stops with
-:class:`BadDataError` once it has replaced more than ``max_skip_fraction`` of the split. Use
+index order that decodes, a warning names the file, and loading stops with
+:class:`BadDataError` once more than ``max_skip_fraction`` of the split's distinct samples
+failed (counted once each, across epochs and the loader's worker processes of this rank). Use
 ``check_images: decode`` to catch such files in preflight instead.
 """
 
@@ -58,9 +59,11 @@ def preflight_row(
     ``length`` is the token count after image expansion, negative for text-only samples.
     """
     sample_id = None
+    files: list[str] = []
     try:
         sample_id = sample_id_of(row)
         conv = to_conversation(row, fmt, encoder.image_token)
+        files = [resolve_image_path(image, image_folder) for image in conv.images]
         check_roles(conv.turns, encoder.template)
         n_placeholders = sum(text.count(encoder.image_token) for _, text in conv.turns)
         if n_placeholders != len(conv.images):
@@ -68,13 +71,28 @@ def preflight_row(
                 "placeholder_mismatch",
                 f"{n_placeholders} {encoder.image_token} placeholder(s) for {len(conv.images)} image(s)",
             )
-        for image in conv.images:
-            check_image_file(resolve_image_path(image, image_folder), decode)
+        for path in files:
+            check_image_file(path, decode)
         ids, _ = encoder(conv.turns, len(conv.images))
         length = len(ids) if conv.images else -len(ids)
-        return {"kind": "", "reason": "", "length": length, "sample_id": sample_id or ""}
+        result = {"kind": "", "reason": "", "length": length}
     except SampleError as err:
-        return {"kind": err.kind, "reason": err.reason, "length": 0, "sample_id": sample_id or ""}
+        result = {"kind": err.kind, "reason": err.reason, "length": 0}
+    return result | {"sample_id": sample_id or "", "image_files": files, "image_stamps": file_stamps(files)}
+
+
+def file_stamps(paths: list[str]) -> list[int]:
+    """One number per file that changes when the file is replaced, edited, deleted or restored:
+    a hash of (size, mtime in ns), or -1 when it cannot be stat-ed."""
+    out = []
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except OSError:
+            out.append(-1)
+            continue
+        out.append(hash((st.st_size, st.st_mtime_ns)) & 0x7FFF_FFFF_FFFF_FFFF)
+    return out
 
 
 def mixture_indices(
@@ -115,7 +133,9 @@ class VisionLanguageDataset(torch.utils.data.Dataset):
         self.on_bad_sample = settings.on_bad_sample
         self.max_skip_fraction = settings.max_skip_fraction
         self.skip_report = report.as_dict()
-        self._decode_failures = 0  # per worker process
+        # Which items failed to decode, shared by the loader's worker processes and kept across
+        # epochs: the skip limit counts distinct samples, not every retry of the same file.
+        self._failed = torch.zeros(len(row_of), dtype=torch.bool).share_memory_()
 
     def __len__(self) -> int:
         return len(self._row_of)
@@ -142,13 +162,14 @@ class VisionLanguageDataset(torch.utils.data.Dataset):
             except _DecodeFailure as failure:
                 if self.on_bad_sample == "error":
                     raise BadDataError(f"{self.describe(j)}: {failure}") from None
-                self._decode_failures += 1
-                logger.warning("%s: %s; using the next sample instead", self.describe(j), failure)
-                if self._decode_failures > max(1, self.max_skip_fraction * len(self)):
+                if not self._failed[j]:
+                    self._failed[j] = True
+                    logger.warning("%s: %s; using the next sample instead", self.describe(j), failure)
+                failed = int(self._failed.sum())
+                if failed > max(1, self.max_skip_fraction * len(self)):
                     raise BadDataError(
-                        f"data.{self.split}: {self._decode_failures} images failed to decode in one "
-                        f"worker, more than max_skip_fraction {self.max_skip_fraction:.2%}; last: "
-                        f"{self.describe(j)}: {failure}"
+                        f"data.{self.split}: {failed} of {len(self)} samples failed to decode, more than "
+                        f"max_skip_fraction {self.max_skip_fraction:.2%}; last: {self.describe(j)}: {failure}"
                     ) from None
         raise BadDataError(f"data.{self.split}: no sample could be loaded")
 
@@ -177,6 +198,68 @@ class _DecodeFailure(Exception):
     pass
 
 
+@dataclass
+class Preflight:
+    """What the preflight found in one split, before the bad-sample policy is applied.
+
+    ``bad`` lists every bad sample as ``(kind, "<file>: sample <i> (id ..): <reason>")``, in file
+    order; ``valid_rows[s]`` and ``lengths[s]`` are per source ``s`` (lengths of every row).
+    """
+
+    split: str
+    encoder: Encoder
+    sources: list[_Source]
+    valid_rows: list[np.ndarray]
+    lengths: list[np.ndarray]
+    report: SkipReport
+    bad: list[tuple[str, str]]
+
+
+def make_encoder(settings: DataSettings, tokenizer, image_tokens_per_image: int, image_token: str) -> Encoder:
+    return Encoder(
+        tokenizer=tokenizer,
+        template=settings.template,
+        image_token=image_token,
+        image_tokens_per_image=image_tokens_per_image,
+        model_max_length=settings.model_max_length,
+        system_prompt=settings.system_prompt,
+    )
+
+
+def preflight_split(settings: DataSettings, split: str, encoder: Encoder) -> Preflight:
+    """Load and check every source of ``split`` (paths already absolute); no policy applied."""
+    specs = getattr(settings, split)
+    if not specs:
+        raise ValueError(f"data.{split} is empty")
+    report = SkipReport(split)
+    found = Preflight(split, encoder, [], [], [], report, [])
+    for spec in specs:
+        table, fmt = load_source(spec, settings.cache_dir)
+        checked = run_preflight(table, fmt, encoder, spec, settings)
+        kinds = np.asarray(checked.data.column("kind").to_numpy(zero_copy_only=False))
+        bad = np.flatnonzero(kinds != "")
+        report.total += len(kinds)
+        for r in bad:
+            rec = checked[int(r)]
+            where = f"{describe_sample(spec.path, int(r), rec['sample_id'] or None)}: {rec['reason']}"
+            report.add(rec["kind"], where)
+            found.bad.append((rec["kind"], where))
+        found.sources.append(_Source(spec, table, fmt))
+        found.valid_rows.append(np.flatnonzero(kinds == ""))
+        found.lengths.append(np.asarray(checked.data.column("length").to_numpy(), dtype=np.int64))
+    return found
+
+
+def apply_policy(found: Preflight, settings: DataSettings) -> None:
+    """Raise :class:`BadDataError` where training stops: the first bad sample under ``error``,
+    more than ``max_skip_fraction`` bad under ``skip``."""
+    if found.bad and settings.on_bad_sample == "error":
+        n = len(found.bad)
+        more = f" (+{n - 1} more bad samples; scripts/check_data.py lists them)" if n > 1 else ""
+        raise BadDataError(found.bad[0][1] + more)
+    found.report.enforce(settings.max_skip_fraction)
+
+
 def build_dataset(
     settings: DataSettings,
     split: str,
@@ -196,74 +279,89 @@ def build_dataset(
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     settings = settings.resolve_paths(base_dir)
-    specs = getattr(settings, split)
-    if not specs:
-        raise ValueError(f"data.{split} is empty")
-    encoder = Encoder(
-        tokenizer=tokenizer,
-        template=settings.template,
-        image_token=image_token,
-        image_tokens_per_image=image_tokens_per_image,
-        model_max_length=settings.model_max_length,
-        system_prompt=settings.system_prompt,
-    )
-    report = SkipReport(split)
-    sources, valid_rows, lengths, first_bad, n_bad = [], [], [], None, 0
-    for spec in specs:
-        table, fmt = load_source(spec, settings.cache_dir)
-        checked = run_preflight(table, fmt, encoder, spec, settings)
-        kinds = np.asarray(checked.data.column("kind").to_numpy(zero_copy_only=False))
-        bad = np.flatnonzero(kinds != "")
-        report.total += len(kinds)
-        n_bad += len(bad)
-        for r in bad:
-            rec = checked[int(r)]
-            where = f"{describe_sample(spec.path, int(r), rec['sample_id'] or None)}: {rec['reason']}"
-            report.add(rec["kind"], where)
-            if first_bad is None:
-                first_bad = where
-        valid = np.flatnonzero(kinds == "")
-        sources.append(_Source(spec, table, fmt))
-        valid_rows.append(valid)
-        lengths.append(np.asarray(checked.data.column("length").to_numpy(), dtype=np.int64))
-
-    if first_bad is not None and settings.on_bad_sample == "error":
-        more = f" (+{n_bad - 1} more bad samples; scripts/check_data.py lists them)" if n_bad > 1 else ""
-        raise BadDataError(first_bad + more)
-    report.enforce(settings.max_skip_fraction)
+    encoder = make_encoder(settings, tokenizer, image_tokens_per_image, image_token)
+    found = preflight_split(settings, split, encoder)
+    apply_policy(found, settings)
+    report = found.report
     if report.skipped:
         logger.warning(
             "data.%s: skipped %d bad samples: %s", split, report.skipped, report.as_dict()["by_kind"]
         )
-
-    source_of, row_of = mixture_indices(valid_rows, [s.weight for s in specs], settings.seed)
+    specs = getattr(settings, split)
+    source_of, row_of = mixture_indices(found.valid_rows, [s.weight for s in specs], settings.seed)
     if len(row_of) == 0:
         raise BadDataError(f"data.{split}: no usable samples")
     per_item = np.empty(len(row_of), dtype=np.int64)
-    for s, lens in enumerate(lengths):
+    for s, lens in enumerate(found.lengths):
         mask = source_of == s
         per_item[mask] = lens[row_of[mask]]
     transform = ImageTransform(image_processor, settings.image_aspect_ratio)
     return VisionLanguageDataset(
-        split, sources, source_of, row_of, per_item, encoder, transform, settings, report
+        split, found.sources, source_of, row_of, per_item, encoder, transform, settings, report
+    )
+
+
+def _preflight_features():
+    import datasets
+
+    return datasets.Features(
+        {
+            "kind": datasets.Value("string"),
+            "reason": datasets.Value("string"),
+            "length": datasets.Value("int64"),
+            "sample_id": datasets.Value("string"),
+            "image_files": datasets.List(datasets.Value("string")),
+            "image_stamps": datasets.List(datasets.Value("int64")),
+        }
     )
 
 
 def run_preflight(table, fmt: str, encoder: Encoder, spec: DatasetSource, settings: DataSettings):
-    """``datasets.map`` of :func:`preflight_row` over one source; cached by the datasets fingerprint."""
+    """``datasets.map`` of :func:`preflight_row` over one source, cached by the datasets fingerprint.
+
+    The fingerprint covers the data file and the check's settings, not the images: a cached
+    result is reused only while every image it checked still has the size and mtime it had
+    (one ``stat`` per image), else the whole source is checked again.
+    """
     num_proc = settings.preflight_num_proc
     if num_proc is None and len(table) >= _PARALLEL_PREFLIGHT_ROWS:
         num_proc = max(1, min(8, os.cpu_count() or 1))
-    return table.map(
-        preflight_row,
-        with_indices=True,
-        fn_kwargs={
-            "fmt": fmt,
-            "encoder": encoder,
-            "image_folder": spec.image_folder,
-            "decode": settings.check_images == "decode",
-        },
-        remove_columns=table.column_names,
-        num_proc=num_proc if num_proc and num_proc > 1 else None,
-        desc=f"preflight {spec.label}",
-    )
+
+    def check(fresh: bool):
+        return table.map(
+            preflight_row,
+            with_indices=True,
+            fn_kwargs={
+                "fmt": fmt,
+                "encoder": encoder,
+                "image_folder": spec.image_folder,
+                "decode": settings.check_images == "decode",
+            },
+            remove_columns=table.column_names,
+            features=_preflight_features(),
+            num_proc=num_proc if num_proc and num_proc > 1 else None,
+            load_from_cache_file=not fresh,
+            desc=f"preflight {spec.label}",
+        )
+
+    checked = check(fresh=False)
+    changed = changed_images(checked)
+    if changed:
+        logger.warning(
+            "%s: %d image(s) changed since the cached preflight (e.g. %s); checking again",
+            spec.path,
+            len(changed),
+            changed[0],
+        )
+        checked = check(fresh=True)
+    return checked
+
+
+def changed_images(checked) -> list[str]:
+    """Image files whose size/mtime differ from what the preflight recorded (deleted ones included)."""
+    import pyarrow.compute as pc
+
+    files = pc.list_flatten(checked.data.column("image_files")).to_pylist()
+    recorded = pc.list_flatten(checked.data.column("image_stamps")).to_numpy(zero_copy_only=False)
+    now = np.asarray(file_stamps(files), dtype=np.int64)
+    return [files[i] for i in np.flatnonzero(now != recorded)]

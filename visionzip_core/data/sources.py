@@ -52,6 +52,8 @@ def load_source(source: DatasetSource, cache_dir: str | None = None):
         located = locate_json_error(path)
         if located is not None:
             raise BadDataError(f"{path}: malformed JSON at {located}") from exc
+        if "corresponds to no data" in str(exc) or not _one_line(exc):  # datasets' words for an empty file
+            raise BadDataError(f"{path}: holds no samples (empty file or empty list)") from exc
         raise BadDataError(f"{path}: could not be read as JSON/JSONL: {_one_line(exc)}") from exc
     columns = set(ds.column_names)
     fmt = source.format

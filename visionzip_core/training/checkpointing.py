@@ -11,6 +11,14 @@ Writes go to ``checkpoint-N.tmp-<nonce>``; after every rank has written and flus
 rank 0 writes the marker and renames the folder. A kill at any moment leaves either the previous
 complete checkpoints or a ``.tmp-`` folder that ``resume: auto`` ignores (and removes).
 Assumes ``output_dir`` is on a file system every rank sees (as DeepSpeed does).
+
+Every ``.pt`` file is read with ``torch.load(weights_only=True)``: DeepSpeed's own loader unpickles
+with ``weights_only=False``, which runs whatever code a crafted file carries, so the engine
+instance's checkpoint engine is adapted to the restricted unpickler (allowing only the few
+DeepSpeed classes its state holds, for the duration of the load). A checkpoint is verified
+(every file opened that way, tensor data memory-mapped, not read) before the engine touches it:
+``resume: auto`` falls back to the previous complete checkpoint when a file is truncated or
+unreadable, and refuses outright a file holding anything but tensors and that state.
 """
 
 from __future__ import annotations
@@ -20,6 +28,9 @@ import os
 import random
 import re
 import shutil
+import types
+import zipfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -31,6 +42,85 @@ from visionzip_core.training import distributed as dist
 MARKER = "COMPLETE"
 ENGINE_TAG = "engine"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used; the message is one line naming the file.
+
+    ``unsafe`` is True when the file holds objects other than tensors and DeepSpeed's state
+    (never fallen back from: someone wrote it on purpose).
+    """
+
+    def __init__(self, message: str, unsafe: bool = False):
+        super().__init__(message)
+        self.unsafe = unsafe
+
+
+def _deepspeed_safe_globals() -> list:
+    """Classes DeepSpeed pickles into its own states; plain data (no code runs when rebuilt)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, fragment_address, LossScaler, DynamicLossScaler]
+
+
+def safe_torch_load(path: str | os.PathLike, map_location=None, mmap: bool = False):
+    """``torch.load(weights_only=True)`` that also admits DeepSpeed's state classes.
+
+    Raises :class:`CheckpointError` (one line naming ``path``): ``unsafe`` when the file holds any
+    other object, otherwise for a truncated, corrupt or unreadable file.
+    """
+    import pickle
+
+    try:
+        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        text = " ".join(str(err).split())
+        found = re.search(r"(?:unsupported GLOBAL|Unsupported global: GLOBAL) (\S+)", text)
+        if "Weights only load failed" in text or found:
+            what = found.group(1).rstrip(".,") if found else "a non-tensor object"
+            raise CheckpointError(
+                f"{path}: refused to load: it holds {what}, not only tensors and DeepSpeed's state "
+                "(checkpoints are never unpickled with code)",
+                unsafe=True,
+            ) from None
+        raise CheckpointError(f"{path}: cannot be read (corrupt): {text[:200]}") from None
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
+    except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile, KeyError) as err:
+        text = " ".join(str(err).split())[:200]
+        raise CheckpointError(
+            f"{path}: cannot be read (truncated or corrupt): {text.split('. ')[0]}"
+        ) from None
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Open every file of checkpoint ``path`` the way resume will (tensors mapped, not read).
+
+    Raises :class:`CheckpointError` naming the first file that cannot be used.
+    """
+    state_file = path / "trainer_state.json"
+    try:
+        TrainerState(**json.loads(state_file.read_text()))
+    except (OSError, ValueError, TypeError) as err:
+        raise CheckpointError(f"{state_file}: cannot be read: {' '.join(str(err).split())[:200]}") from None
+    files = sorted((path / ENGINE_TAG).glob("*.pt")) + sorted(path.glob("rng_state_rank*.pt"))
+    if not list((path / ENGINE_TAG).glob("*model_states.pt")):
+        raise CheckpointError(f"{path / ENGINE_TAG}: no model states file")
+    for f in files:
+        safe_torch_load(f, map_location="cpu", mmap=True)
+
+
+def use_safe_loading(engine) -> None:
+    """Make this engine instance read checkpoint files with :func:`safe_torch_load` (no class patched)."""
+    checkpoint_engine = engine.checkpoint_engine
+
+    def load(self, path: str, map_location=None):
+        return safe_torch_load(path, map_location=map_location)
+
+    checkpoint_engine.load = types.MethodType(load, checkpoint_engine)
 
 
 @dataclass
@@ -59,16 +149,37 @@ def complete_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def resolve_resume(resume: str, output_dir: str | os.PathLike) -> Path | None:
-    """The checkpoint to resume from: ``auto`` = latest complete one (or None), ``never``, or a path."""
+def resolve_resume(
+    resume: str, output_dir: str | os.PathLike, warn: Callable[[str], None] = print
+) -> Path | None:
+    """The checkpoint to resume from: ``auto`` = latest complete one (or None), ``never``, or a path.
+
+    Each candidate is verified (:func:`verify_checkpoint`). Under ``auto`` an unreadable one is
+    passed over with a warning for the previous complete checkpoint; a named path must verify.
+    Raises :class:`CheckpointError` for a file holding code, or when no candidate verifies.
+    """
     if resume == "never":
         return None
     if resume == "auto":
         found = complete_checkpoints(output_dir)
-        return found[-1] if found else None
+        for i, path in enumerate(reversed(found)):
+            try:
+                verify_checkpoint(path)
+                return path
+            except CheckpointError as err:
+                if err.unsafe:
+                    raise
+                older = found[-2 - i] if i + 1 < len(found) else None
+                if older is None:
+                    raise CheckpointError(
+                        f"train.resume: {err}; no older complete checkpoint to resume"
+                    ) from None
+                warn(f"warning: {err}; resuming from the previous checkpoint {older} instead")
+        return None
     path = Path(resume)
     if not (path / MARKER).is_file():
         raise FileNotFoundError(f"train.resume: {path} is not a complete checkpoint (no {MARKER} marker)")
+    verify_checkpoint(path)
     return path
 
 
@@ -167,6 +278,11 @@ def load_checkpoint(engine, path: Path) -> TrainerState:
             f"train.resume: {path} was written by {state.world_size} processes; resume it with "
             f"{state.world_size} (this run has {dist.world_size()}) so that the data position stays exact"
         )
+    if engine.load_universal_checkpoint():
+        # DeepSpeed's universal-checkpoint reader unpickles with weights_only=False outside the
+        # checkpoint engine; it is not used by this trainer's own checkpoints.
+        raise CheckpointError(f"{path}: universal checkpoints are not supported; remove load_universal")
+    use_safe_loading(engine)
     load_path, _ = engine.load_checkpoint(
         str(path),
         tag=ENGINE_TAG,
@@ -180,4 +296,4 @@ def load_checkpoint(engine, path: Path) -> TrainerState:
 
 
 def restore_rng(path: Path) -> None:
-    set_rng_state(torch.load(path / f"rng_state_rank{dist.rank()}.pt", weights_only=True))
+    set_rng_state(safe_torch_load(path / f"rng_state_rank{dist.rank()}.pt"))

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from visionzip_core.training.settings import ConfigError, Settings
+from visionzip_core.weight_checks import check_loading_info
 
 IMAGE_TOKEN = "<image>"
 PROJECTOR = "multi_modal_projector"
@@ -137,9 +138,13 @@ def build_model(settings: Settings, dtype: torch.dtype, processor, for_export: b
             kwargs,
         )
     else:
-        model = LlavaForConditionalGeneration.from_pretrained(
-            model_path(m.name_or_path, "model.name_or_path"), **kwargs
-        )
+        path = model_path(m.name_or_path, "model.name_or_path")
+        if not for_export:  # export builds on rank 0 alone: no collective there; the files were checked
+            check_weight_files(path)
+        model, info = LlavaForConditionalGeneration.from_pretrained(
+            path, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
+        )  # mismatched shapes are refused below, naming the tensor
+        check_loading_info(info, path)
     if settings.visionzip.enabled:
         visionzip(model, config=settings.visionzip.core())
     model.config.use_cache = False
@@ -150,6 +155,26 @@ def build_model(settings: Settings, dtype: torch.dtype, processor, for_export: b
     if settings.train.mode == "lora":
         model = wrap_lora(model, settings)
     return BuiltModel(model=model, image_tokens_per_image=num_image_tokens(model.config))
+
+
+def check_weight_files(path: str) -> None:
+    """Refuse unreadable or non-finite safetensors in ``path`` before they load.
+
+    Rank 0 streams the files once and every rank raises the same :class:`WeightsError`, so a bad
+    file stops all processes together instead of leaving some waiting in a collective.
+    """
+    from visionzip_core.training import distributed as dist
+    from visionzip_core.weight_checks import WeightsError, check_model_files
+
+    problem = None
+    if dist.is_main():
+        try:
+            check_model_files(path)
+        except WeightsError as err:
+            problem = str(err)
+    problem = dist.broadcast_object(problem)
+    if problem is not None:
+        raise WeightsError(problem)
 
 
 def assemble_processor(vision_path: str, llm_path: str, trust_remote_code: bool):

@@ -2,8 +2,9 @@
 
 ``load_config(path, overrides)`` reports every problem at once in one :class:`ConfigError`:
 unknown keys (with a suggestion), wrong types, and contradictions between sections, each named
-by its dotted key (``train.save_steps``). Path existence is checked later, at build time, so a
-shipped config with placeholder paths still validates.
+by its dotted key (``train.save_steps``). What the config points at (files, folders, model
+configs) is checked only with ``check_files=True``, as the entry point does, so that a shipped
+config with placeholder paths still validates.
 
 Overrides are ``section.key=value`` strings; the value is parsed with ``yaml.safe_load`` so that
 ``train.max_steps=10`` is an int and ``visionzip.enabled=false`` a bool.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -339,8 +341,19 @@ def _bf16_gpu() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
-def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> Settings:
-    """Read, override and validate a training YAML. Raises :class:`ConfigError` listing every problem."""
+def load_config(
+    path: str | os.PathLike,
+    overrides: list[str] | tuple[str, ...] = (),
+    check_files: bool = False,
+    warn: Callable[[str], None] | None = None,
+) -> Settings:
+    """Read, override and validate a training YAML. Raises :class:`ConfigError` listing every problem.
+
+    ``check_files`` also checks what the config points at (data files, image folders, model
+    folders and their config.json, output_dir; see :mod:`~visionzip_core.training.input_checks`)
+    and joins those problems to the same list; ``warn`` receives settings that have no effect.
+    Off by default so that shipped configs with placeholder paths validate.
+    """
     source = str(path)
     try:
         raw = yaml.safe_load(Path(path).read_text())
@@ -383,6 +396,13 @@ def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
             except ValidationError:
                 pass
     problems += _contradictions(sections, raw)
+    if check_files:
+        from visionzip_core.training.input_checks import check_inputs
+
+        found, notes = check_inputs(sections, raw, known_problems=bool(problems))
+        problems += [p for p in found if p not in problems]
+        for note in notes if warn is not None else ():
+            warn(f"warning: {note}")
     if problems:
         raise ConfigError(source, problems)
     return Settings(**sections)

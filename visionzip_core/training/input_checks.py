@@ -1,0 +1,209 @@
+"""Checks of what a training config points at, before any weights load: files, folders, model configs.
+
+:func:`check_inputs` reads only small files (``config.json``, directory entries), never weights
+or samples. It returns ``(problems, warnings)``, each line naming its dotted key, so that
+:func:`~visionzip_core.training.settings.load_config` reports them in one list together with
+the schema problems (a typo and a split that does not fit the tower are both reported at once).
+Warnings name settings that have no effect in the chosen mode.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+
+def check_inputs(
+    sections: dict[str, Any], raw: dict, known_problems: bool = False
+) -> tuple[list[str], list[str]]:
+    """``(problems, warnings)`` for the sections that validated (``sections``) and the raw YAML.
+
+    ``known_problems``: the schema stage already found some; nothing is built then.
+    """
+    problems: list[str] = []
+    warnings: list[str] = []
+    model, train, data, vz = (sections.get(k) for k in ("model", "train", "data", "visionzip"))
+    if data is not None:
+        problems += _data_paths(data)
+    if train is not None:
+        problems += _output_dir(train.output_dir)
+    if model is not None and train is not None:
+        # A builtin: test model is built on first use; not for a config that is already wrong.
+        tower = _model_folders(model, train.mode, problems, build=not known_problems)
+        if tower is not None and vz is not None and vz.enabled:
+            problems += _visionzip_fits(vz, *tower)
+    if train is not None:
+        warnings += _no_effect(sections, raw)
+    return problems, warnings
+
+
+def _data_paths(data) -> list[str]:
+    problems = []
+    resolved = data.resolve_paths(check=False)
+    for split in ("train", "val"):
+        for i, src in enumerate(getattr(resolved, split)):
+            key = f"data.{split}[{i}]"
+            path = Path(src.path)
+            if not path.exists():
+                problems.append(f"{key}.path: no such file {path}")
+            elif not path.is_file():
+                problems.append(f"{key}.path: {path} is a folder; give the .json/.jsonl file")
+            elif path.stat().st_size == 0:
+                problems.append(f"{key}.path: {path} is empty (0 bytes)")
+            elif not os.access(path, os.R_OK):
+                problems.append(f"{key}.path: {path} is not readable (permissions)")
+            if src.image_folder is not None:
+                folder = Path(src.image_folder)
+                if not folder.exists():
+                    problems.append(f"{key}.image_folder: no such folder {folder}")
+                elif not folder.is_dir():
+                    problems.append(f"{key}.image_folder: {folder} is a file, not a folder")
+    return problems
+
+
+def _output_dir(output_dir: str) -> list[str]:
+    path = Path(os.path.expanduser(output_dir))
+    if path.exists() and not path.is_dir():
+        return [f"train.output_dir: {path} is a file; give a folder"]
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return [f"train.output_dir: {existing} is a file, so {path} cannot be created"]
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return [f"train.output_dir: cannot write in {existing} (permissions)"]
+    return []
+
+
+def _model_folders(model, mode: str, problems: list[str], build: bool) -> tuple[Any, int] | None:
+    """Checks each model folder; returns ``(vision config, feature layer the model reads)`` or None."""
+    keys = ("vision_tower", "language_model") if mode == "pretrain" else ("name_or_path",)
+    configs = {}
+    for key in keys:
+        name = getattr(model, key)
+        if not name:
+            continue  # reported by the schema stage
+        path = _model_folder(name, f"model.{key}", problems, build)
+        if path is None:
+            continue
+        try:
+            from transformers import AutoConfig
+
+            configs[key] = AutoConfig.from_pretrained(path, trust_remote_code=model.trust_remote_code)
+        except Exception as err:  # a broken config.json: JSONDecodeError, ValueError, OSError, KeyError
+            problems.append(
+                f"model.{key}: cannot read {path}/config.json ({' '.join(str(err).split())[:200]})"
+            )
+    if mode == "pretrain":
+        cfg = configs.get("vision_tower")
+        if cfg is None:
+            return None
+        return getattr(cfg, "vision_config", cfg), -2  # assembled with LLaVA-1.5's feature layer
+    cfg = configs.get("name_or_path")
+    if cfg is None:
+        return None
+    if not hasattr(cfg, "vision_config") or not hasattr(cfg, "vision_feature_layer"):
+        problems.append(
+            f"model.name_or_path: {model.name_or_path} is a {type(cfg).__name__}, not a LLaVA checkpoint "
+            "(llava-hf layout)"
+        )
+        return None
+    return cfg.vision_config, cfg.vision_feature_layer
+
+
+def _model_folder(name: str, key: str, problems: list[str], build: bool) -> str | None:
+    from visionzip_core.checkpoints import BUILTIN_PREFIX, BUILTINS, cache_root, resolve_model_path
+
+    key_name = name[len(BUILTIN_PREFIX) :] if name.startswith(BUILTIN_PREFIX) else None
+    if key_name is not None and not build and not (cache_root() / "builtin" / key_name).is_dir():
+        if key_name not in BUILTINS:
+            problems.append(
+                f"{key}: unknown model {name!r}; built-in models: "
+                + ", ".join(BUILTIN_PREFIX + k for k in BUILTINS)
+            )
+        return None
+    try:
+        path = Path(resolve_model_path(name))
+    except ValueError as err:  # an unknown builtin: name
+        problems.append(f"{key}: {err}")
+        return None
+    if not path.is_dir():
+        problems.append(f"{key}: no such model folder {path} (edit the config or override {key}=/path)")
+        return None
+    if not (path / "config.json").is_file():
+        problems.append(f"{key}: {path} has no config.json (not a transformers model folder)")
+        return None
+    return str(path)
+
+
+def _visionzip_fits(vz, vision_config, model_layer) -> list[str]:
+    from visionzip_core.capture import resolve_feature_layer
+
+    problems = []
+    num_layers = vision_config.num_hidden_layers
+    try:
+        chosen = resolve_feature_layer(vz.feature_layer, num_layers)
+        if isinstance(model_layer, int) and chosen != resolve_feature_layer(model_layer, num_layers):
+            problems.append(
+                f"visionzip.feature_layer: {vz.feature_layer} differs from the model's vision_feature_layer "
+                f"{model_layer}, the layer its projector reads; use {model_layer}"
+            )
+    except ValueError as err:
+        problems.append(str(err).replace("visionzip.feature_layer=", "visionzip.feature_layer: "))
+    stock = (vision_config.image_size // vision_config.patch_size) ** 2 + 1  # patches + CLS
+    try:
+        vz.core().check_fits(stock)
+    except ValueError as err:
+        problems.append(str(err))
+    return problems
+
+
+def _given(raw: dict, section: str, key: str) -> bool:
+    return isinstance(raw.get(section), dict) and key in raw[section]
+
+
+def _no_effect(sections: dict[str, Any], raw: dict) -> list[str]:
+    train, optim, data = sections.get("train"), sections.get("optim"), sections.get("data")
+    out = []
+    if optim is not None:
+        if _given(raw, "optim", "lr_vision") and optim.lr_vision > 0 and not train.tune_vision_tower:
+            out.append(
+                "optim.lr_vision: has no effect without train.tune_vision_tower=true (the vision tower is frozen)"
+            )
+        if _given(raw, "optim", "lr_llm") and optim.lr_llm > 0 and train.mode in ("projector", "pretrain"):
+            out.append(f"optim.lr_llm: has no effect in {train.mode} mode (the LLM is frozen)")
+    if _given(raw, "train", "epochs") and train.epochs is not None and train.max_steps is not None:
+        out.append(f"train.epochs: ignored, train.max_steps={train.max_steps} sets the length")
+    if train.eval_steps is not None and data is not None and not data.val:
+        out.append("train.eval_steps: no data.val sources, so no validation runs")
+    return out
+
+
+def check_global_batch(num_samples: int, train, world: int, warn) -> None:
+    """Refuse a global batch larger than the training split; warn when padding repeats many samples.
+
+    The sampler pads each epoch to a multiple of the global batch by repeating samples, so a
+    batch of 1000 on 330 samples would train on every sample three times per step.
+
+    Raises:
+        ConfigError: the global batch exceeds ``num_samples``.
+    """
+    from visionzip_core.training.settings import ConfigError
+
+    batch = train.per_device_batch_size * train.grad_accum_steps * world
+    shape = f"{train.per_device_batch_size} x {train.grad_accum_steps} x {world} processes"
+    if batch > num_samples:
+        raise ConfigError(
+            "the config, for its data",
+            [
+                f"train.per_device_batch_size: a global batch of {batch} ({shape}) exceeds the "
+                f"{num_samples} samples of data.train; lower it (or train.grad_accum_steps)"
+            ],
+        )
+    padded = -(-num_samples // batch) * batch
+    if padded - num_samples > 0.1 * num_samples:
+        warn(
+            f"warning: train.per_device_batch_size: a global batch of {batch} ({shape}) pads each epoch of "
+            f"{num_samples} samples to {padded} by repeating {padded - num_samples}"
+        )
