@@ -483,12 +483,14 @@ def report(run: Run, paths: dict[str, Path], seconds: float) -> None:
 def claim_output_dir(settings: Settings) -> output_lock.OutputLock | None:
     """One writer per output folder: rank 0 locks it before anything is written; every rank learns
     the outcome. ALL RANKS must call this."""
-    lock, refusal = None, None
+    lock, refusal, folder = None, None, settings.train.output_dir
     if dist.is_main():
         try:
-            lock = output_lock.acquire(Path(settings.train.output_dir))
+            lock = output_lock.acquire(Path(folder))
         except output_lock.OutputDirLocked as e:
             refusal = str(e)
+        except OSError as e:  # e.g. a file in the way, no permission: say so on every rank, no hang
+            refusal = f"train.output_dir: cannot use {folder} ({e.strerror or e})"
     refusal = dist.broadcast_object(refusal)
     if refusal:
         raise output_lock.OutputDirLocked(refusal)
@@ -515,13 +517,10 @@ def main(argv=None) -> int:
         report(run, paths, time.perf_counter() - started)
     except resume.RunFinished as e:
         dist.print0(str(e))
-    except (
-        ConfigError,
-        BadDataError,
-        FileNotFoundError,
-        resume.ResumeError,
-        output_lock.OutputDirLocked,
-    ) as e:
+    except (resume.ResumeError, output_lock.OutputDirLocked) as e:  # the same on every rank
+        dist.print0(f"error: {e}", file=sys.stderr)
+        code = 2
+    except (ConfigError, BadDataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         code = 2
     except TrainingDiverged as e:

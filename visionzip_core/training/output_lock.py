@@ -32,7 +32,7 @@ LOCK_FILE = ".lock"
 
 
 class OutputDirLocked(RuntimeError):
-    """Another live run holds ``output_dir``."""
+    """Another live run holds ``output_dir`` (or the folder cannot be created or locked at all)."""
 
 
 class OutputLock:

@@ -161,7 +161,8 @@ def check_resume_settings(
             why = _layout_reason(key)
             note = f" (cannot change on resume: {why})" if why else ""
             lines.append(f"  - {key}: {_show(before)} in the checkpoint, {_show(after)} now{note}")
-        changeable = [k for k, _, _ in refused if _layout_reason(k) is None]
+        # data.train[0].weight -> data.train: brackets do not survive a YAML flow list on the command line
+        changeable = list(dict.fromkeys(k.split("[")[0] for k, _, _ in refused if _layout_reason(k) is None))
         hint = "Keep the checkpoint's values, or start a fresh run in a new train.output_dir"
         if changeable:
             hint += f"; to change them deliberately: train.resume_allow_changes=[{','.join(changeable)}]"
