@@ -212,3 +212,15 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_says_so(tiny_llava_dir, t
         assert f"resumed from {out}/checkpoint-2" in proc.stdout and (out / "final").is_dir()
     finally:
         subprocess.run(["umount", str(disk)], capture_output=True)
+
+
+def test_two_processes_refuse_a_changed_world_size_once_and_finish_cleanly(tiny_llava_dir, tmp_path):
+    out = tmp_path / "run"
+    args = _base(tiny_llava_dir, out) + ["train.max_steps=3", "train.per_device_batch_size=2"]
+    train(args, launcher="torchrun2")
+    assert (out / "checkpoint-3/COMPLETE").is_file()
+    proc = train(args, expect=2)  # one process now
+    assert proc.stderr.count("error: resuming from") == 1
+    assert "world_size: 2 in the checkpoint, 1 now (cannot change on resume" in proc.stderr
+    proc = train(args, launcher="torchrun2")
+    assert proc.stdout.count(f"{out} is finished: step 3/3") == 1
