@@ -84,6 +84,7 @@ def test_added_data_sources_and_derived_values_are_compared():
     current["derived"]["data.train_samples"] = 300
     refused, _ = compare_records(saved, current, [], only=("data.train_samples",))
     assert refused == [("data.train_samples", 330, 300)]
+    assert compare_records(saved, current, ["data.train"], only=("data.train_samples",))[0] == []
     # a checkpoint written before a setting existed does not stop the resume over it
     del saved["settings"]["train"]["seed"]
     assert "train.seed" not in _keys(compare_records(saved, _record("train.seed=7"), [])[0])

@@ -65,6 +65,8 @@ LAYOUT_KEYS = {
 }
 
 DERIVED_KEYS = ("world_size", "deepspeed.zero_stage", "data.train_samples")
+# Allowing the setting a derived value comes from allows the derived value too.
+_DERIVED_FROM = {"data.train_samples": "data.train", "deepspeed.zero_stage": "deepspeed.config"}
 
 
 class ResumeError(ValueError):
@@ -139,7 +141,8 @@ def compare_records(saved: dict, current: dict, allowed: list[str], only: tuple[
         before, after = old.get(key), new.get(key)
         if before == after:
             continue
-        if _covered(key, allowed) and _layout_reason(key) is None:
+        named = _covered(key, allowed) or _covered(_DERIVED_FROM.get(key, key), allowed)
+        if named and _layout_reason(key) is None:
             permitted.append((key, before, after))
         else:
             refused.append((key, before, after))
@@ -282,6 +285,6 @@ def check_step_target(checkpoint: Path, total_steps: int, output_dir: Path, expo
         where = f"; the model is in {final}" if final.is_dir() else ""
         raise RunFinished(
             f"{output_dir} is finished: step {step}/{total_steps}{where}. Nothing to do; raise "
-            "train.max_steps to train on, or use a new train.output_dir for a new run"
+            "train.max_steps (or train.epochs) to train on, or use a new train.output_dir for a new run"
         )
     return False
