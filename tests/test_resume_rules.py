@@ -65,6 +65,8 @@ def test_layout_settings_are_refused_even_when_allowed():
     current = _record("train.mode=projector", world_size=2, zero_stage=3)
     refused, permitted = compare_records(saved, current, ["train.mode"])
     assert _keys(refused) == ["deepspeed.zero_stage", "train.mode", "world_size"] and permitted == []
+    lora = _record("train.mode=lora")  # no lora: section = the defaults (r=128)
+    assert _keys(compare_records(lora, _record("train.mode=lora", "lora.r=4"), ["lora.r"])[0]) == ["lora.r"]
     with pytest.raises(
         ResumeError,
         match='train.mode: "finetune" in the checkpoint, "projector" now '

@@ -82,6 +82,7 @@ def run_record(settings, *, world_size: int, precision: str, zero_stage: int) ->
     values = settings.model_dump(mode="json")
     values["train"]["precision"] = precision
     values["data"] = settings.data.resolve_paths(check=False).model_dump(mode="json")
+    values["lora"] = settings.lora_or_default.model_dump(mode="json")  # absent = defaults, compared as such
     derived = {"world_size": world_size, "deepspeed.zero_stage": zero_stage}
     return {"version": 1, "settings": values, "derived": derived}
 
