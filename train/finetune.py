@@ -7,12 +7,14 @@
 Recipe: validate the config (every problem at once, before any weights load) -> build the
 processor and check the data -> build the model and the DeepSpeed engine -> resume if a
 checkpoint exists -> fit (log, evaluate, checkpoint) -> export ``final/``.
-Exit codes: 0 done, 2 bad config or data, 3 the loss became NaN/inf.
+Exit codes: 0 done (or already finished), 2 bad config, data or folder (another run holds it, or
+resuming it would mix two runs), 3 the loss or grad norm became NaN/inf, 74 no space left on disk.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import os
@@ -30,8 +32,8 @@ import deepspeed  # noqa: E402
 import torch  # noqa: E402
 
 from visionzip_core.data import BadDataError, build_dataset  # noqa: E402
-from visionzip_core.training import checkpointing  # noqa: E402
-from visionzip_core.training.checkpointing import TrainerState  # noqa: E402
+from visionzip_core.training import checkpointing, output_lock, resume  # noqa: E402
+from visionzip_core.training.checkpointing import NoSpaceLeft, TrainerState  # noqa: E402
 from visionzip_core.training.dataloaders import build_train_loader, build_val_loader  # noqa: E402
 from visionzip_core.training.deepspeed_config import (  # noqa: E402
     fill_deepspeed_config,
@@ -51,8 +53,13 @@ from visionzip_core.training.modeling import (  # noqa: E402
     seed_everything,
     torch_dtype,
 )
-from visionzip_core.training.optimization import build_optimizer, build_scheduler  # noqa: E402
-from visionzip_core.training.settings import ConfigError, Settings, load_config  # noqa: E402
+from visionzip_core.training.optimization import (  # noqa: E402
+    build_optimizer,
+    build_scheduler,
+    group_hyperparameters,
+    reapply_hyperparameters,
+)
+from visionzip_core.training.settings import ConfigError, Settings, load_config, resolve_repo_path  # noqa: E402
 from visionzip_core.training.tracking import WandbTracker  # noqa: E402
 from visionzip_core.weight_checks import WeightsError  # noqa: E402
 
@@ -83,6 +90,7 @@ class Run:
     tracker: WandbTracker | None
     output_dir: Path
     history: dict = field(default_factory=dict)
+    record: dict = field(default_factory=dict)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -93,17 +101,49 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_intermixed_args(argv)
 
 
+def check_resume(
+    settings: Settings, output_dir: Path, resume_from: Path | None, precision: str, record: dict | None = None
+) -> dict:
+    """This run's settings record, checked before anything is removed or loaded: the folder must
+    not hold another run, and the checkpoint must have been written with the same settings (except
+    train.resume_allow_changes). Called again with the record completed by the data's sample count."""
+    t = settings.train
+    first = record is None
+    if first:
+        resume.check_output_dir(
+            output_dir, t.resume, resume_from, checkpointing.complete_checkpoints(output_dir)
+        )
+        ds_json = json.loads(resolve_repo_path(settings.deepspeed.config).read_text())
+        record = resume.run_record(
+            settings, world_size=dist.world_size(), precision=precision, zero_stage=zero_stage(ds_json)
+        )
+    if resume_from is None:
+        return record
+    saved = resume.read_record(resume_from)
+    if saved is None:
+        if first:
+            dist.print0(
+                f"warning: {resume_from} records no settings (an older version wrote it): not checked"
+            )
+        return record
+    only = None if first else ("data.train_samples",)
+    for note in resume.check_resume_settings(resume_from, saved, record, t.resume_allow_changes, only):
+        dist.print0(note)
+    return record
+
+
 def setup(settings: Settings, device: torch.device) -> Run:
     t, rank, world = settings.train, dist.rank(), dist.world_size()
     seed_everything(t.seed)
     output_dir = Path(t.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     resume_from = dist.broadcast_object(checkpointing.resolve_resume(t.resume, output_dir, warn=dist.print0))
+    precision = resolve_precision(t.precision)
+    record = check_resume(settings, output_dir, resume_from, precision)
     if dist.is_main():
         for stale in checkpointing.remove_incomplete(output_dir):
             dist.print0(f"removed incomplete checkpoint {stale} (interrupted save)")
     dist.barrier()
-    precision = resolve_precision(t.precision)
     dtype = torch_dtype(precision)
 
     # Data first: it needs only the tokenizer and image processor, so bad data stops the run
@@ -141,6 +181,13 @@ def setup(settings: Settings, device: torch.device) -> Run:
             f"{t.per_device_batch_size} x {t.grad_accum_steps} x {world} processes"
         )
     total_steps = t.max_steps or t.epochs * steps_per_epoch
+    record["derived"]["data.train_samples"] = len(datasets["train"])
+    if resume_from is not None:
+        check_resume(settings, output_dir, resume_from, precision, record)
+        if not resume.check_step_target(resume_from, total_steps, output_dir, settings.export.enabled):
+            dist.print0(
+                f"{resume_from}: all {total_steps} steps were trained but final/ is missing: export only"
+            )
 
     ds_config = fill_deepspeed_config(settings, world, precision, llm_hidden_size(settings))
     # ZeRO-3: each rank loads only its shard. Not for pretrain, whose LLaVA skeleton is built on
@@ -164,7 +211,9 @@ def setup(settings: Settings, device: torch.device) -> Run:
 
     state = TrainerState(world_size=world, total_steps=total_steps)
     if resume_from is not None:
+        hyperparameters = group_hyperparameters(engine.lr_scheduler)
         state = checkpointing.load_checkpoint(engine, resume_from)
+        reapply_hyperparameters(engine.lr_scheduler, hyperparameters)
         dist.print0(f"resumed from {resume_from}: step {state.step}, epoch {state.epoch}")
         if state.total_steps != total_steps:
             dist.print0(f"note: the schedule now has {total_steps} steps (checkpoint: {state.total_steps})")
@@ -195,6 +244,7 @@ def setup(settings: Settings, device: torch.device) -> Run:
         metrics=MetricsLog(output_dir / "metrics.jsonl", total_steps, state.step, dist.is_main()),
         tracker=tracker,
         output_dir=output_dir,
+        record=record,
     )
     if resume_from is not None:
         checkpointing.restore_rng(resume_from)  # last: nothing after this may draw random numbers
@@ -225,7 +275,11 @@ def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
 
 
 def train_step(run: Run, micro_batches: list[dict]) -> dict:
-    """Forward/backward over the micro-batches, then one optimizer step unless the loss is not finite."""
+    """Forward/backward over the micro-batches, then one optimizer step.
+
+    ``updated`` says whether the weights moved: DeepSpeed (ZeRO 1-3, fp32 and bf16) skips the
+    update itself when the grad norm is NaN/inf. A NaN/inf loss with no skips left stops before
+    the step; with skips left, the step runs so that DeepSpeed discards the gradients."""
     engine, step = run.engine, run.state.step + 1
     loss_sum = tokens = samples = 0.0
     lrs = run.engine.lr_scheduler.get_last_lr()
@@ -245,10 +299,12 @@ def train_step(run: Run, micro_batches: list[dict]) -> dict:
             engine.step()
     loss_sum, n, tokens, samples = dist.all_reduce_sum([loss_sum, len(micro_batches), tokens, samples])
     loss = loss_sum / n
-    if math.isfinite(loss):
+    skipped_before, stop = engine.skipped_steps, not math.isfinite(loss) and not nonfinite_skips_left(run)
+    if not stop:
         engine.step()  # the accumulation boundary: the update (and the scheduler step) happens here
     grad_norm = engine.get_global_grad_norm()
     return {
+        "updated": not stop and engine.skipped_steps == skipped_before,
         "loss": loss,
         "tokens": tokens,
         "samples": samples,
@@ -291,7 +347,7 @@ def evaluate(run: Run) -> float | None:
 
 def save_checkpoint(run: Run) -> None:
     path = checkpointing.save_checkpoint(
-        run.engine, run.state, run.output_dir, run.nonce, run.settings.train.save_total_limit
+        run.engine, run.state, run.output_dir, run.nonce, run.settings.train.save_total_limit, run.record
     )
     run.metrics.note(f"step {run.state.step}: saved {path}")
 
@@ -307,6 +363,7 @@ def log_step(run: Run, stats: dict, window: dict) -> None:
         "tokens_per_s": window["tokens"] / window["seconds"],
         "visual_tokens_per_image": run.image_tokens,
         "peak_mem_mb": round(peak_memory_mb(), 1),
+        "nonfinite_steps": run.state.nonfinite_steps,
     }
     run.metrics.write(record)
     if run.tracker:
@@ -323,8 +380,8 @@ def fit(run: Run) -> None:
         start = time.perf_counter()
         position, micro = next(batches)
         stats = train_step(run, micro)
-        if not math.isfinite(stats["loss"]):
-            raise TrainingDiverged(diverged_message(run, stats["loss"]))
+        if not step_is_finite(run, stats):
+            count_nonfinite_step(run, stats)  # raises once train.max_nonfinite_steps are used up
         state.step += 1
         state.epoch, state.samples_in_epoch = position
         window = {
@@ -338,17 +395,65 @@ def fit(run: Run) -> None:
             window = {"samples": 0.0, "tokens": 0.0, "seconds": 0.0}
         if t.eval_steps and state.step % t.eval_steps == 0 and state.step < state.total_steps:
             evaluate(run)
-        if state.step % t.save_steps == 0:
-            save_checkpoint(run)
+        if state.step % t.save_steps == 0 or state.step == state.total_steps:
+            save_checkpoint(run)  # the last step too: a rerun of a finished run then has nothing to do
     run.metrics.close()
     evaluate(run)
 
 
-def diverged_message(run: Run, loss: float) -> str:
+def nonfinite_skips_left(run: Run) -> bool:
+    return run.state.nonfinite_steps < run.settings.train.max_nonfinite_steps
+
+
+def step_is_finite(run: Run, stats: dict) -> bool:
+    """False for a NaN/inf loss or grad norm. Under fp16 an inf grad norm with a finite loss is the
+    dynamic loss scaler probing its scale (DeepSpeed skips the step and lowers it): not divergence."""
+    norm = stats["grad_norm"]
+    if not math.isfinite(stats["loss"]):
+        return False
+    if norm is None or math.isfinite(norm):
+        return True
+    return run.dtype == torch.float16 and not stats["updated"]
+
+
+def count_nonfinite_step(run: Run, stats: dict) -> None:
+    """Count a skipped NaN/inf step; raise :class:`TrainingDiverged` past train.max_nonfinite_steps,
+    or at once if the update went through anyway (weights in memory can no longer be trusted)."""
+    t, state = run.settings.train, run.state
+    loss, norm = stats["loss"], stats["grad_norm"]
+    what = f"loss is {loss}" if not math.isfinite(loss) else f"grad norm is {norm} (loss {loss:.4f})"
+    if stats["updated"]:
+        raise TrainingDiverged(
+            diverged_message(
+                run,
+                what,
+                "DeepSpeed applied the update anyway (ZeRO stage 0, "
+                "or bf16.check_grad_overflow off): stopped",
+            )
+        )
+    if not math.isfinite(loss) and not nonfinite_skips_left(run):
+        raise TrainingDiverged(diverged_message(run, what, "stopped before the update"))
+    state.nonfinite_steps += 1
+    if state.nonfinite_steps > t.max_nonfinite_steps:
+        raise TrainingDiverged(
+            diverged_message(
+                run,
+                what,
+                f"the update was skipped; {state.nonfinite_steps} NaN/inf steps exceed "
+                f"train.max_nonfinite_steps={t.max_nonfinite_steps}",
+            )
+        )
+    run.metrics.note(
+        f"step {state.step + 1}: {what}; update skipped ({state.nonfinite_steps} of "
+        f"train.max_nonfinite_steps={t.max_nonfinite_steps})"
+    )
+
+
+def diverged_message(run: Run, what: str, how: str) -> str:
     latest = checkpointing.complete_checkpoints(run.output_dir)
     keep = f"last good checkpoint: {latest[-1]}" if latest else "no checkpoint was written yet"
     return (
-        f"loss is {loss} at step {run.state.step + 1} (epoch {run.state.epoch}); stopped before the update. "
+        f"{what} at step {run.state.step + 1} (epoch {run.state.epoch}); {how}; "
         f"{keep}. Lower the learning rates (optim.lr_*) or check the data, then rerun (resume: auto)."
     )
 
@@ -384,6 +489,23 @@ def _print_rank0(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
 
+def claim_output_dir(settings: Settings) -> output_lock.OutputLock | None:
+    """One writer per output folder: rank 0 locks it before anything is written; every rank learns
+    the outcome. ALL RANKS must call this."""
+    lock, refusal, folder = None, None, settings.train.output_dir
+    if dist.is_main():
+        try:
+            lock = output_lock.acquire(Path(folder))
+        except output_lock.OutputDirLocked as e:
+            refusal = str(e)
+        except OSError as e:  # e.g. a file in the way, no permission: say so on every rank, no hang
+            refusal = f"train.output_dir: cannot use {folder} ({e.strerror or e})"
+    refusal = dist.broadcast_object(refusal)
+    if refusal:
+        raise output_lock.OutputDirLocked(refusal)
+    return lock
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
@@ -392,12 +514,21 @@ def main(argv=None) -> int:
         print(f"config error: {e}", file=sys.stderr, flush=True)
         return 2
     device = dist.init(args.local_rank)
-    run, started, code = None, time.perf_counter(), 0
+    run, lock, started, code = None, None, time.perf_counter(), 0
     try:
+        lock = claim_output_dir(settings)
         run = setup(settings, device)
-        fit(run)
+        if run.state.step < run.state.total_steps:
+            fit(run)
+        else:  # trained before; only final/ is missing
+            run.metrics.close()
         paths = export(run)
         report(run, paths, time.perf_counter() - started)
+    except resume.RunFinished as e:
+        dist.print0(str(e))
+    except (resume.ResumeError, output_lock.OutputDirLocked) as e:  # the same on every rank
+        dist.print0(f"error: {e}", file=sys.stderr)
+        code = 2
     except (ConfigError, BadDataError, FileNotFoundError, checkpointing.CheckpointError, WeightsError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         code = 2
@@ -406,10 +537,22 @@ def main(argv=None) -> int:
             run.metrics.close()
         dist.print0(f"error: {e}", file=sys.stderr)
         code = 3
+    except OSError as e:
+        if not isinstance(e, NoSpaceLeft) and e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        if run is not None:
+            run.metrics.close()
+        message = (
+            e.strerror if isinstance(e, NoSpaceLeft) else f"no space left writing {e.filename or 'a file'}"
+        )
+        dist.print0(f"error: {message}", file=sys.stderr)
+        code = 74  # EX_IOERR (sysexits.h)
     finally:
         if run is not None and run.tracker is not None:
             run.tracker.finish()
         dist.shutdown(run.engine if run is not None else None)
+        if lock is not None:
+            lock.release()
     return code
 
 

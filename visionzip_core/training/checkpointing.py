@@ -4,12 +4,15 @@ Layout of ``output_dir/checkpoint-N/``::
 
     engine/               DeepSpeed model + optimizer + scheduler states (frozen weights excluded)
     trainer_state.json    step, epoch, samples consumed this epoch per rank, world size, run ids
+    run_settings.json     the resolved settings the run computes with (checked on resume, see resume.py)
     rng_state_rank{r}.pt  python, numpy, torch (and CUDA) generator states of rank r
     COMPLETE              written last; a folder without it is never resumed from
 
 Writes go to ``checkpoint-N.tmp-<nonce>``; after every rank has written and flushed its files,
 rank 0 writes the marker and renames the folder. A kill at any moment leaves either the previous
 complete checkpoints or a ``.tmp-`` folder that ``resume: auto`` ignores (and removes).
+A save that runs out of disk space removes its ``.tmp-`` folder and raises :class:`NoSpaceLeft`;
+the earlier checkpoints are untouched (retention runs only after a save succeeds).
 Assumes ``output_dir`` is on a file system every rank sees (as DeepSpeed does).
 
 Every ``.pt`` file is read with ``torch.load(weights_only=True)``: DeepSpeed's own loader unpickles
@@ -23,6 +26,7 @@ unreadable, and refuses outright a file holding anything but tensors and that st
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -133,6 +137,7 @@ class TrainerState:
     world_size: int = 1
     total_steps: int = 0
     wandb_run_id: str | None = None
+    nonfinite_steps: int = 0
     extra: dict = field(default_factory=dict)
 
 
@@ -233,33 +238,111 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class NoSpaceLeft(OSError):
+    """A checkpoint did not fit on the disk; its partial folder is gone, earlier ones are kept."""
+
+
+def _mount_of(path: Path) -> tuple[str, str]:
+    """``(device, mount point)`` of the file system holding ``path``."""
+    mount = path.resolve()
+    while not os.path.ismount(mount) and mount != mount.parent:
+        mount = mount.parent
+    try:
+        for line in Path("/proc/self/mounts").read_text().splitlines():
+            device, point, *_ = line.split()
+            if point == str(mount):
+                return device, point
+    except OSError:
+        pass
+    return "?", str(mount)
+
+
+def _out_of_space(error: BaseException, root: Path) -> bool:
+    """Whether ``error`` is the disk filling up. torch's zip writer hides the errno ("unexpected
+    pos 36992 vs 36880", "file write failed"), so an error with no errno counts when the file
+    system has (almost) nothing left."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    try:
+        st = os.statvfs(root)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < 16 * 2**20
+
+
+def _write_marker(tmp: Path, final: Path, root: Path, step: int, nonce: str) -> None:
+    (tmp / MARKER).write_text(f"step {step}\n")
+    _fsync_tree(tmp)
+    old = None
+    if final.exists():  # only when a run with resume=never re-saves over an earlier run's step
+        old = root / f"checkpoint-{step}.old-{nonce}"
+        final.rename(old)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _agree_on_failure(error: BaseException | None, root: Path, tmp: Path, step: int) -> None:
+    """ALL RANKS: if any rank failed to write, every rank raises (no rank waits at a barrier for a
+    failed one), after rank 0 removed the partial folder."""
+    full = error is not None and _out_of_space(error, root)
+    failed, full_any = dist.all_reduce_sum([float(error is not None), float(full)])
+    if not failed:
+        return
+    if dist.is_main():
+        shutil.rmtree(tmp, ignore_errors=True)
+    if full_any:
+        device, mount = _mount_of(root)
+        kept = complete_checkpoints(root)
+        keep = f"kept {kept[-1]}" if kept else "no earlier checkpoint"
+        raise NoSpaceLeft(
+            errno.ENOSPC,
+            f"no space left on {device} (mounted at {mount}) while saving checkpoint-{step}: removed the "
+            f"partial checkpoint, {keep}. Free space, then rerun (resume: auto continues from there)",
+        ) from error
+    if error is not None:
+        raise error
+    raise RuntimeError(f"checkpoint-{step}: another process failed to write its part; see its error")
+
+
 def save_checkpoint(
-    engine, state: TrainerState, output_dir: str | os.PathLike, nonce: str, keep: int
+    engine,
+    state: TrainerState,
+    output_dir: str | os.PathLike,
+    nonce: str,
+    keep: int,
+    record: dict | None = None,
 ) -> Path:
-    """Write ``checkpoint-{state.step}`` atomically and keep the last ``keep``. ALL RANKS must call this."""
+    """Write ``checkpoint-{state.step}`` atomically and keep the last ``keep``. ALL RANKS must call this.
+
+    ``record`` (rank 0) is written as ``run_settings.json``: what the run computes with.
+    """
     root = Path(output_dir)
     final = root / f"checkpoint-{state.step}"
     tmp = root / f"checkpoint-{state.step}.tmp-{nonce}"
-    # Frozen weights are re-read from the base checkpoint on resume: projector/LoRA checkpoints
-    # stay megabytes instead of a full copy of the model.
-    engine.save_checkpoint(str(tmp), tag=ENGINE_TAG, save_latest=False, exclude_frozen_parameters=True)
-    torch.save(rng_state(), tmp / f"rng_state_rank{dist.rank()}.pt")
-    if dist.is_main():
-        (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=1))
-    _fsync_tree(tmp)
-    dist.barrier()
-    if dist.is_main():
-        marker = tmp / MARKER
-        marker.write_text(f"step {state.step}\n")
+    error = None
+    try:
+        # Frozen weights are re-read from the base checkpoint on resume: projector/LoRA checkpoints
+        # stay megabytes instead of a full copy of the model.
+        engine.save_checkpoint(str(tmp), tag=ENGINE_TAG, save_latest=False, exclude_frozen_parameters=True)
+        torch.save(rng_state(), tmp / f"rng_state_rank{dist.rank()}.pt")
+        if dist.is_main():
+            (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=1))
+            if record is not None:
+                (tmp / "run_settings.json").write_text(json.dumps(record, indent=1))
         _fsync_tree(tmp)
-        old = None
-        if final.exists():  # only when a run with resume=never re-saves over an earlier run's step
-            old = root / f"checkpoint-{state.step}.old-{nonce}"
-            final.rename(old)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+    except (OSError, RuntimeError) as e:
+        error = e
+    _agree_on_failure(error, root, tmp, state.step)
+    error = None
+    if dist.is_main():
+        try:
+            _write_marker(tmp, final, root, state.step, nonce)
+        except OSError as e:
+            error = e
+    _agree_on_failure(error, root, tmp, state.step)
+    if dist.is_main():
         for stale in complete_checkpoints(root)[:-keep]:
             shutil.rmtree(stale, ignore_errors=True)
     dist.barrier()

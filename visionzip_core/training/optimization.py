@@ -37,3 +37,25 @@ def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, optim: O
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(total_steps, warmup, optim.scheduler, optim.min_lr_ratio)
     )
+
+
+HYPERPARAMETERS = ("initial_lr", "weight_decay", "betas", "eps")
+
+
+def group_hyperparameters(scheduler) -> list[dict]:
+    """This run's per-group hyperparameters, taken before a checkpoint load overwrites them."""
+    return [{k: g[k] for k in HYPERPARAMETERS if k in g} for g in scheduler.optimizer.param_groups]
+
+
+def reapply_hyperparameters(scheduler, values: list[dict]) -> None:
+    """Put back this run's hyperparameters after a checkpoint load.
+
+    Loading restores the optimizer's param groups and the scheduler's base lrs as they were saved,
+    so a learning rate changed on resume (``train.resume_allow_changes``) would silently keep its
+    old value. Equal values (the usual resume) leave everything as loaded.
+    """
+    for group, saved in zip(scheduler.optimizer.param_groups, values):
+        group.update(saved)
+    scheduler.base_lrs = [v["initial_lr"] for v in values]
+    scheduler.last_epoch -= 1  # recompute the current lr from the new base lrs at the same step
+    scheduler.step()

@@ -101,6 +101,18 @@ class TrainSettings(_Section):
     )
     logging_steps: int = Field(10, ge=1)
     seed: int = 42
+    resume_allow_changes: list[str] = Field(
+        default_factory=list,
+        description="Settings (dotted keys or sections, e.g. optim.lr_llm) that may differ from the "
+        "checkpoint's on resume; each change is logged. Anything else that changes what is computed "
+        "stops the run.",
+    )
+    max_nonfinite_steps: int = Field(
+        0,
+        ge=0,
+        description="Steps with a NaN/inf loss or grad norm that are skipped (no update) before the "
+        "run stops; 0 = stop at the first.",
+    )
 
 
 class OptimSettings(_Section):
@@ -252,6 +264,9 @@ def _contradictions(s: dict[str, Any], raw: dict) -> list[str]:
             problems.append("train.precision: this GPU has no bf16; use fp16, fp32 or auto")
         if train.resume not in ("auto", "never") and not train.resume.strip():
             problems.append("train.resume: auto, never, or a checkpoint path")
+        from visionzip_core.training.resume import allow_list_problems
+
+        problems += allow_list_problems(train.resume_allow_changes)
     if train is not None and model is not None:
         if train.mode == "pretrain":
             if not model.vision_tower:
