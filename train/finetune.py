@@ -105,9 +105,10 @@ def setup(settings: Settings, device: torch.device) -> Run:
 
     # Data first: it needs only the tokenizer and image processor, so bad data stops the run
     # before any weights load. Rank 0 preflights first; the others then read its cache.
-    processor, image_tokens = build_processor(settings)
+    # (builtin:* test models are also built by rank 0 alone, before the others read them.)
     if not dist.is_main():
         dist.barrier()
+    processor, image_tokens = build_processor(settings)
     datasets = {
         split: build_dataset(
             settings.data,
@@ -115,6 +116,8 @@ def setup(settings: Settings, device: torch.device) -> Run:
             tokenizer=processor.tokenizer,
             image_processor=processor.image_processor,
             image_tokens_per_image=image_tokens,
+            # Projector-only modes: a text-only batch would train nothing (see data summary).
+            images_only=t.mode in ("projector", "pretrain"),
         )
         for split in ("train", "val")
         if getattr(settings.data, split)
