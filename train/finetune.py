@@ -7,7 +7,11 @@
 Recipe: validate the config (every problem at once, before any weights load) -> build the
 processor and check the data -> build the model and the DeepSpeed engine -> resume if a
 checkpoint exists -> fit (log, evaluate, checkpoint) -> export ``final/``.
-Exit codes: 0 done, 2 bad config or data, 3 the loss became NaN/inf.
+Exit codes: 0 done, 2 bad config or data, 3 the loss became NaN/inf, 75 stopped on request.
+
+Preemption: the first SIGTERM or SIGINT (on any rank, or the launcher's death) lets every rank
+finish the current optimizer step, write a checkpoint, flush metrics and wandb, and exit 75;
+rerun the same command (``train.resume: auto``) to continue exactly. A second signal exits at once.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import deepspeed  # noqa: E402
 import torch  # noqa: E402
 
 from visionzip_core.data import BadDataError, build_dataset  # noqa: E402
-from visionzip_core.training import checkpointing  # noqa: E402
+from visionzip_core.training import checkpointing, preemption  # noqa: E402
 from visionzip_core.training.checkpointing import TrainerState  # noqa: E402
 from visionzip_core.training.dataloaders import build_train_loader, build_val_loader  # noqa: E402
 from visionzip_core.training.deepspeed_config import (  # noqa: E402
@@ -55,6 +59,10 @@ from visionzip_core.training.tracking import WandbTracker  # noqa: E402
 
 
 class TrainingDiverged(RuntimeError):
+    pass
+
+
+class Preempted(RuntimeError):
     pass
 
 
@@ -313,7 +321,7 @@ def log_step(run: Run, stats: dict, window: dict) -> None:
     run.history.setdefault("loss", []).append(stats["loss"])
 
 
-def fit(run: Run) -> None:
+def fit(run: Run, stop: preemption.StopRequest) -> None:
     t, state = run.settings.train, run.state
     batches = step_batches(run)
     window = {"samples": 0.0, "tokens": 0.0, "seconds": 0.0}
@@ -339,6 +347,13 @@ def fit(run: Run) -> None:
             evaluate(run)
         if state.step % t.save_steps == 0:
             save_checkpoint(run)
+        if state.step < state.total_steps and stop.agreed():  # ALL RANKS, every step
+            if state.step % t.save_steps != 0:
+                save_checkpoint(run)
+            run.metrics.close()
+            raise Preempted(
+                f"stopped at step {state.step}/{state.total_steps} ({stop.reason or 'another rank was asked'})"
+            )
     run.metrics.close()
     evaluate(run)
 
@@ -385,11 +400,13 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr, flush=True)
         return 2
+    stop = preemption.StopRequest().install()
+    preemption.watch_launcher(stop)
     device = dist.init(args.local_rank)
     run, started, code = None, time.perf_counter(), 0
     try:
         run = setup(settings, device)
-        fit(run)
+        fit(run, stop)
         paths = export(run)
         report(run, paths, time.perf_counter() - started)
     except (ConfigError, BadDataError, FileNotFoundError) as e:
@@ -400,6 +417,11 @@ def main(argv=None) -> int:
             run.metrics.close()
         dist.print0(f"error: {e}", file=sys.stderr)
         code = 3
+    except Preempted as e:
+        dist.print0(
+            f"{e}; checkpoint saved, rerun to resume (exit {preemption.EXIT_PREEMPTED})", file=sys.stderr
+        )
+        code = preemption.EXIT_PREEMPTED
     finally:
         if run is not None and run.tracker is not None:
             run.tracker.finish()
