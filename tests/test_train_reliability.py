@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -202,3 +203,17 @@ def test_workers_do_not_outlive_their_launcher(tiny_llava_dir, tmp_path, launche
         except ProcessLookupError:
             pass
         proc.wait()
+
+
+def test_chaos_resume_script_smoke():
+    """Two trials (one and two processes) of scripts/chaos_resume.py end identical to unbroken runs."""
+    proc = subprocess.run(
+        [sys.executable, "scripts/chaos_resume.py", "--trials", "2", "--processes", "1", "2", "--seed", "3"],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "2/2 identical" in proc.stdout
