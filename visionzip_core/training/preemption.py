@@ -47,7 +47,9 @@ class StopRequest:
         self._first_at = 0.0
 
     def install(self) -> StopRequest:
-        """Handle SIGTERM and SIGINT in this process (call from the main thread)."""
+        """Handle SIGTERM and SIGINT in this process (only the main thread can; elsewhere a no-op)."""
+        if threading.current_thread() is not threading.main_thread():
+            return self
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
         return self
