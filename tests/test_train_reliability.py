@@ -154,7 +154,7 @@ def test_stop_and_resume_matches_an_unbroken_run(tiny_llava_dir, tmp_path, launc
     if how.startswith("SIGTERM"):
         saved = checkpoint_steps(stopped)
         assert saved[-1] in (4, 5), (saved, log[-3000:])  # the step in progress, finished and saved
-        assert "checkpoint saved, rerun to resume (exit 75)" in log
+        assert "saved; rerun the same command to resume (exit 75)" in log
         assert proc.returncode == (75 if launcher == "python" else 1), log[-3000:]  # torchrun: a failed child
         if launcher != "python":
             assert "exitcode  : 75" in log

@@ -326,7 +326,16 @@ def fit(run: Run, stop: preemption.StopRequest) -> None:
     batches = step_batches(run)
     window = {"samples": 0.0, "tokens": 0.0, "seconds": 0.0}
     run.engine.train()
+    saved = state.step  # step 0 has nothing to lose; a resumed run's step has its checkpoint
     while state.step < state.total_steps:
+        if stop.agreed():  # ALL RANKS, before every step: a signal on any rank stops them all here
+            if state.step != saved:
+                save_checkpoint(run)
+            run.metrics.close()
+            kept = f"checkpoint-{state.step} saved" if state.step else "nothing trained yet"
+            raise Preempted(
+                f"stopped at step {state.step}/{state.total_steps} ({stop.reason or 'on another rank'}); {kept}"
+            )
         start = time.perf_counter()
         position, micro = next(batches)
         stats = train_step(run, micro)
@@ -347,13 +356,7 @@ def fit(run: Run, stop: preemption.StopRequest) -> None:
             evaluate(run)
         if state.step % t.save_steps == 0:
             save_checkpoint(run)
-        if state.step < state.total_steps and stop.agreed():  # ALL RANKS, every step
-            if state.step % t.save_steps != 0:
-                save_checkpoint(run)
-            run.metrics.close()
-            raise Preempted(
-                f"stopped at step {state.step}/{state.total_steps} ({stop.reason or 'another rank was asked'})"
-            )
+            saved = state.step
     run.metrics.close()
     evaluate(run)
 
@@ -419,7 +422,7 @@ def main(argv=None) -> int:
         code = 3
     except Preempted as e:
         dist.print0(
-            f"{e}; checkpoint saved, rerun to resume (exit {preemption.EXIT_PREEMPTED})", file=sys.stderr
+            f"{e}; rerun the same command to resume (exit {preemption.EXIT_PREEMPTED})", file=sys.stderr
         )
         code = preemption.EXIT_PREEMPTED
     finally:
