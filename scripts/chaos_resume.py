@@ -149,7 +149,7 @@ def main(argv=None) -> int:
     p.add_argument("--trials", type=int, default=20)
     p.add_argument("--processes", type=int, nargs="+", default=[1, 2], help="alternated over trials")
     p.add_argument("--seed", type=int, default=0, help="picks each trial's signal and moment")
-    p.add_argument("--steps", type=int, default=8, help="optimizer steps per run")
+    p.add_argument("--steps", type=int, default=16, help="optimizer steps per run")
     p.add_argument("--batch", type=int, default=4, help="train.per_device_batch_size")
     p.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
     p.add_argument("--keep", action="store_true", help="keep the trials' output folders")
