@@ -8,7 +8,12 @@ Recipe: validate the config (every problem at once, before any weights load) -> 
 processor and check the data -> build the model and the DeepSpeed engine -> resume if a
 checkpoint exists -> fit (log, evaluate, checkpoint) -> export ``final/``.
 Exit codes: 0 done (or already finished), 2 bad config, data or folder (another run holds it, or
-resuming it would mix two runs), 3 the loss or grad norm became NaN/inf, 74 no space left on disk.
+resuming it would mix two runs), 3 the loss or grad norm became NaN/inf, 74 no space left on disk,
+75 stopped on request (preempted; resume by rerunning).
+
+Preemption: the first SIGTERM or SIGINT (on any rank, or the launcher's death) lets every rank
+finish the current optimizer step, write a checkpoint, flush metrics and wandb, and exit 75;
+rerun the same command (``train.resume: auto``) to continue exactly. A second signal exits at once.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import deepspeed  # noqa: E402
 import torch  # noqa: E402
 
 from visionzip_core.data import BadDataError, build_dataset  # noqa: E402
-from visionzip_core.training import checkpointing, output_lock, resume  # noqa: E402
+from visionzip_core.training import checkpointing, output_lock, preemption, resume  # noqa: E402
 from visionzip_core.training.checkpointing import NoSpaceLeft, TrainerState  # noqa: E402
 from visionzip_core.training.dataloaders import build_train_loader, build_val_loader  # noqa: E402
 from visionzip_core.training.deepspeed_config import (  # noqa: E402
@@ -65,6 +70,10 @@ from visionzip_core.weight_checks import WeightsError  # noqa: E402
 
 
 class TrainingDiverged(RuntimeError):
+    pass
+
+
+class Preempted(RuntimeError):
     pass
 
 
@@ -148,9 +157,10 @@ def setup(settings: Settings, device: torch.device) -> Run:
 
     # Data first: it needs only the tokenizer and image processor, so bad data stops the run
     # before any weights load. Rank 0 preflights first; the others then read its cache.
-    processor, image_tokens = build_processor(settings)
+    # (builtin:* test models are also built by rank 0 alone, before the others read them.)
     if not dist.is_main():
         dist.barrier()
+    processor, image_tokens = build_processor(settings)
     datasets = {
         split: build_dataset(
             settings.data,
@@ -158,6 +168,8 @@ def setup(settings: Settings, device: torch.device) -> Run:
             tokenizer=processor.tokenizer,
             image_processor=processor.image_processor,
             image_tokens_per_image=image_tokens,
+            # Projector-only modes: a text-only batch would train nothing (see data summary).
+            images_only=t.mode in ("projector", "pretrain"),
         )
         for split in ("train", "val")
         if getattr(settings.data, split)
@@ -371,12 +383,21 @@ def log_step(run: Run, stats: dict, window: dict) -> None:
     run.history.setdefault("loss", []).append(stats["loss"])
 
 
-def fit(run: Run) -> None:
+def fit(run: Run, stop: preemption.StopRequest) -> None:
     t, state = run.settings.train, run.state
     batches = step_batches(run)
     window = {"samples": 0.0, "tokens": 0.0, "seconds": 0.0}
     run.engine.train()
+    saved = state.step  # step 0 has nothing to lose; a resumed run's step has its checkpoint
     while state.step < state.total_steps:
+        if stop.agreed():  # ALL RANKS, before every step: a signal on any rank stops them all here
+            if state.step != saved:
+                save_checkpoint(run)
+            run.metrics.close()
+            kept = f"checkpoint-{state.step} saved" if state.step else "nothing trained yet"
+            raise Preempted(
+                f"stopped at step {state.step}/{state.total_steps} ({stop.reason or 'on another rank'}); {kept}"
+            )
         start = time.perf_counter()
         position, micro = next(batches)
         stats = train_step(run, micro)
@@ -397,6 +418,7 @@ def fit(run: Run) -> None:
             evaluate(run)
         if state.step % t.save_steps == 0 or state.step == state.total_steps:
             save_checkpoint(run)  # the last step too: a rerun of a finished run then has nothing to do
+            saved = state.step
     run.metrics.close()
     evaluate(run)
 
@@ -513,13 +535,15 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr, flush=True)
         return 2
+    stop = preemption.StopRequest().install()
+    preemption.watch_launcher(stop)
     device = dist.init(args.local_rank)
     run, lock, started, code = None, None, time.perf_counter(), 0
     try:
         lock = claim_output_dir(settings)
         run = setup(settings, device)
         if run.state.step < run.state.total_steps:
-            fit(run)
+            fit(run, stop)
         else:  # trained before; only final/ is missing
             run.metrics.close()
         paths = export(run)
@@ -537,6 +561,11 @@ def main(argv=None) -> int:
             run.metrics.close()
         dist.print0(f"error: {e}", file=sys.stderr)
         code = 3
+    except Preempted as e:
+        dist.print0(
+            f"{e}; rerun the same command to resume (exit {preemption.EXIT_PREEMPTED})", file=sys.stderr
+        )
+        code = preemption.EXIT_PREEMPTED
     except OSError as e:
         if not isinstance(e, NoSpaceLeft) and e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise

@@ -268,6 +268,7 @@ def build_dataset(
     image_tokens_per_image: int,
     image_token: str = "<image>",
     base_dir: str | os.PathLike | None = None,
+    images_only: bool = False,
 ) -> VisionLanguageDataset:
     """Load, preflight-check and mix the ``split`` ("train" or "val") sources of ``settings``.
 
@@ -275,6 +276,8 @@ def build_dataset(
     or when skipped samples exceed ``max_skip_fraction``; ``ValueError`` for settings problems
     (missing files, a tokenizer without the image token or without a chat template).
     Relative paths resolve against ``base_dir`` (default: the current working directory).
+    ``images_only`` drops text-only samples (they teach a projector nothing) and counts them in
+    the summary as ``text_only_dropped``; they are not bad samples and do not count as skipped.
     """
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
@@ -295,6 +298,14 @@ def build_dataset(
     for s, lens in enumerate(found.lengths):
         mask = source_of == s
         per_item[mask] = lens[row_of[mask]]
+    if images_only:
+        keep = per_item > 0
+        report.text_only_dropped = int((~keep).sum())
+        source_of, row_of, per_item = source_of[keep], row_of[keep], per_item[keep]
+        if report.text_only_dropped:
+            logger.warning("data.%s: dropped %d text-only samples", split, report.text_only_dropped)
+        if len(row_of) == 0:
+            raise BadDataError(f"data.{split}: no sample has an image")
     transform = ImageTransform(image_processor, settings.image_aspect_ratio)
     return VisionLanguageDataset(
         split, found.sources, source_of, row_of, per_item, encoder, transform, settings, report

@@ -106,6 +106,7 @@ class SkipReport:
         self.total = 0
         self.counts: dict[str, int] = {}
         self.examples: dict[str, str] = {}
+        self.text_only_dropped = 0  # good samples left out on purpose (projector-only training)
 
     def add(self, kind: str, where: str) -> None:
         self.counts[kind] = self.counts.get(kind, 0) + 1
@@ -124,6 +125,7 @@ class SkipReport:
             "fraction": self.skipped / self.total if self.total else 0.0,
             "by_kind": dict(sorted(self.counts.items())),
             "first_example": dict(sorted(self.examples.items())),
+            "text_only_dropped": self.text_only_dropped,
         }
 
     def enforce(self, max_fraction: float) -> None:

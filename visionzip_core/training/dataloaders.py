@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +34,14 @@ class IndexedCollator:
         return batch
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers leave SIGTERM/SIGINT to the trainer: a scheduler signals every process, and a
+    worker killed by it would break the step the trainer is finishing before it saves. Workers
+    still exit with their parent."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def build_train_loader(dataset, data_settings, batch_size: int, rank: int, world: int, pad_token_id: int):
     """``(loader, sampler)``; drop-last batches of ``batch_size`` per rank in a seeded grouped order.
 
@@ -59,6 +68,7 @@ def build_train_loader(dataset, data_settings, batch_size: int, rank: int, world
         generator=torch.Generator().manual_seed(data_settings.seed),
         persistent_workers=False,
         pin_memory=torch.cuda.is_available(),
+        worker_init_fn=ignore_stop_signals,
     )
     return loader, sampler
 
@@ -87,4 +97,5 @@ def build_val_loader(dataset, data_settings, batch_size: int, rank: int, world: 
         collate_fn=IndexedCollator(DataCollator(pad_token_id=pad_token_id)),
         num_workers=data_settings.num_workers,
         generator=torch.Generator().manual_seed(data_settings.seed),
+        worker_init_fn=ignore_stop_signals,
     )

@@ -12,6 +12,7 @@ Modes:
 from __future__ import annotations
 
 import re
+import types
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,6 +150,8 @@ def build_model(settings: Settings, dtype: torch.dtype, processor, for_export: b
         visionzip(model, config=settings.visionzip.core())
     model.config.use_cache = False
     set_trainable(model, settings)
+    if not for_export:
+        keep_vision_in_graph(model)
     if settings.train.gradient_checkpointing and not for_export:
         # Non-reentrant: works with frozen inputs (projector/LoRA modes) without enable_input_require_grads.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -175,6 +178,53 @@ def check_weight_files(path: str) -> None:
     problem = dist.broadcast_object(problem)
     if problem is not None:
         raise WeightsError(problem)
+
+
+def _forward_with_vision_in_graph(self, input_ids=None, pixel_values=None, *args, **kwargs):
+    """``LlavaModel.forward``; a batch without images also runs the vision path on one blank image
+    and adds ``0 x`` its features to the input embeddings, so the tower and projector take part
+    at the same place in the graph as they do for image batches."""
+    if pixel_values is None and kwargs.get("mm_encoder_outputs") is None and input_ids is not None:
+        vision = self.config.vision_config
+        embed = self.get_input_embeddings()
+        blank = torch.zeros(
+            1,
+            vision.num_channels,
+            vision.image_size,
+            vision.image_size,
+            dtype=self.vision_tower.dtype,
+            device=input_ids.device,
+        )
+        # Embeddings, tower, then the LLM, in the stock forward's order: ZeRO-3 gathers parameters
+        # in call order, and ZeRO-2 reduces gradient buckets in the order backward produces them
+        # (reversed creation order), so any other order is a collective mismatch between ranks.
+        inputs_embeds = embed(input_ids)
+        features = self.get_image_features(pixel_values=blank, return_dict=True).pooler_output
+        anchor = torch.stack([f.sum() for f in features]).sum().to(inputs_embeds.dtype) * 0.0
+        kwargs["inputs_embeds"] = inputs_embeds + anchor
+        input_ids = None
+    return type(self).forward(self, input_ids, pixel_values, *args, **kwargs)
+
+
+def keep_vision_in_graph(model: nn.Module) -> None:
+    """Make text-only batches run the same collectives as image batches (adapts the instance).
+
+    With several processes, one rank can draw a text-only micro-batch while another draws images.
+    Without this, the tower and projector then take part in one rank's forward/backward only:
+    ZeRO-2 reduces the projector's gradients on one rank alone and ZeRO-3 gathers the tower's
+    parameters on one rank alone, and gloo/NCCL abort on the mismatched collective. As LLaVA does
+    (its text-only samples carry a blank image whose features are sliced to nothing), the vision
+    path runs on one blank image and joins the input embeddings times zero: the gradients it adds are exactly
+    zero, every rank calls the same modules in the same order, and the loss always has a gradient
+    (projector and pretrain modes on a text-only batch). The cost is one image through the tower
+    per text-only micro-batch. Agreeing on modality across ranks in the sampler would keep the
+    collectives aligned too, but it ties the data order to the process count and still leaves a
+    projector-only loss without a gradient.
+    """
+    from visionzip_core.llava import find_llava_model
+
+    llava = find_llava_model(model)
+    llava.forward = types.MethodType(_forward_with_vision_in_graph, llava)
 
 
 def assemble_processor(vision_path: str, llm_path: str, trust_remote_code: bool):
