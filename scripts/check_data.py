@@ -47,14 +47,7 @@ def main(argv=None) -> int:
     settings = DataSettings(**raw["data"]).resolve_paths()
     processor = AutoProcessor.from_pretrained(args.model)
     k = args.image_tokens or num_image_tokens(AutoConfig.from_pretrained(args.model))
-    encoder = Encoder(
-        processor.tokenizer,
-        settings.template,
-        args.image_token,
-        k,
-        settings.model_max_length,
-        settings.system_prompt,
-    )
+    encoder = Encoder.from_settings(settings, processor.tokenizer, args.image_token, k)
     failed = False
     for split in ("train", "val"):
         report = SkipReport(split)
@@ -68,6 +61,10 @@ def main(argv=None) -> int:
             checked = run_preflight(table, fmt, encoder, spec, settings)
             kinds = np.asarray(checked.data.column("kind").to_numpy(zero_copy_only=False))
             report.total += len(kinds)
+            dropped = np.asarray(
+                checked.data.column("dropped_turn").to_numpy(zero_copy_only=False), dtype=bool
+            )
+            report.dropped_leading_reply += int(dropped[kinds == ""].sum())
             for n, r in enumerate(np.flatnonzero(kinds != "")):
                 rec = checked[int(r)]
                 where = f"{describe_sample(spec.path, int(r), rec['sample_id'] or None)}: {rec['reason']}"

@@ -77,6 +77,10 @@ def test_plain_exact_spans_drop_user_text(tok):
     ids, labels = enc(
         (("user", "<image>\nDescribe the picture."), ("assistant", "a red circle.")), n_images=1
     )
+    # LLaVA's stage 1: caption + the plain separator "\n", no eos; plain_end="eos" ends with eos
+    assert spans(ids, labels, tok) == [(False, "<s>" + "[IMG]" * K), (True, "a red circle.\n")]
+    enc = Encoder(tok, "plain", "<image>", K, 512, plain_end="eos")
+    ids, labels = enc((("user", "<image>"), ("assistant", "a red circle.")), n_images=1)
     assert spans(ids, labels, tok) == [(False, "<s>" + "[IMG]" * K), (True, "a red circle.</s>")]
 
 

@@ -53,28 +53,44 @@ class _Source:
 def preflight_row(
     row: dict, index: int, *, fmt: str, encoder: Encoder, image_folder: str | None, decode: bool
 ):
-    """Check one raw row; returns ``{"kind", "reason", "length", "sample_id"}`` (kind "" when good).
+    """Check one raw row; returns ``{"kind", "reason", "length", "sample_id", "dropped_turn"}``
+    (kind "" when good).
 
-    ``length`` is the token count after image expansion, negative for text-only samples.
+    ``length`` is the token count after image expansion, negative for text-only samples;
+    ``dropped_turn`` is True when the sample opened with an assistant turn, which is dropped.
     """
-    sample_id = None
+    sample_id, dropped = None, False
     try:
         sample_id = sample_id_of(row)
         conv = to_conversation(row, fmt, encoder.image_token)
+        dropped = conv.dropped_leading_reply
         check_roles(conv.turns, encoder.template)
         n_placeholders = sum(text.count(encoder.image_token) for _, text in conv.turns)
         if n_placeholders != len(conv.images):
+            why = " left after dropping the opening assistant turn" if dropped else ""
             raise SampleError(
                 "placeholder_mismatch",
-                f"{n_placeholders} {encoder.image_token} placeholder(s) for {len(conv.images)} image(s)",
+                f"{n_placeholders} {encoder.image_token} placeholder(s){why} for {len(conv.images)} image(s)",
             )
         for image in conv.images:
             check_image_file(resolve_image_path(image, image_folder), decode)
         ids, _ = encoder(conv.turns, len(conv.images))
         length = len(ids) if conv.images else -len(ids)
-        return {"kind": "", "reason": "", "length": length, "sample_id": sample_id or ""}
+        return {
+            "kind": "",
+            "reason": "",
+            "length": length,
+            "sample_id": sample_id or "",
+            "dropped_turn": dropped,
+        }
     except SampleError as err:
-        return {"kind": err.kind, "reason": err.reason, "length": 0, "sample_id": sample_id or ""}
+        return {
+            "kind": err.kind,
+            "reason": err.reason,
+            "length": 0,
+            "sample_id": sample_id or "",
+            "dropped_turn": dropped,
+        }
 
 
 def mixture_indices(
@@ -199,14 +215,7 @@ def build_dataset(
     specs = getattr(settings, split)
     if not specs:
         raise ValueError(f"data.{split} is empty")
-    encoder = Encoder(
-        tokenizer=tokenizer,
-        template=settings.template,
-        image_token=image_token,
-        image_tokens_per_image=image_tokens_per_image,
-        model_max_length=settings.model_max_length,
-        system_prompt=settings.system_prompt,
-    )
+    encoder = Encoder.from_settings(settings, tokenizer, image_token, image_tokens_per_image)
     report = SkipReport(split)
     sources, valid_rows, lengths, first_bad, n_bad = [], [], [], None, 0
     for spec in specs:
@@ -223,6 +232,8 @@ def build_dataset(
             if first_bad is None:
                 first_bad = where
         valid = np.flatnonzero(kinds == "")
+        dropped = np.asarray(checked.data.column("dropped_turn").to_numpy(zero_copy_only=False), dtype=bool)
+        report.dropped_leading_reply += int(dropped[valid].sum())
         sources.append(_Source(spec, table, fmt))
         valid_rows.append(valid)
         lengths.append(np.asarray(checked.data.column("length").to_numpy(), dtype=np.int64))
@@ -234,6 +245,12 @@ def build_dataset(
     if report.skipped:
         logger.warning(
             "data.%s: skipped %d bad samples: %s", split, report.skipped, report.as_dict()["by_kind"]
+        )
+    if report.dropped_leading_reply:
+        logger.warning(
+            "data.%s: %d samples opened with an assistant turn; that turn was dropped (as LLaVA does)",
+            split,
+            report.dropped_leading_reply,
         )
 
     source_of, row_of = mixture_indices(valid_rows, [s.weight for s in specs], settings.seed)

@@ -106,6 +106,7 @@ class SkipReport:
         self.total = 0
         self.counts: dict[str, int] = {}
         self.examples: dict[str, str] = {}
+        self.dropped_leading_reply = 0  # kept samples that opened with an assistant turn, dropped
 
     def add(self, kind: str, where: str) -> None:
         self.counts[kind] = self.counts.get(kind, 0) + 1
@@ -116,7 +117,8 @@ class SkipReport:
         return sum(self.counts.values())
 
     def as_dict(self) -> dict:
-        """Loggable summary: ``{"split", "total", "skipped", "fraction", "by_kind", "first_example"}``."""
+        """Loggable summary: ``{"split", "total", "skipped", "fraction", "by_kind", "first_example",
+        "dropped_leading_reply"}``."""
         return {
             "split": self.split,
             "total": self.total,
@@ -124,6 +126,7 @@ class SkipReport:
             "fraction": self.skipped / self.total if self.total else 0.0,
             "by_kind": dict(sorted(self.counts.items())),
             "first_example": dict(sorted(self.examples.items())),
+            "dropped_leading_reply": self.dropped_leading_reply,
         }
 
     def enforce(self, max_fraction: float) -> None:
