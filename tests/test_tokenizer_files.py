@@ -42,3 +42,61 @@ def test_save_load_round_trip_keeps_token_ids(tmp_path, legacy, as_processor):
     # and a second save of the reloaded tokenizer still agrees (stage 1 -> stage 2 -> stage 2 export)
     save_pretrained_faithfully(again, tmp_path / "twice")
     assert ids_of(AutoTokenizer.from_pretrained(tmp_path / "twice")) == before
+
+
+@pytest.mark.slow
+def test_stage1_export_tokenises_like_its_legacy_input_folder(tiny_pretrain_dirs, tmp_path):
+    """Stage 1 from an LLM folder with a legacy SentencePiece tokenizer (tokenizer.model only):
+    ``final/`` must reload with the same tokenisation, so stage 2 encodes as stage 1 did."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from visionzip_core.data import Encoder
+
+    repo = Path(__file__).resolve().parents[1]
+    clip_dir, tiny_llm = tiny_pretrain_dirs
+    llm = tmp_path / "llm"
+    shutil.copytree(tiny_llm, llm)
+    for f in llm.glob("*token*"):
+        f.unlink()
+    write_sentencepiece_tokenizer(llm, legacy=True)
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "train/finetune.py",
+        "--config",
+        "configs/demo.yaml",
+        "train.mode=pretrain",
+        "model.name_or_path=null",
+        f"model.vision_tower={clip_dir}",
+        f"model.language_model={llm}",
+        "data.template=plain",
+        "data.train=[{path: data/demo/pretrain_train.json, image_folder: data/demo/images}]",
+        "data.val=[]",
+        f"train.output_dir={out}",
+        "train.per_device_batch_size=4",
+        "train.max_steps=2",
+        "train.save_steps=2",
+        "data.num_workers=0",
+        "wandb.enabled=false",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "WANDB_MODE": "disabled"}
+    env.pop("RANK", None)
+    proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    stage1 = AutoTokenizer.from_pretrained(llm)
+    stage1.add_tokens(["<image>"], special_tokens=True)
+    stage2 = LlavaProcessor.from_pretrained(out / "final").tokenizer
+    assert ids_of(stage2) == ids_of(stage1)
+    turns = (
+        ("user", "<image>\nWhat is it?"),
+        ("assistant", "A cat.\nSure."),
+        ("user", "Why?"),
+        ("assistant", "Red."),
+    )
+    encoded = [Encoder(t, "vicuna_v1", "<image>", 4, 512)(turns, 1) for t in (stage1, stage2)]
+    assert encoded[0] == encoded[1]
