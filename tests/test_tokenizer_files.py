@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from transformers import AutoTokenizer, LlavaProcessor
+from transformers import AutoTokenizer, LlamaTokenizer, LlavaProcessor
 
 from visionzip_core.tiny import build_image_processor, write_sentencepiece_tokenizer
 from visionzip_core.tokenizer_files import save_pretrained_faithfully
@@ -90,8 +90,19 @@ def test_stage1_export_tokenises_like_its_legacy_input_folder(tiny_pretrain_dirs
 
     stage1 = AutoTokenizer.from_pretrained(llm)
     stage1.add_tokens(["<image>"], special_tokens=True)
-    stage2 = LlavaProcessor.from_pretrained(out / "final").tokenizer
+    final = out / "final"
+    stage2 = LlavaProcessor.from_pretrained(final).tokenizer
     assert ids_of(stage2) == ids_of(stage1)
+    # loaded by its class, or from the tokenizer files alone, it must tokenise the same way too
+    alone = tmp_path / "tokenizer-only"
+    alone.mkdir()
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(final / f, alone / f)
+    for reloaded in (LlamaTokenizer.from_pretrained(final), AutoTokenizer.from_pretrained(alone)):
+        assert ids_of(reloaded) == ids_of(stage1)
+    # and a later export of the reloaded processor keeps it (stage 2's own final/)
+    save_pretrained_faithfully(LlavaProcessor.from_pretrained(final), tmp_path / "stage2-final")
+    assert ids_of(LlamaTokenizer.from_pretrained(tmp_path / "stage2-final")) == ids_of(stage1)
     turns = (
         ("user", "<image>\nWhat is it?"),
         ("assistant", "A cat.\nSure."),

@@ -5,6 +5,10 @@ Llama (SentencePiece) tokenizer loaded without the key is non-legacy. A legacy t
 and reloaded therefore tokenises the same text differently: ``</s>USER:`` becomes ``</s> U SER :``
 instead of ``</s> ▁USER :``, ``<image>\\n`` loses its ``▁``. A stage-1 export reloaded for stage 2
 would train on ids the model never saw. :func:`save_pretrained_faithfully` writes the key back.
+
+(Loaded from a whole llava folder, ``AutoTokenizer`` gives a generic tokenizer that uses the
+saved ``tokenizer.json`` as it is, so the drop shows only when the tokenizer is loaded by its
+class, ``LlamaTokenizer.from_pretrained``, or from its files alone; it must hold either way.)
 """
 
 from __future__ import annotations
@@ -28,7 +32,10 @@ def save_pretrained_faithfully(obj, folder: str | os.PathLike) -> None:
 def record_tokenizer_behaviour(tokenizer, folder: str | os.PathLike) -> None:
     """Write ``legacy`` (when the tokenizer has it as a bool) into ``folder/tokenizer_config.json``."""
     path = Path(folder) / "tokenizer_config.json"
-    values = {k: getattr(tokenizer, k, None) for k in _BEHAVIOUR_KEYS}
+    # A tokenizer loaded from a llava folder is a generic TokenizersBackend: no attribute, but
+    # the value it was loaded with is still in its init_kwargs.
+    init = getattr(tokenizer, "init_kwargs", {}) or {}
+    values = {k: getattr(tokenizer, k, init.get(k)) for k in _BEHAVIOUR_KEYS}
     values = {k: v for k, v in values.items() if isinstance(v, bool)}
     if not values or not path.is_file():
         return
