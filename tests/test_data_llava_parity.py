@@ -353,3 +353,18 @@ def test_truncation_is_a_prefix_of_the_expanded_sequence(setup):
         ids, labels = Encoder(tok, "vicuna_v1", IMG, K, limit)(conv.turns, len(conv.images))
         assert tok.convert_ids_to_tokens(ids) == tokens[:limit]
         assert [lab != IGNORE_INDEX for lab in labels] == [bool(m) for m in mask[:limit]]
+
+
+def test_folder_without_legacy_key_encodes_as_non_legacy(tmp_path):
+    """The project's choice, documented in data/README.md: a tokenizer folder without ``legacy``
+    is what transformers 5 makes of it, non-legacy (LLaVA's transformers 4.37 made it legacy).
+    Such a folder gets ``"legacy": true`` added by hand to reproduce LLaVA on it."""
+    toks = {}
+    for name, legacy in (("absent", None), ("false", False), ("true", True)):
+        tok = AutoTokenizer.from_pretrained(write_sentencepiece_tokenizer(tmp_path / name, legacy=legacy))
+        tok.add_tokens([IMG], special_tokens=True)
+        toks[name] = tok
+    rules = Rules(tmp_path / "absent", legacy=False)
+    sample, _, _ = vicuna_cases(rules)["multi_turn"]
+    got = {name: encode(tok, "vicuna_v1", sample) for name, tok in toks.items()}
+    assert got["absent"] == got["false"] != got["true"]
