@@ -1,8 +1,7 @@
 """Conversation templates: a conversation becomes text pieces, each marked as trained on or not.
 
-A template returns ``(pieces, llava_tokenization)`` where ``pieces`` is a list of
-``(text, is_reply)``; the concatenated text still holds the ``<image>`` placeholders, which
-:mod:`encode` expands. Loss goes only on ``is_reply`` pieces: every token of an assistant reply,
+A template returns ``pieces``, a list of ``(text, is_reply)``; the concatenated text still holds
+the ``<image>`` placeholders, which :mod:`encode` expands. Loss goes only on ``is_reply`` pieces: every token of an assistant reply,
 whitespace included, and the end-of-turn token after it. The texts are LLaVA-1.5's
 (``llava/conversation.py``), character for character:
 
