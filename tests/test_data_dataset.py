@@ -72,10 +72,15 @@ BAD_ROWS = {
     "empty_image": llava(100, image="empty.png"),
     "placeholder_mismatch": llava(100, q="What colour?"),
     "empty_conversation": {"id": "s100", "image": "ok0.png", "conversations": []},
+    # (an opening gpt turn is not bad: it is dropped, as LLaVA does; two user turns in a row are)
     "bad_roles": {
         "id": "s100",
         "image": "ok0.png",
-        "conversations": [{"from": "gpt", "value": "<image>\nhi"}, {"from": "human", "value": "yo"}],
+        "conversations": [
+            {"from": "human", "value": "<image>\nhi"},
+            {"from": "human", "value": "again"},
+            {"from": "gpt", "value": "yo"},
+        ],
     },
     "unknown_role": {
         "id": "s100",
@@ -87,8 +92,18 @@ BAD_ROWS = {
         "image": "ok0.png",
         "conversations": [{"from": "human", "value": "<image>\nhi"}, {"from": "gpt", "value": 42}],
     },
-    # the image sits past model_max_length: cutting the text would cut the image run
-    "too_long": llava(100, q="what is the colour " * 40 + "<image>"),
+    # the image sits past model_max_length: cutting the text would cut the image run (LLaVA moves
+    # a placeholder to the start of its own turn, so it is put in a late turn)
+    "too_long": {
+        "id": "s100",
+        "image": "ok0.png",
+        "conversations": [
+            {"from": "human", "value": "what is the colour " * 40},
+            {"from": "gpt", "value": "red."},
+            {"from": "human", "value": "<image>"},
+            {"from": "gpt", "value": "red."},
+        ],
+    },
 }
 REASONS = {
     "missing_image": "image file not found",
@@ -140,6 +155,23 @@ def test_many_kinds_counted_together(folder, tok, proc):
     ds = build_dataset(s, "train", tok, proc, K)
     assert len(ds) == 20
     assert ds.skip_report["by_kind"] == {kind: 1 for kind in BAD_ROWS}
+
+
+def test_opening_assistant_turn_is_dropped_and_counted(folder, tok, proc):
+    rows = good_rows(4)
+    rows[2]["conversations"].insert(0, {"from": "gpt", "value": "Hello, ask me anything."})
+    path = write(folder, "train.json", rows)
+    ds = build_dataset(settings(folder, path, model_max_length=128), "train", tok, proc, K)
+    assert len(ds) == 4 and ds.skip_report["skipped"] == 0
+    assert ds.skip_report["dropped_leading_reply"] == 1
+    # the kept sample trains on the rest, exactly as if the opening turn were not there
+    plain_rows = good_rows(4)
+    ref = build_dataset(
+        settings(folder, write(folder, "ref.json", plain_rows), model_max_length=128), "train", tok, proc, K
+    )
+    assert ref.skip_report["dropped_leading_reply"] == 0
+    assert ds[2]["input_ids"].tolist() == ref[2]["input_ids"].tolist()
+    assert ds[2]["labels"].tolist() == ref[2]["labels"].tolist()
 
 
 @pytest.mark.parametrize("jsonl", [False, True])

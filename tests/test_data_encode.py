@@ -77,6 +77,10 @@ def test_plain_exact_spans_drop_user_text(tok):
     ids, labels = enc(
         (("user", "<image>\nDescribe the picture."), ("assistant", "a red circle.")), n_images=1
     )
+    # LLaVA's stage 1: caption + the plain separator "\n", no eos; plain_end="eos" ends with eos
+    assert spans(ids, labels, tok) == [(False, "<s>" + "[IMG]" * K), (True, "a red circle.\n")]
+    enc = Encoder(tok, "plain", "<image>", K, 512, plain_end="eos")
+    ids, labels = enc((("user", "<image>"), ("assistant", "a red circle.")), n_images=1)
     assert spans(ids, labels, tok) == [(False, "<s>" + "[IMG]" * K), (True, "a red circle.</s>")]
 
 
@@ -92,6 +96,21 @@ def test_chat_template_exact_spans_and_parity_with_generation_mask(tok):
     msgs = [{"role": r, "content": t} for r, t in TWO_TURNS]
     ref = tok.apply_chat_template(msgs, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
     assert ids == ref["input_ids"]  # K=1: identical to the tokenizer's own rendering
+    assert [lab != IGNORE_INDEX for lab in labels] == [bool(m) for m in ref["assistant_masks"]]
+
+
+def test_chat_template_trains_whitespace_inside_replies(tok):
+    reply = "line one\n\n  line two\n\tend"
+    turns = (("user", "<image>\nWrite."), ("assistant", reply))
+    ids, labels = Encoder(tok, "chat_template", "<image>", 1, 512)(turns, n_images=1)
+    trained = [i for i, lab in zip(ids, labels) if lab != IGNORE_INDEX]
+    assert tok.decode(trained) == " " + reply + "</s>"
+    # whitespace-only tokens (line breaks, indentation, the tab) are among the trained ones
+    pieces = [tok.decode([i]) for i in trained]
+    assert any(p.strip() == "" and "\n" in p for p in pieces) and any("\t" in p for p in pieces)
+    msgs = [{"role": r, "content": t} for r, t in turns]
+    ref = tok.apply_chat_template(msgs, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    assert ids == ref["input_ids"]
     assert [lab != IGNORE_INDEX for lab in labels] == [bool(m) for m in ref["assistant_masks"]]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from visionzip_core.data.images import ImageTransform, mean_colour, open_rgb
@@ -69,3 +70,16 @@ def test_pad_fills_with_processor_mean_and_resize_keeps_everything(tmp_path, pro
     assert mean_colour(proc) == (123, 117, 104)
     # resize stretches: red everywhere, no padding and nothing cropped
     assert (resize[0, 0] > 1.5).all()
+
+
+def test_crop_is_the_processors_own_resize_and_centre_crop(tmp_path, proc):
+    # left half green, right half blue: a centre crop of the 2:1 image keeps the middle only
+    img = Image.new("RGB", (224, 112), (0, 255, 0))
+    img.paste((0, 0, 255), (112, 0, 224, 112))
+    img.save(tmp_path / "halves.png")
+    crop = ImageTransform(proc, "crop")([str(tmp_path / "halves.png")])
+    assert crop.shape == (1, 3, 112, 112)
+    own = proc(images=[Image.open(tmp_path / "halves.png").convert("RGB")], return_tensors="pt")
+    assert torch.equal(crop, own["pixel_values"])
+    # no padding: the mean colour (~0 after normalisation) appears nowhere
+    assert (crop[0].abs().amax(0) > 0.5).all()

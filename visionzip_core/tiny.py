@@ -15,6 +15,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from visionzip_core.tokenizer_files import save_pretrained_faithfully
+
 # Words the tokenizer learns whole; everything else still encodes byte by byte.
 _CORPUS_WORDS = (
     "a an the is are of in on at to and or with what which where how many colour color shape "
@@ -232,7 +234,7 @@ def build_tiny_llava(
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(out)
-        processor.save_pretrained(out)
+        save_pretrained_faithfully(processor, out)
     return model, processor
 
 
@@ -260,5 +262,5 @@ def build_tiny_pretrain_parts(
     text_cfg.eos_token_id = tokenizer.eos_token_id
     llm = LlamaForCausalLM(text_cfg)
     llm.save_pretrained(llm_dir)
-    tokenizer.save_pretrained(llm_dir)
+    save_pretrained_faithfully(tokenizer, llm_dir)
     return clip_dir, llm_dir

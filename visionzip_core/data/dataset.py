@@ -54,22 +54,26 @@ class _Source:
 def preflight_row(
     row: dict, index: int, *, fmt: str, encoder: Encoder, image_folder: str | None, decode: bool
 ):
-    """Check one raw row; returns ``{"kind", "reason", "length", "sample_id"}`` (kind "" when good).
+    """Check one raw row; returns ``{"kind", "reason", "length", "sample_id", "dropped_turn"}``
+    (kind "" when good).
 
-    ``length`` is the token count after image expansion, negative for text-only samples.
+    ``length`` is the token count after image expansion, negative for text-only samples;
+    ``dropped_turn`` is True when the sample opened with an assistant turn, which is dropped.
     """
-    sample_id = None
+    sample_id, dropped = None, False
     files: list[str] = []
     try:
         sample_id = sample_id_of(row)
         conv = to_conversation(row, fmt, encoder.image_token)
+        dropped = conv.dropped_leading_reply
         files = [resolve_image_path(image, image_folder) for image in conv.images]
         check_roles(conv.turns, encoder.template)
         n_placeholders = sum(text.count(encoder.image_token) for _, text in conv.turns)
         if n_placeholders != len(conv.images):
+            why = " left after dropping the opening assistant turn" if dropped else ""
             raise SampleError(
                 "placeholder_mismatch",
-                f"{n_placeholders} {encoder.image_token} placeholder(s) for {len(conv.images)} image(s)",
+                f"{n_placeholders} {encoder.image_token} placeholder(s){why} for {len(conv.images)} image(s)",
             )
         for path in files:
             check_image_file(path, decode)
@@ -78,7 +82,12 @@ def preflight_row(
         result = {"kind": "", "reason": "", "length": length}
     except SampleError as err:
         result = {"kind": err.kind, "reason": err.reason, "length": 0}
-    return result | {"sample_id": sample_id or "", "image_files": files, "image_stamps": file_stamps(files)}
+    return result | {
+        "sample_id": sample_id or "",
+        "dropped_turn": dropped,
+        "image_files": files,
+        "image_stamps": file_stamps(files),
+    }
 
 
 def file_stamps(paths: list[str]) -> list[int]:
@@ -216,14 +225,7 @@ class Preflight:
 
 
 def make_encoder(settings: DataSettings, tokenizer, image_tokens_per_image: int, image_token: str) -> Encoder:
-    return Encoder(
-        tokenizer=tokenizer,
-        template=settings.template,
-        image_token=image_token,
-        image_tokens_per_image=image_tokens_per_image,
-        model_max_length=settings.model_max_length,
-        system_prompt=settings.system_prompt,
-    )
+    return Encoder.from_settings(settings, tokenizer, image_token, image_tokens_per_image)
 
 
 def preflight_split(settings: DataSettings, split: str, encoder: Encoder) -> Preflight:
@@ -244,8 +246,11 @@ def preflight_split(settings: DataSettings, split: str, encoder: Encoder) -> Pre
             where = f"{describe_sample(spec.path, int(r), rec['sample_id'] or None)}: {rec['reason']}"
             report.add(rec["kind"], where)
             found.bad.append((rec["kind"], where))
+        valid = np.flatnonzero(kinds == "")
+        dropped = np.asarray(checked.data.column("dropped_turn").to_numpy(zero_copy_only=False), dtype=bool)
+        report.dropped_leading_reply += int(dropped[valid].sum())
         found.sources.append(_Source(spec, table, fmt))
-        found.valid_rows.append(np.flatnonzero(kinds == ""))
+        found.valid_rows.append(valid)
         found.lengths.append(np.asarray(checked.data.column("length").to_numpy(), dtype=np.int64))
     return found
 
@@ -290,6 +295,12 @@ def build_dataset(
         logger.warning(
             "data.%s: skipped %d bad samples: %s", split, report.skipped, report.as_dict()["by_kind"]
         )
+    if report.dropped_leading_reply:
+        logger.warning(
+            "data.%s: %d samples opened with an assistant turn; that turn was dropped (as LLaVA does)",
+            split,
+            report.dropped_leading_reply,
+        )
     specs = getattr(settings, split)
     source_of, row_of = mixture_indices(found.valid_rows, [s.weight for s in specs], settings.seed)
     if len(row_of) == 0:
@@ -321,6 +332,7 @@ def _preflight_features():
             "reason": datasets.Value("string"),
             "length": datasets.Value("int64"),
             "sample_id": datasets.Value("string"),
+            "dropped_turn": datasets.Value("bool"),
             "image_files": datasets.List(datasets.Value("string")),
             "image_stamps": datasets.List(datasets.Value("int64")),
         }

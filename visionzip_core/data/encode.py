@@ -1,10 +1,23 @@
 """Conversation -> ``input_ids`` and ``labels``, with every ``<image>`` expanded to K image-token ids.
 
-The rendered text is tokenised once, whole, with each placeholder appearing once (so the text
-around images tokenises exactly as it does at inference, where the processor sees the same
-string); each single image-token id is then replaced by K ids. Nothing relies on the tokenizer
-splitting K repeated ``<image>`` strings. Labels come from character offsets: a token is trained
-on when it covers a non-space character of an assistant reply (or its end-of-turn token).
+``plain`` and ``vicuna_v1`` are tokenised as LLaVA's training code does (``tokenizer_image_token``
+in ``llava/mm_utils.py``): the rendered text is split at the placeholders and each chunk is
+tokenised on its own, as if it began a text (so it gets the tokenizer's leading-space marker:
+``<image>`` is followed by ``▁`` ``<0x0A>`` for ``"\\n..."``), the chunks' own BOS dropped and one
+BOS put first. The ids are then the same whatever the tokenizer does with text that follows a
+special token. ``chat_template`` text is tokenised whole, as the processor does at inference.
+Each single image-token id is then replaced by K ids.
+
+Labels come from character offsets: a token is trained when it covers a character of an
+assistant reply (whitespace included) or its end-of-turn token, which is LLaVA's set: every
+token after ``ASSISTANT:`` up to and including ``</s>``. For ``chat_template`` whitespace that
+the template puts after the end-of-turn marker is not trained. Where LLaVA's length bookkeeping
+goes wrong (a reply that itself contains ``"USER: ... ASSISTANT: "`` makes LLaVA print
+"tokenization mismatch (ignored)" and mask the whole sample) the reply is still trained here.
+
+Truncation is LLaVA's: the sequence is cut at ``model_max_length`` after the images are
+expanded (LLaVA cuts in the model, after expanding to 576). Unlike LLaVA, a sample whose image
+run would be cut, or that keeps no trained token, is a bad sample (``too_long``), not trained.
 """
 
 from __future__ import annotations
@@ -13,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from visionzip_core.data.templates import render
+from visionzip_core.data.templates import place_images_first, render
 from visionzip_core.data.validation import SampleError
 
 IGNORE_INDEX = -100
@@ -21,7 +34,12 @@ IGNORE_INDEX = -100
 
 @dataclass(frozen=True)
 class Encoder:
-    """Everything needed to turn a conversation into token ids; picklable for worker processes."""
+    """Everything needed to turn a conversation into token ids; picklable for worker processes.
+
+    ``image_placement``: ``"start"`` moves each turn's placeholders to its start as LLaVA does,
+    ``"keep"`` leaves them where the sample has them. ``plain_end``: ``"newline"`` ends a
+    ``plain`` caption with LLaVA's ``"\\n"`` separator, ``"eos"`` with the eos token.
+    """
 
     tokenizer: object
     template: str
@@ -29,6 +47,22 @@ class Encoder:
     image_tokens_per_image: int
     model_max_length: int
     system_prompt: str | None = None
+    image_placement: str = "start"
+    plain_end: str = "newline"
+
+    @classmethod
+    def from_settings(cls, settings, tokenizer, image_token: str, image_tokens_per_image: int) -> Encoder:
+        """The encoder a :class:`DataSettings` describes."""
+        return cls(
+            tokenizer=tokenizer,
+            template=settings.template,
+            image_token=image_token,
+            image_tokens_per_image=image_tokens_per_image,
+            model_max_length=settings.model_max_length,
+            system_prompt=settings.system_prompt,
+            image_placement=settings.image_placement,
+            plain_end=settings.plain_end,
+        )
 
     def __post_init__(self):
         tok = self.tokenizer
@@ -42,7 +76,14 @@ class Encoder:
             )
         if self.image_tokens_per_image < 1:
             raise ValueError("data: image_tokens_per_image must be >= 1")
-        if self.template in ("plain", "vicuna_v1") and tok.eos_token is None:
+        if self.image_placement not in ("start", "keep"):
+            raise ValueError(f"data.image_placement: 'start' or 'keep', got {self.image_placement!r}")
+        if self.plain_end not in ("newline", "eos"):
+            raise ValueError(f"data.plain_end: 'newline' or 'eos', got {self.plain_end!r}")
+        # computed once: whether chunks that start with a space need SentencePiece's extra "▁"
+        object.__setattr__(self, "_space_needs_prefix", _drops_dummy_prefix_before_space(tok))
+        needs_eos = self.template == "vicuna_v1" or (self.template == "plain" and self.plain_end == "eos")
+        if needs_eos and tok.eos_token is None:
             raise ValueError(f"data.template {self.template!r} needs a tokenizer with an eos token")
 
     @property
@@ -55,7 +96,11 @@ class Encoder:
         Returns ``(input_ids, labels)``, equal lengths ``T <= model_max_length``; labels are
         ``IGNORE_INDEX`` everywhere but assistant replies.
         """
-        pieces, add_bos = render(self.template, turns, self.tokenizer, self.image_token, self.system_prompt)
+        if self.image_placement == "start":
+            turns = place_images_first(turns, self.image_token)
+        pieces = render(
+            self.template, turns, self.tokenizer, self.image_token, self.system_prompt, self.plain_end
+        )
         text = "".join(t for t, _ in pieces)
         n_placeholders = text.count(self.image_token)
         if n_placeholders != n_images:
@@ -67,13 +112,16 @@ class Encoder:
         pos = 0
         for piece, is_reply in pieces:
             if is_reply:
-                reply[pos : pos + len(piece)] = [not c.isspace() for c in piece]
+                # chat templates may add whitespace after the end-of-turn marker: not the reply's
+                end = len(piece.rstrip()) if self.template == "chat_template" else len(piece)
+                reply[pos : pos + end] = 1
             pos += len(piece)
         covered = np.concatenate([[0], np.cumsum(reply)])
 
-        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids = np.asarray(enc["input_ids"], dtype=np.int64)
-        offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+        if self.template == "chat_template":
+            ids, offsets = self._tokenize_whole(text)
+        else:
+            ids, offsets = self._tokenize_chunks(text)
         image_id = self.image_token_id
         is_image = ids == image_id
         if int(is_image.sum()) != n_placeholders:
@@ -83,14 +131,63 @@ class Encoder:
             )
         trained = (covered[offsets[:, 1]] - covered[offsets[:, 0]]) > 0
         labels = np.where(trained & ~is_image, ids, IGNORE_INDEX)
-        if add_bos and self.tokenizer.bos_token_id is not None:
-            ids = np.concatenate([[self.tokenizer.bos_token_id], ids])
-            labels = np.concatenate([[IGNORE_INDEX], labels])
-            is_image = np.concatenate([[False], is_image])
-
         repeat = np.where(is_image, self.image_tokens_per_image, 1)
         ids, labels = np.repeat(ids, repeat), np.repeat(labels, repeat)
         return self._truncate(ids, labels, image_id, n_images)
+
+    def _tokenize_whole(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        """``(ids [T], offsets [T, 2])`` of the whole text, no special tokens added."""
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = np.asarray(enc["input_ids"], dtype=np.int64)
+        return ids, np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+
+    def _tokenize_chunks(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        """``(ids [T], offsets [T, 2])`` the way LLaVA's ``tokenizer_image_token`` builds ids.
+
+        Each chunk between placeholders is tokenised with the tokenizer's special tokens, as a
+        text of its own; when the tokenizer puts BOS first, every chunk's first token (its BOS) is
+        dropped and one BOS leads. A tokenizer that adds no BOS but has one gets it prepended, so
+        every ``plain``/``vicuna_v1`` sequence starts with BOS. Offsets are into ``text``.
+        """
+        tok = self.tokenizer
+        image_id, bos = self.image_token_id, tok.bos_token_id
+        chunks = text.split(self.image_token)
+        encoded = [self._tokenize_as_text_start(c) for c in chunks]
+        first = encoded[0]["input_ids"]
+        drop = 1 if (bos is not None and first and first[0] == bos) else 0
+        ids: list[int] = [bos] if bos is not None else []
+        offsets: list[tuple[int, int]] = [(0, 0)] if bos is not None else []
+        start = 0
+        for c, (chunk, enc) in enumerate(zip(chunks, encoded)):
+            if c > 0:
+                ids.append(image_id)
+                offsets.append((start - len(self.image_token), start))
+            ids.extend(enc["input_ids"][drop:])
+            offsets.extend((start + a, start + b) for a, b in enc["offset_mapping"][drop:])
+            start += len(chunk) + len(self.image_token)
+        return np.asarray(ids, dtype=np.int64), np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+
+    def _tokenize_as_text_start(self, chunk: str) -> dict:
+        """``{"input_ids", "offset_mapping"}`` of ``chunk`` tokenised as a text of its own.
+
+        SentencePiece (what LLaVA's slow Llama tokenizer runs) puts its ``▁`` dummy prefix before
+        every text, also one that starts with a space (`` ASSISTANT`` -> ``▁`` ``▁ASSISTANT``);
+        the tokenizers-backed Llama tokenizer leaves it out there (``▁ASSISTANT``). For such a
+        tokenizer a chunk that starts with a space is tokenised with one more space in front,
+        which gives SentencePiece's pieces; that extra ``▁`` is given the chunk's first character.
+        """
+        tok = self.tokenizer
+        if not (chunk.startswith(" ") and self._space_needs_prefix):
+            return tok(chunk, add_special_tokens=True, return_offsets_mapping=True)
+        enc = tok(" " + chunk, add_special_tokens=True, return_offsets_mapping=True)
+        offsets = []
+        for tid, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]):
+            if a == b == 0 and tid in tok.all_special_ids:
+                offsets.append((0, 0))
+            else:
+                a, b = max(a - 1, 0), max(b - 1, 0)
+                offsets.append((a, max(b, a + 1)))
+        return {"input_ids": enc["input_ids"], "offset_mapping": offsets}
 
     def _truncate(self, ids, labels, image_id: int, n_images: int) -> tuple[list[int], list[int]]:
         limit = self.model_max_length
@@ -106,3 +203,11 @@ class Encoder:
         if not (labels != IGNORE_INDEX).any():
             raise SampleError("too_long", f"no assistant reply within the first {limit} tokens")
         return ids.tolist(), labels.tolist()
+
+
+def _drops_dummy_prefix_before_space(tokenizer) -> bool:
+    """True for a Metaspace (SentencePiece-style) tokenizer that marks a text's start with ``▁`` but
+    not when the text already starts with a space: ``"a"`` -> ``▁a`` and ``" a"`` -> ``▁a``."""
+    plain = tokenizer.convert_ids_to_tokens(tokenizer("a", add_special_tokens=False)["input_ids"])
+    spaced = tokenizer.convert_ids_to_tokens(tokenizer(" a", add_special_tokens=False)["input_ids"])
+    return bool(plain) and plain[0].startswith("\u2581") and spaced == plain

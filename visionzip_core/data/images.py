@@ -68,6 +68,8 @@ class ImageTransform:
 
     ``pad``: pad to square with the mean colour, then the processor (resize + centre crop is then
     lossless). ``resize``: stretch to the processor's square input size, so nothing is cropped.
+    ``crop``: the processor alone (resize the short side, centre crop), LLaVA's default, which
+    its stage-1 pretraining uses.
     """
 
     def __init__(self, image_processor, aspect_ratio: str):
@@ -79,6 +81,8 @@ class ImageTransform:
     def prepare(self, img: Image.Image) -> Image.Image:
         if self.aspect_ratio == "pad":
             return pad_to_square(img, self.fill)
+        if self.aspect_ratio == "crop":
+            return img
         h, w = self.size
         return img.resize((w, h), Image.Resampling.BICUBIC)
 

@@ -8,10 +8,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-# LLaVA-1.5's vicuna_v1 system prompt, used when neither the sample nor the config gives one.
+# LLaVA-1.5's system prompt: ``conv_vicuna_v1`` in llava/conversation.py, what ``--version v1``
+# trains and evaluates with; used when neither the sample nor the config gives one. (The "curious
+# human" text is conv_vicuna_v0's / conv_llava_v1's, which LLaVA-1.5 never saw.)
 VICUNA_V1_SYSTEM = (
-    "A chat between a curious human and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
 
 
@@ -64,10 +66,21 @@ class DataSettings(BaseModel):
     system_prompt: str | None = Field(
         None, description="System prompt when a sample has none (vicuna_v1 default: LLaVA-1.5's)."
     )
-    image_aspect_ratio: Literal["pad", "resize"] = Field(
+    image_placement: Literal["start", "keep"] = Field(
+        "start",
+        description="'start': each turn holding <image> becomes '<image>\\n' + the rest of its text, "
+        "stripped, as LLaVA's training does; 'keep': placeholders stay where the sample puts them.",
+    )
+    plain_end: Literal["newline", "eos"] = Field(
+        "newline",
+        description="How the plain template ends a caption: 'newline' (LLaVA's stage-1 separator, "
+        "trained, no eos) or 'eos' (the eos token, trained).",
+    )
+    image_aspect_ratio: Literal["pad", "resize", "crop"] = Field(
         "pad",
-        description="'pad': pad to a square filled with the processor's mean colour (LLaVA-1.5); "
-        "'resize': stretch to the square input size (no crop).",
+        description="'pad': pad to a square filled with the processor's mean colour (LLaVA-1.5 "
+        "stage 2); 'resize': stretch to the square input size (no crop); 'crop': the processor's "
+        "own resize + centre crop (LLaVA's default, its stage-1 pretraining).",
     )
     model_max_length: int = Field(
         2048, ge=8, description="Tokens per sample after image expansion; longer text is truncated."

@@ -35,6 +35,19 @@ class Conversation:
     turns: tuple[tuple[str, str], ...]  # (role in {"system", "user", "assistant"}, text with placeholders)
     images: tuple[str, ...]
     sample_id: str | None
+    dropped_leading_reply: bool = False  # an opening assistant turn was dropped (LLaVA does the same)
+
+
+def drop_leading_reply(turns: tuple[tuple[str, str], ...]) -> tuple[tuple[tuple[str, str], ...], bool]:
+    """LLaVA's ``preprocess_v1``: a conversation that opens with the assistant (ShareGPT-derived
+    samples of mix665k do) loses that turn and trains on the rest. A leading system turn stays.
+
+    Returns ``(turns, dropped)``.
+    """
+    head = 1 if turns and turns[0][0] == "system" else 0
+    if len(turns) > head and turns[head][0] == "assistant":
+        return turns[:head] + turns[head + 1 :], True
+    return turns, False
 
 
 def load_source(source: DatasetSource, cache_dir: str | None = None):
@@ -139,7 +152,10 @@ def to_conversation(row: dict[str, Any], fmt: str, image_token: str) -> Conversa
         images = [images]
     if not isinstance(images, list) or not all(isinstance(p, str) and p for p in images):
         raise SampleError("bad_structure", "images must be a path or a list of non-empty paths")
-    return Conversation(turns=tuple(turns), images=tuple(images), sample_id=sample_id_of(row))
+    turns, dropped = drop_leading_reply(tuple(turns))
+    return Conversation(
+        turns=turns, images=tuple(images), sample_id=sample_id_of(row), dropped_leading_reply=dropped
+    )
 
 
 def _join_parts(parts: list, t: int, image_token: str) -> str:

@@ -1,12 +1,15 @@
 """Conversation templates: a conversation becomes text pieces, each marked as trained on or not.
 
-A template returns ``(pieces, add_bos)`` where ``pieces`` is a list of ``(text, is_reply)``; the
-concatenated text still holds the ``<image>`` placeholders, which :mod:`encode` expands. Loss goes
-only on ``is_reply`` pieces: the assistant replies and the end-of-turn token after each.
+A template returns ``pieces``, a list of ``(text, is_reply)``; the concatenated text still holds
+the ``<image>`` placeholders, which :mod:`encode` expands. Loss goes only on ``is_reply`` pieces: every token of an assistant reply,
+whitespace included, and the end-of-turn token after it. The texts are LLaVA-1.5's
+(``llava/conversation.py``), character for character:
 
-- ``plain`` (stage-1): ``<image>...`` + caption + eos; the user's words are dropped, as LLaVA's
-  pretraining does; loss on caption + eos.
-- ``vicuna_v1`` (LLaVA-1.5): ``{system} USER: {q} ASSISTANT: {a}</s>USER: ...``; loss on `` {a}</s>``.
+- ``plain`` (stage 1, ``conv_llava_plain``): ``<image>`` + caption + ``"\\n"``; the user's words
+  are dropped and nothing ends the caption but the separator ``"\\n"``, as LLaVA's pretraining
+  does; loss on caption + ``"\\n"``. ``plain_end="eos"`` ends it with the eos token instead.
+- ``vicuna_v1`` (LLaVA-1.5 stage 2, ``conv_vicuna_v1``):
+  ``{system} USER: {q} ASSISTANT: {a}</s>USER: ...``; loss on `` {a}</s>``.
 - ``chat_template``: the tokenizer's own template; reply spans are found by rendering the
   conversation prefix by prefix (works for any template that renders prefixes stably).
 """
@@ -19,22 +22,44 @@ from visionzip_core.data.validation import SampleError
 Pieces = list[tuple[str, bool]]
 
 
+def place_images_first(turns, image_token: str):
+    """LLaVA's ``preprocess_multimodal``: a turn holding placeholders becomes ``<image>\\n`` + the
+    rest of its text, stripped (one placeholder per image the turn holds, all at its start).
+
+    ``turns``: ``((role, text), ...)``; returns the same shape. Turns without a placeholder are
+    kept as they are (LLaVA does not strip them).
+    """
+    out = []
+    for role, text in turns:
+        n = text.count(image_token)
+        if n:
+            text = (image_token * n + "\n" + text.replace(image_token, "").strip()).strip()
+        out.append((role, text))
+    return tuple(out)
+
+
 def render(
-    template: str, turns, tokenizer, image_token: str, system_prompt: str | None
-) -> tuple[Pieces, bool]:
+    template: str,
+    turns,
+    tokenizer,
+    image_token: str,
+    system_prompt: str | None,
+    plain_end: str = "newline",
+) -> Pieces:
     if template == "plain":
-        return render_plain(turns, tokenizer, image_token), True
+        return render_plain(turns, tokenizer, image_token, plain_end)
     if template == "vicuna_v1":
-        return render_vicuna_v1(turns, tokenizer, system_prompt), True
+        return render_vicuna_v1(turns, tokenizer, system_prompt)
     if template == "chat_template":
-        return ChatTemplateRenderer.for_tokenizer(tokenizer).render(turns, image_token, system_prompt), False
+        return ChatTemplateRenderer.for_tokenizer(tokenizer).render(turns, image_token, system_prompt)
     raise ValueError(f"data.template: unknown template {template!r}")
 
 
-def render_plain(turns, tokenizer, image_token: str) -> Pieces:
+def render_plain(turns, tokenizer, image_token: str, plain_end: str = "newline") -> Pieces:
     user = next(text for role, text in turns if role == "user")
     reply = next(text for role, text in turns if role == "assistant")
-    return [(image_token * user.count(image_token), False), (reply + tokenizer.eos_token, True)]
+    end = "\n" if plain_end == "newline" else tokenizer.eos_token
+    return [(image_token * user.count(image_token), False), (reply + end, True)]
 
 
 def render_vicuna_v1(turns, tokenizer, system_prompt: str | None) -> Pieces:

@@ -107,6 +107,7 @@ class SkipReport:
         self.counts: dict[str, int] = {}
         self.examples: dict[str, str] = {}
         self.text_only_dropped = 0  # good samples left out on purpose (projector-only training)
+        self.dropped_leading_reply = 0  # kept samples that opened with an assistant turn, dropped
 
     def add(self, kind: str, where: str) -> None:
         self.counts[kind] = self.counts.get(kind, 0) + 1
@@ -117,7 +118,8 @@ class SkipReport:
         return sum(self.counts.values())
 
     def as_dict(self) -> dict:
-        """Loggable summary: ``{"split", "total", "skipped", "fraction", "by_kind", "first_example"}``."""
+        """Loggable summary: ``{"split", "total", "skipped", "fraction", "by_kind", "first_example",
+        "dropped_leading_reply"}``."""
         return {
             "split": self.split,
             "total": self.total,
@@ -126,6 +128,7 @@ class SkipReport:
             "by_kind": dict(sorted(self.counts.items())),
             "first_example": dict(sorted(self.examples.items())),
             "text_only_dropped": self.text_only_dropped,
+            "dropped_leading_reply": self.dropped_leading_reply,
         }
 
     def enforce(self, max_fraction: float) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from visionzip_core.tokenizer_files import save_pretrained_faithfully
 from visionzip_core.training import distributed as dist
 from visionzip_core.training.modeling import PROJECTOR, build_model
 from visionzip_core.training.settings import Settings
@@ -81,7 +82,7 @@ def export_final(engine, settings: Settings, processor, stage: int, dtype: torch
             projector = _projector_state(tmp)
             save_file(projector, str(tmp / "projector.safetensors"), metadata={"format": "pt"})
             written["projector"] = tmp / "projector.safetensors"
-    processor.save_pretrained(tmp)
+    save_pretrained_faithfully(processor, tmp)  # keeps `legacy`: stage 2 tokenises as stage 1 did
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     written = {k: final / p.relative_to(tmp) for k, p in written.items()}
