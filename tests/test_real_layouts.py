@@ -44,3 +44,67 @@ def test_processor_from_full_clip_folder(full_clip_folder, tmp_path):
     llm = write_sentencepiece_tokenizer(tmp_path / "llm")
     processor = assemble_processor(str(full_clip_folder), str(llm), trust_remote_code=False)
     assert processor.patch_size == 14
+
+
+@pytest.fixture(scope="module")
+def sharded_bin_llama_folder(tmp_path_factory):
+    """A Llama as lmsys/vicuna-7b-v1.5 ships: two ``pytorch_model-0000N-of-00002.bin`` shards with
+    ``pytorch_model.bin.index.json``, and a SentencePiece ``tokenizer.model`` (no tokenizer.json)."""
+    import json
+
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from visionzip_core.tiny import tiny_text_config, write_sentencepiece_tokenizer
+
+    out = tmp_path_factory.mktemp("vicuna-layout")
+    write_sentencepiece_tokenizer(out, legacy=False)
+    config = tiny_text_config(1000)
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = 1, 2, 0
+    torch.manual_seed(0)
+    state = LlamaForCausalLM(config).state_dict()
+    config.save_pretrained(out)
+    names = list(state)
+    shards = [names[: len(names) // 2], names[len(names) // 2 :]]
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        file = f"pytorch_model-{i:05d}-of-00002.bin"
+        torch.save({k: state[k].contiguous() for k in shard}, out / file)
+        weight_map.update(dict.fromkeys(shard, file))
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / "pytorch_model.bin.index.json").write_text(json.dumps(index, indent=2))
+    return out
+
+
+@pytest.mark.slow
+def test_pretrain_from_full_clip_bin_and_sharded_bin_llama(
+    full_clip_folder, sharded_bin_llama_folder, tmp_path
+):
+    """Stage 1 through the real entry point on folders laid out like the LLaVA-1.5 downloads."""
+    from pathlib import Path
+
+    import torch
+    from safetensors.torch import load_file
+    from test_train_e2e import _base, train
+
+    out = tmp_path / "run"
+    overrides = _base(Path("unused"), out)[1:] + [
+        "train.mode=pretrain",
+        "model.name_or_path=null",
+        f"model.vision_tower={full_clip_folder}",
+        f"model.language_model={sharded_bin_llama_folder}",
+        "data.template=plain",
+        "data.train=[{path: data/demo/pretrain_train.json, image_folder: data/demo/images}]",
+        "data.val=[]",
+    ]
+    train(overrides)
+    new = load_file(str(out / "final/model.safetensors"))
+    clip = torch.load(full_clip_folder / "pytorch_model.bin", weights_only=True)
+    vision = {n: v for n, v in new.items() if "vision_tower" in n and "layers.0.self_attn.q_proj.weight" in n}
+    assert len(vision) == 1, sorted(vision)
+    k = "vision_model.encoder.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(
+        clip[k], next(iter(vision.values())).to(clip[k].dtype)
+    )  # CLIP's vision weights, untouched
+    assert not any("text_model" in n or "text_projection" in n for n in new)  # the text tower is left out
