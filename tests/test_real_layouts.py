@@ -108,3 +108,8 @@ def test_pretrain_from_full_clip_bin_and_sharded_bin_llama(
         clip[k], next(iter(vision.values())).to(clip[k].dtype)
     )  # CLIP's vision weights, untouched
     assert not any("text_model" in n or "text_projection" in n for n in new)  # the text tower is left out
+
+    # Stage 2 starts from the stage-1 export.
+    stage2 = tmp_path / "stage2"
+    train(_base(out / "final", stage2) + ["train.mode=finetune"])
+    assert (stage2 / "final/model.safetensors").is_file()
