@@ -113,3 +113,34 @@ def test_pretrain_from_full_clip_bin_and_sharded_bin_llama(
     stage2 = tmp_path / "stage2"
     train(_base(out / "final", stage2) + ["train.mode=finetune"])
     assert (stage2 / "final/model.safetensors").is_file()
+
+
+class _OpensAFile:
+    """Unpickling this creates a file: a stand-in for code hidden in a ``.bin``."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_bin_weights_load_without_running_pickled_code(full_clip_folder, tmp_path):
+    """``.bin`` weights are read with ``weights_only``: a pickle that calls a function is refused."""
+    import pickle
+    import shutil
+
+    import torch
+    from transformers import CLIPVisionModel
+
+    folder = tmp_path / "clip"
+    shutil.copytree(full_clip_folder, folder)
+    marker = tmp_path / "ran"
+    state = torch.load(folder / "pytorch_model.bin", weights_only=True)
+    state["extra"] = _OpensAFile(marker)
+    torch.save(state, folder / "pytorch_model.bin")
+    with pytest.raises(
+        pickle.UnpicklingError, match="[Ww]eights only load failed|weights_only|Unsupported global"
+    ):
+        CLIPVisionModel.from_pretrained(folder)
+    assert not marker.exists()
