@@ -86,8 +86,10 @@ def build_processor(settings: Settings):
             model_path(m.language_model, "model.language_model"),
             trust,
         )
-        vcfg = AutoConfig.from_pretrained(
-            model_path(m.vision_tower, "model.vision_tower"), trust_remote_code=trust
+        vcfg = vision_tower_config(
+            AutoConfig.from_pretrained(
+                model_path(m.vision_tower, "model.vision_tower"), trust_remote_code=trust
+            )
         )
         stock = (vcfg.image_size // vcfg.patch_size) ** 2
     else:
@@ -227,6 +229,15 @@ def keep_vision_in_graph(model: nn.Module) -> None:
     llava.forward = types.MethodType(_forward_with_vision_in_graph, llava)
 
 
+def vision_tower_config(config):
+    """The vision fields of a CLIP folder's config.
+
+    A full ``CLIPModel`` download (e.g. openai/clip-vit-large-patch14-336, ``model_type: clip``)
+    keeps them in ``.vision_config``; a ``CLIPVisionModel`` folder has them at the top level.
+    """
+    return getattr(config, "vision_config", None) or config
+
+
 def assemble_processor(vision_path: str, llm_path: str, trust_remote_code: bool):
     """A ``LlavaProcessor`` from the LLM's tokenizer and the CLIP folder's image processor."""
     from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, LlavaProcessor
@@ -238,7 +249,7 @@ def assemble_processor(vision_path: str, llm_path: str, trust_remote_code: bool)
     if tokenizer.pad_token is None:
         # LLaVA-1.5 pads vicuna with <unk>; padded positions carry label -100 either way.
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
-    vcfg = AutoConfig.from_pretrained(vision_path, trust_remote_code=trust_remote_code)
+    vcfg = vision_tower_config(AutoConfig.from_pretrained(vision_path, trust_remote_code=trust_remote_code))
     return LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
