@@ -119,9 +119,13 @@ def check_resume(
     t = settings.train
     first = record is None
     if first:
-        resume.check_output_dir(
-            output_dir, t.resume, resume_from, checkpointing.complete_checkpoints(output_dir)
-        )
+        checkpoints = checkpointing.complete_checkpoints(output_dir)
+        if t.resume == "auto" and resume_from is not None:
+            # auto resumes from the newest checkpoint that verifies: any newer one was found damaged
+            # (and warned about); this run's saves replace it, so it is no other run's output.
+            newest = checkpointing.checkpoint_step(resume_from)
+            checkpoints = [c for c in checkpoints if checkpointing.checkpoint_step(c) <= newest]
+        resume.check_output_dir(output_dir, t.resume, resume_from, checkpoints)
         ds_json = json.loads(resolve_repo_path(settings.deepspeed.config).read_text())
         record = resume.run_record(
             settings, world_size=dist.world_size(), precision=precision, zero_stage=zero_stage(ds_json)

@@ -141,6 +141,11 @@ class TrainerState:
     extra: dict = field(default_factory=dict)
 
 
+def checkpoint_step(path: Path) -> int:
+    """The step of a ``checkpoint-N`` folder."""
+    return int(path.name.rsplit("-", 1)[1])
+
+
 def complete_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     """Complete checkpoints in ``output_dir``, oldest first."""
     root = Path(output_dir)
@@ -179,7 +184,10 @@ def resolve_resume(
                     raise CheckpointError(
                         f"train.resume: {err}; no older complete checkpoint to resume"
                     ) from None
-                warn(f"warning: {err}; resuming from the previous checkpoint {older} instead")
+                warn(
+                    f"warning: {err}; resuming from the previous checkpoint {older} instead "
+                    "(the damaged one is replaced when this run saves that step)"
+                )
         return None
     path = Path(resume)
     if not (path / MARKER).is_file():
