@@ -64,7 +64,7 @@ def main(argv=None) -> int:
 
     import torch
     from PIL import Image
-    from transformers import LlavaForConditionalGeneration, LlavaProcessor
+    from transformers import AutoConfig, LlavaForConditionalGeneration, LlavaProcessor
 
     from visionzip_core import (
         VisionZipConfig,
@@ -76,12 +76,20 @@ def main(argv=None) -> int:
     )
     from visionzip_core.checkpoints import resolve_model_path
     from visionzip_core.data.settings import VICUNA_V1_SYSTEM
+    from visionzip_core.model_folders import check_model_folder
     from visionzip_core.weight_checks import WeightsError, load_checked
 
     try:
         path = resolve_model_path(args.model)
     except ValueError as err:
         return _fail(f"--model: {err}")
+    try:
+        config = AutoConfig.from_pretrained(path) if Path(path, "config.json").is_file() else None
+    except (OSError, ValueError, KeyError) as err:
+        return _fail(f"--model: cannot read {path}/config.json ({' '.join(str(err).split())[:200]})")
+    problems = check_model_folder(path, "llava", "--model", config)
+    if problems:
+        return _fail("; ".join(problems))
     dtype = getattr(torch, args.dtype)
     try:
         model = load_checked(LlavaForConditionalGeneration, path, dtype=dtype).to(args.device).eval()

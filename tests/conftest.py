@@ -45,3 +45,28 @@ def tiny_pretrain_dirs(tmp_path_factory):
     from visionzip_core.tiny import build_tiny_pretrain_parts
 
     return build_tiny_pretrain_parts(tmp_path_factory.mktemp("tiny-parts"))
+
+
+# Folders laid out like the real downloads users bring (tests/real_layouts.py says which).
+@pytest.fixture(scope="session")
+def full_clip_dir(tmp_path_factory):
+    """openai/clip-vit-large-patch14-336's layout: a whole CLIPModel in pytorch_model.bin."""
+    from real_layouts import write_full_clip_folder
+
+    return write_full_clip_folder(tmp_path_factory.mktemp("clip-full"))
+
+
+@pytest.fixture(scope="session")
+def vicuna_dir(tmp_path_factory):
+    """lmsys/vicuna-7b-v1.5's layout: sharded .bin, a 4.31 config.json, tokenizer.model only."""
+    from real_layouts import write_vicuna_folder
+
+    return write_vicuna_folder(tmp_path_factory.mktemp("vicuna"))
+
+
+@pytest.fixture(scope="session")
+def llava_hf_4x_dir(tmp_path_factory):
+    """llava-hf/llava-1.5-7b-hf as transformers 4.x saved it: old key layout and config."""
+    from real_layouts import write_llava_hf_4x_folder
+
+    return write_llava_hf_4x_folder(tmp_path_factory.mktemp("llava-hf-4x"))

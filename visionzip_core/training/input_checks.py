@@ -78,9 +78,15 @@ def _output_dir(output_dir: str) -> list[str]:
 
 def _model_folders(model, mode: str, problems: list[str], build: bool) -> tuple[Any, int] | None:
     """Checks each model folder; returns ``(vision config, feature layer the model reads)`` or None."""
-    keys = ("vision_tower", "language_model") if mode == "pretrain" else ("name_or_path",)
+    from visionzip_core.model_folders import check_model_folder
+
+    roles = (
+        {"vision_tower": "vision", "language_model": "llm"}
+        if mode == "pretrain"
+        else {"name_or_path": "llava"}
+    )
     configs = {}
-    for key in keys:
+    for key, role in roles.items():
         name = getattr(model, key)
         if not name:
             continue  # reported by the schema stage
@@ -90,11 +96,16 @@ def _model_folders(model, mode: str, problems: list[str], build: bool) -> tuple[
         try:
             from transformers import AutoConfig
 
-            configs[key] = AutoConfig.from_pretrained(path, trust_remote_code=model.trust_remote_code)
+            config = AutoConfig.from_pretrained(path, trust_remote_code=model.trust_remote_code)
         except Exception as err:  # a broken config.json: JSONDecodeError, ValueError, OSError, KeyError
             problems.append(
                 f"model.{key}: cannot read {path}/config.json ({' '.join(str(err).split())[:200]})"
             )
+            continue
+        found = check_model_folder(path, role, f"model.{key}", config)
+        problems += found
+        if not found:
+            configs[key] = config
     if mode == "pretrain":
         cfg = configs.get("vision_tower")
         if cfg is None:
@@ -102,12 +113,6 @@ def _model_folders(model, mode: str, problems: list[str], build: bool) -> tuple[
         return getattr(cfg, "vision_config", cfg), -2  # assembled with LLaVA-1.5's feature layer
     cfg = configs.get("name_or_path")
     if cfg is None:
-        return None
-    if not hasattr(cfg, "vision_config") or not hasattr(cfg, "vision_feature_layer"):
-        problems.append(
-            f"model.name_or_path: {model.name_or_path} is a {type(cfg).__name__}, not a LLaVA checkpoint "
-            "(llava-hf layout)"
-        )
         return None
     return cfg.vision_config, cfg.vision_feature_layer
 
