@@ -1,13 +1,14 @@
-"""VisionZip for training and inference of LLaVA-style models (llava-hf format)."""
+"""VisionZip for training and inference of vision-language models (llava-hf format), one module per
+model family (:mod:`visionzip_core.families`)."""
 
-from visionzip_core.config import VisionZipConfig, num_image_tokens, read_visionzip_config
-from visionzip_core.llava import (
+from visionzip_core.adapt import (
     load_visionzip_model,
     load_visionzip_processor,
     remove_visionzip,
     visionzip,
     visionzip_processor,
 )
+from visionzip_core.config import VisionZipConfig, num_image_tokens, read_visionzip_config
 
 __all__ = [
     "VisionZipConfig",

@@ -61,16 +61,17 @@ def read_visionzip_config(model_config: Any) -> VisionZipConfig | None:
     return VisionZipConfig(**raw)
 
 
-def num_image_tokens(model_config: Any) -> int:
+def num_image_tokens(model_config: Any, image_size: tuple[int, int] | None = None) -> int:
     """Image-token ids each ``<image>`` placeholder must expand to for this model.
 
-    ``dominant + contextual`` when VisionZip settings are recorded on the config, otherwise the
-    stock LLaVA count: patches, plus CLS unless the "default" strategy drops it.
+    The model's family counts them: with VisionZip settings recorded on the config, the
+    compressed count; otherwise the stock one. ``image_size`` (H, W) matters for families whose
+    count depends on it (tiled images); LLaVA-1.5 crops every image to one square.
     """
+    from visionzip_core.families import family_for
+
+    family = family_for(model_config)
     vz = read_visionzip_config(model_config)
     if vz is not None:
-        return vz.tokens_per_image
-    vision = model_config.vision_config
-    patches = (vision.image_size // vision.patch_size) ** 2
-    strategy = getattr(model_config, "vision_feature_select_strategy", "default")
-    return patches if strategy == "default" else patches + 1
+        return family.compressed_tokens_per_image(model_config, vz, image_size)
+    return family.stock_tokens_per_image(model_config, image_size)

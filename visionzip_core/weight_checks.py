@@ -120,13 +120,18 @@ def check_model_files(folder: str | os.PathLike) -> None:
         check_finite(files)
 
 
-def load_checked(model_class, path: str | os.PathLike, **from_pretrained_kwargs: Any):
+def load_checked(
+    model_class, path: str | os.PathLike, check_files: bool = True, **from_pretrained_kwargs: Any
+):
     """``model_class.from_pretrained(path, **kwargs)``, refusing unusable weights (see the module doc).
+
+    ``check_files=False`` skips the file checks (headers, NaN/inf scan) when the caller made them
+    already (the trainer: rank 0 alone, before every rank loads); the loading report is still checked.
 
     Raises:
         WeightsError: one line naming the file (or folder) and the tensor.
     """
-    if Path(path).is_dir():
+    if check_files and Path(path).is_dir():
         check_headers(safetensors_files(path))
     # Mismatched shapes are reported by check_loading_info (transformers' own error names no tensor).
     kwargs = {"ignore_mismatched_sizes": True} | from_pretrained_kwargs
@@ -134,6 +139,6 @@ def load_checked(model_class, path: str | os.PathLike, **from_pretrained_kwargs:
     if from_pretrained_kwargs.get("ignore_mismatched_sizes"):
         info = {**info, "mismatched_keys": set()}
     check_loading_info(info, path)
-    if Path(path).is_dir():
+    if check_files and Path(path).is_dir():
         check_finite(safetensors_files(path))
     return model

@@ -20,9 +20,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from visionzip_core.families import family_for
 from visionzip_core.tokenizer_files import save_pretrained_faithfully
 from visionzip_core.training import distributed as dist
-from visionzip_core.training.modeling import PROJECTOR, build_model
+from visionzip_core.training.modeling import build_model
 from visionzip_core.training.settings import Settings
 
 
@@ -43,13 +44,14 @@ def full_model_on_rank0(engine, settings: Settings, stage: int, dtype: torch.dty
     return copy
 
 
-def _projector_state(folder: Path) -> dict[str, torch.Tensor]:
+def _projector_state(folder: Path, model) -> dict[str, torch.Tensor]:
     """The projector tensors of a saved model, under the same names as in its safetensors files."""
     from safetensors.torch import load_file
 
+    family = family_for(model)
     out = {}
     for shard in sorted(folder.glob("*.safetensors")):
-        out.update({k: v for k, v in load_file(str(shard)).items() if PROJECTOR in k})
+        out.update({k: v for k, v in load_file(str(shard)).items() if family.module_group(k) == "projector"})
     return out
 
 
@@ -79,7 +81,7 @@ def export_final(engine, settings: Settings, processor, stage: int, dtype: torch
         model.save_pretrained(tmp)
         written["model"] = tmp
         if mode in ("projector", "pretrain"):
-            projector = _projector_state(tmp)
+            projector = _projector_state(tmp, model)
             save_file(projector, str(tmp / "projector.safetensors"), metadata={"format": "pt"})
             written["projector"] = tmp / "projector.safetensors"
     save_pretrained_faithfully(processor, tmp)  # keeps `legacy`: stage 2 tokenises as stage 1 did

@@ -1,0 +1,132 @@
+"""The seam between the model-free parts (algorithm, data, trainer) and one model family.
+
+A family is one module in this package holding everything that depends on a model's classes: how
+it loads (or is assembled for stage 1), how its vision tower is captured and compressed per image
+or crop, how many visual tokens each image becomes, how its processor is adapted to that count,
+which parameters are projector, vision tower and LLM, its LoRA targets, and how its features stay
+in the graph for text-only batches. Nothing outside ``visionzip_core/families/`` names a
+transformers model class, a vision-tower attribute or a token-count formula; the rest of the
+project asks :func:`visionzip_core.families.family_for` and calls these methods.
+
+Adding a family = one new module with a :class:`ModelFamily` subclass, registered in
+``families/__init__.py``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+from torch import nn
+
+from visionzip_core.config import VisionZipConfig
+
+MODULE_GROUPS = ("projector", "vision", "llm")
+
+
+class ModelFamily(ABC):
+    """One model family (e.g. LLaVA-1.5). Stateless: methods take the model, config or path."""
+
+    #: Short name used in messages and configs ("llava-1.5").
+    name: ClassVar[str]
+    #: transformers model classes (names) handled, the registry's keys.
+    model_classes: ClassVar[tuple[str, ...]]
+    #: processor classes (names) handled.
+    processor_classes: ClassVar[tuple[str, ...]]
+    #: ``config.model_type`` values handled.
+    model_types: ClassVar[tuple[str, ...]]
+    #: Placeholder the processor expands into the visual tokens of one image.
+    image_token: ClassVar[str] = "<image>"
+    #: LLM linear layers LoRA wraps by default.
+    lora_targets: ClassVar[tuple[str, ...]] = ()
+    #: Whether stage 1 (assembling the model from a vision folder and an LLM folder) is supported.
+    assembles: ClassVar[bool] = False
+
+    # --- loading ---------------------------------------------------------------------------------
+    @abstractmethod
+    def load(self, path: str, check_files: bool = True, **from_pretrained_kwargs: Any) -> nn.Module:
+        """The model in ``path``, refusing missing, unexpected or misshapen tensors, and (with
+        ``check_files``) unreadable files and non-finite values
+        (:func:`visionzip_core.weight_checks.load_checked`)."""
+
+    @abstractmethod
+    def load_processor(self, path: str, **kwargs: Any):
+        """The stock processor saved in ``path``."""
+
+    @abstractmethod
+    def config_from_file(self, path: str) -> Any:
+        """The model config in a ``config.json`` file (without importing remote code)."""
+
+    def assemble(self, vision_path: str, llm_path: str, processor, from_pretrained_kwargs: dict) -> nn.Module:
+        """Stage 1: the model from a vision-tower folder and an LLM folder, with a fresh projector."""
+        raise NotImplementedError(f"{self.name}: no stage-1 assembly")
+
+    def assemble_processor(self, vision_path: str, llm_path: str, trust_remote_code: bool):
+        """Stage 1: the processor from the LLM's tokenizer and the vision folder's image processor."""
+        raise NotImplementedError(f"{self.name}: no stage-1 assembly")
+
+    # --- visual tokens ---------------------------------------------------------------------------
+    @abstractmethod
+    def tower_tokens(self, config: Any) -> int:
+        """Tokens the vision tower yields per image (or per crop), CLS included: what VisionZip
+        selects from, so ``dominant + contextual`` must fit in it."""
+
+    @abstractmethod
+    def stock_tokens_per_image(self, config: Any, image_size: tuple[int, int] | None = None) -> int:
+        """Visual tokens the stock model gives the LLM for one image of ``image_size`` (H, W)."""
+
+    @abstractmethod
+    def compressed_tokens_per_image(
+        self, config: Any, vz: VisionZipConfig, image_size: tuple[int, int] | None = None
+    ) -> int:
+        """Visual tokens per image with VisionZip ``vz`` on, for an image of ``image_size``."""
+
+    # --- instance adaptation ---------------------------------------------------------------------
+    @abstractmethod
+    def check_supported(self, model: nn.Module) -> None:
+        """Raise ``ValueError`` naming the model when ``model`` is not this family's."""
+
+    @abstractmethod
+    def apply(self, model: nn.Module, vz: VisionZipConfig) -> None:
+        """Compress ``model``'s visual tokens (adapts the instance; no class is patched)."""
+
+    @abstractmethod
+    def remove(self, model: nn.Module) -> None:
+        """Undo :meth:`apply`."""
+
+    @abstractmethod
+    def configs(self, model: nn.Module) -> list[Any]:
+        """The config objects that record the VisionZip settings (inner model's and wrapper's)."""
+
+    @abstractmethod
+    def adapt_processor(self, processor, tokens_per_image: int):
+        """Make ``processor`` expand each image placeholder to ``tokens_per_image`` ids."""
+
+    @abstractmethod
+    def keep_vision_in_graph(self, model: nn.Module) -> None:
+        """Text-only batches also run the vision path (times zero), so every rank runs the same
+        collectives whatever its batch holds."""
+
+    # --- training --------------------------------------------------------------------------------
+    @abstractmethod
+    def module_group(self, param_name: str) -> str:
+        """``projector``, ``vision`` or ``llm``: learning-rate group and freezing unit."""
+
+    def unused_vision_params(self, model: nn.Module) -> set[str]:
+        """Vision parameters that never reach the LLM (after the feature layer): kept frozen."""
+        return set()
+
+    @abstractmethod
+    def lora_target_regex(self, targets: tuple[str, ...]) -> str:
+        """A regex matching the LLM's ``targets`` layers only (never the vision tower's)."""
+
+    @abstractmethod
+    def projector_modules(self) -> list[str]:
+        """Module names of the projector (LoRA ``modules_to_save``; the projector-only export)."""
+
+    def llm_hidden_size(self, config: Any) -> int:
+        return config.text_config.hidden_size
+
+    def feature_layer(self, config: Any) -> int:
+        """The vision layer the projector reads: VisionZip's capture layer."""
+        return config.vision_feature_layer

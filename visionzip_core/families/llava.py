@@ -1,0 +1,357 @@
+"""LLaVA-1.5 (llava-hf ``LlavaForConditionalGeneration``): one CLIP crop per image.
+
+Rule (the paper's, and the authors' ``visionzip/clip_encoder.py``, which replaces CLIP's attention
+forward to return the CLS attention and keys of layer -2): the CLIP tower runs up to the feature
+layer (``vision_feature_layer``, -2); the CLS row of that layer's attention, summed over heads,
+ranks the patches; ``dominant`` tokens (CLS + the top ``dominant - 1`` patches) and ``contextual``
+merged tokens (head-averaged keys, uniform-stride targets) replace the 576 patch tokens, in that
+order, before the projector. CLS is kept, as the authors do (``select_feature = 'cls_patch'``), so
+the stock "default" strategy (CLS dropped) does not apply to compressed features.
+
+The capture here uses forward hooks on the instance's own q/k projections under SDPA
+(:mod:`visionzip_core.capture`), not a global replacement of ``CLIPAttention.forward``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import types
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import LlavaForConditionalGeneration, LlavaModel, LlavaProcessor
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from visionzip_core.algorithm import visionzip_compress
+from visionzip_core.capture import capture_feature_layer, check_vision_tower, resolve_feature_layer
+from visionzip_core.config import VisionZipConfig
+from visionzip_core.families.base import ModelFamily
+from visionzip_core.weight_checks import load_checked
+
+PROJECTOR = "multi_modal_projector"
+# Attribute on the LlavaModel instance holding the active settings (the bound method reads it).
+_ACTIVE = "_visionzip_active"
+
+
+def vision_tower_config(config: Any) -> Any:
+    """The vision fields of a CLIP folder's config.
+
+    A full ``CLIPModel`` download (e.g. openai/clip-vit-large-patch14-336, ``model_type: clip``)
+    keeps them in ``.vision_config``; a ``CLIPVisionModel`` folder has them at the top level.
+    """
+    return getattr(config, "vision_config", None) or config
+
+
+def patches_per_image(vision_config: Any) -> int:
+    """Patch tokens of one square CLIP crop: ``(image_size // patch_size) ** 2`` (576 at 336/14)."""
+    vision = vision_tower_config(vision_config)
+    return (vision.image_size // vision.patch_size) ** 2
+
+
+def find_llava_model(model: nn.Module) -> LlavaModel:
+    """The ``LlavaModel`` inside ``model`` (itself, a ``LlavaForConditionalGeneration``, or a PEFT wrapper)."""
+    inner = model
+    # PEFT: PeftModel -> LoraModel (or another tuner) -> the transformers model.
+    get_base = getattr(inner, "get_base_model", None)
+    if callable(get_base):
+        inner = get_base()
+    if isinstance(inner, LlavaForConditionalGeneration):
+        return inner.model
+    if isinstance(inner, LlavaModel):
+        return inner
+    raise ValueError(
+        f"visionzip: the llava-1.5 family takes LlavaForConditionalGeneration or LlavaModel (optionally "
+        f"wrapped by peft); got {type(model).__name__}"
+    )
+
+
+def _visionzip_get_image_features(
+    self: LlavaModel,
+    pixel_values: torch.Tensor,
+    vision_feature_layer: int | list[int] | None = None,
+    vision_feature_select_strategy: str | None = None,
+    image_sizes: torch.Tensor | None = None,
+    **kwargs: Any,
+) -> BaseModelOutputWithPooling | tuple:
+    """``LlavaModel.get_image_features`` with VisionZip: ``dominant + contextual`` tokens per image.
+
+    Same signature and return type as the stock method. ``pooler_output`` is a list with one
+    ``(dominant + contextual, text_hidden)`` tensor per image; ``last_hidden_state`` is the
+    uncompressed feature-layer output ``(B, N, C)`` (the tower stops there), ``hidden_states`` is
+    None. ``vision_feature_select_strategy`` is ignored: ``keep_cls`` decides about CLS.
+    """
+    config: VisionZipConfig = getattr(self, _ACTIVE)
+    num_layers = len(self.vision_tower.encoder.layers)
+    if vision_feature_layer is not None and (
+        not isinstance(vision_feature_layer, int)
+        or resolve_feature_layer(vision_feature_layer, num_layers)
+        != resolve_feature_layer(config.feature_layer, num_layers)
+    ):
+        raise ValueError(
+            f"vision_feature_layer={vision_feature_layer!r} conflicts with visionzip.feature_layer="
+            f"{config.feature_layer}; call visionzip(model, feature_layer=...) to change it"
+        )
+    if image_sizes is not None:
+        raise ValueError(
+            "visionzip: image_sizes (any-resolution tiling) is not supported for LLaVA-1.5 towers"
+        )
+    return_dict = kwargs.pop("return_dict", True)
+    captured = capture_feature_layer(
+        self.vision_tower,
+        pixel_values,
+        config.feature_layer,
+        interpolate_pos_encoding=bool(kwargs.get("interpolate_pos_encoding", False)),
+    )
+    compressed = visionzip_compress(captured.hidden, captured.cls_attention, captured.keys, config)
+    image_features = self.multi_modal_projector(compressed)
+    output = BaseModelOutputWithPooling(last_hidden_state=captured.hidden, pooler_output=list(image_features))
+    return output if return_dict else output.to_tuple()
+
+
+def _visionzip_replace_image_token(
+    self: LlavaProcessor, image_inputs: dict, image_idx: int, **kwargs: Any
+) -> str:
+    return self.image_token * self._visionzip_tokens
+
+
+def _visionzip_num_multimodal_tokens(self: LlavaProcessor, image_sizes=None, **kwargs: Any):
+    from transformers.processing_utils import MultiModalData
+
+    if image_sizes is None:
+        return MultiModalData()
+    count = len(image_sizes)
+    return MultiModalData(num_image_tokens=[self._visionzip_tokens] * count, num_image_patches=[1] * count)
+
+
+def _forward_with_vision_in_graph(self, input_ids=None, pixel_values=None, *args, **kwargs):
+    """``LlavaModel.forward``; a batch without images also runs the vision path on one blank image
+    and adds ``0 x`` its features to the input embeddings, so the tower and projector take part
+    at the same place in the graph as they do for image batches."""
+    if pixel_values is None and kwargs.get("mm_encoder_outputs") is None and input_ids is not None:
+        vision = self.config.vision_config
+        embed = self.get_input_embeddings()
+        blank = torch.zeros(
+            1,
+            vision.num_channels,
+            vision.image_size,
+            vision.image_size,
+            dtype=self.vision_tower.dtype,
+            device=input_ids.device,
+        )
+        # Embeddings, tower, then the LLM, in the stock forward's order: ZeRO-3 gathers parameters
+        # in call order, and ZeRO-2 reduces gradient buckets in the order backward produces them
+        # (reversed creation order), so any other order is a collective mismatch between ranks.
+        inputs_embeds = embed(input_ids)
+        features = self.get_image_features(pixel_values=blank, return_dict=True).pooler_output
+        anchor = torch.stack([f.sum() for f in features]).sum().to(inputs_embeds.dtype) * 0.0
+        kwargs["inputs_embeds"] = inputs_embeds + anchor
+        input_ids = None
+    return type(self).forward(self, input_ids, pixel_values, *args, **kwargs)
+
+
+class Llava15(ModelFamily):
+    name = "llava-1.5"
+    model_classes = ("LlavaForConditionalGeneration", "LlavaModel")
+    processor_classes = ("LlavaProcessor",)
+    model_types = ("llava",)
+    lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    assembles = True
+
+    # --- loading ---------------------------------------------------------------------------------
+    def load(self, path: str, check_files: bool = True, **from_pretrained_kwargs: Any) -> nn.Module:
+        return load_checked(LlavaForConditionalGeneration, path, check_files, **from_pretrained_kwargs)
+
+    def load_processor(self, path: str, **kwargs: Any):
+        return LlavaProcessor.from_pretrained(path, **kwargs)
+
+    def config_from_file(self, path: str | Path) -> Any:
+        from transformers import LlavaConfig
+
+        return LlavaConfig.from_dict(json.loads(Path(path).read_text()))
+
+    def assemble_processor(self, vision_path: str, llm_path: str, trust_remote_code: bool):
+        """A ``LlavaProcessor`` from the LLM's tokenizer and the CLIP folder's image processor."""
+        from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(llm_path, trust_remote_code=trust_remote_code)
+        image_processor = AutoImageProcessor.from_pretrained(vision_path, trust_remote_code=trust_remote_code)
+        if self.image_token not in tokenizer.get_vocab():
+            tokenizer.add_tokens([self.image_token], special_tokens=True)
+        if tokenizer.pad_token is None:
+            # LLaVA-1.5 pads vicuna with <unk>; padded positions carry label -100 either way.
+            tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+        vcfg = vision_tower_config(
+            AutoConfig.from_pretrained(vision_path, trust_remote_code=trust_remote_code)
+        )
+        return LlavaProcessor(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            patch_size=vcfg.patch_size,
+            vision_feature_select_strategy="default",
+            num_additional_image_tokens=1,
+            chat_template=getattr(tokenizer, "chat_template", None),
+        )
+
+    def assemble(self, vision_path: str, llm_path: str, processor, from_pretrained_kwargs: dict) -> nn.Module:
+        """LLaVA-1.5 from a CLIP vision folder and a causal-LM folder, with a freshly initialised projector.
+
+        The loaded towers are placed into the LLaVA skeleton as they are (no copy), and the skeleton
+        itself is built on the meta device so that a 7B model is never allocated twice.
+        """
+        from transformers import AutoModelForCausalLM, CLIPVisionModel, LlavaConfig
+        from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+        kwargs = from_pretrained_kwargs
+        tokenizer = processor.tokenizer
+        vision = CLIPVisionModel.from_pretrained(vision_path, **kwargs)
+        llm = AutoModelForCausalLM.from_pretrained(llm_path, **kwargs)
+        if len(tokenizer) > llm.get_input_embeddings().weight.shape[0]:
+            llm.resize_token_embeddings(len(tokenizer))
+        vcfg = vision.config
+        config = LlavaConfig(
+            vision_config=vcfg.to_dict(),
+            text_config=llm.config.to_dict(),
+            image_token_id=tokenizer.convert_tokens_to_ids(self.image_token),
+            projector_hidden_act="gelu",
+            vision_feature_layer=-2,
+            vision_feature_select_strategy="default",
+            image_seq_length=patches_per_image(vcfg),
+            tie_word_embeddings=bool(getattr(llm.config, "tie_word_embeddings", False)),
+        )
+        with torch.device("meta"):
+            model = LlavaForConditionalGeneration(config)
+        model.model.vision_tower = vision
+        model.model.language_model = llm.model
+        model.lm_head = llm.lm_head
+        model.model.multi_modal_projector = LlavaMultiModalProjector(config).to(vision.dtype)
+        if config.tie_word_embeddings:
+            model.lm_head.weight = model.model.language_model.get_input_embeddings().weight
+        meta = [n for n, p in [*model.named_parameters(), *model.named_buffers()] if p.device.type == "meta"]
+        if meta:
+            raise RuntimeError(f"pretrain assembly left uninitialised tensors: {meta[:5]}")
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        model.generation_config.bos_token_id = tokenizer.bos_token_id
+        return model
+
+    # --- visual tokens ---------------------------------------------------------------------------
+    def tower_tokens(self, config: Any) -> int:
+        return patches_per_image(vision_tower_config(config)) + 1  # patches + CLS
+
+    def stock_tokens_per_image(self, config: Any, image_size: tuple[int, int] | None = None) -> int:
+        # Every image is resized and cropped to one square crop: the count does not depend on its size.
+        strategy = getattr(config, "vision_feature_select_strategy", "default")
+        patches = patches_per_image(config.vision_config)
+        return patches if strategy == "default" else patches + 1
+
+    def compressed_tokens_per_image(
+        self, config: Any, vz: VisionZipConfig, image_size: tuple[int, int] | None = None
+    ) -> int:
+        return vz.tokens_per_image
+
+    # --- instance adaptation ---------------------------------------------------------------------
+    def check_supported(self, model: nn.Module) -> None:
+        find_llava_model(model)
+
+    def _check_model(self, llava: LlavaModel, config: VisionZipConfig) -> None:
+        cfg = llava.config
+        check_vision_tower(llava.vision_tower)
+        model_layer = cfg.vision_feature_layer
+        if not isinstance(model_layer, int):
+            raise ValueError(
+                f"model.config.vision_feature_layer={model_layer!r} selects several layers; "
+                "visionzip supports a single feature layer"
+            )
+        num_layers = cfg.vision_config.num_hidden_layers
+        chosen = resolve_feature_layer(config.feature_layer, num_layers)
+        if chosen != resolve_feature_layer(model_layer, num_layers):
+            raise ValueError(
+                f"visionzip.feature_layer={config.feature_layer} differs from model.config.vision_feature_layer="
+                f"{model_layer}, the layer the projector was trained on; pass feature_layer={model_layer}"
+            )
+        config.check_fits(self.tower_tokens(cfg))
+
+    def apply(self, model: nn.Module, vz: VisionZipConfig) -> None:
+        llava = find_llava_model(model)
+        self._check_model(llava, vz)
+        setattr(llava, _ACTIVE, vz)
+        llava.get_image_features = types.MethodType(_visionzip_get_image_features, llava)
+
+    def remove(self, model: nn.Module) -> None:
+        llava = find_llava_model(model)
+        llava.__dict__.pop("get_image_features", None)
+        llava.__dict__.pop(_ACTIVE, None)
+
+    def configs(self, model: nn.Module) -> list[Any]:
+        """The config objects that must record the settings (the inner model's and the wrapper's)."""
+        llava = find_llava_model(model)
+        return list({id(c): c for c in (llava.config, getattr(model, "config", llava.config))}.values())
+
+    def adapt_processor(self, processor, tokens_per_image: int):
+        if not isinstance(processor, LlavaProcessor):
+            raise ValueError(
+                f"visionzip_processor: the llava-1.5 family takes LlavaProcessor; got {type(processor).__name__}"
+            )
+        processor._visionzip_tokens = tokens_per_image
+        processor.replace_image_token = types.MethodType(_visionzip_replace_image_token, processor)
+        processor._get_num_multimodal_tokens = types.MethodType(_visionzip_num_multimodal_tokens, processor)
+        return processor
+
+    def keep_vision_in_graph(self, model: nn.Module) -> None:
+        """Make text-only batches run the same collectives as image batches (adapts the instance).
+
+        With several processes, one rank can draw a text-only micro-batch while another draws images.
+        Without this, the tower and projector then take part in one rank's forward/backward only:
+        ZeRO-2 reduces the projector's gradients on one rank alone and ZeRO-3 gathers the tower's
+        parameters on one rank alone, and gloo/NCCL abort on the mismatched collective. As LLaVA does
+        (its text-only samples carry a blank image whose features are sliced to nothing), the vision
+        path runs on one blank image and joins the input embeddings times zero: the gradients it adds
+        are exactly zero, every rank calls the same modules in the same order, and the loss always has
+        a gradient (projector and pretrain modes on a text-only batch). The cost is one image through
+        the tower per text-only micro-batch. Agreeing on modality across ranks in the sampler would
+        keep the collectives aligned too, but it ties the data order to the process count and still
+        leaves a projector-only loss without a gradient.
+        """
+        llava = find_llava_model(model)
+        llava.forward = types.MethodType(_forward_with_vision_in_graph, llava)
+
+    # --- training --------------------------------------------------------------------------------
+    def module_group(self, param_name: str) -> str:
+        if PROJECTOR in param_name:
+            return "projector"
+        if "vision_tower" in param_name:
+            return "vision"
+        return "llm"
+
+    def unused_vision_params(self, model: nn.Module) -> set[str]:
+        """Names of vision-tower parameters that never influence the features the LLM sees.
+
+        The features are read at ``vision_feature_layer`` (-2 in LLaVA-1.5), so later encoder layers
+        and ``post_layernorm`` get no gradient (with VisionZip they are not even run). Left trainable
+        they would only hold optimizer state and weight-decay drift.
+        """
+        config = model.config
+        layer = config.vision_feature_layer
+        num_layers = config.vision_config.num_hidden_layers
+        if not isinstance(layer, int):  # several feature layers: keep every layer up to the deepest
+            layer = max(i if i >= 0 else num_layers + 1 + i for i in layer)
+        # hidden_states[i] is the output of encoder layer i - 1.
+        last_used = (layer if layer >= 0 else num_layers + 1 + layer) - 1
+        after = re.compile(r"vision_tower\.(?:.*\.)?(?:encoder\.layers\.(\d+)\.|post_layernorm\.)")
+        unused = set()
+        for name, _ in model.named_parameters():
+            match = after.search(name)
+            if match and (match.group(1) is None or int(match.group(1)) > last_used):
+                unused.add(name)
+        return unused
+
+    def lora_target_regex(self, targets: tuple[str, ...]) -> str:
+        # A regex (not a list): CLIP's attention also has q_proj/k_proj/v_proj.
+        names = "|".join(re.escape(t) for t in targets)
+        return rf".*language_model.*\.({names})"
+
+    def projector_modules(self) -> list[str]:
+        return [PROJECTOR]
