@@ -68,9 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def build_processor(size, model):
-    """A LlavaProcessor (CLIP preprocessing, byte-level BPE) matched to ``model``'s token ids."""
-    from transformers import LlavaProcessor
-
+    """The model family's processor (CLIP preprocessing, byte-level BPE) matched to ``model``'s token ids."""
+    from visionzip_core.families import family_for
     from visionzip_core.tiny import (
         IMAGE_TOKEN,
         TINY_CHAT_TEMPLATE,
@@ -80,12 +79,10 @@ def build_processor(size, model):
 
     tokenizer = build_tiny_tokenizer()
     tokenizer.model_max_length = 4096  # prompts carry up to 576 image tokens
-    processor = LlavaProcessor(
-        image_processor=build_image_processor(size.vision.image_size),
-        tokenizer=tokenizer,
-        patch_size=size.vision.patch_size,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
+    processor = family_for(model).build_processor(
+        build_image_processor(size.vision.image_size),
+        tokenizer,
+        model.config.vision_config,
         chat_template=TINY_CHAT_TEMPLATE,
     )
     # The random model's embedding covers these ids; point its special ids at the tokenizer's.

@@ -35,9 +35,10 @@ from visionzip_core.benchmarking import (
     synthetic_batch,
     write_report,
 )
+from visionzip_core.families import family_for
 from visionzip_core.flops import LlamaShape, TrainableParts, VisionTowerShape, llava_step_flops
 
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_TARGETS = family_for("llava").lora_targets
 LORA_RANK, LORA_ALPHA = 128, 256  # LLaVA-1.5's LoRA recipe, as configs/ use
 
 
@@ -71,8 +72,9 @@ def trainable_parts(mode: str) -> TrainableParts:
 
 def prepare_for_training(model: torch.nn.Module, mode: str) -> torch.nn.Module:
     """Freeze all but the projector; in lora mode wrap the LLM's linears with peft adapters."""
+    family = family_for(model)
     for name, p in model.named_parameters():
-        p.requires_grad_("multi_modal_projector" in name)
+        p.requires_grad_(family.module_group(name) == "projector")
     if mode == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -80,13 +82,12 @@ def prepare_for_training(model: torch.nn.Module, mode: str) -> torch.nn.Module:
             r=LORA_RANK,
             lora_alpha=LORA_ALPHA,
             lora_dropout=0.05,
-            # Anchored on language_model: CLIP's attention has q_proj/k_proj/v_proj too.
-            target_modules=rf".*language_model.*\.({'|'.join(LORA_TARGETS)})",
+            target_modules=family.lora_target_regex(LORA_TARGETS),  # the LLM's layers only
             task_type="CAUSAL_LM",
         )
         model = get_peft_model(model, config)
         for name, p in model.named_parameters():
-            if "multi_modal_projector" in name:
+            if family.module_group(name) == "projector":
                 p.requires_grad_(True)
     model.config.use_cache = False
     return model.train()

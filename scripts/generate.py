@@ -64,7 +64,7 @@ def main(argv=None) -> int:
 
     import torch
     from PIL import Image
-    from transformers import AutoConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers import AutoConfig
 
     from visionzip_core import (
         VisionZipConfig,
@@ -76,8 +76,9 @@ def main(argv=None) -> int:
     )
     from visionzip_core.checkpoints import resolve_model_path
     from visionzip_core.data.settings import VICUNA_V1_SYSTEM
+    from visionzip_core.families import family_for
     from visionzip_core.model_folders import check_model_folder
-    from visionzip_core.weight_checks import WeightsError, load_checked
+    from visionzip_core.weight_checks import WeightsError
 
     try:
         path = resolve_model_path(args.model)
@@ -90,12 +91,13 @@ def main(argv=None) -> int:
     problems = check_model_folder(path, "llava", "--model", config)
     if problems:
         return _fail("; ".join(problems))
+    family = family_for(config)
     dtype = getattr(torch, args.dtype)
     try:
-        model = load_checked(LlavaForConditionalGeneration, path, dtype=dtype).to(args.device).eval()
+        model = family.load(path, dtype=dtype).to(args.device).eval()
     except WeightsError as err:
         return _fail(str(err))
-    processor = LlavaProcessor.from_pretrained(path)
+    processor = family.load_processor(path)
     recorded = read_visionzip_config(model.config)
     stock_tokens = num_image_tokens(remove_visionzip(model).config)
     settings = None

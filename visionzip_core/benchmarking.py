@@ -88,20 +88,13 @@ SIZES: dict[str, BenchSize] = {
 
 
 def llava_config(size: BenchSize):
-    """A ``LlavaConfig`` with LLaVA-1.5's settings and ``size``'s shapes."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+    """A ``LlavaConfig`` with LLaVA-1.5's settings and ``size``'s shapes (built by its family)."""
+    from transformers import LlamaConfig
 
-    v, t = size.vision, size.llm
-    vision = CLIPVisionConfig(
-        hidden_size=v.hidden,
-        intermediate_size=v.intermediate,
-        num_hidden_layers=v.layers,
-        num_attention_heads=v.heads,
-        image_size=v.image_size,
-        patch_size=v.patch_size,
-        projection_dim=768,
-        hidden_act="quick_gelu",
-    )
+    from visionzip_core.families import family_for
+
+    family = family_for("llava")
+    t = size.llm
     text = LlamaConfig(
         vocab_size=t.vocab,
         hidden_size=t.hidden,
@@ -115,30 +108,22 @@ def llava_config(size: BenchSize):
         eos_token_id=EOS_TOKEN_ID,
         tie_word_embeddings=False,
     )
-    return LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_id=IMAGE_TOKEN_ID,
-        projector_hidden_act="gelu",
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        image_seq_length=v.num_patches,
-        tie_word_embeddings=False,
-    )
+    return family.build_config(family.vision_config_for_shape(size.vision), text, IMAGE_TOKEN_ID)
 
 
 def build_random_llava(size: BenchSize, device: str | torch.device = "cpu", seed: int = 0):
-    """A ``LlavaForConditionalGeneration`` with random weights, built directly on ``device``.
+    """A LLaVA-1.5 model with random weights, built directly on ``device``.
 
     On a GPU the weights are allocated and initialised there (a 7B model builds in seconds);
     ``device="meta"`` builds the structure only, for checks without memory.
     """
-    from transformers import LlavaForConditionalGeneration
+    from visionzip_core.families import family_for
 
     dtype = getattr(torch, size.dtype)
+    config = llava_config(size)
     torch.manual_seed(seed)
     with torch.device(device):
-        model = LlavaForConditionalGeneration._from_config(llava_config(size), dtype=dtype)
+        model = family_for(config).random_model(config, dtype=dtype)
     model.generation_config.pad_token_id = PAD_TOKEN_ID
     model.generation_config.bos_token_id = BOS_TOKEN_ID
     model.generation_config.eos_token_id = EOS_TOKEN_ID

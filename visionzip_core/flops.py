@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 LlmTraining = Literal["none", "lora", "full"]
+# A Llama decoder layer's linears: what LoRA wraps by default, and what this FLOP model can count.
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -40,7 +41,9 @@ class VisionTowerShape:
 
     @property
     def num_patches(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
+        from visionzip_core.families.llava import patches_per_image
+
+        return patches_per_image(self)
 
     @property
     def seq_len(self) -> int:

@@ -7,7 +7,7 @@ that names neither the folder nor the setting. Only small files are read (``conf
 files, directory entries); weights are never opened here.
 
 Roles:
-  ``llava``   a whole LLaVA checkpoint (``model.name_or_path``, ``generate.py --model``);
+  ``llava``   a whole checkpoint of a supported family (``model.name_or_path``, ``generate.py --model``);
   ``vision``  the stage-1 vision tower (``model.vision_tower``): a CLIP folder;
   ``llm``     the stage-1 language model (``model.language_model``): a causal LM with a tokenizer.
 """
@@ -104,6 +104,14 @@ def _model_type(config, role: str, folder: Path, key: str) -> list[str]:
 
         if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or hasattr(config, "vision_config"):
             return [f"{key}: {folder} is a '{model_type}' model, not a causal language model (e.g. llama)"]
-    if role == "llava" and not (hasattr(config, "vision_config") and hasattr(config, "vision_feature_layer")):
-        return [f"{key}: {folder} is a '{model_type}' model, not a LLaVA checkpoint (llava-hf layout)"]
+    if role == "llava":
+        from visionzip_core.families import UnsupportedModel, family_for, supported
+
+        try:
+            family_for(config)
+        except UnsupportedModel:
+            return [
+                f"{key}: {folder} is a '{model_type}' model, not a LLaVA checkpoint (llava-hf layout); "
+                f"supported families: {supported()}"
+            ]
     return []

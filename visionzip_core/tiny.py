@@ -195,40 +195,30 @@ def build_tiny_llava(
 ):
     """Build a random LLaVA-1.5-shaped model and its processor; save both when ``out_dir`` is given.
 
-    Returns ``(model, processor)``. The model uses LLaVA-1.5's settings: feature layer -2,
-    the "default" strategy (CLS dropped, so ``(image_size // patch_size) ** 2`` image tokens).
+    Returns ``(model, processor)``. The model uses LLaVA-1.5's settings (feature layer -2, CLS
+    dropped), built by the llava-1.5 family.
     """
     import torch
-    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
+    from visionzip_core.families import family_for
+
+    family = family_for("llava")
     tokenizer = build_tiny_tokenizer()
     vcfg = tiny_vision_config(image_size, patch_size, vision_layers)
-    num_patches = (image_size // patch_size) ** 2
-    config = LlavaConfig(
-        vision_config=vcfg,
-        text_config=tiny_text_config(len(tokenizer)),
-        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        projector_hidden_act="gelu",
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        image_seq_length=num_patches,
-        tie_word_embeddings=False,
+    text = tiny_text_config(len(tokenizer))
+    text.pad_token_id, text.bos_token_id, text.eos_token_id = (
+        tokenizer.pad_token_id,
+        tokenizer.bos_token_id,
+        tokenizer.eos_token_id,
     )
-    config.text_config.pad_token_id = tokenizer.pad_token_id
-    config.text_config.bos_token_id = tokenizer.bos_token_id
-    config.text_config.eos_token_id = tokenizer.eos_token_id
+    config = family.build_config(vcfg, text, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config).eval()
+    model = family.random_model(config).eval()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
-    processor = LlavaProcessor(
-        image_processor=build_image_processor(image_size),
-        tokenizer=tokenizer,
-        patch_size=patch_size,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=TINY_CHAT_TEMPLATE,
+    processor = family.build_processor(
+        build_image_processor(image_size), tokenizer, vcfg, chat_template=TINY_CHAT_TEMPLATE
     )
     if out_dir is not None:
         out = Path(out_dir)

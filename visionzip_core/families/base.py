@@ -127,6 +127,11 @@ class ModelFamily(ABC):
     def llm_hidden_size(self, config: Any) -> int:
         return config.text_config.hidden_size
 
+    @abstractmethod
     def feature_layer(self, config: Any) -> int:
-        """The vision layer the projector reads: VisionZip's capture layer."""
-        return config.vision_feature_layer
+        """The vision layer the projector reads (VisionZip's capture layer), from the model's config
+        or, for stage 1, from a bare vision tower's."""
+
+    @abstractmethod
+    def vision_layers(self, config: Any) -> int:
+        """Encoder layers of the vision tower described by ``config`` (model or bare tower config)."""

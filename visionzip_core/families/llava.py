@@ -29,9 +29,11 @@ from visionzip_core.algorithm import visionzip_compress
 from visionzip_core.capture import capture_feature_layer, check_vision_tower, resolve_feature_layer
 from visionzip_core.config import VisionZipConfig
 from visionzip_core.families.base import ModelFamily
+from visionzip_core.flops import LORA_TARGETS
 from visionzip_core.weight_checks import load_checked
 
 PROJECTOR = "multi_modal_projector"
+STAGE1_FEATURE_LAYER = -2  # LLaVA-1.5 reads the penultimate CLIP layer
 # Attribute on the LlavaModel instance holding the active settings (the bound method reads it).
 _ACTIVE = "_visionzip_active"
 
@@ -157,7 +159,7 @@ class Llava15(ModelFamily):
     model_classes = ("LlavaForConditionalGeneration", "LlavaModel")
     processor_classes = ("LlavaProcessor",)
     model_types = ("llava",)
-    lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    lora_targets = LORA_TARGETS  # a Llama/Vicuna decoder layer's linears
     assembles = True
 
     # --- loading ---------------------------------------------------------------------------------
@@ -172,6 +174,60 @@ class Llava15(ModelFamily):
 
         return LlavaConfig.from_dict(json.loads(Path(path).read_text()))
 
+    # --- building from parts (stage 1, tiny test models, benchmarks) ------------------------------
+    def build_config(
+        self, vision_config: Any, text_config: Any, image_token_id: int, tie_word_embeddings=False
+    ):
+        """A ``LlavaConfig`` with LLaVA-1.5's settings: feature layer -2, CLS dropped ("default"),
+        a 2-layer GELU projector. ``vision_config`` and ``text_config`` are configs (not dicts)."""
+        from transformers import LlavaConfig
+
+        return LlavaConfig(
+            vision_config=vision_config.to_dict(),
+            text_config=text_config.to_dict(),
+            image_token_id=image_token_id,
+            projector_hidden_act="gelu",
+            vision_feature_layer=STAGE1_FEATURE_LAYER,
+            vision_feature_select_strategy="default",
+            image_seq_length=patches_per_image(vision_config),
+            tie_word_embeddings=tie_word_embeddings,
+        )
+
+    def vision_config_for_shape(self, shape: Any):
+        """A ``CLIPVisionConfig`` for a :class:`~visionzip_core.flops.VisionTowerShape` (OpenAI CLIP's
+        activation)."""
+        from transformers import CLIPVisionConfig
+
+        return CLIPVisionConfig(
+            hidden_size=shape.hidden,
+            intermediate_size=shape.intermediate,
+            num_hidden_layers=shape.layers,
+            num_attention_heads=shape.heads,
+            image_size=shape.image_size,
+            patch_size=shape.patch_size,
+            projection_dim=768,
+            hidden_act="quick_gelu",
+        )
+
+    def random_model(self, config: Any, dtype: torch.dtype | None = None) -> nn.Module:
+        """Random weights for ``config`` (on the current default device)."""
+        if dtype is None:
+            return LlavaForConditionalGeneration(config)
+        return LlavaForConditionalGeneration._from_config(config, dtype=dtype)
+
+    def build_processor(
+        self, image_processor, tokenizer, vision_config: Any, chat_template: str | None = None
+    ):
+        """A ``LlavaProcessor`` over ``image_processor`` and ``tokenizer`` for a CLIP tower."""
+        return LlavaProcessor(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            patch_size=vision_tower_config(vision_config).patch_size,
+            vision_feature_select_strategy="default",
+            num_additional_image_tokens=1,
+            chat_template=chat_template,
+        )
+
     def assemble_processor(self, vision_path: str, llm_path: str, trust_remote_code: bool):
         """A ``LlavaProcessor`` from the LLM's tokenizer and the CLIP folder's image processor."""
         from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
@@ -183,16 +239,9 @@ class Llava15(ModelFamily):
         if tokenizer.pad_token is None:
             # LLaVA-1.5 pads vicuna with <unk>; padded positions carry label -100 either way.
             tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
-        vcfg = vision_tower_config(
-            AutoConfig.from_pretrained(vision_path, trust_remote_code=trust_remote_code)
-        )
-        return LlavaProcessor(
-            image_processor=image_processor,
-            tokenizer=tokenizer,
-            patch_size=vcfg.patch_size,
-            vision_feature_select_strategy="default",
-            num_additional_image_tokens=1,
-            chat_template=getattr(tokenizer, "chat_template", None),
+        vcfg = AutoConfig.from_pretrained(vision_path, trust_remote_code=trust_remote_code)
+        return self.build_processor(
+            image_processor, tokenizer, vcfg, getattr(tokenizer, "chat_template", None)
         )
 
     def assemble(self, vision_path: str, llm_path: str, processor, from_pretrained_kwargs: dict) -> nn.Module:
@@ -201,7 +250,7 @@ class Llava15(ModelFamily):
         The loaded towers are placed into the LLaVA skeleton as they are (no copy), and the skeleton
         itself is built on the meta device so that a 7B model is never allocated twice.
         """
-        from transformers import AutoModelForCausalLM, CLIPVisionModel, LlavaConfig
+        from transformers import AutoModelForCausalLM, CLIPVisionModel
         from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
         kwargs = from_pretrained_kwargs
@@ -210,15 +259,10 @@ class Llava15(ModelFamily):
         llm = AutoModelForCausalLM.from_pretrained(llm_path, **kwargs)
         if len(tokenizer) > llm.get_input_embeddings().weight.shape[0]:
             llm.resize_token_embeddings(len(tokenizer))
-        vcfg = vision.config
-        config = LlavaConfig(
-            vision_config=vcfg.to_dict(),
-            text_config=llm.config.to_dict(),
-            image_token_id=tokenizer.convert_tokens_to_ids(self.image_token),
-            projector_hidden_act="gelu",
-            vision_feature_layer=-2,
-            vision_feature_select_strategy="default",
-            image_seq_length=patches_per_image(vcfg),
+        config = self.build_config(
+            vision.config,
+            llm.config,
+            tokenizer.convert_tokens_to_ids(self.image_token),
             tie_word_embeddings=bool(getattr(llm.config, "tie_word_embeddings", False)),
         )
         with torch.device("meta"):
@@ -251,6 +295,13 @@ class Llava15(ModelFamily):
         self, config: Any, vz: VisionZipConfig, image_size: tuple[int, int] | None = None
     ) -> int:
         return vz.tokens_per_image
+
+    def feature_layer(self, config: Any) -> int:
+        # A bare CLIP folder (stage 1) has no such key: the assembled model reads layer -2.
+        return getattr(config, "vision_feature_layer", STAGE1_FEATURE_LAYER)
+
+    def vision_layers(self, config: Any) -> int:
+        return vision_tower_config(config).num_hidden_layers
 
     # --- instance adaptation ---------------------------------------------------------------------
     def check_supported(self, model: nn.Module) -> None:

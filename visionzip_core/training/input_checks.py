@@ -76,8 +76,8 @@ def _output_dir(output_dir: str) -> list[str]:
     return []
 
 
-def _model_folders(model, mode: str, problems: list[str], build: bool) -> tuple[Any, int] | None:
-    """Checks each model folder; returns ``(vision config, feature layer the model reads)`` or None."""
+def _model_folders(model, mode: str, problems: list[str], build: bool) -> tuple[Any, Any] | None:
+    """Checks each model folder; returns ``(family, config of the folder holding the tower)`` or None."""
     from visionzip_core.model_folders import check_model_folder
 
     roles = (
@@ -106,15 +106,15 @@ def _model_folders(model, mode: str, problems: list[str], build: bool) -> tuple[
         problems += found
         if not found:
             configs[key] = config
+    from visionzip_core.families import family_for
+
     if mode == "pretrain":
+        from visionzip_core.training.modeling import STAGE1_FAMILY
+
         cfg = configs.get("vision_tower")
-        if cfg is None:
-            return None
-        return getattr(cfg, "vision_config", cfg), -2  # assembled with LLaVA-1.5's feature layer
+        return None if cfg is None else (family_for(STAGE1_FAMILY), cfg)
     cfg = configs.get("name_or_path")
-    if cfg is None:
-        return None
-    return cfg.vision_config, cfg.vision_feature_layer
+    return None if cfg is None else (family_for(cfg), cfg)
 
 
 def _model_folder(name: str, key: str, problems: list[str], build: bool) -> str | None:
@@ -142,11 +142,12 @@ def _model_folder(name: str, key: str, problems: list[str], build: bool) -> str 
     return str(path)
 
 
-def _visionzip_fits(vz, vision_config, model_layer) -> list[str]:
+def _visionzip_fits(vz, family, config) -> list[str]:
+    """The split and feature layer against the tower the family reads from ``config``."""
     from visionzip_core.capture import resolve_feature_layer
 
     problems = []
-    num_layers = vision_config.num_hidden_layers
+    num_layers, model_layer = family.vision_layers(config), family.feature_layer(config)
     try:
         chosen = resolve_feature_layer(vz.feature_layer, num_layers)
         if isinstance(model_layer, int) and chosen != resolve_feature_layer(model_layer, num_layers):
@@ -156,7 +157,7 @@ def _visionzip_fits(vz, vision_config, model_layer) -> list[str]:
             )
     except ValueError as err:
         problems.append(str(err).replace("visionzip.feature_layer=", "visionzip.feature_layer: "))
-    stock = (vision_config.image_size // vision_config.patch_size) ** 2 + 1  # patches + CLS
+    stock = family.tower_tokens(config)
     try:
         vz.core().check_fits(stock)
     except ValueError as err:

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from visionzip_core.config import VisionZipConfig
 from visionzip_core.data import DataSettings
+from visionzip_core.flops import LORA_TARGETS
 from visionzip_core.training.distributed import REPO_ROOT
 
 Mode = Literal["projector", "pretrain", "finetune", "lora"]
@@ -133,7 +134,7 @@ class LoraSettings(_Section):
     alpha: int = Field(256, ge=1)
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: list[str] = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        default_factory=lambda: list(LORA_TARGETS),
         description="Module names inside the LLM only (CLIP's projections share names; they are excluded).",
     )
 
