@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from visionzip_core.checkpoints import resolve_model_path
+from visionzip_core.model_names import resolve_model_path
 
 REPO = Path(__file__).resolve().parents[1]
 

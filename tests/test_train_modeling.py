@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _one_step_grads(settings):
     processor, _ = build_processor(settings)
-    model = build_model(settings, torch.float32, processor).model.train()
+    model = build_model(settings, torch.float32, processor).train()
     images = [Image.new("RGB", (120, 90), c) for c in ((200, 20, 20), (20, 20, 200))]
     prompts = ["USER: <image>\nWhat colour? ASSISTANT: red", "USER: <image>\nWhat colour? ASSISTANT: blue"]
     batch = processor(images=images, text=prompts, return_tensors="pt", padding=True)
@@ -74,7 +74,7 @@ cfg = fill_deepspeed_config(settings, 1, "fp32", llm_hidden_size(settings))
 processor, _ = build_processor(settings)
 with partitioned_loading(cfg):
     assert is_deepspeed_zero3_enabled()
-    model = build_model(settings, torch.float32, processor).model
+    model = build_model(settings, torch.float32, processor)
 assert not is_deepspeed_zero3_enabled(), "the global switch leaked out of model building"
 params = list(model.parameters())
 assert all(hasattr(p, "ds_id") for p in params), "weights were not loaded into ZeRO-3 partitions"

@@ -211,7 +211,7 @@ def setup(settings: Settings, device: torch.device) -> Run:
     # deep-copies the projector for modules_to_save and a copy of a partitioned parameter is
     # empty: those two load whole weights on every rank, then DeepSpeed partitions them.
     with partitioned_loading(ds_config, enabled=t.mode in ("projector", "finetune")):
-        model = build_model(settings, dtype, processor).model
+        model = build_model(settings, dtype, processor)
     groups, group_names = param_groups(model, settings)
     optimizer = build_optimizer(groups, settings.optim)
     scheduler = build_scheduler(optimizer, total_steps, settings.optim)

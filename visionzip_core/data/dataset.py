@@ -153,11 +153,6 @@ class VisionLanguageDataset(torch.utils.data.Dataset):
     def lengths(self) -> list[int]:
         return self._lengths.tolist()
 
-    @property
-    def modality_lengths(self) -> np.ndarray:
-        """The same as :attr:`lengths`, as an int64 array (no Python list for large sets)."""
-        return self._lengths
-
     def describe(self, i: int) -> str:
         src = self.sources[self._source_of[i]]
         row = int(self._row_of[i])

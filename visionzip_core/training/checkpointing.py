@@ -35,7 +35,7 @@ import shutil
 import types
 import zipfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -107,7 +107,7 @@ def verify_checkpoint(path: Path) -> None:
     """
     state_file = path / "trainer_state.json"
     try:
-        TrainerState(**json.loads(state_file.read_text()))
+        TrainerState.from_json(state_file.read_text())
     except (OSError, ValueError, TypeError) as err:
         raise CheckpointError(f"{state_file}: cannot be read: {' '.join(str(err).split())[:200]}") from None
     files = sorted((path / ENGINE_TAG).glob("*.pt")) + sorted(path.glob("rng_state_rank*.pt"))
@@ -138,7 +138,12 @@ class TrainerState:
     total_steps: int = 0
     wandb_run_id: str | None = None
     nonfinite_steps: int = 0
-    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainerState:
+        fields = json.loads(text)
+        fields.pop("extra", None)  # an unused key earlier versions wrote
+        return cls(**fields)
 
 
 def checkpoint_step(path: Path) -> int:
@@ -363,7 +368,7 @@ def load_checkpoint(engine, path: Path) -> TrainerState:
     RNG states are restored separately by :func:`restore_rng`, as the very last step before
     training resumes, so that nothing built in between consumes them.
     """
-    state = TrainerState(**json.loads((path / "trainer_state.json").read_text()))
+    state = TrainerState.from_json((path / "trainer_state.json").read_text())
     if state.world_size != dist.world_size():
         raise ValueError(
             f"train.resume: {path} was written by {state.world_size} processes; resume it with "

@@ -34,7 +34,7 @@ def full_model_on_rank0(engine, settings: Settings, stage: int, dtype: torch.dty
     state = engine._zero3_consolidated_16bit_state_dict()  # collective; whole tensors on rank 0 only
     if not dist.is_main():
         return None
-    copy = build_model(settings, dtype, processor, for_export=True).model
+    copy = build_model(settings, dtype, processor, for_export=True)
     missing, unexpected = copy.load_state_dict(state, strict=False)
     # A tied lm_head may be absent from the gathered dict (it is the embedding); real weights may not.
     tied = bool(getattr(copy.config, "tie_word_embeddings", False))

@@ -118,7 +118,7 @@ def _model_folders(model, mode: str, problems: list[str], build: bool) -> tuple[
 
 
 def _model_folder(name: str, key: str, problems: list[str], build: bool) -> str | None:
-    from visionzip_core.checkpoints import BUILTIN_PREFIX, BUILTINS, cache_root, resolve_model_path
+    from visionzip_core.model_names import BUILTIN_PREFIX, BUILTINS, cache_root, resolve_model_path
 
     key_name = name[len(BUILTIN_PREFIX) :] if name.startswith(BUILTIN_PREFIX) else None
     if key_name is not None and not build and not (cache_root() / "builtin" / key_name).is_dir():

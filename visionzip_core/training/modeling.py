@@ -11,7 +11,6 @@ Modes:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -62,7 +61,7 @@ def torch_dtype(precision: str) -> torch.dtype:
 
 def model_path(name: str, key: str) -> str:
     """Local folder for ``name`` (``builtin:*`` test models are built on first use); clear error if missing."""
-    from visionzip_core.checkpoints import resolve_model_path
+    from visionzip_core.model_names import resolve_model_path
 
     path = Path(resolve_model_path(name))
     if not path.is_dir():
@@ -70,12 +69,6 @@ def model_path(name: str, key: str) -> str:
             f"{key}: no such model folder {path} (edit the config or override {key}=/path)"
         )
     return str(path)
-
-
-@dataclass
-class BuiltModel:
-    model: nn.Module
-    image_tokens_per_image: int
 
 
 def seed_everything(seed: int) -> None:
@@ -138,13 +131,13 @@ def llm_hidden_size(settings: Settings) -> int:
     return family_for(config).llm_hidden_size(config)
 
 
-def build_model(settings: Settings, dtype: torch.dtype, processor, for_export: bool = False) -> BuiltModel:
+def build_model(settings: Settings, dtype: torch.dtype, processor, for_export: bool = False) -> nn.Module:
     """Load or assemble the model for ``settings.train.mode``, compressed, frozen and (lora) wrapped.
 
     ``for_export`` builds the same structure without training switches (used under ZeRO-3 to
     receive gathered weights on rank 0).
     """
-    from visionzip_core import num_image_tokens, visionzip
+    from visionzip_core import visionzip
 
     m = settings.model
     family = model_family(settings)
@@ -175,7 +168,7 @@ def build_model(settings: Settings, dtype: torch.dtype, processor, for_export: b
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if settings.train.mode == "lora":
         model = wrap_lora(model, settings)
-    return BuiltModel(model=model, image_tokens_per_image=num_image_tokens(model.config))
+    return model
 
 
 def check_weight_files(path: str) -> None:
