@@ -74,10 +74,10 @@ def main(argv=None) -> int:
         visionzip,
         visionzip_processor,
     )
-    from visionzip_core.model_names import resolve_model_path
     from visionzip_core.data.settings import VICUNA_V1_SYSTEM
     from visionzip_core.families import family_for
     from visionzip_core.model_folders import check_model_folder
+    from visionzip_core.model_names import resolve_model_path
     from visionzip_core.weight_checks import WeightsError
 
     try:

@@ -102,3 +102,14 @@ def test_collator_pads_right_and_stacks_images():
     assert out["pixel_values"].shape == (3, 3, 4, 4) and out["pixel_values"][1:].eq(2).all()
     text_only = DataCollator(pad_token_id=0, pad_to_multiple_of=8)(items[1:2])
     assert "pixel_values" not in text_only and text_only["input_ids"].shape == (1, 8)
+
+
+def test_validation_shards_count_every_sample_once():
+    """DistributedSampler's padding repeats are marked, so each sample counts once on some rank."""
+    from visionzip_core.training.dataloaders import ValidationShard
+
+    for n, world in ((7, 2), (10, 3), (4, 4), (3, 4), (1, 2)):
+        shards = [list(ValidationShard(n, rank, world)) for rank in range(world)]
+        assert len({len(s) for s in shards}) == 1  # the same number of batches on every rank
+        counted = sorted(i for s in shards for i, padding in s if not padding)
+        assert counted == list(range(n)), (n, world, shards)

@@ -145,9 +145,43 @@ def check_resume(
     return record
 
 
+@dataclass
+class Start:
+    """Where this run starts: its folder, the checkpoint it resumes (or None), its settings record."""
+
+    output_dir: Path
+    resume_from: Path | None
+    precision: str
+    record: dict
+
+
+@dataclass
+class Data:
+    """The processor, the loaders and the schedule length they imply."""
+
+    processor: object
+    image_tokens: int
+    train_loader: object
+    sampler: object
+    val_loader: object | None
+    steps_per_epoch: int
+    total_steps: int
+
+
 def setup(settings: Settings, device: torch.device) -> Run:
-    t, rank, world = settings.train, dist.rank(), dist.world_size()
-    seed_everything(t.seed)
+    """Folder and resume check -> data (no weights yet) -> model and engine -> resume -> logging."""
+    seed_everything(settings.train.seed)
+    start = prepare_start(settings)
+    data = prepare_data(settings, start)
+    engine, group_names, ds_config = prepare_engine(settings, start, data)
+    state = resume_state(engine, start, data.total_steps)
+    return assemble_run(settings, device, start, data, engine, group_names, ds_config, state)
+
+
+def prepare_start(settings: Settings) -> Start:
+    """Resolve the checkpoint to resume and check it against this config, before anything is
+    removed or loaded. ALL RANKS must call this."""
+    t = settings.train
     output_dir = Path(t.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     resume_from = dist.broadcast_object(checkpointing.resolve_resume(t.resume, output_dir, warn=dist.print0))
@@ -157,11 +191,15 @@ def setup(settings: Settings, device: torch.device) -> Run:
         for stale in checkpointing.remove_incomplete(output_dir):
             dist.print0(f"removed incomplete checkpoint {stale} (interrupted save)")
     dist.barrier()
-    dtype = torch_dtype(precision)
+    return Start(output_dir, resume_from, precision, record)
 
-    # Data first: it needs only the tokenizer and image processor, so bad data stops the run
-    # before any weights load. Rank 0 preflights first; the others then read its cache.
-    # (builtin:* test models are also built by rank 0 alone, before the others read them.)
+
+def prepare_data(settings: Settings, start: Start) -> Data:
+    """Processor, datasets and loaders. Data comes before the model: it needs only the tokenizer
+    and image processor, so bad data stops the run before any weights load. ALL RANKS must call this."""
+    t, rank, world = settings.train, dist.rank(), dist.world_size()
+    # Rank 0 preflights first; the others then read its cache. (builtin:* test models are also
+    # built by rank 0 alone, before the others read them.)
     if not dist.is_main():
         dist.barrier()
     processor, image_tokens = build_processor(settings)
@@ -197,73 +235,91 @@ def setup(settings: Settings, device: torch.device) -> Run:
             f"{t.per_device_batch_size} x {t.grad_accum_steps} x {world} processes"
         )
     total_steps = t.max_steps or t.epochs * steps_per_epoch
-    record["derived"]["data.train_samples"] = len(datasets["train"])
-    if resume_from is not None:
-        check_resume(settings, output_dir, resume_from, precision, record)
-        if not resume.check_step_target(resume_from, total_steps, output_dir, settings.export.enabled):
+    start.record["derived"]["data.train_samples"] = len(datasets["train"])
+    if start.resume_from is not None:
+        check_resume(settings, start.output_dir, start.resume_from, start.precision, start.record)
+        if not resume.check_step_target(
+            start.resume_from, total_steps, start.output_dir, settings.export.enabled
+        ):
             dist.print0(
-                f"{resume_from}: all {total_steps} steps were trained but final/ is missing: export only"
+                f"{start.resume_from}: all {total_steps} steps were trained but final/ is missing: export only"
             )
+    return Data(processor, image_tokens, train_loader, sampler, val_loader, steps_per_epoch, total_steps)
 
-    ds_config = fill_deepspeed_config(settings, world, precision, llm_hidden_size(settings))
+
+def prepare_engine(settings: Settings, start: Start, data: Data):
+    """``(engine, optimizer group names, DeepSpeed config)``. ALL RANKS must call this."""
+    t, world = settings.train, dist.world_size()
+    ds_config = fill_deepspeed_config(settings, world, start.precision, llm_hidden_size(settings))
     # ZeRO-3: each rank loads only its shard. Not for pretrain, whose LLaVA skeleton is built on
     # the meta device (transformers' ZeRO-3 weight init cannot run there), nor lora, where peft
     # deep-copies the projector for modules_to_save and a copy of a partitioned parameter is
     # empty: those two load whole weights on every rank, then DeepSpeed partitions them.
     with partitioned_loading(ds_config, enabled=t.mode in ("projector", "finetune")):
-        model = build_model(settings, dtype, processor)
+        model = build_model(settings, torch_dtype(start.precision), data.processor)
     groups, group_names = param_groups(model, settings)
     optimizer = build_optimizer(groups, settings.optim)
-    scheduler = build_scheduler(optimizer, total_steps, settings.optim)
+    scheduler = build_scheduler(optimizer, data.total_steps, settings.optim)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
     )
     trainable, total = count_parameters(engine.module)
     dist.print0(
-        f"mode={t.mode} precision={precision} zero={zero_stage(ds_config)} processes={world} "
-        f"visual tokens/image={image_tokens} trainable={trainable:,}/{total:,} steps={total_steps} "
-        f"({steps_per_epoch}/epoch) global batch={ds_config['train_batch_size']}"
+        f"mode={t.mode} precision={start.precision} zero={zero_stage(ds_config)} processes={world} "
+        f"visual tokens/image={data.image_tokens} trainable={trainable:,}/{total:,} steps={data.total_steps} "
+        f"({data.steps_per_epoch}/epoch) global batch={ds_config['train_batch_size']}"
     )
+    return engine, group_names, ds_config
 
-    state = TrainerState(world_size=world, total_steps=total_steps)
-    if resume_from is not None:
-        hyperparameters = group_hyperparameters(engine.lr_scheduler)
-        state = checkpointing.load_checkpoint(engine, resume_from)
-        reapply_hyperparameters(engine.lr_scheduler, hyperparameters)
-        dist.print0(f"resumed from {resume_from}: step {state.step}, epoch {state.epoch}")
-        if state.total_steps != total_steps:
-            dist.print0(f"note: the schedule now has {total_steps} steps (checkpoint: {state.total_steps})")
-            state.total_steps = total_steps
+
+def resume_state(engine, start: Start, total_steps: int) -> TrainerState:
+    """A fresh state, or the checkpoint's (weights, optimizer and schedule loaded into ``engine``,
+    this run's learning rates re-applied). ALL RANKS must call this."""
+    state = TrainerState(world_size=dist.world_size(), total_steps=total_steps)
+    if start.resume_from is None:
+        return state
+    hyperparameters = group_hyperparameters(engine.lr_scheduler)
+    state = checkpointing.load_checkpoint(engine, start.resume_from)
+    reapply_hyperparameters(engine.lr_scheduler, hyperparameters)
+    dist.print0(f"resumed from {start.resume_from}: step {state.step}, epoch {state.epoch}")
+    if state.total_steps != total_steps:
+        dist.print0(f"note: the schedule now has {total_steps} steps (checkpoint: {state.total_steps})")
+        state.total_steps = total_steps
+    return state
+
+
+def assemble_run(settings, device, start: Start, data: Data, engine, group_names, ds_config, state) -> Run:
+    """Tracking and metrics, then the :class:`Run`; the resumed RNG state is restored last."""
     tracker = None
     if dist.is_main():
         tracker = WandbTracker(
-            settings.wandb, output_dir, settings.model_dump(mode="json"), state.wandb_run_id
+            settings.wandb, start.output_dir, settings.model_dump(mode="json"), state.wandb_run_id
         )
         state.wandb_run_id = tracker.run_id
     if settings.debug.log_samples:
-        truncate_jsonl(output_dir / "debug" / f"samples-rank{rank}.jsonl", state.step)
+        truncate_jsonl(start.output_dir / "debug" / f"samples-rank{dist.rank()}.jsonl", state.step)
     run = Run(
         settings=settings,
         engine=engine,
-        processor=processor,
-        train_loader=train_loader,
-        sampler=sampler,
-        val_loader=val_loader,
+        processor=data.processor,
+        train_loader=data.train_loader,
+        sampler=data.sampler,
+        val_loader=data.val_loader,
         state=state,
-        steps_per_epoch=steps_per_epoch,
+        steps_per_epoch=data.steps_per_epoch,
         device=device,
-        dtype=dtype,
+        dtype=torch_dtype(start.precision),
         stage=zero_stage(ds_config),
         group_names=group_names,
-        image_tokens=image_tokens,
+        image_tokens=data.image_tokens,
         nonce=dist.broadcast_object(uuid.uuid4().hex[:8]),
-        metrics=MetricsLog(output_dir / "metrics.jsonl", total_steps, state.step, dist.is_main()),
+        metrics=MetricsLog(start.output_dir / "metrics.jsonl", data.total_steps, state.step, dist.is_main()),
         tracker=tracker,
-        output_dir=output_dir,
-        record=record,
+        output_dir=start.output_dir,
+        record=start.record,
     )
-    if resume_from is not None:
-        checkpointing.restore_rng(resume_from)  # last: nothing after this may draw random numbers
+    if start.resume_from is not None:
+        checkpointing.restore_rng(start.resume_from)  # last: nothing after this may draw random numbers
     return run
 
 
@@ -347,8 +403,10 @@ def evaluate(run: Run) -> float | None:
         batch.pop("sample_index")
         batch = to_device(batch, run.device, run.dtype)
         n = (batch["labels"][:, 1:] != -100).sum().item()
-        loss_sum += run.engine(**batch).loss.item() * n
-        n_tokens += n
+        loss = run.engine(**batch).loss  # every rank runs the same number of forwards (ZeRO-3)
+        if n:  # a batch of padding repeats only has no tokens to count (its mean loss is NaN)
+            loss_sum += loss.item() * n
+            n_tokens += n
     run.engine.train()
     loss_sum, n_tokens = dist.all_reduce_sum([loss_sum, n_tokens])
     val_loss = loss_sum / max(n_tokens, 1)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from visionzip_core.data import DataCollator, LengthGroupedSampler
+from visionzip_core.data import IGNORE_INDEX, DataCollator, LengthGroupedSampler
 
 
 class IndexedDataset(Dataset):
@@ -20,8 +20,12 @@ class IndexedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, i: int) -> dict:
-        return {**self.dataset[i], "sample_index": i}
+    def __getitem__(self, i: int | tuple[int, bool]) -> dict:
+        i, padding = i if isinstance(i, tuple) else (i, False)
+        item = {**self.dataset[i], "sample_index": i}
+        if padding:  # a repeat that only evens out the ranks' batch counts: it must not count
+            item["labels"] = torch.full_like(item["labels"], IGNORE_INDEX)
+        return item
 
 
 @dataclass(frozen=True)
@@ -73,27 +77,36 @@ def build_train_loader(dataset, data_settings, batch_size: int, rank: int, world
     return loader, sampler
 
 
-class _RankShard(torch.utils.data.Sampler[int]):
-    """Indices ``rank, rank + world, ...`` padded by wrapping so that every rank runs the same number
-    of batches (ZeRO-3 forward passes are collective: a rank that stops early hangs the others)."""
+class ValidationShard(torch.utils.data.Sampler[tuple[int, bool]]):
+    """``DistributedSampler(shuffle=False)``'s indices, each with whether it is padding.
+
+    DistributedSampler repeats the first indices so that every rank runs the same number of
+    batches (ZeRO-3 forward passes are collective: a rank that stops early hangs the others). A
+    repeat still runs, but its labels are ignored, so every sample counts exactly once in the
+    validation loss, whatever the number of processes.
+    """
 
     def __init__(self, n: int, rank: int, world: int):
-        per_rank = -(-n // world)
-        order = list(range(n)) + list(range(per_rank * world - n))
-        self.indices = order[rank::world]
+        from torch.utils.data import DistributedSampler
+
+        self.inner = DistributedSampler(
+            range(n), num_replicas=world, rank=rank, shuffle=False, drop_last=False
+        )
+        self.n, self.rank, self.world = n, rank, world
 
     def __iter__(self):
-        return iter(self.indices)
+        for k, i in enumerate(self.inner):
+            yield i, self.rank + k * self.world >= self.n  # position in the padded order
 
     def __len__(self) -> int:
-        return len(self.indices)
+        return len(self.inner)
 
 
 def build_val_loader(dataset, data_settings, batch_size: int, rank: int, world: int, pad_token_id: int):
     return DataLoader(
         IndexedDataset(dataset),
         batch_size=batch_size,
-        sampler=_RankShard(len(dataset), rank, world),
+        sampler=ValidationShard(len(dataset), rank, world),
         collate_fn=IndexedCollator(DataCollator(pad_token_id=pad_token_id)),
         num_workers=data_settings.num_workers,
         generator=torch.Generator().manual_seed(data_settings.seed),
