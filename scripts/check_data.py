@@ -28,6 +28,7 @@ def main(argv=None) -> int:
 
     from visionzip_core.data import BadDataError
     from visionzip_core.data.dataset import apply_policy, make_encoder, mixture_indices, preflight_split
+    from visionzip_core.data.images import ImageTransform
     from visionzip_core.training.input_checks import check_global_batch
     from visionzip_core.training.modeling import IMAGE_TOKEN, build_processor
     from visionzip_core.training.settings import ConfigError, load_config
@@ -40,8 +41,14 @@ def main(argv=None) -> int:
         return 2
     data = settings.data.resolve_paths()
     encoder = make_encoder(data, processor.tokenizer, image_tokens, IMAGE_TOKEN)
+    try:
+        transform = ImageTransform(processor.image_processor, data.image_aspect_ratio)
+    except ValueError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    size_rule = transform.size_rule if encoder.needs_image_sizes else None
     print(
-        f"visual tokens per image: {image_tokens} (template {data.template}, max length {data.model_max_length})"
+        f"visual tokens per image: {image_tokens.describe()} (template {data.template}, max length {data.model_max_length})"
     )
 
     stop = None
@@ -49,7 +56,7 @@ def main(argv=None) -> int:
         if not getattr(data, split):
             continue
         try:
-            found = preflight_split(data, split, encoder)
+            found = preflight_split(data, split, encoder, size_rule)
         except BadDataError as err:
             print(err)
             stop = stop or str(err)

@@ -68,14 +68,13 @@ def main(argv=None) -> int:
 
     from visionzip_core import (
         VisionZipConfig,
-        num_image_tokens,
         read_visionzip_config,
         remove_visionzip,
         visionzip,
         visionzip_processor,
     )
     from visionzip_core.data.settings import VICUNA_V1_SYSTEM
-    from visionzip_core.families import family_for
+    from visionzip_core.families import family_for, image_token_count
     from visionzip_core.model_folders import check_model_folder
     from visionzip_core.model_names import resolve_model_path
     from visionzip_core.weight_checks import WeightsError
@@ -99,7 +98,7 @@ def main(argv=None) -> int:
         return _fail(str(err))
     processor = family.load_processor(path)
     recorded = read_visionzip_config(model.config)
-    stock_tokens = num_image_tokens(remove_visionzip(model).config)
+    stock_count = image_token_count(remove_visionzip(model).config)  # (H, W) -> the stock count
     settings = None
     if not args.no_visionzip:
         # A flag left out keeps the checkpoint's recorded value, else the paper's 54 + 10.
@@ -121,7 +120,10 @@ def main(argv=None) -> int:
     prompt = f"{system} USER: " + "<image>\n" * len(images) + f"{args.prompt} ASSISTANT:"
     inputs = processor(text=[prompt], images=images, return_tensors="pt").to(args.device)
     inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-    kept = int((inputs["input_ids"] == model.config.image_token_id).sum()) // len(images)
+    kept_count = image_token_count(model.config, settings)
+    sizes = [(img.height, img.width) for img in images]
+    kept, stock = _per_image([kept_count(s) for s in sizes]), _per_image([stock_count(s) for s in sizes])
+    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == sum(map(kept_count, sizes))
     with torch.inference_mode():
         out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
     text = processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
@@ -132,9 +134,14 @@ def main(argv=None) -> int:
         else f"VisionZip dominant {settings.dominant} + contextual {settings.contextual}"
     )
     print(f"model: {path}")
-    print(f"visual tokens per image: {kept} of {stock_tokens} ({how}), images: {len(images)}")
+    print(f"visual tokens per image: {kept} of {stock} ({how}), images: {len(images)}")
     print(f"generated: {text.strip()!r}")
     return 0
+
+
+def _per_image(counts: list[int]) -> str:
+    """``"16"`` when every image gets the same count, else ``"40 + 50"`` (tiled images)."""
+    return str(counts[0]) if len(set(counts)) == 1 else " + ".join(map(str, counts))
 
 
 if __name__ == "__main__":

@@ -40,6 +40,17 @@ def tiny_llava_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_llava_next_dir(tmp_path_factory):
+    """A saved llava-hf LLaVA-NeXT folder: 112 px crops (64 patches + CLS), llava-v1.6's five
+    tilings of the crop side (1x2, 2x1, 2x2, 3x1, 1x3), and its LlavaNextProcessor."""
+    from visionzip_core.tiny import build_tiny_llava_next
+
+    path = tmp_path_factory.mktemp("tiny-llava-next")
+    build_tiny_llava_next(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def tiny_pretrain_dirs(tmp_path_factory):
     """``(clip_dir, llm_dir)``: a tiny CLIP vision checkpoint and a tiny causal LM, for stage-1."""
     from visionzip_core.tiny import build_tiny_pretrain_parts
@@ -70,3 +81,11 @@ def llava_hf_4x_dir(tmp_path_factory):
     from real_layouts import write_llava_hf_4x_folder
 
     return write_llava_hf_4x_folder(tmp_path_factory.mktemp("llava-hf-4x"))
+
+
+@pytest.fixture(scope="session")
+def llava_next_hf_4x_dir(tmp_path_factory):
+    """llava-hf/llava-v1.6-vicuna-7b-hf as transformers 4.x saved it: old key layout and config."""
+    from real_layouts import write_llava_hf_4x_folder
+
+    return write_llava_hf_4x_folder(tmp_path_factory.mktemp("llava-next-hf-4x"), family="llava-next")

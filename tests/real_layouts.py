@@ -13,6 +13,10 @@
   and the 4.x processor files (``tokenizer.model`` + ``tokenizer.json`` with ``<image>`` and
   ``<pad>`` added, ``preprocessor_config.json``, ``processor_config.json``, ``chat_template.json``).
 
+- :func:`write_llava_hf_4x_folder` with ``family="llava-next"``: ``llava-hf/llava-v1.6-vicuna-7b-hf``
+  as transformers 4.x saved it: the same old layout plus a top-level ``image_newline``, a
+  ``llava_next`` config with ``image_grid_pinpoints``, and ``LlavaNextImageProcessor`` files.
+
 Sizes are tiny; the formats, file names and key layouts are the real ones.
 """
 
@@ -204,12 +208,13 @@ def write_vicuna_folder(out: Path) -> Path:
 
 
 def to_4x_key(name: str) -> str:
-    """A transformers 5 ``LlavaForConditionalGeneration`` key in transformers 4.x's layout."""
+    """A transformers 5 ``LlavaForConditionalGeneration`` (or LLaVA-NeXT) key in transformers 4.x's layout."""
     for new, old in (
         ("model.language_model.", "language_model.model."),
         ("lm_head.", "language_model.lm_head."),
         ("model.vision_tower.", "vision_tower.vision_model."),
         ("model.multi_modal_projector.", "multi_modal_projector."),
+        ("model.image_newline", "image_newline"),
     ):
         if name.startswith(new):
             return old + name[len(new) :]
@@ -223,10 +228,29 @@ def _diff(config) -> dict:
     return diff
 
 
-def write_llava_hf_4x_folder(out: Path, seed: int = 0) -> Path:
-    """A tiny llava-1.5 in transformers 4.x's layout. Returns the folder."""
+def write_llava_hf_4x_folder(out: Path, seed: int = 0, family: str = "llava") -> Path:
+    """A tiny llava-1.5 (or, with ``family="llava-next"``, llava-v1.6) in transformers 4.x's layout.
+    Returns the folder."""
     from safetensors.torch import save_file
-    from transformers import LlamaTokenizerFast, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import (
+        LlamaTokenizerFast,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+    )
+
+    next_ = family == "llava-next"
+    config_class, model_class = (
+        (LlavaNextConfig, LlavaNextForConditionalGeneration)
+        if next_
+        else (LlavaConfig, LlavaForConditionalGeneration)
+    )
+    architecture, processor_class = (
+        ("LlavaNextForConditionalGeneration", "LlavaNextProcessor")
+        if next_
+        else ("LlavaForConditionalGeneration", "LlavaProcessor")
+    )
 
     from visionzip_core.tiny import (
         build_image_processor,
@@ -245,7 +269,10 @@ def write_llava_hf_4x_folder(out: Path, seed: int = 0) -> Path:
 
     vision, text = tiny_vision_config(), tiny_text_config(LLAVA_VOCAB)
     text.bos_token_id, text.eos_token_id, text.pad_token_id = 1, 2, pad_id
-    config = LlavaConfig(
+    side = vision.image_size
+    pinpoints = [[side, 2 * side], [2 * side, side], [2 * side, 2 * side], [3 * side, side], [side, 3 * side]]
+    extra = {"image_grid_pinpoints": pinpoints} if next_ else {}
+    config = config_class(
         vision_config=vision,
         text_config=text,
         image_token_id=image_id,
@@ -253,19 +280,21 @@ def write_llava_hf_4x_folder(out: Path, seed: int = 0) -> Path:
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
         tie_word_embeddings=False,
+        **extra,
     )
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config)
+    model = model_class(config)
     save_file(
         {to_4x_key(k): v.contiguous() for k, v in model.state_dict().items()}, out / "model.safetensors"
     )
 
     patches = (vision.image_size // vision.patch_size) ** 2
     config_4x = {
-        "architectures": ["LlavaForConditionalGeneration"],
+        "architectures": [architecture],
         "ignore_index": -100,
         "image_token_index": image_id,
-        "model_type": "llava",
+        "model_type": "llava_next" if next_ else "llava",
+        **extra,
         "pad_token_id": pad_id,
         "projector_hidden_act": "gelu",
         "text_config": {**_diff(text), "model_type": "llama", "architectures": ["LlamaForCausalLM"]},
@@ -289,16 +318,28 @@ def write_llava_hf_4x_folder(out: Path, seed: int = 0) -> Path:
 
     tokenizer.save_pretrained(out)  # tokenizer.json + tokenizer_config.json with the added tokens
     tok_config = json.loads((out / "tokenizer_config.json").read_text())
-    tok_config.update(legacy=False, processor_class="LlavaProcessor", tokenizer_class="LlamaTokenizer")
+    tok_config.update(legacy=False, processor_class=processor_class, tokenizer_class="LlamaTokenizer")
     (out / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2))
-    image_processor = build_image_processor(vision.image_size).to_dict()
-    image_processor.update(image_processor_type="CLIPImageProcessor", processor_class="LlavaProcessor")
+    if next_:
+        from transformers import LlavaNextImageProcessor
+
+        image_processor = LlavaNextImageProcessor(
+            size={"shortest_edge": side},
+            crop_size={"height": side, "width": side},
+            image_grid_pinpoints=pinpoints,
+        ).to_dict()
+        image_processor.update(
+            image_processor_type="LlavaNextImageProcessor", processor_class=processor_class
+        )
+    else:
+        image_processor = build_image_processor(vision.image_size).to_dict()
+        image_processor.update(image_processor_type="CLIPImageProcessor", processor_class=processor_class)
     (out / "preprocessor_config.json").write_text(json.dumps(image_processor, indent=2))
     processor = {
         "image_token": "<image>",
         "num_additional_image_tokens": 1,
         "patch_size": vision.patch_size,
-        "processor_class": "LlavaProcessor",
+        "processor_class": processor_class,
         "vision_feature_select_strategy": "default",
     }
     (out / "processor_config.json").write_text(json.dumps(processor, indent=2))

@@ -37,6 +37,7 @@ import deepspeed  # noqa: E402
 import torch  # noqa: E402
 
 from visionzip_core.data import BadDataError, build_dataset  # noqa: E402
+from visionzip_core.families import ImageTokenCount  # noqa: E402
 from visionzip_core.training import checkpointing, output_lock, preemption, resume  # noqa: E402
 from visionzip_core.training.checkpointing import NoSpaceLeft, TrainerState  # noqa: E402
 from visionzip_core.training.dataloaders import build_train_loader, build_val_loader  # noqa: E402
@@ -93,7 +94,7 @@ class Run:
     dtype: torch.dtype
     stage: int
     group_names: list[str]
-    image_tokens: int
+    image_tokens: ImageTokenCount  # count((H, W)): ids per image
     nonce: str
     metrics: MetricsLog
     tracker: WandbTracker | None
@@ -160,7 +161,7 @@ class Data:
     """The processor, the loaders and the schedule length they imply."""
 
     processor: object
-    image_tokens: int
+    image_tokens: ImageTokenCount  # count((H, W)): ids per image
     train_loader: object
     sampler: object
     val_loader: object | None
@@ -266,7 +267,7 @@ def prepare_engine(settings: Settings, start: Start, data: Data):
     trainable, total = count_parameters(engine.module)
     dist.print0(
         f"mode={t.mode} precision={start.precision} zero={zero_stage(ds_config)} processes={world} "
-        f"visual tokens/image={data.image_tokens} trainable={trainable:,}/{total:,} steps={data.total_steps} "
+        f"visual tokens/image={data.image_tokens.describe()} trainable={trainable:,}/{total:,} steps={data.total_steps} "
         f"({data.steps_per_epoch}/epoch) global batch={ds_config['train_batch_size']}"
     )
     return engine, group_names, ds_config
@@ -435,7 +436,7 @@ def log_step(run: Run, stats: dict, window: dict) -> None:
         "grad_norm": stats["grad_norm"],
         "samples_per_s": window["samples"] / window["seconds"],
         "tokens_per_s": window["tokens"] / window["seconds"],
-        "visual_tokens_per_image": run.image_tokens,
+        "visual_tokens_per_image": run.image_tokens.describe(),
         "peak_mem_mb": round(peak_memory_mb(), 1),
         "nonfinite_steps": run.state.nonfinite_steps,
     }

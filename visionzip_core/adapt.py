@@ -117,8 +117,9 @@ def visionzip_processor(processor: Any, config: Any) -> Any:
     The count is not stored in ``processor_config.json``; after ``processor.save_pretrained(out)``
     reload with :func:`load_visionzip_processor`, which reads the model config saved beside it.
     """
-    tokens = config.tokens_per_image if isinstance(config, VisionZipConfig) else num_image_tokens(config)
-    return family_for(processor).adapt_processor(processor, tokens)
+    if isinstance(config, VisionZipConfig):
+        return family_for(processor).adapt_processor(processor, config)
+    return family_for(processor).adapt_processor(processor, read_visionzip_config(config), config)
 
 
 def load_visionzip_processor(path: str | os.PathLike, model_config: Any = None, **kwargs: Any) -> Any:

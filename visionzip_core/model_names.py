@@ -25,6 +25,12 @@ def _build_tiny_llava(out: Path) -> None:
     build_tiny_llava(out)
 
 
+def _build_tiny_llava_next(out: Path) -> None:
+    from visionzip_core.tiny import build_tiny_llava_next
+
+    build_tiny_llava_next(out)
+
+
 def _build_tiny_part(part: str) -> Callable[[Path], None]:
     def build(out: Path) -> None:
         from visionzip_core.tiny import build_tiny_pretrain_parts
@@ -40,6 +46,7 @@ BUILTINS: dict[str, Callable[[Path], None]] = {
     "tiny-llava": _build_tiny_llava,  # LlavaForConditionalGeneration + LlavaProcessor
     "tiny-clip": _build_tiny_part("clip"),  # CLIPVisionModel + image processor (stage-1 input)
     "tiny-llm": _build_tiny_part("llm"),  # LlamaForCausalLM + tokenizer (stage-1 input)
+    "tiny-llava-next": _build_tiny_llava_next,  # LlavaNextForConditionalGeneration + LlavaNextProcessor
 }
 
 
@@ -51,7 +58,7 @@ def cache_root() -> Path:
 def resolve_model_path(name: str | os.PathLike) -> str:
     """A path or hub id usable by ``from_pretrained``; ``builtin:<name>`` is built into the cache first.
 
-    Built-ins: ``builtin:tiny-llava``, ``builtin:tiny-clip``, ``builtin:tiny-llm``. A build goes to a
+    Built-ins: ``builtin:tiny-llava``, ``builtin:tiny-clip``, ``builtin:tiny-llm``, ``builtin:tiny-llava-next``. A build goes to a
     temporary folder beside the target and is renamed into place, so a crash never leaves a
     half-written model and concurrent ranks may race safely (the first rename wins).
 

@@ -228,6 +228,44 @@ def build_tiny_llava(
     return model, processor
 
 
+def build_tiny_llava_next(
+    out_dir: str | os.PathLike | None = None,
+    image_size: int = 112,
+    patch_size: int = 14,
+    vision_layers: int = 3,
+    seed: int = 0,
+):
+    """Build a random LLaVA-NeXT-shaped model (llava-v1.6's settings, its five tilings of the
+    crop side) and its processor; save both when ``out_dir`` is given. Returns ``(model, processor)``."""
+    import torch
+
+    from visionzip_core.families import family_for
+
+    family = family_for("llava-next")
+    tokenizer = build_tiny_tokenizer()
+    vcfg = tiny_vision_config(image_size, patch_size, vision_layers)
+    text = tiny_text_config(len(tokenizer))
+    text.pad_token_id, text.bos_token_id, text.eos_token_id = (
+        tokenizer.pad_token_id,
+        tokenizer.bos_token_id,
+        tokenizer.eos_token_id,
+    )
+    config = family.build_config(vcfg, text, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
+    torch.manual_seed(seed)
+    model = family.random_model(config).eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    image_processor = family.build_image_processor(image_size, config.image_grid_pinpoints)
+    processor = family.build_processor(image_processor, tokenizer, vcfg, chat_template=TINY_CHAT_TEMPLATE)
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(out)
+        save_pretrained_faithfully(processor, out)
+    return model, processor
+
+
 def build_tiny_pretrain_parts(
     out_dir: str | os.PathLike, image_size: int = 112, patch_size: int = 14, seed: int = 0
 ) -> tuple[Path, Path]:

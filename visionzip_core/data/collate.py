@@ -14,9 +14,10 @@ class DataCollator:
     """List of dataset items -> ``{"input_ids", "attention_mask", "labels"[, "pixel_values"]}``.
 
     Shapes: ``input_ids``/``attention_mask``/``labels``: ``[B, T_max]`` (padded right to the longest,
-    or up to a multiple of ``pad_to_multiple_of``); ``pixel_values``: ``[N, 3, H, W]``, the images of all
-    samples concatenated in batch order (the order the model meets their image-token runs), present
-    only when at least one sample has an image, so text-only and mixed batches both work.
+    or up to a multiple of ``pad_to_multiple_of``); ``pixel_values``: ``[N, 3, H, W]``, the images (or, for a
+    tiling model, the crops) of all samples concatenated in batch order (the order the model meets
+    their image-token runs), present only when at least one sample has an image, so text-only and
+    mixed batches both work; ``image_sizes``: ``[n_images, 2]`` when the items carry them.
     """
 
     pad_token_id: int
@@ -40,4 +41,7 @@ class DataCollator:
         images = [item["pixel_values"] for item in items if "pixel_values" in item]
         if images:
             out["pixel_values"] = torch.cat(images, dim=0)
+        sizes = [item["image_sizes"] for item in items if "image_sizes" in item]
+        if sizes:
+            out["image_sizes"] = torch.cat(sizes, dim=0)
         return out

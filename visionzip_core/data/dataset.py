@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from visionzip_core.data.encode import Encoder
-from visionzip_core.data.images import ImageTransform
+from visionzip_core.data.images import ImageTransform, SizeRule
 from visionzip_core.data.settings import DatasetSource, DataSettings
 from visionzip_core.data.sources import load_source, sample_id_of, to_conversation
 from visionzip_core.data.validation import (
@@ -52,7 +52,14 @@ class _Source:
 
 
 def preflight_row(
-    row: dict, index: int, *, fmt: str, encoder: Encoder, image_folder: str | None, decode: bool
+    row: dict,
+    index: int,
+    *,
+    fmt: str,
+    encoder: Encoder,
+    image_folder: str | None,
+    decode: bool,
+    size_rule: SizeRule | None = None,
 ):
     """Check one raw row; returns ``{"kind", "reason", "length", "sample_id", "dropped_turn"}``
     (kind "" when good).
@@ -75,9 +82,10 @@ def preflight_row(
                 "placeholder_mismatch",
                 f"{n_placeholders} {encoder.image_token} placeholder(s){why} for {len(conv.images)} image(s)",
             )
-        for path in files:
-            check_image_file(path, decode)
-        ids, _ = encoder(conv.turns, len(conv.images))
+        sizes = [check_image_file(path, decode) for path in files]
+        if size_rule is not None:
+            sizes = [size_rule(size) for size in sizes]
+        ids, _ = encoder(conv.turns, len(conv.images), sizes)
         length = len(ids) if conv.images else -len(ids)
         result = {"kind": "", "reason": "", "length": length}
     except SampleError as err:
@@ -124,10 +132,12 @@ def mixture_indices(
 
 
 class VisionLanguageDataset(torch.utils.data.Dataset):
-    """``ds[i] -> {"input_ids": LongTensor[T], "labels": LongTensor[T], "pixel_values"?: FloatTensor[n, 3, H, W]}``.
+    """``ds[i] -> {"input_ids": LongTensor[T], "labels": LongTensor[T], "pixel_values"?: FloatTensor[n, 3, H, W],
+    "image_sizes"?: LongTensor[images, 2]}``.
 
-    ``pixel_values`` is absent for text-only samples. ``lengths[i]`` is ``T`` (negative when
-    text-only), the count after compression: K ids per image. ``skip_report`` is the preflight
+    ``pixel_values`` is absent for text-only samples; a tiling model's items hold every crop of
+    their images and ``image_sizes``. ``lengths[i]`` is ``T`` (negative when text-only), the count
+    after compression: each image's own count of ids. ``skip_report`` is the preflight
     summary (``SkipReport.as_dict()``) for logging.
     """
 
@@ -182,20 +192,27 @@ class VisionLanguageDataset(torch.utils.data.Dataset):
         row = src.table[int(self._row_of[i])]
         try:
             conv = to_conversation(row, src.fmt, self.encoder.image_token)
-            ids, labels = self.encoder(conv.turns, len(conv.images))
         except SampleError as err:  # only when the file changed after preflight
             raise BadDataError(f"{self.describe(i)}: {err.reason} (changed since preflight?)") from None
-        item = {
-            "input_ids": torch.tensor(ids, dtype=torch.long),
-            "labels": torch.tensor(labels, dtype=torch.long),
-        }
+        item: dict[str, torch.Tensor] = {}
+        sizes = None
         if conv.images:
             paths = [resolve_image_path(p, src.spec.image_folder) for p in conv.images]
             try:
-                item["pixel_values"] = self.transform(paths)
+                item = self.transform.load(paths)
             except Exception as err:  # PIL raises OSError, ValueError, SyntaxError, ... on bad files
                 raise _DecodeFailure(f"image failed to decode: {' '.join(str(err).split())[:200]}") from err
-        return item
+            if "image_sizes" in item:  # the count follows the size the processor saw
+                sizes = [tuple(s) for s in item["image_sizes"].tolist()]
+        try:
+            ids, labels = self.encoder(conv.turns, len(conv.images), sizes)
+        except SampleError as err:  # only when the file changed after preflight
+            raise BadDataError(f"{self.describe(i)}: {err.reason} (changed since preflight?)") from None
+        return {
+            "input_ids": torch.tensor(ids, dtype=torch.long),
+            "labels": torch.tensor(labels, dtype=torch.long),
+            **item,
+        }
 
 
 class _DecodeFailure(Exception):
@@ -223,8 +240,11 @@ def make_encoder(settings: DataSettings, tokenizer, image_tokens_per_image: int,
     return Encoder.from_settings(settings, tokenizer, image_token, image_tokens_per_image)
 
 
-def preflight_split(settings: DataSettings, split: str, encoder: Encoder) -> Preflight:
-    """Load and check every source of ``split`` (paths already absolute); no policy applied."""
+def preflight_split(
+    settings: DataSettings, split: str, encoder: Encoder, size_rule: SizeRule | None = None
+) -> Preflight:
+    """Load and check every source of ``split`` (paths already absolute); no policy applied.
+    ``size_rule`` maps image sizes to what the processor sees, when the token count needs them."""
     specs = getattr(settings, split)
     if not specs:
         raise ValueError(f"data.{split} is empty")
@@ -232,7 +252,7 @@ def preflight_split(settings: DataSettings, split: str, encoder: Encoder) -> Pre
     found = Preflight(split, encoder, [], [], [], report, [])
     for spec in specs:
         table, fmt = load_source(spec, settings.cache_dir)
-        checked = run_preflight(table, fmt, encoder, spec, settings)
+        checked = run_preflight(table, fmt, encoder, spec, settings, size_rule)
         kinds = np.asarray(checked.data.column("kind").to_numpy(zero_copy_only=False))
         bad = np.flatnonzero(kinds != "")
         report.total += len(kinds)
@@ -282,8 +302,10 @@ def build_dataset(
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     settings = settings.resolve_paths(base_dir)
+    transform = ImageTransform(image_processor, settings.image_aspect_ratio)
     encoder = make_encoder(settings, tokenizer, image_tokens_per_image, image_token)
-    found = preflight_split(settings, split, encoder)
+    size_rule = transform.size_rule if encoder.needs_image_sizes else None
+    found = preflight_split(settings, split, encoder, size_rule)
     apply_policy(found, settings)
     report = found.report
     if report.skipped:
@@ -312,7 +334,6 @@ def build_dataset(
             logger.warning("data.%s: dropped %d text-only samples", split, report.text_only_dropped)
         if len(row_of) == 0:
             raise BadDataError(f"data.{split}: no sample has an image")
-    transform = ImageTransform(image_processor, settings.image_aspect_ratio)
     return VisionLanguageDataset(
         split, found.sources, source_of, row_of, per_item, encoder, transform, settings, report
     )
@@ -334,7 +355,9 @@ def _preflight_features():
     )
 
 
-def run_preflight(table, fmt: str, encoder: Encoder, spec: DatasetSource, settings: DataSettings):
+def run_preflight(
+    table, fmt: str, encoder: Encoder, spec: DatasetSource, settings: DataSettings, size_rule=None
+):
     """``datasets.map`` of :func:`preflight_row` over one source, cached by the datasets fingerprint.
 
     The fingerprint covers the data file and the check's settings, not the images: a cached
@@ -354,6 +377,7 @@ def run_preflight(table, fmt: str, encoder: Encoder, spec: DatasetSource, settin
                 "encoder": encoder,
                 "image_folder": spec.image_folder,
                 "decode": settings.check_images == "decode",
+                "size_rule": size_rule,
             },
             remove_columns=table.column_names,
             features=_preflight_features(),

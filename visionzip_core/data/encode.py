@@ -1,4 +1,7 @@
-"""Conversation -> ``input_ids`` and ``labels``, with every ``<image>`` expanded to K image-token ids.
+"""Conversation -> ``input_ids`` and ``labels``, with every ``<image>`` expanded to its image-token ids.
+
+K ids per image: a fixed number (LLaVA-1.5: every image is one square crop), or, for a tiling model
+(LLaVA-NeXT), a count that the model's family computes from each image's size.
 
 ``plain`` and ``vicuna_v1`` are tokenised as LLaVA's training code does (``tokenizer_image_token``
 in ``llava/mm_utils.py``): the rendered text is split at the placeholders and each chunk is
@@ -22,6 +25,7 @@ run would be cut, or that keeps no trained token, is a bad sample (``too_long``)
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,6 +40,9 @@ IGNORE_INDEX = -100
 class Encoder:
     """Everything needed to turn a conversation into token ids; picklable for worker processes.
 
+    ``image_tokens_per_image``: an int, or a callable ``(H, W) -> int`` with a ``per_size``
+    attribute (:class:`visionzip_core.families.ImageTokenCount`); when ``per_size`` is true every
+    call must pass the images' sizes.
     ``image_placement``: ``"start"`` moves each turn's placeholders to its start as LLaVA does,
     ``"keep"`` leaves them where the sample has them. ``plain_end``: ``"newline"`` ends a
     ``plain`` caption with LLaVA's ``"\\n"`` separator, ``"eos"`` with the eos token.
@@ -44,14 +51,14 @@ class Encoder:
     tokenizer: object
     template: str
     image_token: str
-    image_tokens_per_image: int
+    image_tokens_per_image: int | Callable[[tuple[int, int] | None], int]
     model_max_length: int
     system_prompt: str | None = None
     image_placement: str = "start"
     plain_end: str = "newline"
 
     @classmethod
-    def from_settings(cls, settings, tokenizer, image_token: str, image_tokens_per_image: int) -> Encoder:
+    def from_settings(cls, settings, tokenizer, image_token: str, image_tokens_per_image) -> Encoder:
         """The encoder a :class:`DataSettings` describes."""
         return cls(
             tokenizer=tokenizer,
@@ -74,7 +81,7 @@ class Encoder:
                 f"data: the tokenizer has no {self.image_token!r} token; add it as a special token "
                 "(and resize the model's embeddings) before building the dataset"
             )
-        if self.image_tokens_per_image < 1:
+        if not callable(self.image_tokens_per_image) and self.image_tokens_per_image < 1:
             raise ValueError("data: image_tokens_per_image must be >= 1")
         if self.image_placement not in ("start", "keep"):
             raise ValueError(f"data.image_placement: 'start' or 'keep', got {self.image_placement!r}")
@@ -90,8 +97,31 @@ class Encoder:
     def image_token_id(self) -> int:
         return self.tokenizer.convert_tokens_to_ids(self.image_token)
 
-    def __call__(self, turns, n_images: int) -> tuple[list[int], list[int]]:
+    @property
+    def needs_image_sizes(self) -> bool:
+        """Whether an image's token count depends on its size (pass ``image_sizes``)."""
+        return callable(self.image_tokens_per_image) and bool(
+            getattr(self.image_tokens_per_image, "per_size", True)
+        )
+
+    def image_counts(self, n_images: int, image_sizes: Sequence[tuple[int, int]] | None) -> list[int]:
+        """Image-token ids of each of ``n_images`` images, in placeholder order."""
+        count = self.image_tokens_per_image
+        if not callable(count) or n_images == 0:
+            return [count] * n_images
+        if not self.needs_image_sizes:
+            return [count(None)] * n_images
+        if image_sizes is None or len(image_sizes) != n_images:
+            raise ValueError(f"data: {n_images} image(s) need their sizes to count their tokens")
+        return [count(tuple(size)) for size in image_sizes]
+
+    def __call__(
+        self, turns, n_images: int, image_sizes: Sequence[tuple[int, int]] | None = None
+    ) -> tuple[list[int], list[int]]:
         """Encode one conversation; raises :class:`SampleError` when it is bad or cannot fit.
+
+        ``image_sizes``: each image's ``(H, W)`` as the processor sees it, needed when the count
+        depends on it (:attr:`needs_image_sizes`).
 
         Returns ``(input_ids, labels)``, equal lengths ``T <= model_max_length``; labels are
         ``IGNORE_INDEX`` everywhere but assistant replies.
@@ -131,7 +161,8 @@ class Encoder:
             )
         trained = (covered[offsets[:, 1]] - covered[offsets[:, 0]]) > 0
         labels = np.where(trained & ~is_image, ids, IGNORE_INDEX)
-        repeat = np.where(is_image, self.image_tokens_per_image, 1)
+        repeat = np.ones(len(ids), dtype=np.int64)
+        repeat[is_image] = self.image_counts(n_images, image_sizes)
         ids, labels = np.repeat(ids, repeat), np.repeat(labels, repeat)
         return self._truncate(ids, labels, image_id, n_images)
 

@@ -1,8 +1,12 @@
-"""Opening images the way the vision tower expects them: RGB, upright, square, then CLIP-processed."""
+"""Opening images the way the vision tower expects them: RGB, upright, square (or tiled), then
+processed by the model's own image processor."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
+import torch
 from PIL import Image, ImageOps
 
 
@@ -28,6 +32,11 @@ def open_rgb(path: str) -> Image.Image:
         arr = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
         return Image.fromarray(arr.astype(np.uint8), mode="L").convert("RGB")
     return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def tiles(image_processor) -> bool:
+    """Whether the processor cuts an image into a grid of crops (LLaVA-NeXT's anyres)."""
+    return bool(getattr(image_processor, "image_grid_pinpoints", None))
 
 
 def mean_colour(image_processor) -> tuple[int, int, int]:
@@ -63,29 +72,73 @@ def pad_to_square(img: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
     return canvas
 
 
+@dataclass(frozen=True)
+class SizeRule:
+    """An upright image's ``(H, W)`` -> what the processor sees (what :meth:`ImageTransform.prepare` does to it);
+    picklable, for the preflight's worker processes."""
+
+    aspect_ratio: str
+    input_size: tuple[int, int]
+
+    def __call__(self, size: tuple[int, int]) -> tuple[int, int]:
+        if self.aspect_ratio == "pad":
+            return max(size), max(size)
+        if self.aspect_ratio == "resize":
+            return self.input_size
+        return tuple(size)
+
+
 class ImageTransform:
-    """Path list -> ``FloatTensor[n, 3, H, W]`` with the model's own processor.
+    """Path list -> ``FloatTensor[crops, 3, H, W]`` with the model's own processor.
 
     ``pad``: pad to square with the mean colour, then the processor (resize + centre crop is then
     lossless). ``resize``: stretch to the processor's square input size, so nothing is cropped.
     ``crop``: the processor alone (resize the short side, centre crop), LLaVA's default, which
-    its stage-1 pretraining uses.
+    its stage-1 pretraining uses. ``anyres``: the image as it is, for a tiling processor.
+
+    A tiling processor (LLaVA-NeXT) gives each image its base crop and tiles: the crops of all
+    images are concatenated and ``image_sizes`` holds each image's ``(H, W)`` as the processor
+    saw it, from which the model counts its crops.
     """
 
     def __init__(self, image_processor, aspect_ratio: str):
         self.processor = image_processor
         self.aspect_ratio = aspect_ratio
+        self.tiles = tiles(image_processor)
+        if aspect_ratio == "anyres" and not self.tiles:
+            raise ValueError(
+                "data.image_aspect_ratio: 'anyres' needs a tiling image processor (LLaVA-NeXT's); "
+                f"{type(image_processor).__name__} makes one crop per image: use pad, resize or crop"
+            )
         self.fill = mean_colour(image_processor)
         self.size = input_size(image_processor)
 
     def prepare(self, img: Image.Image) -> Image.Image:
         if self.aspect_ratio == "pad":
             return pad_to_square(img, self.fill)
-        if self.aspect_ratio == "crop":
+        if self.aspect_ratio in ("crop", "anyres"):
             return img
         h, w = self.size
         return img.resize((w, h), Image.Resampling.BICUBIC)
 
-    def __call__(self, paths: list[str]):
+    @property
+    def size_rule(self) -> SizeRule:
+        """What :meth:`prepare` does to an image's size."""
+        return SizeRule(self.aspect_ratio, self.size)
+
+    def __call__(self, paths: list[str]) -> torch.Tensor:
+        """``FloatTensor[crops, 3, H, W]``: every image's crops, in order."""
+        return self.load(paths)["pixel_values"]
+
+    def load(self, paths: list[str]) -> dict[str, torch.Tensor]:
+        """``{"pixel_values": [crops, 3, H, W], "image_sizes"?: [n, 2]}`` (sizes for a tiling processor)."""
         images = [self.prepare(open_rgb(p)) for p in paths]
-        return self.processor(images=images, return_tensors="pt")["pixel_values"]
+        if not self.tiles:
+            return {"pixel_values": self.processor(images=images, return_tensors="pt")["pixel_values"]}
+        # One image at a time: a batch is padded to its largest crop count.
+        crops, sizes = [], []
+        for img in images:
+            out = self.processor(images=[img], return_tensors="pt")
+            crops.append(out["pixel_values"][0])
+            sizes.append(torch.as_tensor(out["image_sizes"][0]))
+        return {"pixel_values": torch.cat(crops, dim=0), "image_sizes": torch.stack(sizes).long()}

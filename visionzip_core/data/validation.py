@@ -73,8 +73,18 @@ def resolve_image_path(image: str, image_folder: str | None) -> str:
     return str(p)
 
 
-def check_image_file(path: str, decode: bool) -> None:
-    """Cheap existence/size/header check (``decode`` also decodes every pixel)."""
+def _orientation(img) -> int | None:
+    """The EXIF orientation, or None. A file whose EXIF cannot be read (e.g. a PNG truncated
+    before its eXIf chunk) counts as upright here: decoding it fails later, where it is reported."""
+    try:
+        return img.getexif().get(0x0112)
+    except Exception:  # PIL raises OSError, SyntaxError, struct.error, ... on damaged metadata
+        return None
+
+
+def check_image_file(path: str, decode: bool) -> tuple[int, int]:
+    """Cheap existence/size/header check (``decode`` also decodes every pixel); returns the upright
+    ``(H, W)`` (EXIF rotation applied)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -90,12 +100,15 @@ def check_image_file(path: str, decode: bool) -> None:
             w, h = img.size
             if decode:
                 img.load()
+            if _orientation(img) in (5, 6, 7, 8):  # a quarter turn: width and height swap
+                w, h = h, w
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
         raise SampleError(
             "unreadable_image", f"image cannot be read: {path}: {' '.join(str(err).split())}"
         ) from None
     if w == 0 or h == 0:
         raise SampleError("empty_image", f"image has zero size {w}x{h}: {path}")
+    return h, w
 
 
 class SkipReport:

@@ -6,15 +6,20 @@ unsupported model is one line that lists the supported families.
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 from visionzip_core.families.base import MODULE_GROUPS, ModelFamily
 from visionzip_core.families.llava import Llava15
+from visionzip_core.families.llava_next import LlavaNext
 
-FAMILIES: tuple[ModelFamily, ...] = (Llava15(),)
+FAMILIES: tuple[ModelFamily, ...] = (Llava15(), LlavaNext())
 
 _BY_CLASS = {cls: family for family in FAMILIES for cls in (*family.model_classes, *family.processor_classes)}
 _BY_TYPE = {t: family for family in FAMILIES for t in family.model_types}
+_BY_NAME = {family.name: family for family in FAMILIES}
 
 
 class UnsupportedModel(ValueError):
@@ -27,9 +32,9 @@ def supported() -> str:
 
 def family_for(obj: Any) -> ModelFamily:
     """The family of a model or processor instance (peft wrappers unwrapped), a config, or a class
-    name or model_type."""
+    name, model_type or family name."""
     if isinstance(obj, str):
-        family = _BY_CLASS.get(obj) or _BY_TYPE.get(obj)
+        family = _BY_CLASS.get(obj) or _BY_TYPE.get(obj) or _BY_NAME.get(obj)
         what = obj
     elif hasattr(obj, "model_type") and not hasattr(obj, "forward"):  # a config
         family = _BY_TYPE.get(obj.model_type)
@@ -43,4 +48,88 @@ def family_for(obj: Any) -> ModelFamily:
     return family
 
 
-__all__ = ["FAMILIES", "MODULE_GROUPS", "ModelFamily", "UnsupportedModel", "family_for", "supported"]
+@lru_cache(maxsize=16)
+def _config(family: str, config_json: str) -> Any:
+    return family_for(family).config_from_dict(json.loads(config_json))
+
+
+@dataclass(frozen=True)
+class ImageTokenCount:
+    """``count((H, W)) -> int``: the image-token ids one image of that size expands to.
+
+    Plain strings inside, so the data pipeline can pickle it to worker processes and hash it into
+    the preflight cache's fingerprint. ``per_size`` is False when every image gets the same count
+    (no image size needed); the count itself always comes from the family.
+    """
+
+    family: str = ""
+    config_json: str = ""
+    vz_json: str | None = None
+    per_size: bool = False
+    fixed: int | None = None
+    _memo: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
+
+    @classmethod
+    def constant(cls, tokens: int) -> ImageTokenCount:
+        """The same count for every image (a model not built yet, e.g. stage 1's)."""
+        return cls(fixed=int(tokens))
+
+    def __call__(self, image_size: tuple[int, int] | None = None) -> int:
+        if self.fixed is not None:
+            return self.fixed
+        if self.per_size and image_size is None:
+            raise ValueError(f"{self.family}: the image-token count depends on the image size")
+        key = None if not self.per_size else (int(image_size[0]), int(image_size[1]))
+        if key not in self._memo:
+            family, config = family_for(self.family), _config(self.family, self.config_json)
+            if self.vz_json is None:
+                self._memo[key] = family.stock_tokens_per_image(config, key)
+            else:
+                from visionzip_core.config import VisionZipConfig
+
+                vz = VisionZipConfig(**json.loads(self.vz_json))
+                self._memo[key] = family.compressed_tokens_per_image(config, vz, key)
+        return self._memo[key]
+
+    def __getstate__(self):
+        return {k: getattr(self, k) for k in ("family", "config_json", "vz_json", "per_size", "fixed")}
+
+    def __setstate__(self, state):
+        for k, v in state.items():
+            object.__setattr__(self, k, v)
+        object.__setattr__(self, "_memo", {})
+
+    def describe(self) -> int | str:
+        """The count when it is fixed, else a phrase for logs and the run record."""
+        if not self.per_size:
+            return self()
+        if self.vz_json is None:
+            return "stock, per image size"
+        from visionzip_core.config import VisionZipConfig
+
+        per_crop = VisionZipConfig(**json.loads(self.vz_json)).tokens_per_image
+        return f"{per_crop} per crop"
+
+
+def image_token_count(model_config: Any, vz: Any = None) -> ImageTokenCount:
+    """The :class:`ImageTokenCount` of a model config, compressed by ``vz`` (a
+    :class:`~visionzip_core.config.VisionZipConfig`) or stock (``vz=None``)."""
+    family = family_for(model_config)
+    return ImageTokenCount(
+        family=family.name,
+        config_json=json.dumps(model_config.to_dict(), sort_keys=True, default=str),
+        vz_json=None if vz is None else json.dumps(vz.model_dump(), sort_keys=True),
+        per_size=family.count_depends_on_size,
+    )
+
+
+__all__ = [
+    "FAMILIES",
+    "MODULE_GROUPS",
+    "ImageTokenCount",
+    "ModelFamily",
+    "UnsupportedModel",
+    "family_for",
+    "image_token_count",
+    "supported",
+]

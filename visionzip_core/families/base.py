@@ -41,6 +41,8 @@ class ModelFamily(ABC):
     lora_targets: ClassVar[tuple[str, ...]] = ()
     #: Whether stage 1 (assembling the model from a vision folder and an LLM folder) is supported.
     assembles: ClassVar[bool] = False
+    #: Whether an image's visual-token count depends on its size (tiled images).
+    count_depends_on_size: ClassVar[bool] = False
 
     # --- loading ---------------------------------------------------------------------------------
     @abstractmethod
@@ -54,8 +56,15 @@ class ModelFamily(ABC):
         """The stock processor saved in ``path``."""
 
     @abstractmethod
+    def config_from_dict(self, data: dict) -> Any:
+        """The model config from a ``config.json``'s contents (without importing remote code)."""
+
     def config_from_file(self, path: str) -> Any:
         """The model config in a ``config.json`` file (without importing remote code)."""
+        import json
+        from pathlib import Path
+
+        return self.config_from_dict(json.loads(Path(path).read_text()))
 
     def assemble(self, vision_path: str, llm_path: str, processor, from_pretrained_kwargs: dict) -> nn.Module:
         """Stage 1: the model from a vision-tower folder and an LLM folder, with a fresh projector."""
@@ -99,8 +108,13 @@ class ModelFamily(ABC):
         """The config objects that record the VisionZip settings (inner model's and wrapper's)."""
 
     @abstractmethod
-    def adapt_processor(self, processor, tokens_per_image: int):
-        """Make ``processor`` expand each image placeholder to ``tokens_per_image`` ids."""
+    def adapt_processor(self, processor, vz: VisionZipConfig | None, config: Any = None):
+        """Make ``processor`` expand each image placeholder to exactly as many ids as the model
+        gives features: compressed by ``vz``, or the stock count (``vz=None``, ``config`` given)."""
+
+    def unused_params(self, model: nn.Module) -> set[str]:
+        """Parameters outside the vision tower that the adapted model never uses (kept frozen)."""
+        return set()
 
     @abstractmethod
     def keep_vision_in_graph(self, model: nn.Module) -> None:

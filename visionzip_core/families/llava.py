@@ -14,10 +14,8 @@ The capture here uses forward hooks on the instance's own q/k projections under 
 
 from __future__ import annotations
 
-import json
 import re
 import types
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -133,25 +131,25 @@ def _forward_with_vision_in_graph(self, input_ids=None, pixel_values=None, *args
     and adds ``0 x`` its features to the input embeddings, so the tower and projector take part
     at the same place in the graph as they do for image batches."""
     if pixel_values is None and kwargs.get("mm_encoder_outputs") is None and input_ids is not None:
-        vision = self.config.vision_config
         embed = self.get_input_embeddings()
-        blank = torch.zeros(
-            1,
-            vision.num_channels,
-            vision.image_size,
-            vision.image_size,
-            dtype=self.vision_tower.dtype,
-            device=input_ids.device,
-        )
         # Embeddings, tower, then the LLM, in the stock forward's order: ZeRO-3 gathers parameters
         # in call order, and ZeRO-2 reduces gradient buckets in the order backward produces them
         # (reversed creation order), so any other order is a collective mismatch between ranks.
         inputs_embeds = embed(input_ids)
-        features = self.get_image_features(pixel_values=blank, return_dict=True).pooler_output
+        blank = self._visionzip_blank_image(input_ids.device)
+        features = self.get_image_features(**blank, return_dict=True).pooler_output
         anchor = torch.stack([f.sum() for f in features]).sum().to(inputs_embeds.dtype) * 0.0
         kwargs["inputs_embeds"] = inputs_embeds + anchor
         input_ids = None
     return type(self).forward(self, input_ids, pixel_values, *args, **kwargs)
+
+
+def _blank_image(self, device: torch.device) -> dict[str, torch.Tensor]:
+    """One blank crop, as ``get_image_features`` keyword arguments."""
+    vision = self.config.vision_config
+    side = vision.image_size
+    dtype = self.vision_tower.dtype
+    return {"pixel_values": torch.zeros(1, vision.num_channels, side, side, dtype=dtype, device=device)}
 
 
 class Llava15(ModelFamily):
@@ -169,10 +167,10 @@ class Llava15(ModelFamily):
     def load_processor(self, path: str, **kwargs: Any):
         return LlavaProcessor.from_pretrained(path, **kwargs)
 
-    def config_from_file(self, path: str | Path) -> Any:
+    def config_from_dict(self, data: dict) -> Any:
         from transformers import LlavaConfig
 
-        return LlavaConfig.from_dict(json.loads(Path(path).read_text()))
+        return LlavaConfig.from_dict(data)
 
     # --- building from parts (stage 1, tiny test models, benchmarks) ------------------------------
     def build_config(
@@ -341,12 +339,14 @@ class Llava15(ModelFamily):
         llava = find_llava_model(model)
         return list({id(c): c for c in (llava.config, getattr(model, "config", llava.config))}.values())
 
-    def adapt_processor(self, processor, tokens_per_image: int):
+    def adapt_processor(self, processor, vz: VisionZipConfig | None, config: Any = None):
         if not isinstance(processor, LlavaProcessor):
             raise ValueError(
                 f"visionzip_processor: the llava-1.5 family takes LlavaProcessor; got {type(processor).__name__}"
             )
-        processor._visionzip_tokens = tokens_per_image
+        processor._visionzip_tokens = (
+            vz.tokens_per_image if vz is not None else self.stock_tokens_per_image(config)
+        )
         processor.replace_image_token = types.MethodType(_visionzip_replace_image_token, processor)
         processor._get_num_multimodal_tokens = types.MethodType(_visionzip_num_multimodal_tokens, processor)
         return processor
@@ -367,6 +367,7 @@ class Llava15(ModelFamily):
         leaves a projector-only loss without a gradient.
         """
         llava = find_llava_model(model)
+        llava._visionzip_blank_image = types.MethodType(_blank_image, llava)
         llava.forward = types.MethodType(_forward_with_vision_in_graph, llava)
 
     # --- training --------------------------------------------------------------------------------

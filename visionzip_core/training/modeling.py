@@ -82,15 +82,18 @@ def seed_everything(seed: int) -> None:
 
 
 def build_processor(settings: Settings):
-    """``(processor, image tokens per image)`` without loading any weights.
+    """``(processor, image-token count)`` without loading any weights.
 
-    The processor expands ``<image>`` to the compressed count when VisionZip is on. In pretrain
-    mode it is assembled from the LLM's tokenizer (``<image>`` and a pad token added when missing)
-    and the CLIP folder's image processor.
+    The count is an :class:`~visionzip_core.families.ImageTokenCount`: ``count((H, W))`` is the
+    number of ids an image of that size expands to (the same for every size in LLaVA-1.5). The
+    processor expands ``<image>`` to the compressed count when VisionZip is on. In pretrain mode it
+    is assembled from the LLM's tokenizer (``<image>`` and a pad token added when missing) and the
+    CLIP folder's image processor.
     """
     from transformers import AutoConfig, AutoProcessor
 
-    from visionzip_core import num_image_tokens, visionzip_processor
+    from visionzip_core import visionzip_processor
+    from visionzip_core.families import ImageTokenCount, image_token_count
 
     m, vz = settings.model, settings.visionzip
     trust = m.trust_remote_code
@@ -101,12 +104,13 @@ def build_processor(settings: Settings):
             vision_path, model_path(m.language_model, "model.language_model"), trust
         )
         tower = family.tower_tokens(AutoConfig.from_pretrained(vision_path, trust_remote_code=trust))
-        stock = tower - 1  # the assembled model drops CLS (LLaVA-1.5's "default" strategy)
+        model_config = None
+        stock = ImageTokenCount.constant(tower - 1)  # the assembled model drops CLS ("default")
     else:
         path = model_path(m.name_or_path, "model.name_or_path")
         processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust)
         model_config = AutoConfig.from_pretrained(path, trust_remote_code=trust)
-        stock, tower = num_image_tokens(model_config), family.tower_tokens(model_config)
+        stock, tower = image_token_count(model_config), family.tower_tokens(model_config)
     config = vz.core()
     if config is None:
         return processor, stock
@@ -115,7 +119,12 @@ def build_processor(settings: Settings):
     except ValueError as err:
         source = m.vision_tower if settings.train.mode == "pretrain" else m.name_or_path
         raise ConfigError(f"the config, for the vision tower of {source}", [str(err)]) from None
-    return visionzip_processor(processor, config), config.tokens_per_image
+    count = (
+        ImageTokenCount.constant(config.tokens_per_image)
+        if model_config is None
+        else image_token_count(model_config, config)
+    )
+    return visionzip_processor(processor, config), count
 
 
 def llm_hidden_size(settings: Settings) -> int:
@@ -195,9 +204,12 @@ def set_trainable(model: nn.Module, settings: Settings) -> None:
     mode = settings.train.mode
     family = family_for(model)
     unused = family.unused_vision_params(model) if settings.train.tune_vision_tower else set()
+    unused |= family.unused_params(model)
     for name, p in model.named_parameters():
         group = family.module_group(name)
-        if mode in ("projector", "pretrain", "lora"):
+        if name in unused:
+            p.requires_grad_(False)
+        elif mode in ("projector", "pretrain", "lora"):
             p.requires_grad_(group == "projector")
         else:  # finetune
             p.requires_grad_(group != "vision" or (settings.train.tune_vision_tower and name not in unused))
