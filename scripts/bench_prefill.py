@@ -12,6 +12,10 @@ Greedy decoding, random weights; budgets interleaved after a warm-up; medians.
     python scripts/bench_prefill.py --out results/bench_prefill_cpu.json
     python scripts/bench_prefill.py --quick
     python scripts/bench_prefill.py --size llava-1.5-7b --out results/bench_prefill_7b.json
+    python scripts/bench_prefill.py --family llava-next --out results/bench_prefill_cpu_next.json
+
+``--family llava-next``: LLaVA-NeXT's ``LlavaNextProcessor`` on 672 px images (5 crops each);
+budgets are per crop: 576 (stock) and 128, 64, 32 (the paper's 640 / 320 / 160 per image).
 """
 
 from __future__ import annotations
@@ -26,9 +30,12 @@ import torch
 from PIL import Image
 
 from visionzip_core.benchmarking import (
-    BUDGETS,
+    NEXT_IMAGE,
     SIZES,
+    budget_label,
+    budgets_for,
     build_random_llava,
+    image_plan,
     interleaved_schedule,
     median,
     parse_budgets,
@@ -48,20 +55,24 @@ QUESTION = (
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", choices=sorted(SIZES), default="cpu")
+    p.add_argument("--family", choices=("llava-1.5", "llava-next"), default="llava-1.5")
     p.add_argument(
         "--quick", action="store_true", help="smoke run: fewer layers, 1 timed round, 8 new tokens"
     )
     p.add_argument("--rounds", type=int, default=None, help="timed rounds per budget (default 3; quick 1)")
     p.add_argument("--new-tokens", type=int, default=None, help="tokens generated (default 32; quick 8)")
     p.add_argument("--batch-size", type=int, default=1, help="prompts per generate call")
-    p.add_argument("--budgets", default="576,192,128,64")
+    p.add_argument(
+        "--budgets", default=None, help="default 576,192,128,64 (llava-next, per crop: 576,128,64,32)"
+    )
     p.add_argument("--device", default=None)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", type=Path, default=None, help="JSON path; .md is written beside it")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     try:
-        args.budgets = parse_budgets(args.budgets)
+        allowed = budgets_for(args.family)
+        args.budgets = parse_budgets(args.budgets or ",".join(map(str, allowed)), allowed)
     except ValueError as err:
         p.error(str(err))
     return args
@@ -78,9 +89,16 @@ def build_processor(size, model):
     )
 
     tokenizer = build_tiny_tokenizer()
-    tokenizer.model_max_length = 4096  # prompts carry up to 576 image tokens
-    processor = family_for(model).build_processor(
-        build_image_processor(size.vision.image_size),
+    tokenizer.model_max_length = 8192  # prompts carry up to 576 (LLaVA-NeXT: 2928) image tokens
+    family = family_for(model)
+    side = size.vision.image_size
+    image_processor = (
+        family.build_image_processor(side, model.config.image_grid_pinpoints)
+        if family.count_depends_on_size
+        else build_image_processor(side)
+    )
+    processor = family.build_processor(
+        image_processor,
         tokenizer,
         model.config.vision_config,
         chat_template=TINY_CHAT_TEMPLATE,
@@ -95,13 +113,13 @@ def build_processor(size, model):
 def prompt_inputs(size, model, batch_size: int, device, seed: int):
     """Processor outputs for the current budget of ``model`` (the processor expands ``<image>``)."""
     from visionzip_core import visionzip_processor
+    from visionzip_core.data.images import tiles
 
     processor = visionzip_processor(build_processor(size, model), model.config)
     rng = np.random.default_rng(seed)
     side = size.vision.image_size
-    images = [
-        Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)) for _ in range(batch_size)
-    ]
+    h, w = NEXT_IMAGE if tiles(processor.image_processor) else (side, side)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for _ in range(batch_size)]
     text = processor.apply_chat_template(
         [{"role": "user", "content": f"<image>\n{QUESTION}"}], add_generation_prompt=True, tokenize=False
     )
@@ -119,18 +137,20 @@ def run(args: argparse.Namespace) -> list[dict]:
     rounds = args.rounds or (1 if args.quick else 3)
     new_tokens = args.new_tokens or (8 if args.quick else 32)
 
-    model = build_random_llava(size, device, seed=args.seed).eval()
+    model = build_random_llava(size, device, seed=args.seed, family=args.family).eval()
     build_processor(size, model)
+    budgets = budgets_for(args.family)
+    plans = {k: image_plan(model.config, args.family, k) for k in args.budgets}
     inputs = {}
     for tokens in args.budgets:
-        set_budget(model, tokens)
+        set_budget(model, tokens, budgets)
         inputs[tokens] = prompt_inputs(size, model, size.batch_size, device, args.seed)
         found = int((inputs[tokens]["input_ids"] == model.config.image_token_id).sum()) // size.batch_size
-        if found != tokens:
+        if found != plans[tokens].llm:
             raise RuntimeError(f"processor inserted {found} image tokens for budget {tokens}")
 
     def generate(tokens: int, n: int) -> float:
-        set_budget(model, tokens)
+        set_budget(model, tokens, budgets)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
@@ -165,9 +185,11 @@ def run(args: argparse.Namespace) -> list[dict]:
             num_images=size.batch_size,
             batch=size.batch_size,
             seq_len=inputs[tokens]["input_ids"].shape[1],
-            image_tokens=tokens,
-            visionzip_split=BUDGETS[tokens],
+            image_tokens=plans[tokens].llm,
+            visionzip_split=budgets[tokens],
             logits_positions=1,
+            crops_per_image=plans[tokens].crops,
+            projector_tokens_per_image=plans[tokens].projected,
         )["total"].forward
 
     base_ttft, base_flops = median(first[576]), prefill_flops(576)
@@ -179,7 +201,9 @@ def run(args: argparse.Namespace) -> list[dict]:
         results.append(
             {
                 "tokens": tokens,
-                "split": list(BUDGETS[tokens]) if BUDGETS[tokens] else None,
+                "image_tokens": plans[tokens].llm,
+                "crops_per_image": plans[tokens].crops,
+                "split": list(budgets[tokens]) if budgets[tokens] else None,
                 "prompt_len": inputs[tokens]["input_ids"].shape[1],
                 "ttft_s": ttft,
                 "prefill_speedup": base_ttft / ttft,
@@ -187,15 +211,15 @@ def run(args: argparse.Namespace) -> list[dict]:
                 "generate_s": t_n,
                 "new_tokens": new_tokens,
                 "new_tokens_per_s": b * new_tokens / t_n,
-                # Paired per round (same machine state), then the median.
-                "decode_tokens_per_s": b
-                * (new_tokens - 1)
-                / max(median(f - s for f, s in zip(full[tokens], first[tokens])), 1e-9),
+                # Paired per round (same machine state), then the median; None when noise makes
+                # the N-token call no slower than the 1-token one (too few tokens to tell).
+                "decode_tokens_per_s": _decode_rate(b * (new_tokens - 1), full[tokens], first[tokens]),
                 "generate_speedup": base_e2e / t_n,
             }
         )
     meta = {
         "size": size.name,
+        "family": args.family,
         "shapes": size.note,
         "device": str(device),
         "dtype": size.dtype,
@@ -208,6 +232,11 @@ def run(args: argparse.Namespace) -> list[dict]:
     return results
 
 
+def _decode_rate(tokens: int, full: list[float], first: list[float]) -> float | None:
+    gap = median(f - s for f, s in zip(full, first))
+    return tokens / gap if gap > 0 else None
+
+
 def markdown_table(results: list[dict]) -> str:
     n = results[0]["new_tokens"]
     head = (
@@ -216,10 +245,12 @@ def markdown_table(results: list[dict]) -> str:
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
     )
     lines = [
-        f"| {r['tokens']}{'' if r['split'] else ' (stock)'} | {r['prompt_len']} | {r['ttft_s']:.3f} "
+        f"| {budget_label(r)} | {r['prompt_len']} | {r['ttft_s']:.3f} "
         f"| {r['prefill_speedup']:.2f}x | {r['ideal_prefill_speedup']:.2f}x "
         f"| {r['prefill_speedup'] / r['ideal_prefill_speedup']:.0%} | {r['generate_s']:.3f} "
-        f"| {r['new_tokens_per_s']:.1f} | {r['decode_tokens_per_s']:.1f} |"
+        f"| {r['new_tokens_per_s']:.1f} | "
+        + ("n/a" if r["decode_tokens_per_s"] is None else f"{r['decode_tokens_per_s']:.1f}")
+        + " |"
         for r in results
     ]
     return head + "\n".join(lines) + "\n"

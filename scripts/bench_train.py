@@ -1,6 +1,9 @@
 """Training-step time and peak memory at visual-token budgets 576 (stock), 192, 128 and 64,
 against the FLOP-ideal speed-up from the model's shapes and the real sequence lengths.
 
+``--family llava-next``: LLaVA-NeXT with 672 px images (5 crops each); budgets are per crop, 576
+(stock: every patch, unpadded, newlines) and 128, 64, 32 (the paper's 640 / 320 / 160 per image).
+
 One process, one model, one batch of text per run; only the image-token count changes.
 A step is forward + backward + ``torch.optim.AdamW.step`` on the trainable parameters
 (projector, or projector + LoRA), which is what compression changes. Warm-up first (one step
@@ -9,6 +12,7 @@ per budget, then one memory-measuring step per budget), then the timed steps, in
     python scripts/bench_train.py --out results/bench_train_cpu.json            # CPU, < 10 min
     python scripts/bench_train.py --quick                                        # ~1 min smoke
     python scripts/bench_train.py --size llava-1.5-7b --mode lora --out results/bench_train_7b_lora.json
+    python scripts/bench_train.py --family llava-next --batch-size 1 --out results/bench_train_cpu_next.json
 
 Writes ``--out`` (JSON list, one object per budget), and beside it ``.md`` (table) and ``.png``.
 """
@@ -22,9 +26,12 @@ from pathlib import Path
 import torch
 
 from visionzip_core.benchmarking import (
-    BUDGETS,
+    NEXT_IMAGE,
     SIZES,
+    budget_label,
+    budgets_for,
     build_random_llava,
+    image_plan,
     interleaved_schedule,
     median,
     model_tensors,
@@ -45,12 +52,15 @@ LORA_RANK, LORA_ALPHA = 128, 256  # LLaVA-1.5's LoRA recipe, as configs/ use
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", choices=sorted(SIZES), default="cpu")
+    p.add_argument("--family", choices=("llava-1.5", "llava-next"), default="llava-1.5")
     p.add_argument("--mode", choices=("projector", "lora"), default="projector")
     p.add_argument("--quick", action="store_true", help="smoke run: fewer layers, batch 1, 2 timed steps")
     p.add_argument("--steps", type=int, default=None, help="timed steps per budget (default 5; quick 2)")
     p.add_argument("--batch-size", type=int, default=None, help="override the size's batch")
     p.add_argument(
-        "--budgets", default="576,192,128,64", help="visual tokens per image, from " + str(list(BUDGETS))
+        "--budgets",
+        default=None,
+        help="visual tokens per image (per crop for llava-next); default 576,192,128,64 (llava-next 576,128,64,32)",
     )
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
@@ -58,7 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     try:
-        args.budgets = parse_budgets(args.budgets)
+        allowed = budgets_for(args.family)
+        args.budgets = parse_budgets(args.budgets or ",".join(map(str, allowed)), allowed)
     except ValueError as err:
         p.error(str(err))
     return args
@@ -93,7 +104,7 @@ def prepare_for_training(model: torch.nn.Module, mode: str) -> torch.nn.Module:
     return model.train()
 
 
-def ideal_flops(size, tokens: int, seq_len: int, batch: int, parts: TrainableParts) -> int:
+def ideal_flops(size, family: str, plan, tokens: int, seq_len: int, batch: int, parts: TrainableParts) -> int:
     return llava_step_flops(
         size.vision,
         size.llm,
@@ -101,8 +112,10 @@ def ideal_flops(size, tokens: int, seq_len: int, batch: int, parts: TrainablePar
         num_images=batch,
         batch=batch,
         seq_len=seq_len,
-        image_tokens=tokens,
-        visionzip_split=BUDGETS[tokens],
+        image_tokens=plan.llm,
+        visionzip_split=budgets_for(family)[tokens],
+        crops_per_image=plan.crops,
+        projector_tokens_per_image=plan.projected,
     )["total"].total
 
 
@@ -130,15 +143,23 @@ def run(args: argparse.Namespace) -> list[dict]:
     parts = trainable_parts(args.mode)
 
     t0 = time.perf_counter()
-    model = build_random_llava(size, device, seed=args.seed)
+    model = build_random_llava(size, device, seed=args.seed, family=args.family)
     check_shapes(model, size)
+    budgets = budgets_for(args.family)
+    plans = {k: image_plan(model.config, args.family, k) for k in args.budgets}
     model = prepare_for_training(model, args.mode)
     print(f"built {size.name} ({size.note}) on {device} in {time.perf_counter() - t0:.1f}s", flush=True)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    batches = {k: synthetic_batch(size, k, device, seed=args.seed) for k in args.budgets}
+    image_hw = NEXT_IMAGE if args.family == "llava-next" else None
+    batches = {
+        k: synthetic_batch(
+            size, plans[k].llm, device, seed=args.seed, image_hw=image_hw, crops=plans[k].crops
+        )
+        for k in args.budgets
+    }
 
     def step(tokens: int) -> None:
-        set_budget(model, tokens)
+        set_budget(model, tokens, budgets)
         loss = model(**batches[tokens]).loss
         loss.backward()
         optimizer.step()
@@ -155,7 +176,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         )
     times: dict[int, list[float]] = {k: [] for k in args.budgets}
     for tokens in interleaved_schedule(args.budgets, steps):
-        set_budget(model, tokens)
+        set_budget(model, tokens, budgets)
         start = time.perf_counter()
         step(tokens)
         times[tokens].append(time.perf_counter() - start)
@@ -167,7 +188,9 @@ def run(args: argparse.Namespace) -> list[dict]:
     for tokens in args.budgets:
         batch = batches[tokens]
         seq_len = batch["input_ids"].shape[1]
-        flops = ideal_flops(size, tokens, seq_len, batch["input_ids"].shape[0], parts)
+        flops = ideal_flops(
+            size, args.family, plans[tokens], tokens, seq_len, batch["input_ids"].shape[0], parts
+        )
         if tokens == 576:
             base_flops = flops
         rows.append({"tokens": tokens, "seq_len": seq_len, "flops": flops, "batch": batch})
@@ -180,7 +203,9 @@ def run(args: argparse.Namespace) -> list[dict]:
         results.append(
             {
                 "tokens": tokens,
-                "split": list(BUDGETS[tokens]) if BUDGETS[tokens] else None,
+                "image_tokens": plans[tokens].llm,
+                "crops_per_image": plans[tokens].crops,
+                "split": list(budgets[tokens]) if budgets[tokens] else None,
                 "step_time_s": t,
                 "step_times_s": times[tokens],
                 "peak_mem_mb": peak / 2**20,
@@ -198,6 +223,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         )
     meta = {
         "size": size.name,
+        "family": args.family,
         "shapes": size.note,
         "mode": args.mode,
         "device": str(device),
@@ -224,7 +250,7 @@ def markdown_table(results: list[dict]) -> str:
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
     )
     lines = [
-        f"| {r['tokens']}{'' if r['split'] else ' (stock)'} | {r['seq_len']} | {r['step_time_s']:.3f} "
+        f"| {budget_label(r)} | {r['seq_len']} | {r['step_time_s']:.3f} "
         f"| {r['peak_mem_mb']:.0f} | {r['peak_above_resident_mb']:.0f} | {r['tokens_per_s']:.0f} "
         f"| {r['measured_speedup']:.2f}x | {r['ideal_speedup']:.2f}x | {r['measured_over_ideal']:.0%} |"
         for r in results

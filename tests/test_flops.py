@@ -206,3 +206,49 @@ def test_flop_model_matches_generate_prefill(split):
         logits_positions=1,
     )["total"]
     assert modelled == Flops(counter.get_total_flops(), 0)
+
+
+@pytest.mark.parametrize("split", [None, (6, 3)], ids=["stock", "6+3"])
+@pytest.mark.parametrize("size", [(112, 224), (300, 100)], ids=["1x2-tiles", "3x1-tiles"])
+def test_flop_model_matches_flop_counter_for_llava_next(split, size):
+    """Anyres: the tower runs per crop; stock NeXT projects every crop's patches and then unpads."""
+    from transformers import LlavaNextForConditionalGeneration
+
+    from visionzip_core.families import family_for
+    from visionzip_core.families.llava_next import crops_per_image
+    from visionzip_core.tiny import tiny_text_config, tiny_vision_config
+
+    family = family_for("llava-next")
+    config = family.build_config(tiny_vision_config(), tiny_text_config(300), image_token_id=299)
+    torch.manual_seed(0)
+    model = LlavaNextForConditionalGeneration._from_config(config, attn_implementation="eager")
+    if split is not None:
+        visionzip(model, dominant=split[0], contextual=split[1])
+    parts = TrainableParts(projector=True)
+    _set_trainable(model, parts)
+    crops = crops_per_image(config, size)
+    k = num_image_tokens(model.config, size)
+    text = torch.randint(0, 298, (BATCH, TEXT))
+    input_ids = torch.cat([text[:, :3], torch.full((BATCH, k), 299), text[:, 3:]], dim=1)
+    pixel_values = torch.randn(BATCH * crops, 3, 112, 112)
+    image_sizes = torch.tensor([list(size)] * BATCH)
+    with FlopCounterMode(display=False) as forward_counter:
+        loss = model(
+            input_ids=input_ids, pixel_values=pixel_values, image_sizes=image_sizes, labels=input_ids
+        ).loss
+    with FlopCounterMode(display=False) as backward_counter:
+        loss.backward()
+    counted = Flops(forward_counter.get_total_flops(), backward_counter.get_total_flops())
+    modelled = llava_step_flops(
+        VisionTowerShape.from_config(config.vision_config),
+        LlamaShape.from_config(config.text_config),
+        parts,
+        num_images=BATCH,
+        batch=BATCH,
+        seq_len=input_ids.shape[1],
+        image_tokens=k,
+        visionzip_split=split,
+        crops_per_image=crops,
+        projector_tokens_per_image=crops * 64 if split is None else k,
+    )["total"]
+    assert counted.forward > 0 and modelled == counted

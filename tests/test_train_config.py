@@ -339,3 +339,20 @@ def test_feature_layer_stops_the_entry_point_before_weights_load(tmp_path):
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "visionzip.feature_layer: 99 is out of range" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists()  # nothing written: the run never started
+
+
+def test_feature_layer_left_out_is_the_models_own_and_recorded_as_such(tiny_llava_dir, tmp_path):
+    """visionzip.feature_layer can only equal the layer the projector reads: left out, it is derived
+    from the model, and the resume record holds the layer itself, as records written before the key
+    became optional do (so their runs resume under a config that leaves it out)."""
+    import json
+
+    from visionzip_core.training.resume import run_record
+
+    derived = _demo(tiny_llava_dir, tmp_path)
+    explicit = _demo(tiny_llava_dir, tmp_path, "visionzip.feature_layer=-2")
+    assert derived.visionzip.feature_layer is None and derived.visionzip.core(-2).feature_layer == -2
+    records = [run_record(s, world_size=1, precision="fp32", zero_stage=2) for s in (derived, explicit)]
+    assert records[0] == records[1] and records[0]["settings"]["visionzip"]["feature_layer"] == -2
+    config = json.loads((tiny_llava_dir / "config.json").read_text())
+    assert config["vision_feature_layer"] == -2

@@ -24,6 +24,18 @@ from visionzip_core.flops import LlamaShape, VisionTowerShape
 
 # Visual tokens per image -> (dominant, contextual); None is the stock model (compression off).
 BUDGETS: dict[int, tuple[int, int] | None] = {576: None, 192: (162, 30), 128: (108, 20), 64: (54, 10)}
+# LLaVA-NeXT: visual tokens per crop (the paper's 640 / 320 / 160 for a 5-crop image), split in the
+# proportion of the paper's 54 + 10; 576 is the stock model (every patch of every crop, unpadded,
+# one newline per row).
+NEXT_BUDGETS: dict[int, tuple[int, int] | None] = {576: None, 128: (108, 20), 64: (54, 10), 32: (27, 5)}
+# The picture LLaVA-NeXT benchmarks feed: a square 672 px image picks the 2 x 2 tiling, so it is
+# cut into 5 crops (base + 4 tiles), the common case for llava-v1.6 at 336 px crops.
+NEXT_IMAGE = (672, 672)
+
+
+def budgets_for(family: str) -> dict[int, tuple[int, int] | None]:
+    return NEXT_BUDGETS if family == "llava-next" else BUDGETS
+
 
 # llava-hf LLaVA-1.5 token ids (vocab 32064: Llama's 32000 + <image> + <pad> + padding to 64).
 IMAGE_TOKEN_ID, PAD_TOKEN_ID, BOS_TOKEN_ID, EOS_TOKEN_ID = 32000, 32001, 1, 2
@@ -84,16 +96,26 @@ SIZES: dict[str, BenchSize] = {
         dtype="bfloat16",
         note="CLIP-L/336 + Llama-2-7B shapes (LLaVA-1.5-7B), bf16",
     ),
+    "llava-next-7b": BenchSize(
+        name="llava-next-7b",
+        vision=CLIP_L_336,
+        llm=LlamaShape(hidden=4096, intermediate=11008, layers=32, heads=32, kv_heads=32, vocab=32064),
+        batch_size=4,
+        text_tokens=(100, 150),
+        dtype="bfloat16",
+        note="CLIP-L/336 + Vicuna-7B shapes (llava-v1.6-vicuna-7b), 672 px images = 5 crops, bf16",
+    ),
 }
 
 
-def llava_config(size: BenchSize):
-    """A ``LlavaConfig`` with LLaVA-1.5's settings and ``size``'s shapes (built by its family)."""
+def llava_config(size: BenchSize, family_name: str = "llava-1.5"):
+    """A ``LlavaConfig`` with LLaVA-1.5's settings and ``size``'s shapes (built by its family), or
+    a ``LlavaNextConfig`` with llava-v1.6's (``family_name="llava-next"``)."""
     from transformers import LlamaConfig
 
     from visionzip_core.families import family_for
 
-    family = family_for("llava")
+    family = family_for(family_name)
     t = size.llm
     text = LlamaConfig(
         vocab_size=t.vocab,
@@ -111,8 +133,10 @@ def llava_config(size: BenchSize):
     return family.build_config(family.vision_config_for_shape(size.vision), text, IMAGE_TOKEN_ID)
 
 
-def build_random_llava(size: BenchSize, device: str | torch.device = "cpu", seed: int = 0):
-    """A LLaVA-1.5 model with random weights, built directly on ``device``.
+def build_random_llava(
+    size: BenchSize, device: str | torch.device = "cpu", seed: int = 0, family: str = "llava-1.5"
+):
+    """A LLaVA-1.5 (or LLaVA-NeXT) model with random weights, built directly on ``device``.
 
     On a GPU the weights are allocated and initialised there (a 7B model builds in seconds);
     ``device="meta"`` builds the structure only, for checks without memory.
@@ -120,7 +144,7 @@ def build_random_llava(size: BenchSize, device: str | torch.device = "cpu", seed
     from visionzip_core.families import family_for
 
     dtype = getattr(torch, size.dtype)
-    config = llava_config(size)
+    config = llava_config(size, family)
     torch.manual_seed(seed)
     with torch.device(device):
         model = family_for(config).random_model(config, dtype=dtype)
@@ -130,11 +154,12 @@ def build_random_llava(size: BenchSize, device: str | torch.device = "cpu", seed
     return model
 
 
-def set_budget(model: torch.nn.Module, tokens: int) -> None:
-    """Switch ``model`` (LLaVA, possibly peft-wrapped) to ``tokens`` visual tokens per image."""
+def set_budget(model: torch.nn.Module, tokens: int, budgets: dict | None = None) -> None:
+    """Switch ``model`` (LLaVA, possibly peft-wrapped) to ``tokens`` visual tokens per image (per
+    crop with ``budgets=NEXT_BUDGETS``)."""
     from visionzip_core import remove_visionzip, visionzip
 
-    split = BUDGETS[tokens]
+    split = (budgets or BUDGETS)[tokens]
     remove_visionzip(model)
     if split is not None:
         visionzip(model, dominant=split[0], contextual=split[1])
@@ -148,13 +173,19 @@ def text_lengths(size: BenchSize, seed: int = 0) -> list[int]:
 
 
 def synthetic_batch(
-    size: BenchSize, image_tokens: int, device: str | torch.device = "cpu", seed: int = 0
+    size: BenchSize,
+    image_tokens: int,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    image_hw: tuple[int, int] | None = None,
+    crops: int = 1,
 ) -> dict[str, torch.Tensor]:
     """A right-padded LLaVA training batch: ``<s>`` prompt ``<image>*K`` question answer, one image each.
 
     The first 20% of each sample's text is the prompt before the image, the answer is the last
     60%; only answer tokens carry labels (image, prompt and padding are -100), as in LLaVA.
-    The text tokens are identical for every ``image_tokens``.
+    The text tokens are identical for every ``image_tokens``. For LLaVA-NeXT (``image_hw`` given)
+    each image is ``crops`` crops and the batch carries ``image_sizes``.
     """
     gen = torch.Generator().manual_seed(seed)
     lengths = text_lengths(size, seed)
@@ -185,28 +216,70 @@ def synthetic_batch(
         label_t[i, : len(r)] = lab
     pixel_gen = torch.Generator().manual_seed(seed + 1)
     v = size.vision
-    pixel_values = torch.randn(len(rows), 3, v.image_size, v.image_size, generator=pixel_gen)
+    pixel_values = torch.randn(len(rows) * crops, 3, v.image_size, v.image_size, generator=pixel_gen)
     batch = {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "labels": label_t,
         "pixel_values": pixel_values.to(getattr(torch, size.dtype)),
     }
+    if image_hw is not None:
+        batch["image_sizes"] = torch.tensor([list(image_hw)] * len(rows))
     return {k: t.to(device) for k, t in batch.items()}
 
 
-def parse_budgets(text: str) -> list[int]:
-    """``"576,64"`` -> ``[576, 64]``; each from :data:`BUDGETS`, and 576 (the reference) present."""
+def parse_budgets(text: str, allowed: dict | None = None) -> list[int]:
+    """``"576,64"`` -> ``[576, 64]``; each from ``allowed`` (:data:`BUDGETS`), 576 (the reference) present."""
+    allowed = BUDGETS if allowed is None else allowed
     try:
         budgets = [int(b) for b in text.split(",")]
     except ValueError:
         raise ValueError(f"--budgets: {text!r} is not a comma-separated list of integers") from None
-    bad = [b for b in budgets if b not in BUDGETS]
+    bad = [b for b in budgets if b not in allowed]
     if bad or 576 not in budgets:
         raise ValueError(
-            f"--budgets: {bad or 'missing 576'}; allowed {list(BUDGETS)} and 576 (the reference) must be in"
+            f"--budgets: {bad or 'missing 576'}; allowed {list(allowed)} and 576 (the reference) must be in"
         )
     return budgets
+
+
+def budget_label(row: dict) -> str:
+    """A result row's budget for tables: ``64`` (LLaVA-1.5), ``64/crop = 320`` (LLaVA-NeXT), with
+    `` (stock)`` on the reference row."""
+    crops = row.get("crops_per_image", 1)
+    label = str(row["tokens"]) if crops == 1 else f"{row['tokens']}/crop = {row['image_tokens']}"
+    return label + ("" if row["split"] else " (stock)")
+
+
+@dataclass(frozen=True)
+class ImagePlan:
+    """What one image costs at one budget: ``crops`` through the tower, ``projected`` tokens through
+    the projector, ``llm`` tokens in the LLM sequence."""
+
+    crops: int
+    projected: int
+    llm: int
+
+
+def image_plan(config, family: str, tokens: int) -> ImagePlan:
+    """The :class:`ImagePlan` of the benchmark image at budget ``tokens`` (per image for LLaVA-1.5,
+    per crop for LLaVA-NeXT, which feeds :data:`NEXT_IMAGE`), counted by the model's family."""
+    from visionzip_core.config import VisionZipConfig
+    from visionzip_core.families import family_for
+
+    split = budgets_for(family)[tokens]
+    fam = family_for(family)
+    if family != "llava-next":
+        return ImagePlan(1, tokens, tokens)
+    from visionzip_core.families.llava_next import crops_per_image
+
+    crops = crops_per_image(config, NEXT_IMAGE)
+    if split is None:
+        patches = fam.tower_tokens(config) - 1  # "default": CLS dropped before the projector
+        return ImagePlan(crops, crops * patches, fam.stock_tokens_per_image(config, NEXT_IMAGE))
+    vz = VisionZipConfig(dominant=split[0], contextual=split[1])
+    n = fam.compressed_tokens_per_image(config, vz, NEXT_IMAGE)
+    return ImagePlan(crops, n, n)
 
 
 def interleaved_schedule(budgets: Iterable[int], rounds: int) -> list[int]:

@@ -288,36 +288,45 @@ def llava_step_flops(
     feature_layer: int = -2,
     visionzip_split: tuple[int, int] | None = None,
     logits_positions: int | None = None,
+    crops_per_image: int = 1,
+    projector_tokens_per_image: int | None = None,
 ) -> dict[str, Flops]:
-    """Matmul FLOPs of one LLaVA-1.5 training step, by part.
+    """Matmul FLOPs of one LLaVA-1.5 (or LLaVA-NeXT) training step, by part.
 
     Args:
         vision, llm: model shapes.
         parts: what trains.
         num_images: images in the batch.
         batch, seq_len: the LLM input, ``(batch, seq_len)`` with padding (what is computed).
-        image_tokens: visual tokens per image entering the projector (576 stock, ``D + K`` compressed).
+        image_tokens: visual tokens per image (576 stock, ``D + K`` compressed in LLaVA-1.5).
         feature_layer: HF ``hidden_states`` index the features come from (-2 in LLaVA-1.5).
         visionzip_split: ``(dominant, contextual)`` when compression is on. Then the tower stops at
             the feature layer; stock transformers runs every layer and picks ``hidden_states[-2]``.
         logits_positions: see :func:`llama_flops` (1 for a ``generate`` prefill).
+        crops_per_image: crops the tower runs per image (LLaVA-NeXT's anyres: base + tiles; 1 for
+            LLaVA-1.5). The tower and VisionZip's selection run once per crop.
+        projector_tokens_per_image: tokens entering the projector per image, when they differ from
+            ``image_tokens`` (stock LLaVA-NeXT projects every crop's 576 patches, then unpads and
+            adds a newline per row, so the LLM sees another count); default ``image_tokens``.
 
     Returns:
         ``{"vision", "visionzip", "projector", "llm", "total"}`` -> :class:`Flops`.
     """
     used = feature_layer if feature_layer >= 0 else vision.layers + 1 + feature_layer
     layers_run = used if visionzip_split is not None else vision.layers
+    crops = num_images * crops_per_image
+    projected = image_tokens if projector_tokens_per_image is None else projector_tokens_per_image
     out = {
         "vision": vision_tower_flops(
-            vision, num_images, layers_run=layers_run, layers_used=used, trainable=parts.vision
+            vision, crops, layers_run=layers_run, layers_used=used, trainable=parts.vision
         ),
         "visionzip": (
-            visionzip_overhead_flops(vision, num_images, *visionzip_split, grad=parts.vision)
+            visionzip_overhead_flops(vision, crops, *visionzip_split, grad=parts.vision)
             if visionzip_split is not None
             else Flops()
         ),
         "projector": projector_flops(
-            num_images * image_tokens,
+            num_images * projected,
             vision.hidden,
             llm.hidden,
             train_weights=parts.projector,

@@ -148,6 +148,12 @@ def _visionzip_fits(vz, family, config) -> list[str]:
 
     problems = []
     num_layers, model_layer = family.vision_layers(config), family.feature_layer(config)
+    if vz.feature_layer is None:  # derived: the model's own layer
+        try:
+            vz.core(model_layer).check_fits(family.tower_tokens(config))
+        except ValueError as err:
+            return [str(err)]
+        return []
     try:
         chosen = resolve_feature_layer(vz.feature_layer, num_layers)
         if isinstance(model_layer, int) and chosen != resolve_feature_layer(model_layer, num_layers):
@@ -159,7 +165,7 @@ def _visionzip_fits(vz, family, config) -> list[str]:
         problems.append(str(err).replace("visionzip.feature_layer=", "visionzip.feature_layer: "))
     stock = family.tower_tokens(config)
     try:
-        vz.core().check_fits(stock)
+        vz.core(model_layer).check_fits(stock)
     except ValueError as err:
         problems.append(str(err))
     return problems

@@ -36,6 +36,20 @@ def model_family(settings: Settings) -> ModelFamily:
     return family_for(AutoConfig.from_pretrained(path, trust_remote_code=m.trust_remote_code))
 
 
+def model_feature_layer(settings: Settings) -> int:
+    """The vision layer the model's projector reads (from config.json; stage 1: the tower's -2)."""
+    from transformers import AutoConfig
+
+    m = settings.model
+    key, name = (
+        ("model.vision_tower", m.vision_tower)
+        if settings.train.mode == "pretrain"
+        else ("model.name_or_path", m.name_or_path)
+    )
+    config = AutoConfig.from_pretrained(model_path(name, key), trust_remote_code=m.trust_remote_code)
+    return model_family(settings).feature_layer(config)
+
+
 def vision_tower_config(config):
     """The vision fields of a vision folder's config (a full CLIPModel keeps them one level down)."""
     from visionzip_core.families.llava import vision_tower_config as read
@@ -103,7 +117,8 @@ def build_processor(settings: Settings):
         processor = family.assemble_processor(
             vision_path, model_path(m.language_model, "model.language_model"), trust
         )
-        tower = family.tower_tokens(AutoConfig.from_pretrained(vision_path, trust_remote_code=trust))
+        vision_config = AutoConfig.from_pretrained(vision_path, trust_remote_code=trust)
+        tower, layer = family.tower_tokens(vision_config), family.feature_layer(vision_config)
         model_config = None
         stock = ImageTokenCount.constant(tower - 1)  # the assembled model drops CLS ("default")
     else:
@@ -111,7 +126,8 @@ def build_processor(settings: Settings):
         processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust)
         model_config = AutoConfig.from_pretrained(path, trust_remote_code=trust)
         stock, tower = image_token_count(model_config), family.tower_tokens(model_config)
-    config = vz.core()
+        layer = family.feature_layer(model_config)
+    config = vz.core(layer)
     if config is None:
         return processor, stock
     try:
@@ -167,7 +183,7 @@ def build_model(settings: Settings, dtype: torch.dtype, processor, for_export: b
         # The files were checked above (rank 0, once); missing, unexpected or misshapen tensors are refused here.
         model = family.load(path, check_files=False, **kwargs)
     if settings.visionzip.enabled:
-        visionzip(model, config=settings.visionzip.core())
+        visionzip(model, config=settings.visionzip.core(family.feature_layer(model.config)))
     model.config.use_cache = False
     set_trainable(model, settings)
     if not for_export:

@@ -80,6 +80,12 @@ class RunFinished(Exception):
 def run_record(settings, *, world_size: int, precision: str, zero_stage: int) -> dict:
     """What this run computes, as stored in each checkpoint: ``{"settings": ..., "derived": ...}``."""
     values = settings.model_dump(mode="json")
+    if values["visionzip"]["feature_layer"] is None:
+        # Derived from the model: recorded as the layer itself, as runs that set it explicitly
+        # (and every record before the key became optional) have it.
+        from visionzip_core.training.modeling import model_feature_layer
+
+        values["visionzip"]["feature_layer"] = model_feature_layer(settings)
     values["train"]["precision"] = precision
     values["data"] = settings.data.resolve_paths(check=False).model_dump(mode="json")
     values["lora"] = settings.lora_or_default.model_dump(mode="json")  # absent = defaults, compared as such

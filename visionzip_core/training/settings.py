@@ -69,10 +69,21 @@ class VisionZipSettings(VisionZipConfig):
     """
 
     enabled: bool = True
+    feature_layer: int | None = Field(
+        None,
+        description="Vision layer whose attention, keys and output are used. Leave it out: it is the "
+        "model's own vision_feature_layer (-2 for stage 1), the only layer its projector reads.",
+    )
 
-    def core(self) -> VisionZipConfig | None:
-        """The library config to apply, or None when compression is off."""
-        return VisionZipConfig(**self.model_dump(exclude={"enabled"})) if self.enabled else None
+    def core(self, model_layer: int | None = None) -> VisionZipConfig | None:
+        """The library config to apply, or None when compression is off. ``model_layer``: the
+        model's feature layer, used when ``feature_layer`` is left out (derived)."""
+        if not self.enabled:
+            return None
+        layer = self.feature_layer if self.feature_layer is not None else model_layer
+        if layer is None:
+            raise ValueError("visionzip.feature_layer: derived from the model; pass its layer to core()")
+        return VisionZipConfig(**self.model_dump(exclude={"enabled", "feature_layer"}), feature_layer=layer)
 
 
 class TrainSettings(_Section):
