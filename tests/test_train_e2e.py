@@ -47,7 +47,9 @@ def _base(model_dir: Path, out: Path) -> list[str]:
 
 
 def _cmd(launcher: str, overrides: list[str]) -> list[str]:
-    script = ["train/finetune.py", "--config", "configs/demo.yaml", *overrides]
+    # debug.* switches are test hooks, injected by tests/hooked_finetune.py, not config keys.
+    hooked = ["tests/hooked_finetune.py"] if any(o.startswith("debug.") for o in overrides) else []
+    script = [*hooked, "train/finetune.py", "--config", "configs/demo.yaml", *overrides]
     if launcher == "python":
         return [sys.executable, *script]
     if launcher == "deepspeed":

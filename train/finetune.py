@@ -47,8 +47,9 @@ from visionzip_core.training.deepspeed_config import (  # noqa: E402
     zero_stage,
 )
 from visionzip_core.training.export import export_final  # noqa: E402
+from visionzip_core.training.hooks import TrainHooks  # noqa: E402
 from visionzip_core.training.input_checks import check_global_batch  # noqa: E402
-from visionzip_core.training.metrics import MetricsLog, peak_memory_mb, truncate_jsonl  # noqa: E402
+from visionzip_core.training.metrics import MetricsLog, peak_memory_mb  # noqa: E402
 from visionzip_core.training.modeling import (  # noqa: E402
     build_model,
     build_processor,
@@ -101,6 +102,7 @@ class Run:
     output_dir: Path
     history: dict = field(default_factory=dict)
     record: dict = field(default_factory=dict)
+    hooks: TrainHooks = field(default_factory=TrainHooks)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -297,8 +299,6 @@ def assemble_run(settings, device, start: Start, data: Data, engine, group_names
             settings.wandb, start.output_dir, settings.model_dump(mode="json"), state.wandb_run_id
         )
         state.wandb_run_id = tracker.run_id
-    if settings.debug.log_samples:
-        truncate_jsonl(start.output_dir / "debug" / f"samples-rank{dist.rank()}.jsonl", state.step)
     run = Run(
         settings=settings,
         engine=engine,
@@ -358,12 +358,9 @@ def train_step(run: Run, micro_batches: list[dict]) -> dict:
     lrs = run.engine.lr_scheduler.get_last_lr()
     for i, batch in enumerate(micro_batches):
         ids = batch.pop("sample_index")
-        if run.settings.debug.log_samples:
-            log_samples(run, step, ids)
+        run.hooks.on_micro_batch(step, ids)
         batch = to_device(batch, run.device, run.dtype)
-        loss = engine(**batch).loss
-        if run.settings.debug.nan_at_step == step:
-            loss = loss * float("nan")
+        loss = run.hooks.loss(step, engine(**batch).loss)
         loss_sum += loss.item()
         tokens += batch["attention_mask"].sum().item()
         samples += len(ids)
@@ -384,13 +381,6 @@ def train_step(run: Run, micro_batches: list[dict]) -> dict:
         "lr": dict(zip(run.group_names, lrs)),
         "grad_norm": float(grad_norm) if grad_norm is not None else None,
     }
-
-
-def log_samples(run: Run, step: int, ids: list[int]) -> None:
-    path = run.output_dir / "debug" / f"samples-rank{dist.rank()}.jsonl"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as f:
-        f.write(json.dumps({"step": step, "samples": ids}) + "\n")
 
 
 @torch.no_grad()
@@ -472,8 +462,7 @@ def fit(run: Run, stop: preemption.StopRequest) -> None:
             k: window[k] + v for k, v in (("samples", stats["samples"]), ("tokens", stats["tokens"]))
         } | {"seconds": window["seconds"] + time.perf_counter() - start}
         run.metrics.advance(stats["loss"])
-        if run.settings.debug.step_sleep_s:
-            time.sleep(run.settings.debug.step_sleep_s)
+        run.hooks.after_step(state.step)
         if state.step % t.logging_steps == 0 or state.step == state.total_steps or state.step == 1:
             log_step(run, stats, window)
             window = {"samples": 0.0, "tokens": 0.0, "seconds": 0.0}
@@ -591,7 +580,8 @@ def claim_output_dir(settings: Settings) -> output_lock.OutputLock | None:
     return lock
 
 
-def main(argv=None) -> int:
+def main(argv=None, hooks: TrainHooks | None = None) -> int:
+    """The entry point; ``hooks`` lets tests observe the loop (:mod:`visionzip_core.training.hooks`)."""
     args = parse_args(argv)
     try:
         settings = load_config(args.config, args.overrides, check_files=True, warn=_print_rank0)
@@ -605,6 +595,9 @@ def main(argv=None) -> int:
     try:
         lock = claim_output_dir(settings)
         run = setup(settings, device)
+        if hooks is not None:
+            run.hooks = hooks
+        run.hooks.on_start(run.output_dir, dist.rank(), run.state.step)
         if run.state.step < run.state.total_steps:
             fit(run, stop)
         else:  # trained before; only final/ is missing

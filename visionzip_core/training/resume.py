@@ -51,7 +51,7 @@ FREE_KEYS = (
     "deepspeed.config",  # the file's name; its ZeRO stage is compared as deepspeed.zero_stage
     "wandb",
     "export",
-    "debug",
+    "debug",  # records written when test switches were a config section
 )
 
 LAYOUT_KEYS = {

@@ -173,16 +173,6 @@ class ExportSettings(_Section):
     merge_lora: bool = Field(True, description="lora: also write the merged full model into final/.")
 
 
-class DebugSettings(_Section):
-    nan_at_step: int | None = Field(
-        None, ge=1, description="Make the loss NaN at this step (tests the guard)."
-    )
-    log_samples: bool = Field(False, description="Write the sample indices of every step to debug/.")
-    step_sleep_s: float = Field(
-        0.0, ge=0, description="Pause after each step (lets tests kill a run mid-way)."
-    )
-
-
 class Settings(_Section):
     model: ModelSettings = Field(default_factory=ModelSettings)
     visionzip: VisionZipSettings = Field(default_factory=VisionZipSettings)
@@ -193,7 +183,6 @@ class Settings(_Section):
     deepspeed: DeepSpeedSettings = Field(default_factory=DeepSpeedSettings)
     wandb: WandbSettings = Field(default_factory=WandbSettings)
     export: ExportSettings = Field(default_factory=ExportSettings)
-    debug: DebugSettings = Field(default_factory=DebugSettings)
 
     @property
     def lora_or_default(self) -> LoraSettings:

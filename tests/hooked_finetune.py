@@ -1,0 +1,86 @@
+"""An entry point run with test hooks: ``debug.*=value`` arguments become a :class:`DebugHooks`.
+
+    python tests/hooked_finetune.py train/finetune.py --config configs/demo.yaml debug.step_sleep_s=1.0 [...]
+
+The entry point's path comes first (launchers may put their own arguments, e.g. ``--local_rank``,
+before it), so the worker's command line still names ``train/finetune.py``.
+
+``debug.log_samples=true``: write each step's sample indices to ``output_dir/debug/samples-rank<R>.jsonl``
+(truncated to the resumed step, so a resumed run's file equals an unbroken run's);
+``debug.nan_at_step=N``: make step N's loss NaN; ``debug.step_sleep_s=S``: pause after every step.
+Everything else goes to ``train/finetune.py`` unchanged (so do the launchers' own arguments).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+
+from visionzip_core.training import distributed as dist
+
+dist.set_env_defaults()  # as train/finetune.py does, before anything imports deepspeed
+
+from visionzip_core.training.hooks import TrainHooks  # noqa: E402
+from visionzip_core.training.metrics import truncate_jsonl  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class DebugHooks(TrainHooks):
+    def __init__(self, log_samples: bool = False, nan_at_step: int | None = None, step_sleep_s: float = 0.0):
+        self.log_samples, self.nan_at_step, self.step_sleep_s = log_samples, nan_at_step, step_sleep_s
+        self.path: Path | None = None
+
+    def on_start(self, output_dir, rank, step):
+        if self.log_samples:
+            self.path = Path(output_dir) / "debug" / f"samples-rank{rank}.jsonl"
+            truncate_jsonl(self.path, step)
+
+    def on_micro_batch(self, step, sample_indices):
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a") as f:
+                f.write(json.dumps({"step": step, "samples": sample_indices}) + "\n")
+
+    def loss(self, step, loss):
+        return loss * float("nan") if step == self.nan_at_step else loss
+
+    def after_step(self, step):
+        if self.step_sleep_s:
+            time.sleep(self.step_sleep_s)
+
+
+def split_debug(argv: list[str]) -> tuple[DebugHooks, list[str]]:
+    values, rest = {}, []
+    for arg in argv:
+        if arg.startswith("debug."):
+            key, _, value = arg[len("debug.") :].partition("=")
+            values[key] = value
+        else:
+            rest.append(arg)
+    hooks = DebugHooks(
+        log_samples=values.pop("log_samples", "false").lower() == "true",
+        nan_at_step=int(values.pop("nan_at_step")) if "nan_at_step" in values else None,
+        step_sleep_s=float(values.pop("step_sleep_s", 0.0)),
+    )
+    if values:
+        raise SystemExit(f"hooked_finetune: unknown debug.* arguments {sorted(values)}")
+    return hooks, rest
+
+
+def main() -> int:
+    hooks, argv = split_debug(sys.argv[1:])
+    script = next(a for a in argv if a.endswith("finetune.py"))
+    argv.remove(script)
+    spec = importlib.util.spec_from_file_location("finetune", REPO / script)
+    finetune = importlib.util.module_from_spec(spec)
+    sys.modules["finetune"] = finetune  # its dataclasses look their module up while being defined
+    spec.loader.exec_module(finetune)
+    return finetune.main(argv, hooks=hooks)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
