@@ -198,34 +198,7 @@ def build_tiny_llava(
     Returns ``(model, processor)``. The model uses LLaVA-1.5's settings (feature layer -2, CLS
     dropped), built by the llava-1.5 family.
     """
-    import torch
-
-    from visionzip_core.families import family_for
-
-    family = family_for("llava")
-    tokenizer = build_tiny_tokenizer()
-    vcfg = tiny_vision_config(image_size, patch_size, vision_layers)
-    text = tiny_text_config(len(tokenizer))
-    text.pad_token_id, text.bos_token_id, text.eos_token_id = (
-        tokenizer.pad_token_id,
-        tokenizer.bos_token_id,
-        tokenizer.eos_token_id,
-    )
-    config = family.build_config(vcfg, text, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
-    torch.manual_seed(seed)
-    model = family.random_model(config).eval()
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.bos_token_id = tokenizer.bos_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    processor = family.build_processor(
-        build_image_processor(image_size), tokenizer, vcfg, chat_template=TINY_CHAT_TEMPLATE
-    )
-    if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(out)
-        save_pretrained_faithfully(processor, out)
-    return model, processor
+    return _build_tiny("llava-1.5", out_dir, image_size, patch_size, vision_layers, seed)
 
 
 def build_tiny_llava_next(
@@ -237,11 +210,15 @@ def build_tiny_llava_next(
 ):
     """Build a random LLaVA-NeXT-shaped model (llava-v1.6's settings, its five tilings of the
     crop side) and its processor; save both when ``out_dir`` is given. Returns ``(model, processor)``."""
+    return _build_tiny("llava-next", out_dir, image_size, patch_size, vision_layers, seed)
+
+
+def _build_tiny(family_name: str, out_dir, image_size: int, patch_size: int, vision_layers: int, seed: int):
     import torch
 
     from visionzip_core.families import family_for
 
-    family = family_for("llava-next")
+    family = family_for(family_name)
     tokenizer = build_tiny_tokenizer()
     vcfg = tiny_vision_config(image_size, patch_size, vision_layers)
     text = tiny_text_config(len(tokenizer))
@@ -256,7 +233,10 @@ def build_tiny_llava_next(
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
-    image_processor = family.build_image_processor(image_size, config.image_grid_pinpoints)
+    if family.count_depends_on_size:  # a tiling processor (LLaVA-NeXT)
+        image_processor = family.build_image_processor(image_size, config.image_grid_pinpoints)
+    else:
+        image_processor = build_image_processor(image_size)
     processor = family.build_processor(image_processor, tokenizer, vcfg, chat_template=TINY_CHAT_TEMPLATE)
     if out_dir is not None:
         out = Path(out_dir)
