@@ -284,3 +284,25 @@ def test_bad_input_is_one_clear_line(model, processor, tiny_llava_dir):
         family_for(model).adapt_processor(LlavaProcessor.from_pretrained(tiny_llava_dir), VisionZipConfig())
     with pytest.raises(ValueError, match="depends on the image size"):
         num_image_tokens(visionzip(model, dominant=D, contextual=K).config)
+
+
+def test_remove_visionzip_restores_the_stock_model_and_processor(model, processor):
+    image = noise_image(300, 90, 9)
+    prompt = ["USER: <image>\nWhat? ASSISTANT:"]
+    stock_batch = processor(images=[image], text=prompt, return_tensors="pt")
+    with torch.no_grad():
+        stock = model(**stock_batch).logits
+    visionzip(model, dominant=D, contextual=K)
+    visionzip_processor(processor, model.config)
+    assert (
+        processor(images=[image], text=prompt, return_tensors="pt")["input_ids"].shape[1]
+        < stock_batch["input_ids"].shape[1]
+    )
+    from visionzip_core import remove_visionzip
+
+    remove_visionzip(model)
+    visionzip_processor(processor, model.config)  # no settings recorded: the stock count again
+    again = processor(images=[image], text=prompt, return_tensors="pt")
+    assert torch.equal(again["input_ids"], stock_batch["input_ids"])
+    with torch.no_grad():
+        torch.testing.assert_close(model(**again).logits, stock)

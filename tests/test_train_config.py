@@ -356,3 +356,20 @@ def test_feature_layer_left_out_is_the_models_own_and_recorded_as_such(tiny_llav
     assert records[0] == records[1] and records[0]["settings"]["visionzip"]["feature_layer"] == -2
     config = json.loads((tiny_llava_dir / "config.json").read_text())
     assert config["vision_feature_layer"] == -2
+
+
+def test_anyres_needs_a_tiling_model(tiny_llava_dir, tiny_llava_next_dir, tmp_path):
+    """``data.image_aspect_ratio: anyres`` on a one-crop model is a config error before anything
+    loads; on LLaVA-NeXT it is the natural setting."""
+    with pytest.raises(ConfigError, match="anyres needs a tiling model .*llava-1.5"):
+        _demo(tiny_llava_dir, tmp_path, "data.image_aspect_ratio=anyres")
+    next_ = load_config(
+        REPO / "configs/demo.yaml",
+        [
+            f"model.name_or_path={tiny_llava_next_dir}",
+            f"train.output_dir={tmp_path / 'o'}",
+            "data.image_aspect_ratio=anyres",
+        ],
+        check_files=True,
+    )
+    assert next_.data.image_aspect_ratio == "anyres"

@@ -33,6 +33,8 @@ def check_inputs(
         tower = _model_folders(model, train.mode, problems, build=not known_problems)
         if tower is not None and vz is not None and vz.enabled:
             problems += _visionzip_fits(vz, *tower)
+        if tower is not None and data is not None:
+            problems += _aspect_ratio_fits(data, tower[0], train.mode)
     if train is not None:
         warnings += _no_effect(sections, raw)
     return problems, warnings
@@ -140,6 +142,17 @@ def _model_folder(name: str, key: str, problems: list[str], build: bool) -> str 
         problems.append(f"{key}: {path} has no config.json (not a transformers model folder)")
         return None
     return str(path)
+
+
+def _aspect_ratio_fits(data, family, mode: str) -> list[str]:
+    """``anyres`` keeps each image as it is for a tiling model; a one-crop model cannot take it."""
+    if data.image_aspect_ratio != "anyres" or family.count_depends_on_size:
+        return []
+    what = "stage 1 (pretrain) builds" if mode == "pretrain" else "model.name_or_path is"
+    return [
+        f"data.image_aspect_ratio: anyres needs a tiling model (llava-next); {what} {family.name}, "
+        "one crop per image: use pad, resize or crop"
+    ]
 
 
 def _visionzip_fits(vz, family, config) -> list[str]:
