@@ -27,6 +27,7 @@ import torch
 
 from visionzip_core.benchmarking import (
     NEXT_IMAGE,
+    PAD_TOKEN_ID,
     SIZES,
     budget_label,
     budgets_for,
@@ -66,10 +67,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     p.add_argument("--out", type=Path, default=None, help="JSON path; .md and .png are written beside it")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--compare-packing",
+        action="store_true",
+        help="packed rows + token-budget batches against fixed padded batches, on mix665k-like text lengths",
+    )
+    p.add_argument("--samples", type=int, default=32, help="--compare-packing: samples per pass")
+    p.add_argument(
+        "--row-tokens",
+        type=int,
+        default=2048,
+        help="--compare-packing: tokens per packed row and micro-batch",
+    )
     args = p.parse_args(argv)
+    if args.compare_packing and args.family != "llava-1.5":
+        p.error("--compare-packing runs LLaVA-1.5 (one crop per image)")
     try:
         allowed = budgets_for(args.family)
-        args.budgets = parse_budgets(args.budgets or ",".join(map(str, allowed)), allowed)
+        default = "576,64" if args.compare_packing else ",".join(map(str, allowed))
+        args.budgets = parse_budgets(args.budgets or default, allowed)
     except ValueError as err:
         p.error(str(err))
     return args
@@ -243,6 +259,134 @@ def run(args: argparse.Namespace) -> list[dict]:
     return results
 
 
+def compare_packing(args: argparse.Namespace) -> list[dict]:
+    """Each budget, three passes over the same samples, through the trainer's own samplers and
+    collators: fixed batches of ``--batch-size`` padded to their longest, in random order and
+    length-grouped (the trainer's default), against rows packed to ``--row-tokens`` with a row's
+    worth of tokens per micro-batch (``data.packing`` + ``data.batch_tokens``)."""
+    from visionzip_core.benchmarking import mix665k_like_text_lengths, synthetic_items
+    from visionzip_core.data import DataCollator, LengthGroupedSampler
+    from visionzip_core.data.collate import PackingCollator
+    from visionzip_core.data.sampler import FixedBatchSampler, TokenBudgetBatchSampler
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    size = SIZES[args.size].quick() if args.quick else SIZES[args.size]
+    batch_size = args.batch_size or size.batch_size
+    dtype = getattr(torch, size.dtype)
+    model = prepare_for_training(
+        build_random_llava(size, device, seed=args.seed, family=args.family), args.mode
+    )
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    budgets = budgets_for(args.family)
+    text = mix665k_like_text_lengths(args.samples, seed=args.seed, cap=args.row_tokens - 577)
+
+    def layouts(lengths: list[int]) -> dict:
+        def fixed(grouped: bool):
+            return FixedBatchSampler(
+                LengthGroupedSampler(lengths, batch_size=batch_size, seed=args.seed, group_by_length=grouped)
+            )
+
+        padded = DataCollator(pad_token_id=PAD_TOKEN_ID)
+        return {
+            "padded, random order": (fixed(False), padded),
+            "padded, length-grouped": (fixed(True), padded),
+            "packed": (
+                TokenBudgetBatchSampler(lengths, args.row_tokens, packed=True, seed=args.seed),
+                PackingCollator(pad_token_id=PAD_TOKEN_ID, max_tokens_per_row=args.row_tokens),
+            ),
+        }
+
+    def step(batch: dict) -> None:
+        loss = model(**{k: v.to(device) for k, v in batch.items() if k != "num_tokens"}).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    results = []
+    for tokens in args.budgets:
+        set_budget(model, tokens, budgets)
+        items = synthetic_items(text, tokens, size.vision.image_size, dtype, seed=args.seed)
+        plans = layouts([len(item["input_ids"]) for item in items])
+        batches = {
+            name: [collate([items[i] for i in b]) for b in sampler]
+            for name, (sampler, collate) in plans.items()
+        }
+        for micro in batches.values():  # warm-up: kernels, allocator, optimizer state
+            step(micro[0])
+        row = {}
+        for name, micro in batches.items():
+            real = sum(
+                int(b["num_tokens"]) if "num_tokens" in b else int(b["attention_mask"].sum()) for b in micro
+            )
+            slots = sum(b["input_ids"].numel() for b in micro)
+            start = time.perf_counter()
+            for batch in micro:
+                step(batch)
+            seconds = time.perf_counter() - start
+            samples = sum(len(b) for b in plans[name][0])
+            row[name] = {
+                "micro_batches": len(micro),
+                "samples": samples,
+                "seconds": seconds,
+                "tokens_per_s": real / seconds,
+                "samples_per_s": samples / seconds,
+                "padding_fraction": 1 - real / slots,
+            }
+            print(
+                f"  {tokens:>3} tokens, {name}: {seconds:.1f}s for {samples} samples, "
+                f"{real / seconds:.0f} tokens/s, padding {1 - real / slots:.0%}, {len(micro)} micro-batches",
+                flush=True,
+            )
+        packed = row["packed"]["tokens_per_s"]
+        results.append(
+            {
+                "tokens": tokens,
+                "image_tokens": tokens,
+                "split": list(budgets[tokens]) if budgets[tokens] else None,
+                "layouts": row,
+                "packed_over_random_tokens_per_s": packed / row["padded, random order"]["tokens_per_s"],
+                "packed_over_grouped_tokens_per_s": packed / row["padded, length-grouped"]["tokens_per_s"],
+            }
+        )
+    meta = {
+        "size": size.name,
+        "family": args.family,
+        "shapes": size.note,
+        "mode": args.mode,
+        "device": str(device),
+        "dtype": size.dtype,
+        "batch_size": batch_size,
+        "row_tokens": args.row_tokens,
+        "samples": args.samples,
+        "text_lengths": "mix665k_like_text_lengths (visionzip_core/benchmarking.py)",
+        **run_context(device),
+    }
+    for r in results:
+        r["run"] = meta
+    return results
+
+
+def packing_table(results: list[dict]) -> str:
+    head = (
+        "| visual tokens | layout | micro-batches | padding | samples/s | non-padding tokens/s "
+        "| packed / this |\n|---:|---|---:|---:|---:|---:|---:|\n"
+    )
+    lines = []
+    for r in results:
+        packed = r["layouts"]["packed"]["tokens_per_s"]
+        for name, x in r["layouts"].items():
+            ratio = f"{packed / x['tokens_per_s']:.2f}x" if name != "packed" else ""
+            lines.append(
+                f"| {budget_label(r)} | {name} | {x['micro_batches']} | {x['padding_fraction']:.0%} "
+                f"| {x['samples_per_s']:.2f} | {x['tokens_per_s']:.0f} | {ratio} |"
+            )
+    return head + "\n".join(lines) + "\n"
+
+
 def markdown_table(results: list[dict]) -> str:
     head = (
         "| visual tokens | seq len | step time (s) | peak mem (MB) | above resident (MB) | tokens/s "
@@ -292,6 +436,18 @@ def plot(results: list[dict], path: Path, title: str) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.compare_packing:
+        results = compare_packing(args)
+        meta = results[0]["run"]
+        title = (
+            f"{meta['size']} / {meta['mode']} / {meta['machine']} / padded batches of {meta['batch_size']} "
+            f"vs packed rows of {meta['row_tokens']} tokens"
+        )
+        table = packing_table(results)
+        print(f"\n{title}\n{meta['shapes']}\n\n{table}")
+        if args.out:
+            print("wrote", ", ".join(map(str, write_report(args.out, results, title, table))))
+        return
     results = run(args)
     meta = results[0]["run"]
     title = f"{meta['size']} / {meta['mode']} / {meta['machine']} / batch {meta['batch_size']}"

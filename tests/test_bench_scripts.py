@@ -110,3 +110,30 @@ def test_llava_next_7b_flop_ideal_training_speedup():
 
     speedups = {k: step(576) / step(k) for k in (128, 64, 32)}
     assert 3.5 < speedups[128] < speedups[64] < speedups[32] < 12.0, speedups
+
+
+@pytest.mark.slow
+def test_bench_train_compare_packing_quick(tmp_path):
+    results = _run(
+        "bench_train.py",
+        tmp_path / "packing.json",
+        "--compare-packing",
+        "--size",
+        "cpu-llm",
+        "--samples",
+        "6",
+        "--batch-size",
+        "3",
+        "--row-tokens",
+        "1536",
+    )
+    assert [r["tokens"] for r in results] == [576, 64]
+    for r in results:
+        layouts = r["layouts"]
+        assert list(layouts) == ["padded, random order", "padded, length-grouped", "packed"]
+        assert all(x["samples"] == 6 for x in layouts.values())
+        assert layouts["packed"]["padding_fraction"] < layouts["padded, random order"]["padding_fraction"]
+        assert layouts["packed"]["micro_batches"] <= 6
+    # Fewer visual tokens: more samples fit a packed row.
+    assert results[1]["layouts"]["packed"]["micro_batches"] < results[0]["layouts"]["packed"]["micro_batches"]
+    assert (tmp_path / "packing.md").read_text().count("\n| ") == 7

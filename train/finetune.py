@@ -221,7 +221,8 @@ def prepare_data(settings: Settings, start: Start) -> Data:
     }
     if dist.is_main():
         dist.barrier()
-    check_global_batch(len(datasets["train"]), t, world, warn=dist.print0)
+    if settings.data.batch_tokens is None:  # a token budget sizes its own micro-batches
+        check_global_batch(len(datasets["train"]), t, world, warn=dist.print0)
     pad_id = processor.tokenizer.pad_token_id
     train_loader, sampler = build_train_loader(
         datasets["train"], settings.data, t.per_device_batch_size, rank, world, pad_id
@@ -231,13 +232,21 @@ def prepare_data(settings: Settings, start: Start) -> Data:
         if "val" in datasets
         else None
     )
-    steps_per_epoch = sampler.num_samples // (t.per_device_batch_size * t.grad_accum_steps)
+    steps_per_epoch = sampler.batches_in_epoch(0) // t.grad_accum_steps
     if steps_per_epoch == 0:
+        per_micro = (
+            f"data.batch_tokens={settings.data.batch_tokens}"
+            if settings.data.batch_tokens is not None
+            else str(t.per_device_batch_size)
+        )
         raise BadDataError(
             f"data.train: {len(datasets['train'])} samples make no full optimizer step of "
-            f"{t.per_device_batch_size} x {t.grad_accum_steps} x {world} processes"
+            f"{per_micro} x {t.grad_accum_steps} x {world} processes"
         )
-    total_steps = t.max_steps or t.epochs * steps_per_epoch
+    # A token budget can cut each epoch into a different number of micro-batches.
+    total_steps = t.max_steps or sum(
+        sampler.batches_in_epoch(e) // t.grad_accum_steps for e in range(t.epochs)
+    )
     start.record["derived"]["data.train_samples"] = len(datasets["train"])
     if start.resume_from is not None:
         check_resume(settings, start.output_dir, start.resume_from, start.precision, start.record)
@@ -270,9 +279,17 @@ def prepare_engine(settings: Settings, start: Start, data: Data):
     dist.print0(
         f"mode={t.mode} precision={start.precision} zero={zero_stage(ds_config)} processes={world} "
         f"visual tokens/image={data.image_tokens.describe()} trainable={trainable:,}/{total:,} steps={data.total_steps} "
-        f"({data.steps_per_epoch}/epoch) global batch={ds_config['train_batch_size']}"
+        f"({data.steps_per_epoch}/epoch) {batch_description(settings, ds_config)}"
     )
     return engine, group_names, ds_config
+
+
+def batch_description(settings: Settings, ds_config: dict) -> str:
+    d, t = settings.data, settings.train
+    packed = f", packed in rows of {d.row_tokens} tokens" if d.packing else ""
+    if d.batch_tokens is not None:
+        return f"micro-batch <= {d.batch_tokens} tokens x {t.grad_accum_steps} x {dist.world_size()}{packed}"
+    return f"global batch={ds_config['train_batch_size']}{packed}"
 
 
 def resume_state(engine, start: Start, total_steps: int) -> TrainerState:
@@ -325,22 +342,39 @@ def assemble_run(settings, device, start: Start, data: Data, engine, group_names
 
 
 def step_batches(run: Run):
-    """Yield ``((epoch, samples consumed this epoch), micro_batches)`` for each optimizer step, from
-    the run's saved position; leftover micro-batches at an epoch's end are dropped."""
-    t = run.settings.train
-    per_step = t.per_device_batch_size * t.grad_accum_steps
-    epoch, consumed = run.state.epoch, run.state.samples_in_epoch
+    """Yield ``((epoch, micro-batches consumed this epoch, samples consumed), micro_batches)`` for
+    each optimizer step, from the run's saved position; leftover micro-batches at an epoch's end
+    are dropped."""
+    t, state = run.settings.train, run.state
+    accum = t.grad_accum_steps
+    epoch, samples = state.epoch, state.samples_in_epoch
+    # Checkpoints written before batches were counted hold only samples (fixed-size batches).
+    consumed = state.batches_in_epoch
+    if consumed is None:
+        consumed = samples // t.per_device_batch_size
     while True:
-        if consumed >= run.steps_per_epoch * per_step:
-            epoch, consumed = epoch + 1, 0
+        usable = run.sampler.batches_in_epoch(epoch) // accum * accum
+        if consumed >= usable:
+            if usable == 0:
+                raise BadDataError(f"data.train: epoch {epoch} makes no full optimizer step")
+            epoch, consumed, samples = epoch + 1, 0, 0
+            continue
         run.sampler.set_epoch(epoch)
         run.sampler.set_start(consumed)
         batches = iter(run.train_loader)
-        while consumed < run.steps_per_epoch * per_step:
-            micro = [next(batches) for _ in range(t.grad_accum_steps)]
-            consumed += per_step
-            yield (epoch, consumed), micro
+        while consumed < usable:
+            micro = [next(batches) for _ in range(accum)]
+            consumed += accum
+            samples += sum(len(b["sample_index"]) for b in micro)
+            yield (epoch, consumed, samples), micro
         del batches
+
+
+def real_token_count(batch: dict) -> int:
+    """Non-padding tokens of a batch (popping a packed batch's ``num_tokens``, which the model
+    does not take)."""
+    packed = batch.pop("num_tokens", None)
+    return int(packed) if packed is not None else int(batch["attention_mask"].sum())
 
 
 def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
@@ -354,20 +388,24 @@ def train_step(run: Run, micro_batches: list[dict]) -> dict:
     update itself when the grad norm is NaN/inf. A NaN/inf loss with no skips left stops before
     the step; with skips left, the step runs so that DeepSpeed discards the gradients."""
     engine, step = run.engine, run.state.step + 1
-    loss_sum = tokens = samples = 0.0
+    loss_sum = tokens = slots = samples = 0.0
     lrs = run.engine.lr_scheduler.get_last_lr()
     for i, batch in enumerate(micro_batches):
         ids = batch.pop("sample_index")
         run.hooks.on_micro_batch(step, ids)
+        real_tokens = real_token_count(batch)
         batch = to_device(batch, run.device, run.dtype)
         loss = run.hooks.loss(step, engine(**batch).loss)
         loss_sum += loss.item()
-        tokens += batch["attention_mask"].sum().item()
+        tokens += real_tokens
+        slots += batch["input_ids"].numel()
         samples += len(ids)
         engine.backward(loss)
         if i < len(micro_batches) - 1:
             engine.step()
-    loss_sum, n, tokens, samples = dist.all_reduce_sum([loss_sum, len(micro_batches), tokens, samples])
+    loss_sum, n, tokens, slots, samples = dist.all_reduce_sum(
+        [loss_sum, len(micro_batches), tokens, slots, samples]
+    )
     loss = loss_sum / n
     skipped_before, stop = engine.skipped_steps, not math.isfinite(loss) and not nonfinite_skips_left(run)
     if not stop:
@@ -377,6 +415,7 @@ def train_step(run: Run, micro_batches: list[dict]) -> dict:
         "updated": not stop and engine.skipped_steps == skipped_before,
         "loss": loss,
         "tokens": tokens,
+        "slots": slots,
         "samples": samples,
         "lr": dict(zip(run.group_names, lrs)),
         "grad_norm": float(grad_norm) if grad_norm is not None else None,
@@ -392,6 +431,7 @@ def evaluate(run: Run) -> float | None:
     loss_sum = n_tokens = 0.0
     for batch in run.val_loader:
         batch.pop("sample_index")
+        batch.pop("num_tokens", None)
         batch = to_device(batch, run.device, run.dtype)
         n = (batch["labels"][:, 1:] != -100).sum().item()
         loss = run.engine(**batch).loss  # every rank runs the same number of forwards (ZeRO-3)
@@ -426,6 +466,8 @@ def log_step(run: Run, stats: dict, window: dict) -> None:
         "grad_norm": stats["grad_norm"],
         "samples_per_s": window["samples"] / window["seconds"],
         "tokens_per_s": window["tokens"] / window["seconds"],
+        # Token slots the model ran on that held padding (rows are padded to the longest one).
+        "padding_fraction": round(1.0 - window["tokens"] / max(window["slots"], 1.0), 4),
         "visual_tokens_per_image": run.image_tokens.describe(),
         "peak_mem_mb": round(peak_memory_mb(), 1),
         "nonfinite_steps": run.state.nonfinite_steps,
@@ -439,7 +481,7 @@ def log_step(run: Run, stats: dict, window: dict) -> None:
 def fit(run: Run, stop: preemption.StopRequest) -> None:
     t, state = run.settings.train, run.state
     batches = step_batches(run)
-    window = {"samples": 0.0, "tokens": 0.0, "seconds": 0.0}
+    window = {"samples": 0.0, "tokens": 0.0, "slots": 0.0, "seconds": 0.0}
     run.engine.train()
     saved = state.step  # step 0 has nothing to lose; a resumed run's step has its checkpoint
     while state.step < state.total_steps:
@@ -457,15 +499,15 @@ def fit(run: Run, stop: preemption.StopRequest) -> None:
         if not step_is_finite(run, stats):
             count_nonfinite_step(run, stats)  # raises once train.max_nonfinite_steps are used up
         state.step += 1
-        state.epoch, state.samples_in_epoch = position
-        window = {
-            k: window[k] + v for k, v in (("samples", stats["samples"]), ("tokens", stats["tokens"]))
-        } | {"seconds": window["seconds"] + time.perf_counter() - start}
+        state.epoch, state.batches_in_epoch, state.samples_in_epoch = position
+        window = {k: window[k] + stats[k] for k in ("samples", "tokens", "slots")} | {
+            "seconds": window["seconds"] + time.perf_counter() - start
+        }
         run.metrics.advance(stats["loss"])
         run.hooks.after_step(state.step)
         if state.step % t.logging_steps == 0 or state.step == state.total_steps or state.step == 1:
             log_step(run, stats, window)
-            window = {"samples": 0.0, "tokens": 0.0, "seconds": 0.0}
+            window = {"samples": 0.0, "tokens": 0.0, "slots": 0.0, "seconds": 0.0}
         if t.eval_steps and state.step % t.eval_steps == 0 and state.step < state.total_steps:
             evaluate(run)
         if state.step % t.save_steps == 0 or state.step == state.total_steps:

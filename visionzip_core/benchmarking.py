@@ -87,6 +87,19 @@ SIZES: dict[str, BenchSize] = {
         dtype="float32",
         note="CLIP-L/336 tower (24 layers, 1024 wide) + Llama 8 layers x 1024 (MLP 2816, 16 heads, vocab 32064)",
     ),
+    # The cpu size's LLM with a CLIP-L/336 tower at 1/4 width: the tower is about 1/8 of a step's
+    # work, as at 7B (where it is 1/20), instead of 3/4 of it. For comparisons that change only the
+    # LLM's work (packing), which a full tower beside a small LLM would hide.
+    "cpu-llm": BenchSize(
+        name="cpu-llm",
+        vision=replace(CLIP_L_336, hidden=256, intermediate=1024, heads=4),
+        llm=LlamaShape(hidden=1024, intermediate=2816, layers=8, heads=16, kv_heads=16, vocab=32064),
+        batch_size=8,
+        text_tokens=(100, 150),
+        dtype="float32",
+        note="CLIP-L/336 geometry at 1/4 width (24 layers x 256, 576 patches) + the cpu size's Llama "
+        "(8 layers x 1024, vocab 32064)",
+    ),
     "llava-1.5-7b": BenchSize(
         name="llava-1.5-7b",
         vision=CLIP_L_336,
@@ -170,6 +183,62 @@ def text_lengths(size: BenchSize, seed: int = 0) -> list[int]:
     gen = torch.Generator().manual_seed(seed)
     lo, hi = size.text_tokens
     return torch.randint(lo, hi + 1, (size.batch_size,), generator=gen).tolist()
+
+
+def mix665k_like_text_lengths(n: int, seed: int = 0, cap: int = 2048 - 576 - 1) -> list[int]:
+    """Text tokens (besides the image's) of ``n`` one-image samples, shaped like LLaVA-665k.
+
+    A stand-in, not fitted to the file: half the samples are single-turn and half multi-turn (2 to
+    10 turns, as 665k's VQA sets group several questions about one picture); each turn is a
+    question of about 15 tokens and an answer that is short (a word or a number, about 4 tokens)
+    six times in ten and otherwise a sentence-to-paragraph reply (median 90 tokens); the system
+    prompt and role markers add 40. So many samples are short and a tail is long: median about
+    170 text tokens, 10th percentile 57, 90th 640, mean 267, capped at ``cap`` (a 2048-token sample with 576
+    image tokens). Deterministic in ``seed``.
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        turns = 1 if rng.random() < 0.5 else int(rng.integers(2, 11))
+        total = 40.0
+        for _ in range(turns):
+            total += rng.lognormal(np.log(15), 0.4)
+            short = rng.random() < 0.6
+            total += rng.lognormal(np.log(4), 0.5) if short else min(rng.lognormal(np.log(90), 0.7), 600)
+        out.append(int(min(total, cap)))
+    return out
+
+
+def synthetic_items(
+    text_lengths: list[int],
+    image_tokens: int,
+    image_size: int,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> list[dict[str, torch.Tensor]]:
+    """Dataset-like items (one image each), laid out as :func:`synthetic_batch`'s rows, for the
+    real collators and samplers: ``input_ids``/``labels`` ``[n]``, ``pixel_values`` ``[1, 3, S, S]``."""
+    gen = torch.Generator().manual_seed(seed)
+    items = []
+    for n in text_lengths:
+        text = torch.randint(3, IMAGE_TOKEN_ID, (n,), generator=gen)
+        before, answer_from = n // 5, n - (3 * n) // 5
+        ids = torch.cat(
+            [
+                torch.tensor([BOS_TOKEN_ID]),
+                text[:before],
+                torch.full((image_tokens,), IMAGE_TOKEN_ID),
+                text[before:],
+            ]
+        )
+        labels = torch.full_like(ids, -100)
+        offset = 1 + image_tokens + answer_from
+        labels[offset:] = ids[offset:]
+        pixels = torch.randn(1, 3, image_size, image_size, generator=gen).to(dtype)
+        items.append({"input_ids": ids, "labels": labels, "pixel_values": pixels})
+    return items
 
 
 def synthetic_batch(

@@ -1,4 +1,5 @@
-"""Batching: right padding, attention mask, ignored labels on padding, stacked images."""
+"""Batching: right padding (DataCollator) or several samples per row (PackingCollator), ignored
+labels on padding, images in the order their tokens appear."""
 
 from __future__ import annotations
 
@@ -42,6 +43,101 @@ class DataCollator:
         if images:
             out["pixel_values"] = torch.cat(images, dim=0)
         sizes = [item["image_sizes"] for item in items if "image_sizes" in item]
+        if sizes:
+            out["image_sizes"] = torch.cat(sizes, dim=0)
+        return out
+
+
+def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Bins of item positions whose lengths sum to at most ``capacity``, as few and as even as can be.
+
+    First-fit decreasing gives R rows. The items are then dealt again, longest first, each to the
+    least-filled of R rows where it fits: rows are padded to the longest one, so even rows waste
+    the least. The even deal is kept when it needs no more rows and its longest row is no longer
+    than first-fit's. Ties break by position: the result depends only on ``lengths``. Each row
+    lists its items in their original order.
+    """
+    if any(n > capacity for n in lengths):
+        raise ValueError(f"a sample of {max(lengths)} tokens does not fit a row of {capacity}")
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+
+    def deal(rows: list[list[int]], pick) -> list[list[int]]:
+        loads = [sum(lengths[i] for i in row) for row in rows]
+        for i in order:
+            fits = [r for r in range(len(rows)) if loads[r] + lengths[i] <= capacity]
+            if not fits:
+                rows.append([])
+                loads.append(0)
+                fits = [len(rows) - 1]
+            r = pick(fits, loads)
+            rows[r].append(i)
+            loads[r] += lengths[i]
+        return rows
+
+    first_fit = deal([], lambda fits, loads: fits[0])
+    even = deal([[] for _ in first_fit], lambda fits, loads: min(fits, key=lambda r: (loads[r], r)))
+
+    def cost(rows):
+        return len(rows), max(sum(lengths[i] for i in row) for row in rows)
+
+    best = even if cost(even) <= cost(first_fit) else first_fit
+    return [sorted(row) for row in best if row]
+
+
+@dataclass(frozen=True)
+class PackingCollator:
+    """List of dataset items -> rows that each hold several whole samples, back to back.
+
+    Shapes: ``input_ids``/``labels``/``position_ids``: ``[R, L]``, R rows of at most
+    ``max_tokens_per_row`` tokens (L: the longest row, rounded up to ``pad_to_multiple_of``);
+    ``pixel_values``: the images (crops) of all samples in the order their image-token runs appear
+    row by row; ``image_sizes`` likewise; ``num_tokens``: a 0-d tensor, the real (non-padding) tokens.
+
+    There is no ``attention_mask``: ``position_ids`` restart at 0 with every sample, and transformers
+    reads the sample boundaries from them (flash-attention varlen on GPU, a block-diagonal mask for
+    SDPA and eager), so no token attends across samples. Trailing padding is a segment of its own.
+    Each sample's first label is ignored: unpacked, nothing predicts it either (labels shift by one),
+    so the summed token loss is the same as an unpacked batch's.
+    """
+
+    pad_token_id: int
+    max_tokens_per_row: int
+    ignore_index: int = IGNORE_INDEX
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        lengths = [len(item["input_ids"]) for item in items]
+        rows = pack_rows(lengths, self.max_tokens_per_row)
+        longest = max(sum(lengths[i] for i in row) for row in rows)
+        if self.pad_to_multiple_of:
+            longest = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        shape = (len(rows), longest)
+        input_ids = torch.full(shape, self.pad_token_id, dtype=torch.long)
+        labels = torch.full(shape, self.ignore_index, dtype=torch.long)
+        position_ids = torch.zeros(shape, dtype=torch.long)
+        images, sizes = [], []
+        for r, row in enumerate(rows):
+            at = 0
+            for i in row:
+                item, n = items[i], lengths[i]
+                input_ids[r, at : at + n] = item["input_ids"]
+                labels[r, at : at + n] = item["labels"]
+                labels[r, at] = self.ignore_index
+                position_ids[r, at : at + n] = torch.arange(n)
+                if "pixel_values" in item:
+                    images.append(item["pixel_values"])
+                if "image_sizes" in item:
+                    sizes.append(item["image_sizes"])
+                at += n
+            position_ids[r, at:] = torch.arange(longest - at)
+        out = {
+            "input_ids": input_ids,
+            "labels": labels,
+            "position_ids": position_ids,
+            "num_tokens": torch.tensor(sum(lengths)),
+        }
+        if images:
+            out["pixel_values"] = torch.cat(images, dim=0)
         if sizes:
             out["image_sizes"] = torch.cat(sizes, dim=0)
         return out

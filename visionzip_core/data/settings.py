@@ -104,10 +104,50 @@ class DataSettings(BaseModel):
     group_by_length: bool = Field(
         True, description="Batch samples of similar token counts (after compression), per modality."
     )
+    packing: bool = Field(
+        False,
+        description="Pack several whole samples into each row (no padding between them); position ids "
+        "restart per sample and attention never crosses a sample boundary.",
+    )
+    max_tokens_per_row: int | None = Field(
+        None,
+        ge=8,
+        description="With packing: tokens per packed row (default: model_max_length); at least "
+        "model_max_length, so every sample fits a row.",
+    )
+    batch_tokens: int | None = Field(
+        None,
+        ge=8,
+        description="Token budget per micro-batch instead of train.per_device_batch_size samples: "
+        "the summed sample lengths with packing, rows x longest sample without. Fewer visual tokens "
+        "then mean more samples per step. At least model_max_length.",
+    )
     seed: int = Field(0, description="Seed for mixing subsets and the sampler's order.")
     cache_dir: str | None = Field(
         None, description="Where `datasets` keeps its arrow cache (default: HF_DATASETS_CACHE)."
     )
+
+    def contradictions(self) -> list[str]:
+        """Problems between this section's own keys, each naming its key."""
+        problems = []
+        if self.max_tokens_per_row is not None and not self.packing:
+            problems.append("data.max_tokens_per_row: only used with data.packing=true")
+        if self.packing and self.row_tokens < self.model_max_length:
+            problems.append(
+                f"data.max_tokens_per_row: {self.row_tokens} is below data.model_max_length "
+                f"({self.model_max_length}); a sample of that length would fit no row"
+            )
+        if self.batch_tokens is not None and self.batch_tokens < self.model_max_length:
+            problems.append(
+                f"data.batch_tokens: {self.batch_tokens} is below data.model_max_length "
+                f"({self.model_max_length}); a sample of that length would fit no micro-batch"
+            )
+        return problems
+
+    @property
+    def row_tokens(self) -> int:
+        """Tokens per packed row."""
+        return self.max_tokens_per_row or self.model_max_length
 
     def resolve_paths(self, base_dir: str | os.PathLike | None = None, check: bool = True) -> DataSettings:
         """A copy with every path absolute (relative ones joined to ``base_dir``, default the cwd).

@@ -129,11 +129,14 @@ def use_safe_loading(engine) -> None:
 
 @dataclass
 class TrainerState:
-    """Where the run is. ``samples_in_epoch`` counts samples this rank consumed in ``epoch``."""
+    """Where the run is. ``batches_in_epoch`` counts the micro-batches each rank consumed in
+    ``epoch`` (``None`` in checkpoints written before it existed); ``samples_in_epoch`` the samples
+    rank 0 consumed."""
 
     step: int = 0
     epoch: int = 0
     samples_in_epoch: int = 0
+    batches_in_epoch: int | None = None
     world_size: int = 1
     total_steps: int = 0
     wandb_run_id: str | None = None

@@ -9,6 +9,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from visionzip_core.data import IGNORE_INDEX, DataCollator, LengthGroupedSampler
+from visionzip_core.data.collate import PackingCollator
+from visionzip_core.data.sampler import FixedBatchSampler, TokenBudgetBatchSampler
 
 
 class IndexedDataset(Dataset):
@@ -30,7 +32,7 @@ class IndexedDataset(Dataset):
 
 @dataclass(frozen=True)
 class IndexedCollator:
-    collator: DataCollator
+    collator: DataCollator | PackingCollator
 
     def __call__(self, items: list[dict]) -> dict:
         batch = self.collator(items)
@@ -46,27 +48,47 @@ def ignore_stop_signals(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def build_train_loader(dataset, data_settings, batch_size: int, rank: int, world: int, pad_token_id: int):
-    """``(loader, sampler)``; drop-last batches of ``batch_size`` per rank in a seeded grouped order.
+def make_collator(data_settings, pad_token_id: int) -> DataCollator | PackingCollator:
+    """Packed rows with ``data.packing``, else one padded row per sample."""
+    if data_settings.packing:
+        return PackingCollator(pad_token_id=pad_token_id, max_tokens_per_row=data_settings.row_tokens)
+    return DataCollator(pad_token_id=pad_token_id)
 
-    Position it with ``sampler.set_epoch(e); sampler.set_start(n)`` before each ``iter(loader)``.
+
+def build_train_loader(dataset, data_settings, batch_size: int, rank: int, world: int, pad_token_id: int):
+    """``(loader, batch_sampler)``: this rank's micro-batches in a seeded, length-grouped order.
+
+    A micro-batch is ``batch_size`` samples, or as many as fit ``data.batch_tokens``. Position it
+    with ``batch_sampler.set_epoch(e); batch_sampler.set_start(n micro-batches)`` before each
+    ``iter(loader)``; ``batch_sampler.batches_in_epoch(e)`` counts them.
     """
-    sampler = LengthGroupedSampler(
-        dataset.lengths,
-        batch_size=batch_size,
-        num_replicas=world,
-        rank=rank,
-        seed=data_settings.seed,
-        group_by_modality=True,
-        group_by_length=data_settings.group_by_length,
-    )
+    if data_settings.batch_tokens is not None:
+        batches = TokenBudgetBatchSampler(
+            dataset.lengths,
+            max_tokens=data_settings.batch_tokens,
+            packed=data_settings.packing,
+            num_replicas=world,
+            rank=rank,
+            seed=data_settings.seed,
+            group_by_length=data_settings.group_by_length,
+        )
+    else:
+        batches = FixedBatchSampler(
+            LengthGroupedSampler(
+                dataset.lengths,
+                batch_size=batch_size,
+                num_replicas=world,
+                rank=rank,
+                seed=data_settings.seed,
+                group_by_modality=True,
+                group_by_length=data_settings.group_by_length,
+            )
+        )
     loader = DataLoader(
         IndexedDataset(dataset),
-        batch_size=batch_size,
-        sampler=sampler,
-        collate_fn=IndexedCollator(DataCollator(pad_token_id=pad_token_id)),
+        batch_sampler=batches,
+        collate_fn=IndexedCollator(make_collator(data_settings, pad_token_id)),
         num_workers=data_settings.num_workers,
-        drop_last=True,
         # A private generator: creating an iterator must not draw from the global torch RNG, or a
         # resumed run (which creates it mid-epoch) would see a different random stream.
         generator=torch.Generator().manual_seed(data_settings.seed),
@@ -74,7 +96,7 @@ def build_train_loader(dataset, data_settings, batch_size: int, rank: int, world
         pin_memory=torch.cuda.is_available(),
         worker_init_fn=ignore_stop_signals,
     )
-    return loader, sampler
+    return loader, batches
 
 
 class ValidationShard(torch.utils.data.Sampler[tuple[int, bool]]):
@@ -107,7 +129,7 @@ def build_val_loader(dataset, data_settings, batch_size: int, rank: int, world: 
         IndexedDataset(dataset),
         batch_size=batch_size,
         sampler=ValidationShard(len(dataset), rank, world),
-        collate_fn=IndexedCollator(DataCollator(pad_token_id=pad_token_id)),
+        collate_fn=IndexedCollator(make_collator(data_settings, pad_token_id)),
         num_workers=data_settings.num_workers,
         generator=torch.Generator().manual_seed(data_settings.seed),
         worker_init_fn=ignore_stop_signals,

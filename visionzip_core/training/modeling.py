@@ -185,6 +185,10 @@ def build_model(settings: Settings, dtype: torch.dtype, processor, for_export: b
     if settings.visionzip.enabled:
         visionzip(model, config=settings.visionzip.core(family.feature_layer(model.config)))
     model.config.use_cache = False
+    # transformers does not pass the top config's use_cache down: the language model would build a
+    # KV cache, and with a cache present it no longer reads packed samples' bounds from position_ids.
+    if getattr(model.config, "text_config", None) is not None:
+        model.config.text_config.use_cache = False
     set_trainable(model, settings)
     if not for_export:
         family.keep_vision_in_graph(model)

@@ -96,7 +96,9 @@ class TrainSettings(_Section):
         1, ge=1, description="Passes over the training data (ignored if max_steps is set)."
     )
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs when set.")
-    per_device_batch_size: int = Field(1, ge=1)
+    per_device_batch_size: int = Field(
+        1, ge=1, description="Samples per micro-batch per process (with data.batch_tokens: validation only)."
+    )
     grad_accum_steps: int = Field(1, ge=1)
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="auto: bf16 where the GPU supports it, else fp32."
@@ -288,6 +290,8 @@ def _contradictions(s: dict[str, Any], raw: dict) -> list[str]:
                     problems.append(f"model.{key}: only used in pretrain mode (mode is '{train.mode}')")
     if train is not None and data is not None and train.mode == "pretrain" and data.template != "plain":
         problems.append(f"data.template: stage-1 pretraining uses 'plain' (got '{data.template}')")
+    if data is not None:
+        problems += data.contradictions()
     if vz is not None and vz.keep_cls and vz.dominant < 1:
         problems.append("visionzip.dominant: must be >= 1 when keep_cls (CLS is a dominant token)")
     if s.get("deepspeed") is not None and train is not None:
