@@ -74,6 +74,17 @@ def test_overrides_are_typed_by_yaml():
         load_config(REPO / "configs/demo.yaml", ["train.max_steps=many"])
 
 
+def test_overrides_reach_list_items_and_name_a_bad_index():
+    s = load_config(REPO / "configs/demo.yaml", ["data.train.0.weight=0.5", "data.val.0.name=held-out"])
+    assert s.data.train[0].weight == 0.5 and s.data.val[0].name == "held-out"
+    assert s.data.train[0].path.endswith("instruct_train.json")  # the rest of the item is kept
+    with pytest.raises(ConfigError) as info:
+        load_config(REPO / "configs/demo.yaml", ["data.train.3.weight=0.5", "data.train.first.weight=1"])
+    text = str(info.value)
+    assert "data.train.3.weight: data.train is a list of 1; '3' is not an index in it (0-0)" in text
+    assert "data.train.first.weight: data.train is a list of 1; 'first' is not an index in it" in text
+
+
 def test_fp16_on_cpu_and_json_conflicts_are_contradictions(tmp_path):
     ds = tmp_path / "ds.json"
     ds.write_text(

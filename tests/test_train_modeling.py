@@ -116,3 +116,26 @@ def test_a_split_larger_than_the_tower_is_a_config_error_before_weights_load(tin
     )
     with pytest.raises(ConfigError, match=r"visionzip: dominant \+ contextual = 70 exceeds the 65 tokens"):
         build_processor(settings)
+
+
+@pytest.mark.parametrize("mode", ["projector", "lora"])
+def test_checkpointing_runs_no_backward_through_the_frozen_tower(tiny_llava_dir, mode):
+    """transformers and peft hook every input embedding (the tower's patch embedding too) to
+    require grad; with a frozen tower that would run its whole backward for nothing."""
+    settings = load_config(
+        REPO / "configs/demo.yaml",
+        [f"model.name_or_path={tiny_llava_dir}", f"train.mode={mode}", "train.gradient_checkpointing=true"],
+    )
+    processor, _ = build_processor(settings)
+    model = build_model(settings, torch.float32, processor).train()
+    projector = next(m for n, m in model.named_modules() if n.endswith("multi_modal_projector"))
+    seen = []
+    projector.register_forward_hook(lambda mod, args, out: seen.append(args[0].requires_grad) or None)
+    image = Image.new("RGB", (120, 90), (200, 20, 20))
+    batch = processor(
+        images=[image], text=["USER: <image>\nWhat colour? ASSISTANT: red"], return_tensors="pt"
+    )
+    model(**batch, labels=batch["input_ids"]).loss.backward()
+    assert seen == [False]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all(p.grad is not None for p in trainable)

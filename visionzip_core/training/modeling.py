@@ -194,10 +194,27 @@ def build_model(settings: Settings, dtype: torch.dtype, processor, for_export: b
         family.keep_vision_in_graph(model)
     if settings.train.gradient_checkpointing and not for_export:
         # Non-reentrant: works with frozen inputs (projector/LoRA modes) without enable_input_require_grads.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        drop_input_grad_hooks(model)  # now: a second registration (peft's) would orphan these
     if settings.train.mode == "lora":
         model = wrap_lora(model, settings)
+        drop_input_grad_hooks(model)
     return model
+
+
+def drop_input_grad_hooks(model: nn.Module) -> None:
+    """Remove the hooks that make every input embedding's output require grad.
+
+    transformers (when checkpointing is switched on) and peft register them on every input
+    embedding, the vision tower's patch embedding included, for reentrant checkpointing. With a
+    frozen tower that makes backward run through all its layers for nothing (about half a GiB
+    per GPU at 7B, and the tower's backward time). Non-reentrant checkpointing needs no such hook.
+    """
+    from transformers import PreTrainedModel
+
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel):
+            module.disable_input_require_grads()
 
 
 def check_weight_files(path: str) -> None:

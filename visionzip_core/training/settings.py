@@ -206,23 +206,43 @@ def resolve_repo_path(path: str) -> Path:
 
 
 def apply_overrides(raw: dict, overrides: list[str], problems: list[str]) -> dict:
-    """Set ``section.key=value`` pairs (values typed by ``yaml.safe_load``) into a copy of ``raw``."""
+    """Set ``section.key=value`` pairs (values typed by ``yaml.safe_load``) into a copy of ``raw``.
+
+    A number reaches into a list: ``data.train.0.weight=0.5`` sets the first source's weight;
+    an index past the end is a problem naming the list and its length.
+    """
     out = json.loads(json.dumps(raw))
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key or any(not part for part in key.split(".")):
             problems.append(f"{item}: overrides look like section.key=value")
             continue
-        node = out
-        parts = key.split(".")
-        for part in parts[:-1]:
-            if not isinstance(node.get(part), dict):
-                node[part] = {}
-            node = node[part]
         try:
-            node[parts[-1]] = yaml.safe_load(value) if value != "" else None
+            parsed = yaml.safe_load(value) if value != "" else None
         except yaml.YAMLError as e:
             problems.append(f"{key}: cannot parse override value {value!r} ({e.__class__.__name__})")
+            continue
+        node, parts = out, key.split(".")
+        for depth, part in enumerate(parts):
+            last = depth == len(parts) - 1
+            where = ".".join(parts[:depth])
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    problems.append(
+                        f"{key}: {where} is a list of {len(node)}; '{part}' is not an index in it (0-{len(node) - 1})"
+                    )
+                    break
+                if last:
+                    node[int(part)] = parsed
+                else:
+                    node = node[int(part)]
+                continue
+            if last:
+                node[part] = parsed
+            else:
+                if not isinstance(node.get(part), (dict, list)):
+                    node[part] = {}
+                node = node[part]
     return out
 
 
