@@ -330,13 +330,14 @@ class ImagePlan:
     llm: int
 
 
-def image_plan(config, family: str, tokens: int) -> ImagePlan:
+def image_plan(config, family: str, tokens: int, budgets: dict | None = None) -> ImagePlan:
     """The :class:`ImagePlan` of the benchmark image at budget ``tokens`` (per image for LLaVA-1.5,
-    per crop for LLaVA-NeXT, which feeds :data:`NEXT_IMAGE`), counted by the model's family."""
+    per crop for LLaVA-NeXT, which feeds :data:`NEXT_IMAGE`), counted by the model's family.
+    ``budgets`` (default :func:`budgets_for`) maps ``tokens`` to its split, as in :func:`set_budget`."""
     from visionzip_core.config import VisionZipConfig
     from visionzip_core.families import family_for
 
-    split = budgets_for(family)[tokens]
+    split = (budgets or budgets_for(family))[tokens]
     fam = family_for(family)
     if family != "llava-next":
         return ImagePlan(1, tokens, tokens)
@@ -390,8 +391,13 @@ class LiveTensorMemory(TorchDispatchMode):
         if self._live.pop(key, None) is not None:
             self.current -= nbytes
 
+    def _counts(self, t: torch.Tensor) -> bool:
+        """Whether ``t``'s storage is memory to count: real devices here, the meta device in
+        :class:`visionzip_core.memory_sim.MetaTensorMemory`."""
+        return t.device.type != "meta"
+
     def _track(self, t: torch.Tensor) -> None:
-        if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+        if not isinstance(t, torch.Tensor) or not self._counts(t):
             return
         storage = t.untyped_storage()
         key = id(storage)
