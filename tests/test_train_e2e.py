@@ -113,6 +113,7 @@ def test_finetune_via_deepspeed_launcher_exports_a_model_that_loads_and_generate
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-6", "checkpoint-8"]
     assert all((p / "COMPLETE").is_file() for p in out.glob("checkpoint-*"))
     assert f"model:   {out}/final" in proc.stdout and "metrics:" in proc.stdout and "wandb:" in proc.stdout
+    assert (out / "metrics.png").is_file() and f"plot:    {out}/metrics.png" in proc.stdout
     # the LLM changed, the frozen vision tower did not
     base = load_file(str(tiny_llava_dir / "model.safetensors"))
     new = final_weights(out)

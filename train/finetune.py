@@ -6,7 +6,7 @@
 
 Recipe: validate the config (every problem at once, before any weights load) -> build the
 processor and check the data -> build the model and the DeepSpeed engine -> resume if a
-checkpoint exists -> fit (log, evaluate, checkpoint) -> export ``final/``.
+checkpoint exists -> fit (log, evaluate, checkpoint) -> export ``final/`` -> plot ``metrics.png``.
 Exit codes: 0 done (or already finished), 2 bad config, data or folder (another run holds it, or
 resuming it would mix two runs), 3 the loss or grad norm became NaN/inf, 74 no space left on disk,
 75 stopped on request (preempted; resume by rerunning).
@@ -66,6 +66,7 @@ from visionzip_core.training.optimization import (  # noqa: E402
     group_hyperparameters,
     reapply_hyperparameters,
 )
+from visionzip_core.training.plots import write_run_plot  # noqa: E402
 from visionzip_core.training.settings import ConfigError, Settings, load_config, resolve_repo_path  # noqa: E402
 from visionzip_core.training.tracking import WandbTracker  # noqa: E402
 from visionzip_core.weight_checks import WeightsError  # noqa: E402
@@ -586,7 +587,14 @@ def export(run: Run) -> dict[str, Path]:
     return paths
 
 
-def report(run: Run, paths: dict[str, Path], seconds: float) -> None:
+def plot_metrics(run: Run) -> Path | None:
+    """``output_dir/metrics.png`` (rank 0); a missing matplotlib or a plotting error is one line, never a failure."""
+    if not dist.is_main():
+        return None
+    return write_run_plot(run.output_dir)
+
+
+def report(run: Run, paths: dict[str, Path], seconds: float, plot: Path | None = None) -> None:
     losses = run.history.get("loss", [])
     val = run.history.get("val_loss", [])
     dist.print0(f"\ndone: step {run.state.step}/{run.state.total_steps} in {seconds:.1f} s")
@@ -597,6 +605,8 @@ def report(run: Run, paths: dict[str, Path], seconds: float) -> None:
     for kind, p in paths.items():
         dist.print0(f"  {kind + ':':<9}{p}")
     dist.print0(f"  metrics: {run.metrics.path}")
+    if plot is not None:
+        dist.print0(f"  plot:    {plot}")
     dist.print0(f"  wandb:   {run.tracker.location if run.tracker else 'disabled'}")
 
 
@@ -645,7 +655,7 @@ def main(argv=None, hooks: TrainHooks | None = None) -> int:
         else:  # trained before; only final/ is missing
             run.metrics.close()
         paths = export(run)
-        report(run, paths, time.perf_counter() - started)
+        report(run, paths, time.perf_counter() - started, plot_metrics(run))
     except resume.RunFinished as e:
         dist.print0(str(e))
     except (resume.ResumeError, output_lock.OutputDirLocked) as e:  # the same on every rank

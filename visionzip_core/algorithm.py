@@ -12,6 +12,7 @@ gradient flows through them, exactly as in the paper.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -20,6 +21,64 @@ import torch.nn.functional as F
 from visionzip_core.config import VisionZipConfig
 
 MergeRule = Literal["paper", "mean"]
+
+
+@dataclass(frozen=True)
+class ContextualAssignment:
+    """Where the ``R`` remaining tokens of each image merge (positions index the remaining tokens).
+
+    Attributes:
+        targets: ``(K,)`` int64 positions of the merge targets (a uniform stride, the same for
+            every image).
+        others: ``(R - K,)`` int64 positions of the other tokens, ascending.
+        target_of_other: ``(B, R - K)`` int64, the target (``0..K-1``) each of ``others`` joins.
+    """
+
+    targets: torch.Tensor
+    others: torch.Tensor
+    target_of_other: torch.Tensor
+
+
+@dataclass(frozen=True)
+class TokenSelection:
+    """Which of the ``N`` tower tokens VisionZip keeps, and where the rest merge, for ``B`` images.
+
+    Attributes:
+        dominant: ``(B, D)`` int64 token indices (CLS = 0, patch ``p`` = ``p + 1``), ascending.
+        remaining: ``(B, R)`` int64 token indices of the rest, ascending; None when ``K == 0``
+            (the rest is discarded).
+        contextual: where the remaining tokens merge; None when ``K == 0``.
+    """
+
+    dominant: torch.Tensor
+    remaining: torch.Tensor | None
+    contextual: ContextualAssignment | None
+
+    def group_of_remaining(self) -> torch.Tensor:
+        """``(B, R)`` int64: the contextual token (``0..K-1``) each remaining token ends up in."""
+        ctx = self.contextual
+        batch = self.remaining.shape[0]
+        group = torch.empty_like(self.remaining)
+        group[:, ctx.targets] = torch.arange(ctx.targets.shape[0], device=group.device).expand(batch, -1)
+        group[:, ctx.others] = ctx.target_of_other
+        return group
+
+    def rows(self, start: int, stop: int) -> TokenSelection:
+        """The selection of images ``start:stop`` of the batch."""
+        ctx = self.contextual
+        return TokenSelection(
+            dominant=self.dominant[start:stop],
+            remaining=None if self.remaining is None else self.remaining[start:stop],
+            contextual=None
+            if ctx is None
+            else ContextualAssignment(ctx.targets, ctx.others, ctx.target_of_other[start:stop]),
+        )
+
+    def target_tokens(self) -> torch.Tensor | None:
+        """``(B, K)`` int64 token indices of the merge targets; None when ``K == 0``."""
+        if self.contextual is None:
+            return None
+        return self.remaining[:, self.contextual.targets]
 
 
 def select_dominant_tokens(cls_attention: torch.Tensor, dominant: int, keep_cls: bool = True) -> torch.Tensor:
@@ -92,13 +151,61 @@ def contextual_target_positions(
     return torch.arange(0, remaining, step, device=device)[:contextual]
 
 
+def assign_contextual_tokens(keys: torch.Tensor, contextual: int) -> ContextualAssignment:
+    """Where each remaining token merges: ``K`` uniform-stride targets, every other token to its
+    most cosine-similar target (keys L2-normalised). Decides only *where*, so no gradient.
+
+    Args:
+        keys: ``(B, R, Ck)`` head-averaged keys of the remaining tokens, in raster order.
+        contextual: ``K`` in ``[1, R]``.
+
+    Returns:
+        :class:`ContextualAssignment`.
+    """
+    remaining = keys.shape[1]
+    # Targets depend only on (R, K), never on the data, so both index sets have static sizes.
+    target_pos = contextual_target_positions(remaining, contextual, keys.device)
+    # Sorting instead of nonzero() keeps this free of a device-to-host sync.
+    position = torch.arange(remaining, device=keys.device)
+    is_target = torch.zeros(remaining, dtype=torch.long, device=keys.device).index_fill_(0, target_pos, 1)
+    other_pos = (position + is_target * remaining).sort().values[: remaining - contextual]
+    with torch.no_grad():
+        unit_keys = F.normalize(keys, dim=-1)
+        # (B, R-K, K): cosine similarity of every other token to every target
+        similarity = torch.bmm(unit_keys[:, other_pos], unit_keys[:, target_pos].transpose(1, 2))
+        target_of_other = similarity.argmax(dim=2)
+    return ContextualAssignment(targets=target_pos, others=other_pos, target_of_other=target_of_other)
+
+
+def merge_assigned_tokens(
+    hidden: torch.Tensor, assignment: ContextualAssignment, merge: MergeRule = "paper"
+) -> torch.Tensor:
+    """The ``K`` contextual tokens from ``hidden`` ``(B, R, C)`` (remaining tokens, raster order) and
+    where they merge (:func:`assign_contextual_tokens`). Returns ``(B, K, C)`` in target order.
+
+    ``merge``: ``"paper"``: target + mean of the tokens assigned to it (the target alone when none
+    are); ``"mean"``: mean over the target and its assigned tokens.
+    """
+    if merge not in ("paper", "mean"):
+        raise ValueError(f"merge={merge!r} must be 'paper' or 'mean'")
+    contextual = assignment.targets.shape[0]
+    assign = F.one_hot(assignment.target_of_other, contextual).to(hidden.dtype)  # (B, R-K, K)
+    counts = assign.sum(dim=1).unsqueeze(-1)  # (B, K, 1)
+    assigned_sum = torch.bmm(assign.transpose(1, 2), hidden[:, assignment.others])  # (B, K, C)
+    target_hidden = hidden[:, assignment.targets]
+    if merge == "paper":
+        return target_hidden + assigned_sum / counts.clamp(min=1)
+    return (target_hidden + assigned_sum) / (counts + 1)
+
+
 def merge_contextual_tokens(
     hidden: torch.Tensor, keys: torch.Tensor, contextual: int, merge: MergeRule = "paper"
 ) -> torch.Tensor:
     """Merge the remaining tokens into ``contextual`` tokens by key similarity.
 
     Keys are L2-normalised; ``K`` targets are taken at a uniform stride (see
-    :func:`contextual_target_positions`); every other token joins its most cosine-similar target.
+    :func:`contextual_target_positions`); every other token joins its most cosine-similar target
+    (:func:`assign_contextual_tokens`, then :func:`merge_assigned_tokens`).
 
     Args:
         hidden: ``(B, R, C)`` hidden states of the remaining tokens, in raster order.
@@ -119,23 +226,51 @@ def merge_contextual_tokens(
         raise ValueError(f"merge={merge!r} must be 'paper' or 'mean'")
     if contextual == 0:
         return hidden.new_zeros(batch, 0, channels)
+    return merge_assigned_tokens(hidden, assign_contextual_tokens(keys, contextual), merge)
 
-    # Targets depend only on (R, K), never on the data, so both index sets have static sizes.
-    target_pos = contextual_target_positions(remaining, contextual, hidden.device)
-    # Sorting instead of nonzero() keeps this free of a device-to-host sync.
-    position = torch.arange(remaining, device=hidden.device)
-    is_target = torch.zeros(remaining, dtype=torch.long, device=hidden.device).index_fill_(0, target_pos, 1)
-    other_pos = (position + is_target * remaining).sort().values[: remaining - contextual]
 
-    unit_keys = F.normalize(keys, dim=-1)
-    similarity = torch.bmm(unit_keys[:, other_pos], unit_keys[:, target_pos].transpose(1, 2))  # (B, R-K, K)
-    assign = F.one_hot(similarity.argmax(dim=2), contextual).to(hidden.dtype)  # (B, R-K, K)
-    counts = assign.sum(dim=1).unsqueeze(-1)  # (B, K, 1)
-    assigned_sum = torch.bmm(assign.transpose(1, 2), hidden[:, other_pos])  # (B, K, C)
-    target_hidden = hidden[:, target_pos]
-    if merge == "paper":
-        return target_hidden + assigned_sum / counts.clamp(min=1)
-    return (target_hidden + assigned_sum) / (counts + 1)
+def select_visionzip_tokens(
+    cls_attention: torch.Tensor, keys: torch.Tensor, config: VisionZipConfig
+) -> TokenSelection:
+    """Which tokens VisionZip keeps and where the rest merge; no hidden states needed.
+
+    :func:`visionzip_compress` applies exactly this selection (:func:`compress_selected`), so what
+    it returns is what the model feeds its projector; :func:`token_groups` turns it into a map.
+
+    Args:
+        cls_attention: ``(B, N)`` CLS attention row at the feature layer, summed over heads.
+        keys: ``(B, N, Ck)`` head-averaged keys at that layer.
+        config: the split and options.
+
+    Returns:
+        :class:`TokenSelection`.
+    """
+    num_tokens = cls_attention.shape[1]
+    config.check_fits(num_tokens)
+    dominant_idx = select_dominant_tokens(cls_attention, config.dominant, config.keep_cls)
+    if config.contextual == 0:
+        return TokenSelection(dominant=dominant_idx, remaining=None, contextual=None)
+    rest_idx = remaining_token_indices(dominant_idx, num_tokens, config.keep_cls)
+    rest_keys = keys.gather(1, rest_idx.unsqueeze(-1).expand(-1, -1, keys.shape[-1]))
+    return TokenSelection(
+        dominant=dominant_idx,
+        remaining=rest_idx,
+        contextual=assign_contextual_tokens(rest_keys, config.contextual),
+    )
+
+
+def compress_selected(
+    hidden: torch.Tensor, selection: TokenSelection, merge: MergeRule = "paper"
+) -> torch.Tensor:
+    """``(B, D + K, C)`` from ``hidden`` ``(B, N, C)`` and a :class:`TokenSelection` of the same batch:
+    dominant tokens (raster order, CLS first when kept), then contextual tokens in target order."""
+    channels = hidden.shape[-1]
+    dominant = hidden.gather(1, selection.dominant.unsqueeze(-1).expand(-1, -1, channels))
+    if selection.contextual is None:
+        return dominant
+    rest_hidden = hidden.gather(1, selection.remaining.unsqueeze(-1).expand(-1, -1, channels))
+    contextual = merge_assigned_tokens(rest_hidden, selection.contextual, merge)
+    return torch.cat([dominant, contextual], dim=1)
 
 
 def visionzip_compress(
@@ -159,13 +294,22 @@ def visionzip_compress(
             f"shape mismatch: hidden {tuple(hidden.shape)}, cls_attention {tuple(cls_attention.shape)}, "
             f"keys {tuple(keys.shape)}; expected (B, N, C), (B, N), (B, N, Ck)"
         )
-    config.check_fits(num_tokens)
-    dominant_idx = select_dominant_tokens(cls_attention, config.dominant, config.keep_cls)
-    dominant = hidden.gather(1, dominant_idx.unsqueeze(-1).expand(-1, -1, channels))
-    if config.contextual == 0:
-        return dominant
-    rest_idx = remaining_token_indices(dominant_idx, num_tokens, config.keep_cls)
-    rest_hidden = hidden.gather(1, rest_idx.unsqueeze(-1).expand(-1, -1, channels))
-    rest_keys = keys.gather(1, rest_idx.unsqueeze(-1).expand(-1, -1, keys.shape[-1]))
-    contextual = merge_contextual_tokens(rest_hidden, rest_keys, config.contextual, config.merge)
-    return torch.cat([dominant, contextual], dim=1)
+    return compress_selected(hidden, select_visionzip_tokens(cls_attention, keys, config), config.merge)
+
+
+#: :func:`token_groups` code of a dominant token.
+DOMINANT = -1
+#: :func:`token_groups` code of a token the model discards (CLS without ``keep_cls``, the remainder
+#: when ``contextual == 0``).
+DROPPED = -2
+
+
+def token_groups(selection: TokenSelection, num_tokens: int) -> torch.Tensor:
+    """What becomes of every tower token: ``(B, N)`` int64, :data:`DOMINANT`, :data:`DROPPED`, or
+    ``k`` in ``[0, K)`` for a token merged into contextual token ``k`` (its target included)."""
+    batch = selection.dominant.shape[0]
+    groups = torch.full((batch, num_tokens), DROPPED, dtype=torch.long, device=selection.dominant.device)
+    groups.scatter_(1, selection.dominant, DOMINANT)
+    if selection.contextual is not None:
+        groups.scatter_(1, selection.remaining, selection.group_of_remaining())
+    return groups

@@ -15,13 +15,34 @@ Adding a family = one new module with a :class:`ModelFamily` subclass, registere
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 
+from visionzip_core.algorithm import TokenSelection
 from visionzip_core.config import VisionZipConfig
 
 MODULE_GROUPS = ("projector", "vision", "llm")
+
+
+@dataclass(frozen=True)
+class ImageTokenSelection:
+    """What VisionZip kept of one image, crop by crop, as the adapted model's forward selects it.
+
+    Attributes:
+        crops: ``(n_crops, 3, H, W)`` the pixel values the tower saw: the base crop first, then the
+            tiles row by row (one crop for an untiled family).
+        selection: the :class:`~visionzip_core.algorithm.TokenSelection` of those crops (batch = crops).
+        grid: ``(rows, cols)`` of the tiles after the base crop; ``(0, 0)`` for one crop per image.
+        patch_side: patches per crop side (the crop's patches are ``patch_side`` squared, in raster order).
+    """
+
+    crops: torch.Tensor
+    selection: TokenSelection
+    grid: tuple[int, int]
+    patch_side: int
 
 
 class ModelFamily(ABC):

@@ -23,10 +23,15 @@ from torch import nn
 from transformers import LlavaForConditionalGeneration, LlavaModel, LlavaProcessor
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from visionzip_core.algorithm import visionzip_compress
-from visionzip_core.capture import capture_feature_layer, check_vision_tower, resolve_feature_layer
+from visionzip_core.algorithm import TokenSelection, compress_selected, select_visionzip_tokens
+from visionzip_core.capture import (
+    FeatureLayerCapture,
+    capture_feature_layer,
+    check_vision_tower,
+    resolve_feature_layer,
+)
 from visionzip_core.config import VisionZipConfig
-from visionzip_core.families.base import ModelFamily
+from visionzip_core.families.base import ImageTokenSelection, ModelFamily
 from visionzip_core.flops import LORA_TARGETS
 from visionzip_core.weight_checks import load_checked
 
@@ -68,6 +73,27 @@ def find_llava_model(model: nn.Module) -> LlavaModel:
     )
 
 
+def capture_and_select(
+    tower: nn.Module, pixel_values: torch.Tensor, vz: VisionZipConfig, interpolate_pos_encoding: bool = False
+) -> tuple[FeatureLayerCapture, TokenSelection]:
+    """The tower through the feature layer, and VisionZip's choice of tokens there: the one path
+    that both the adapted forward and :meth:`Llava15.select_image_tokens` take."""
+    captured = capture_feature_layer(
+        tower, pixel_values, vz.feature_layer, interpolate_pos_encoding=interpolate_pos_encoding
+    )
+    return captured, select_visionzip_tokens(captured.cls_attention, captured.keys, vz)
+
+
+def active_settings(inner: nn.Module, family: str) -> VisionZipConfig:
+    """The settings VisionZip was applied with, or ``ValueError`` when it is not applied."""
+    vz = getattr(inner, _ACTIVE, None)
+    if vz is None:
+        raise ValueError(
+            f"{family}: VisionZip is not applied to this model; call visionzip(model, ...) first"
+        )
+    return vz
+
+
 def _visionzip_get_image_features(
     self: LlavaModel,
     pixel_values: torch.Tensor,
@@ -99,13 +125,13 @@ def _visionzip_get_image_features(
             "visionzip: image_sizes (any-resolution tiling) is not supported for LLaVA-1.5 towers"
         )
     return_dict = kwargs.pop("return_dict", True)
-    captured = capture_feature_layer(
+    captured, selection = capture_and_select(
         self.vision_tower,
         pixel_values,
-        config.feature_layer,
+        config,
         interpolate_pos_encoding=bool(kwargs.get("interpolate_pos_encoding", False)),
     )
-    compressed = visionzip_compress(captured.hidden, captured.cls_attention, captured.keys, config)
+    compressed = compress_selected(captured.hidden, selection, config.merge)
     image_features = self.multi_modal_projector(compressed)
     output = BaseModelOutputWithPooling(last_hidden_state=captured.hidden, pooler_output=list(image_features))
     return output if return_dict else output.to_tuple()
@@ -328,6 +354,18 @@ class Llava15(ModelFamily):
         self._check_model(llava, vz)
         setattr(llava, _ACTIVE, vz)
         llava.get_image_features = types.MethodType(_visionzip_get_image_features, llava)
+
+    def select_image_tokens(
+        self, model: nn.Module, pixel_values: torch.Tensor, image_sizes: Any = None
+    ) -> list[ImageTokenSelection]:
+        llava = find_llava_model(model)
+        vz = active_settings(llava, self.name)
+        _, selection = capture_and_select(llava.vision_tower, pixel_values, vz)
+        side = llava.config.vision_config.image_size // llava.config.vision_config.patch_size
+        return [
+            ImageTokenSelection(pixel_values[i : i + 1], selection.rows(i, i + 1), (0, 0), side)
+            for i in range(pixel_values.shape[0])
+        ]
 
     def remove(self, model: nn.Module) -> None:
         llava = find_llava_model(model)

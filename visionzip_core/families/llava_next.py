@@ -30,10 +30,11 @@ from transformers.image_processing_utils import select_best_resolution
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
-from visionzip_core.algorithm import select_dominant_tokens, visionzip_compress
-from visionzip_core.capture import capture_feature_layer, check_vision_tower, resolve_feature_layer
+from visionzip_core.algorithm import compress_selected
+from visionzip_core.capture import check_vision_tower, resolve_feature_layer
 from visionzip_core.config import VisionZipConfig
-from visionzip_core.families.llava import Llava15, patches_per_image
+from visionzip_core.families.base import ImageTokenSelection
+from visionzip_core.families.llava import Llava15, active_settings, capture_and_select, patches_per_image
 from visionzip_core.weight_checks import load_checked
 
 _ACTIVE = "_visionzip_active"
@@ -108,6 +109,21 @@ def layout_image(
     return torch.cat(parts, dim=0)
 
 
+def _flat_crops(
+    config: Any, pixel_values: torch.Tensor, image_sizes: Any
+) -> tuple[torch.Tensor, list[tuple[int, int]], list[int]]:
+    """``(crops, sizes, crops_per_image)``: every image's crops in one ``(n, C, H, W)`` batch, each
+    image's ``(H, W)`` and its crop count."""
+    sizes = [
+        tuple(int(v) for v in s)
+        for s in (image_sizes.tolist() if torch.is_tensor(image_sizes) else image_sizes)
+    ]
+    crops = [crops_per_image(config, s) for s in sizes]
+    if pixel_values.dim() == 5:  # (images, max crops, C, H, W), padded to the batch's largest
+        pixel_values = torch.cat([pv[:n] for pv, n in zip(pixel_values, crops)], dim=0)
+    return pixel_values, sizes, crops
+
+
 def _visionzip_get_image_features(
     self: LlavaNextModel,
     pixel_values: torch.Tensor,
@@ -129,18 +145,10 @@ def _visionzip_get_image_features(
             f"vision_feature_layer={vision_feature_layer!r} conflicts with visionzip.feature_layer={vz.feature_layer}"
         )
     return_dict = kwargs.pop("return_dict", True)
-    sizes = [
-        tuple(int(v) for v in s)
-        for s in (image_sizes.tolist() if torch.is_tensor(image_sizes) else image_sizes)
-    ]
-    crops = [crops_per_image(self.config, s) for s in sizes]
-    if pixel_values.dim() == 5:  # (images, max crops, C, H, W), padded to the batch's largest
-        pixel_values = torch.cat([pv[:n] for pv, n in zip(pixel_values, crops)], dim=0)
-    captured = capture_feature_layer(self.vision_tower, pixel_values, vz.feature_layer)
-    compressed = self.multi_modal_projector(
-        visionzip_compress(captured.hidden, captured.cls_attention, captured.keys, vz)
-    )
-    dominant_idx = select_dominant_tokens(captured.cls_attention, vz.dominant, vz.keep_cls)
+    pixel_values, sizes, crops = _flat_crops(self.config, pixel_values, image_sizes)
+    captured, selection = capture_and_select(self.vision_tower, pixel_values, vz)
+    compressed = self.multi_modal_projector(compress_selected(captured.hidden, selection, vz.merge))
+    dominant_idx = selection.dominant
     side = self.config.vision_config.image_size // self.config.vision_config.patch_size
     features, start = [], 0
     for size, n in zip(sizes, crops):
@@ -379,6 +387,27 @@ class LlavaNext(Llava15):
                 f"pass feature_layer={layer}"
             )
         vz.check_fits(self.tower_tokens(cfg))
+
+    def select_image_tokens(
+        self, model: nn.Module, pixel_values: torch.Tensor, image_sizes: Any = None
+    ) -> list[ImageTokenSelection]:
+        inner = find_llava_next_model(model)
+        vz = active_settings(inner, self.name)
+        if image_sizes is None:
+            raise ValueError("llava-next: select_image_tokens needs the processor's image_sizes")
+        pixel_values, sizes, crops = _flat_crops(inner.config, pixel_values, image_sizes)
+        _, selection = capture_and_select(inner.vision_tower, pixel_values, vz)
+        side = inner.config.vision_config.image_size // inner.config.vision_config.patch_size
+        images, start = [], 0
+        for size, n in zip(sizes, crops):
+            part = selection.rows(start, start + n)
+            images.append(
+                ImageTokenSelection(
+                    pixel_values[start : start + n], part, tile_grid(inner.config, size), side
+                )
+            )
+            start += n
+        return images
 
     def remove(self, model: nn.Module) -> None:
         inner = find_llava_next_model(model)
