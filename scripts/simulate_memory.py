@@ -68,7 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--whole-model-ckpt",
         action="store_true",
-        help="enable checkpointing on the whole model as the trainer does (frozen tower records its graph)",
+        help="checkpointing on the whole model with its input-grad hooks kept (a frozen tower records its graph)",
     )
     p.add_argument("--out", type=Path, default=None, help="JSON path; .md is written beside it")
     p.add_argument("--seed", type=int, default=0)

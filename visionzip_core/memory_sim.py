@@ -192,10 +192,10 @@ def build_training_model(
     Gradient checkpointing (transformers' non-reentrant) is enabled on the LLM and on the vision
     tower separately, which is what LLaVA's code amounts to: its tower runs under ``no_grad`` and
     only the LLM's input embeddings are made to require grad. ``whole_model_ckpt`` instead calls
-    ``activation_checkpointing_enable`` on the whole model, as
-    ``visionzip_core.training.modeling.build_model`` does; in transformers 5.23 that also makes the
-    CLIP patch embeddings' output require grad, so a frozen tower keeps its checkpointed layer
-    inputs and is back-propagated through.
+    ``activation_checkpointing_enable`` on the whole model and keeps the input-grad hooks it adds
+    (``build_model`` removes them); in transformers 5.23 those make the CLIP patch embeddings'
+    output require grad, so a frozen tower keeps its checkpointed layer inputs and is
+    back-propagated through.
     """
     from visionzip_core.families import family_for
 
