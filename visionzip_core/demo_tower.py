@@ -7,8 +7,10 @@ generator drew (colour, shape and position) with one linear head per
 attribute on the CLS token of the **feature layer** (``hidden_states[-2]``): the layer that both
 VisionZip's CLS attention and LLaVA's projector read. The layers after it are never run by a
 compressed model, so they are not trained. The pictures are fresh ones from the generator's own
-drawing code, made in memory with a fixed seed (never the bundled validation images), padded to
-square and preprocessed as ``configs/demo.yaml`` feeds them (``image_aspect_ratio: pad``).
+drawing code, made in memory with a fixed seed (never the bundled validation images), half padded
+to square as ``configs/demo.yaml`` trains (``image_aspect_ratio: pad``), half centre-cropped by the
+processor as ``scripts/evaluate.py`` and ``scripts/generate.py`` show a picture, so that both
+views of a picture read the same to the LLM.
 
 Deterministic: fixed picture seed, ``torch.manual_seed``, one thread's worth of work; about a
 minute on two CPU cores. The result is a normal llava-hf folder written by the same code as the
@@ -32,6 +34,7 @@ PICTURE_SEED = 20_241_204
 # The written word (in some pictures) is not an attribute: a 32-wide tower learns to read it only
 # at the cost of shape accuracy and of CLS attention on the shape, within this budget.
 ATTRIBUTES = ("colour", "shape", "position")
+VIEWS = ("pad", "crop")
 
 
 def demo_generator():
@@ -63,31 +66,34 @@ class DemoPictures:
     object_masks: torch.Tensor
 
 
-def make_demo_pictures(count: int, seed: int, image_processor) -> DemoPictures:
-    """``count`` fresh demo pictures drawn with ``random.Random(seed)``, padded and preprocessed."""
-    import numpy as np
-
+def make_demo_pictures(
+    count: int, seed: int, image_processor, views: tuple[str, ...] = VIEWS
+) -> DemoPictures:
+    """``count`` fresh demo pictures drawn with ``random.Random(seed)``, each shown one of ``views``
+    (picked by the same generator): ``pad`` (to square with the processor's mean colour, as the
+    demo trains) or ``crop`` (the processor alone: resize and centre crop, as scripts/evaluate.py
+    and scripts/generate.py feed a picture)."""
     from visionzip_core.data.images import mean_colour, pad_to_square
 
     gen = demo_generator()
     classes = attribute_classes(gen)
     rng = random.Random(seed)
     fill = mean_colour(image_processor)
-    images, labels, masks = [], {a: [] for a in ATTRIBUTES}, []
+    images, labels = [], {a: [] for a in ATTRIBUTES}
     for _ in range(count):
         img, facts = gen.make_picture(rng)
-        img = pad_to_square(img, fill)
-        images.append(img)
+        images.append(pad_to_square(img, fill) if rng.choice(views) == "pad" else img)
         for a in ATTRIBUTES:
             labels[a].append(classes[a].index(facts[a]))
-        side = image_processor.crop_size["height"]
-        small = np.asarray(img.resize((side, side)), dtype=np.int16)
-        masks.append(small.max(-1) - small.min(-1) > 80)  # grey background, mean-colour pad, black text: < 80
     pixels = image_processor(images=images, return_tensors="pt")["pixel_values"]
+    mean = torch.tensor(image_processor.image_mean).view(1, 3, 1, 1)
+    std = torch.tensor(image_processor.image_std).view(1, 3, 1, 1)
+    rgb = (pixels * std + mean) * 255
+    # The shape's colours are saturated; the grey background, the mean-colour padding and the black
+    # text are not (max - min channel below 80 of 255).
+    masks = rgb.amax(1) - rgb.amin(1) > 80
     return DemoPictures(
-        pixel_values=pixels,
-        labels={a: torch.tensor(v) for a, v in labels.items()},
-        object_masks=torch.from_numpy(np.stack(masks)),
+        pixel_values=pixels, labels={a: torch.tensor(v) for a, v in labels.items()}, object_masks=masks
     )
 
 
