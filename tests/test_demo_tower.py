@@ -40,7 +40,7 @@ def test_demo_llava_is_laid_out_like_tiny_llava(demo_llava, tiny_llava_dir):
 def test_feature_layer_cls_attention_lands_on_the_shape(demo_llava):
     _, model, processor = demo_llava
     assert PICTURE_SEED != 5
-    pictures = make_demo_pictures(300, 5, processor.image_processor)
+    pictures = make_demo_pictures(300, 5, processor.image_processor, word_rate=0.3)  # as data/demo/
     with torch.no_grad():
         cls_attention = capture_feature_layer(
             model.model.vision_tower, pictures.pixel_values, -2
@@ -50,17 +50,17 @@ def test_feature_layer_cls_attention_lands_on_the_shape(demo_llava):
     chance = on_shape.float().mean().item()  # share of patches the shape touches, ~0.15
     top3 = on_shape.gather(1, patches.topk(3, dim=-1).indices).float().mean().item()
     mass = ((patches * on_shape).sum(1) / patches.sum(1)).mean().item()
-    # Measured: demo-llava 0.92 and 0.63 (chance 0.16); builtin:tiny-llava's random tower 0.41 and
-    # 0.15 (its attention follows strong colours a little, but its mass is at chance).
+    # Measured: demo-llava 0.87 and 0.65 (chance 0.17); builtin:tiny-llava's random tower 0.61 and
+    # 0.17 (its top patches follow strong colours a little, but its mass is at chance).
     assert top3 > 0.8 and mass > 0.45, (top3, mass, chance)
     assert mass > 3 * chance, (mass, chance)
 
 
-def test_feature_layer_cls_linearly_predicts_colour_shape_and_position(demo_llava):
+def test_feature_layer_cls_linearly_predicts_colour_shape_position_and_word(demo_llava):
     _, model, processor = demo_llava
     tower = model.model.vision_tower
     train = make_demo_pictures(1500, 11, processor.image_processor)
-    test = make_demo_pictures(500, 12, processor.image_processor)
+    test = make_demo_pictures(500, 12, processor.image_processor, word_rate=0.3)  # as data/demo/
     with torch.no_grad():
         x_train, x_test = (
             feature_layer_cls(tower, train.pixel_values),
@@ -69,6 +69,7 @@ def test_feature_layer_cls_linearly_predicts_colour_shape_and_position(demo_llav
     mean, std = x_train.mean(0), x_train.std(0) + 1e-6
     x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
     torch.manual_seed(0)
+    found = {}
     for attribute in ATTRIBUTES:
         classes = int(train.labels[attribute].max()) + 1
         probe = torch.nn.Linear(x_train.shape[1], classes)
@@ -78,5 +79,7 @@ def test_feature_layer_cls_linearly_predicts_colour_shape_and_position(demo_llav
             torch.nn.functional.cross_entropy(probe(x_train), train.labels[attribute]).backward()
             opt.step()
         with torch.no_grad():
-            acc = (probe(x_test).argmax(-1) == test.labels[attribute]).float().mean().item()
-        assert acc > 0.9, (attribute, acc)
+            found[attribute] = (probe(x_test).argmax(-1) == test.labels[attribute]).float().mean().item()
+    assert all(found[a] > 0.9 for a in ("colour", "shape", "position")), found
+    # "none" alone scores 0.7 here; reading the word itself is harder for a 32-wide tower
+    assert found["word"] > 0.85, found
