@@ -83,3 +83,20 @@ def test_feature_layer_cls_linearly_predicts_colour_shape_position_and_word(demo
     assert all(found[a] > 0.9 for a in ("colour", "shape", "position")), found
     # "none" alone scores 0.7 here; reading the word itself is harder for a 32-wide tower
     assert found["word"] > 0.85, found
+
+
+def test_pretraining_is_deterministic():
+    from visionzip_core.demo_tower import pretrain_demo_tower
+    from visionzip_core.tiny import build_tiny_llava
+
+    towers = []
+    for _ in range(2):
+        model, processor = build_tiny_llava(None)
+        tower = model.model.vision_tower
+        pretrain_demo_tower(tower, processor.image_processor, pictures=128, epochs=2, log=lambda _: None)
+        towers.append(tower.state_dict())
+    untrained = build_tiny_llava(None)[0].model.vision_tower.state_dict()
+    assert all(torch.equal(towers[0][k], towers[1][k]) for k in towers[0])
+    assert not torch.equal(
+        towers[0]["embeddings.patch_embedding.weight"], untrained["embeddings.patch_embedding.weight"]
+    )

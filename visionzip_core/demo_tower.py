@@ -12,8 +12,9 @@ to square as ``configs/demo.yaml`` trains (``image_aspect_ratio: pad``), half ce
 processor as ``scripts/evaluate.py`` and ``scripts/generate.py`` show a picture, so that both
 views of a picture read the same to the LLM.
 
-Deterministic: fixed picture seed, ``torch.manual_seed``, one thread's worth of work; about a
-minute on two CPU cores. The result is a normal llava-hf folder written by the same code as the
+Deterministic: fixed picture seed, ``torch.manual_seed`` and a seeded batch order (the same
+weights for the same torch build and thread count); 8000 pictures, 16 epochs, about 1 minute 50
+seconds on two CPU cores. The result is a normal llava-hf folder written by the same code as the
 other built-ins, with the trained tower in place of the random one and a random tiny LLM.
 """
 
