@@ -65,7 +65,8 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: 
             draw.polygon([tip, left, right], fill=fill)
 
 
-def make_picture(rng: random.Random) -> tuple[Image.Image, dict]:
+def make_picture(rng: random.Random, word_rate: float = 0.3) -> tuple[Image.Image, dict]:
+    """One picture and what is drawn in it; ``word_rate`` of them also show a word (the bundled data: 0.3)."""
     w, h = rng.randint(112, 224), rng.randint(112, 224)
     grey = rng.randint(225, 250)
     img = Image.new("RGB", (w, h), (grey, grey, grey))
@@ -74,7 +75,7 @@ def make_picture(rng: random.Random) -> tuple[Image.Image, dict]:
         "colour": rng.choice(sorted(COLOURS)),
         "shape": rng.choice(SHAPES),
         "position": rng.choice(POSITIONS),
-        "word": rng.choice(WORDS) if rng.random() < 0.3 else None,
+        "word": rng.choice(WORDS) if rng.random() < word_rate else None,
     }
     cx, cy = _centre(facts["position"], w, h)
     r = min(w, h) * rng.uniform(0.14, 0.2)

@@ -81,7 +81,7 @@ def main(argv=None) -> int:
     )
     from visionzip_core.benchmarking import peak_memory_bytes
     from visionzip_core.data.settings import VICUNA_V1_SYSTEM
-    from visionzip_core.evaluation import FirstTokenTimer, exact_match, parse_budgets
+    from visionzip_core.evaluation import FirstTokenTimer, eval_prompt, exact_match, parse_budgets
     from visionzip_core.families import family_for, image_token_count
     from visionzip_core.model_folders import check_model_folder
     from visionzip_core.model_names import resolve_model_path
@@ -134,8 +134,9 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         for sample in samples:
             images = [Image.open(p).convert("RGB") for p in sample.images]
-            prompt = f"{system} USER: " + "<image>\n" * len(images) + f"{sample.question} ASSISTANT:"
-            inputs = processor(text=[prompt], images=images, return_tensors="pt").to(device)
+            inputs = processor(text=[eval_prompt(sample, system)], images=images, return_tensors="pt").to(
+                device
+            )
             inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
             tokens.update(count((img.height, img.width)) for img in images)
             timer = FirstTokenTimer()

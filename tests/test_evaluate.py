@@ -140,3 +140,26 @@ def test_bad_input_is_one_line_naming_it(tiny_llava_dir, tmp_path):
     assert (
         proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and str(tmp_path) in proc.stderr
     )
+
+
+def test_a_failed_score_after_training_is_one_line_not_a_lost_run(tmp_path, monkeypatch):
+    """``eval.generate_accuracy`` runs after the export: a model that cannot be scored is reported."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    import torch
+
+    from visionzip_core.training.settings import load_config
+
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(repo)
+    spec = importlib.util.spec_from_file_location("finetune", repo / "train/finetune.py")
+    finetune = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "finetune", finetune)  # its dataclasses look their module up
+    spec.loader.exec_module(finetune)
+    settings = load_config(repo / "configs/demo.yaml")
+    run = SimpleNamespace(settings=settings, device=torch.device("cpu"))
+    (tmp_path / "final").mkdir()
+    line = finetune.score_export(run, {"model": tmp_path / "final"})
+    assert line.startswith("not scored: ") and "\n" not in line
+    assert finetune.score_export(run, {}) == "not scored: no full model was exported"

@@ -81,8 +81,8 @@ def test_overrides_reach_list_items_and_name_a_bad_index():
     with pytest.raises(ConfigError) as info:
         load_config(REPO / "configs/demo.yaml", ["data.train.3.weight=0.5", "data.train.first.weight=1"])
     text = str(info.value)
-    assert "data.train.3.weight: data.train is a list of 1; '3' is not an index in it (0-0)" in text
-    assert "data.train.first.weight: data.train is a list of 1; 'first' is not an index in it" in text
+    assert "data.train.3.weight: data.train is a list of 2; '3' is not an index in it (0-1)" in text
+    assert "data.train.first.weight: data.train is a list of 2; 'first' is not an index in it" in text
 
 
 def test_fp16_on_cpu_and_json_conflicts_are_contradictions(tmp_path):
@@ -271,7 +271,12 @@ def test_settings_without_effect_are_warned_by_key(tiny_llava_dir, tmp_path):
         "data.val=[]",
         warn=notes.append,
     )
-    assert [n.split(":")[1].strip() for n in notes] == ["optim.lr_vision", "train.epochs", "train.eval_steps"]
+    assert [n.split(":")[1].strip() for n in notes] == [
+        "optim.lr_vision",
+        "train.epochs",
+        "train.eval_steps",
+        "eval.generate_accuracy",
+    ]
     notes.clear()
     _demo(tiny_llava_dir, tmp_path, "train.mode=projector", "optim.lr_llm=1e-4", warn=notes.append)
     assert len(notes) == 1 and notes[0].startswith("warning: optim.lr_llm: has no effect in projector mode")
@@ -384,3 +389,14 @@ def test_anyres_needs_a_tiling_model(tiny_llava_dir, tiny_llava_next_dir, tmp_pa
         check_files=True,
     )
     assert next_.data.image_aspect_ratio == "anyres"
+
+
+def test_generate_accuracy_without_an_export_is_warned_and_its_keys_validate(tiny_llava_dir, tmp_path):
+    notes = []
+    _demo(tiny_llava_dir, tmp_path, "export.enabled=false", "wandb.log_artifact=none", warn=notes.append)
+    assert notes == [
+        "warning: eval.generate_accuracy: has no effect without a full exported model (it scores final/)"
+    ]
+    with pytest.raises(ConfigError, match="eval.max_new_tokens"):
+        load_config(REPO / "configs/demo.yaml", ["eval.max_new_tokens=0"])
+    assert load_config(REPO / "configs/demo.yaml", ["eval.limit=5"]).eval.limit == 5

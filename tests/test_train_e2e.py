@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -128,6 +129,8 @@ def test_finetune_via_deepspeed_launcher_exports_a_model_that_loads_and_generate
     assert "step 8/8  loss " in proc.stderr and "eta 0:00:00" in proc.stderr
     assert "\r" not in proc.stdout + proc.stderr and "built successfully" not in proc.stdout + proc.stderr
     assert (out / "metrics.png").is_file() and f"plot:    {out}/metrics.png" in proc.stdout
+    # eval.generate_accuracy (on in demo.yaml): the export's answers scored on data.val after the run
+    assert re.search(r"answers: \d\.\d{3} \(\d+/50 first replies exact", proc.stdout), proc.stdout[-2000:]
     # the LLM changed, the frozen vision tower did not
     base = load_file(str(tiny_llava_dir / "model.safetensors"))
     new = final_weights(out)

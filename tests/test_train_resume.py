@@ -48,7 +48,7 @@ def test_changed_settings_stop_the_resume_before_weights_load_and_named_ones_may
         "data.seed=3",
         "train.mode=projector",
         "deepspeed.config=configs/deepspeed/zero3.json",
-        "data.train=[{path: data/demo/instruct_train.json, image_folder: data/demo/images, weight: 0.5}]",
+        "data.train.0.weight=0.5",
         "train.logging_steps=3",  # free: changes nothing that is computed
     ]
     proc = train(_base(tiny_llava_dir, out) + changed, expect=2)

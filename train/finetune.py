@@ -626,7 +626,44 @@ def plot_metrics(run: Run) -> Path | None:
     return write_run_plot(run.output_dir)
 
 
-def report(run: Run, paths: dict[str, Path], seconds: float, plot: Path | None = None) -> None:
+def score_export(run: Run, paths: dict[str, Path]) -> str | None:
+    """``eval.generate_accuracy``: the exported model's exact-match accuracy of generated first replies on
+    ``data.val`` (rank 0), as one report line. Runs after export: a failure here is reported, and
+    the trained run and its export are kept."""
+    e = run.settings.eval
+    if not e.generate_accuracy or not dist.is_main():
+        return None
+    if "model" not in paths:
+        return "not scored: no full model was exported"
+    try:
+        from visionzip_core import load_visionzip_model, load_visionzip_processor
+        from visionzip_core.evaluation import load_eval_samples, score_generation
+
+        samples = []
+        for source in run.settings.data.val:  # paths made absolute by the config loader
+            samples += load_eval_samples(source.path, source.image_folder or ".")
+        samples = samples[: e.limit] if e.limit else samples
+        if not samples:
+            return "not scored: data.val has no sample with an image"
+        model = load_visionzip_model(str(paths["model"])).to(run.device).eval()
+        processor = load_visionzip_processor(str(paths["model"]))
+        started = time.perf_counter()
+        score = score_generation(model, processor, samples, e.max_new_tokens)
+    except Exception as err:  # the run is trained and exported; scoring it must not lose that
+        return f"not scored: {type(err).__name__}: {' '.join(str(err).split())[:200]}"
+    return (
+        f"{score.accuracy:.3f} ({score.correct}/{score.samples} first replies exact, "
+        f"{time.perf_counter() - started:.1f} s)"
+    )
+
+
+def report(
+    run: Run,
+    paths: dict[str, Path],
+    seconds: float,
+    plot: Path | None = None,
+    accuracy: str | None = None,
+) -> None:
     losses = run.history.get("loss", [])
     val = run.history.get("val_loss", [])
     dist.print0(f"\ndone: step {run.state.step}/{run.state.total_steps} in {seconds:.1f} s")
@@ -634,6 +671,8 @@ def report(run: Run, paths: dict[str, Path], seconds: float, plot: Path | None =
         dist.print0(f"  loss:    {losses[0]:.4f} (first logged) -> {losses[-1]:.4f} (last)")
     if val:
         dist.print0(f"  val:     {val[-1]:.4f}")
+    if accuracy is not None:
+        dist.print0(f"  answers: {accuracy}")
     for kind, p in paths.items():
         dist.print0(f"  {kind + ':':<9}{p}")
     dist.print0(f"  metrics: {run.metrics.path}")
@@ -688,7 +727,8 @@ def main(argv=None, hooks: TrainHooks | None = None) -> int:
         else:  # trained before; only final/ is missing
             run.metrics.close()
         paths = export(run)
-        report(run, paths, time.perf_counter() - started, plot_metrics(run))
+        accuracy = score_export(run, paths)
+        report(run, paths, time.perf_counter() - started, plot_metrics(run), accuracy)
     except resume.RunFinished as e:
         dist.print0(str(e))
     except (resume.ResumeError, output_lock.OutputDirLocked) as e:  # the same on every rank

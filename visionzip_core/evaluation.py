@@ -124,3 +124,49 @@ class FirstTokenTimer:
     def end(self) -> None:
         if self.first is None:
             self.first = time.perf_counter() - self.start
+
+
+def eval_prompt(sample: EvalSample, system: str) -> str:
+    """The first user turn as LLaVA-1.5 trains it: ``{system} USER: <image>\\n{question} ASSISTANT:``."""
+    return f"{system} USER: " + "<image>\n" * len(sample.images) + f"{sample.question} ASSISTANT:"
+
+
+@dataclass(frozen=True)
+class GeneratedScore:
+    correct: int
+    samples: int
+    mistakes: tuple[dict, ...]  # the first few: id, reference, reply
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.samples if self.samples else 0.0
+
+
+def score_generation(
+    model, processor, samples: list[EvalSample], max_new_tokens: int = 16, system: str | None = None
+) -> GeneratedScore:
+    """Greedy first replies of ``model`` (compressed or not, as it is) against the references.
+
+    The same prompt and matching as ``scripts/evaluate.py``; inputs go to the model's device and dtype.
+    """
+    import torch
+    from PIL import Image
+
+    from visionzip_core.data.settings import VICUNA_V1_SYSTEM
+
+    system = VICUNA_V1_SYSTEM if system is None else system
+    param = next(model.parameters())
+    correct, mistakes = 0, []
+    for sample in samples:
+        images = [Image.open(p).convert("RGB") for p in sample.images]
+        inputs = processor(text=[eval_prompt(sample, system)], images=images, return_tensors="pt")
+        inputs = inputs.to(param.device)
+        inputs["pixel_values"] = inputs["pixel_values"].to(param.dtype)
+        with torch.inference_mode():
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        reply = processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        if exact_match(reply, sample.reference):
+            correct += 1
+        elif len(mistakes) < 5:
+            mistakes.append({"id": sample.sample_id, "reference": sample.reference, "reply": reply.strip()})
+    return GeneratedScore(correct, len(samples), tuple(mistakes))

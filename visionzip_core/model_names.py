@@ -1,7 +1,8 @@
 """Where a model name points on disk, including the built-in tiny models built on first use.
 
 ``builtin:`` names need no network: the model is built from a config with random weights
-(:mod:`visionzip_core.tiny`) into the cache, once. Everything else (a folder, a hub id) is
+(:mod:`visionzip_core.tiny`; ``demo-llava`` also pretrains its tower, :mod:`visionzip_core.demo_tower`)
+into the cache, once. Everything else (a folder, a hub id) is
 returned unchanged for ``from_pretrained``.
 
 Cache root: ``$VISIONZIP_CACHE`` if set, else ``.cache`` in the working directory; built-in
@@ -31,6 +32,12 @@ def _build_tiny_llava_next(out: Path) -> None:
     build_tiny_llava_next(out)
 
 
+def _build_demo_llava(out: Path) -> None:
+    from visionzip_core.demo_tower import build_demo_llava
+
+    build_demo_llava(out)
+
+
 def _build_tiny_part(part: str) -> Callable[[Path], None]:
     def build(out: Path) -> None:
         from visionzip_core.tiny import build_tiny_pretrain_parts
@@ -47,6 +54,8 @@ BUILTINS: dict[str, Callable[[Path], None]] = {
     "tiny-clip": _build_tiny_part("clip"),  # CLIPVisionModel + image processor (stage-1 input)
     "tiny-llm": _build_tiny_part("llm"),  # LlamaForCausalLM + tokenizer (stage-1 input)
     "tiny-llava-next": _build_tiny_llava_next,  # LlavaNextForConditionalGeneration + LlavaNextProcessor
+    # tiny-llava with its tower pretrained on demo pictures (about a minute and a half on 2 cores)
+    "demo-llava": _build_demo_llava,
 }
 
 
@@ -58,7 +67,8 @@ def cache_root() -> Path:
 def resolve_model_path(name: str | os.PathLike) -> str:
     """A path or hub id usable by ``from_pretrained``; ``builtin:<name>`` is built into the cache first.
 
-    Built-ins: ``builtin:tiny-llava``, ``builtin:tiny-clip``, ``builtin:tiny-llm``, ``builtin:tiny-llava-next``. A build goes to a
+    Built-ins: ``builtin:tiny-llava``, ``builtin:tiny-clip``, ``builtin:tiny-llm``, ``builtin:tiny-llava-next``,
+    ``builtin:demo-llava``. A build goes to a
     temporary folder beside the target and is renamed into place, so a crash never leaves a
     half-written model and concurrent ranks may race safely (the first rename wins).
 

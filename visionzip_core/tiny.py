@@ -239,11 +239,17 @@ def _build_tiny(family_name: str, out_dir, image_size: int, patch_size: int, vis
         image_processor = build_image_processor(image_size)
     processor = family.build_processor(image_processor, tokenizer, vcfg, chat_template=TINY_CHAT_TEMPLATE)
     if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(out)
-        save_pretrained_faithfully(processor, out)
+        save_tiny(model, processor, out_dir)
     return model, processor
+
+
+def save_tiny(model, processor, out_dir: str | os.PathLike) -> Path:
+    """Write ``model`` and ``processor`` as one llava-hf folder, as every built-in is written."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    save_pretrained_faithfully(processor, out)
+    return out
 
 
 def build_tiny_pretrain_parts(

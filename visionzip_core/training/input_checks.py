@@ -202,6 +202,14 @@ def _no_effect(sections: dict[str, Any], raw: dict) -> list[str]:
         out.append(f"train.epochs: ignored, train.max_steps={train.max_steps} sets the length")
     if train.eval_steps is not None and data is not None and not data.val:
         out.append("train.eval_steps: no data.val sources, so no validation runs")
+    evaluation, export = sections.get("eval"), sections.get("export")
+    if evaluation is not None and evaluation.generate_accuracy:
+        if data is not None and not data.val:
+            out.append("eval.generate_accuracy: no data.val sources, so nothing is scored")
+        if export is not None and (not export.enabled or (train.mode == "lora" and not export.merge_lora)):
+            out.append(
+                "eval.generate_accuracy: has no effect without a full exported model (it scores final/)"
+            )
     return out
 
 

@@ -51,6 +51,7 @@ FREE_KEYS = (
     "deepspeed.config",  # the file's name; its ZeRO stage is compared as deepspeed.zero_stage
     "wandb",
     "export",
+    "eval",  # scored after the run, on the export
     "debug",  # records written when test switches were a config section
 )
 

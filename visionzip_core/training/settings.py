@@ -189,6 +189,18 @@ class ExportSettings(_Section):
     merge_lora: bool = Field(True, description="lora: also write the merged full model into final/.")
 
 
+class EvalSettings(_Section):
+    """Scoring by generation after the run (rank 0, on the exported ``final/``)."""
+
+    generate_accuracy: bool = Field(
+        False,
+        description="Print the exact-match accuracy of the first generated reply on data.val's samples "
+        "with an image, as scripts/evaluate.py scores it.",
+    )
+    max_new_tokens: int = Field(16, ge=1, description="Reply length limit.")
+    limit: int | None = Field(None, ge=1, description="Score only the first N samples (null = all).")
+
+
 class Settings(_Section):
     model: ModelSettings = Field(default_factory=ModelSettings)
     visionzip: VisionZipSettings = Field(default_factory=VisionZipSettings)
@@ -199,6 +211,7 @@ class Settings(_Section):
     deepspeed: DeepSpeedSettings = Field(default_factory=DeepSpeedSettings)
     wandb: WandbSettings = Field(default_factory=WandbSettings)
     export: ExportSettings = Field(default_factory=ExportSettings)
+    eval: EvalSettings = Field(default_factory=EvalSettings)
 
     @property
     def lora_or_default(self) -> LoraSettings:
