@@ -140,10 +140,14 @@ def build_split(out: Path, split: str, count: int, rng: random.Random) -> tuple[
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "demo"))
-    parser.add_argument("--train", type=int, default=300)
-    parser.add_argument("--val", type=int, default=50)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--out",
+        default=str(Path(__file__).resolve().parent / "demo"),
+        help="output folder (default: data/demo)",
+    )
+    parser.add_argument("--train", type=int, default=300, help="training pictures")
+    parser.add_argument("--val", type=int, default=50, help="validation pictures")
+    parser.add_argument("--seed", type=int, default=0, help="another seed draws other pictures")
     args = parser.parse_args(argv)
     out = Path(args.out)
     (out / "images").mkdir(parents=True, exist_ok=True)

@@ -48,10 +48,12 @@ def write_data(folder: Path, n: int) -> Path:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=int, default=96)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--images", type=int, default=96, help="synthetic samples to load per run")
+    parser.add_argument("--batch-size", type=int, default=16, help="samples per batch")
+    parser.add_argument("--repeats", type=int, default=3, help="passes per setting; the median is reported")
+    parser.add_argument(
+        "--workers", type=int, nargs="+", default=[1, 2], help="DataLoader worker counts to compare"
+    )
     args = parser.parse_args(argv)
 
     from transformers import CLIPImageProcessorPil

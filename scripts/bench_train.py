@@ -263,7 +263,8 @@ def compare_packing(args: argparse.Namespace) -> list[dict]:
     """Each budget, three passes over the same samples, through the trainer's own samplers and
     collators: fixed batches of ``--batch-size`` padded to their longest, in random order and
     length-grouped (the trainer's default), against rows packed to ``--row-tokens`` with a row's
-    worth of tokens per micro-batch (``data.packing`` + ``data.batch_tokens``)."""
+    worth of tokens per micro-batch (``data.packing`` + ``data.batch_tokens``). The three passes'
+    steps are interleaved; each step is timed on its own."""
     from visionzip_core.benchmarking import mix665k_like_text_lengths, synthetic_items
     from visionzip_core.data import DataCollator, LengthGroupedSampler
     from visionzip_core.data.collate import PackingCollator
@@ -317,28 +318,32 @@ def compare_packing(args: argparse.Namespace) -> list[dict]:
         }
         for micro in batches.values():  # warm-up: kernels, allocator, optimizer state
             step(micro[0])
+        # Interleaved in proportion (each layout's k-th of n micro-batches at k/n of the way), so
+        # that a change in the machine's load falls on every layout alike.
+        seconds = dict.fromkeys(batches, 0.0)
+        schedule = sorted((k / len(m), name, k) for name, m in batches.items() for k in range(len(m)))
+        for _, name, k in schedule:
+            start = time.perf_counter()
+            step(batches[name][k])
+            seconds[name] += time.perf_counter() - start
         row = {}
         for name, micro in batches.items():
             real = sum(
                 int(b["num_tokens"]) if "num_tokens" in b else int(b["attention_mask"].sum()) for b in micro
             )
             slots = sum(b["input_ids"].numel() for b in micro)
-            start = time.perf_counter()
-            for batch in micro:
-                step(batch)
-            seconds = time.perf_counter() - start
             samples = sum(len(b) for b in plans[name][0])
             row[name] = {
                 "micro_batches": len(micro),
                 "samples": samples,
-                "seconds": seconds,
-                "tokens_per_s": real / seconds,
-                "samples_per_s": samples / seconds,
+                "seconds": seconds[name],
+                "tokens_per_s": real / seconds[name],
+                "samples_per_s": samples / seconds[name],
                 "padding_fraction": 1 - real / slots,
             }
             print(
-                f"  {tokens:>3} tokens, {name}: {seconds:.1f}s for {samples} samples, "
-                f"{real / seconds:.0f} tokens/s, padding {1 - real / slots:.0%}, {len(micro)} micro-batches",
+                f"  {tokens:>3} tokens, {name}: {seconds[name]:.1f}s for {samples} samples, "
+                f"{real / seconds[name]:.0f} tokens/s, padding {1 - real / slots:.0%}, {len(micro)} micro-batches",
                 flush=True,
             )
         packed = row["packed"]["tokens_per_s"]

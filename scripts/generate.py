@@ -27,7 +27,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--model", default="builtin:tiny-llava", help="llava-hf folder, hub id or builtin:tiny-llava"
     )
     parser.add_argument("--image", action="append", default=[], help="image file (repeat for several)")
-    parser.add_argument("--prompt", default="What is in the picture?")
+    parser.add_argument(
+        "--prompt", default="What is in the picture?", help="the question (wrapped in the vicuna_v1 template)"
+    )
     parser.add_argument(
         "--dominant", type=int, default=None, help="tokens kept by CLS attention, CLS included (default 54)"
     )
@@ -36,9 +38,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--system", default=None, help="system prompt (default: LLaVA-1.5's; '' for none)")
     parser.add_argument("--no-visionzip", action="store_true", help="run the stock model (all patches)")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--max-new-tokens", type=int, default=32, help="reply length limit (greedy decoding)")
+    parser.add_argument(
+        "--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="weights dtype"
+    )
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     return parser.parse_args(argv)
 
 
@@ -108,6 +112,16 @@ def main(argv=None) -> int:
             settings = VisionZipConfig(**(base | {k: v for k, v in chosen.items() if v is not None}))
         except ValueError as err:
             return _fail(str(err))
+        if recorded is not None and (settings.dominant, settings.contextual) != (
+            recorded.dominant,
+            recorded.contextual,
+        ):
+            # A trained export learnt on its own split; another one is a different model input.
+            print(
+                f"note: this export was trained at dominant {recorded.dominant} + contextual "
+                f"{recorded.contextual}; generating at {settings.dominant} + {settings.contextual} instead",
+                file=sys.stderr,
+            )
     if settings is not None:
         try:
             visionzip(model, config=settings)

@@ -69,7 +69,13 @@ def test_generate_cli_keeps_the_split_a_checkpoint_records(tiny_llava_dir, tmp_p
         "--max-new-tokens",
         "2",
     ]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    assert "visual tokens per image: 8 of 64 (VisionZip dominant 6 + contextual 2)" in out
-    override = subprocess.run(cmd + ["--contextual", "4"], capture_output=True, text=True, check=True).stdout
-    assert "visual tokens per image: 10 of 64 (VisionZip dominant 6 + contextual 4)" in override
+    same = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    assert "visual tokens per image: 8 of 64 (VisionZip dominant 6 + contextual 2)" in same.stdout
+    assert "note:" not in same.stderr
+    override = subprocess.run(cmd + ["--contextual", "4"], capture_output=True, text=True, check=True)
+    assert "visual tokens per image: 10 of 64 (VisionZip dominant 6 + contextual 4)" in override.stdout
+    # Another split than the one trained is said, not done silently.
+    assert (
+        "note: this export was trained at dominant 6 + contextual 2; generating at 6 + 4 instead"
+        in override.stderr
+    )

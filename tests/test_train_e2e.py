@@ -105,7 +105,17 @@ def test_finetune_via_deepspeed_launcher_exports_a_model_that_loads_and_generate
     )
     records = [r for r in metrics(out) if "loss" in r]
     assert [r["step"] for r in records] == list(range(1, 9))
-    for key in ("lr", "grad_norm", "samples_per_s", "tokens_per_s", "visual_tokens_per_image", "peak_mem_mb"):
+    for key in (
+        "lr",
+        "grad_norm",
+        "samples_per_s",
+        "tokens_per_s",
+        "padding_fraction",
+        "visual_tokens_per_image",
+        "peak_rss_mb",
+        "step_time_s",
+        "elapsed_s",
+    ):
         assert records[0][key] is not None, key
     assert records[0]["visual_tokens_per_image"] == 16 and set(records[0]["lr"]) == {"projector", "llm"}
     assert records[-1]["loss"] < records[0]["loss"]
@@ -114,6 +124,10 @@ def test_finetune_via_deepspeed_launcher_exports_a_model_that_loads_and_generate
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-6", "checkpoint-8"]
     assert all((p / "COMPLETE").is_file() for p in out.glob("checkpoint-*"))
     assert f"model:   {out}/final" in proc.stdout and "metrics:" in proc.stdout and "wandb:" in proc.stdout
+    # Outside a terminal: one plain line per logged step, no progress bar redrawn into one long
+    # line, and none of the libraries' build notices.
+    assert "step 8/8  loss " in proc.stderr and "eta 0:00:00" in proc.stderr
+    assert "\r" not in proc.stdout + proc.stderr and "built successfully" not in proc.stdout + proc.stderr
     assert (out / "metrics.png").is_file() and f"plot:    {out}/metrics.png" in proc.stdout
     # eval.generate_accuracy (on in demo.yaml): the export's answers scored on data.val after the run
     assert re.search(r"answers: \d\.\d{3} \(\d+/50 first replies exact", proc.stdout), proc.stdout[-2000:]

@@ -49,7 +49,7 @@ from visionzip_core.training.deepspeed_config import (  # noqa: E402
 from visionzip_core.training.export import export_final  # noqa: E402
 from visionzip_core.training.hooks import TrainHooks  # noqa: E402
 from visionzip_core.training.input_checks import check_global_batch  # noqa: E402
-from visionzip_core.training.metrics import MetricsLog, peak_memory_mb  # noqa: E402
+from visionzip_core.training.metrics import MetricsLog, peak_memory_record  # noqa: E402
 from visionzip_core.training.modeling import (  # noqa: E402
     build_model,
     build_processor,
@@ -107,11 +107,36 @@ class Run:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    from visionzip_core.training.settings import config_keys_help
+
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        epilog="config keys (set in the YAML or as section.key=value; a number indexes a list, "
+        "e.g. data.train.0.weight=0.5):\n\n" + config_keys_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--config", required=True, help="training YAML (see configs/)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help="set by the deepspeed launcher")
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="keep the libraries' own output: progress bars in logs, DeepSpeed's build notices",
+    )
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.max_steps=10")
     return p.parse_intermixed_args(argv)
+
+
+def quiet_libraries(verbose: bool) -> None:
+    """Progress bars are for terminals: written to a log or CI they cannot redraw and become one
+    endless line, so outside a terminal the libraries' bars are off (our own progress is then one
+    plain line per logged step)."""
+    if verbose or sys.stderr.isatty():
+        return
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
 
 
 def check_resume(
@@ -465,12 +490,14 @@ def log_step(run: Run, stats: dict, window: dict) -> None:
         "loss": stats["loss"],
         "lr": stats["lr"],
         "grad_norm": stats["grad_norm"],
+        "step_time_s": round(window["seconds"] / window["steps"], 4),
+        "elapsed_s": round(time.perf_counter() - window["started"], 1),
         "samples_per_s": window["samples"] / window["seconds"],
         "tokens_per_s": window["tokens"] / window["seconds"],
         # Token slots the model ran on that held padding (rows are padded to the longest one).
         "padding_fraction": round(1.0 - window["tokens"] / max(window["slots"], 1.0), 4),
         "visual_tokens_per_image": run.image_tokens.describe(),
-        "peak_mem_mb": round(peak_memory_mb(), 1),
+        **peak_memory_record(),
         "nonfinite_steps": run.state.nonfinite_steps,
     }
     run.metrics.write(record)
@@ -482,7 +509,12 @@ def log_step(run: Run, stats: dict, window: dict) -> None:
 def fit(run: Run, stop: preemption.StopRequest) -> None:
     t, state = run.settings.train, run.state
     batches = step_batches(run)
-    window = {"samples": 0.0, "tokens": 0.0, "slots": 0.0, "seconds": 0.0}
+    began = time.perf_counter()  # elapsed_s counts from here (a resumed run: from the resume)
+
+    def fresh_window() -> dict:
+        return {"samples": 0.0, "tokens": 0.0, "slots": 0.0, "seconds": 0.0, "steps": 0, "started": began}
+
+    window = fresh_window()
     run.engine.train()
     saved = state.step  # step 0 has nothing to lose; a resumed run's step has its checkpoint
     while state.step < state.total_steps:
@@ -501,14 +533,14 @@ def fit(run: Run, stop: preemption.StopRequest) -> None:
             count_nonfinite_step(run, stats)  # raises once train.max_nonfinite_steps are used up
         state.step += 1
         state.epoch, state.batches_in_epoch, state.samples_in_epoch = position
-        window = {k: window[k] + stats[k] for k in ("samples", "tokens", "slots")} | {
-            "seconds": window["seconds"] + time.perf_counter() - start
-        }
+        window = window | {k: window[k] + stats[k] for k in ("samples", "tokens", "slots")}
+        window["seconds"] += time.perf_counter() - start
+        window["steps"] += 1
         run.metrics.advance(stats["loss"])
         run.hooks.after_step(state.step)
         if state.step % t.logging_steps == 0 or state.step == state.total_steps or state.step == 1:
             log_step(run, stats, window)
-            window = {"samples": 0.0, "tokens": 0.0, "slots": 0.0, "seconds": 0.0}
+            window = fresh_window()
         if t.eval_steps and state.step % t.eval_steps == 0 and state.step < state.total_steps:
             evaluate(run)
         if state.step % t.save_steps == 0 or state.step == state.total_steps:
@@ -679,9 +711,10 @@ def main(argv=None, hooks: TrainHooks | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr, flush=True)
         return 2
+    quiet_libraries(args.verbose)
     stop = preemption.StopRequest().install()
     preemption.watch_launcher(stop)
-    device = dist.init(args.local_rank)
+    device = dist.init(args.local_rank, quiet=not args.verbose)
     run, lock, started, code = None, None, time.perf_counter(), 0
     try:
         lock = claim_output_dir(settings)

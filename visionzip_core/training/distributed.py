@@ -49,8 +49,15 @@ def set_env_defaults() -> None:
         )
 
 
-def init(local_rank_arg: int | None = None) -> torch.device:
-    """Start the process group (gloo on CPU, nccl on CUDA) and return this process's device."""
+def init(local_rank_arg: int | None = None, quiet: bool = True) -> torch.device:
+    """Start the process group (gloo on CPU, nccl on CUDA) and return this process's device.
+
+    ``quiet``: DeepSpeed's build notice for its CPU communication op ("... built successfully",
+    printed by every process of every run) is dropped.
+    """
+    import contextlib
+    import io
+
     import deepspeed
 
     if local_rank_arg is not None and local_rank_arg >= 0:
@@ -63,7 +70,8 @@ def init(local_rank_arg: int | None = None) -> torch.device:
     else:
         device = torch.device("cpu")
         backend = "gloo"
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     return device
 
 

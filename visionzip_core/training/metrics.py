@@ -16,11 +16,34 @@ from pathlib import Path
 import torch
 
 
-def peak_memory_mb() -> float:
-    """Peak accelerator memory allocated by tensors, or the process's peak RSS on CPU."""
+def peak_memory_record() -> dict[str, float]:
+    """``peak_rss_mb``: the process's peak resident memory (everything: weights, activations,
+    the allocator's cache, libraries); on a GPU also ``peak_cuda_mb``: the peak of memory held by
+    tensors on this process's device. Two keys, because they measure different things."""
+    record = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}  # KiB
     if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+        record["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return record
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def step_line(record: dict, total_steps: int) -> str:
+    """One plain log line for a step record: what a progress bar shows, for logs and CI."""
+    lrs = record.get("lr") or {}
+    lr = max(lrs.values()) if isinstance(lrs, dict) and lrs else lrs
+    parts = [f"step {record['step']}/{total_steps}", f"loss {record['loss']:.4f}"]
+    if isinstance(lr, (int, float)):
+        parts.append(f"lr {lr:.3g}")
+    if "step_time_s" in record:
+        parts.append(f"{record['step_time_s']:.2f} s/step")
+    if "elapsed_s" in record and "step_time_s" in record:
+        left = (total_steps - record["step"]) * record["step_time_s"]
+        parts.append(f"elapsed {_clock(record['elapsed_s'])} eta {_clock(left)}")
+    return "  ".join(parts)
 
 
 def truncate_jsonl(path: Path, last_step: int) -> None:
@@ -41,16 +64,21 @@ def truncate_jsonl(path: Path, last_step: int) -> None:
 
 
 class MetricsLog:
-    """Appends records to ``metrics.jsonl`` and drives a tqdm bar with ETA (rank 0 only)."""
+    """Appends records to ``metrics.jsonl`` (rank 0 only) and shows progress: a tqdm bar with ETA
+    on a terminal; elsewhere (a log file, CI) one plain line per logged step, since a bar that
+    cannot redraw itself turns into one endless line."""
 
-    def __init__(self, path: Path, total_steps: int, start_step: int, enabled: bool):
+    def __init__(self, path: Path, total_steps: int, start_step: int, enabled: bool, interactive=None):
         self.path = path
         self.enabled = enabled
+        self.total_steps = total_steps
         self.bar = None
         if not enabled:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         truncate_jsonl(path, start_step)
+        if not (sys.stderr.isatty() if interactive is None else interactive):
+            return
         from tqdm.auto import tqdm
 
         self.bar = tqdm(
@@ -60,7 +88,6 @@ class MetricsLog:
             unit="step",
             dynamic_ncols=True,
             file=sys.stderr,
-            disable=None if sys.stderr.isatty() else False,
             mininterval=1.0,
         )
 
@@ -71,6 +98,8 @@ class MetricsLog:
         with self.path.open("a") as f:
             f.write(json.dumps(clean) + "\n")
             f.flush()
+        if self.bar is None and "loss" in record:
+            print(step_line(record, self.total_steps), file=sys.stderr, flush=True)
 
     def advance(self, loss: float | None = None) -> None:
         if self.bar is not None:

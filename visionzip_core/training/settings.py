@@ -68,7 +68,7 @@ class VisionZipSettings(VisionZipConfig):
     The split and options are :class:`VisionZipConfig`'s own fields, validated the same way.
     """
 
-    enabled: bool = True
+    enabled: bool = Field(True, description="false: the stock model, every patch token (the baseline).")
     feature_layer: int | None = Field(
         None,
         description="Vision layer whose attention, keys and output are used. Leave it out: it is the "
@@ -91,7 +91,7 @@ class TrainSettings(_Section):
         description="projector: projector only, from a LLaVA checkpoint; pretrain: stage 1 from CLIP + LLM; "
         "finetune: projector + LLM (+ vision tower); lora: LoRA on the LLM + full projector."
     )
-    output_dir: str
+    output_dir: str = Field(description="Checkpoints, metrics.jsonl, metrics.png and final/ go here.")
     epochs: int | None = Field(
         1, ge=1, description="Passes over the training data (ignored if max_steps is set)."
     )
@@ -99,11 +99,17 @@ class TrainSettings(_Section):
     per_device_batch_size: int = Field(
         1, ge=1, description="Samples per micro-batch per process (with data.batch_tokens: validation only)."
     )
-    grad_accum_steps: int = Field(1, ge=1)
+    grad_accum_steps: int = Field(
+        1,
+        ge=1,
+        description="Micro-batches per optimizer step (global batch = micro-batch x this x processes).",
+    )
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="auto: bf16 where the GPU supports it, else fp32."
     )
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in backward: less memory, about 30% slower."
+    )
     tune_vision_tower: bool = Field(False, description="finetune mode: also train the vision tower.")
     save_steps: int = Field(500, ge=1, description="Checkpoint every N optimizer steps.")
     save_total_limit: int = Field(2, ge=1, description="Keep the last K complete checkpoints.")
@@ -113,8 +119,8 @@ class TrainSettings(_Section):
     eval_steps: int | None = Field(
         None, ge=1, description="Validation every N steps (and always at the end)."
     )
-    logging_steps: int = Field(10, ge=1)
-    seed: int = 42
+    logging_steps: int = Field(10, ge=1, description="One metrics.jsonl record (and log line) every N steps.")
+    seed: int = Field(42, description="Seed for initialisation and dropout (data order: data.seed).")
     resume_allow_changes: list[str] = Field(
         default_factory=list,
         description="Settings (dotted keys or sections, e.g. optim.lr_llm) that may differ from the "
@@ -130,22 +136,28 @@ class TrainSettings(_Section):
 
 
 class OptimSettings(_Section):
-    lr_projector: float = Field(1e-3, ge=0)
-    lr_llm: float = Field(2e-5, ge=0)
-    lr_vision: float = Field(2e-6, ge=0)
-    weight_decay: float = Field(0.0, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = Field(1e-8, gt=0)
-    scheduler: Literal["cosine", "constant"] = "cosine"
-    warmup_ratio: float = Field(0.03, ge=0, lt=1)
-    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    lr_projector: float = Field(1e-3, ge=0, description="Peak learning rate of the projector.")
+    lr_llm: float = Field(
+        2e-5, ge=0, description="Peak learning rate of the language model (finetune, lora)."
+    )
+    lr_vision: float = Field(
+        2e-6, ge=0, description="Peak learning rate of the vision tower (tune_vision_tower)."
+    )
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (not on biases and norms).")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    scheduler: Literal["cosine", "constant"] = Field(
+        "cosine", description="Learning-rate shape after the linear warmup."
+    )
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Fraction of the steps spent warming up.")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Cosine floor, as a fraction of the peak.")
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping (0 = off).")
 
 
 class LoraSettings(_Section):
-    r: int = Field(128, ge=1)
-    alpha: int = Field(256, ge=1)
-    dropout: float = Field(0.05, ge=0, lt=1)
+    r: int = Field(128, ge=1, description="LoRA rank.")
+    alpha: int = Field(256, ge=1, description="LoRA alpha (scale = alpha / r).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA path.")
     target_modules: list[str] = Field(
         default_factory=lambda: list(LORA_TARGETS),
         description="Module names inside the LLM only (CLIP's projections share names; they are excluded).",
@@ -159,19 +171,21 @@ class DeepSpeedSettings(_Section):
 
 
 class WandbSettings(_Section):
-    enabled: bool = True
-    project: str = "visionzip"
-    entity: str | None = None
-    name: str | None = None
-    tags: list[str] = Field(default_factory=list)
+    enabled: bool = Field(True, description="Log to wandb (offline without an API key).")
+    project: str = Field("visionzip", description="wandb project.")
+    entity: str | None = Field(None, description="wandb entity (team or user).")
+    name: str | None = Field(None, description="Run name (default: one wandb picks).")
+    tags: list[str] = Field(default_factory=list, description="wandb tags.")
     mode: Literal["auto", "online", "offline"] = Field(
         "auto", description="auto: online with an API key, else offline (sync later with `wandb sync`)."
     )
-    log_artifact: Literal["projector", "adapter", "model", "none"] = "projector"
+    log_artifact: Literal["projector", "adapter", "model", "none"] = Field(
+        "projector", description="Which exported weights to upload as an artifact at the end."
+    )
 
 
 class ExportSettings(_Section):
-    enabled: bool = True
+    enabled: bool = Field(True, description="Write final/ (an HF folder) at the end.")
     merge_lora: bool = Field(True, description="lora: also write the merged full model into final/.")
 
 
@@ -208,6 +222,44 @@ _SECTIONS: dict[str, type[BaseModel]] = {
     name: field.annotation if isinstance(field.annotation, type) else LoraSettings
     for name, field in Settings.model_fields.items()
 }
+
+
+def config_keys_help() -> str:
+    """Every config key, its default and its description, from the typed sections (for ``--help``)."""
+    from pydantic_core import PydanticUndefined
+
+    def type_name(annotation) -> str:
+        import types
+        import typing
+
+        origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+        if origin is typing.Literal:
+            return " | ".join(repr(a) for a in args)
+        if origin in (typing.Union, types.UnionType):
+            return " | ".join(type_name(a) for a in args)
+        if origin in (list, tuple) and args:
+            inner = args[0]
+            if isinstance(inner, type) and issubclass(inner, BaseModel):
+                return f"list of {{{', '.join(inner.model_fields)}}}"
+            return f"{origin.__name__} of {type_name(inner)}"
+        if annotation is type(None):
+            return "null"
+        return getattr(annotation, "__name__", str(annotation))
+
+    lines = []
+    for section, model in _SECTIONS.items():
+        lines.append(f"{section}:")
+        for key, field in model.model_fields.items():
+            if field.default is PydanticUndefined and field.default_factory is None:
+                default = "required"
+            elif field.default_factory is not None:
+                default = "default: see configs/demo.yaml"
+            else:
+                default = f"default {field.default!r}"
+            lines.append(f"  {section}.{key} ({type_name(field.annotation)}; {default})")
+            if field.description:
+                lines.append(f"      {field.description}")
+    return "\n".join(lines)
 
 
 def resolve_repo_path(path: str) -> Path:
