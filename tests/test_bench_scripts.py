@@ -137,3 +137,20 @@ def test_bench_train_compare_packing_quick(tmp_path):
     # Fewer visual tokens: more samples fit a packed row.
     assert results[1]["layouts"]["packed"]["micro_batches"] < results[0]["layouts"]["packed"]["micro_batches"]
     assert (tmp_path / "packing.md").read_text().count("\n| ") == 7
+
+
+@pytest.mark.slow
+def test_paper_table_quick(tmp_path):
+    """The four rows through the real entry points, on 3 steps each (values are not checked: a
+    3-step model answers at chance; BENCHMARKS.md has the full run)."""
+    out = tmp_path / "table.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(ROOT / "scripts/paper_table.py"), "--quick", "--out", str(out)]
+    subprocess.run(cmd, check=True, env=env, cwd=ROOT, timeout=1200)
+    rows = json.loads(out.read_text())
+    assert [r["row"] for r in rows] == ["a", "b", "c", "d"]
+    assert [r["tokens"] for r in rows] == [64, 8, 8, 8]
+    assert rows[1]["step_time_s"] is None and all(rows[k]["step_time_s"] > 0 for k in (0, 2, 3))
+    assert all(r["samples"] == 5 and 0 <= r["accuracy"] <= 1 for r in rows)
+    assert (tmp_path / "table.md").read_text().count("\n| (") == 4
+    assert (tmp_path / "table.png").stat().st_size > 1000
