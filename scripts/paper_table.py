@@ -35,7 +35,12 @@ REPO = Path(__file__).resolve().parents[1]
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="JSON file for the rows (.md and .png beside it)")
-    p.add_argument("--work", type=Path, default=None, help="folder for the runs (default: beside --out)")
+    p.add_argument(
+        "--work",
+        type=Path,
+        default=None,
+        help="folder for the runs (default: outputs/paper_table/<out's name>)",
+    )
     p.add_argument("--dominant", type=int, default=6, help="small budget: dominant tokens, CLS included")
     p.add_argument("--contextual", type=int, default=2, help="small budget: contextual tokens")
     p.add_argument("--fraction", type=float, default=0.1, help="share of the data row (c) tunes on")
@@ -97,7 +102,7 @@ def evaluate(args, model: Path, budget: str, out: Path) -> dict:
 
 
 def run(args) -> list[dict]:
-    work = args.work or args.out.with_suffix("")
+    work = args.work or REPO / "outputs" / "paper_table" / args.out.stem
     if work.exists() and any(work.iterdir()):
         raise SystemExit(f"error: --work {work} is not empty; pick another or remove it")
     work.mkdir(parents=True, exist_ok=True)

@@ -146,6 +146,7 @@ def test_paper_table_quick(tmp_path):
     out = tmp_path / "table.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, str(ROOT / "scripts/paper_table.py"), "--quick", "--out", str(out)]
+    cmd += ["--work", str(tmp_path / "runs")]
     subprocess.run(cmd, check=True, env=env, cwd=ROOT, timeout=1200)
     rows = json.loads(out.read_text())
     assert [r["row"] for r in rows] == ["a", "b", "c", "d"]
