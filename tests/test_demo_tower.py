@@ -100,3 +100,28 @@ def test_pretraining_is_deterministic():
     assert not torch.equal(
         towers[0]["embeddings.patch_embedding.weight"], untrained["embeddings.patch_embedding.weight"]
     )
+
+
+def test_pretraining_runs_on_one_thread_and_gives_the_threads_back():
+    """Float sums depend on the thread count: a 2-thread build drifts to another tower (and the
+    demo to 0.66 instead of 0.96), so pretraining pins one thread, whatever the machine has."""
+    from visionzip_core.demo_tower import pretrain_demo_tower
+    from visionzip_core.tiny import build_tiny_llava
+
+    model, processor = build_tiny_llava(None, seed=0)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    seen = []
+    try:
+        pretrain_demo_tower(
+            model.model.vision_tower,
+            processor.image_processor,
+            pictures=64,
+            epochs=1,
+            batch_size=32,
+            log=lambda line: seen.append(torch.get_num_threads()),
+        )
+        assert seen and set(seen) == {1}
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -139,7 +139,22 @@ def pretrain_demo_tower(
     seed: int = 0,
     log=print,
 ) -> AttributeHeads:
-    """Train ``tower`` (in place) and fresh attribute heads on its feature-layer CLS; return the heads."""
+    """Train ``tower`` (in place) and fresh attribute heads on its feature-layer CLS; return the heads.
+
+    Runs on one CPU thread whatever the machine has: float sums depend on the thread count, and
+    over 2000 steps a 2-thread build drifts to other weights (up to 1.6 apart). The demo then
+    scored 0.66 instead of 0.96 on the same recipe, so the demo's result would depend on the
+    machine. One thread takes the same 1 min 45 s here: the model is too small to gain from more.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _pretrain(tower, image_processor, pictures, epochs, batch_size, lr, seed, log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _pretrain(tower, image_processor, pictures, epochs, batch_size, lr, seed, log) -> AttributeHeads:
     torch.manual_seed(seed)
     classes = attribute_classes()
     start = time.perf_counter()
