@@ -13,18 +13,11 @@ from __future__ import annotations
 
 import gc
 import os
-import socket
 from pathlib import Path
 
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def set_env_defaults() -> None:
@@ -45,7 +38,9 @@ def set_env_defaults() -> None:
             WORLD_SIZE="1",
             LOCAL_WORLD_SIZE="1",
             MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"),
-            MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())),
+            # Port 0: the single process's store takes whatever port is free when it listens.
+            # Picking one here and listening later raced other processes for it (EADDRINUSE).
+            MASTER_PORT=os.environ.get("MASTER_PORT", "0"),
         )
 
 
