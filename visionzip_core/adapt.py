@@ -32,10 +32,12 @@ def visionzip(
     model: nn.Module,
     dominant: int | None = None,
     contextual: int | None = None,
-    feature_layer: int = -2,
+    feature_layer: int | None = None,
     keep_cls: bool = True,
     merge: str = "paper",
     config: VisionZipConfig | None = None,
+    dominant_ratio: float | None = None,
+    contextual_ratio: float | None = None,
 ) -> nn.Module:
     """Make a model instance feed ``dominant + contextual`` visual tokens per image (or crop) to its LLM.
 
@@ -44,6 +46,10 @@ def visionzip(
             optionally wrapped by peft; may be loaded under DeepSpeed ZeRO-3. Adapted in place (no
             class is patched).
         dominant, contextual, feature_layer, keep_cls, merge: see :class:`VisionZipConfig`.
+            ``feature_layer`` defaults to the family's own (-2 for LLaVA, the last block for
+            Qwen2.5-VL).
+        dominant_ratio, contextual_ratio: the split as fractions of each image's tokens, instead
+            of ``dominant``/``contextual`` (families whose token count follows the image size).
         config: a ready :class:`VisionZipConfig` instead of the keyword settings.
 
     Returns:
@@ -54,21 +60,29 @@ def visionzip(
         ValueError: unsupported model class (the message lists the supported families), invalid
             settings, or a split that does not fit the tower.
     """
+    family = family_for(model)
     if config is None:
-        if dominant is None or contextual is None:
-            raise ValueError("visionzip: pass dominant= and contextual=, or config=VisionZipConfig(...)")
+        ratios = dominant_ratio is not None or contextual_ratio is not None
+        if not ratios and (dominant is None or contextual is None):
+            raise ValueError(
+                "visionzip: pass dominant= and contextual= (or dominant_ratio= and contextual_ratio=), "
+                "or config=VisionZipConfig(...)"
+            )
+        counts = {} if dominant is None else {"dominant": dominant}
+        counts.update({} if contextual is None else {"contextual": contextual})
         config = VisionZipConfig(
-            dominant=dominant,
-            contextual=contextual,
-            feature_layer=feature_layer,
+            **counts,
+            feature_layer=family.default_feature_layer if feature_layer is None else feature_layer,
             keep_cls=keep_cls,
             merge=merge,
+            dominant_ratio=dominant_ratio,
+            contextual_ratio=contextual_ratio,
         )
-    family = family_for(model)
     family.apply(model, config)
     for cfg in family.configs(model):
         setattr(cfg, CONFIG_KEY, config.model_dump())
-        cfg.image_seq_length = config.tokens_per_image
+        if hasattr(cfg, "image_seq_length") and not config.uses_ratios:  # llava-hf configs have it
+            cfg.image_seq_length = config.tokens_per_image
     return model
 
 
@@ -79,7 +93,8 @@ def remove_visionzip(model: nn.Module) -> nn.Module:
     for cfg in family.configs(model):
         if hasattr(cfg, CONFIG_KEY):
             delattr(cfg, CONFIG_KEY)
-        cfg.image_seq_length = num_image_tokens(cfg)
+        if hasattr(cfg, "image_seq_length"):
+            cfg.image_seq_length = num_image_tokens(cfg)
     return model
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # Key under which the settings live in ``model.config`` (and so in config.json).
 CONFIG_KEY = "visionzip"
@@ -29,10 +29,65 @@ class VisionZipConfig(BaseModel):
     merge: Literal["paper", "mean"] = Field(
         "paper", description="'paper': target + mean of assigned; 'mean': mean over target and assigned."
     )
+    dominant_ratio: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Towers whose token count follows the image size (qwen2.5-vl): dominant tokens as a "
+        "fraction of each image's merged tokens, floored (at least 1). Overrides dominant.",
+    )
+    contextual_ratio: float | None = Field(
+        None,
+        ge=0,
+        lt=1,
+        description="With dominant_ratio: contextual tokens as a fraction of each image's merged tokens, "
+        "floored, at least 1 unless 0. Overrides contextual.",
+    )
+
+    @model_validator(mode="after")
+    def _ratios_together(self) -> VisionZipConfig:
+        if (self.dominant_ratio is None) != (self.contextual_ratio is None):
+            given = "dominant_ratio" if self.contextual_ratio is None else "contextual_ratio"
+            raise ValueError(
+                f"visionzip.{given}: give dominant_ratio and contextual_ratio together (or neither)"
+            )
+        if self.uses_ratios and self.dominant_ratio + self.contextual_ratio > 1:
+            raise ValueError(
+                f"visionzip.dominant_ratio + contextual_ratio = "
+                f"{self.dominant_ratio + self.contextual_ratio:g} keeps more than every token (must be <= 1)"
+            )
+        return self
+
+    @property
+    def uses_ratios(self) -> bool:
+        """Whether the split is a fraction of each image's tokens rather than fixed counts."""
+        return self.dominant_ratio is not None
 
     @property
     def tokens_per_image(self) -> int:
+        """``dominant + contextual``: the fixed count per image (or crop) of a count split."""
+        if self.uses_ratios:
+            raise ValueError("visionzip: a ratio split has no fixed count per image; see split_for()")
         return self.dominant + self.contextual
+
+    def split_for(self, num_tokens: int, what: str = "an image") -> tuple[int, int]:
+        """``(dominant, contextual)`` for one image (or video frame group) of ``num_tokens`` tokens.
+
+        Ratios are floored as the authors' Qwen2.5-VL code does (``int(ratio * N)``), with at least
+        one dominant token and at least one contextual token unless ``contextual_ratio`` is 0.
+        Raises ``ValueError`` naming ``what`` when the image is too small for the budget.
+        """
+        if self.uses_ratios:
+            dominant = max(1, int(self.dominant_ratio * num_tokens))
+            contextual = 0 if self.contextual_ratio == 0 else max(1, int(self.contextual_ratio * num_tokens))
+        else:
+            dominant, contextual = self.dominant, self.contextual
+        if dominant + contextual > num_tokens:
+            raise ValueError(
+                f"visionzip: {what} has {num_tokens} visual tokens, too few for dominant + contextual = "
+                f"{dominant + contextual}; use a larger image (or min_pixels) or a smaller split"
+            )
+        return dominant, contextual
 
     def check_fits(self, num_tokens: int, has_cls: bool = True) -> None:
         """Raise ``ValueError`` unless the split fits a tower with ``num_tokens`` tokens (CLS included).

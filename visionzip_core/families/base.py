@@ -62,8 +62,12 @@ class ModelFamily(ABC):
     lora_targets: ClassVar[tuple[str, ...]] = ()
     #: Whether stage 1 (assembling the model from a vision folder and an LLM folder) is supported.
     assembles: ClassVar[bool] = False
-    #: Whether an image's visual-token count depends on its size (tiled images).
+    #: Whether an image's visual-token count depends on its size (tiled images, native resolution).
     count_depends_on_size: ClassVar[bool] = False
+    #: The vision layer VisionZip reads when the caller does not name one.
+    default_feature_layer: ClassVar[int] = -2
+    #: Whether the family takes videos (``<|video_pad|>`` runs).
+    takes_video: ClassVar[bool] = False
 
     # --- loading ---------------------------------------------------------------------------------
     @abstractmethod
