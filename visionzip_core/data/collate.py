@@ -9,6 +9,18 @@ import torch
 
 from visionzip_core.data.encode import IGNORE_INDEX
 
+# Per-image (per-video) tensors of an item, concatenated along dim 0 in batch order: the order in
+# which the model meets the image-token (video-token) runs. Qwen2.5-VL's are patch rows and
+# ``(t, h, w)`` grids; ``second_per_grid_ts`` is one float per video.
+VISUAL_KEYS = (
+    "pixel_values",
+    "image_sizes",
+    "image_grid_thw",
+    "pixel_values_videos",
+    "video_grid_thw",
+    "second_per_grid_ts",
+)
+
 
 @dataclass(frozen=True)
 class DataCollator:
@@ -39,12 +51,10 @@ class DataCollator:
             labels[b, :n] = item["labels"]
             attention_mask[b, :n] = 1
         out = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-        images = [item["pixel_values"] for item in items if "pixel_values" in item]
-        if images:
-            out["pixel_values"] = torch.cat(images, dim=0)
-        sizes = [item["image_sizes"] for item in items if "image_sizes" in item]
-        if sizes:
-            out["image_sizes"] = torch.cat(sizes, dim=0)
+        for key in VISUAL_KEYS:
+            parts = [item[key] for item in items if key in item]
+            if parts:
+                out[key] = torch.cat(parts, dim=0)
         return out
 
 

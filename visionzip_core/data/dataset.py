@@ -71,9 +71,10 @@ def preflight_row(
     files: list[str] = []
     try:
         sample_id = sample_id_of(row)
-        conv = to_conversation(row, fmt, encoder.image_token)
+        conv = to_conversation(row, fmt, encoder.image_token, encoder.video_token)
         dropped = conv.dropped_leading_reply
         files = [resolve_image_path(image, image_folder) for image in conv.images]
+        frame_files = [[resolve_image_path(f, image_folder) for f in video] for video in conv.videos]
         check_roles(conv.turns, encoder.template)
         n_placeholders = sum(text.count(encoder.image_token) for _, text in conv.turns)
         if n_placeholders != len(conv.images):
@@ -85,8 +86,10 @@ def preflight_row(
         sizes = [check_image_file(path, decode) for path in files]
         if size_rule is not None:
             sizes = [size_rule(size) for size in sizes]
-        ids, _ = encoder(conv.turns, len(conv.images), sizes)
-        length = len(ids) if conv.images else -len(ids)
+        video_sizes = [_video_size(video, decode, size_rule) for video in frame_files]
+        ids, _ = encoder(conv.turns, len(conv.images), sizes, video_sizes)
+        length = len(ids) if (conv.images or conv.videos) else -len(ids)
+        files = files + [f for video in frame_files for f in video]
         result = {"kind": "", "reason": "", "length": length}
     except SampleError as err:
         result = {"kind": err.kind, "reason": err.reason, "length": 0}
@@ -96,6 +99,19 @@ def preflight_row(
         "image_files": files,
         "image_stamps": file_stamps(files),
     }
+
+
+def _video_size(frames: list[str], decode: bool, size_rule: SizeRule | None) -> tuple[int, int, int]:
+    """``(T, H, W)`` of a video given as frame files, as the video processor will shape it."""
+    sizes = [check_image_file(path, decode) for path in frames]
+    if len(set(sizes)) > 1:
+        raise SampleError(
+            "bad_video",
+            f"the frames of a video differ in size: {sizes[0]} ({frames[0]}) and others {sorted(set(sizes))}",
+        )
+    if size_rule is None or size_rule.video is None:
+        raise SampleError("bad_structure", "a video, but this model's processor takes no video")
+    return size_rule.video_size(len(frames), sizes[0])
 
 
 def file_stamps(paths: list[str]) -> list[int]:
@@ -191,7 +207,7 @@ class VisionLanguageDataset(torch.utils.data.Dataset):
         src = self.sources[self._source_of[i]]
         row = src.table[int(self._row_of[i])]
         try:
-            conv = to_conversation(row, src.fmt, self.encoder.image_token)
+            conv = to_conversation(row, src.fmt, self.encoder.image_token, self.encoder.video_token)
         except SampleError as err:  # only when the file changed after preflight
             raise BadDataError(f"{self.describe(i)}: {err.reason} (changed since preflight?)") from None
         item: dict[str, torch.Tensor] = {}
@@ -204,8 +220,19 @@ class VisionLanguageDataset(torch.utils.data.Dataset):
                 raise _DecodeFailure(f"image failed to decode: {' '.join(str(err).split())[:200]}") from err
             if "image_sizes" in item:  # the count follows the size the processor saw
                 sizes = [tuple(s) for s in item["image_sizes"].tolist()]
+                if self.transform.native is not None:  # counting only: the Qwen model takes grid_thw
+                    del item["image_sizes"]
+        video_sizes: list = []
+        if conv.videos:
+            videos = [[resolve_image_path(f, src.spec.image_folder) for f in v] for v in conv.videos]
+            try:
+                loaded = self.transform.load_videos(videos)
+            except Exception as err:
+                raise _DecodeFailure(f"video failed to decode: {' '.join(str(err).split())[:200]}") from err
+            video_sizes = [tuple(s) for s in loaded.pop("video_sizes").tolist()]
+            item.update(loaded)
         try:
-            ids, labels = self.encoder(conv.turns, len(conv.images), sizes)
+            ids, labels = self.encoder(conv.turns, len(conv.images), sizes, video_sizes)
         except SampleError as err:  # only when the file changed after preflight
             raise BadDataError(f"{self.describe(i)}: {err.reason} (changed since preflight?)") from None
         return {
@@ -236,8 +263,17 @@ class Preflight:
     bad: list[tuple[str, str]]
 
 
-def make_encoder(settings: DataSettings, tokenizer, image_tokens_per_image: int, image_token: str) -> Encoder:
-    return Encoder.from_settings(settings, tokenizer, image_token, image_tokens_per_image)
+def make_encoder(
+    settings: DataSettings,
+    tokenizer,
+    image_tokens_per_image: int,
+    image_token: str,
+    video_token: str | None = None,
+    video_tokens=None,
+) -> Encoder:
+    return Encoder.from_settings(
+        settings, tokenizer, image_token, image_tokens_per_image, video_token, video_tokens
+    )
 
 
 def preflight_split(
@@ -289,6 +325,9 @@ def build_dataset(
     image_token: str = "<image>",
     base_dir: str | os.PathLike | None = None,
     images_only: bool = False,
+    video_processor=None,
+    video_token: str | None = None,
+    video_tokens=None,
 ) -> VisionLanguageDataset:
     """Load, preflight-check and mix the ``split`` ("train" or "val") sources of ``settings``.
 
@@ -298,13 +337,17 @@ def build_dataset(
     Relative paths resolve against ``base_dir`` (default: the current working directory).
     ``images_only`` drops text-only samples (they teach a projector nothing) and counts them in
     the summary as ``text_only_dropped``; they are not bad samples and do not count as skipped.
+    A model that takes video gives ``video_processor``, its placeholder ``video_token`` and
+    ``video_tokens``, ``(T, H, W) -> count`` (:class:`visionzip_core.data.counts.VideoTokenCount`).
     """
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     settings = settings.resolve_paths(base_dir)
-    transform = ImageTransform(image_processor, settings.image_aspect_ratio)
-    encoder = make_encoder(settings, tokenizer, image_tokens_per_image, image_token)
-    size_rule = transform.size_rule if encoder.needs_image_sizes else None
+    transform = ImageTransform(image_processor, settings.image_aspect_ratio, video_processor)
+    encoder = make_encoder(
+        settings, tokenizer, image_tokens_per_image, image_token, video_token, video_tokens
+    )
+    size_rule = transform.size_rule if (encoder.needs_image_sizes or video_token) else None
     found = preflight_split(settings, split, encoder, size_rule)
     apply_policy(found, settings)
     report = found.report

@@ -1,7 +1,9 @@
 """Conversation -> ``input_ids`` and ``labels``, with every ``<image>`` expanded to its image-token ids.
 
 K ids per image: a fixed number (LLaVA-1.5: every image is one square crop), or, for a tiling model
-(LLaVA-NeXT), a count that the model's family computes from each image's size.
+(LLaVA-NeXT) or a native-resolution one (Qwen2.5-VL), a count that the model's family computes from
+each image's size. A model that takes video (Qwen2.5-VL) also expands each video placeholder
+(``<|video_pad|>``) to the count of that video's ``(frames, H, W)``.
 
 ``plain`` and ``vicuna_v1`` are tokenised as LLaVA's training code does (``tokenizer_image_token``
 in ``llava/mm_utils.py``): the rendered text is split at the placeholders and each chunk is
@@ -56,11 +58,24 @@ class Encoder:
     system_prompt: str | None = None
     image_placement: str = "start"
     plain_end: str = "newline"
+    #: the video placeholder, and ``(T, H, W) -> int`` (None: the model takes no video)
+    video_token: str | None = None
+    video_tokens_per_video: Callable[[tuple[int, int, int]], int] | None = None
 
     @classmethod
-    def from_settings(cls, settings, tokenizer, image_token: str, image_tokens_per_image) -> Encoder:
+    def from_settings(
+        cls,
+        settings,
+        tokenizer,
+        image_token: str,
+        image_tokens_per_image,
+        video_token=None,
+        video_tokens=None,
+    ) -> Encoder:
         """The encoder a :class:`DataSettings` describes."""
         return cls(
+            video_token=video_token,
+            video_tokens_per_video=video_tokens,
             tokenizer=tokenizer,
             template=settings.template,
             image_token=image_token,
@@ -83,6 +98,12 @@ class Encoder:
             )
         if not callable(self.image_tokens_per_image) and self.image_tokens_per_image < 1:
             raise ValueError("data: image_tokens_per_image must be >= 1")
+        if self.video_token is not None:
+            vid = tok.convert_tokens_to_ids(self.video_token)
+            if vid is None or vid == tok.unk_token_id:
+                raise ValueError(f"data: the tokenizer has no {self.video_token!r} token")
+            if self.video_tokens_per_video is None:
+                raise ValueError("data: a video_token needs video_tokens_per_video")
         if self.image_placement not in ("start", "keep"):
             raise ValueError(f"data.image_placement: 'start' or 'keep', got {self.image_placement!r}")
         if self.plain_end not in ("newline", "eos"):
@@ -113,15 +134,36 @@ class Encoder:
             return [count(None)] * n_images
         if image_sizes is None or len(image_sizes) != n_images:
             raise ValueError(f"data: {n_images} image(s) need their sizes to count their tokens")
-        return [count(tuple(size)) for size in image_sizes]
+        return [
+            _counted(count, tuple(size), f"image {i + 1} ({size[0]}x{size[1]} as resized)")
+            for i, size in enumerate(image_sizes)
+        ]
+
+    def video_counts(self, video_sizes: Sequence[tuple[int, int, int]]) -> list[int]:
+        """Video-token ids of each video, from its ``(frames, H, W)`` as the processor gives them."""
+        if video_sizes and self.video_token is None:
+            raise SampleError("bad_structure", "a video, but this model takes no video")
+        return [
+            _counted(
+                self.video_tokens_per_video,
+                tuple(size),
+                f"video {i + 1} ({size[0]} frames of {size[1]}x{size[2]})",
+            )
+            for i, size in enumerate(video_sizes)
+        ]
 
     def __call__(
-        self, turns, n_images: int, image_sizes: Sequence[tuple[int, int]] | None = None
+        self,
+        turns,
+        n_images: int,
+        image_sizes: Sequence[tuple[int, int]] | None = None,
+        video_sizes: Sequence[tuple[int, int, int]] = (),
     ) -> tuple[list[int], list[int]]:
         """Encode one conversation; raises :class:`SampleError` when it is bad or cannot fit.
 
         ``image_sizes``: each image's ``(H, W)`` as the processor sees it, needed when the count
-        depends on it (:attr:`needs_image_sizes`).
+        depends on it (:attr:`needs_image_sizes`). ``video_sizes``: each video's ``(T, H, W)``
+        (frames padded to the temporal patch, size as resized), one per video placeholder.
 
         Returns ``(input_ids, labels)``, equal lengths ``T <= model_max_length``; labels are
         ``IGNORE_INDEX`` everywhere but assistant replies.
@@ -129,7 +171,13 @@ class Encoder:
         if self.image_placement == "start":
             turns = place_images_first(turns, self.image_token)
         pieces = render(
-            self.template, turns, self.tokenizer, self.image_token, self.system_prompt, self.plain_end
+            self.template,
+            turns,
+            self.tokenizer,
+            self.image_token,
+            self.system_prompt,
+            self.plain_end,
+            self.video_token,
         )
         text = "".join(t for t, _ in pieces)
         n_placeholders = text.count(self.image_token)
@@ -137,6 +185,12 @@ class Encoder:
             raise SampleError(
                 "placeholder_mismatch",
                 f"{n_placeholders} {self.image_token} placeholder(s) for {n_images} image(s)",
+            )
+        n_video_placeholders = text.count(self.video_token) if self.video_token else 0
+        if n_video_placeholders != len(video_sizes):
+            raise SampleError(
+                "placeholder_mismatch",
+                f"{n_video_placeholders} {self.video_token} placeholder(s) for {len(video_sizes)} video(s)",
             )
         reply = np.zeros(len(text) + 1, dtype=np.int32)
         pos = 0
@@ -159,12 +213,18 @@ class Encoder:
                 f"data: the tokenizer split {n_placeholders} {self.image_token!r} placeholder(s) into "
                 f"{int(is_image.sum())} image-token id(s); it must be a single special token"
             )
+        is_video = np.zeros(len(ids), dtype=bool)
+        if self.video_token is not None:
+            is_video = ids == self.tokenizer.convert_tokens_to_ids(self.video_token)
+            if int(is_video.sum()) != n_video_placeholders:
+                raise ValueError(f"data: the tokenizer split {self.video_token!r} into several ids")
         trained = (covered[offsets[:, 1]] - covered[offsets[:, 0]]) > 0
-        labels = np.where(trained & ~is_image, ids, IGNORE_INDEX)
+        labels = np.where(trained & ~is_image & ~is_video, ids, IGNORE_INDEX)
         repeat = np.ones(len(ids), dtype=np.int64)
         repeat[is_image] = self.image_counts(n_images, image_sizes)
+        repeat[is_video] = self.video_counts(video_sizes)
         ids, labels = np.repeat(ids, repeat), np.repeat(labels, repeat)
-        return self._truncate(ids, labels, image_id, n_images)
+        return self._truncate(ids, labels, image_id, n_images + len(video_sizes))
 
     def _tokenize_whole(self, text: str) -> tuple[np.ndarray, np.ndarray]:
         """``(ids [T], offsets [T, 2])`` of the whole text, no special tokens added."""
@@ -223,7 +283,10 @@ class Encoder:
     def _truncate(self, ids, labels, image_id: int, n_images: int) -> tuple[list[int], list[int]]:
         limit = self.model_max_length
         if len(ids) > limit:
-            image_positions = np.flatnonzero(ids == image_id)
+            media = ids == image_id
+            if self.video_token is not None:
+                media |= ids == self.tokenizer.convert_tokens_to_ids(self.video_token)
+            image_positions = np.flatnonzero(media)
             if n_images and image_positions[-1] >= limit:
                 raise SampleError(
                     "too_long",
@@ -234,6 +297,14 @@ class Encoder:
         if not (labels != IGNORE_INDEX).any():
             raise SampleError("too_long", f"no assistant reply within the first {limit} tokens")
         return ids.tolist(), labels.tolist()
+
+
+def _counted(count, size: tuple, what: str) -> int:
+    """``count(size)``, a budget that does not fit the image (``ValueError``) as a bad sample."""
+    try:
+        return int(count(size))
+    except ValueError as err:
+        raise SampleError("too_small", f"{what}: {' '.join(str(err).split())}") from None
 
 
 def _drops_dummy_prefix_before_space(tokenizer) -> bool:

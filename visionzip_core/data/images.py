@@ -34,6 +34,45 @@ def open_rgb(path: str) -> Image.Image:
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
+def native_resolution(image_processor) -> NativeResize | None:
+    """Qwen2-VL-style processors keep each image's aspect ratio and resize it to multiples of
+    ``patch_size * merge_size`` within ``[min_pixels, max_pixels]`` (``smart_resize``), giving patch
+    rows and a ``grid_thw`` instead of ``(3, H, W)`` crops. Their settings, else None."""
+    if (
+        getattr(image_processor, "merge_size", None) is None
+        or getattr(image_processor, "temporal_patch_size", None) is None
+    ):
+        return None
+    size = image_processor.size
+    get = size.get if isinstance(size, dict) else (lambda k, s=size: getattr(s, k, None))
+    min_pixels = getattr(image_processor, "min_pixels", None) or get("shortest_edge")
+    max_pixels = getattr(image_processor, "max_pixels", None) or get("longest_edge")
+    patch = int(image_processor.patch_size)
+    return NativeResize(patch, int(image_processor.merge_size), int(min_pixels), int(max_pixels))
+
+
+@dataclass(frozen=True)
+class NativeResize:
+    """Qwen's ``smart_resize`` of one processor: ``(H, W)`` -> multiples of ``patch * merge``."""
+
+    patch_size: int
+    merge_size: int
+    min_pixels: int
+    max_pixels: int
+
+    def __call__(self, size: tuple[int, int]) -> tuple[int, int]:
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+        h, w = smart_resize(
+            int(size[0]),
+            int(size[1]),
+            factor=self.patch_size * self.merge_size,
+            min_pixels=self.min_pixels,
+            max_pixels=self.max_pixels,
+        )
+        return int(h), int(w)
+
+
 def tiles(image_processor) -> bool:
     """Whether the processor cuts an image into a grid of crops (LLaVA-NeXT's anyres)."""
     return bool(getattr(image_processor, "image_grid_pinpoints", None))
@@ -47,6 +86,8 @@ def mean_colour(image_processor) -> tuple[int, int, int]:
 
 def input_size(image_processor) -> tuple[int, int]:
     """(height, width) of the tower's input, from the processor's crop size (or size)."""
+    if native_resolution(image_processor) is not None:
+        return (0, 0)  # no fixed input size: every image keeps its own
     for attr in ("crop_size", "size"):
         size = getattr(image_processor, attr, None)
         if size is None:
@@ -79,13 +120,27 @@ class SizeRule:
 
     aspect_ratio: str
     input_size: tuple[int, int]
+    #: a native-resolution processor's resize (the size the count needs is the resized one)
+    native: NativeResize | None = None
+    #: the video processor's resize, for video frames (never padded)
+    video: NativeResize | None = None
 
     def __call__(self, size: tuple[int, int]) -> tuple[int, int]:
         if self.aspect_ratio == "pad":
-            return max(size), max(size)
-        if self.aspect_ratio == "resize":
+            size = max(size), max(size)
+        elif self.aspect_ratio == "resize":
             return self.input_size
-        return tuple(size)
+        return self.native(size) if self.native is not None else tuple(size)
+
+    def video_size(
+        self, n_frames: int, frame_size: tuple[int, int], temporal_patch_size: int = 2
+    ) -> tuple[int, int, int]:
+        """``(T, H, W)`` of a video of ``n_frames`` frames of ``frame_size``: frames padded to a
+        multiple of the temporal patch, the frame size as the video processor resizes it."""
+        if self.video is None:
+            raise ValueError("data: this model's processor takes no video")
+        t = -(-n_frames // temporal_patch_size) * temporal_patch_size
+        return (t, *self.video(frame_size))
 
 
 class ImageTransform:
@@ -99,12 +154,29 @@ class ImageTransform:
     A tiling processor (LLaVA-NeXT) gives each image its base crop and tiles: the crops of all
     images are concatenated and ``image_sizes`` holds each image's ``(H, W)`` as the processor
     saw it, from which the model counts its crops.
+
+    A native-resolution processor (Qwen2.5-VL) takes ``native`` (the image as it is) or ``pad``;
+    it gives patch rows, ``pixel_values: [sum of patches, C * 2 * 14 * 14]`` and
+    ``image_grid_thw: [n, 3]``, and ``image_sizes`` is each image's resized ``(H, W)``
+    (``grid * patch_size``). Videos (lists of frame files) go through ``video_processor``.
     """
 
-    def __init__(self, image_processor, aspect_ratio: str):
+    def __init__(self, image_processor, aspect_ratio: str, video_processor=None):
         self.processor = image_processor
+        self.video_processor = video_processor
         self.aspect_ratio = aspect_ratio
         self.tiles = tiles(image_processor)
+        self.native = native_resolution(image_processor)
+        if self.native is not None and aspect_ratio not in ("native", "pad"):
+            raise ValueError(
+                f"data.image_aspect_ratio: {aspect_ratio!r} does not apply to "
+                f"{type(image_processor).__name__}, which keeps each image's aspect ratio; use native or pad"
+            )
+        if self.native is None and aspect_ratio == "native":
+            raise ValueError(
+                "data.image_aspect_ratio: 'native' needs a native-resolution image processor (Qwen2.5-VL's); "
+                f"{type(image_processor).__name__} has a fixed input size: use pad, resize or crop"
+            )
         if aspect_ratio == "anyres" and not self.tiles:
             raise ValueError(
                 "data.image_aspect_ratio: 'anyres' needs a tiling image processor (LLaVA-NeXT's); "
@@ -116,7 +188,7 @@ class ImageTransform:
     def prepare(self, img: Image.Image) -> Image.Image:
         if self.aspect_ratio == "pad":
             return pad_to_square(img, self.fill)
-        if self.aspect_ratio in ("crop", "anyres"):
+        if self.aspect_ratio in ("crop", "anyres", "native"):
             return img
         h, w = self.size
         return img.resize((w, h), Image.Resampling.BICUBIC)
@@ -124,7 +196,8 @@ class ImageTransform:
     @property
     def size_rule(self) -> SizeRule:
         """What :meth:`prepare` does to an image's size."""
-        return SizeRule(self.aspect_ratio, self.size)
+        video = native_resolution(self.video_processor) if self.video_processor is not None else None
+        return SizeRule(self.aspect_ratio, self.size, self.native, video)
 
     def __call__(self, paths: list[str]) -> torch.Tensor:
         """``FloatTensor[crops, 3, H, W]``: every image's crops, in order."""
@@ -133,6 +206,15 @@ class ImageTransform:
     def load(self, paths: list[str]) -> dict[str, torch.Tensor]:
         """``{"pixel_values": [crops, 3, H, W], "image_sizes"?: [n, 2]}`` (sizes for a tiling processor)."""
         images = [self.prepare(open_rgb(p)) for p in paths]
+        if self.native is not None:
+            out = self.processor(images=images, return_tensors="pt")
+            grid = out["image_grid_thw"].long()
+            patch = self.native.patch_size
+            return {
+                "pixel_values": out["pixel_values"],
+                "image_grid_thw": grid,
+                "image_sizes": grid[:, 1:] * patch,  # the resized (H, W): what the count needs
+            }
         if not self.tiles:
             return {"pixel_values": self.processor(images=images, return_tensors="pt")["pixel_values"]}
         # One image at a time: a batch is padded to its largest crop count.
@@ -142,3 +224,36 @@ class ImageTransform:
             crops.append(out["pixel_values"][0])
             sizes.append(torch.as_tensor(out["image_sizes"][0]))
         return {"pixel_values": torch.cat(crops, dim=0), "image_sizes": torch.stack(sizes).long()}
+
+    def load_videos(self, videos: list[list[str]]) -> dict[str, torch.Tensor]:
+        """``{"pixel_values_videos": [sum of patches, C*2*14*14], "video_grid_thw": [n, 3],
+        "second_per_grid_ts": [n], "video_sizes": [n, 3]}`` for videos given as frame-path lists.
+
+        ``video_sizes`` is each video's ``(T, H, W)``: frames padded to the temporal patch, the
+        resized frame size (what the count needs). Frames are taken as given (no sampling);
+        ``second_per_grid_ts`` is ``temporal_patch_size / fps`` with the processor's fps (Qwen's
+        2 frames per second when the frames carry no rate), as ``Qwen2_5_VLProcessor`` computes it.
+        """
+        if self.video_processor is None:
+            raise ValueError("data: a video, but this model's processor takes no video")
+        frames = []
+        for paths in videos:
+            opened = [open_rgb(p) for p in paths]
+            if len({im.size for im in opened}) > 1:
+                raise ValueError(
+                    f"the frames of a video differ in size ({sorted({im.size for im in opened})})"
+                )
+            frames.append(opened)
+        out = self.video_processor(videos=frames, return_tensors="pt", return_metadata=True)
+        grid = out["video_grid_thw"].long()
+        temporal = int(self.video_processor.temporal_patch_size)
+        metadata = out.get("video_metadata") or [None] * len(videos)
+        fps = [float(getattr(m, "sampled_fps", None) or getattr(m, "fps", None) or 2.0) for m in metadata]
+        patch = int(self.video_processor.patch_size)
+        sizes = torch.cat([grid[:, :1] * temporal, grid[:, 1:] * patch], dim=1)
+        return {
+            "pixel_values_videos": out["pixel_values_videos"],
+            "video_grid_thw": grid,
+            "second_per_grid_ts": torch.tensor([temporal / f for f in fps], dtype=torch.float32),
+            "video_sizes": sizes,
+        }

@@ -76,12 +76,13 @@ class DataSettings(BaseModel):
         description="How the plain template ends a caption: 'newline' (LLaVA's stage-1 separator, "
         "trained, no eos) or 'eos' (the eos token, trained).",
     )
-    image_aspect_ratio: Literal["pad", "resize", "crop", "anyres"] = Field(
+    image_aspect_ratio: Literal["pad", "resize", "crop", "anyres", "native"] = Field(
         "pad",
         description="'pad': pad to a square filled with the processor's mean colour (LLaVA-1.5 "
         "stage 2); 'resize': stretch to the square input size (no crop); 'crop': the processor's "
         "own resize + centre crop (LLaVA's default, its stage-1 pretraining); 'anyres': the image "
-        "as it is, cut into tiles by a tiling processor (LLaVA-NeXT).",
+        "as it is, cut into tiles by a tiling processor (LLaVA-NeXT); 'native': the image as it is, "
+        "resized by a native-resolution processor to keep its aspect ratio (Qwen2.5-VL).",
     )
     model_max_length: int = Field(
         2048, ge=8, description="Tokens per sample after image expansion; longer text is truncated."

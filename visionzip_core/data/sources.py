@@ -4,8 +4,12 @@ Two on-disk formats are accepted and reduced to one in-memory shape, a :class:`C
 
 - LLaVA: ``{"id", "image"?: str | [str], "conversations": [{"from": "human"|"gpt"|"system", "value": str}]}``
 - HF messages: ``{"messages": [{"role": "user"|"assistant"|"system", "content": str | [parts]}],
-  "images"?: [str]}`` where a content part is ``{"type": "text", "text": ...}`` or ``{"type": "image"}``
-  (an image part becomes an ``<image>`` placeholder at that position).
+  "images"?: [str], "videos"?: [[str]]}`` where a content part is ``{"type": "text", "text": ...}``,
+  ``{"type": "image"}`` or ``{"type": "video"}``. An image part becomes the family's image
+  placeholder at that position and takes the next path of ``images``; a video part becomes the
+  video placeholder and takes the next frame list of ``videos`` (a video is a list of frame files).
+  A part may carry its own path instead, as Qwen users write it: ``{"type": "image", "image": "a.jpg"}``,
+  ``{"type": "video", "video": ["f1.jpg", "f2.jpg"]}``.
 """
 
 from __future__ import annotations
@@ -30,12 +34,14 @@ _MESSAGE_ROLES = {"user": "user", "assistant": "assistant", "system": "system"}
 
 @dataclass(frozen=True)
 class Conversation:
-    """A sample reduced to roles and text; ``images`` are paths in placeholder order."""
+    """A sample reduced to roles and text; ``images`` are paths in placeholder order, ``videos``
+    frame-path lists in video-placeholder order."""
 
     turns: tuple[tuple[str, str], ...]  # (role in {"system", "user", "assistant"}, text with placeholders)
     images: tuple[str, ...]
     sample_id: str | None
     dropped_leading_reply: bool = False  # an opening assistant turn was dropped (LLaVA does the same)
+    videos: tuple[tuple[str, ...], ...] = ()
 
 
 def drop_leading_reply(turns: tuple[tuple[str, str], ...]) -> tuple[tuple[tuple[str, str], ...], bool]:
@@ -115,14 +121,33 @@ def sample_id_of(row: dict[str, Any]) -> str | None:
     return None if sid is None else str(sid)
 
 
-def to_conversation(row: dict[str, Any], fmt: str, image_token: str) -> Conversation:
-    """Normalise one raw row; raises :class:`SampleError` (kind + reason) on structural problems."""
+def to_conversation(
+    row: dict[str, Any], fmt: str, image_token: str, video_token: str | None = None
+) -> Conversation:
+    """Normalise one raw row; raises :class:`SampleError` (kind + reason) on structural problems.
+
+    ``video_token``: the placeholder a video part becomes (None: the model takes no video, and a
+    video part is a bad sample)."""
+    videos: Any = None
     if fmt == "llava":
         turns_raw, images = row.get("conversations"), row.get("image")
         role_key, text_key, roles = "from", "value", _LLAVA_ROLES
     else:
         turns_raw, images = row.get("messages"), row.get("images")
+        videos = row.get("videos")
         role_key, text_key, roles = "role", "content", _MESSAGE_ROLES
+    if images is None:
+        images = []
+    elif isinstance(images, str):
+        images = [images]
+    if not isinstance(images, list) or not all(isinstance(p, str) and p for p in images):
+        raise SampleError("bad_structure", "images must be a path or a list of non-empty paths")
+    videos = [] if videos is None else videos
+    if not isinstance(videos, list) or not all(_is_frame_list(v) for v in videos):
+        raise SampleError(
+            "bad_structure", "videos must be a list of videos, each a non-empty list of frame paths"
+        )
+    media = _MediaCursor(list(images), [tuple(v) for v in videos])
     if turns_raw is None or (isinstance(turns_raw, list) and not turns_raw):
         raise SampleError("empty_conversation", "no conversation turns")
     if not isinstance(turns_raw, list):
@@ -139,32 +164,82 @@ def to_conversation(row: dict[str, Any], fmt: str, image_token: str) -> Conversa
             )
         text = turn.get(text_key)
         if fmt == "messages" and isinstance(text, list):
-            text = _join_parts(text, t, image_token)
+            text = _join_parts(text, t, image_token, video_token, media)
         if not isinstance(text, str):
             raise SampleError(
                 "non_string_content", f"turn {t} content is {type(text).__name__}, not a string"
             )
         turns.append((roles[role], text))
 
-    if images is None:
-        images = []
-    elif isinstance(images, str):
-        images = [images]
-    if not isinstance(images, list) or not all(isinstance(p, str) and p for p in images):
-        raise SampleError("bad_structure", "images must be a path or a list of non-empty paths")
     turns, dropped = drop_leading_reply(tuple(turns))
+    images_out, videos_out = media.result()
     return Conversation(
-        turns=turns, images=tuple(images), sample_id=sample_id_of(row), dropped_leading_reply=dropped
+        turns=turns,
+        images=tuple(images_out),
+        sample_id=sample_id_of(row),
+        dropped_leading_reply=dropped,
+        videos=tuple(videos_out),
     )
 
 
-def _join_parts(parts: list, t: int, image_token: str) -> str:
+def _is_frame_list(v: Any) -> bool:
+    return isinstance(v, list) and bool(v) and all(isinstance(p, str) and p for p in v)
+
+
+class _MediaCursor:
+    """The sample's image paths and videos in placeholder order.
+
+    A part with its own path keeps it; a part without one takes the next entry of the row's
+    ``images``/``videos`` list. Row entries no part took (placeholders written into plain text)
+    follow in order, so a count mismatch is left to the placeholder check, which names both counts.
+    """
+
+    def __init__(self, images: list[str], videos: list[tuple[str, ...]]):
+        self.row_images, self.row_videos = images, videos
+        self.images: list[str | None] = []  # None: the next row entry
+        self.videos: list[tuple[str, ...] | None] = []
+
+    def result(self) -> tuple[list[str], list[tuple[str, ...]]]:
+        return self._fill(self.images, self.row_images), self._fill(self.videos, self.row_videos)
+
+    @staticmethod
+    def _fill(taken: list, row: list) -> list:
+        row = list(row)
+        out = []
+        for item in taken:
+            if item is None and row:
+                out.append(row.pop(0))
+            elif item is not None:
+                out.append(item)
+        return out + row
+
+
+def _join_parts(parts: list, t: int, image_token: str, video_token: str | None, media: _MediaCursor) -> str:
     out = []
-    for p in parts:
-        if isinstance(p, dict) and p.get("type") == "image":
+    for k, p in enumerate(parts):
+        kind = p.get("type") if isinstance(p, dict) else None
+        if kind == "image":
+            path = p.get("image")
+            if path is not None and not (isinstance(path, str) and path):
+                raise SampleError("bad_structure", f"turn {t} part {k}: 'image' must be a non-empty path")
+            media.images.append(path)
             out.append(image_token)
-        elif isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str):
+        elif kind == "video":
+            if video_token is None:
+                raise SampleError(
+                    "bad_structure", f"turn {t} part {k}: a video part, but this model takes no video"
+                )
+            frames = p.get("video")
+            if frames is not None and not _is_frame_list(frames):
+                raise SampleError(
+                    "bad_structure", f"turn {t} part {k}: 'video' must be a non-empty list of frame paths"
+                )
+            media.videos.append(None if frames is None else tuple(frames))
+            out.append(video_token)
+        elif kind == "text" and isinstance(p.get("text"), str):
             out.append(p["text"])
         else:
-            raise SampleError("non_string_content", f"turn {t} has a content part that is not text or image")
+            raise SampleError(
+                "non_string_content", f"turn {t} has a content part that is not text, image or video"
+            )
     return "".join(out)

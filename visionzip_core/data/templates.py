@@ -11,10 +11,14 @@ whitespace included, and the end-of-turn token after it. The texts are LLaVA-1.5
 - ``vicuna_v1`` (LLaVA-1.5 stage 2, ``conv_vicuna_v1``):
   ``{system} USER: {q} ASSISTANT: {a}</s>USER: ...``; loss on `` {a}</s>``.
 - ``chat_template``: the tokenizer's own template; reply spans are found by rendering the
-  conversation prefix by prefix (works for any template that renders prefixes stably).
+  conversation prefix by prefix (works for any template that renders prefixes stably). Images and
+  videos are rendered the way the template renders them (Qwen2.5-VL's wraps each placeholder in
+  ``<|vision_start|>...<|vision_end|>``), as the processor's ``apply_chat_template`` does at inference.
 """
 
 from __future__ import annotations
+
+import re
 
 from visionzip_core.data.settings import VICUNA_V1_SYSTEM
 from visionzip_core.data.validation import SampleError
@@ -45,13 +49,16 @@ def render(
     image_token: str,
     system_prompt: str | None,
     plain_end: str = "newline",
+    video_token: str | None = None,
 ) -> Pieces:
     if template == "plain":
         return render_plain(turns, tokenizer, image_token, plain_end)
     if template == "vicuna_v1":
         return render_vicuna_v1(turns, tokenizer, system_prompt)
     if template == "chat_template":
-        return ChatTemplateRenderer.for_tokenizer(tokenizer).render(turns, image_token, system_prompt)
+        return ChatTemplateRenderer.for_tokenizer(tokenizer).render(
+            turns, image_token, system_prompt, video_token
+        )
     raise ValueError(f"data.template: unknown template {template!r}")
 
 
@@ -83,7 +90,10 @@ class ChatTemplateRenderer:
 
     Message content is passed as a plain string with placeholders when the template renders that
     faithfully; templates that expect HF content parts (``[{"type": "image"}, {"type": "text"}]``,
-    e.g. llava-hf's) get parts instead. The choice is made once per tokenizer.
+    e.g. llava-hf's) get parts instead, and so do templates that render a media part as more than
+    the bare placeholder (Qwen2.5-VL's ``<|vision_start|><|image_pad|><|vision_end|>``): a string
+    placeholder would render without the markers the model was trained with. The choice is made
+    once per tokenizer.
     """
 
     _cache: dict[int, ChatTemplateRenderer] = {}
@@ -104,17 +114,20 @@ class ChatTemplateRenderer:
             cls._cache[key] = cls(tokenizer)
         return cls._cache[key]
 
-    def _messages(self, turns, image_token: str, parts: bool) -> list[dict]:
+    def _messages(self, turns, image_token: str, parts: bool, video_token: str | None = None) -> list[dict]:
         msgs = []
+        split = re.compile("(" + "|".join(re.escape(t) for t in (image_token, video_token) if t) + ")")
         for role, text in turns:
             if not parts:
                 msgs.append({"role": role, "content": text})
                 continue
             content = []
-            for i, chunk in enumerate(text.split(image_token)):
-                if i > 0:
+            for chunk in split.split(text):
+                if chunk == image_token:
                     content.append({"type": "image"})
-                if chunk:
+                elif video_token and chunk == video_token:
+                    content.append({"type": "video"})
+                elif chunk:
                     content.append({"type": "text", "text": chunk})
             msgs.append({"role": role, "content": content})
         return msgs
@@ -132,12 +145,23 @@ class ChatTemplateRenderer:
         words = [w for _, t in turns for w in t.replace(image_token, " ").split()]
         return text.count(image_token) >= n_images and all(w in text for w in words) and "'type'" not in text
 
-    def render(self, turns, image_token: str, system_prompt: str | None) -> Pieces:
+    def _wraps_media(self, image_token: str) -> bool:
+        """Whether an image part renders as more than the bare placeholder (a string would not)."""
+        probe = [("user", image_token + "x")]
+        return self._faithful(probe, image_token, parts=True) and self._apply(
+            self._messages(probe, image_token, True), False
+        ) != self._apply(self._messages(probe, image_token, False), False)
+
+    def render(
+        self, turns, image_token: str, system_prompt: str | None, video_token: str | None = None
+    ) -> Pieces:
         turns = list(turns)
         if system_prompt is not None and turns[0][0] != "system":
             turns.insert(0, ("system", system_prompt))
         if self.use_parts is None:
-            if self._faithful(turns, image_token, parts=False):
+            if self._wraps_media(image_token):
+                self.use_parts = True
+            elif self._faithful(turns, image_token, parts=False):
                 self.use_parts = False
             elif self._faithful(turns, image_token, parts=True):
                 self.use_parts = True
@@ -146,7 +170,7 @@ class ChatTemplateRenderer:
                     "data.template: the tokenizer's chat template drops message text or images "
                     "(tried string content and content parts)"
                 )
-        msgs = self._messages(turns, image_token, self.use_parts)
+        msgs = self._messages(turns, image_token, self.use_parts, video_token)
         pieces: Pieces = []
         done = ""
         for i, (role, _) in enumerate(turns):

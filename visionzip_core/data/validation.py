@@ -23,6 +23,8 @@ BAD_SAMPLE_KINDS = (
     "non_string_content",  # a turn's text is a number, list, null, ...
     "bad_structure",  # turns/images of the wrong JSON type
     "too_long",  # cannot fit model_max_length without cutting an image or every reply
+    "too_small",  # an image or video too small for a per-image VisionZip budget (ratio split)
+    "bad_video",  # a video's frames differ in size
 )
 
 
