@@ -315,7 +315,9 @@ def token_groups(selection: TokenSelection, num_tokens: int) -> torch.Tensor:
     return groups
 
 
-def select_by_scores(scores: torch.Tensor, keys: torch.Tensor, dominant: int, contextual: int) -> TokenSelection:
+def select_by_scores(
+    scores: torch.Tensor, keys: torch.Tensor, dominant: int, contextual: int
+) -> TokenSelection:
     """VisionZip's choice for a tower without CLS: the ``dominant`` highest-scoring tokens, and the
     rest merged into ``contextual`` tokens by key similarity (uniform-stride targets, as
     :func:`assign_contextual_tokens`).

@@ -245,8 +245,10 @@ def compress_vision(
 
 def _features(self: Qwen2_5_VLModel, pixel_values, grid_thw, kind: str, **kwargs):
     features, kept, merged = compress_vision(self, pixel_values, grid_thw, kind)
-    self.__dict__.setdefault(_KEPT, {})[kind] = kept
     output = BaseModelOutputWithPooling(last_hidden_state=merged, pooler_output=tuple(features))
+    # Where each kept token stands travels with the features: generate computes them before its
+    # first forward and hands them in as mm_encoder_outputs, and the positions need them.
+    object.__setattr__(output, _KEPT, (kept, grid_thw))
     return output if kwargs.get("return_dict", True) else output.to_tuple()
 
 
@@ -335,7 +337,11 @@ def _visionzip_rope_index(
                 current, torch.as_tensor(grid), 1, merge, interval, device=input_ids.device
             )
             places = kept.get(name)
-            at = places[index].to(full.device) if places is not None else torch.arange(length, device=full.device)
+            at = (
+                places[index].to(full.device)
+                if places is not None
+                else torch.arange(length, device=full.device)
+            )
             pieces.append(full[:, at])
             current += max(grid[1], grid[2]) // merge
         positions = (
@@ -375,9 +381,16 @@ def _visionzip_forward(
     tokens kept (replacing any 3D positions passed in, e.g. the ones ``generate`` prepared before
     the pixels were seen), then the stock forward on those."""
     stock = type(self).forward
-    has_vision = pixel_values is not None or pixel_values_videos is not None
-    if not has_vision:
-        if getattr(self, "_visionzip_graph", False) and input_ids is not None and past_key_values is None:
+    decoding = past_key_values is not None and past_key_values.get_seq_length() > 0
+    encoded = dict(mm_encoder_outputs or {})
+    if not decoding:
+        if pixel_values is not None:
+            encoded["image"] = self.get_image_features(pixel_values, image_grid_thw, return_dict=True)
+        if pixel_values_videos is not None:
+            encoded["video"] = self.get_video_features(pixel_values_videos, video_grid_thw, return_dict=True)
+    kept = {kind: out for kind, out in encoded.items() if out is not None}
+    if decoding or not kept:
+        if not kept and getattr(self, "_visionzip_graph", False) and input_ids is not None and not decoding:
             return _text_only_with_vision_in_graph(
                 self, input_ids, attention_mask, position_ids, use_cache, mm_encoder_outputs, kwargs
             )
@@ -399,15 +412,21 @@ def _visionzip_forward(
             "visionzip: qwen2.5-vl needs input_ids with pixel values (the placeholder runs say where the "
             "compressed tokens go)"
         )
+    for kind, out in kept.items():
+        if not hasattr(out, _KEPT):
+            raise ValueError(
+                f"visionzip: mm_encoder_outputs['{kind}'] did not come from the adapted model's "
+                f"get_{kind}_features (the kept tokens' places are missing)"
+            )
+        kept[kind], grid = getattr(out, _KEPT)
+        if kind == "image" and image_grid_thw is None:  # generate keeps the grids with the features
+            image_grid_thw = grid
+        if kind == "video" and video_grid_thw is None:
+            video_grid_thw = grid
     if mm_token_type_ids is None:
         mm_token_type_ids = token_types(self.config, input_ids)
-    encoded = dict(mm_encoder_outputs or {})
-    self.__dict__[_KEPT] = {}
+    self.__dict__[_KEPT] = kept
     try:
-        if pixel_values is not None:
-            encoded["image"] = self.get_image_features(pixel_values, image_grid_thw, return_dict=True)
-        if pixel_values_videos is not None:
-            encoded["video"] = self.get_video_features(pixel_values_videos, video_grid_thw, return_dict=True)
         vision_positions, deltas = self.get_rope_index(
             input_ids,
             mm_token_type_ids=mm_token_type_ids,
@@ -450,7 +469,9 @@ def _blank_image(self: Qwen2_5_VLModel, device: torch.device) -> dict[str, torch
     return {"pixel_values": pixel_values, "grid_thw": torch.tensor([[1, side, side]], device=device)}
 
 
-def _text_only_with_vision_in_graph(self, input_ids, attention_mask, position_ids, use_cache, encoded, kwargs):
+def _text_only_with_vision_in_graph(
+    self, input_ids, attention_mask, position_ids, use_cache, encoded, kwargs
+):
     """A text-only batch also runs the tower and merger on one blank image, times zero (see
     :meth:`Qwen2_5VL.keep_vision_in_graph`). The stock uncompressed path: the blank image may be
     smaller than the budget, and only the modules' participation matters here."""
@@ -562,7 +583,9 @@ class Qwen2_5VL(ModelFamily):
         rows, cols = merged_grid(config.vision_config, video_size[1:])
         return temporal_groups(config.vision_config, video_size[0]) * rows * cols
 
-    def compressed_tokens_per_video(self, config: Any, vz: VisionZipConfig, video_size: tuple[int, int, int]) -> int:
+    def compressed_tokens_per_video(
+        self, config: Any, vz: VisionZipConfig, video_size: tuple[int, int, int]
+    ) -> int:
         rows, cols = merged_grid(config.vision_config, video_size[1:])
         split = sum(vz.split_for(rows * cols, f"a video of {video_size[1]}x{video_size[2]} px"))
         return temporal_groups(config.vision_config, video_size[0]) * split
@@ -613,7 +636,12 @@ class Qwen2_5VL(ModelFamily):
                 f"visionzip_processor: the qwen2.5-vl family takes Qwen2_5_VLProcessor; got {type(processor).__name__}"
             )
         if vz is None:
-            for name in ("replace_image_token", "replace_video_token", "_get_num_multimodal_tokens", "_visionzip"):
+            for name in (
+                "replace_image_token",
+                "replace_video_token",
+                "_get_num_multimodal_tokens",
+                "_visionzip",
+            ):
                 processor.__dict__.pop(name, None)
             return processor
         processor._visionzip = vz
@@ -649,7 +677,9 @@ class Qwen2_5VL(ModelFamily):
         return [PROJECTOR]
 
 
-def _stock_forward_keeping_graph(self, input_ids=None, *args, pixel_values=None, pixel_values_videos=None, **kwargs):
+def _stock_forward_keeping_graph(
+    self, input_ids=None, *args, pixel_values=None, pixel_values_videos=None, **kwargs
+):
     """The stock forward (VisionZip off) with the text-only blank-image path."""
     if (
         pixel_values is None
