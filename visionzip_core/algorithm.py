@@ -313,3 +313,60 @@ def token_groups(selection: TokenSelection, num_tokens: int) -> torch.Tensor:
     if selection.contextual is not None:
         groups.scatter_(1, selection.remaining, selection.group_of_remaining())
     return groups
+
+
+def select_by_scores(
+    scores: torch.Tensor, keys: torch.Tensor, dominant: int, contextual: int
+) -> TokenSelection:
+    """VisionZip's choice for a tower without CLS: the ``dominant`` highest-scoring tokens, and the
+    rest merged into ``contextual`` tokens by key similarity (uniform-stride targets, as
+    :func:`assign_contextual_tokens`).
+
+    Args:
+        scores: ``(B, N)`` a score per token standing in for CLS attention (Qwen2.5-VL: the
+            attention each token receives, averaged over heads and summed over queries).
+        keys: ``(B, N, Ck)`` head-averaged keys.
+        dominant: ``D`` in ``[1, N]``; contextual: ``K`` in ``[0, N - D]``.
+
+    Returns:
+        :class:`TokenSelection` whose indices are token positions ``0..N-1`` (no CLS offset).
+    """
+    num_tokens = scores.shape[1]
+    if not 1 <= dominant <= num_tokens or not 0 <= contextual <= num_tokens - dominant:
+        raise ValueError(
+            f"dominant={dominant}, contextual={contextual} do not fit {num_tokens} tokens "
+            "(need 1 <= dominant and dominant + contextual <= tokens)"
+        )
+    dominant_idx = scores.topk(dominant, dim=1).indices.sort(dim=1).values
+    if contextual == 0:
+        return TokenSelection(dominant=dominant_idx, remaining=None, contextual=None)
+    rest_idx = remaining_token_indices(dominant_idx, num_tokens, keep_cls=True)
+    rest_keys = keys.gather(1, rest_idx.unsqueeze(-1).expand(-1, -1, keys.shape[-1]))
+    return TokenSelection(
+        dominant=dominant_idx, remaining=rest_idx, contextual=assign_contextual_tokens(rest_keys, contextual)
+    )
+
+
+def compress_in_place_order(
+    hidden: torch.Tensor, selection: TokenSelection, merge: MergeRule = "paper"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kept tokens in their original order, each contextual token in its target's place.
+
+    This is the layout the authors' Qwen2.5-VL code gives the LLM (a boolean mask over the image
+    tokens, the contextual token written into its target's slot), unlike LLaVA's dominant-then-
+    contextual order.
+
+    Args:
+        hidden: ``(B, N, C)``; selection: a :class:`TokenSelection` of the same batch.
+
+    Returns:
+        ``(tokens (B, D + K, C), positions (B, D + K))``: the compressed tokens and the original
+        index each one stands at (a dominant token's own, a contextual token's target's), ascending.
+    """
+    tokens = compress_selected(hidden, selection, merge)
+    places = selection.dominant
+    if selection.contextual is not None:
+        places = torch.cat([places, selection.target_tokens()], dim=1)
+    order = places.argsort(dim=1)
+    tokens = tokens.gather(1, order.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+    return tokens, places.gather(1, order)

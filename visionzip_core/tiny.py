@@ -278,3 +278,241 @@ def build_tiny_pretrain_parts(
     llm.save_pretrained(llm_dir)
     save_pretrained_faithfully(tokenizer, llm_dir)
     return clip_dir, llm_dir
+
+
+# -- Qwen2.5-VL ---------------------------------------------------------------------------------------
+
+# Qwen2's special tokens, appended after the BPE vocabulary in the real order (151643...).
+QWEN_SPECIAL_TOKENS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+
+# The chat template Qwen/Qwen2.5-VL-7B-Instruct ships in chat_template.json: a default system turn,
+# <|vision_start|><|image_pad|><|vision_end|> per image and <|video_pad|> per video, ChatML turns.
+QWEN2_5_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+    "{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}"
+    "Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}"
+    "Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# min/max pixels of the tiny preprocessor_config.json (the real one: 56*56 and 28*28*16384): 4 to 64
+# merged tokens per image, so a 112 px image (4x4 merged tokens) is kept at its size.
+TINY_QWEN_MIN_PIXELS = 4 * 28 * 28
+TINY_QWEN_MAX_PIXELS = 64 * 28 * 28
+
+
+def build_tiny_qwen_tokenizer(vocab_size: int = 1024):
+    """A Qwen2-style byte-level BPE tokenizer (no unk, no bos) trained in memory, specials appended.
+
+    Returns ``(tokenizers.Tokenizer, transformers Qwen2Tokenizer)``; deterministic."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+
+    tok = Tokenizer(models.BPE())
+    # Qwen2's pre-tokenizer: its split regex, then byte-level mapping without its own regex.
+    qwen_split = (
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+        r"|\s+(?!\S)|\s+"
+    )
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(qwen_split), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    lines = [" ".join(_CORPUS_WORDS)] * 4 + [w.capitalize() for w in _CORPUS_WORDS]
+    lines += ["system\nYou are a helpful assistant.", "user\nWhat is in the picture?", "assistant\n"]
+    tok.train_from_iterator(lines, trainer=trainer)
+    tok.add_special_tokens(list(QWEN_SPECIAL_TOKENS))
+    fast = Qwen2Tokenizer(
+        tokenizer_object=tok,
+        bos_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+        model_max_length=4096,
+        errors="replace",
+        split_special_tokens=False,
+    )
+    fast.chat_template = QWEN2_5_VL_CHAT_TEMPLATE
+    return tok, fast
+
+
+def tiny_qwen2_5_vl_config(vocab_size: int, token_ids: dict[str, int], vision_depth: int = 4):
+    """A tiny ``Qwen2_5_VLConfig`` (transformers 5 objects) with Qwen2.5-VL's structure.
+
+    Text: 2 layers, hidden 64, 4 heads (2 KV heads), head_dim 16, so mrope_section [2, 3, 3] sums
+    to head_dim / 2. Vision: ``vision_depth`` blocks of width 32 with 2 heads, full attention in
+    blocks 1 and 3 and windowed attention elsewhere; window_size 56 px = 2x2 merged tokens, so a
+    112 px image (4x4 merged tokens) is split into 4 windows."""
+    from transformers import Qwen2_5_VLConfig
+
+    text = {
+        "vocab_size": vocab_size,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-6,
+        "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},
+        "rope_theta": 1000000.0,
+        "hidden_act": "silu",
+        "max_window_layers": 2,
+        "use_sliding_window": False,
+        "sliding_window": 2048,
+        "attention_dropout": 0.0,
+        "bos_token_id": token_ids["<|endoftext|>"],
+        "eos_token_id": token_ids["<|im_end|>"],
+    }
+    vision = {
+        "depth": vision_depth,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_heads": 2,
+        "hidden_act": "silu",
+        "in_chans": 3,
+        "in_channels": 3,
+        "out_hidden_size": text["hidden_size"],
+        "patch_size": 14,
+        "spatial_patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "window_size": 56,
+        "fullatt_block_indexes": [i for i in (1, 3) if i < vision_depth],
+        "tokens_per_second": 2,
+    }
+    ids = {
+        "image_token_id": token_ids["<|image_pad|>"],
+        "video_token_id": token_ids["<|video_pad|>"],
+        "vision_start_token_id": token_ids["<|vision_start|>"],
+        "vision_end_token_id": token_ids["<|vision_end|>"],
+        "vision_token_id": token_ids["<|vision_pad|>"],
+    }
+    return text, vision, ids, Qwen2_5_VLConfig
+
+
+def _qwen_4x_key(name: str) -> str:
+    """A transformers 5 ``Qwen2_5_VLForConditionalGeneration`` key in the 4.49-4.5x download layout."""
+    for new, old in (
+        ("model.visual.", "visual."),
+        ("model.language_model.", "model."),
+        ("lm_head.", "lm_head."),
+    ):
+        if name.startswith(new):
+            return old + name[len(new) :]
+    raise ValueError(f"unexpected Qwen2.5-VL key {name}")
+
+
+def build_tiny_qwen2_5_vl(out_dir: str | os.PathLike, seed: int = 0, vision_depth: int = 4) -> Path:
+    """Write a tiny random Qwen2.5-VL folder laid out like the ``Qwen/Qwen2.5-VL-7B-Instruct`` download.
+
+    Files: ``config.json`` in the 4.x layout (text keys flat, ``rope_scaling`` of type ``mrope``,
+    nested ``vision_config``), ``generation_config.json``, two ``model-0000N-of-00002.safetensors``
+    shards in the 4.x key layout (``visual.*``, ``model.*``, ``lm_head.*``) plus
+    ``model.safetensors.index.json``, ``tokenizer.json``, ``tokenizer_config.json``, ``vocab.json``,
+    ``merges.txt``, ``preprocessor_config.json`` (min/max pixels scaled down, see
+    ``TINY_QWEN_MIN_PIXELS``) and ``chat_template.json``. Deterministic for a seed; returns the folder.
+    """
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    raw, tokenizer = build_tiny_qwen_tokenizer()
+    token_ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
+    vocab_size = -(-len(tokenizer) // 64) * 64  # padded past the specials, as 151665 -> 152064
+    text, vision, ids, config_class = tiny_qwen2_5_vl_config(vocab_size, token_ids, vision_depth)
+
+    config_4x = {
+        "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+        "model_type": "qwen2_5_vl",
+        **text,
+        **ids,
+        "initializer_range": 0.02,
+        "tie_word_embeddings": False,
+        "torch_dtype": "float32",
+        "transformers_version": "4.49.0",
+        "use_cache": True,
+        "vision_config": vision,
+    }
+    (out / "config.json").write_text(json.dumps(config_4x, indent=2))
+    config = config_class.from_pretrained(out)  # transformers 5's reading of the 4.x file
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+
+    state = {_qwen_4x_key(k): v.detach().contiguous() for k, v in model.state_dict().items()}
+    names = sorted(state, key=lambda k: (not k.startswith("visual."), k))  # vision first, as the real shards
+    half = len(names) // 2
+    shards = {
+        "model-00001-of-00002.safetensors": names[:half],
+        "model-00002-of-00002.safetensors": names[half:],
+    }
+    weight_map = {}
+    for file, keys in shards.items():
+        save_file({k: state[k] for k in keys}, out / file, metadata={"format": "pt"})
+        weight_map.update({k: file for k in keys})
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    generation = {
+        "bos_token_id": token_ids["<|endoftext|>"],
+        "pad_token_id": token_ids["<|endoftext|>"],
+        "eos_token_id": [token_ids["<|im_end|>"], token_ids["<|endoftext|>"]],
+        "do_sample": False,
+        "transformers_version": "4.49.0",
+    }
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2))
+
+    tokenizer.save_pretrained(out)
+    raw.model.save(str(out))  # vocab.json + merges.txt, as the real download also ships them
+    tok_config = json.loads((out / "tokenizer_config.json").read_text())
+    tok_config.pop("chat_template", None)  # the download keeps it in chat_template.json
+    tok_config.update(tokenizer_class="Qwen2Tokenizer", processor_class="Qwen2_5_VLProcessor")
+    (out / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2))
+    (out / "chat_template.jinja").unlink(missing_ok=True)
+    (out / "chat_template.json").write_text(json.dumps({"chat_template": QWEN2_5_VL_CHAT_TEMPLATE}, indent=2))
+    preprocessor = {
+        "min_pixels": TINY_QWEN_MIN_PIXELS,
+        "max_pixels": TINY_QWEN_MAX_PIXELS,
+        "patch_size": 14,
+        "temporal_patch_size": 2,
+        "merge_size": 2,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "image_processor_type": "Qwen2VLImageProcessor",
+        "processor_class": "Qwen2_5_VLProcessor",
+    }
+    (out / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2))
+    return out

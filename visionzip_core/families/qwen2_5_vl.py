@@ -1,0 +1,701 @@
+"""Qwen2.5-VL (``Qwen2_5_VLForConditionalGeneration``): a native-resolution ViT without CLS, windowed
+attention in most blocks, a 2x2 patch merger as the projector, and M-RoPE positions in the LLM.
+
+Rule, per the authors' release ``Qwen2_5_VL/qwen2_5vl_visionzip.py`` (VisionZip commit 68993a3,
+"Release code for Qwen2.5VL", a modified transformers 4.49 ``modeling_qwen2_5_vl.py``):
+
+- **Block.** The last vision block (``layer_num == len_blocks - 1``), a full-attention block in every
+  released size (``fullatt_block_indexes`` ends with ``depth - 1``). Its attention is recomputed
+  for that block only; the other blocks keep their kernel.
+- **Score replacing CLS attention.** The attention each patch *receives*: softmax(q k^T / sqrt(d))
+  with q and k after the vision RoPE, averaged over heads, summed over queries, then averaged over
+  the 4 patches of each 2x2 merge unit and put back in raster order (``reverse_indices``).
+- **After the merger.** Selection runs on the ``N`` merged tokens (the merger's outputs, in the
+  LLM's embedding space); keys are the block's post-RoPE keys averaged over the 4 patches of a unit
+  and over heads.
+- **Budget.** ``dominant = int(0.65 N)``, ``contextual = max(int(0.05 N), 1)`` hard-coded (70 %
+  kept; the README suggests 0.45 for 50 %). Here: ``dominant_ratio``/``contextual_ratio`` with the
+  same flooring (:meth:`VisionZipConfig.split_for`), or fixed counts.
+- **Contextual tokens.** The non-dominant tokens in raster order, targets at a uniform stride
+  (``step = max(1, R // K)``), every other token joins its most cosine-similar target (normalised
+  keys), merged as target + mean of its members (``merge="paper"``), in merger-output space.
+- **Order.** Kept tokens stay in raster order, dominant and contextual interleaved: the authors
+  mask the image run and write each contextual token into its target's slot.
+- **M-RoPE positions.** ``get_rope_index`` runs on the *full* sequence and the kept tokens' 3D
+  positions are gathered: a dominant token keeps its own (t, h, w), a contextual token takes its
+  target's, and the text after an image keeps its stock positions (the gap stays). Decoding then
+  continues at the stock model's positions (``rope_deltas`` of the full sequence).
+
+Where the reference is defective, its selection is kept and the defect fixed:
+
+- it is batch-size-1 only (``img_mask`` from row 0, all image tokens taken as one contiguous run:
+  VisionZip issue #26, "657 vs 655" for two images) and its budget and top-k run over every image
+  of the call at once. Here each image (and each 2-frame temporal group of a video) has its own
+  budget and selection, and any batch works;
+- its flash-attention recompute ignores ``cu_seqlens`` (scores mix across images); here the scores
+  are per attention segment, as its eager path computes them, chunked over queries so no
+  ``H x N x N`` map is ever held;
+- it leaves videos uncompressed (and crashes on them); here a video is compressed per temporal
+  group with the same rule;
+- it prunes inside the model, so ``input_ids``, labels and the attention mask keep the full length
+  and are cut by mask; here the processor (:meth:`Qwen2_5VL.adapt_processor`) emits exactly the
+  compressed count of ``<|image_pad|>``/``<|video_pad|>`` per image or video, so labels, masks,
+  padding and the KV cache all have one length, and the positions are recomputed for that
+  sequence (:func:`_visionzip_rope_index`) with the reference's values.
+
+Because the kept set depends on the pixels, ``generate`` (which prepares positions before any
+vision forward) gets the right text positions and ``rope_deltas`` up front (they do not depend on
+which tokens are kept), and the image tokens' own positions are filled in by the prefill forward.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import types
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLModel
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
+from transformers.vision_utils import get_vision_window_index
+
+from visionzip_core.algorithm import compress_in_place_order, select_by_scores
+from visionzip_core.capture import resolve_feature_layer
+from visionzip_core.config import VisionZipConfig
+from visionzip_core.families.base import ModelFamily
+from visionzip_core.weight_checks import load_checked
+
+PROJECTOR = "merger"
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_ACTIVE = "_visionzip_active"
+_KEPT = "_visionzip_kept"
+# Query rows per chunk of the score computation: heads x chunk x segment floats at a time.
+_SCORE_CHUNK_ELEMENTS = 1 << 26
+
+
+def find_qwen_model(model: nn.Module) -> Qwen2_5_VLModel:
+    """The ``Qwen2_5_VLModel`` inside ``model`` (itself, the ForConditionalGeneration, or a PEFT wrapper)."""
+    inner = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    if isinstance(inner, Qwen2_5_VLForConditionalGeneration):
+        return inner.model
+    if isinstance(inner, Qwen2_5_VLModel):
+        return inner
+    raise ValueError(
+        "visionzip: the qwen2.5-vl family takes Qwen2_5_VLForConditionalGeneration or Qwen2_5_VLModel "
+        f"(optionally wrapped by peft); got {type(model).__name__}"
+    )
+
+
+def _unit(vision_config: Any) -> int:
+    """Pixels per merged token side: ``patch_size * spatial_merge_size`` (28)."""
+    return vision_config.patch_size * vision_config.spatial_merge_size
+
+
+def merged_grid(vision_config: Any, image_size: tuple[int, int]) -> tuple[int, int]:
+    """``(rows, cols)`` of merged tokens for an image the processor resized to ``image_size`` (H, W)."""
+    if image_size is None:
+        raise ValueError("qwen2.5-vl: the visual-token count depends on the image size; pass it")
+    unit = _unit(vision_config)
+    height, width = (int(v) for v in image_size)
+    if height % unit or width % unit or height < unit or width < unit:
+        raise ValueError(
+            f"qwen2.5-vl: an image of {height}x{width} px was not resized by the processor (sides must be "
+            f"positive multiples of {unit})"
+        )
+    return height // unit, width // unit
+
+
+def temporal_groups(vision_config: Any, frames: int) -> int:
+    """Temporal groups of a video of ``frames`` frames (padded to a multiple of temporal_patch_size)."""
+    step = vision_config.temporal_patch_size
+    return -(-int(frames) // step)
+
+
+def compressed_count(vz: VisionZipConfig, grid_thw: Any, merge: int, what: str) -> int:
+    """Tokens VisionZip keeps of an image or video of patch grid ``grid_thw`` (t, h, w): each temporal
+    group of ``h * w / merge**2`` merged tokens is split on its own."""
+    t, h, w = (int(v) for v in grid_thw)
+    dominant, contextual = vz.split_for(h * w // merge**2, what)
+    return t * (dominant + contextual)
+
+
+# --- capture: the last block's received-attention scores and keys ------------------------------------
+
+
+class _LastBlockCapture:
+    """Hooks on one vision block's attention: its inputs (segments, rotary tables) and its ``qkv``
+    output, from which :meth:`scores_and_keys` computes the reference's scores without a second
+    attention kernel run and without materialising any ``N x N`` map."""
+
+    def __init__(self, block: nn.Module):
+        self.attn = block.attn
+        self.inputs: dict[str, Any] = {}
+        self.qkv: torch.Tensor | None = None
+        self.armed = False
+        self._handles = [
+            self.attn.register_forward_pre_hook(self._pre, with_kwargs=True),
+            self.attn.qkv.register_forward_hook(self._qkv),
+        ]
+
+    def _pre(self, module, args, kwargs):
+        if self.armed:  # a gradient-checkpointing recompute in backward must not overwrite it
+            self.inputs = {
+                "cu_seqlens": kwargs.get("cu_seqlens", args[1] if len(args) > 1 else None),
+                "position_embeddings": kwargs.get("position_embeddings"),
+            }
+
+    def _qkv(self, module, args, output):
+        if self.armed:
+            self.qkv = output.detach()
+            self.armed = False
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+    @torch.no_grad()
+    def scores_and_keys(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(scores (S,), keys (S, Ck))`` per patch, in the tower's (window) order, float32.
+
+        ``scores[j]``: attention patch ``j`` receives within its attention segment, averaged over
+        heads and summed over queries; ``keys``: post-RoPE keys averaged over heads.
+        """
+        if self.qkv is None:
+            raise RuntimeError("visionzip: the last vision block did not run")
+        heads = self.attn.num_heads
+        seq = self.qkv.shape[0]
+        q, k, _ = self.qkv.reshape(seq, 3, heads, -1).permute(1, 0, 2, 3).unbind(0)
+        cos, sin = self.inputs["position_embeddings"]
+        q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
+        q, k = q.float().transpose(0, 1), k.float().transpose(0, 1)  # (heads, S, d)
+        scores = torch.zeros(seq, dtype=torch.float32, device=q.device)
+        bounds = self.inputs["cu_seqlens"].tolist()
+        for start, stop in zip(bounds[:-1], bounds[1:]):
+            length = stop - start
+            keys_seg = k[:, start:stop]
+            chunk = max(1, _SCORE_CHUNK_ELEMENTS // max(1, heads * length))
+            for q0 in range(start, stop, chunk):
+                logits = q[:, q0 : min(q0 + chunk, stop)] @ keys_seg.transpose(1, 2) * self.attn.scaling
+                scores[start:stop] += logits.softmax(dim=-1).mean(dim=0).sum(dim=0)
+        return scores, k.mean(dim=0)
+
+
+def _vision_scores(inner: Qwen2_5_VLModel, pixel_values: torch.Tensor, grid_thw: torch.Tensor):
+    """Run the stock tower once; return ``(merged (sum N, H), scores (sum N,), keys (sum N, Ck))``
+    per merged token in raster order (the merger's output order)."""
+    visual = inner.visual
+    capture = _LastBlockCapture(visual.blocks[-1])
+    try:
+        capture.armed = True
+        merged = visual(pixel_values.type(visual.dtype), grid_thw=grid_thw).pooler_output
+        scores, keys = capture.scores_and_keys()
+    finally:
+        capture.armed = False
+        capture.remove()
+    unit = visual.spatial_merge_unit
+    window_index, _ = get_vision_window_index(
+        grid_thw,
+        spatial_merge_size=visual.spatial_merge_size,
+        window_size=visual.window_size,
+        patch_size=visual.patch_size,
+    )
+    reverse = torch.argsort(window_index.to(scores.device))
+    scores = scores.view(-1, unit).mean(dim=1)[reverse]
+    keys = keys.view(-1, unit, keys.shape[-1]).mean(dim=1)[reverse]
+    return merged, scores, keys
+
+
+def compress_vision(
+    inner: Qwen2_5_VLModel, pixel_values: torch.Tensor, grid_thw: torch.Tensor, kind: str = "image"
+) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+    """VisionZip on a batch of images (or videos) of any sizes.
+
+    Returns:
+        ``(features, kept, merged)``: per image, ``(n_kept, H)`` compressed merger outputs in raster
+        order and ``(n_kept,)`` the merged-token index each stands at (contextual tokens at their
+        target's); ``merged`` the uncompressed ``(sum N, H)`` merger outputs.
+    """
+    vz: VisionZipConfig = getattr(inner, _ACTIVE)
+    vision = inner.config.vision_config
+    merge = vision.spatial_merge_size
+    merged, scores, keys = _vision_scores(inner, pixel_values, grid_thw)
+    features, kept, offset = [], [], 0
+    for i, (t, h, w) in enumerate(grid_thw.tolist()):
+        group = h * w // merge**2
+        size = f"{h * vision.patch_size}x{w * vision.patch_size} px"
+        dominant, contextual = vz.split_for(group, f"{kind} {i} ({size})")
+        parts, places = [], []
+        for g in range(t):
+            span = slice(offset, offset + group)
+            selection = select_by_scores(scores[None, span], keys[None, span], dominant, contextual)
+            tokens, where = compress_in_place_order(merged[None, span], selection, vz.merge)
+            parts.append(tokens[0])
+            places.append(where[0] + g * group)
+            offset += group
+        features.append(torch.cat(parts))
+        kept.append(torch.cat(places))
+    return features, kept, merged
+
+
+# --- the adapted model's methods ---------------------------------------------------------------------
+
+
+def _features(self: Qwen2_5_VLModel, pixel_values, grid_thw, kind: str, **kwargs):
+    features, kept, merged = compress_vision(self, pixel_values, grid_thw, kind)
+    output = BaseModelOutputWithPooling(last_hidden_state=merged, pooler_output=tuple(features))
+    # Where each kept token stands travels with the features: generate computes them before its
+    # first forward and hands them in as mm_encoder_outputs, and the positions need them.
+    object.__setattr__(output, _KEPT, (kept, grid_thw))
+    return output if kwargs.get("return_dict", True) else output.to_tuple()
+
+
+def _visionzip_get_image_features(self, pixel_values, image_grid_thw=None, **kwargs):
+    """``get_image_features`` with VisionZip: ``pooler_output`` holds one ``(n_kept, H)`` tensor per
+    image; ``last_hidden_state`` the uncompressed merger outputs."""
+    return _features(self, pixel_values, image_grid_thw, "image", **kwargs)
+
+
+def _visionzip_get_video_features(self, pixel_values_videos, video_grid_thw=None, **kwargs):
+    """``get_video_features`` with VisionZip, per temporal group of each video."""
+    return _features(self, pixel_values_videos, video_grid_thw, "video", **kwargs)
+
+
+def token_types(config: Any, input_ids: torch.Tensor) -> torch.Tensor:
+    """``mm_token_type_ids`` from ``input_ids``: 1 on ``<|image_pad|>``, 2 on ``<|video_pad|>``."""
+    types_ = torch.zeros_like(input_ids, dtype=torch.int32)
+    types_[input_ids == config.image_token_id] = 1
+    types_[input_ids == config.video_token_id] = 2
+    return types_
+
+
+def _visionzip_rope_index(
+    self: Qwen2_5_VLModel,
+    input_ids: torch.LongTensor,
+    mm_token_type_ids: torch.Tensor | None = None,
+    image_grid_thw: torch.LongTensor | None = None,
+    video_grid_thw: torch.LongTensor | None = None,
+    second_per_grid_ts: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``get_rope_index`` for compressed runs: ``(position_ids (3, B, L), rope_deltas (B, 1))``.
+
+    Each image (video) run must hold exactly its compressed count. Its tokens take the stock 3D
+    positions of the merged tokens they stand at (:data:`_KEPT`, set by the vision forward); before
+    the vision forward has run (``generate`` prepares positions first) they take placeholder
+    positions, which the prefill forward replaces. Text positions and ``rope_deltas`` are the stock
+    model's: they do not depend on which tokens are kept.
+    """
+    vz: VisionZipConfig = getattr(self, _ACTIVE)
+    config = self.config
+    vision = config.vision_config
+    merge = vision.spatial_merge_size
+    if mm_token_type_ids is None:
+        mm_token_type_ids = token_types(config, input_ids)
+    kept = self.__dict__.get(_KEPT) or {}
+    grids = {1: [] if image_grid_thw is None else image_grid_thw.tolist()}
+    grids[2] = [] if video_grid_thw is None else video_grid_thw.tolist()
+    seconds = [1.0] * len(grids[2]) if second_per_grid_ts is None else [float(s) for s in second_per_grid_ts]
+    names = {1: ("image", "<|image_pad|>"), 2: ("video", "<|video_pad|>")}
+    used = {1: 0, 2: 0}
+    position_ids = torch.zeros(3, *input_ids.shape, dtype=input_ids.dtype, device=input_ids.device)
+    deltas = []
+    for row in range(input_ids.shape[0]):
+        valid = (
+            attention_mask[row].bool()
+            if attention_mask is not None and attention_mask.dim() == 2
+            else torch.ones_like(input_ids[row], dtype=torch.bool)
+        )
+        kinds = mm_token_type_ids[row][valid].tolist()
+        pieces, current = [], 0
+        for kind, group in itertools.groupby(kinds):
+            length = len(list(group))
+            if kind == 0:
+                pieces.append(torch.arange(length, device=input_ids.device).expand(3, -1) + current)
+                current += length
+                continue
+            name, token = names[kind]
+            index = used[kind]
+            used[kind] += 1
+            if index >= len(grids[kind]):
+                raise ValueError(
+                    f"visionzip: input_ids hold more {token} runs than the {len(grids[kind])} {name}(s) "
+                    f"given (row {row}); every {name} needs its own placeholder run"
+                )
+            grid = grids[kind][index]
+            expected = compressed_count(vz, grid, merge, f"{name} {index}")
+            if length != expected:
+                raise ValueError(
+                    f"visionzip: {name} {index} has {length} {token} tokens but VisionZip keeps {expected} of "
+                    f"its grid {tuple(grid)}; build the inputs with visionzip_processor(processor, model.config)"
+                )
+            interval = vision.tokens_per_second * seconds[index] if kind == 2 else 1
+            full = self.get_vision_position_ids(
+                current, torch.as_tensor(grid), 1, merge, interval, device=input_ids.device
+            )
+            places = kept.get(name)
+            at = (
+                places[index].to(full.device)
+                if places is not None
+                else torch.arange(length, device=full.device)
+            )
+            pieces.append(full[:, at])
+            current += max(grid[1], grid[2]) // merge
+        positions = (
+            torch.cat(pieces, dim=1)
+            if pieces
+            else torch.zeros(3, 0, dtype=input_ids.dtype, device=input_ids.device)
+        )
+        position_ids[:, row, valid] = positions.to(position_ids.dtype)
+        last = int(positions.max()) + 1 if positions.numel() else 0
+        deltas.append(last - int(valid.sum()))
+    for kind, (name, token) in names.items():
+        if used[kind] < len(grids[kind]):
+            raise ValueError(
+                f"visionzip: {len(grids[kind])} {name}(s) given but input_ids hold {used[kind]} {token} runs"
+            )
+    return position_ids, torch.tensor(deltas, device=input_ids.device).unsqueeze(1)
+
+
+def _visionzip_forward(
+    self: Qwen2_5_VLModel,
+    input_ids=None,
+    attention_mask=None,
+    position_ids=None,
+    past_key_values=None,
+    inputs_embeds=None,
+    use_cache=None,
+    pixel_values=None,
+    pixel_values_videos=None,
+    image_grid_thw=None,
+    video_grid_thw=None,
+    mm_token_type_ids=None,
+    second_per_grid_ts=None,
+    mm_encoder_outputs=None,
+    **kwargs,
+):
+    """``Qwen2_5_VLModel.forward`` with VisionZip: the compressed features, then the positions of the
+    tokens kept (replacing any 3D positions passed in, e.g. the ones ``generate`` prepared before
+    the pixels were seen), then the stock forward on those."""
+    stock = type(self).forward
+    decoding = past_key_values is not None and past_key_values.get_seq_length() > 0
+    encoded = dict(mm_encoder_outputs or {})
+    if not decoding:
+        if pixel_values is not None:
+            encoded["image"] = self.get_image_features(pixel_values, image_grid_thw, return_dict=True)
+        if pixel_values_videos is not None:
+            encoded["video"] = self.get_video_features(pixel_values_videos, video_grid_thw, return_dict=True)
+    kept = {kind: out for kind, out in encoded.items() if out is not None}
+    if decoding or not kept:
+        if not kept and getattr(self, "_visionzip_graph", False) and input_ids is not None and not decoding:
+            return _text_only_with_vision_in_graph(
+                self, input_ids, attention_mask, position_ids, use_cache, mm_encoder_outputs, kwargs
+            )
+        return stock(
+            self,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            mm_token_type_ids=mm_token_type_ids,
+            second_per_grid_ts=second_per_grid_ts,
+            mm_encoder_outputs=mm_encoder_outputs,
+            **kwargs,
+        )
+    if input_ids is None:
+        raise ValueError(
+            "visionzip: qwen2.5-vl needs input_ids with pixel values (the placeholder runs say where the "
+            "compressed tokens go)"
+        )
+    for kind, out in kept.items():
+        if not hasattr(out, _KEPT):
+            raise ValueError(
+                f"visionzip: mm_encoder_outputs['{kind}'] did not come from the adapted model's "
+                f"get_{kind}_features (the kept tokens' places are missing)"
+            )
+        kept[kind], grid = getattr(out, _KEPT)
+        if kind == "image" and image_grid_thw is None:  # generate keeps the grids with the features
+            image_grid_thw = grid
+        if kind == "video" and video_grid_thw is None:
+            video_grid_thw = grid
+    if mm_token_type_ids is None:
+        mm_token_type_ids = token_types(self.config, input_ids)
+    self.__dict__[_KEPT] = kept
+    try:
+        vision_positions, deltas = self.get_rope_index(
+            input_ids,
+            mm_token_type_ids=mm_token_type_ids,
+            image_grid_thw=image_grid_thw,
+            video_grid_thw=video_grid_thw,
+            second_per_grid_ts=second_per_grid_ts,
+            attention_mask=attention_mask,
+        )
+    finally:
+        self.__dict__.pop(_KEPT, None)
+    vision_positions = vision_positions.to(input_ids.device)
+    if position_ids is not None and position_ids.dim() == 3 and position_ids.shape[0] == 4:
+        position_ids = torch.cat([position_ids[:1], vision_positions.to(position_ids.dtype)])
+    elif position_ids is not None and position_ids.dim() == 2:  # text positions given: keep them as row 0
+        position_ids = torch.cat([position_ids[None], vision_positions.to(position_ids.dtype)])
+    else:
+        position_ids = vision_positions
+    self.rope_deltas = deltas
+    return stock(
+        self,
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        past_key_values=past_key_values,
+        inputs_embeds=inputs_embeds,
+        use_cache=use_cache,
+        mm_token_type_ids=mm_token_type_ids,
+        second_per_grid_ts=second_per_grid_ts,
+        mm_encoder_outputs=encoded,
+        **kwargs,
+    )
+
+
+def _blank_image(self: Qwen2_5_VLModel, device: torch.device) -> dict[str, torch.Tensor]:
+    """The smallest blank image one merge unit per side allows, as tower inputs: 2x2 merged tokens."""
+    vision = self.config.vision_config
+    side = 2 * vision.spatial_merge_size  # patches per side
+    width = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+    pixel_values = torch.zeros(side * side, width, dtype=self.visual.dtype, device=device)
+    return {"pixel_values": pixel_values, "grid_thw": torch.tensor([[1, side, side]], device=device)}
+
+
+def _text_only_with_vision_in_graph(
+    self, input_ids, attention_mask, position_ids, use_cache, encoded, kwargs
+):
+    """A text-only batch also runs the tower and merger on one blank image, times zero (see
+    :meth:`Qwen2_5VL.keep_vision_in_graph`). The stock uncompressed path: the blank image may be
+    smaller than the budget, and only the modules' participation matters here."""
+    embed = self.get_input_embeddings()
+    inputs_embeds = embed(input_ids)
+    blank = self._visionzip_blank_image(input_ids.device)
+    merged = self.visual(blank["pixel_values"], grid_thw=blank["grid_thw"]).pooler_output
+    inputs_embeds = inputs_embeds + merged.sum().to(inputs_embeds.dtype) * 0.0
+    if position_ids is None:  # explicit text positions: a stale rope_deltas must not shift them
+        if attention_mask is not None and attention_mask.dim() == 2:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        else:
+            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+    return type(self).forward(
+        self,
+        input_ids=None,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        inputs_embeds=inputs_embeds,
+        use_cache=use_cache,
+        mm_encoder_outputs=encoded,
+        **kwargs,
+    )
+
+
+# --- the processor ----------------------------------------------------------------------------------
+
+
+def _replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs: Any) -> str:
+    grid = image_inputs["image_grid_thw"][image_idx]
+    merge = self.image_processor.merge_size
+    return self.image_token * compressed_count(self._visionzip, grid, merge, f"image {image_idx}")
+
+
+def _replace_video_token(self, video_inputs: dict, video_idx: int, **kwargs: Any) -> str:
+    grid = video_inputs["video_grid_thw"][video_idx]
+    merge = self.video_processor.merge_size
+    return self.video_token * compressed_count(self._visionzip, grid, merge, f"video {video_idx}")
+
+
+def _num_multimodal_tokens(self, image_sizes=None, video_sizes=None, **kwargs: Any):
+    """The stock counts of merged tokens, each split as VisionZip does."""
+    stock = type(self)._get_num_multimodal_tokens(self, image_sizes, video_sizes, **kwargs)
+    vz: VisionZipConfig = self._visionzip
+    if "num_image_tokens" in stock:
+        stock["num_image_tokens"] = [sum(vz.split_for(n, "an image")) for n in stock["num_image_tokens"]]
+    if "num_video_tokens" in stock:
+        step = self.video_processor.temporal_patch_size
+        counts = []
+        for n, size in zip(stock["num_video_tokens"], video_sizes):
+            groups = -(-int(size[0]) // step)
+            counts.append(groups * sum(vz.split_for(n // groups, "a video frame group")))
+        stock["num_video_tokens"] = counts
+    return stock
+
+
+# --- the family -------------------------------------------------------------------------------------
+
+
+class Qwen2_5VL(ModelFamily):
+    name = "qwen2.5-vl"
+    model_classes = ("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLModel")
+    processor_classes = ("Qwen2_5_VLProcessor",)
+    model_types = ("qwen2_5_vl",)
+    image_token = "<|image_pad|>"
+    video_token = "<|video_pad|>"
+    lora_targets = LORA_TARGETS
+    count_depends_on_size = True
+    default_feature_layer = -1  # the merger reads the last block, whose attention the rule uses
+    takes_video = True
+
+    # --- loading ---------------------------------------------------------------------------------
+    def load(self, path: str, check_files: bool = True, **from_pretrained_kwargs: Any) -> nn.Module:
+        return load_checked(Qwen2_5_VLForConditionalGeneration, path, check_files, **from_pretrained_kwargs)
+
+    def load_processor(self, path: str, **kwargs: Any):
+        from visionzip_core.families.qwen_processing import load_qwen_processor
+
+        return load_qwen_processor(path, **kwargs)
+
+    def config_from_dict(self, data: dict) -> Any:
+        from transformers import Qwen2_5_VLConfig
+
+        return Qwen2_5_VLConfig.from_dict(data)
+
+    def random_model(self, config: Any, dtype: torch.dtype | None = None) -> nn.Module:
+        if dtype is None:
+            return Qwen2_5_VLForConditionalGeneration(config)
+        return Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=dtype)
+
+    # --- visual tokens ---------------------------------------------------------------------------
+    def tower_tokens(self, config: Any) -> int:
+        """No fixed count: every image has its own, checked against the split when it is cut
+        (:meth:`VisionZipConfig.split_for` names the image that is too small)."""
+        return 2**31 - 1
+
+    def stock_tokens_per_image(self, config: Any, image_size: tuple[int, int] | None = None) -> int:
+        rows, cols = merged_grid(config.vision_config, image_size)
+        return rows * cols
+
+    def compressed_tokens_per_image(
+        self, config: Any, vz: VisionZipConfig, image_size: tuple[int, int] | None = None
+    ) -> int:
+        rows, cols = merged_grid(config.vision_config, image_size)
+        return sum(vz.split_for(rows * cols, f"an image of {image_size[0]}x{image_size[1]} px"))
+
+    def stock_tokens_per_video(self, config: Any, video_size: tuple[int, int, int]) -> int:
+        """Tokens of a video of ``video_size`` (frames, H, W) as resized by the processor."""
+        rows, cols = merged_grid(config.vision_config, video_size[1:])
+        return temporal_groups(config.vision_config, video_size[0]) * rows * cols
+
+    def compressed_tokens_per_video(
+        self, config: Any, vz: VisionZipConfig, video_size: tuple[int, int, int]
+    ) -> int:
+        rows, cols = merged_grid(config.vision_config, video_size[1:])
+        split = sum(vz.split_for(rows * cols, f"a video of {video_size[1]}x{video_size[2]} px"))
+        return temporal_groups(config.vision_config, video_size[0]) * split
+
+    def feature_layer(self, config: Any) -> int:
+        return -1
+
+    def vision_layers(self, config: Any) -> int:
+        return getattr(config, "vision_config", config).depth
+
+    # --- instance adaptation ---------------------------------------------------------------------
+    def check_supported(self, model: nn.Module) -> None:
+        find_qwen_model(model)
+
+    def check_settings(self, config: Any, vz: VisionZipConfig) -> None:
+        depth = self.vision_layers(config)
+        if resolve_feature_layer(vz.feature_layer, depth) != depth:  # hidden_states index of the last block
+            raise ValueError(
+                f"visionzip.feature_layer={vz.feature_layer}: qwen2.5-vl's merger reads the last vision block, "
+                f"whose attention VisionZip uses; use -1 (block {depth - 1})"
+            )
+
+    def apply(self, model: nn.Module, vz: VisionZipConfig) -> None:
+        inner = find_qwen_model(model)
+        self.check_settings(inner.config, vz)
+        setattr(inner, _ACTIVE, vz)
+        inner.get_image_features = types.MethodType(_visionzip_get_image_features, inner)
+        inner.get_video_features = types.MethodType(_visionzip_get_video_features, inner)
+        inner.get_rope_index = types.MethodType(_visionzip_rope_index, inner)
+        inner.forward = types.MethodType(_visionzip_forward, inner)
+        inner._visionzip_blank_image = types.MethodType(_blank_image, inner)
+
+    def remove(self, model: nn.Module) -> None:
+        inner = find_qwen_model(model)
+        for name in ("get_image_features", "get_video_features", "get_rope_index", "forward", _ACTIVE):
+            inner.__dict__.pop(name, None)
+        inner.__dict__.pop("_visionzip_graph", None)
+
+    def configs(self, model: nn.Module) -> list[Any]:
+        inner = find_qwen_model(model)
+        return list({id(c): c for c in (inner.config, getattr(model, "config", inner.config))}.values())
+
+    def adapt_processor(self, processor, vz: VisionZipConfig | None, config: Any = None):
+        """``<|image_pad|>`` and ``<|video_pad|>`` runs get VisionZip's count for each image's grid
+        (each video's temporal groups); ``vz=None`` restores the stock counts."""
+        if type(processor).__name__ not in self.processor_classes:
+            raise ValueError(
+                f"visionzip_processor: the qwen2.5-vl family takes Qwen2_5_VLProcessor; got {type(processor).__name__}"
+            )
+        if vz is None:
+            for name in (
+                "replace_image_token",
+                "replace_video_token",
+                "_get_num_multimodal_tokens",
+                "_visionzip",
+            ):
+                processor.__dict__.pop(name, None)
+            return processor
+        processor._visionzip = vz
+        processor.replace_image_token = types.MethodType(_replace_image_token, processor)
+        processor.replace_video_token = types.MethodType(_replace_video_token, processor)
+        processor._get_num_multimodal_tokens = types.MethodType(_num_multimodal_tokens, processor)
+        return processor
+
+    def keep_vision_in_graph(self, model: nn.Module) -> None:
+        """As LLaVA's (see :meth:`Llava15.keep_vision_in_graph`): a text-only batch runs the tower and
+        merger on one blank 56x56 image and adds its features times zero, so every rank calls the
+        same modules in the same order and the merger always has a gradient."""
+        inner = find_qwen_model(model)
+        if getattr(inner, _ACTIVE, None) is None:  # the stock model: adapt only the forward
+            inner._visionzip_blank_image = types.MethodType(_blank_image, inner)
+            inner.forward = types.MethodType(_stock_forward_keeping_graph, inner)
+        inner._visionzip_graph = True
+
+    # --- training --------------------------------------------------------------------------------
+    def module_group(self, param_name: str) -> str:
+        if f"visual.{PROJECTOR}" in param_name:
+            return "projector"
+        if "visual." in param_name:
+            return "vision"
+        return "llm"
+
+    def lora_target_regex(self, targets: tuple[str, ...]) -> str:
+        # The ViT's MLP has gate_proj/up_proj/down_proj too: only the language model's layers match.
+        names = "|".join(re.escape(t) for t in targets)
+        return rf".*language_model.*\.({names})"
+
+    def projector_modules(self) -> list[str]:
+        return [PROJECTOR]
+
+
+def _stock_forward_keeping_graph(
+    self, input_ids=None, *args, pixel_values=None, pixel_values_videos=None, **kwargs
+):
+    """The stock forward (VisionZip off) with the text-only blank-image path."""
+    if (
+        pixel_values is None
+        and pixel_values_videos is None
+        and input_ids is not None
+        and kwargs.get("past_key_values") is None
+    ):
+        return _text_only_with_vision_in_graph(
+            self,
+            input_ids,
+            kwargs.pop("attention_mask", None),
+            kwargs.pop("position_ids", None),
+            kwargs.pop("use_cache", None),
+            kwargs.pop("mm_encoder_outputs", None),
+            kwargs,
+        )
+    return type(self).forward(
+        self, input_ids, *args, pixel_values=pixel_values, pixel_values_videos=pixel_values_videos, **kwargs
+    )
