@@ -104,10 +104,12 @@ def preflight_row(
 def _video_size(frames: list[str], decode: bool, size_rule: SizeRule | None) -> tuple[int, int, int]:
     """``(T, H, W)`` of a video given as frame files, as the video processor will shape it."""
     sizes = [check_image_file(path, decode) for path in frames]
-    if len(set(sizes)) > 1:
+    odd = next((k for k, size in enumerate(sizes) if size != sizes[0]), None)
+    if odd is not None:
         raise SampleError(
             "bad_video",
-            f"the frames of a video differ in size: {sizes[0]} ({frames[0]}) and others {sorted(set(sizes))}",
+            f"the frames of a video differ in size: frame {odd + 1} ({frames[odd]}) is "
+            f"{sizes[odd][0]}x{sizes[odd][1]}, frame 1 is {sizes[0][0]}x{sizes[0][1]}",
         )
     if size_rule is None or size_rule.video is None:
         raise SampleError("bad_structure", "a video, but this model's processor takes no video")

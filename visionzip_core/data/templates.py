@@ -191,3 +191,16 @@ class ChatTemplateRenderer:
         if len(full) > len(done):
             pieces.append((full[len(done) :], False))
         return pieces
+
+
+def tokenizer_of(processor):
+    """The processor's tokenizer, carrying the processor's chat template when it has none itself.
+
+    Qwen2.5-VL downloads keep the template in ``chat_template.json``, which transformers loads onto
+    the processor, not the tokenizer; the ``chat_template`` data template renders with the
+    tokenizer's. Sets the attribute on this tokenizer instance only."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    template = getattr(processor, "chat_template", None)
+    if tokenizer is not processor and not getattr(tokenizer, "chat_template", None) and template:
+        tokenizer.chat_template = template
+    return tokenizer
