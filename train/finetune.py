@@ -55,10 +55,12 @@ from visionzip_core.training.modeling import (  # noqa: E402
     build_processor,
     count_parameters,
     llm_hidden_size,
+    model_family,
     param_groups,
     resolve_precision,
     seed_everything,
     torch_dtype,
+    video_tokens,
 )
 from visionzip_core.training.optimization import (  # noqa: E402
     build_optimizer,
@@ -232,6 +234,16 @@ def prepare_data(settings: Settings, start: Start) -> Data:
     if not dist.is_main():
         dist.barrier()
     processor, image_tokens = build_processor(settings)
+    video_count = video_tokens(settings)
+    video = (
+        {}
+        if video_count is None
+        else {
+            "video_processor": processor.video_processor,
+            "video_token": model_family(settings).video_token,
+            "video_tokens": video_count,
+        }
+    )
     datasets = {
         split: build_dataset(
             settings.data,
@@ -241,6 +253,8 @@ def prepare_data(settings: Settings, start: Start) -> Data:
             image_tokens_per_image=image_tokens,
             # Projector-only modes: a text-only batch would train nothing (see data summary).
             images_only=t.mode in ("projector", "pretrain"),
+            image_token=model_family(settings).image_token,
+            **video,
         )
         for split in ("train", "val")
         if getattr(settings.data, split)

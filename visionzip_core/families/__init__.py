@@ -108,8 +108,10 @@ class ImageTokenCount:
             return "stock, per image size"
         from visionzip_core.config import VisionZipConfig
 
-        per_crop = VisionZipConfig(**json.loads(self.vz_json)).tokens_per_image
-        return f"{per_crop} per crop"
+        vz = VisionZipConfig(**json.loads(self.vz_json))
+        if vz.uses_ratios:  # no fixed count: tokens_per_image raises for a ratio split
+            return f"{vz.dominant_ratio:g} + {vz.contextual_ratio:g} of each image's tokens"
+        return f"{vz.tokens_per_image} per crop"
 
 
 def image_token_count(model_config: Any, vz: Any = None) -> ImageTokenCount:

@@ -35,6 +35,7 @@ def check_inputs(
             problems += _visionzip_fits(vz, *tower)
         if tower is not None and data is not None:
             problems += _aspect_ratio_fits(data, tower[0], train.mode)
+            problems += _packing_fits(data, tower[0])
     if train is not None:
         warnings += _no_effect(sections, raw)
     return problems, warnings
@@ -104,6 +105,9 @@ def _model_folders(model, mode: str, problems: list[str], build: bool) -> tuple[
                 f"model.{key}: cannot read {path}/config.json ({' '.join(str(err).split())[:200]})"
             )
             continue
+        if mode == "pretrain" and (refused := _no_stage1(config)):
+            problems.append(refused)
+            continue
         found = check_model_folder(path, role, f"model.{key}", config)
         problems += found
         if not found:
@@ -144,11 +148,49 @@ def _model_folder(name: str, key: str, problems: list[str], build: bool) -> str 
     return str(path)
 
 
+def _no_stage1(config) -> str | None:
+    """A config of a family that is never assembled from parts (qwen2.5-vl ships its merger trained)."""
+    from visionzip_core.families import UnsupportedModel, family_for
+
+    try:
+        family = family_for(config)
+    except UnsupportedModel:
+        return None  # a CLIP tower or an LLM: stage 1's own parts
+    if family.assembles:
+        return None
+    return (
+        f"train.mode: pretrain is not supported for {family.name} (stage 1 assembles a llava model from a "
+        "CLIP tower and an LLM); use projector, finetune or lora on the checkpoint"
+    )
+
+
+def _packing_fits(data, family) -> list[str]:
+    """Packing restarts 1-D position ids per sample; a video model (qwen2.5-vl) computes 3-D M-RoPE
+    positions from each row's ``input_ids`` as one sequence, so samples packed in one row would get
+    the wrong positions (and its text-only fast path would attend across them)."""
+    if not data.packing or not family.takes_video:
+        return []
+    return [f"data.packing: not supported for {family.name} (M-RoPE positions per sample)"]
+
+
 def _aspect_ratio_fits(data, family, mode: str) -> list[str]:
-    """``anyres`` keeps each image as it is for a tiling model; a one-crop model cannot take it."""
+    """``anyres`` keeps each image as it is for a tiling model; a one-crop model cannot take it.
+    ``native`` is the native-resolution (video) family's; only it and ``pad`` suit that family."""
+    what = "stage 1 (pretrain) builds" if mode == "pretrain" else "model.name_or_path is"
+    if family.takes_video:
+        if data.image_aspect_ratio in ("native", "pad"):
+            return []
+        return [
+            f"data.image_aspect_ratio: {data.image_aspect_ratio} does not apply to {family.name}, whose "
+            "processor keeps each image's aspect ratio: use native (or pad)"
+        ]
+    if data.image_aspect_ratio == "native":
+        return [
+            f"data.image_aspect_ratio: native needs a native-resolution model (qwen2.5-vl); {what} "
+            f"{family.name}: use pad, resize or crop"
+        ]
     if data.image_aspect_ratio != "anyres" or family.count_depends_on_size:
         return []
-    what = "stage 1 (pretrain) builds" if mode == "pretrain" else "model.name_or_path is"
     return [
         f"data.image_aspect_ratio: anyres needs a tiling model (llava-next); {what} {family.name}, "
         "one crop per image: use pad, resize or crop"
@@ -161,7 +203,17 @@ def _visionzip_fits(vz, family, config) -> list[str]:
 
     problems = []
     num_layers, model_layer = family.vision_layers(config), family.feature_layer(config)
-    if vz.feature_layer is None:  # derived: the model's own layer
+    if vz.uses_ratios:
+        # A per-image budget: no tower-wide count to check against. Each image's own split is
+        # checked when its tokens are counted (a bad sample naming the image), before training.
+        if not _takes_ratios(family, config, vz):
+            return [
+                "visionzip.dominant_ratio: only for qwen2.5-vl (a per-image budget for towers whose token "
+                f"count follows the image size); {family.name} takes visionzip.dominant and contextual counts"
+            ]
+        if vz.feature_layer is None:
+            return []
+    elif vz.feature_layer is None:  # derived: the model's own layer
         try:
             vz.core(model_layer).check_fits(family.tower_tokens(config))
         except ValueError as err:
@@ -176,12 +228,26 @@ def _visionzip_fits(vz, family, config) -> list[str]:
             )
     except ValueError as err:
         problems.append(str(err).replace("visionzip.feature_layer=", "visionzip.feature_layer: "))
+    if vz.uses_ratios:
+        return problems
     stock = family.tower_tokens(config)
     try:
         vz.core(model_layer).check_fits(stock)
     except ValueError as err:
         problems.append(str(err))
     return problems
+
+
+def _takes_ratios(family, config, vz) -> bool:
+    """Whether ``family`` counts a ratio split: asked of the family itself on a 448 px image, so a
+    family that only takes fixed counts refuses (``tokens_per_image`` raises for ratios)."""
+    if not family.count_depends_on_size:
+        return False
+    try:
+        family.compressed_tokens_per_image(config, vz.core(family.feature_layer(config)), (448, 448))
+    except (ValueError, TypeError):
+        return False
+    return True
 
 
 def _given(raw: dict, section: str, key: str) -> bool:

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from visionzip_core.data.templates import tokenizer_of
 from visionzip_core.families import ModelFamily, family_for
 from visionzip_core.training.settings import ConfigError, Settings
 
@@ -123,7 +124,15 @@ def build_processor(settings: Settings):
         stock = ImageTokenCount.constant(tower - 1)  # the assembled model drops CLS ("default")
     else:
         path = model_path(m.name_or_path, "model.name_or_path")
-        processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust)
+        if family.takes_video:
+            # Qwen2.5-VL's AutoProcessor would import torchvision for its video processor; the family
+            # builds it from PIL/numpy parts instead.
+            processor = family.load_processor(path)
+        else:
+            processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust)
+        tokenizer_of(
+            processor
+        )  # a chat template kept on the processor (chat_template.json) reaches the tokenizer
         model_config = AutoConfig.from_pretrained(path, trust_remote_code=trust)
         stock, tower = image_token_count(model_config), family.tower_tokens(model_config)
         layer = family.feature_layer(model_config)
@@ -131,7 +140,8 @@ def build_processor(settings: Settings):
     if config is None:
         return processor, stock
     try:
-        config.check_fits(tower)
+        if not config.uses_ratios:  # a ratio split is checked per image, when each is counted
+            config.check_fits(tower)
     except ValueError as err:
         source = m.vision_tower if settings.train.mode == "pretrain" else m.name_or_path
         raise ConfigError(f"the config, for the vision tower of {source}", [str(err)]) from None
@@ -141,6 +151,23 @@ def build_processor(settings: Settings):
         else image_token_count(model_config, config)
     )
     return visionzip_processor(processor, config), count
+
+
+def video_tokens(settings: Settings):
+    """``count((T, H, W))``, the ids one video becomes (compressed when VisionZip is on), or None when
+    the model takes no video (:class:`visionzip_core.data.counts.VideoTokenCount`). No weights."""
+    from transformers import AutoConfig
+
+    from visionzip_core.data.counts import video_token_count
+
+    if settings.train.mode == "pretrain":
+        return None
+    m = settings.model
+    family = model_family(settings)
+    if not family.takes_video:
+        return None
+    config = AutoConfig.from_pretrained(model_path(m.name_or_path, "model.name_or_path"))
+    return video_token_count(config, settings.visionzip.core(family.feature_layer(config)))
 
 
 def llm_hidden_size(settings: Settings) -> int:
