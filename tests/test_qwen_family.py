@@ -341,3 +341,31 @@ def test_kept_tokens_take_their_stock_positions_in_forward_and_in_generate(model
     assert torch.equal(seen[1][-3:, 0], expected)  # generate's prefill: (4, B, L), rows 1..3 are 3D
     # decode continues after the last stock text position
     assert int(seen[2][-3:, 0, -1].max()) == int(stock_positions[:, 0].max()) + 1
+
+
+def test_lookup_module_groups_and_lora_targets(model, processor):
+    import re
+
+    from peft import LoraConfig, get_peft_model
+
+    assert family_for(model) is FAMILY and family_for(model.model) is FAMILY
+    assert family_for(processor) is FAMILY and family_for(model.config) is FAMILY
+    names = {n: FAMILY.module_group(n) for n, _ in model.named_parameters()}
+    assert {n for n, g in names.items() if g == "projector"} == {
+        n for n in names if n.startswith("model.visual.merger.")
+    }
+    assert {g for n, g in names.items() if n.startswith("model.visual.") and ".merger." not in n} == {
+        "vision"
+    }
+    assert {g for n, g in names.items() if not n.startswith("model.visual.")} == {"llm"}
+    pattern = re.compile(FAMILY.lora_target_regex(FAMILY.lora_targets))
+    targets = [n for n, _ in model.named_modules() if pattern.fullmatch(n)]
+    # the ViT's MLP has gate_proj/up_proj/down_proj too: none of them may be wrapped
+    assert targets and not any(".visual." in n for n in targets)
+    assert any(n.endswith("mlp.gate_proj") for n in targets)
+    wrapped = get_peft_model(
+        model, LoraConfig(r=2, target_modules=FAMILY.lora_target_regex(FAMILY.lora_targets))
+    )
+    assert family_for(wrapped) is FAMILY
+    visionzip(wrapped, dominant_ratio=0.5, contextual_ratio=0.1)  # adapts the model inside the wrapper
+    assert model.model.config.visionzip["dominant_ratio"] == 0.5

@@ -446,7 +446,8 @@ def build_tiny_qwen2_5_vl(out_dir: str | os.PathLike, seed: int = 0, vision_dept
 
     import torch
     from safetensors.torch import save_file
-    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from visionzip_core.families import family_for
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -470,7 +471,7 @@ def build_tiny_qwen2_5_vl(out_dir: str | os.PathLike, seed: int = 0, vision_dept
     (out / "config.json").write_text(json.dumps(config_4x, indent=2))
     config = config_class.from_pretrained(out)  # transformers 5's reading of the 4.x file
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    model = family_for("qwen2_5_vl").random_model(config).eval()
 
     state = {_qwen_4x_key(k): v.detach().contiguous() for k, v in model.state_dict().items()}
     names = sorted(state, key=lambda k: (not k.startswith("visual."), k))  # vision first, as the real shards
