@@ -369,3 +369,21 @@ def test_lookup_module_groups_and_lora_targets(model, processor):
     assert family_for(wrapped) is FAMILY
     visionzip(wrapped, dominant_ratio=0.5, contextual_ratio=0.1)  # adapts the model inside the wrapper
     assert model.model.config.visionzip["dominant_ratio"] == 0.5
+
+
+def test_save_and_reload_keep_the_split_for_model_and_processor(model, processor, tmp_path):
+    from visionzip_core.adapt import load_visionzip_model, load_visionzip_processor
+
+    visionzip(model, dominant_ratio=0.45, contextual_ratio=0.05)
+    adapted = visionzip_processor(processor, model.config)
+    model.save_pretrained(tmp_path)
+    adapted.save_pretrained(tmp_path)
+    again = load_visionzip_model(tmp_path).eval()
+    again_processor = load_visionzip_processor(tmp_path)
+    assert again.config.visionzip == model.config.visionzip
+    texts = [_chat(adapted, [["image", "a"]]), _chat(adapted, [["image", "b"]])]
+    images = [_image(112, 168, 0), _image(196, 84, 1)]
+    first, second = _batch(adapted, texts, images), _batch(again_processor, texts, images)
+    assert torch.equal(first["input_ids"], second["input_ids"])
+    with torch.no_grad():
+        torch.testing.assert_close(again(**second).logits, model(**first).logits)
