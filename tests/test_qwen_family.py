@@ -387,3 +387,56 @@ def test_save_and_reload_keep_the_split_for_model_and_processor(model, processor
     assert torch.equal(first["input_ids"], second["input_ids"])
     with torch.no_grad():
         torch.testing.assert_close(again(**second).logits, model(**first).logits)
+
+
+def test_generate_cli_on_a_qwen_folder_with_an_image_and_a_video(tiny_qwen, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    image = tmp_path / "img.png"
+    _image(150, 90, 9).save(image)
+    frames = []
+    for i in range(4):
+        frames.append(tmp_path / f"f{i}.png")
+        _image(100, 130, 20 + i).save(frames[-1])
+    cmd = [
+        sys.executable,
+        str(repo / "scripts/generate.py"),
+        "--model",
+        str(tiny_qwen),
+        "--max-new-tokens",
+        "2",
+    ]
+    run = subprocess.run(
+        [
+            *cmd,
+            "--image",
+            str(image),
+            "--video",
+            ",".join(map(str, frames)),
+            "--dominant",
+            "3",
+            "--contextual",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    # 150x90 -> 140x84 after smart_resize: 5 x 3 = 15 merged tokens; 4 frames = 2 groups of 4 x 5
+    assert "visual tokens per image: 4 of 15 (VisionZip dominant 3 + contextual 1)" in run.stdout
+    assert "video tokens: 8 " in run.stdout
+    bad = subprocess.run(
+        [*cmd, "--image", str(image), "--dominant-ratio", "1.2", "--contextual-ratio", "0.1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert bad.returncode == 2
+    assert (
+        bad.stderr.strip().splitlines()[-1]
+        == "error: visionzip.dominant_ratio: Input should be less than or equal to 1"
+    )

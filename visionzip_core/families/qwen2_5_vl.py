@@ -542,6 +542,12 @@ class Qwen2_5VL(ModelFamily):
     count_depends_on_size = True
     default_feature_layer = -1  # the merger reads the last block, whose attention the rule uses
     takes_video = True
+    uses_chat_template = True
+
+    def counted_image_sizes(self, config: Any, inputs: Any, images: list) -> list[tuple[int, int]]:
+        """The sizes the processor resized the images to (``image_grid_thw`` x patch size)."""
+        patch = config.vision_config.patch_size
+        return [(int(h) * patch, int(w) * patch) for _, h, w in inputs["image_grid_thw"].tolist()]
 
     # --- loading ---------------------------------------------------------------------------------
     def load(self, path: str, check_files: bool = True, **from_pretrained_kwargs: Any) -> nn.Module:
