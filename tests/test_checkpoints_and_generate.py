@@ -76,6 +76,6 @@ def test_generate_cli_keeps_the_split_a_checkpoint_records(tiny_llava_dir, tmp_p
     assert "visual tokens per image: 10 of 64 (VisionZip dominant 6 + contextual 4)" in override.stdout
     # Another split than the one trained is said, not done silently.
     assert (
-        "note: this export was trained at dominant 6 + contextual 2; generating at 6 + 4 instead"
+        "note: this export was trained at dominant 6 + contextual 2; generating at dominant 6 + contextual 4 instead"
         in override.stderr
     )

@@ -35,7 +35,7 @@ def test_an_unsupported_model_is_one_line_listing_the_supported_families(tiny_pr
         (LlamaForCausalLM.from_pretrained(llm_dir), "LlamaForCausalLM"),
         (AutoConfig.from_pretrained(llm_dir), "model_type 'llama'"),
         (torch.nn.Linear(2, 2), "Linear"),
-        ("qwen2_5_vl", "qwen2_5_vl"),
+        ("idefics3", "idefics3"),
     ):
         with pytest.raises(UnsupportedModel) as err:
             family_for(thing)

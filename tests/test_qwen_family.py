@@ -1,4 +1,4 @@
-"""Qwen2.5-VL family: the authors' rule against an eager-attention reference, keep-all parity with
+"""Qwen2.5-VL and Qwen2-VL families: the authors' rule against an eager-attention reference, keep-all parity with
 the stock model, mixed-size batches, batched multi-turn generate, video, and one-line errors.
 
 The model is the tiny download-layout folder (4.x config and key names, sharded safetensors, the
@@ -21,22 +21,28 @@ from visionzip_core.families import family_for
 from visionzip_core.families.qwen2_5_vl import compress_vision
 from visionzip_core.tiny import build_tiny_qwen2_5_vl
 
-FAMILY = family_for("qwen2_5_vl")
 
-
-@pytest.fixture(scope="module")
-def tiny_qwen(tmp_path_factory):
-    return build_tiny_qwen2_5_vl(tmp_path_factory.mktemp("qwen-family") / "tiny")
-
-
-@pytest.fixture()
-def model(tiny_qwen):
-    return FAMILY.load(str(tiny_qwen)).eval()
+# Qwen2.5-VL (windowed attention, the authors' release) and Qwen2-VL (full attention everywhere).
+@pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen2_vl"])
+def tiny_qwen(request, tmp_path_factory):
+    return build_tiny_qwen2_5_vl(tmp_path_factory.mktemp(request.param) / "tiny", variant=request.param)
 
 
 @pytest.fixture()
-def processor(tiny_qwen):
-    return FAMILY.load_processor(str(tiny_qwen))
+def family(tiny_qwen):
+    import json
+
+    return family_for(json.loads((tiny_qwen / "config.json").read_text())["model_type"])
+
+
+@pytest.fixture()
+def model(tiny_qwen, family):
+    return family.load(str(tiny_qwen)).eval()
+
+
+@pytest.fixture()
+def processor(tiny_qwen, family):
+    return family.load_processor(str(tiny_qwen))
 
 
 def _image(height: int, width: int, seed: int) -> Image.Image:
@@ -95,12 +101,14 @@ def _reference(model, pixel_values, grid_thw, vz: VisionZipConfig):
     keys = torch.cat([k[0].float().mean(0) for _, k in calls])
     from transformers.vision_utils import get_vision_window_index
 
-    window_index, _ = get_vision_window_index(
-        grid_thw, visual.spatial_merge_size, visual.window_size, visual.patch_size
-    )
-    reverse = torch.argsort(window_index)
-    scores = scores.view(-1, 4).mean(1)[reverse]
-    keys = keys.view(-1, 4, keys.shape[-1]).mean(1)[reverse]
+    scores = scores.view(-1, 4).mean(1)
+    keys = keys.view(-1, 4, keys.shape[-1]).mean(1)
+    if getattr(visual, "window_size", None):  # Qwen2.5-VL's blocks run in window order
+        window_index, _ = get_vision_window_index(
+            grid_thw, visual.spatial_merge_size, visual.window_size, visual.patch_size
+        )
+        reverse = torch.argsort(window_index)
+        scores, keys = scores[reverse], keys[reverse]
     out, offset = [], 0
     for t, h, w in grid_thw.tolist():
         n = h * w // 4
@@ -341,3 +349,102 @@ def test_kept_tokens_take_their_stock_positions_in_forward_and_in_generate(model
     assert torch.equal(seen[1][-3:, 0], expected)  # generate's prefill: (4, B, L), rows 1..3 are 3D
     # decode continues after the last stock text position
     assert int(seen[2][-3:, 0, -1].max()) == int(stock_positions[:, 0].max()) + 1
+
+
+def test_lookup_module_groups_and_lora_targets(model, processor, family):
+    import re
+
+    from peft import LoraConfig, get_peft_model
+
+    assert family_for(model) is family and family_for(model.model) is family
+    assert family_for(processor) is family and family_for(model.config) is family
+    names = {n: family.module_group(n) for n, _ in model.named_parameters()}
+    assert {n for n, g in names.items() if g == "projector"} == {
+        n for n in names if n.startswith("model.visual.merger.")
+    }
+    assert {g for n, g in names.items() if n.startswith("model.visual.") and ".merger." not in n} == {
+        "vision"
+    }
+    assert {g for n, g in names.items() if not n.startswith("model.visual.")} == {"llm"}
+    pattern = re.compile(family.lora_target_regex(family.lora_targets))
+    targets = [n for n, _ in model.named_modules() if pattern.fullmatch(n)]
+    # the ViT's MLP has gate_proj/up_proj/down_proj too: none of them may be wrapped
+    assert targets and not any(".visual." in n for n in targets)
+    assert any(n.endswith("mlp.gate_proj") for n in targets)
+    wrapped = get_peft_model(
+        model, LoraConfig(r=2, target_modules=family.lora_target_regex(family.lora_targets))
+    )
+    assert family_for(wrapped) is family
+    visionzip(wrapped, dominant_ratio=0.5, contextual_ratio=0.1)  # adapts the model inside the wrapper
+    assert model.model.config.visionzip["dominant_ratio"] == 0.5
+
+
+def test_save_and_reload_keep_the_split_for_model_and_processor(model, processor, tmp_path):
+    from visionzip_core.adapt import load_visionzip_model, load_visionzip_processor
+
+    visionzip(model, dominant_ratio=0.45, contextual_ratio=0.05)
+    adapted = visionzip_processor(processor, model.config)
+    model.save_pretrained(tmp_path)
+    adapted.save_pretrained(tmp_path)
+    again = load_visionzip_model(tmp_path).eval()
+    again_processor = load_visionzip_processor(tmp_path)
+    assert again.config.visionzip == model.config.visionzip
+    texts = [_chat(adapted, [["image", "a"]]), _chat(adapted, [["image", "b"]])]
+    images = [_image(112, 168, 0), _image(196, 84, 1)]
+    first, second = _batch(adapted, texts, images), _batch(again_processor, texts, images)
+    assert torch.equal(first["input_ids"], second["input_ids"])
+    with torch.no_grad():
+        torch.testing.assert_close(again(**second).logits, model(**first).logits)
+
+
+def test_generate_cli_on_a_qwen_folder_with_an_image_and_a_video(tiny_qwen, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    image = tmp_path / "img.png"
+    _image(150, 90, 9).save(image)
+    frames = []
+    for i in range(4):
+        frames.append(tmp_path / f"f{i}.png")
+        _image(100, 130, 20 + i).save(frames[-1])
+    cmd = [
+        sys.executable,
+        str(repo / "scripts/generate.py"),
+        "--model",
+        str(tiny_qwen),
+        "--max-new-tokens",
+        "2",
+    ]
+    run = subprocess.run(
+        [
+            *cmd,
+            "--image",
+            str(image),
+            "--video",
+            ",".join(map(str, frames)),
+            "--dominant",
+            "3",
+            "--contextual",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    # 150x90 -> 140x84 after smart_resize: 5 x 3 = 15 merged tokens; 4 frames = 2 groups of 4 x 5
+    assert "visual tokens per image: 4 of 15 (VisionZip dominant 3 + contextual 1)" in run.stdout
+    assert "video tokens: 8 " in run.stdout
+    bad = subprocess.run(
+        [*cmd, "--image", str(image), "--dominant-ratio", "1.2", "--contextual-ratio", "0.1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert bad.returncode == 2
+    assert (
+        bad.stderr.strip().splitlines()[-1]
+        == "error: visionzip.dominant_ratio: Input should be less than or equal to 1"
+    )

@@ -130,3 +130,17 @@ def num_image_tokens(model_config: Any, image_size: tuple[int, int] | None = Non
     if vz is not None:
         return family.compressed_tokens_per_image(model_config, vz, image_size)
     return family.stock_tokens_per_image(model_config, image_size)
+
+
+def one_line(err: ValueError) -> str:
+    """A settings error as one line: pydantic's ``ValidationError`` as ``visionzip.<field>: <why>``
+    per problem, anything else as its text."""
+    errors = getattr(err, "errors", None)
+    if not callable(errors):
+        return " ".join(str(err).split())
+    parts = []
+    for item in errors():
+        field = ".".join(str(x) for x in item.get("loc", ()))
+        why = str(item.get("msg", "")).removeprefix("Value error, ")
+        parts.append(why if why.startswith("visionzip.") or not field else f"visionzip.{field}: {why}")
+    return "; ".join(parts)

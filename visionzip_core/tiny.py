@@ -432,7 +432,33 @@ def _qwen_4x_key(name: str) -> str:
     raise ValueError(f"unexpected Qwen2.5-VL key {name}")
 
 
-def build_tiny_qwen2_5_vl(out_dir: str | os.PathLike, seed: int = 0, vision_depth: int = 4) -> Path:
+def qwen2_vl_4x_vision(vision: dict) -> dict:
+    """Qwen2-VL's 4.x ``vision_config`` of the same width as a tiny Qwen2.5-VL one (LayerNorm blocks
+    with a QuickGELU MLP, full attention everywhere, ``embed_dim``/``hidden_size`` naming)."""
+    return {
+        "depth": vision["depth"],
+        "embed_dim": vision["hidden_size"],
+        "hidden_size": vision["out_hidden_size"],
+        "mlp_ratio": 2,
+        "num_heads": vision["num_heads"],
+        "hidden_act": "quick_gelu",
+        "in_chans": 3,
+        "patch_size": 14,
+        "spatial_patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+    }
+
+
+def build_tiny_qwen2_vl(out_dir: str | os.PathLike, seed: int = 0, vision_depth: int = 4) -> Path:
+    """As :func:`build_tiny_qwen2_5_vl`, a ``Qwen/Qwen2-VL-7B-Instruct``-like folder (model_type
+    ``qwen2_vl``, ``Qwen2VLProcessor``)."""
+    return build_tiny_qwen2_5_vl(out_dir, seed, vision_depth, variant="qwen2_vl")
+
+
+def build_tiny_qwen2_5_vl(
+    out_dir: str | os.PathLike, seed: int = 0, vision_depth: int = 4, variant: str = "qwen2_5_vl"
+) -> Path:
     """Write a tiny random Qwen2.5-VL folder laid out like the ``Qwen/Qwen2.5-VL-7B-Instruct`` download.
 
     Files: ``config.json`` in the 4.x layout (text keys flat, ``rope_scaling`` of type ``mrope``,
@@ -446,7 +472,8 @@ def build_tiny_qwen2_5_vl(out_dir: str | os.PathLike, seed: int = 0, vision_dept
 
     import torch
     from safetensors.torch import save_file
-    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from visionzip_core.families import family_for
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -455,9 +482,15 @@ def build_tiny_qwen2_5_vl(out_dir: str | os.PathLike, seed: int = 0, vision_dept
     vocab_size = -(-len(tokenizer) // 64) * 64  # padded past the specials, as 151665 -> 152064
     text, vision, ids, config_class = tiny_qwen2_5_vl_config(vocab_size, token_ids, vision_depth)
 
+    architecture, processor_class = "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLProcessor"
+    if variant == "qwen2_vl":
+        from transformers import Qwen2VLConfig as config_class
+
+        architecture, processor_class = "Qwen2VLForConditionalGeneration", "Qwen2VLProcessor"
+        vision = qwen2_vl_4x_vision(vision)
     config_4x = {
-        "architectures": ["Qwen2_5_VLForConditionalGeneration"],
-        "model_type": "qwen2_5_vl",
+        "architectures": [architecture],
+        "model_type": variant,
         **text,
         **ids,
         "initializer_range": 0.02,
@@ -470,7 +503,7 @@ def build_tiny_qwen2_5_vl(out_dir: str | os.PathLike, seed: int = 0, vision_dept
     (out / "config.json").write_text(json.dumps(config_4x, indent=2))
     config = config_class.from_pretrained(out)  # transformers 5's reading of the 4.x file
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    model = family_for(variant).random_model(config).eval()
 
     state = {_qwen_4x_key(k): v.detach().contiguous() for k, v in model.state_dict().items()}
     names = sorted(state, key=lambda k: (not k.startswith("visual."), k))  # vision first, as the real shards
@@ -499,7 +532,7 @@ def build_tiny_qwen2_5_vl(out_dir: str | os.PathLike, seed: int = 0, vision_dept
     raw.model.save(str(out))  # vocab.json + merges.txt, as the real download also ships them
     tok_config = json.loads((out / "tokenizer_config.json").read_text())
     tok_config.pop("chat_template", None)  # the download keeps it in chat_template.json
-    tok_config.update(tokenizer_class="Qwen2Tokenizer", processor_class="Qwen2_5_VLProcessor")
+    tok_config.update(tokenizer_class="Qwen2Tokenizer", processor_class=processor_class)
     (out / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2))
     (out / "chat_template.jinja").unlink(missing_ok=True)
     (out / "chat_template.json").write_text(json.dumps({"chat_template": QWEN2_5_VL_CHAT_TEMPLATE}, indent=2))
@@ -512,7 +545,7 @@ def build_tiny_qwen2_5_vl(out_dir: str | os.PathLike, seed: int = 0, vision_dept
         "image_mean": [0.48145466, 0.4578275, 0.40821073],
         "image_std": [0.26862954, 0.26130258, 0.27577711],
         "image_processor_type": "Qwen2VLImageProcessor",
-        "processor_class": "Qwen2_5_VLProcessor",
+        "processor_class": processor_class,
     }
     (out / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2))
     return out

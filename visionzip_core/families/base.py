@@ -68,6 +68,14 @@ class ModelFamily(ABC):
     default_feature_layer: ClassVar[int] = -2
     #: Whether the family takes videos (``<|video_pad|>`` runs).
     takes_video: ClassVar[bool] = False
+    #: Whether prompts are rendered by the processor's chat template (HF ``messages``) rather
+    #: than LLaVA-1.5's ``vicuna_v1`` text.
+    uses_chat_template: ClassVar[bool] = False
+
+    def counted_image_sizes(self, config: Any, inputs: Any, images: list) -> list[tuple[int, int]]:
+        """Each image's ``(H, W)`` as the token count needs it, from the processor's output for
+        ``images`` (PIL): the original size unless the processor resizes first (native resolution)."""
+        return [(img.height, img.width) for img in images]
 
     # --- loading ---------------------------------------------------------------------------------
     @abstractmethod

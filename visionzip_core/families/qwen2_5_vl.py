@@ -50,16 +50,22 @@ which tokens are kept), and the image tokens' own positions are filled in by the
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import re
+import sys
 import types
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLModel
+from transformers import (
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLModel,
+    Qwen2VLForConditionalGeneration,
+    Qwen2VLModel,
+)
 from transformers.modeling_outputs import BaseModelOutputWithPooling
-from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
 from transformers.vision_utils import get_vision_window_index
 
 from visionzip_core.algorithm import compress_in_place_order, select_by_scores
@@ -76,16 +82,17 @@ _KEPT = "_visionzip_kept"
 _SCORE_CHUNK_ELEMENTS = 1 << 26
 
 
-def find_qwen_model(model: nn.Module) -> Qwen2_5_VLModel:
-    """The ``Qwen2_5_VLModel`` inside ``model`` (itself, the ForConditionalGeneration, or a PEFT wrapper)."""
+def find_qwen_model(model: nn.Module) -> Qwen2_5_VLModel | Qwen2VLModel:
+    """The ``Qwen2_5_VLModel`` (or ``Qwen2VLModel``) inside ``model`` (itself, the
+    ForConditionalGeneration, or a PEFT wrapper)."""
     inner = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
-    if isinstance(inner, Qwen2_5_VLForConditionalGeneration):
+    if isinstance(inner, (Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration)):
         return inner.model
-    if isinstance(inner, Qwen2_5_VLModel):
+    if isinstance(inner, (Qwen2_5_VLModel, Qwen2VLModel)):
         return inner
     raise ValueError(
-        "visionzip: the qwen2.5-vl family takes Qwen2_5_VLForConditionalGeneration or Qwen2_5_VLModel "
-        f"(optionally wrapped by peft); got {type(model).__name__}"
+        "visionzip: the qwen families take Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration "
+        f"or their inner models (optionally wrapped by peft); got {type(model).__name__}"
     )
 
 
@@ -169,7 +176,9 @@ class _LastBlockCapture:
         seq = self.qkv.shape[0]
         q, k, _ = self.qkv.reshape(seq, 3, heads, -1).permute(1, 0, 2, 3).unbind(0)
         cos, sin = self.inputs["position_embeddings"]
-        q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
+        # The tower's own rotary function (Qwen2-VL and Qwen2.5-VL each have theirs).
+        rotate = sys.modules[type(self.attn).__module__].apply_rotary_pos_emb_vision
+        q, k = rotate(q, k, cos, sin)
         q, k = q.float().transpose(0, 1), k.float().transpose(0, 1)  # (heads, S, d)
         scores = torch.zeros(seq, dtype=torch.float32, device=q.device)
         bounds = self.inputs["cu_seqlens"].tolist()
@@ -195,16 +204,18 @@ def _vision_scores(inner: Qwen2_5_VLModel, pixel_values: torch.Tensor, grid_thw:
     finally:
         capture.armed = False
         capture.remove()
-    unit = visual.spatial_merge_unit
-    window_index, _ = get_vision_window_index(
-        grid_thw,
-        spatial_merge_size=visual.spatial_merge_size,
-        window_size=visual.window_size,
-        patch_size=visual.patch_size,
-    )
-    reverse = torch.argsort(window_index.to(scores.device))
-    scores = scores.view(-1, unit).mean(dim=1)[reverse]
-    keys = keys.view(-1, unit, keys.shape[-1]).mean(dim=1)[reverse]
+    unit = visual.spatial_merge_size**2
+    scores = scores.view(-1, unit).mean(dim=1)
+    keys = keys.view(-1, unit, keys.shape[-1]).mean(dim=1)
+    if getattr(visual, "window_size", None):  # Qwen2.5-VL runs its blocks in window order
+        window_index, _ = get_vision_window_index(
+            grid_thw,
+            spatial_merge_size=visual.spatial_merge_size,
+            window_size=visual.window_size,
+            patch_size=visual.patch_size,
+        )
+        reverse = torch.argsort(window_index.to(scores.device))
+        scores, keys = scores[reverse], keys[reverse]
     return merged, scores, keys
 
 
@@ -332,7 +343,8 @@ def _visionzip_rope_index(
                     f"visionzip: {name} {index} has {length} {token} tokens but VisionZip keeps {expected} of "
                     f"its grid {tuple(grid)}; build the inputs with visionzip_processor(processor, model.config)"
                 )
-            interval = vision.tokens_per_second * seconds[index] if kind == 2 else 1
+            per_second = getattr(vision, "tokens_per_second", None)  # Qwen2-VL: frame groups 1 apart
+            interval = per_second * seconds[index] if kind == 2 and per_second else 1
             full = self.get_vision_position_ids(
                 current, torch.as_tensor(grid), 1, merge, interval, device=input_ids.device
             )
@@ -358,6 +370,13 @@ def _visionzip_rope_index(
                 f"visionzip: {len(grids[kind])} {name}(s) given but input_ids hold {used[kind]} {token} runs"
             )
     return position_ids, torch.tensor(deltas, device=input_ids.device).unsqueeze(1)
+
+
+def _timing(forward, second_per_grid_ts) -> dict:
+    """``second_per_grid_ts`` for a forward that takes it (Qwen2.5-VL's; Qwen2-VL's does not)."""
+    if "second_per_grid_ts" not in inspect.signature(forward).parameters:
+        return {}
+    return {"second_per_grid_ts": second_per_grid_ts}
 
 
 def _visionzip_forward(
@@ -403,8 +422,8 @@ def _visionzip_forward(
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             mm_token_type_ids=mm_token_type_ids,
-            second_per_grid_ts=second_per_grid_ts,
             mm_encoder_outputs=mm_encoder_outputs,
+            **_timing(stock, second_per_grid_ts),
             **kwargs,
         )
     if input_ids is None:
@@ -454,8 +473,8 @@ def _visionzip_forward(
         inputs_embeds=inputs_embeds,
         use_cache=use_cache,
         mm_token_type_ids=mm_token_type_ids,
-        second_per_grid_ts=second_per_grid_ts,
         mm_encoder_outputs=encoded,
+        **_timing(stock, second_per_grid_ts),
         **kwargs,
     )
 
@@ -542,6 +561,12 @@ class Qwen2_5VL(ModelFamily):
     count_depends_on_size = True
     default_feature_layer = -1  # the merger reads the last block, whose attention the rule uses
     takes_video = True
+    uses_chat_template = True
+
+    def counted_image_sizes(self, config: Any, inputs: Any, images: list) -> list[tuple[int, int]]:
+        """The sizes the processor resized the images to (``image_grid_thw`` x patch size)."""
+        patch = config.vision_config.patch_size
+        return [(int(h) * patch, int(w) * patch) for _, h, w in inputs["image_grid_thw"].tolist()]
 
     # --- loading ---------------------------------------------------------------------------------
     def load(self, path: str, check_files: bool = True, **from_pretrained_kwargs: Any) -> nn.Module:
@@ -699,3 +724,28 @@ def _stock_forward_keeping_graph(
     return type(self).forward(
         self, input_ids, *args, pixel_values=pixel_values, pixel_values_videos=pixel_values_videos, **kwargs
     )
+
+
+class Qwen2VL(Qwen2_5VL):
+    """Qwen2-VL (``Qwen2VLForConditionalGeneration``). The authors released no Qwen2-VL code (their
+    README points to a community port that selects before the merger with token 0 as a stand-in
+    CLS); the Qwen2.5-VL rule above applies unchanged. Qwen2-VL's blocks all attend in full, so
+    there is no window order to undo, and its video positions step 1 per temporal group."""
+
+    name = "qwen2-vl"
+    model_classes = ("Qwen2VLForConditionalGeneration", "Qwen2VLModel")
+    processor_classes = ("Qwen2VLProcessor",)
+    model_types = ("qwen2_vl",)
+
+    def load(self, path: str, check_files: bool = True, **from_pretrained_kwargs: Any) -> nn.Module:
+        return load_checked(Qwen2VLForConditionalGeneration, path, check_files, **from_pretrained_kwargs)
+
+    def config_from_dict(self, data: dict) -> Any:
+        from transformers import Qwen2VLConfig
+
+        return Qwen2VLConfig.from_dict(data)
+
+    def random_model(self, config: Any, dtype: torch.dtype | None = None) -> nn.Module:
+        if dtype is None:
+            return Qwen2VLForConditionalGeneration(config)
+        return Qwen2VLForConditionalGeneration._from_config(config, dtype=dtype)
