@@ -220,6 +220,7 @@ def test_export_reloads_with_visionzip_and_generates(qwen_dir, qwen_data, tmp_pa
         (["train.mode=pretrain"], "train.mode: pretrain is not supported for qwen2.5-vl"),
         (["data.packing=true"], "data.packing: not supported for qwen2.5-vl (M-RoPE positions per sample)"),
         (["data.image_aspect_ratio=crop"], "data.image_aspect_ratio: crop does not apply to qwen2.5-vl"),
+        (["data.template=vicuna_v1"], "data.template: vicuna_v1 is LLaVA-1.5's text format; qwen2.5-vl is"),
     ],
 )
 def test_config_errors_stop_before_weights_load(qwen_dir, qwen_data, tmp_path, extra, words):
@@ -235,3 +236,24 @@ def test_ratio_keys_on_a_llava_model_are_one_config_error(tiny_llava_dir, qwen_d
     overrides = [o for o in overrides if not o.startswith("data.image_aspect_ratio")]
     proc = train(overrides, expect=2)
     assert "visionzip.dominant_ratio: only for qwen2.5-vl" in proc.stderr
+
+
+def test_a_config_that_leaves_the_data_format_out_gets_the_familys(qwen_dir, qwen_data, tmp_path):
+    """chat_template, keep and native are the Qwen family's defaults; LLaVA's stay LLaVA's."""
+    from visionzip_core.training.settings import load_config
+
+    config = tmp_path / "qwen.yaml"
+    config.write_text(
+        f"model: {{name_or_path: {qwen_dir}}}\n"
+        f"data: {{train: [{{path: {qwen_data}/train.jsonl, image_folder: {qwen_data}/images}}]}}\n"
+        f"train: {{mode: projector, output_dir: {tmp_path / 'out'}}}\n"
+        "visionzip: {dominant_ratio: 0.25, contextual_ratio: 0.25}\n"
+    )
+    data = load_config(str(config), check_files=True).data
+    assert (data.template, data.image_placement, data.image_aspect_ratio) == (
+        "chat_template",
+        "keep",
+        "native",
+    )
+    given = load_config(str(config), ["data.image_aspect_ratio=pad"], check_files=True).data
+    assert given.image_aspect_ratio == "pad" and given.template == "chat_template"

@@ -34,6 +34,8 @@ def check_inputs(
         if tower is not None and vz is not None and vz.enabled:
             problems += _visionzip_fits(vz, *tower)
         if tower is not None and data is not None:
+            data = sections["data"] = _family_defaults(data, raw, tower[0])
+            problems += _template_fits(data, tower[0])
             problems += _aspect_ratio_fits(data, tower[0], train.mode)
             problems += _packing_fits(data, tower[0])
     if train is not None:
@@ -171,6 +173,26 @@ def _packing_fits(data, family) -> list[str]:
     if not data.packing or not family.takes_video:
         return []
     return [f"data.packing: not supported for {family.name} (M-RoPE positions per sample)"]
+
+
+def _family_defaults(data, raw: dict, family):
+    """``data`` with the family's own defaults for the keys the config leaves out: a family prompted
+    through its chat template (Qwen2.5-VL) takes HF ``messages`` rendered by that template, images
+    (and videos) where the sample puts them, at native resolution; LLaVA's defaults are the fields'."""
+    if not family.uses_chat_template:
+        return data
+    defaults = {"template": "chat_template", "image_placement": "keep", "image_aspect_ratio": "native"}
+    update = {key: value for key, value in defaults.items() if not _given(raw, "data", key)}
+    return data.model_copy(update=update) if update else data
+
+
+def _template_fits(data, family) -> list[str]:
+    if not family.uses_chat_template or data.template == "chat_template":
+        return []
+    return [
+        f"data.template: {data.template} is LLaVA-1.5's text format; {family.name} is trained on its chat "
+        "template: use chat_template (the default for this family)"
+    ]
 
 
 def _aspect_ratio_fits(data, family, mode: str) -> list[str]:
