@@ -80,7 +80,7 @@ def visionzip(
         )
     family.apply(model, config)
     for cfg in family.configs(model):
-        setattr(cfg, CONFIG_KEY, config.model_dump())
+        setattr(cfg, CONFIG_KEY, config.model_dump(exclude_none=True))  # ratios only when given
         if hasattr(cfg, "image_seq_length") and not config.uses_ratios:  # llava-hf configs have it
             cfg.image_seq_length = config.tokens_per_image
     return model
