@@ -16,6 +16,14 @@ Greedy decoding, random weights; budgets interleaved after a warm-up; medians.
 
 ``--family llava-next``: LLaVA-NeXT's ``LlavaNextProcessor`` on 672 px images (5 crops each);
 budgets are per crop: 576 (stock) and 128, 64, 32 (the paper's 640 / 320 / 160 per image).
+
+``--family qwen2.5-vl``: Qwen2.5-VL's processor (``load_qwen_processor`` on a folder holding the tiny
+Qwen tokenizer and Qwen2.5-VL-7B-Instruct's image settings) on 448 px images (256 merged tokens);
+budgets are the percent of each image's merged tokens kept: 100 (stock), 70 (0.65 + 0.05), 50
+(0.45 + 0.05), 25 (0.20 + 0.05). The FLOP figure is counted by ``torch.utils.flop_counter`` on one
+1-token ``generate`` per budget. Sizes ``cpu`` and ``qwen2.5-vl-7b`` (GPU only).
+
+    python scripts/bench_prefill.py --family qwen2.5-vl --batch-size 2 --out results/bench_prefill_cpu_qwen.json
 """
 
 from __future__ import annotations
@@ -31,16 +39,22 @@ from PIL import Image
 
 from visionzip_core.benchmarking import (
     NEXT_IMAGE,
+    QWEN_SIZES,
     SIZES,
     budget_label,
     budgets_for,
-    build_random_llava,
+    build_random_model,
+    counted_flops,
     image_plan,
     interleaved_schedule,
     median,
     parse_budgets,
     run_context,
     set_budget,
+    size_error,
+    sizes_for,
+    stock_budget,
+    write_qwen_processor_files,
     write_report,
 )
 from visionzip_core.flops import TrainableParts, llava_step_flops
@@ -54,8 +68,8 @@ QUESTION = (
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", choices=sorted(SIZES), default="cpu")
-    p.add_argument("--family", choices=("llava-1.5", "llava-next"), default="llava-1.5")
+    p.add_argument("--size", choices=sorted({*SIZES, *QWEN_SIZES}), default="cpu")
+    p.add_argument("--family", choices=("llava-1.5", "llava-next", "qwen2.5-vl"), default="llava-1.5")
     p.add_argument(
         "--quick", action="store_true", help="smoke run: fewer layers, 1 timed round, 8 new tokens"
     )
@@ -63,13 +77,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=None, help="tokens generated (default 32; quick 8)")
     p.add_argument("--batch-size", type=int, default=1, help="prompts per generate call")
     p.add_argument(
-        "--budgets", default=None, help="default 576,192,128,64 (llava-next, per crop: 576,128,64,32)"
+        "--budgets",
+        default=None,
+        help="default 576,192,128,64 (llava-next, per crop: 576,128,64,32; qwen2.5-vl, percent kept: 100,70,50,25)",
     )
     p.add_argument("--device", default=None)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", type=Path, default=None, help="JSON path; .md is written beside it")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    error = size_error(
+        args.family, args.size, args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    )
+    if error:
+        p.error(error)
     try:
         allowed = budgets_for(args.family)
         args.budgets = parse_budgets(args.budgets or ",".join(map(str, allowed)), allowed)
@@ -88,9 +109,14 @@ def build_processor(size, model):
         build_tiny_tokenizer,
     )
 
+    family = family_for(model)
+    if family.name == "qwen2.5-vl":  # the processor class is the family's, from a folder as downloaded
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as folder:
+            return family.load_processor(str(write_qwen_processor_files(folder)))
     tokenizer = build_tiny_tokenizer()
     tokenizer.model_max_length = 8192  # prompts carry up to 576 (LLaVA-NeXT: 2928) image tokens
-    family = family_for(model)
     side = size.vision.image_size
     image_processor = (
         family.build_image_processor(side, model.config.image_grid_pinpoints)
@@ -117,12 +143,15 @@ def prompt_inputs(size, model, batch_size: int, device, seed: int):
 
     processor = visionzip_processor(build_processor(size, model), model.config)
     rng = np.random.default_rng(seed)
-    side = size.vision.image_size
-    h, w = NEXT_IMAGE if tiles(processor.image_processor) else (side, side)
+    if hasattr(size, "image"):  # Qwen2.5-VL: native resolution, the chat template places the image
+        h, w = size.image
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
+    else:
+        side = size.vision.image_size
+        h, w = NEXT_IMAGE if tiles(processor.image_processor) else (side, side)
+        messages = [{"role": "user", "content": f"<image>\n{QUESTION}"}]
     images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for _ in range(batch_size)]
-    text = processor.apply_chat_template(
-        [{"role": "user", "content": f"<image>\n{QUESTION}"}], add_generation_prompt=True, tokenize=False
-    )
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     inputs = processor(images=images, text=[text] * batch_size, return_tensors="pt", padding=True)
     inputs["pixel_values"] = inputs["pixel_values"].to(getattr(torch, size.dtype))
     return {k: v.to(device) for k, v in inputs.items()}
@@ -132,14 +161,18 @@ def run(args: argparse.Namespace) -> list[dict]:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.threads:
         torch.set_num_threads(args.threads)
-    size = SIZES[args.size].quick() if args.quick else SIZES[args.size]
+    sizes = sizes_for(args.family)
+    size = sizes[args.size].quick() if args.quick else sizes[args.size]
     size = replace(size, batch_size=args.batch_size)
+    qwen = args.family == "qwen2.5-vl"
     rounds = args.rounds or (1 if args.quick else 3)
     new_tokens = args.new_tokens or (8 if args.quick else 32)
 
-    model = build_random_llava(size, device, seed=args.seed, family=args.family).eval()
-    build_processor(size, model)
+    model = build_random_model(size, device, seed=args.seed, family=args.family).eval()
+    if not qwen:
+        build_processor(size, model)  # points the model's special ids at the tokenizer's
     budgets = budgets_for(args.family)
+    ref = stock_budget(budgets)
     plans = {k: image_plan(model.config, args.family, k) for k in args.budgets}
     inputs = {}
     for tokens in args.budgets:
@@ -165,19 +198,25 @@ def run(args: argparse.Namespace) -> list[dict]:
             )
         return elapsed
 
+    counted = {}
     for tokens in args.budgets:  # warm-up
         generate(tokens, 2)
+        if qwen:  # the FLOP figure: counted on a 1-token generate (prefill + one LM-head position)
+            counted[tokens] = counted_flops(lambda t=tokens: generate(t, 1))
     first: dict[int, list[float]] = {k: [] for k in args.budgets}
     full: dict[int, list[float]] = {k: [] for k in args.budgets}
     for tokens in interleaved_schedule(args.budgets, rounds):
         first[tokens].append(generate(tokens, 1))
         full[tokens].append(generate(tokens, new_tokens))
+        unit = "% of tokens" if qwen else " tokens"
         print(
-            f"  {tokens:>3} tokens: first {first[tokens][-1]:.3f}s, {new_tokens} new {full[tokens][-1]:.3f}s",
+            f"  {tokens:>3}{unit}: first {first[tokens][-1]:.3f}s, {new_tokens} new {full[tokens][-1]:.3f}s",
             flush=True,
         )
 
     def prefill_flops(tokens: int) -> int:
+        if qwen:
+            return counted[tokens]
         return llava_step_flops(
             size.vision,
             size.llm,
@@ -192,8 +231,8 @@ def run(args: argparse.Namespace) -> list[dict]:
             projector_tokens_per_image=plans[tokens].projected,
         )["total"].forward
 
-    base_ttft, base_flops = median(first[576]), prefill_flops(576)
-    base_e2e = median(full[576])
+    base_ttft, base_flops = median(first[ref]), prefill_flops(ref)
+    base_e2e = median(full[ref])
     results = []
     for tokens in args.budgets:
         ttft, t_n = median(first[tokens]), median(full[tokens])
@@ -201,7 +240,9 @@ def run(args: argparse.Namespace) -> list[dict]:
         results.append(
             {
                 "tokens": tokens,
+                "budget_kind": "percent" if qwen else "tokens",
                 "image_tokens": plans[tokens].llm,
+                "stock_image_tokens": plans[ref].llm,
                 "crops_per_image": plans[tokens].crops,
                 "split": list(budgets[tokens]) if budgets[tokens] else None,
                 "prompt_len": inputs[tokens]["input_ids"].shape[1],
@@ -225,6 +266,11 @@ def run(args: argparse.Namespace) -> list[dict]:
         "dtype": size.dtype,
         "batch_size": size.batch_size,
         "rounds": rounds,
+        "flops_source": (
+            "counted (torch.utils.flop_counter.FlopCounterMode, 1-token generate)"
+            if qwen
+            else "visionzip_core.flops.llava_step_flops"
+        ),
         **run_context(device),
     }
     for r in results:

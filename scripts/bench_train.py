@@ -4,6 +4,12 @@ against the FLOP-ideal speed-up from the model's shapes and the real sequence le
 ``--family llava-next``: LLaVA-NeXT with 672 px images (5 crops each); budgets are per crop, 576
 (stock: every patch, unpadded, newlines) and 128, 64, 32 (the paper's 640 / 320 / 160 per image).
 
+``--family qwen2.5-vl``: Qwen2.5-VL with 448 px images (256 merged tokens each); budgets are the
+percent of each image's merged tokens kept: 100 (stock), 70 (0.65 + 0.05, the authors' default), 50
+(0.45 + 0.05) and 25 (0.20 + 0.05). Trainable: the merger (projector mode), or LoRA on the LLM + the
+merger. The FLOP figure is counted by ``torch.utils.flop_counter`` on the warm-up step (there is no
+analytic FLOP model for this family). Sizes ``cpu`` and ``qwen2.5-vl-7b`` (the 7B's shapes; GPU only).
+
 One process, one model, one batch of text per run; only the image-token count changes.
 A step is forward + backward + ``torch.optim.AdamW.step`` on the trainable parameters
 (projector, or projector + LoRA), which is what compression changes. Warm-up first (one step
@@ -13,6 +19,8 @@ per budget, then one memory-measuring step per budget), then the timed steps, in
     python scripts/bench_train.py --quick                                        # ~1 min smoke
     python scripts/bench_train.py --size llava-1.5-7b --mode lora --out results/bench_train_7b_lora.json
     python scripts/bench_train.py --family llava-next --batch-size 1 --out results/bench_train_cpu_next.json
+    python scripts/bench_train.py --family qwen2.5-vl --steps 3 --out results/bench_train_cpu_qwen_projector.json
+    python scripts/bench_train.py --family qwen2.5-vl --size qwen2.5-vl-7b --out results/bench_train_qwen_7b.json
 
 Writes ``--out`` (JSON list, one object per budget), and beside it ``.md`` (table) and ``.png``.
 """
@@ -28,18 +36,25 @@ import torch
 from visionzip_core.benchmarking import (
     NEXT_IMAGE,
     PAD_TOKEN_ID,
+    QWEN_SIZES,
     SIZES,
     budget_label,
     budgets_for,
     build_random_llava,
+    build_random_model,
+    counted_flops,
     image_plan,
     interleaved_schedule,
     median,
     model_tensors,
     parse_budgets,
     peak_memory_bytes,
+    qwen_synthetic_batch,
     run_context,
     set_budget,
+    size_error,
+    sizes_for,
+    stock_budget,
     synthetic_batch,
     write_report,
 )
@@ -52,8 +67,8 @@ LORA_RANK, LORA_ALPHA = 128, 256  # LLaVA-1.5's LoRA recipe, as configs/ use
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", choices=sorted(SIZES), default="cpu")
-    p.add_argument("--family", choices=("llava-1.5", "llava-next"), default="llava-1.5")
+    p.add_argument("--size", choices=sorted({*SIZES, *QWEN_SIZES}), default="cpu")
+    p.add_argument("--family", choices=("llava-1.5", "llava-next", "qwen2.5-vl"), default="llava-1.5")
     p.add_argument("--mode", choices=("projector", "lora"), default="projector")
     p.add_argument("--quick", action="store_true", help="smoke run: fewer layers, batch 1, 2 timed steps")
     p.add_argument("--steps", type=int, default=None, help="timed steps per budget (default 5; quick 2)")
@@ -61,7 +76,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--budgets",
         default=None,
-        help="visual tokens per image (per crop for llava-next); default 576,192,128,64 (llava-next 576,128,64,32)",
+        help="visual tokens per image (per crop for llava-next; percent kept for qwen2.5-vl); default "
+        "576,192,128,64 (llava-next 576,128,64,32; qwen2.5-vl 100,70,50,25)",
     )
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
@@ -80,6 +96,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="--compare-packing: tokens per packed row and micro-batch",
     )
     args = p.parse_args(argv)
+    check_size(p, args)
     if args.compare_packing and args.family != "llava-1.5":
         p.error("--compare-packing runs LLaVA-1.5 (one crop per image)")
     try:
@@ -89,6 +106,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     except ValueError as err:
         p.error(str(err))
     return args
+
+
+def check_size(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    error = size_error(
+        args.family, args.size, args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    )
+    if error:
+        p.error(error)
 
 
 def trainable_parts(mode: str) -> TrainableParts:
@@ -150,7 +175,8 @@ def run(args: argparse.Namespace) -> list[dict]:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.threads:
         torch.set_num_threads(args.threads)
-    size = SIZES[args.size].quick() if args.quick else SIZES[args.size]
+    sizes = sizes_for(args.family)
+    size = sizes[args.size].quick() if args.quick else sizes[args.size]
     if args.batch_size:
         from dataclasses import replace
 
@@ -159,20 +185,33 @@ def run(args: argparse.Namespace) -> list[dict]:
     parts = trainable_parts(args.mode)
 
     t0 = time.perf_counter()
-    model = build_random_llava(size, device, seed=args.seed, family=args.family)
-    check_shapes(model, size)
+    qwen = args.family == "qwen2.5-vl"
+    model = build_random_model(size, device, seed=args.seed, family=args.family)
+    if not qwen:
+        check_shapes(model, size)
     budgets = budgets_for(args.family)
+    ref = stock_budget(budgets)
     plans = {k: image_plan(model.config, args.family, k) for k in args.budgets}
     model = prepare_for_training(model, args.mode)
     print(f"built {size.name} ({size.note}) on {device} in {time.perf_counter() - t0:.1f}s", flush=True)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     image_hw = NEXT_IMAGE if args.family == "llava-next" else None
-    batches = {
-        k: synthetic_batch(
-            size, plans[k].llm, device, seed=args.seed, image_hw=image_hw, crops=plans[k].crops
-        )
-        for k in args.budgets
-    }
+    if qwen:
+        batches = {
+            k: qwen_synthetic_batch(size, model.config, plans[k].llm, device, seed=args.seed)
+            for k in args.budgets
+        }
+        for k in args.budgets:  # the LLM sees each budget's real count of <|image_pad|> per image
+            found = int((batches[k]["input_ids"] == model.config.image_token_id).sum()) // size.batch_size
+            if found != plans[k].llm:
+                raise RuntimeError(f"batch holds {found} image tokens per image at budget {k}")
+    else:
+        batches = {
+            k: synthetic_batch(
+                size, plans[k].llm, device, seed=args.seed, image_hw=image_hw, crops=plans[k].crops
+            )
+            for k in args.budgets
+        }
 
     def step(tokens: int) -> None:
         set_budget(model, tokens, budgets)
@@ -183,8 +222,12 @@ def run(args: argparse.Namespace) -> list[dict]:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
+    counted = {}
     for tokens in args.budgets:  # warm-up: kernels, allocator, optimizer state
-        step(tokens)
+        if qwen:  # the FLOP figure: counted on this step
+            counted[tokens] = counted_flops(lambda t=tokens: step(t))
+        else:
+            step(tokens)
     memory = {}
     for tokens in args.budgets:
         memory[tokens] = peak_memory_bytes(
@@ -196,18 +239,22 @@ def run(args: argparse.Namespace) -> list[dict]:
         start = time.perf_counter()
         step(tokens)
         times[tokens].append(time.perf_counter() - start)
-        print(f"  {tokens:>3} tokens: {times[tokens][-1]:.3f}s", flush=True)
+        unit = "% of tokens" if qwen else " tokens"
+        print(f"  {tokens:>3}{unit}: {times[tokens][-1]:.3f}s", flush=True)
 
-    base = median(times[576])
+    base = median(times[ref])
     base_flops = None
     rows = []
     for tokens in args.budgets:
         batch = batches[tokens]
         seq_len = batch["input_ids"].shape[1]
-        flops = ideal_flops(
-            size, args.family, plans[tokens], tokens, seq_len, batch["input_ids"].shape[0], parts
-        )
-        if tokens == 576:
+        if qwen:
+            flops = counted[tokens]
+        else:
+            flops = ideal_flops(
+                size, args.family, plans[tokens], tokens, seq_len, batch["input_ids"].shape[0], parts
+            )
+        if tokens == ref:
             base_flops = flops
         rows.append({"tokens": tokens, "seq_len": seq_len, "flops": flops, "batch": batch})
     results = []
@@ -219,7 +266,9 @@ def run(args: argparse.Namespace) -> list[dict]:
         results.append(
             {
                 "tokens": tokens,
+                "budget_kind": "percent" if qwen else "tokens",
                 "image_tokens": plans[tokens].llm,
+                "stock_image_tokens": plans[ref].llm,
                 "crops_per_image": plans[tokens].crops,
                 "split": list(budgets[tokens]) if budgets[tokens] else None,
                 "step_time_s": t,
@@ -247,6 +296,11 @@ def run(args: argparse.Namespace) -> list[dict]:
         "batch_size": size.batch_size,
         "text_tokens_range": list(size.text_tokens),
         "timed_steps_per_budget": steps,
+        "flops_source": (
+            "counted (torch.utils.flop_counter.FlopCounterMode, warm-up step)"
+            if qwen
+            else "visionzip_core.flops.llava_step_flops"
+        ),
         "memory_measure": (
             "torch.cuda.max_memory_allocated"
             if device.type == "cuda"
@@ -413,9 +467,8 @@ def plot(results: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tokens = [r["tokens"] for r in results]
-    labels = [str(t) for t in tokens]
-    base = next(r["step_time_s"] for r in results if r["tokens"] == 576)
+    labels = [budget_label(r).replace(" (stock)", "") for r in results]
+    base = next(r["step_time_s"] for r in results if r["split"] is None)
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(10, 4))
     ax_t.bar(labels, [r["step_time_s"] for r in results], color="tab:blue", label="measured (median)")
     ax_t.plot(labels, [base / r["ideal_speedup"] for r in results], "k--o", label="FLOP-ideal")

@@ -155,3 +155,62 @@ def test_paper_table_quick(tmp_path):
     assert all(r["samples"] == 5 and 0 <= r["accuracy"] <= 1 for r in rows)
     assert (tmp_path / "table.md").read_text().count("\n| (") == 4
     assert (tmp_path / "table.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_bench_train_and_prefill_quick_for_qwen2_5_vl(tmp_path):
+    """``--family qwen2.5-vl``: 448 px images (16 x 16 = 256 merged tokens); the budget is the percent
+    of each image's merged tokens kept (25 = 0.20 + 0.05 = 51 + 12 = 63)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    common = ["--quick", "--threads", "1", "--family", "qwen2.5-vl", "--budgets", "100,25"]
+    for script, extra in (("bench_train.py", ["--steps", "1"]), ("bench_prefill.py", ["--new-tokens", "2"])):
+        out = tmp_path / script.replace(".py", ".json")
+        cmd = [sys.executable, str(ROOT / "scripts" / script), *common, *extra, "--out", str(out)]
+        subprocess.run(cmd, check=True, env=env, cwd=ROOT, timeout=600)
+        stock, small = json.loads(out.read_text())
+        assert (stock["tokens"], small["tokens"]) == (100, 25)
+        assert (stock["image_tokens"], small["image_tokens"]) == (256, 63)
+        assert small["image_tokens"] < stock["image_tokens"] == small["stock_image_tokens"]
+        length = "seq_len" if script == "bench_train.py" else "prompt_len"
+        assert stock[length] - small[length] == 256 - 63  # the LLM sees the compressed count
+        assert (small.get("ideal_speedup") or small["ideal_prefill_speedup"]) > 1.2
+        assert stock["split"] is None and small["split"] == [0.2, 0.05]
+        assert "(25%)" in out.with_suffix(".md").read_text()
+    train = json.loads((tmp_path / "bench_train.json").read_text())
+    assert train[1]["peak_above_resident_mb"] < train[0]["peak_above_resident_mb"]
+
+
+def test_qwen2_5_vl_7b_size_builds_on_meta_and_is_refused_on_cpu():
+    """The Qwen2.5-VL-7B size has the released model's shapes (checked on meta); the scripts refuse
+    it on a CPU with one line instead of allocating 16 GB."""
+    from visionzip_core.benchmarking import QWEN_SIZES, build_random_model, image_plan, size_error
+
+    size = QWEN_SIZES["qwen2.5-vl-7b"]
+    model = build_random_model(size, "meta", family="qwen2.5-vl")
+    cfg = model.config
+    v = cfg.vision_config
+    assert (v.depth, v.hidden_size, v.num_heads, v.intermediate_size, v.out_hidden_size) == (
+        32,
+        1280,
+        16,
+        3420,
+        3584,
+    )
+    assert v.window_size == 112
+    assert v.fullatt_block_indexes == [7, 15, 23, 31]
+    t = cfg.text_config
+    heads = (t.num_attention_heads, t.num_key_value_heads)
+    assert (t.num_hidden_layers, t.hidden_size, *heads) == (28, 3584, 28, 4)
+    assert (t.intermediate_size, t.vocab_size) == (18944, 152064)
+    # Qwen2.5-VL-7B-Instruct: 8.29B parameters (7.6B LLM with untied head + 0.68B vision).
+    assert 8.2e9 < sum(p.numel() for p in model.parameters()) < 8.4e9
+    assert [image_plan(cfg, "qwen2.5-vl", k).llm for k in (100, 70, 50, 25)] == [256, 178, 127, 63]
+    assert "GPU size" in size_error("qwen2.5-vl", "qwen2.5-vl-7b", "cpu")
+    assert size_error("qwen2.5-vl", "qwen2.5-vl-7b", "cuda") is None
+    assert "not a qwen2.5-vl size" in size_error("qwen2.5-vl", "llava-1.5-7b", "cpu")
+    for script in ("bench_train.py", "bench_prefill.py"):
+        cmd = [sys.executable, str(ROOT / "scripts" / script), "--family", "qwen2.5-vl"]
+        done = subprocess.run(
+            [*cmd, "--size", "qwen2.5-vl-7b", "--device", "cpu"], capture_output=True, text=True, timeout=300
+        )
+        assert done.returncode == 2 and "is a GPU size" in done.stderr

@@ -33,8 +33,29 @@ NEXT_BUDGETS: dict[int, tuple[int, int] | None] = {576: None, 128: (108, 20), 64
 NEXT_IMAGE = (672, 672)
 
 
-def budgets_for(family: str) -> dict[int, tuple[int, int] | None]:
+# Qwen2.5-VL: budgets are fractions of each image's merged tokens, keyed by the percent kept, split as
+# (dominant_ratio, contextual_ratio); 100 is the stock model. 70 = the authors' default (0.65 + 0.05),
+# 50 = their README's 0.45 + 0.05.
+QWEN_BUDGETS: dict[int, tuple[float, float] | None] = {
+    100: None,
+    70: (0.65, 0.05),
+    50: (0.45, 0.05),
+    25: (0.20, 0.05),
+}
+# The picture Qwen2.5-VL benchmarks feed: 448 x 448 px = 32 x 32 patches = 16 x 16 = 256 merged tokens
+# (inside the processor's default min/max pixels, so it is not resized).
+QWEN_IMAGE = (448, 448)
+
+
+def budgets_for(family: str) -> dict:
+    if family == "qwen2.5-vl":
+        return QWEN_BUDGETS
     return NEXT_BUDGETS if family == "llava-next" else BUDGETS
+
+
+def stock_budget(budgets: dict) -> int:
+    """The key of the stock model (compression off) in a budget table: 576, or 100 (percent) for qwen."""
+    return next(k for k, split in budgets.items() if split is None)
 
 
 # llava-hf LLaVA-1.5 token ids (vocab 32064: Llama's 32000 + <image> + <pad> + padding to 64).
@@ -121,6 +142,277 @@ SIZES: dict[str, BenchSize] = {
 }
 
 
+@dataclass(frozen=True)
+class QwenBenchSize:
+    """A Qwen2.5-VL size: ``vision`` and ``text`` are the ``vision_config`` / ``text_config`` entries
+    of a ``qwen2_5_vl`` config.json (token ids are added by :func:`qwen_config`); ``image`` is the
+    (H, W) of every benchmark image. The other fields as in :class:`BenchSize`."""
+
+    name: str
+    vision: dict
+    text: dict
+    batch_size: int
+    text_tokens: tuple[int, int]
+    dtype: str
+    image: tuple[int, int] = QWEN_IMAGE
+    note: str = ""
+
+    def quick(self) -> QwenBenchSize:
+        """Smoke variant: 2 vision blocks (the last full-attention), 1 LLM layer, same widths, batch 1."""
+        depth = min(self.vision["depth"], 2)
+        return replace(
+            self,
+            name=f"{self.name}-quick",
+            vision={**self.vision, "depth": depth, "fullatt_block_indexes": [depth - 1]},
+            text={**self.text, "num_hidden_layers": min(self.text["num_hidden_layers"], 1)},
+            batch_size=1,
+            note=f"QUICK (smoke only): {self.name} widths, {depth} vision blocks, 1 LLM layer, batch 1",
+        )
+
+
+_QWEN_VISION_COMMON = {
+    "hidden_act": "silu",
+    "in_channels": 3,
+    "patch_size": 14,
+    "spatial_merge_size": 2,
+    "temporal_patch_size": 2,
+    "window_size": 112,
+    "tokens_per_second": 2,
+}
+_QWEN_TEXT_COMMON = {
+    "hidden_act": "silu",
+    "max_position_embeddings": 128000,
+    "rms_norm_eps": 1e-6,
+    "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},  # sums to head_dim / 2 = 64
+    "rope_theta": 1000000.0,
+    "use_sliding_window": False,
+    "tie_word_embeddings": False,
+}
+
+QWEN_SIZES: dict[str, QwenBenchSize] = {
+    "cpu": QwenBenchSize(
+        name="cpu",
+        # The 7B's vision geometry (patch 14, 2x2 merge, 112 px windows, windowed blocks with full
+        # attention in every 4th and the last) at 8 blocks of 1/5 width (the 7B's MLP ratio, 3420 / 1280;
+        # head dim 64 against the 7B's 80).
+        vision={
+            **_QWEN_VISION_COMMON,
+            "depth": 8,
+            "hidden_size": 256,
+            "intermediate_size": 684,
+            "num_heads": 4,
+            "out_hidden_size": 768,
+            "fullatt_block_indexes": [3, 7],
+        },
+        # Qwen2-layout LLM: head dim 128 (so the 7B's mrope_section fits), grouped KV, 4 layers; a
+        # 16k vocabulary (the 7B's 152k LM head would be most of a CPU step).
+        text={
+            **_QWEN_TEXT_COMMON,
+            "hidden_size": 768,
+            "intermediate_size": 4096,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 6,
+            "num_key_value_heads": 2,
+            "vocab_size": 16384,
+        },
+        batch_size=2,
+        text_tokens=(100, 150),
+        dtype="float32",
+        note="Qwen2.5-VL geometry at CPU scale: ViT 8 blocks x 256 (MLP 684, 4 heads, full attention in "
+        "blocks 3 and 7, 112 px windows) + 2x2 merger + Qwen2 LLM 4 layers x 768 (MLP 4096, 6 heads, "
+        "2 KV heads, head dim 128, M-RoPE), vocab 16384; 448 px images (256 merged tokens)",
+    ),
+    "qwen2.5-vl-7b": QwenBenchSize(
+        name="qwen2.5-vl-7b",
+        vision={
+            **_QWEN_VISION_COMMON,
+            "depth": 32,
+            "hidden_size": 1280,
+            "intermediate_size": 3420,
+            "num_heads": 16,
+            "out_hidden_size": 3584,
+            "fullatt_block_indexes": [7, 15, 23, 31],
+        },
+        text={
+            **_QWEN_TEXT_COMMON,
+            "hidden_size": 3584,
+            "intermediate_size": 18944,
+            "num_hidden_layers": 28,
+            "num_attention_heads": 28,
+            "num_key_value_heads": 4,
+            "vocab_size": 152064,
+        },
+        batch_size=2,
+        text_tokens=(100, 150),
+        dtype="bfloat16",
+        note="Qwen2.5-VL-7B shapes (ViT 32 x 1280, full attention in blocks 7/15/23/31; Qwen2 28 x 3584, "
+        "28 heads, 4 KV heads, vocab 152064), 448 px images (256 merged tokens), bf16; GPU only",
+    ),
+}
+
+
+def sizes_for(family: str) -> dict:
+    return QWEN_SIZES if family == "qwen2.5-vl" else SIZES
+
+
+def size_error(family: str, size_name: str, device: str) -> str | None:
+    """Why ``--size size_name`` cannot run for ``family`` on ``device`` (None when it can): it must be
+    one of the family's sizes, and the Qwen2.5-VL 7B size runs on a GPU only."""
+    sizes = sizes_for(family)
+    if size_name not in sizes:
+        return f"--size {size_name}: not a {family} size; choose from {sorted(sizes)}"
+    if family == "qwen2.5-vl" and size_name != "cpu" and not device.startswith("cuda"):
+        return (
+            f"--size {size_name} is a GPU size (8.3B parameters in {sizes[size_name].dtype}; a step would "
+            "take minutes and tens of GB on a CPU): run it where CUDA is available, or use --size cpu. "
+            "Its structure is checked on the meta device by tests/test_bench_scripts.py."
+        )
+    return None
+
+
+def write_qwen_processor_files(folder: str | os.PathLike) -> Path:
+    """Write a Qwen2.5-VL processor folder for the benchmarks' random models: the tiny Qwen tokenizer
+    (its special ids are :func:`qwen_token_ids`), Qwen2.5-VL-7B-Instruct's image settings (min_pixels
+    56 x 56, max_pixels 28 x 28 x 16384, so a :data:`QWEN_IMAGE` keeps its size) and chat template."""
+    from visionzip_core.tiny import QWEN2_5_VL_CHAT_TEMPLATE, build_tiny_qwen_tokenizer
+
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    _, tokenizer = build_tiny_qwen_tokenizer()
+    tokenizer.model_max_length = 32768
+    tokenizer.save_pretrained(out)
+    (out / "chat_template.jinja").unlink(missing_ok=True)
+    (out / "chat_template.json").write_text(json.dumps({"chat_template": QWEN2_5_VL_CHAT_TEMPLATE}))
+    preprocessor = {
+        "min_pixels": 56 * 56,
+        "max_pixels": 28 * 28 * 16384,
+        "patch_size": 14,
+        "temporal_patch_size": 2,
+        "merge_size": 2,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "image_processor_type": "Qwen2VLImageProcessor",
+        "processor_class": "Qwen2_5_VLProcessor",
+    }
+    (out / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2))
+    return out
+
+
+def qwen_token_ids() -> dict[str, int]:
+    """Special-token ids of the tiny Qwen tokenizer (:func:`visionzip_core.tiny.build_tiny_qwen_tokenizer`),
+    which the benchmarks' random Qwen models and processors share."""
+    from visionzip_core.tiny import QWEN_SPECIAL_TOKENS, build_tiny_qwen_tokenizer
+
+    _, tokenizer = build_tiny_qwen_tokenizer()
+    return {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
+
+
+def qwen_config(size: QwenBenchSize, token_ids: dict[str, int] | None = None):
+    """A ``qwen2_5_vl`` config with ``size``'s shapes and the tiny Qwen tokenizer's special ids."""
+    from visionzip_core.families import family_for
+
+    ids = token_ids or qwen_token_ids()
+    text = {
+        **size.text,
+        "bos_token_id": ids["<|endoftext|>"],
+        "eos_token_id": ids["<|im_end|>"],
+        "pad_token_id": ids["<|endoftext|>"],
+    }
+    data = {
+        "model_type": "qwen2_5_vl",
+        "text_config": text,
+        "vision_config": size.vision,
+        "image_token_id": ids["<|image_pad|>"],
+        "video_token_id": ids["<|video_pad|>"],
+        "vision_start_token_id": ids["<|vision_start|>"],
+        "vision_end_token_id": ids["<|vision_end|>"],
+        "vision_token_id": ids["<|vision_pad|>"],
+        "tie_word_embeddings": False,
+    }
+    return family_for("qwen2.5-vl").config_from_dict(data)
+
+
+def build_random_model(size, device: str | torch.device = "cpu", seed: int = 0, family: str = "llava-1.5"):
+    """:func:`build_random_llava`, or for ``family="qwen2.5-vl"`` a Qwen2.5-VL with random weights
+    (``device="meta"``: the structure only)."""
+    if family != "qwen2.5-vl":
+        return build_random_llava(size, device, seed=seed, family=family)
+    from visionzip_core.families import family_for
+
+    ids = qwen_token_ids()
+    config = qwen_config(size, ids)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = family_for(config).random_model(config, dtype=getattr(torch, size.dtype))
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    model.generation_config.bos_token_id = ids["<|endoftext|>"]
+    model.generation_config.eos_token_id = ids["<|im_end|>"]
+    return model
+
+
+def qwen_synthetic_batch(
+    size: QwenBenchSize, config, image_tokens: int, device: str | torch.device = "cpu", seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """A right-padded Qwen2.5-VL training batch laid out as :func:`synthetic_batch`'s rows:
+    prompt ``<|vision_start|><|image_pad|>*K<|vision_end|>`` question answer, one
+    :attr:`QwenBenchSize.image` image each, with ``pixel_values`` as the processor flattens them
+    (``[patches, 3 * 2 * 14 * 14]``) and ``image_grid_thw``. Text ids are drawn from the tiny
+    tokenizer's BPE range (below its specials), identical for every ``image_tokens``."""
+    gen = torch.Generator().manual_seed(seed)
+    v = config.vision_config
+    first_special = min(config.image_token_id, config.vision_start_token_id, config.text_config.bos_token_id)
+    rows, labels = [], []
+    for n in text_lengths(size, seed):
+        text = torch.randint(0, first_special, (n,), generator=gen)
+        before, answer_from = n // 5, n - (3 * n) // 5
+        ids = torch.cat(
+            [
+                text[:before],
+                torch.tensor([config.vision_start_token_id]),
+                torch.full((image_tokens,), config.image_token_id),
+                torch.tensor([config.vision_end_token_id]),
+                text[before:],
+            ]
+        )
+        lab = torch.full_like(ids, -100)
+        offset = before + image_tokens + 2 + (answer_from - before)
+        lab[offset:] = ids[offset:]
+        rows.append(ids)
+        labels.append(lab)
+    width = max(len(r) for r in rows)
+    pad = config.text_config.pad_token_id
+    input_ids = torch.full((len(rows), width), pad)
+    attention_mask = torch.zeros(len(rows), width, dtype=torch.long)
+    label_t = torch.full((len(rows), width), -100)
+    for i, (r, lab) in enumerate(zip(rows, labels)):
+        input_ids[i, : len(r)] = r
+        attention_mask[i, : len(r)] = 1
+        label_t[i, : len(r)] = lab
+    grid = [1, size.image[0] // v.patch_size, size.image[1] // v.patch_size]
+    patch_dim = v.in_channels * v.temporal_patch_size * v.patch_size * v.patch_size
+    pixel_gen = torch.Generator().manual_seed(seed + 1)
+    pixel_values = torch.randn(len(rows) * grid[1] * grid[2], patch_dim, generator=pixel_gen)
+    batch = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": label_t,
+        "pixel_values": pixel_values.to(getattr(torch, size.dtype)),
+        "image_grid_thw": torch.tensor([grid] * len(rows)),
+    }
+    return {k: t.to(device) for k, t in batch.items()}
+
+
+def counted_flops(fn: Callable[[], object]) -> int:
+    """FLOPs of one call of ``fn`` as ``torch.utils.flop_counter.FlopCounterMode`` counts them (matmuls
+    and attention, forward and backward): the FLOP figure for families without an analytic model."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return counter.get_total_flops()
+
+
 def llava_config(size: BenchSize, family_name: str = "llava-1.5"):
     """A ``LlavaConfig`` with LLaVA-1.5's settings and ``size``'s shapes (built by its family), or
     a ``LlavaNextConfig`` with llava-v1.6's (``family_name="llava-next"``)."""
@@ -174,7 +466,11 @@ def set_budget(model: torch.nn.Module, tokens: int, budgets: dict | None = None)
 
     split = (budgets or BUDGETS)[tokens]
     remove_visionzip(model)
-    if split is not None:
+    if split is None:
+        return
+    if isinstance(split[0], float):  # Qwen2.5-VL: fractions of each image's merged tokens
+        visionzip(model, dominant_ratio=split[0], contextual_ratio=split[1])
+    else:
         visionzip(model, dominant=split[0], contextual=split[1])
 
 
@@ -298,16 +594,19 @@ def synthetic_batch(
 
 
 def parse_budgets(text: str, allowed: dict | None = None) -> list[int]:
-    """``"576,64"`` -> ``[576, 64]``; each from ``allowed`` (:data:`BUDGETS`), 576 (the reference) present."""
+    """``"576,64"`` -> ``[576, 64]``; each from ``allowed`` (:data:`BUDGETS`), the stock budget (the
+    reference: 576, or 100 for :data:`QWEN_BUDGETS`) present."""
     allowed = BUDGETS if allowed is None else allowed
+    stock = stock_budget(allowed)
     try:
         budgets = [int(b) for b in text.split(",")]
     except ValueError:
         raise ValueError(f"--budgets: {text!r} is not a comma-separated list of integers") from None
     bad = [b for b in budgets if b not in allowed]
-    if bad or 576 not in budgets:
+    if bad or stock not in budgets:
         raise ValueError(
-            f"--budgets: {bad or 'missing 576'}; allowed {list(allowed)} and 576 (the reference) must be in"
+            f"--budgets: {bad or f'missing {stock}'}; allowed {list(allowed)} and {stock} (the reference) "
+            "must be in"
         )
     return budgets
 
@@ -315,6 +614,8 @@ def parse_budgets(text: str, allowed: dict | None = None) -> list[int]:
 def budget_label(row: dict) -> str:
     """A result row's budget for tables: ``64`` (LLaVA-1.5), ``64/crop = 320`` (LLaVA-NeXT), with
     `` (stock)`` on the reference row."""
+    if row.get("budget_kind") == "percent":  # Qwen2.5-VL: 178 (70%)
+        return f"{row['image_tokens']} ({row['tokens']}%)" + ("" if row["split"] else " (stock)")
     crops = row.get("crops_per_image", 1)
     label = str(row["tokens"]) if crops == 1 else f"{row['tokens']}/crop = {row['image_tokens']}"
     return label + ("" if row["split"] else " (stock)")
@@ -332,13 +633,20 @@ class ImagePlan:
 
 def image_plan(config, family: str, tokens: int, budgets: dict | None = None) -> ImagePlan:
     """The :class:`ImagePlan` of the benchmark image at budget ``tokens`` (per image for LLaVA-1.5,
-    per crop for LLaVA-NeXT, which feeds :data:`NEXT_IMAGE`), counted by the model's family.
+    per crop for LLaVA-NeXT, which feeds :data:`NEXT_IMAGE`, percent of the merged tokens of a
+    :data:`QWEN_IMAGE` for Qwen2.5-VL), counted by the model's family.
     ``budgets`` (default :func:`budgets_for`) maps ``tokens`` to its split, as in :func:`set_budget`."""
     from visionzip_core.config import VisionZipConfig
     from visionzip_core.families import family_for
 
     split = (budgets or budgets_for(family))[tokens]
     fam = family_for(family)
+    if family == "qwen2.5-vl":  # compression runs after the merger: the merger sees every token
+        stock = fam.stock_tokens_per_image(config, QWEN_IMAGE)
+        if split is None:
+            return ImagePlan(1, stock, stock)
+        vz = VisionZipConfig(dominant_ratio=split[0], contextual_ratio=split[1])
+        return ImagePlan(1, stock, fam.compressed_tokens_per_image(config, vz, QWEN_IMAGE))
     if family != "llava-next":
         return ImagePlan(1, tokens, tokens)
     from visionzip_core.families.llava_next import crops_per_image
