@@ -257,3 +257,34 @@ def test_a_config_that_leaves_the_data_format_out_gets_the_familys(qwen_dir, qwe
     )
     given = load_config(str(config), ["data.image_aspect_ratio=pad"], check_files=True).data
     assert given.image_aspect_ratio == "pad" and given.template == "chat_template"
+
+
+@pytest.mark.parametrize("name", ["projector", "lora"])
+def test_the_shipped_qwen_configs_run_as_written(qwen_dir, qwen_data, tmp_path, name):
+    """configs/qwen2.5-vl-7b/*.yaml through the launcher, only paths and sizes overridden: the
+    ratios, template, placement and aspect ratio are the config's own."""
+    import sys
+
+    out = tmp_path / "run"
+    cmd = [
+        str(Path(sys.executable).parent / "deepspeed"),
+        "train/finetune.py",
+        "--config",
+        f"configs/qwen2.5-vl-7b/{name}.yaml",
+        f"model.name_or_path={qwen_dir}",
+        f"data.train=[{{path: {qwen_data}/train.jsonl, image_folder: {qwen_data}/images, format: messages}}]",
+        f"train.output_dir={out}",
+        "train.per_device_batch_size=2",
+        "train.grad_accum_steps=1",
+        "train.max_steps=2",
+        "train.save_steps=2",
+        "data.num_workers=0",
+        "data.model_max_length=512",
+        "wandb.enabled=false",
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    config = json.loads((out / "final/config.json").read_text())
+    assert config["visionzip"]["dominant_ratio"] == 0.45 and config["visionzip"]["contextual_ratio"] == 0.05
+    records = [r for r in metrics(out) if "loss" in r]
+    assert [r["step"] for r in records] == [1, 2] and all(np.isfinite(r["loss"]) for r in records)
