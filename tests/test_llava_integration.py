@@ -63,7 +63,7 @@ def test_get_image_features_type_and_shapes(model):
     # The base model path (LlavaModel.get_image_features) is the same adapted method.
     inner = model.model.get_image_features(pixel_values=pixels(2)).pooler_output
     torch.testing.assert_close(torch.stack(inner), torch.stack(out.pooler_output))
-    assert model.config.visionzip == VisionZipConfig(dominant=9, contextual=3).model_dump()
+    assert model.config.visionzip == VisionZipConfig(dominant=9, contextual=3).model_dump(exclude_none=True)
     assert model.config.image_seq_length == 12 == num_image_tokens(model.config)
 
 

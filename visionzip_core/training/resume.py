@@ -87,6 +87,9 @@ def run_record(settings, *, world_size: int, precision: str, zero_stage: int) ->
         from visionzip_core.training.modeling import model_feature_layer
 
         values["visionzip"]["feature_layer"] = model_feature_layer(settings)
+    for key in ("dominant_ratio", "contextual_ratio"):  # a count split: recorded as before the keys existed
+        if values["visionzip"].get(key) is None:
+            values["visionzip"].pop(key, None)
     values["train"]["precision"] = precision
     values["data"] = settings.data.resolve_paths(check=False).model_dump(mode="json")
     values["lora"] = settings.lora_or_default.model_dump(mode="json")  # absent = defaults, compared as such
