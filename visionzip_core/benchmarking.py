@@ -274,7 +274,11 @@ def write_qwen_processor_files(folder: str | os.PathLike) -> Path:
     """Write a Qwen2.5-VL processor folder for the benchmarks' random models: the tiny Qwen tokenizer
     (its special ids are :func:`qwen_token_ids`), Qwen2.5-VL-7B-Instruct's image settings (min_pixels
     56 x 56, max_pixels 28 x 28 x 16384, so a :data:`QWEN_IMAGE` keeps its size) and chat template."""
-    from visionzip_core.tiny import QWEN2_5_VL_CHAT_TEMPLATE, build_tiny_qwen_tokenizer
+    from visionzip_core.tiny import (
+        QWEN2_5_VL_CHAT_TEMPLATE,
+        build_tiny_qwen_tokenizer,
+        qwen_preprocessor_config,
+    )
 
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
@@ -283,17 +287,7 @@ def write_qwen_processor_files(folder: str | os.PathLike) -> Path:
     tokenizer.save_pretrained(out)
     (out / "chat_template.jinja").unlink(missing_ok=True)
     (out / "chat_template.json").write_text(json.dumps({"chat_template": QWEN2_5_VL_CHAT_TEMPLATE}))
-    preprocessor = {
-        "min_pixels": 56 * 56,
-        "max_pixels": 28 * 28 * 16384,
-        "patch_size": 14,
-        "temporal_patch_size": 2,
-        "merge_size": 2,
-        "image_mean": [0.48145466, 0.4578275, 0.40821073],
-        "image_std": [0.26862954, 0.26130258, 0.27577711],
-        "image_processor_type": "Qwen2VLImageProcessor",
-        "processor_class": "Qwen2_5_VLProcessor",
-    }
+    preprocessor = qwen_preprocessor_config(56 * 56, 28 * 28 * 16384)  # Qwen2.5-VL-7B-Instruct's bounds
     (out / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2))
     return out
 

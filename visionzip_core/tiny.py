@@ -432,6 +432,24 @@ def _qwen_4x_key(name: str) -> str:
     raise ValueError(f"unexpected Qwen2.5-VL key {name}")
 
 
+def qwen_preprocessor_config(
+    min_pixels: int, max_pixels: int, processor_class: str = "Qwen2_5_VLProcessor"
+) -> dict:
+    """A Qwen2-VL/2.5-VL download's ``preprocessor_config.json``: 14 px patches, 2 frames per temporal
+    patch, 2x2 merge, CLIP normalisation, and the given pixel bounds."""
+    return {
+        "min_pixels": min_pixels,
+        "max_pixels": max_pixels,
+        "patch_size": 14,
+        "temporal_patch_size": 2,
+        "merge_size": 2,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "image_processor_type": "Qwen2VLImageProcessor",
+        "processor_class": processor_class,
+    }
+
+
 def qwen2_vl_4x_vision(vision: dict) -> dict:
     """Qwen2-VL's 4.x ``vision_config`` of the same width as a tiny Qwen2.5-VL one (LayerNorm blocks
     with a QuickGELU MLP, full attention everywhere, ``embed_dim``/``hidden_size`` naming)."""
@@ -536,16 +554,6 @@ def build_tiny_qwen2_5_vl(
     (out / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2))
     (out / "chat_template.jinja").unlink(missing_ok=True)
     (out / "chat_template.json").write_text(json.dumps({"chat_template": QWEN2_5_VL_CHAT_TEMPLATE}, indent=2))
-    preprocessor = {
-        "min_pixels": TINY_QWEN_MIN_PIXELS,
-        "max_pixels": TINY_QWEN_MAX_PIXELS,
-        "patch_size": 14,
-        "temporal_patch_size": 2,
-        "merge_size": 2,
-        "image_mean": [0.48145466, 0.4578275, 0.40821073],
-        "image_std": [0.26862954, 0.26130258, 0.27577711],
-        "image_processor_type": "Qwen2VLImageProcessor",
-        "processor_class": processor_class,
-    }
+    preprocessor = qwen_preprocessor_config(TINY_QWEN_MIN_PIXELS, TINY_QWEN_MAX_PIXELS, processor_class)
     (out / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2))
     return out

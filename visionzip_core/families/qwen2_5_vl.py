@@ -408,24 +408,28 @@ def _visionzip_forward(
         if pixel_values_videos is not None:
             encoded["video"] = self.get_video_features(pixel_values_videos, video_grid_thw, return_dict=True)
     kept = {kind: out for kind, out in encoded.items() if out is not None}
+
+    def run_stock(positions, encoder_outputs):
+        return stock(
+            self,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=positions,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            mm_token_type_ids=mm_token_type_ids,
+            mm_encoder_outputs=encoder_outputs,
+            **_timing(stock, second_per_grid_ts),
+            **kwargs,
+        )
+
     if decoding or not kept:
         if not kept and getattr(self, "_visionzip_graph", False) and input_ids is not None and not decoding:
             return _text_only_with_vision_in_graph(
                 self, input_ids, attention_mask, position_ids, use_cache, mm_encoder_outputs, kwargs
             )
-        return stock(
-            self,
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            mm_token_type_ids=mm_token_type_ids,
-            mm_encoder_outputs=mm_encoder_outputs,
-            **_timing(stock, second_per_grid_ts),
-            **kwargs,
-        )
+        return run_stock(position_ids, mm_encoder_outputs)
     if input_ids is None:
         raise ValueError(
             "visionzip: qwen2.5-vl needs input_ids with pixel values (the placeholder runs say where the "
@@ -464,19 +468,7 @@ def _visionzip_forward(
     else:
         position_ids = vision_positions
     self.rope_deltas = deltas
-    return stock(
-        self,
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        past_key_values=past_key_values,
-        inputs_embeds=inputs_embeds,
-        use_cache=use_cache,
-        mm_token_type_ids=mm_token_type_ids,
-        mm_encoder_outputs=encoded,
-        **_timing(stock, second_per_grid_ts),
-        **kwargs,
-    )
+    return run_stock(position_ids, encoded)
 
 
 def _blank_image(self: Qwen2_5_VLModel, device: torch.device) -> dict[str, torch.Tensor]:
