@@ -130,9 +130,8 @@ def build_processor(settings: Settings):
             processor = family.load_processor(path)
         else:
             processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust)
-        tokenizer_of(
-            processor
-        )  # a chat template kept on the processor (chat_template.json) reaches the tokenizer
+        # A chat template kept on the processor (chat_template.json) reaches the tokenizer.
+        tokenizer_of(processor)
         model_config = AutoConfig.from_pretrained(path, trust_remote_code=trust)
         stock, tower = image_token_count(model_config), family.tower_tokens(model_config)
         layer = family.feature_layer(model_config)
