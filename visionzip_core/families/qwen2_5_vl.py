@@ -547,6 +547,8 @@ class Qwen2_5VL(ModelFamily):
     model_classes = ("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLModel")
     processor_classes = ("Qwen2_5_VLProcessor",)
     model_types = ("qwen2_5_vl",)
+    #: The class ``load`` and ``random_model`` build (its ``config_class`` reads config.json).
+    model_class = Qwen2_5_VLForConditionalGeneration
     image_token = "<|image_pad|>"
     video_token = "<|video_pad|>"
     lora_targets = LORA_TARGETS
@@ -562,7 +564,7 @@ class Qwen2_5VL(ModelFamily):
 
     # --- loading ---------------------------------------------------------------------------------
     def load(self, path: str, check_files: bool = True, **from_pretrained_kwargs: Any) -> nn.Module:
-        return load_checked(Qwen2_5_VLForConditionalGeneration, path, check_files, **from_pretrained_kwargs)
+        return load_checked(self.model_class, path, check_files, **from_pretrained_kwargs)
 
     def load_processor(self, path: str, **kwargs: Any):
         from visionzip_core.families.qwen_processing import load_qwen_processor
@@ -570,14 +572,12 @@ class Qwen2_5VL(ModelFamily):
         return load_qwen_processor(path, **kwargs)
 
     def config_from_dict(self, data: dict) -> Any:
-        from transformers import Qwen2_5_VLConfig
-
-        return Qwen2_5_VLConfig.from_dict(data)
+        return self.model_class.config_class.from_dict(data)
 
     def random_model(self, config: Any, dtype: torch.dtype | None = None) -> nn.Module:
         if dtype is None:
-            return Qwen2_5_VLForConditionalGeneration(config)
-        return Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=dtype)
+            return self.model_class(config)
+        return self.model_class._from_config(config, dtype=dtype)
 
     # --- visual tokens ---------------------------------------------------------------------------
     def tower_tokens(self, config: Any) -> int:
@@ -728,16 +728,4 @@ class Qwen2VL(Qwen2_5VL):
     model_classes = ("Qwen2VLForConditionalGeneration", "Qwen2VLModel")
     processor_classes = ("Qwen2VLProcessor",)
     model_types = ("qwen2_vl",)
-
-    def load(self, path: str, check_files: bool = True, **from_pretrained_kwargs: Any) -> nn.Module:
-        return load_checked(Qwen2VLForConditionalGeneration, path, check_files, **from_pretrained_kwargs)
-
-    def config_from_dict(self, data: dict) -> Any:
-        from transformers import Qwen2VLConfig
-
-        return Qwen2VLConfig.from_dict(data)
-
-    def random_model(self, config: Any, dtype: torch.dtype | None = None) -> nn.Module:
-        if dtype is None:
-            return Qwen2VLForConditionalGeneration(config)
-        return Qwen2VLForConditionalGeneration._from_config(config, dtype=dtype)
+    model_class = Qwen2VLForConditionalGeneration
