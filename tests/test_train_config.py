@@ -139,7 +139,9 @@ def test_bad_config_stops_the_entry_point_before_any_weights_load(tmp_path):
         env=env,
         capture_output=True,
         text=True,
-        timeout=120,
+        # A hang guard, not a speed bound: with an empty cache the config check first builds the
+        # demo tower (about 100 s on one thread), which left 120 s too close on a loaded machine.
+        timeout=600,
     )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "train.sav_steps: unknown key (did you mean 'train.save_steps'?)" in proc.stderr
@@ -325,7 +327,9 @@ def _entry_point(*overrides, cache):
         env=env,
         capture_output=True,
         text=True,
-        timeout=120,
+        # A hang guard, not a speed bound: with an empty cache the config check first builds the
+        # demo tower (about 100 s on one thread), which left 120 s too close on a loaded machine.
+        timeout=600,
     )
 
 
