@@ -51,6 +51,23 @@ def tiny_llava_next_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen2_5_vl_dir(tmp_path_factory):
+    """A folder laid out like the Qwen/Qwen2.5-VL-7B-Instruct download: random tiny Qwen2.5-VL (4
+    windowed vision blocks, 2x2 merge units of 14 px patches) and its processor."""
+    from visionzip_core.tiny import build_tiny_qwen2_5_vl
+
+    return build_tiny_qwen2_5_vl(tmp_path_factory.mktemp("tiny-qwen2.5-vl") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_vl_dir(tmp_path_factory):
+    """As ``tiny_qwen2_5_vl_dir``, the Qwen/Qwen2-VL-7B-Instruct layout (full attention in every block)."""
+    from visionzip_core.tiny import build_tiny_qwen2_vl
+
+    return build_tiny_qwen2_vl(tmp_path_factory.mktemp("tiny-qwen2-vl") / "model")
+
+
+@pytest.fixture(scope="session")
 def tiny_pretrain_dirs(tmp_path_factory):
     """``(clip_dir, llm_dir)``: a tiny CLIP vision checkpoint and a tiny causal LM, for stage-1."""
     from visionzip_core.tiny import build_tiny_pretrain_parts

@@ -20,7 +20,7 @@ from visionzip_core import visionzip, visionzip_processor
 from visionzip_core.algorithm import DOMINANT, DROPPED
 from visionzip_core.data.images import mean_colour, open_rgb, pad_to_square
 from visionzip_core.families import family_for
-from visionzip_core.token_overlay import budget_line, select_image, token_map
+from visionzip_core.token_overlay import budget_line, select_image, select_video_group, token_map
 from visionzip_core.training import plots
 
 REPO = Path(__file__).resolve().parents[1]
@@ -132,6 +132,106 @@ def test_llava_next_overlay_is_per_crop_and_matches_its_forward(tiny_llava_next_
     assert torch.equal(image.crops, inputs["pixel_values"][0, : tokens.n_crops])
     hidden, projected = _forward_tokens(model, inputs)
     torch.testing.assert_close(_expected_from_map(tokens, hidden, "paper"), projected, atol=1e-5, rtol=1e-5)
+
+
+def _qwen_llm_inputs(model, inputs, token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(merged, fed)`` of the Qwen model's own forward: the merger's uncompressed outputs
+    ``(N, H)`` and the embeddings its language model received on the ``token_id`` run ``(n_kept, H)``."""
+    inner = model.model
+    seen = {}
+
+    def keep_merged(_m, _i, out):
+        seen["merged"] = out.pooler_output  # raster order (Qwen2.5-VL's merger runs in window order)
+
+    def keep_llm_input(_m, args, kwargs):
+        seen["embeds"] = kwargs["inputs_embeds"]
+
+    handles = [
+        inner.visual.register_forward_hook(keep_merged),
+        inner.language_model.register_forward_pre_hook(keep_llm_input, with_kwargs=True),
+    ]
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen["merged"], seen["embeds"][inputs["input_ids"] == token_id]
+
+
+def _qwen_expected_from_map(tokens, merged: torch.Tensor) -> torch.Tensor:
+    """What the map says the LLM gets: merged tokens in raster order, a dominant unit as itself, a
+    contextual target as itself plus the mean of the other units shaded in its group (paper merge),
+    every other unit nothing."""
+    codes = tokens.patches[0].flatten()
+    targets = tokens.targets[0].tolist()
+    rows = []
+    for p, code in enumerate(codes.tolist()):
+        if code == DOMINANT:
+            rows.append(merged[p])
+        elif p in targets:
+            assert code == targets.index(p), "a target must be shaded in its own group"
+            members = [int(q) for q in (codes == code).nonzero().flatten() if q != p]
+            rows.append(merged[p] + (merged[members].mean(0) if members else 0))
+    return torch.stack(rows)
+
+
+def _qwen_prompt(processor, kind: str) -> str:
+    messages = [{"role": "user", "content": [{"type": kind}, {"type": "text", "text": "What?"}]}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+@pytest.mark.parametrize("variant", ["qwen2_5_vl", "qwen2_vl"])
+def test_qwen_overlay_marks_exactly_the_merge_units_the_model_feeds_its_llm(variant, request):
+    folder = request.getfixturevalue(f"tiny_{variant}_dir")
+    family = family_for(variant)
+    model = visionzip(family.load(str(folder)).eval(), dominant_ratio=0.3, contextual_ratio=0.1)
+    processor = visionzip_processor(family.load_processor(str(folder)), model.config)
+    image = select_image(model, processor.image_processor, str(IMAGE), "native")
+    tokens = token_map(image)
+
+    inputs = processor(images=[open_rgb(str(IMAGE))], text=_qwen_prompt(processor, "image"), return_tensors="pt")
+    _, h, w = inputs["image_grid_thw"][0].tolist()
+    merge, patch = processor.image_processor.merge_size, processor.image_processor.patch_size
+    assert tokens.cls is None and tokens.patches.shape == (1, h // merge, w // merge)
+    # The picture is the image as the processor resized it (normalised), not a re-derivation.
+    resized = open_rgb(str(IMAGE)).resize((w * patch, h * patch), Image.Resampling.BICUBIC)
+    mean = torch.tensor(processor.image_processor.image_mean).view(3, 1, 1)
+    std = torch.tensor(processor.image_processor.image_std).view(3, 1, 1)
+    pixels = (torch.tensor(list(resized.getdata())).T.reshape(3, h * patch, w * patch) / 255 - mean) / std
+    torch.testing.assert_close(image.crops[0], pixels, atol=1e-4, rtol=1e-4)
+
+    merged, fed = _qwen_llm_inputs(model, inputs, model.config.image_token_id)
+    n = (h // merge) * (w // merge)
+    assert fed.shape[0] == int(0.3 * n) + int(0.1 * n) < n
+    torch.testing.assert_close(_qwen_expected_from_map(tokens, merged), fed, atol=1e-5, rtol=1e-5)
+
+
+def test_qwen_video_overlay_is_one_frame_group_as_the_model_compresses_it(tiny_qwen2_5_vl_dir, tmp_path):
+    family = family_for("qwen2_5_vl")
+    model = visionzip(family.load(str(tiny_qwen2_5_vl_dir)).eval(), dominant=5, contextual=2)
+    processor = visionzip_processor(family.load_processor(str(tiny_qwen2_5_vl_dir)), model.config)
+    frames = []
+    for i in range(4):  # two frame groups whose pictures differ
+        path = tmp_path / f"f{i}.png"
+        img = Image.new("RGB", (112, 84), "white")
+        img.paste((200, 30 + 50 * i, 30), (10 * i, 10, 10 * i + 40, 60))
+        img.save(path)
+        frames.append(str(path))
+    groups = [select_video_group(model, processor, frames, g) for g in (0, 1)]
+    with pytest.raises(ValueError, match="frame group 2"):
+        select_video_group(model, processor, frames, 2)
+    assert not torch.equal(groups[0].crops, groups[1].crops)
+
+    inputs = processor(
+        videos=[[open_rgb(f) for f in frames]], text=_qwen_prompt(processor, "video"), return_tensors="pt"
+    )
+    merged, fed = _qwen_llm_inputs(model, inputs, model.config.video_token_id)
+    n = merged.shape[0] // 2
+    assert fed.shape[0] == 2 * 7
+    for g, image in enumerate(groups):
+        expected = _qwen_expected_from_map(token_map(image), merged[g * n : (g + 1) * n])
+        torch.testing.assert_close(expected, fed[g * 7 : (g + 1) * 7], atol=1e-5, rtol=1e-5)
 
 
 def test_budget_line():

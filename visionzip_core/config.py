@@ -144,3 +144,22 @@ def one_line(err: ValueError) -> str:
         why = str(item.get("msg", "")).removeprefix("Value error, ")
         parts.append(why if why.startswith("visionzip.") or not field else f"visionzip.{field}: {why}")
     return "; ".join(parts)
+
+
+def settings_from_flags(
+    recorded: VisionZipConfig | None, default: dict[str, Any], **flags: Any
+) -> VisionZipConfig:
+    """The split a command runs at: each of ``dominant``, ``contextual``, ``dominant_ratio`` and
+    ``contextual_ratio`` given in ``flags`` (None = left out) replaces the checkpoint's
+    ``recorded`` settings, else ``default`` (the family's budget, its ``feature_layer`` included).
+    Counts given replace recorded ratios and the other way round, so a flag never mixes with the
+    other form. Raises ``ValueError`` (one per bad field, see :func:`one_line`)."""
+    base = recorded.model_dump() if recorded is not None else dict(default)
+    counts = {k: flags.get(k) for k in ("dominant", "contextual")}
+    ratios = {k: flags.get(k) for k in ("dominant_ratio", "contextual_ratio")}
+    chosen = {k: v for k, v in counts.items() if v is not None}
+    if any(v is not None for v in ratios.values()):
+        chosen |= ratios
+    elif chosen:
+        chosen |= {"dominant_ratio": None, "contextual_ratio": None}
+    return VisionZipConfig(**(base | chosen))

@@ -33,16 +33,18 @@ class TokenMap:
     """Per-crop, per-patch codes for one image (crop 0 the base image, then the tiles row by row).
 
     Attributes:
-        patches: ``(n_crops, side, side)`` int64 in raster order: :data:`~visionzip_core.algorithm.DOMINANT`,
+        patches: ``(n_crops, rows, cols)`` int64 in raster order: :data:`~visionzip_core.algorithm.DOMINANT`,
             :data:`~visionzip_core.algorithm.DROPPED`, or ``k`` for a patch in contextual token ``k``.
-        cls: ``(n_crops,)`` the CLS token's code (dominant when kept, dropped otherwise).
+            A patch is one tower token: a CLIP patch, or a native-resolution family's merge unit.
+        cls: ``(n_crops,)`` the CLS token's code (dominant when kept, dropped otherwise); None for a
+            tower without CLS.
         targets: ``(n_crops, K)`` int64 patch index (raster order, CLS not counted) of each
             contextual token's target; ``(n_crops, 0)`` when ``K == 0``.
         grid: ``(rows, cols)`` of tiles after the base crop; ``(0, 0)`` for one crop.
     """
 
     patches: torch.Tensor
-    cls: torch.Tensor
+    cls: torch.Tensor | None
     targets: torch.Tensor
     grid: tuple[int, int]
 
@@ -70,16 +72,41 @@ def select_image(model, image_processor, image_path: str, aspect_ratio: str) -> 
     return image
 
 
+@torch.no_grad()
+def select_video_group(model, processor, frames: list[str], group: int = 0) -> ImageTokenSelection:
+    """What the VisionZip-adapted ``model`` keeps of frame group ``group`` of the video whose frames
+    are the files ``frames`` (prepared as the trainer prepares a video; the picture is the group's
+    first frame).
+
+    Raises:
+        ValueError: the family takes no video, the frames differ in size, or ``group`` is past the
+            video's last frame group.
+    """
+    family = family_for(model)
+    if not family.takes_video:
+        raise ValueError(f"{family.name} takes images only")
+    transform = ImageTransform(processor.image_processor, family.inference_aspect_ratio, processor.video_processor)
+    inputs = transform.load_videos([frames])
+    weight = next(model.parameters())
+    pixel_values = inputs["pixel_values_videos"].to(weight.device, weight.dtype)
+    [groups] = family.select_video_tokens(model, pixel_values, inputs["video_grid_thw"].to(weight.device))
+    if not 0 <= group < len(groups):
+        raise ValueError(f"frame group {group}: the video has {len(groups)} (0..{len(groups) - 1})")
+    return groups[group]
+
+
 def token_map(image: ImageTokenSelection) -> TokenMap:
     """The per-patch codes of one image's selection: what :func:`draw_token_map` colours."""
-    selection, side = image.selection, image.patch_side
+    selection = image.selection
+    rows, cols = image.patch_shape
     n_crops = selection.dominant.shape[0]
-    groups = token_groups(selection, side * side + 1).cpu()
+    offset = int(image.cls)  # token p + 1 is patch p behind a CLS token
+    groups = token_groups(selection, rows * cols + offset).cpu()
     targets = selection.target_tokens()
-    targets = torch.zeros(n_crops, 0, dtype=torch.long) if targets is None else targets.cpu() - 1
+    targets = torch.zeros(n_crops, 0, dtype=torch.long) if targets is None else targets.cpu() - offset
     return TokenMap(
-        patches=groups[:, 1:].reshape(n_crops, side, side),
-        cls=groups[:, 0],
+        patches=groups[:, offset:].reshape(n_crops, rows, cols),
+        cls=groups[:, 0] if image.cls else None,
         targets=targets,
         grid=image.grid,
     )
@@ -111,6 +138,24 @@ def budget_line(vz: VisionZipConfig, tower_tokens: int, n_crops: int) -> str:
     return line
 
 
+def selection_line(vz: VisionZipConfig, image: ImageTokenSelection, tower_tokens: int) -> str:
+    """The budget of the drawn selection: :func:`budget_line` for a CLS tower, else e.g.
+    ``9 dominant + 1 contextual = 10 of 24 merged tokens (4 x 6, rows x cols)``."""
+    if image.cls:
+        return budget_line(vz, tower_tokens, image.selection.dominant.shape[0])
+    rows, cols = image.patch_shape
+    dominant = image.selection.dominant.shape[1]
+    targets = image.selection.target_tokens()
+    contextual = 0 if targets is None else targets.shape[1]
+    line = (
+        f"{dominant} dominant + {contextual} contextual = {dominant + contextual} of {rows * cols} merged "
+        f"tokens ({rows} x {cols}, rows x cols)"
+    )
+    if vz.uses_ratios:
+        line += f", ratios {vz.dominant_ratio:g} + {vz.contextual_ratio:g}"
+    return line
+
+
 def _font(size: int):
     try:
         return ImageFont.load_default(size=size)
@@ -119,14 +164,14 @@ def _font(size: int):
 
 
 def _draw_crop(picture: Image.Image, patches: torch.Tensor, targets: torch.Tensor, scale: int) -> Image.Image:
-    side = patches.shape[0]
+    rows, cols = patches.shape
     big = picture.resize((picture.width * scale, picture.height * scale), Image.Resampling.NEAREST)
-    cell_w, cell_h = big.width / side, big.height / side
+    cell_w, cell_h = big.width / cols, big.height / rows
     shade = Image.new("RGBA", big.size, (0, 0, 0, 0))
     draw = ImageDraw.Draw(shade)
 
     def box(p: int, inset: float = 0.0):
-        y, x = divmod(p, side)
+        y, x = divmod(p, cols)
         return (
             x * cell_w + inset,
             y * cell_h + inset,
@@ -149,7 +194,7 @@ def _draw_crop(picture: Image.Image, patches: torch.Tensor, targets: torch.Tenso
             draw.rectangle(box(p, width), outline=(0, 0, 0, 255), width=1)
     radius = max(3, min(cell_w, cell_h) / 4)
     for k, p in enumerate(targets.tolist()):
-        y, x = divmod(p, side)
+        y, x = divmod(p, cols)
         cx, cy = (x + 0.5) * cell_w, (y + 0.5) * cell_h
         draw.ellipse(
             (cx - radius, cy - radius, cx + radius, cy + radius),

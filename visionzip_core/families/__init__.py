@@ -49,6 +49,16 @@ def family_for(obj: Any) -> ModelFamily:
     return family
 
 
+def ratio_flags_refusal(family: ModelFamily) -> str:
+    """The one line a command prints when ``--dominant-ratio``/``--contextual-ratio`` are given for a
+    family that takes counts only (as training refuses ``visionzip.dominant_ratio``)."""
+    takers = ", ".join(f.name for f in FAMILIES if f.takes_ratios)
+    return (
+        "--dominant-ratio/--contextual-ratio: only for families whose token count follows the image size "
+        f"({takers}); {family.name} takes --dominant and --contextual counts"
+    )
+
+
 @lru_cache(maxsize=16)
 def _config(family: str, config_json: str) -> Any:
     return family_for(family).config_from_dict(json.loads(config_json))
@@ -134,5 +144,6 @@ __all__ = [
     "UnsupportedModel",
     "family_for",
     "image_token_count",
+    "ratio_flags_refusal",
     "supported",
 ]

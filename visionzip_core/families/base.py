@@ -37,12 +37,23 @@ class ImageTokenSelection:
         selection: the :class:`~visionzip_core.algorithm.TokenSelection` of those crops (batch = crops).
         grid: ``(rows, cols)`` of the tiles after the base crop; ``(0, 0)`` for one crop per image.
         patch_side: patches per crop side (the crop's patches are ``patch_side`` squared, in raster order).
+        patch_grid: ``(rows, cols)`` of the selected tokens of a crop when they are not a square
+            of ``patch_side`` (a native-resolution family: merge units on the resized picture).
+        cls: whether the selection's token 0 is a CLS token (patch ``p`` then is token ``p + 1``);
+            without one, token ``p`` is patch ``p``.
     """
 
     crops: torch.Tensor
     selection: TokenSelection
     grid: tuple[int, int]
     patch_side: int
+    patch_grid: tuple[int, int] | None = None
+    cls: bool = True
+
+    @property
+    def patch_shape(self) -> tuple[int, int]:
+        """``(rows, cols)`` of selected tokens per crop."""
+        return self.patch_grid or (self.patch_side, self.patch_side)
 
 
 class ModelFamily(ABC):
@@ -71,6 +82,15 @@ class ModelFamily(ABC):
     #: Whether prompts are rendered by the processor's chat template (HF ``messages``) rather
     #: than LLaVA-1.5's ``vicuna_v1`` text.
     uses_chat_template: ClassVar[bool] = False
+    #: How inference (``scripts/generate.py``, ``scripts/show_tokens.py``) hands an image to the
+    #: processor, as a ``data.image_aspect_ratio`` value: the processor alone.
+    inference_aspect_ratio: ClassVar[str] = "crop"
+    #: The VisionZip budget a command uses when neither the flags nor the checkpoint give one
+    #: (the paper's 54 + 10 for a fixed-size tower).
+    default_budget: ClassVar[dict[str, Any]] = {"dominant": 54, "contextual": 10}
+    #: Whether the budget may be given as ratios of each image's tokens (``dominant_ratio``): only
+    #: for a tower whose token count follows the image size.
+    takes_ratios: ClassVar[bool] = False
 
     def counted_image_sizes(self, config: Any, inputs: Any, images: list) -> list[tuple[int, int]]:
         """Each image's ``(H, W)`` as the token count needs it, from the processor's output for
@@ -124,6 +144,14 @@ class ModelFamily(ABC):
         """Visual tokens per image with VisionZip ``vz`` on, for an image of ``image_size``."""
 
     # --- instance adaptation ---------------------------------------------------------------------
+    def select_image_tokens(
+        self, model: nn.Module, pixel_values: torch.Tensor, image_sizes: Any = None
+    ) -> list[ImageTokenSelection]:
+        """What the VisionZip-adapted ``model`` keeps of each image in ``pixel_values`` (as the
+        image processor gives them; ``image_sizes`` as it gives them too), selected by the same
+        calls its forward makes."""
+        raise NotImplementedError(f"{self.name}: no token selection to show")
+
     @abstractmethod
     def check_supported(self, model: nn.Module) -> None:
         """Raise ``ValueError`` naming the model when ``model`` is not this family's."""

@@ -201,6 +201,7 @@ def default_grid_pinpoints(side: int) -> list[list[int]]:
 
 class LlavaNext(Llava15):
     name = "llava-next"
+    inference_aspect_ratio = "anyres"
     model_classes = ("LlavaNextForConditionalGeneration", "LlavaNextModel")
     processor_classes = ("LlavaNextProcessor",)
     model_types = ("llava_next",)

@@ -71,7 +71,7 @@ from transformers.vision_utils import get_vision_window_index
 from visionzip_core.algorithm import compress_in_place_order, select_by_scores
 from visionzip_core.capture import resolve_feature_layer
 from visionzip_core.config import VisionZipConfig
-from visionzip_core.families.base import ModelFamily
+from visionzip_core.families.base import ImageTokenSelection, ModelFamily
 from visionzip_core.weight_checks import load_checked
 
 PROJECTOR = "merger"
@@ -249,6 +249,56 @@ def compress_vision(
         features.append(torch.cat(parts))
         kept.append(torch.cat(places))
     return features, kept, merged
+
+
+# --- what the selection looks like (scripts/show_tokens.py) ------------------------------------------
+
+
+def patches_to_pictures(vision_config: Any, rows: torch.Tensor, grid_thw: Any) -> torch.Tensor:
+    """The processor's patch rows of one image or video back to pictures: ``(t, 3, H, W)``, the first
+    frame of each temporal group, still normalised.
+
+    Args:
+        rows: ``(t * h * w, C * T * P * P)`` in the processors' order: rows (t, h-block, w-block,
+            h-in-merge, w-in-merge), columns (channel, frame-in-group, pixel row, pixel column).
+        grid_thw: ``(t, h, w)`` in patches.
+    """
+    t, h, w = (int(v) for v in grid_thw)
+    m, p = vision_config.spatial_merge_size, vision_config.patch_size
+    temporal = vision_config.temporal_patch_size
+    x = rows.reshape(t, h // m, w // m, m, m, -1, temporal, p, p)[..., 0, :, :]  # first frame of a group
+    # (t, hb, wb, hm, wm, C, ph, pw) -> (t, C, hb, hm, ph, wb, wm, pw)
+    return x.permute(0, 5, 1, 3, 6, 2, 4, 7).reshape(t, -1, h * p, w * p)
+
+
+def select_tokens(
+    inner: Qwen2_5_VLModel, pixel_values: torch.Tensor, grid_thw: torch.Tensor, kind: str = "image"
+) -> list[list[ImageTokenSelection]]:
+    """Per image (or video), per temporal group, what the adapted forward keeps: the scores, split and
+    selection calls of :func:`compress_vision`, on the merged tokens of the resized picture."""
+    vz: VisionZipConfig = getattr(inner, _ACTIVE)
+    vision = inner.config.vision_config
+    merge = vision.spatial_merge_size
+    _, scores, keys = _vision_scores(inner, pixel_values, grid_thw)
+    out, offset, row = [], 0, 0
+    for i, (t, h, w) in enumerate(grid_thw.tolist()):
+        group = h * w // merge**2
+        size = f"{h * vision.patch_size}x{w * vision.patch_size} px (height x width)"
+        dominant, contextual = vz.split_for(group, f"{kind} {i} ({size})")
+        pictures = patches_to_pictures(vision, pixel_values[row : row + t * h * w], (t, h, w))
+        row += t * h * w
+        groups = []
+        for g in range(t):
+            span = slice(offset, offset + group)
+            selection = select_by_scores(scores[None, span], keys[None, span], dominant, contextual)
+            groups.append(
+                ImageTokenSelection(
+                    pictures[g : g + 1], selection, (0, 0), h // merge, (h // merge, w // merge), cls=False
+                )
+            )
+            offset += group
+        out.append(groups)
+    return out
 
 
 # --- the adapted model's methods ---------------------------------------------------------------------
@@ -556,6 +606,9 @@ class Qwen2_5VL(ModelFamily):
     default_feature_layer = -1  # the merger reads the last block, whose attention the rule uses
     takes_video = True
     uses_chat_template = True
+    inference_aspect_ratio = "native"
+    default_budget = {"dominant_ratio": 0.45, "contextual_ratio": 0.05, "feature_layer": -1}  # authors' 50 %
+    takes_ratios = True
 
     def counted_image_sizes(self, config: Any, inputs: Any, images: list) -> list[tuple[int, int]]:
         """The sizes the processor resized the images to (``image_grid_thw`` x patch size)."""
@@ -634,6 +687,31 @@ class Qwen2_5VL(ModelFamily):
         inner.get_rope_index = types.MethodType(_visionzip_rope_index, inner)
         inner.forward = types.MethodType(_visionzip_forward, inner)
         inner._visionzip_blank_image = types.MethodType(_blank_image, inner)
+
+    def select_image_tokens(
+        self, model: nn.Module, pixel_values: torch.Tensor, image_sizes: Any = None
+    ) -> list[ImageTokenSelection]:
+        """Per image, its merged tokens (``rows x cols`` merge units of the resized picture, no CLS)
+        as the adapted forward selects them; ``image_sizes`` the resized ``(H, W)`` of each image."""
+        inner = find_qwen_model(model)
+        if getattr(inner, _ACTIVE, None) is None:
+            raise ValueError(f"{self.name}: select_image_tokens needs a VisionZip-adapted model")
+        if image_sizes is None:
+            raise ValueError(f"{self.name}: select_image_tokens needs each image's resized size")
+        patch = inner.config.vision_config.patch_size
+        sizes = torch.as_tensor(image_sizes).long()
+        grid = torch.cat([torch.ones_like(sizes[:, :1]), sizes // patch], dim=1)
+        return [groups[0] for groups in select_tokens(inner, pixel_values, grid.to(pixel_values.device))]
+
+    def select_video_tokens(
+        self, model: nn.Module, pixel_values_videos: torch.Tensor, video_grid_thw: torch.Tensor
+    ) -> list[list[ImageTokenSelection]]:
+        """Per video, per temporal group (frame group), what the adapted forward keeps of it; each
+        group's picture is its first frame."""
+        inner = find_qwen_model(model)
+        if getattr(inner, _ACTIVE, None) is None:
+            raise ValueError(f"{self.name}: select_video_tokens needs a VisionZip-adapted model")
+        return select_tokens(inner, pixel_values_videos, video_grid_thw, "video")
 
     def remove(self, model: nn.Module) -> None:
         inner = find_qwen_model(model)
