@@ -1,4 +1,5 @@
-"""Training-free VisionZip inference on a llava-hf checkpoint.
+"""Training-free VisionZip inference on a checkpoint of any supported family (LLaVA-1.5, LLaVA-NeXT,
+Qwen2-VL, Qwen2.5-VL).
 
     python scripts/generate.py --model builtin:tiny-llava --prompt "What is in the picture?"
     python scripts/generate.py --model /models/llava-1.5-7b-hf --image cat.jpg --dominant 54 --contextual 10
@@ -6,17 +7,18 @@
         --prompt "What colour is the shape?"     # a trained export: its recorded split is used
     python scripts/generate.py --model PATH --image a.png --image b.png --prompt "Compare them." --no-visionzip
     python scripts/generate.py --model /models/Qwen2.5-VL-7B-Instruct --image cat.jpg \
-        --dominant-ratio 0.45 --contextual-ratio 0.05      # per-image fractions (qwen2.5-vl)
+        --dominant-ratio 0.45 --contextual-ratio 0.05      # per-image fractions (Qwen families)
     python scripts/generate.py --model QWEN --video f0.png,f1.png,f2.png,f3.png --prompt "What happens?"
 
 Prints how many visual tokens each image kept and the generated text. Without ``--image`` a
 small built-in picture (a red circle on white) is used. ``--prompt`` is the question only; it is
-wrapped the way LLaVA-1.5 trains (the ``vicuna_v1`` template):
-``{system} USER: <image>\\n{prompt} ASSISTANT:``, one ``<image>`` per image; for a family
-prompted through its chat template (Qwen2.5-VL) it is one user turn of HF ``messages`` with the
-images (and ``--video`` frame lists) first.
+wrapped the way the family trains: for a family prompted through its chat template (Qwen2-VL,
+Qwen2.5-VL) one user turn of HF ``messages`` with the images (and ``--video`` frame lists) first;
+for LLaVA the ``vicuna_v1`` template, ``{system} USER: <image>\\n{prompt} ASSISTANT:``, one
+``<image>`` per image.
 A checkpoint that records VisionZip settings (an export of ``train/finetune.py``) keeps them
-for any of ``--dominant/--contextual`` left out; any other checkpoint defaults to 54 + 10.
+for any budget flag left out; any other checkpoint takes the family's default budget (54 + 10
+for LLaVA, ratios 0.45 + 0.05 of each image's tokens for Qwen).
 """
 
 from __future__ import annotations
@@ -29,29 +31,38 @@ from pathlib import Path
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--model", default="builtin:tiny-llava", help="llava-hf folder, hub id or builtin:tiny-llava"
+        "--model",
+        default="builtin:tiny-llava",
+        help="model folder of any supported family (a download or a run's final/), hub id or builtin:*",
     )
     parser.add_argument("--image", action="append", default=[], help="image file (repeat for several)")
     parser.add_argument(
-        "--prompt", default="What is in the picture?", help="the question (wrapped in the vicuna_v1 template)"
+        "--prompt",
+        default="What is in the picture?",
+        help="the question (wrapped in the family's prompt: its chat template, or vicuna_v1 for LLaVA)",
     )
     parser.add_argument(
-        "--dominant", type=int, default=None, help="tokens kept by CLS attention, CLS included (default 54)"
+        "--dominant", type=int, default=None, help="tokens kept by attention per image, CLS included (default: the family's)"
     )
     parser.add_argument(
-        "--contextual", type=int, default=None, help="merged tokens built from the rest (default 10)"
+        "--contextual", type=int, default=None, help="merged tokens built from the rest (default: the family's)"
     )
     parser.add_argument(
         "--dominant-ratio",
         type=float,
         default=None,
-        help="qwen2.5-vl: dominant tokens per image, as a fraction",
+        help="dominant tokens as a fraction of each image's tokens (families whose count follows the "
+        "image size: qwen2-vl, qwen2.5-vl)",
     )
     parser.add_argument(
-        "--contextual-ratio", type=float, default=None, help="qwen2.5-vl: contextual tokens, as a fraction"
+        "--contextual-ratio", type=float, default=None, help="contextual tokens as a fraction (as --dominant-ratio)"
     )
     parser.add_argument(
-        "--video", action="append", default=[], help="a video as comma-separated frame files (qwen2.5-vl)"
+        "--video",
+        action="append",
+        default=[],
+        help="a video as comma-separated frame files, all of one size (families that take video: "
+        "qwen2-vl, qwen2.5-vl)",
     )
     parser.add_argument(
         "--system", default=None, help="system prompt (default: the model's own; '' for none)"
@@ -88,21 +99,24 @@ def main(argv=None) -> int:
     missing = [f for v in videos for f in v if not Path(f).is_file()]
     if missing or any(not v for v in videos):
         return _fail(f"--video: frame files not found: {', '.join(missing) or 'an empty list'}")
+    for number, frames in enumerate(videos, 1):
+        problem = _frame_size_problem(frames)
+        if problem:
+            return _fail(f"--video {number} ({args.video[number - 1]}): {problem}")
 
     import torch
     from PIL import Image
     from transformers import AutoConfig
 
     from visionzip_core import (
-        VisionZipConfig,
         read_visionzip_config,
         remove_visionzip,
         visionzip,
         visionzip_processor,
     )
-    from visionzip_core.config import one_line
+    from visionzip_core.config import one_line, settings_from_flags
     from visionzip_core.data.settings import VICUNA_V1_SYSTEM
-    from visionzip_core.families import family_for, image_token_count
+    from visionzip_core.families import family_for, image_token_count, ratio_flags_refusal
     from visionzip_core.model_folders import check_model_folder
     from visionzip_core.model_names import resolve_model_path
     from visionzip_core.weight_checks import WeightsError
@@ -119,6 +133,11 @@ def main(argv=None) -> int:
     if problems:
         return _fail("; ".join(problems))
     family = family_for(config)
+    if videos and not family.takes_video:
+        return _fail(f"--video: {family.name} takes images only")
+    ratios = {"dominant_ratio": args.dominant_ratio, "contextual_ratio": args.contextual_ratio}
+    if not args.no_visionzip and any(v is not None for v in ratios.values()) and not family.takes_ratios:
+        return _fail(ratio_flags_refusal(family))
     dtype = getattr(torch, args.dtype)
     try:
         model = family.load(path, dtype=dtype).to(args.device).eval()
@@ -129,23 +148,10 @@ def main(argv=None) -> int:
     stock_count = image_token_count(remove_visionzip(model).config)  # (H, W) -> the stock count
     settings = None
     if not args.no_visionzip:
-        # A flag left out keeps the checkpoint's recorded value, else the paper's 54 + 10.
-        default = (
-            {"dominant_ratio": 0.45, "contextual_ratio": 0.05}  # the authors' 50 % setting
-            if family.count_depends_on_size and family.uses_chat_template
-            else {"dominant": 54, "contextual": 10}
-        )
-        base = recorded.model_dump() if recorded is not None else default
-        base["feature_layer"] = base.get("feature_layer", family.default_feature_layer)
-        chosen = {"dominant": args.dominant, "contextual": args.contextual}
-        ratios = {"dominant_ratio": args.dominant_ratio, "contextual_ratio": args.contextual_ratio}
-        if any(v is not None for v in ratios.values()):
-            chosen |= ratios
-        elif any(v is not None for v in chosen.values()):
-            chosen |= {"dominant_ratio": None, "contextual_ratio": None}  # counts replace recorded ratios
+        # A flag left out keeps the checkpoint's recorded value, else the family's default budget.
         try:
-            settings = VisionZipConfig(
-                **(base | {k: v for k, v in chosen.items() if v is not None or "ratio" in k})
+            settings = settings_from_flags(
+                recorded, family.default_budget, dominant=args.dominant, contextual=args.contextual, **ratios
             )
         except ValueError as err:
             return _fail(one_line(err))
@@ -162,8 +168,6 @@ def main(argv=None) -> int:
             return _fail(str(err))
         visionzip_processor(processor, model.config)
 
-    if videos and not family.takes_video:
-        return _fail(f"--video: {family.name} takes images only")
     images = [Image.open(p).convert("RGB") for p in args.image]
     if not images and not videos:
         images = [default_image()]
@@ -206,6 +210,28 @@ def main(argv=None) -> int:
         print(f"video tokens: {video_tokens} ({how}), videos: {len(frames)}")
     print(f"generated: {text.strip()!r}")
     return 0
+
+
+def _frame_size_problem(frames: list[str]) -> str | None:
+    """Why a video's frames cannot make one video (they differ in size, as training refuses), naming
+    the first odd frame; None when they are one size. Reads image headers only."""
+    from PIL import Image, UnidentifiedImageError
+
+    sizes = []
+    for frame in frames:
+        try:
+            with Image.open(frame) as img:
+                sizes.append((img.height, img.width))
+        except (OSError, UnidentifiedImageError) as err:
+            return f"frame {len(sizes) + 1} ({frame}) cannot be read as an image ({type(err).__name__})"
+    odd = next((k for k, size in enumerate(sizes) if size != sizes[0]), None)
+    if odd is None:
+        return None
+    (h, w), (h0, w0) = sizes[odd], sizes[0]
+    return (
+        f"the frames differ in size: frame {odd + 1} ({frames[odd]}) is {h}x{w}, frame 1 ({frames[0]}) is "
+        f"{h0}x{w0} (height x width)"
+    )
 
 
 def _split(vz) -> str:

@@ -14,8 +14,10 @@ the safetensors files one tensor at a time (memory: the largest tensor).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -120,6 +122,22 @@ def check_model_files(folder: str | os.PathLike) -> None:
         check_finite(files)
 
 
+@contextlib.contextmanager
+def progress_bars_on_terminal_only():
+    """transformers' progress bars (its per-tensor "Loading weights") only when stderr is a terminal:
+    piped into a log file, each bar is a carriage-return line of noise. Restored on exit."""
+    from transformers.utils import logging as hf_logging
+
+    quiet = hf_logging.is_progress_bar_enabled() and not sys.stderr.isatty()
+    if quiet:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if quiet:
+            hf_logging.enable_progress_bar()
+
+
 def load_checked(
     model_class, path: str | os.PathLike, check_files: bool = True, **from_pretrained_kwargs: Any
 ):
@@ -135,7 +153,8 @@ def load_checked(
         check_headers(safetensors_files(path))
     # Mismatched shapes are reported by check_loading_info (transformers' own error names no tensor).
     kwargs = {"ignore_mismatched_sizes": True} | from_pretrained_kwargs
-    model, info = model_class.from_pretrained(path, output_loading_info=True, **kwargs)
+    with progress_bars_on_terminal_only():
+        model, info = model_class.from_pretrained(path, output_loading_info=True, **kwargs)
     if from_pretrained_kwargs.get("ignore_mismatched_sizes"):
         info = {**info, "mismatched_keys": set()}
     check_loading_info(info, path)

@@ -33,7 +33,7 @@ from visionzip_core.capture import (
 from visionzip_core.config import VisionZipConfig
 from visionzip_core.families.base import ImageTokenSelection, ModelFamily
 from visionzip_core.flops import LORA_TARGETS
-from visionzip_core.weight_checks import load_checked
+from visionzip_core.weight_checks import load_checked, progress_bars_on_terminal_only
 
 PROJECTOR = "multi_modal_projector"
 STAGE1_FEATURE_LAYER = -2  # LLaVA-1.5 reads the penultimate CLIP layer
@@ -279,8 +279,9 @@ class Llava15(ModelFamily):
 
         kwargs = from_pretrained_kwargs
         tokenizer = processor.tokenizer
-        vision = CLIPVisionModel.from_pretrained(vision_path, **kwargs)
-        llm = AutoModelForCausalLM.from_pretrained(llm_path, **kwargs)
+        with progress_bars_on_terminal_only():
+            vision = CLIPVisionModel.from_pretrained(vision_path, **kwargs)
+            llm = AutoModelForCausalLM.from_pretrained(llm_path, **kwargs)
         if len(tokenizer) > llm.get_input_embeddings().weight.shape[0]:
             llm.resize_token_embeddings(len(tokenizer))
         config = self.build_config(
