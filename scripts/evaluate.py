@@ -3,8 +3,9 @@
     python scripts/evaluate.py --model outputs/demo/final --data data/demo/instruct_val.json \\
         --image-folder data/demo/images --out results/eval_demo.json --budgets recorded,stock,6+2
 
-For every sample with an image, the first user turn is asked (wrapped as LLaVA-1.5 trains:
-``{system} USER: <image>\\n{question} ASSISTANT:``) and the greedy reply is compared with the
+For every sample with an image, the first user turn is asked, wrapped in the prompt the model's
+family trains on (LLaVA's ``{system} USER: <image>\\n{question} ASSISTANT:``, a Qwen model's chat
+template), and the greedy reply is compared with the
 first assistant turn, ignoring case, surrounding spaces and one trailing period. Each budget
 (``stock``: no compression; ``recorded``: a trained export's own split; ``D+C``: dominant +
 contextual) runs over the same samples in one process, so the rows compare side by side.
@@ -27,8 +28,12 @@ from pathlib import Path
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="a trained export (final/) or a llava-hf folder")
-    p.add_argument("--data", required=True, help="LLaVA-format .json/.jsonl (or messages format)")
+    p.add_argument(
+        "--model", required=True, help="a trained export (final/) or a model folder of any supported family"
+    )
+    p.add_argument(
+        "--data", required=True, help="validation samples: .json or .jsonl, LLaVA or HF messages format"
+    )
     p.add_argument("--image-folder", required=True, help="folder the samples' image paths are relative to")
     p.add_argument("--out", type=Path, required=True, help="JSON file for the rows")
     p.add_argument(
@@ -38,7 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--max-new-tokens", type=int, default=16, help="reply length limit (default 16)")
     p.add_argument("--limit", type=int, default=None, help="score only the first N samples with an image")
-    p.add_argument("--system", default=None, help="system prompt (default: LLaVA-1.5's; '' for none)")
+    p.add_argument("--system", default=None, help="system prompt (default: the family's own; '' for none)")
     p.add_argument(
         "--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="weights dtype"
     )

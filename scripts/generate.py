@@ -42,10 +42,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="the question (wrapped in the family's prompt: its chat template, or vicuna_v1 for LLaVA)",
     )
     parser.add_argument(
-        "--dominant", type=int, default=None, help="tokens kept by attention per image, CLS included (default: the family's)"
+        "--dominant",
+        type=int,
+        default=None,
+        help="tokens kept by attention per image, CLS included (default: the family's)",
     )
     parser.add_argument(
-        "--contextual", type=int, default=None, help="merged tokens built from the rest (default: the family's)"
+        "--contextual",
+        type=int,
+        default=None,
+        help="merged tokens built from the rest (default: the family's)",
     )
     parser.add_argument(
         "--dominant-ratio",
@@ -55,7 +61,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         "image size: qwen2-vl, qwen2.5-vl)",
     )
     parser.add_argument(
-        "--contextual-ratio", type=float, default=None, help="contextual tokens as a fraction (as --dominant-ratio)"
+        "--contextual-ratio",
+        type=float,
+        default=None,
+        help="contextual tokens as a fraction (as --dominant-ratio)",
     )
     parser.add_argument(
         "--video",

@@ -30,7 +30,9 @@ from pathlib import Path
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--model", required=True, help="model folder of any supported family (e.g. a run's final/) or builtin:*"
+        "--model",
+        required=True,
+        help="model folder of any supported family (e.g. a run's final/) or builtin:*",
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--image", help="image file")
@@ -49,7 +51,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         "image size: qwen2-vl, qwen2.5-vl)",
     )
     parser.add_argument(
-        "--contextual-ratio", type=float, default=None, help="contextual tokens as a fraction (as --dominant-ratio)"
+        "--contextual-ratio",
+        type=float,
+        default=None,
+        help="contextual tokens as a fraction (as --dominant-ratio)",
     )
     parser.add_argument(
         "--aspect-ratio",

@@ -190,7 +190,9 @@ def test_qwen_overlay_marks_exactly_the_merge_units_the_model_feeds_its_llm(vari
     image = select_image(model, processor.image_processor, str(IMAGE), "native")
     tokens = token_map(image)
 
-    inputs = processor(images=[open_rgb(str(IMAGE))], text=_qwen_prompt(processor, "image"), return_tensors="pt")
+    inputs = processor(
+        images=[open_rgb(str(IMAGE))], text=_qwen_prompt(processor, "image"), return_tensors="pt"
+    )
     _, h, w = inputs["image_grid_thw"][0].tolist()
     merge, patch = processor.image_processor.merge_size, processor.image_processor.patch_size
     assert tokens.cls is None and tokens.patches.shape == (1, h // merge, w // merge)

@@ -83,7 +83,9 @@ def test_show_tokens_and_generate_run_on_every_family(family, request, tmp_path,
     # The two scripts are independent: run side by side to keep the matrix short.
     procs = [
         _start("show_tokens.py", "--model", model, "--image", str(IMAGE), "--out", str(out), *budget),
-        _start("generate.py", "--model", model, "--image", str(IMAGE), *videos, *budget, "--max-new-tokens", "3"),
+        _start(
+            "generate.py", "--model", model, "--image", str(IMAGE), *videos, *budget, "--max-new-tokens", "3"
+        ),
     ]
     (shown_rc, shown, shown_err), (gen_rc, generated, gen_err) = [_finish(p) for p in procs]
 
@@ -113,7 +115,9 @@ def test_show_tokens_draws_one_qwen_video_frame_group(tiny_qwen2_5_vl_dir, tmp_p
 
 
 @pytest.mark.parametrize("script", ["generate", "show_tokens"])
-def test_ratio_flags_on_a_counts_family_are_one_line_before_loading(script, tiny_llava_next_dir, tmp_path, capsys):
+def test_ratio_flags_on_a_counts_family_are_one_line_before_loading(
+    script, tiny_llava_next_dir, tmp_path, capsys
+):
     """A LLaVA family takes counts: the ratio flags are refused in one line, as training refuses
     ``visionzip.dominant_ratio``, instead of a traceback from the processor after loading."""
     argv = ["--model", str(tiny_llava_next_dir), "--image", str(IMAGE)]
@@ -126,7 +130,9 @@ def test_ratio_flags_on_a_counts_family_are_one_line_before_loading(script, tiny
     assert "\n" not in err, err
 
 
-def test_generate_video_frames_of_different_sizes_name_the_video_and_frame(tiny_qwen2_5_vl_dir, tmp_path, capsys):
+def test_generate_video_frames_of_different_sizes_name_the_video_and_frame(
+    tiny_qwen2_5_vl_dir, tmp_path, capsys
+):
     frames = []
     for i, size in enumerate([(112, 84), (112, 84), (140, 84)]):
         frames.append(str(tmp_path / f"frame{i}.png"))

@@ -1,4 +1,6 @@
-"""Train LLaVA on VisionZip-compressed visual tokens: projector | pretrain | finetune | lora.
+"""Train any supported vision-language model on VisionZip tokens: projector | pretrain | finetune | lora.
+
+Families: LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL; a few data defaults follow the family (below).
 
     deepspeed train/finetune.py --config configs/demo.yaml [section.key=value ...]
     torchrun --nproc_per_node 2 train/finetune.py --config configs/demo.yaml
@@ -40,7 +42,11 @@ from visionzip_core.data import BadDataError, build_dataset  # noqa: E402
 from visionzip_core.families import ImageTokenCount  # noqa: E402
 from visionzip_core.training import checkpointing, output_lock, preemption, resume  # noqa: E402
 from visionzip_core.training.checkpointing import NoSpaceLeft, TrainerState  # noqa: E402
-from visionzip_core.training.dataloaders import build_train_loader, build_val_loader  # noqa: E402
+from visionzip_core.training.dataloaders import (  # noqa: E402
+    build_train_loader,
+    build_val_loader,
+    workers_note,
+)
 from visionzip_core.training.deepspeed_config import (  # noqa: E402
     fill_deepspeed_config,
     partitioned_loading,
@@ -49,6 +55,7 @@ from visionzip_core.training.deepspeed_config import (  # noqa: E402
 from visionzip_core.training.export import export_final  # noqa: E402
 from visionzip_core.training.hooks import TrainHooks  # noqa: E402
 from visionzip_core.training.input_checks import check_global_batch  # noqa: E402
+from visionzip_core.training.library_warnings import ignore_zero_collective_deprecation  # noqa: E402
 from visionzip_core.training.metrics import MetricsLog, peak_memory_record  # noqa: E402
 from visionzip_core.training.modeling import (  # noqa: E402
     build_model,
@@ -264,6 +271,8 @@ def prepare_data(settings: Settings, start: Start) -> Data:
     if settings.data.batch_tokens is None:  # a token budget sizes its own micro-batches
         check_global_batch(len(datasets["train"]), t, world, warn=dist.print0)
     pad_id = processor.tokenizer.pad_token_id
+    if note := workers_note(settings.data.num_workers):
+        dist.print0(note)
     train_loader, sampler = build_train_loader(
         datasets["train"], settings.data, t.per_device_batch_size, rank, world, pad_id
     )
@@ -312,6 +321,7 @@ def prepare_engine(settings: Settings, start: Start, data: Data):
     groups, group_names = param_groups(model, settings)
     optimizer = build_optimizer(groups, settings.optim)
     scheduler = build_scheduler(optimizer, data.total_steps, settings.optim)
+    ignore_zero_collective_deprecation()
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
     )
@@ -688,7 +698,8 @@ def report(
     if accuracy is not None:
         dist.print0(f"  answers: {accuracy}")
     for kind, p in paths.items():
-        dist.print0(f"  {kind + ':':<9}{p}")
+        label = f"{kind}:"
+        dist.print0(f"  {label:<8} {p}")  # a space after the label, however long ("projector:")
     dist.print0(f"  metrics: {run.metrics.path}")
     if plot is not None:
         dist.print0(f"  plot:    {plot}")

@@ -85,7 +85,9 @@ def select_video_group(model, processor, frames: list[str], group: int = 0) -> I
     family = family_for(model)
     if not family.takes_video:
         raise ValueError(f"{family.name} takes images only")
-    transform = ImageTransform(processor.image_processor, family.inference_aspect_ratio, processor.video_processor)
+    transform = ImageTransform(
+        processor.image_processor, family.inference_aspect_ratio, processor.video_processor
+    )
     inputs = transform.load_videos([frames])
     weight = next(model.parameters())
     pixel_values = inputs["pixel_values_videos"].to(weight.device, weight.dtype)

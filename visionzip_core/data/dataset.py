@@ -109,7 +109,7 @@ def _video_size(frames: list[str], decode: bool, size_rule: SizeRule | None) -> 
         raise SampleError(
             "bad_video",
             f"the frames of a video differ in size: frame {odd + 1} ({frames[odd]}) is "
-            f"{sizes[odd][0]}x{sizes[odd][1]}, frame 1 is {sizes[0][0]}x{sizes[0][1]}",
+            f"{sizes[odd][0]}x{sizes[odd][1]}, frame 1 is {sizes[0][0]}x{sizes[0][1]} (height x width)",
         )
     if size_rule is None or size_rule.video is None:
         raise SampleError("bad_structure", "a video, but this model's processor takes no video")
@@ -376,7 +376,8 @@ def build_dataset(
         report.text_only_dropped = int((~keep).sum())
         source_of, row_of, per_item = source_of[keep], row_of[keep], per_item[keep]
         if report.text_only_dropped:
-            logger.warning("data.%s: dropped %d text-only samples", split, report.text_only_dropped)
+            n = report.text_only_dropped
+            logger.warning("data.%s: dropped %d text-only sample%s", split, n, "" if n == 1 else "s")
         if len(row_of) == 0:
             raise BadDataError(f"data.{split}: no sample has an image")
     return VisionLanguageDataset(

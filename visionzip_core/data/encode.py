@@ -135,7 +135,7 @@ class Encoder:
         if image_sizes is None or len(image_sizes) != n_images:
             raise ValueError(f"data: {n_images} image(s) need their sizes to count their tokens")
         return [
-            _counted(count, tuple(size), f"image {i + 1} ({size[0]}x{size[1]} as resized)")
+            _counted(count, tuple(size), f"image {i + 1} ({size[0]}x{size[1]} px as resized, height x width)")
             for i, size in enumerate(image_sizes)
         ]
 
@@ -147,7 +147,7 @@ class Encoder:
             _counted(
                 self.video_tokens_per_video,
                 tuple(size),
-                f"video {i + 1} ({size[0]} frames of {size[1]}x{size[2]})",
+                f"video {i + 1} ({size[0]} frames of {size[1]}x{size[2]} px, height x width)",
             )
             for i, size in enumerate(video_sizes)
         ]

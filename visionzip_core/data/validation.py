@@ -109,7 +109,7 @@ def check_image_file(path: str, decode: bool) -> tuple[int, int]:
             "unreadable_image", f"image cannot be read: {path}: {' '.join(str(err).split())}"
         ) from None
     if w == 0 or h == 0:
-        raise SampleError("empty_image", f"image has zero size {w}x{h}: {path}")
+        raise SampleError("empty_image", f"image has zero size {h}x{w} (height x width): {path}")
     return h, w
 
 

@@ -88,6 +88,9 @@ class ModelFamily(ABC):
     #: The VisionZip budget a command uses when neither the flags nor the checkpoint give one
     #: (the paper's 54 + 10 for a fixed-size tower).
     default_budget: ClassVar[dict[str, Any]] = {"dominant": 54, "contextual": 10}
+    #: ``data.*`` settings whose default is this family's own when a config leaves them out (over
+    #: the fields' LLaVA defaults): how its samples are rendered and its images prepared.
+    data_defaults: ClassVar[dict[str, str]] = {}
     #: Whether the budget may be given as ratios of each image's tokens (``dominant_ratio``): only
     #: for a tower whose token count follows the image size.
     takes_ratios: ClassVar[bool] = False

@@ -109,7 +109,7 @@ def merged_grid(vision_config: Any, image_size: tuple[int, int]) -> tuple[int, i
     height, width = (int(v) for v in image_size)
     if height % unit or width % unit or height < unit or width < unit:
         raise ValueError(
-            f"qwen2.5-vl: an image of {height}x{width} px was not resized by the processor (sides must be "
+            f"qwen2.5-vl: an image of {height}x{width} px (height x width) was not resized by the processor (sides must be "
             f"positive multiples of {unit})"
         )
     return height // unit, width // unit
@@ -609,6 +609,9 @@ class Qwen2_5VL(ModelFamily):
     inference_aspect_ratio = "native"
     default_budget = {"dominant_ratio": 0.45, "contextual_ratio": 0.05, "feature_layer": -1}  # authors' 50 %
     takes_ratios = True
+    # HF messages through the processor's chat template, images where the sample puts them, each
+    # image at its own resolution.
+    data_defaults = {"template": "chat_template", "image_placement": "keep", "image_aspect_ratio": "native"}
 
     def counted_image_sizes(self, config: Any, inputs: Any, images: list) -> list[tuple[int, int]]:
         """The sizes the processor resized the images to (``image_grid_thw`` x patch size)."""
@@ -646,7 +649,9 @@ class Qwen2_5VL(ModelFamily):
         self, config: Any, vz: VisionZipConfig, image_size: tuple[int, int] | None = None
     ) -> int:
         rows, cols = merged_grid(config.vision_config, image_size)
-        return sum(vz.split_for(rows * cols, f"an image of {image_size[0]}x{image_size[1]} px"))
+        return sum(
+            vz.split_for(rows * cols, f"an image of {image_size[0]}x{image_size[1]} px (height x width)")
+        )
 
     def stock_tokens_per_video(self, config: Any, video_size: tuple[int, int, int]) -> int:
         """Tokens of a video of ``video_size`` (frames, H, W) as resized by the processor."""
@@ -657,7 +662,9 @@ class Qwen2_5VL(ModelFamily):
         self, config: Any, vz: VisionZipConfig, video_size: tuple[int, int, int]
     ) -> int:
         rows, cols = merged_grid(config.vision_config, video_size[1:])
-        split = sum(vz.split_for(rows * cols, f"a video of {video_size[1]}x{video_size[2]} px"))
+        split = sum(
+            vz.split_for(rows * cols, f"a video of {video_size[1]}x{video_size[2]} px (height x width)")
+        )
         return temporal_groups(config.vision_config, video_size[0]) * split
 
     def feature_layer(self, config: Any) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 from dataclasses import dataclass
 
@@ -48,6 +49,29 @@ def ignore_stop_signals(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, as torch's own worker-count check reads it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity API (macOS)
+        return os.cpu_count() or 1
+
+
+def loader_workers(requested: int) -> int:
+    """``data.num_workers`` capped at the CPUs available: more workers than CPUs only contend (and
+    torch warns about it once per loader)."""
+    return min(requested, available_cpus())
+
+
+def workers_note(requested: int) -> str | None:
+    """The one line saying ``data.num_workers`` was capped; None when it was not."""
+    workers = loader_workers(requested)
+    if workers == requested:
+        return None
+    cpus = available_cpus()
+    return f"data.num_workers: {requested} capped at {workers}, the {cpus} CPU{'s' if cpus != 1 else ''} available"
+
+
 def make_collator(data_settings, pad_token_id: int) -> DataCollator | PackingCollator:
     """Packed rows with ``data.packing``, else one padded row per sample."""
     if data_settings.packing:
@@ -88,7 +112,7 @@ def build_train_loader(dataset, data_settings, batch_size: int, rank: int, world
         IndexedDataset(dataset),
         batch_sampler=batches,
         collate_fn=IndexedCollator(make_collator(data_settings, pad_token_id)),
-        num_workers=data_settings.num_workers,
+        num_workers=loader_workers(data_settings.num_workers),
         # A private generator: creating an iterator must not draw from the global torch RNG, or a
         # resumed run (which creates it mid-epoch) would see a different random stream.
         generator=torch.Generator().manual_seed(data_settings.seed),
@@ -130,7 +154,7 @@ def build_val_loader(dataset, data_settings, batch_size: int, rank: int, world: 
         batch_size=batch_size,
         sampler=ValidationShard(len(dataset), rank, world),
         collate_fn=IndexedCollator(make_collator(data_settings, pad_token_id)),
-        num_workers=data_settings.num_workers,
+        num_workers=loader_workers(data_settings.num_workers),
         generator=torch.Generator().manual_seed(data_settings.seed),
         worker_init_fn=ignore_stop_signals,
     )

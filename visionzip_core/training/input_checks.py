@@ -179,10 +179,7 @@ def _family_defaults(data, raw: dict, family):
     """``data`` with the family's own defaults for the keys the config leaves out: a family prompted
     through its chat template (Qwen2.5-VL) takes HF ``messages`` rendered by that template, images
     (and videos) where the sample puts them, at native resolution; LLaVA's defaults are the fields'."""
-    if not family.uses_chat_template:
-        return data
-    defaults = {"template": "chat_template", "image_placement": "keep", "image_aspect_ratio": "native"}
-    update = {key: value for key, value in defaults.items() if not _given(raw, "data", key)}
+    update = {key: value for key, value in family.data_defaults.items() if not _given(raw, "data", key)}
     return data.model_copy(update=update) if update else data
 
 

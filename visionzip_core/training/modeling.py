@@ -18,6 +18,7 @@ from torch import nn
 
 from visionzip_core.data.templates import tokenizer_of
 from visionzip_core.families import ModelFamily, family_for
+from visionzip_core.training.library_warnings import peft_wrapping
 from visionzip_core.training.settings import ConfigError, Settings
 
 IMAGE_TOKEN = "<image>"
@@ -292,7 +293,8 @@ def wrap_lora(model: nn.Module, settings: Settings) -> nn.Module:
         modules_to_save=family.projector_modules(),
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, config)
+    with peft_wrapping():
+        return get_peft_model(model, config)
 
 
 def param_groups(model: nn.Module, settings: Settings) -> tuple[list[dict], list[str]]:

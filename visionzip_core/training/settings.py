@@ -48,7 +48,9 @@ class ModelSettings(_Section):
     """Which weights to start from. Paths are local folders (or ``builtin:tiny-*`` test models)."""
 
     name_or_path: str | None = Field(
-        None, description="llava-hf folder to start from (projector, finetune, lora modes)."
+        None,
+        description="Model folder to start from (projector, finetune, lora modes): a supported family's "
+        "download (llava-hf LLaVA-1.5 or LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL) or a run's final/.",
     )
     vision_tower: str | None = Field(None, description="CLIP vision folder (pretrain mode only).")
     language_model: str | None = Field(
@@ -88,7 +90,7 @@ class VisionZipSettings(VisionZipConfig):
 
 class TrainSettings(_Section):
     mode: Mode = Field(
-        description="projector: projector only, from a LLaVA checkpoint; pretrain: stage 1 from CLIP + LLM; "
+        description="projector: projector only, from a trained checkpoint; pretrain: stage 1 from CLIP + LLM; "
         "finetune: projector + LLM (+ vision tower); lora: LoRA on the LLM + full projector."
     )
     output_dir: str = Field(description="Checkpoints, metrics.jsonl, metrics.png and final/ go here.")
@@ -246,6 +248,18 @@ def config_keys_help() -> str:
             return "null"
         return getattr(annotation, "__name__", str(annotation))
 
+    # The families (and so transformers) load only for --help: the config itself imports no model code.
+    from visionzip_core.families import FAMILIES
+
+    by_family = {}
+    for key in sorted({k for family in FAMILIES for k in family.data_defaults}):
+        field_default = DataSettings.model_fields[key].default
+        values: dict[str, list[str]] = {}
+        for family in FAMILIES:
+            values.setdefault(family.data_defaults.get(key, field_default), []).append(family.name)
+        by_family["data", key] = "; ".join(
+            f"{', '.join(names)}: {value!r}" for value, names in values.items()
+        )
     lines = []
     for section, model in _SECTIONS.items():
         lines.append(f"{section}:")
@@ -259,6 +273,8 @@ def config_keys_help() -> str:
             lines.append(f"  {section}.{key} ({type_name(field.annotation)}; {default})")
             if field.description:
                 lines.append(f"      {field.description}")
+            if (section, key) in by_family:
+                lines.append(f"      Family default: {by_family[section, key]}.")
     return "\n".join(lines)
 
 
