@@ -141,7 +141,7 @@ def _generate(final: Path, image: Path) -> tuple[int, torch.Tensor]:
 def test_projector_mode_trains_the_merger_only(qwen_dir, qwen_data, tmp_path):
     out = tmp_path / "run"
     proc = train(_qwen(qwen_dir, out, qwen_data, "projector"))
-    assert "dropped 1 text-only samples" in proc.stdout + proc.stderr
+    assert "dropped 1 text-only sample\n" in proc.stdout + proc.stderr
     records = [r for r in metrics(out) if "loss" in r]
     assert [r["step"] for r in records] == [1, 2, 3]
     assert records[0]["visual_tokens_per_image"] == "0.25 + 0.25 of each image's tokens"
