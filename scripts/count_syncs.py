@@ -8,6 +8,7 @@ columns, not the figures with zero. Prints a Markdown table (the one in BENCHMAR
 
     python scripts/count_syncs.py
     python scripts/count_syncs.py --family qwen2.5-vl --batch 2 8 32
+    python scripts/count_syncs.py --device cuda     # on a GPU: torch.cuda.set_sync_debug_mode counts
 """
 
 from __future__ import annotations
@@ -27,12 +28,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--family", nargs="+", choices=FAMILIES, default=list(FAMILIES))
     parser.add_argument("--batch", nargs="+", type=int, default=[2, 8])
+    parser.add_argument(
+        "--device", default="cpu", help="cpu: count host reads; cuda: count torch's sync debug mode reports"
+    )
     args = parser.parse_args(argv)
     print("| family | VisionZip settings | batch | stock | VisionZip | added |")
     print("|---|---|---:|---:|---:|---:|")
     for family in args.family:
         settings = ", ".join(f"{k}={v}" for k, v in SETTINGS[family].items())
-        for count in forward_sync_counts(family, tuple(args.batch)):
+        for count in forward_sync_counts(family, tuple(args.batch), device=args.device):
             print(
                 f"| {family} | {settings} | {count.batch} | {count.stock} | {count.visionzip} | {count.added:+d} |",
                 flush=True,

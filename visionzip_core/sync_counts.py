@@ -18,7 +18,7 @@ from PIL import Image
 
 from visionzip_core.adapt import remove_visionzip, visionzip, visionzip_processor
 from visionzip_core.families import family_for
-from visionzip_core.host_syncs import count_host_syncs
+from visionzip_core.host_syncs import count_cuda_syncs, count_host_syncs
 
 #: The families measured, by name.
 FAMILIES = ("llava-1.5", "llava-next", "qwen2.5-vl", "qwen2-vl")
@@ -86,19 +86,37 @@ def image_batch(family_name: str, processor, batch: int) -> dict:
 
 
 def forward_sync_counts(
-    family_name: str, batches: tuple[int, ...] = (2, 8), folder: str | Path | None = None
+    family_name: str,
+    batches: tuple[int, ...] = (2, 8),
+    folder: str | Path | None = None,
+    device: str | torch.device = "cpu",
 ) -> list[SyncCount]:
-    """Host syncs of one forward (no grad) of the stock model and of the VisionZip model, per batch."""
+    """Syncs of one forward (no grad) of the stock model and of the VisionZip model, per batch.
+
+    On ``device="cpu"`` every host read is counted (:class:`HostSyncCounter`); on a CUDA device,
+    the synchronising calls torch's sync debug mode reports (:func:`count_cuda_syncs`), after one
+    warm-up forward of each.
+    """
+    device = torch.device(device)
+
+    def count(model, inputs) -> int:
+        inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+        if device.type == "cuda":
+            model(**inputs)  # warm-up: lazy initialisation is not the forward's
+            return count_cuda_syncs(model, **inputs)[1]
+        return count_host_syncs(model, **inputs)[1].total
+
     with tempfile.TemporaryDirectory() as scratch:
         model, processor = load_tiny(family_name, folder or scratch)
+        model.to(device)
         counts = []
         for batch in batches:
             with torch.no_grad():
-                _, stock = count_host_syncs(model, **image_batch(family_name, processor, batch))
+                stock = count(model, image_batch(family_name, processor, batch))
                 visionzip(model, **SETTINGS[family_name])
                 adapted = visionzip_processor(processor, model.config)
-                _, ours = count_host_syncs(model, **image_batch(family_name, adapted, batch))
+                ours = count(model, image_batch(family_name, adapted, batch))
                 remove_visionzip(model)
                 family_for(family_name).adapt_processor(adapted, None, model.config)  # stock counts again
-            counts.append(SyncCount(family_name, batch, stock.total, ours.total))
+            counts.append(SyncCount(family_name, batch, stock, ours))
         return counts
