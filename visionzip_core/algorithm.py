@@ -193,7 +193,10 @@ def merge_assigned_tokens(
     if merge not in ("paper", "mean"):
         raise ValueError(f"merge={merge!r} must be 'paper' or 'mean'")
     contextual = assignment.targets.shape[0]
-    assign = F.one_hot(assignment.target_of_other, contextual).to(hidden.dtype)  # (B, R-K, K)
+    # (B, R-K, K) one-hot by scatter: F.one_hot checks its index range on the host (a sync).
+    target_of_other = assignment.target_of_other
+    assign = hidden.new_zeros(*target_of_other.shape, contextual)
+    assign.scatter_(2, target_of_other.unsqueeze(-1), 1)
     counts = assign.sum(dim=1).unsqueeze(-1)  # (B, K, 1)
     assigned_sum = torch.bmm(assign.transpose(1, 2), hidden[:, assignment.others])  # (B, K, C)
     target_hidden = hidden[:, assignment.targets]
