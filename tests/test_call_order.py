@@ -60,7 +60,9 @@ def batch_kinds(family_name: str, processor) -> dict[str, dict]:
     return {
         "text-only": run(["USER: hi ASSISTANT: a cat", "USER: and? ASSISTANT: a dog"]),
         "images": run(["USER: <image>\nWhat? ASSISTANT: a cat"] * 2, images),
-        "image and text-only rows": run(["USER: <image>\nWhat? ASSISTANT: a cat", "USER: hi ASSISTANT: no"], images[:1]),
+        "image and text-only rows": run(
+            ["USER: <image>\nWhat? ASSISTANT: a cat", "USER: hi ASSISTANT: no"], images[:1]
+        ),
     }
 
 

@@ -22,7 +22,11 @@ def test_the_counter_sees_each_kind_of_host_read_and_only_inside_its_block():
         "item": [lambda: x.sum().item(), lambda: int(x[2]), lambda: bool(x[2] > 1), lambda: float(x[1])],
         "tolist": [lambda: x.tolist()],
         "numpy": [lambda: x.numpy()],
-        "boolean index": [lambda: x[mask], lambda: x.clone().__setitem__(mask, 0.0), lambda: x.masked_select(mask)],
+        "boolean index": [
+            lambda: x[mask],
+            lambda: x.clone().__setitem__(mask, 0.0),
+            lambda: x.masked_select(mask),
+        ],
         "nonzero": [lambda: mask.nonzero()],
         "unique": [lambda: torch.unique(x), lambda: torch.unique_consecutive(x)],
         "repeat_interleave": [lambda: torch.repeat_interleave(torch.tensor([1, 2]), torch.tensor([2, 3]))],

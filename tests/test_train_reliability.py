@@ -75,7 +75,10 @@ def test_two_processes_train_whole_epochs_over_mixed_text_and_image_batches(tiny
     if zero == "zero3":  # a mixed validation set too: ranks evaluate different kinds in one step
         (tmp_path / "val").mkdir()
         val, _ = mixed_data(tmp_path / "val", images=3, texts=3)
-        overrides += [f"data.val=[{{path: {val}, image_folder: {REPO}/data/demo/images}}]", "train.eval_steps=12"]
+        overrides += [
+            f"data.val=[{{path: {val}, image_folder: {REPO}/data/demo/images}}]",
+            "train.eval_steps=12",
+        ]
     proc = train(overrides, launcher="torchrun2")
     assert "done: step 12/12" in proc.stdout
     assert [r["step"] for r in metrics(out) if "loss" in r] == list(range(1, 13))

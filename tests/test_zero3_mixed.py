@@ -49,13 +49,19 @@ def mixed_messages(tmp_path_factory) -> Path:
     video = {"type": "video", "video": [f"fr{k}.png" for k in range(4)]}
     kinds = {
         "text": lambda n: {"messages": _ask(None, f"Say {n}", "Hi.")},
-        "image": lambda n: {"messages": _ask({"type": "image", "image": f"im{n % 3}.png"}, "What?", "A cat.")},
+        "image": lambda n: {
+            "messages": _ask({"type": "image", "image": f"im{n % 3}.png"}, "What?", "A cat.")
+        },
         "video": lambda n: {"messages": _ask(video, "What moves?", "A dog.")},
         "both": lambda n: {
             "messages": [
                 {
                     "role": "user",
-                    "content": [{"type": "image", "image": f"im{n % 3}.png"}, video, {"type": "text", "text": "Same?"}],
+                    "content": [
+                        {"type": "image", "image": f"im{n % 3}.png"},
+                        video,
+                        {"type": "text", "text": "Same?"},
+                    ],
                 },
                 {"role": "assistant", "content": [{"type": "text", "text": "No."}]},
             ]
@@ -106,13 +112,18 @@ def test_zero3_two_processes_on_mixed_kinds_with_a_mixed_validation_set(variant,
     assert any("val_loss" in r for r in records), records[-2:]
     # The case the test exists for: in some step the two ranks held different kinds.
     ranks = [
-        [json.loads(line)["samples"] for line in (out / f"debug/samples-rank{r}.jsonl").read_text().splitlines()]
+        [
+            json.loads(line)["samples"]
+            for line in (out / f"debug/samples-rank{r}.jsonl").read_text().splitlines()
+        ]
         for r in (0, 1)
     ]
     rows = [json.loads(line) for line in (data / "train.jsonl").read_text().splitlines()]
 
     def kind(samples):
-        return tuple(sorted({("video" in json.dumps(rows[s])) * 2 + ("image" in json.dumps(rows[s])) for s in samples}))
+        return tuple(
+            sorted({("video" in json.dumps(rows[s])) * 2 + ("image" in json.dumps(rows[s])) for s in samples})
+        )
 
     assert any(kind(a) != kind(b) for a, b in zip(*ranks)), ranks
     assert (out / "final/model.safetensors").is_file() or list((out / "final").glob("*.safetensors"))

@@ -9,8 +9,9 @@ every batch kind a rank can draw proves on one CPU process that ranks stay align
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from torch import nn
 

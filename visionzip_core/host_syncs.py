@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import collections
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -48,9 +49,7 @@ _INDEXING = {
 
 
 def _has_mask(indices: Any) -> bool:
-    return any(
-        isinstance(t, torch.Tensor) and t.dtype in (torch.bool, torch.uint8) for t in indices or ()
-    )
+    return any(isinstance(t, torch.Tensor) and t.dtype in (torch.bool, torch.uint8) for t in indices or ())
 
 
 class HostSyncCounter(TorchDispatchMode):
@@ -98,7 +97,11 @@ class HostSyncCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         kind = _ALWAYS.get(func)
-        if kind is None and func in _INDEXING and _has_mask(args[1] if len(args) > 1 else kwargs.get("indices")):
+        if (
+            kind is None
+            and func in _INDEXING
+            and _has_mask(args[1] if len(args) > 1 else kwargs.get("indices"))
+        ):
             kind = "boolean index"
         elif kind is None and func in (aten.repeat_interleave.Tensor, aten.repeat_interleave.self_Tensor):
             if kwargs.get("output_size") is None:

@@ -329,7 +329,10 @@ def _vision_inputs(self, pixel_values, image_grid_thw, pixel_values_videos, vide
     the grids.
     """
     kinds, pixels, grids = [], [], []
-    for kind, values, grid in (("image", pixel_values, image_grid_thw), ("video", pixel_values_videos, video_grid_thw)):
+    for kind, values, grid in (
+        ("image", pixel_values, image_grid_thw),
+        ("video", pixel_values_videos, video_grid_thw),
+    ):
         if values is not None:
             kinds.append((kind, grid.shape[0]))
             pixels.append(values.type(self.visual.dtype))
@@ -410,13 +413,21 @@ def _visionzip_rope_index(
         mm_token_type_ids = token_types(config, input_ids)
     kept = self.__dict__.get(_KEPT) or {}
     grids = {
-        1: kept["image"][2] if "image" in kept else ([] if image_grid_thw is None else image_grid_thw.tolist()),
-        2: kept["video"][2] if "video" in kept else ([] if video_grid_thw is None else video_grid_thw.tolist()),
+        1: kept["image"][2]
+        if "image" in kept
+        else ([] if image_grid_thw is None else image_grid_thw.tolist()),
+        2: kept["video"][2]
+        if "video" in kept
+        else ([] if video_grid_thw is None else video_grid_thw.tolist()),
     }
     if second_per_grid_ts is None:
         seconds = [1.0] * len(grids[2])
     else:
-        seconds = second_per_grid_ts.tolist() if isinstance(second_per_grid_ts, torch.Tensor) else list(second_per_grid_ts)
+        seconds = (
+            second_per_grid_ts.tolist()
+            if isinstance(second_per_grid_ts, torch.Tensor)
+            else list(second_per_grid_ts)
+        )
     layout = mm_token_type_ids.to(torch.long)
     if attention_mask is not None and attention_mask.dim() == 2:
         layout = layout.masked_fill(attention_mask == 0, -1)
@@ -556,7 +567,9 @@ def _visionzip_forward(
         )
     if not encoded:
         if getattr(self, "_visionzip_graph", False) and inputs_embeds is not None:
-            inputs_embeds, position_ids = _with_blank_vision(self, inputs_embeds, attention_mask, position_ids)
+            inputs_embeds, position_ids = _with_blank_vision(
+                self, inputs_embeds, attention_mask, position_ids
+            )
         return run_stock(position_ids, None, inputs_embeds)
     if input_ids is None:
         raise ValueError(
@@ -839,7 +852,9 @@ def _stock_forward_keeping_graph(
             )
             pixel_values = pixel_values_videos = None
         elif inputs_embeds is not None:
-            inputs_embeds, position_ids = _with_blank_vision(self, inputs_embeds, attention_mask, position_ids)
+            inputs_embeds, position_ids = _with_blank_vision(
+                self, inputs_embeds, attention_mask, position_ids
+            )
     return type(self).forward(
         self,
         input_ids=input_ids,
