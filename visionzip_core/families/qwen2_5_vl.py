@@ -376,10 +376,9 @@ def _stock_vision(self, pixel_values, image_grid_thw, pixel_values_videos, video
 
 def token_types(config: Any, input_ids: torch.Tensor) -> torch.Tensor:
     """``mm_token_type_ids`` from ``input_ids``: 1 on ``<|image_pad|>``, 2 on ``<|video_pad|>``."""
-    types_ = torch.zeros_like(input_ids, dtype=torch.int32)
-    types_[input_ids == config.image_token_id] = 1
-    types_[input_ids == config.video_token_id] = 2
-    return types_
+    # torch.where, not masked assignment: a boolean-mask write is a host sync on a GPU.
+    video = (input_ids == config.video_token_id).to(torch.int32) * 2
+    return torch.where(input_ids == config.image_token_id, 1, video).to(torch.int32)
 
 
 def _visionzip_rope_index(
