@@ -200,10 +200,15 @@ def _segment_bounds(host_grid: list[list[int]]) -> list[int]:
 
 
 def _vision_scores(
-    inner: Qwen2_5_VLModel, pixel_values: torch.Tensor, grid_thw: torch.Tensor, host_grid: list[list[int]]
+    inner: Qwen2_5_VLModel,
+    pixel_values: torch.Tensor,
+    grid_thw: torch.Tensor,
+    host_grid: list[list[int]] | None = None,
 ):
     """Run the stock tower once; return ``(merged (sum N, H), scores (sum N,), keys (sum N, Ck))``
-    per merged token in raster order (the merger's output order)."""
+    per merged token in raster order (the merger's output order). ``host_grid``: ``grid_thw.tolist()``
+    when the caller already read it."""
+    host_grid = grid_thw.tolist() if host_grid is None else host_grid
     visual = inner.visual
     unit = visual.spatial_merge_size**2
     tower_kwargs: dict[str, torch.Tensor] = {}
