@@ -8,7 +8,9 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from transformers import CLIPVisionModel
 
+from visionzip_core.algorithm import select_visionzip_tokens, token_groups
 from visionzip_core.capture import capture_feature_layer, resolve_feature_layer
+from visionzip_core.config import VisionZipConfig
 from visionzip_core.tiny import tiny_vision_config
 
 NUM_LAYERS = 4
@@ -125,3 +127,23 @@ def test_bad_feature_layers_rejected(towers):
     for bad in (0, NUM_LAYERS + 1, -(NUM_LAYERS + 1), [-2, -1]):
         with pytest.raises(ValueError, match="feature_layer"):
             capture_feature_layer(sdpa, pixel_values, bad)
+
+
+def test_bf16_tower_selects_as_fp32_selection_of_the_same_values(tower_dir):
+    """Selection runs in float32 whatever the tower's dtype: a bf16 tower's scores and keys, ranked
+    and cosine-matched in bf16, tie and drift (the contextual assignment then differs from the
+    float32 computation on the very same bf16 values)."""
+    tower = CLIPVisionModel.from_pretrained(tower_dir, dtype=torch.bfloat16).eval()
+    torch.manual_seed(1)
+    pixel_values = torch.randn(8, 3, 112, 112)
+    with torch.no_grad():
+        captured = capture_feature_layer(tower, pixel_values, -2)
+    config = VisionZipConfig(dominant=6, contextual=8)
+    tokens = captured.cls_attention.shape[1]
+    assert captured.keys.dtype == torch.float32 and captured.cls_attention.dtype == torch.float32
+    # The tower's own bf16 values, as a bf16 pipeline holds them.
+    keys_bf16 = captured.keys.bfloat16()
+    chosen = select_visionzip_tokens(captured.cls_attention, keys_bf16, config)
+    exact = select_visionzip_tokens(captured.cls_attention, keys_bf16.float(), config)
+    assert torch.equal(chosen.dominant, exact.dominant)
+    assert torch.equal(token_groups(chosen, tokens), token_groups(exact, tokens))

@@ -175,13 +175,23 @@ def test_lora_mode(tiny_llava_next_dir, next_data, tmp_path):
 
 
 def test_zero3_two_processes(tiny_llava_next_dir, next_data, tmp_path):
-    """Ranks draw different crop counts (and the text-only sample) in the same step."""
+    """Ranks draw different crop counts (and the text-only sample) in the same step, in training
+    and in validation (image and text-only samples split over the ranks)."""
     out = tmp_path / "run"
+    rows = json.loads((next_data / "train.json").read_text())
+    val = tmp_path / "val.json"
+    val.write_text(json.dumps(rows[:3] + rows[-1:]))
     train(
         _next(tiny_llava_next_dir, out, next_data)
-        + ["deepspeed.config=configs/deepspeed/zero3.json", "train.per_device_batch_size=2"],
+        + [
+            "deepspeed.config=configs/deepspeed/zero3.json",
+            "train.per_device_batch_size=2",
+            f"data.val=[{{path: {val}, image_folder: {next_data}/images}}]",
+            "train.eval_steps=4",
+        ],
         launcher="torchrun2",
     )
+    assert any("val_loss" in r for r in metrics(out))
     base, new = load_file(str(tiny_llava_next_dir / "model.safetensors")), final_weights(out)
     assert set(new) == set(base) and all(new[k].shape == base[k].shape for k in base)
 

@@ -72,9 +72,17 @@ def test_two_processes_train_whole_epochs_over_mixed_text_and_image_batches(tiny
         "train.save_steps=100",
         f"deepspeed.config=configs/deepspeed/{zero}.json",
     ]
+    if zero == "zero3":  # a mixed validation set too: ranks evaluate different kinds in one step
+        (tmp_path / "val").mkdir()
+        val, _ = mixed_data(tmp_path / "val", images=3, texts=3)
+        overrides += [
+            f"data.val=[{{path: {val}, image_folder: {REPO}/data/demo/images}}]",
+            "train.eval_steps=12",
+        ]
     proc = train(overrides, launcher="torchrun2")
     assert "done: step 12/12" in proc.stdout
     assert [r["step"] for r in metrics(out) if "loss" in r] == list(range(1, 13))
+    assert (zero == "zero3") == any("val_loss" in r for r in metrics(out))
     # the case that used to abort: one rank text-only, the other with images, in the same step
     assert _modalities_differed(out, text_only) >= 2
     assert (out / "final/model.safetensors").is_file()

@@ -104,8 +104,9 @@ def select_dominant_tokens(cls_attention: torch.Tensor, dominant: int, keep_cls:
             f"dominant={dominant} must be in [1, {num_patches + int(keep_cls)}] for {num_patches} patches "
             f"(keep_cls={keep_cls})"
         )
-    # Offset by one: scores are ranked over patches only, CLS is handled separately.
-    patch_idx = cls_attention[:, 1:].topk(top, dim=1).indices + 1
+    # Offset by one: scores are ranked over patches only, CLS is handled separately. Ranked in
+    # float32, as a bf16 score would tie.
+    patch_idx = cls_attention[:, 1:].float().topk(top, dim=1).indices + 1
     if keep_cls:
         cls_idx = patch_idx.new_zeros(patch_idx.shape[0], 1)
         patch_idx = torch.cat([cls_idx, patch_idx], dim=1)
@@ -156,7 +157,8 @@ def assign_contextual_tokens(keys: torch.Tensor, contextual: int) -> ContextualA
     most cosine-similar target (keys L2-normalised). Decides only *where*, so no gradient.
 
     Args:
-        keys: ``(B, R, Ck)`` head-averaged keys of the remaining tokens, in raster order.
+        keys: ``(B, R, Ck)`` head-averaged keys of the remaining tokens, in raster order (any
+            float dtype; normalised and compared in float32).
         contextual: ``K`` in ``[1, R]``.
 
     Returns:
@@ -170,7 +172,9 @@ def assign_contextual_tokens(keys: torch.Tensor, contextual: int) -> ContextualA
     is_target = torch.zeros(remaining, dtype=torch.long, device=keys.device).index_fill_(0, target_pos, 1)
     other_pos = (position + is_target * remaining).sort().values[: remaining - contextual]
     with torch.no_grad():
-        unit_keys = F.normalize(keys, dim=-1)
+        # float32 whatever the model dtype: in bf16 the cosines of near-parallel keys round to
+        # ties, and argmax then drifts between runs and kernels. The matrix is small.
+        unit_keys = F.normalize(keys.detach().float(), dim=-1)
         # (B, R-K, K): cosine similarity of every other token to every target
         similarity = torch.bmm(unit_keys[:, other_pos], unit_keys[:, target_pos].transpose(1, 2))
         target_of_other = similarity.argmax(dim=2)
@@ -189,7 +193,10 @@ def merge_assigned_tokens(
     if merge not in ("paper", "mean"):
         raise ValueError(f"merge={merge!r} must be 'paper' or 'mean'")
     contextual = assignment.targets.shape[0]
-    assign = F.one_hot(assignment.target_of_other, contextual).to(hidden.dtype)  # (B, R-K, K)
+    # (B, R-K, K) one-hot by scatter: F.one_hot checks its index range on the host (a sync).
+    target_of_other = assignment.target_of_other
+    assign = hidden.new_zeros(*target_of_other.shape, contextual)
+    assign.scatter_(2, target_of_other.unsqueeze(-1), 1)
     counts = assign.sum(dim=1).unsqueeze(-1)  # (B, K, 1)
     assigned_sum = torch.bmm(assign.transpose(1, 2), hidden[:, assignment.others])  # (B, K, C)
     target_hidden = hidden[:, assignment.targets]
@@ -337,7 +344,7 @@ def select_by_scores(
             f"dominant={dominant}, contextual={contextual} do not fit {num_tokens} tokens "
             "(need 1 <= dominant and dominant + contextual <= tokens)"
         )
-    dominant_idx = scores.topk(dominant, dim=1).indices.sort(dim=1).values
+    dominant_idx = scores.float().topk(dominant, dim=1).indices.sort(dim=1).values
     if contextual == 0:
         return TokenSelection(dominant=dominant_idx, remaining=None, contextual=None)
     rest_idx = remaining_token_indices(dominant_idx, num_tokens, keep_cls=True)

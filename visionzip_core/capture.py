@@ -30,8 +30,8 @@ class FeatureLayerCapture:
         hidden: ``(B, N, C)`` output of the feature layer (== HF ``hidden_states[feature_layer]``).
         cls_attention: ``(B, N)`` float32 softmax attention of the CLS query at the feature layer,
             summed over heads (detached: it only ranks tokens).
-        keys: ``(B, N, head_dim)`` keys at the feature layer averaged over heads (detached: they only
-            assign tokens to merge targets).
+        keys: ``(B, N, head_dim)`` float32 keys at the feature layer averaged over heads (detached:
+            they only assign tokens to merge targets).
     """
 
     hidden: torch.Tensor
@@ -128,5 +128,7 @@ def capture_feature_layer(
         # (B, H, 1, d) @ (B, H, d, N): the CLS row only, in float32 as eager attention's softmax.
         logits = cls_query.float() @ keys.float().permute(0, 2, 3, 1) * attn.scale
         cls_attention = logits.softmax(dim=-1).sum(dim=1).squeeze(1)
-        head_mean_keys = keys.mean(dim=2)
+        # Averaged in float32: the keys only decide merge targets, by cosine, which a bf16 mean
+        # would already have rounded.
+        head_mean_keys = keys.float().mean(dim=2)
     return FeatureLayerCapture(hidden=hidden, cls_attention=cls_attention, keys=head_mean_keys)

@@ -133,13 +133,13 @@ def compressed_count(vz: VisionZipConfig, grid_thw: Any, merge: int, what: str) 
 
 
 class _LastBlockCapture:
-    """Hooks on one vision block's attention: its inputs (segments, rotary tables) and its ``qkv``
-    output, from which :meth:`scores_and_keys` computes the reference's scores without a second
-    attention kernel run and without materialising any ``N x N`` map."""
+    """Hooks on one vision block's attention: its rotary tables and its ``qkv`` output, from which
+    :meth:`scores_and_keys` computes the reference's scores without a second attention kernel run
+    and without materialising any ``N x N`` map."""
 
     def __init__(self, block: nn.Module):
         self.attn = block.attn
-        self.inputs: dict[str, Any] = {}
+        self.position_embeddings: Any = None
         self.qkv: torch.Tensor | None = None
         self.armed = False
         self._handles = [
@@ -149,10 +149,7 @@ class _LastBlockCapture:
 
     def _pre(self, module, args, kwargs):
         if self.armed:  # a gradient-checkpointing recompute in backward must not overwrite it
-            self.inputs = {
-                "cu_seqlens": kwargs.get("cu_seqlens", args[1] if len(args) > 1 else None),
-                "position_embeddings": kwargs.get("position_embeddings"),
-            }
+            self.position_embeddings = kwargs.get("position_embeddings")
 
     def _qkv(self, module, args, output):
         if self.armed:
@@ -164,24 +161,25 @@ class _LastBlockCapture:
             handle.remove()
 
     @torch.no_grad()
-    def scores_and_keys(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def scores_and_keys(self, bounds: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(scores (S,), keys (S, Ck))`` per patch, in the tower's (window) order, float32.
 
-        ``scores[j]``: attention patch ``j`` receives within its attention segment, averaged over
-        heads and summed over queries; ``keys``: post-RoPE keys averaged over heads.
+        ``bounds``: the full-attention segments' cumulative bounds (one segment per frame group of
+        each image or video), read on the host from the grids, so the device is never asked.
+        ``scores[j]``: attention patch ``j`` receives within its segment, averaged over heads and
+        summed over queries; ``keys``: post-RoPE keys averaged over heads.
         """
         if self.qkv is None:
             raise RuntimeError("visionzip: the last vision block did not run")
         heads = self.attn.num_heads
         seq = self.qkv.shape[0]
         q, k, _ = self.qkv.reshape(seq, 3, heads, -1).permute(1, 0, 2, 3).unbind(0)
-        cos, sin = self.inputs["position_embeddings"]
+        cos, sin = self.position_embeddings
         # The tower's own rotary function (Qwen2-VL and Qwen2.5-VL each have theirs).
         rotate = sys.modules[type(self.attn).__module__].apply_rotary_pos_emb_vision
         q, k = rotate(q, k, cos, sin)
         q, k = q.float().transpose(0, 1), k.float().transpose(0, 1)  # (heads, S, d)
         scores = torch.zeros(seq, dtype=torch.float32, device=q.device)
-        bounds = self.inputs["cu_seqlens"].tolist()
         for start, stop in zip(bounds[:-1], bounds[1:]):
             length = stop - start
             keys_seg = k[:, start:stop]
@@ -192,62 +190,111 @@ class _LastBlockCapture:
         return scores, k.mean(dim=0)
 
 
-def _vision_scores(inner: Qwen2_5_VLModel, pixel_values: torch.Tensor, grid_thw: torch.Tensor):
+def _segment_bounds(host_grid: list[list[int]]) -> list[int]:
+    """Cumulative patch bounds of the full-attention segments: one per frame group of each item."""
+    bounds = [0]
+    for t, h, w in host_grid:
+        for _ in range(t):
+            bounds.append(bounds[-1] + h * w)
+    return bounds
+
+
+def _vision_scores(
+    inner: Qwen2_5_VLModel,
+    pixel_values: torch.Tensor,
+    grid_thw: torch.Tensor,
+    host_grid: list[list[int]] | None = None,
+):
     """Run the stock tower once; return ``(merged (sum N, H), scores (sum N,), keys (sum N, Ck))``
-    per merged token in raster order (the merger's output order)."""
+    per merged token in raster order (the merger's output order). ``host_grid``: ``grid_thw.tolist()``
+    when the caller already read it."""
+    host_grid = grid_thw.tolist() if host_grid is None else host_grid
     visual = inner.visual
-    capture = _LastBlockCapture(visual.blocks[-1])
-    try:
-        capture.armed = True
-        merged = visual(pixel_values.type(visual.dtype), grid_thw=grid_thw).pooler_output
-        scores, keys = capture.scores_and_keys()
-    finally:
-        capture.armed = False
-        capture.remove()
     unit = visual.spatial_merge_size**2
-    scores = scores.view(-1, unit).mean(dim=1)
-    keys = keys.view(-1, unit, keys.shape[-1]).mean(dim=1)
+    tower_kwargs: dict[str, torch.Tensor] = {}
+    reverse = None
     if getattr(visual, "window_size", None):  # Qwen2.5-VL runs its blocks in window order
-        window_index, _ = get_vision_window_index(
-            grid_thw,
+        # Computed once, from the host grids, and handed to the tower (which would compute the same
+        # itself): the scores are put back in raster order with it.
+        window_index, cu_window_seqlens = get_vision_window_index(
+            torch.tensor(host_grid, dtype=torch.long),
             spatial_merge_size=visual.spatial_merge_size,
             window_size=visual.window_size,
             patch_size=visual.patch_size,
         )
-        reverse = torch.argsort(window_index.to(scores.device))
+        window_index = window_index.to(pixel_values.device, non_blocking=True)
+        tower_kwargs = {
+            "window_index": window_index,
+            "cu_window_seqlens": cu_window_seqlens.to(pixel_values.device, non_blocking=True),
+        }
+        reverse = torch.argsort(window_index)
+    capture = _LastBlockCapture(visual.blocks[-1])
+    try:
+        capture.armed = True
+        merged = visual(pixel_values.type(visual.dtype), grid_thw=grid_thw, **tower_kwargs).pooler_output
+        scores, keys = capture.scores_and_keys(_segment_bounds(host_grid))
+    finally:
+        capture.armed = False
+        capture.remove()
+    scores = scores.view(-1, unit).mean(dim=1)
+    keys = keys.view(-1, unit, keys.shape[-1]).mean(dim=1)
+    if reverse is not None:
         scores, keys = scores[reverse], keys[reverse]
     return merged, scores, keys
 
 
 def compress_vision(
-    inner: Qwen2_5_VLModel, pixel_values: torch.Tensor, grid_thw: torch.Tensor, kind: str = "image"
+    inner: Qwen2_5_VLModel,
+    pixel_values: torch.Tensor,
+    grid_thw: torch.Tensor,
+    kind: str = "image",
+    host_grid: list[list[int]] | None = None,
+    names: list[str] | None = None,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
-    """VisionZip on a batch of images (or videos) of any sizes.
+    """VisionZip on a batch of images (or videos, or both) of any sizes, in one tower call.
+
+    Args:
+        pixel_values: the items' patches, concatenated; grid_thw: ``(items, 3)``.
+        kind: what the items are, for error messages (``names`` overrides it per item).
+        host_grid: ``grid_thw.tolist()`` when the caller already read it (one host read per forward).
 
     Returns:
-        ``(features, kept, merged)``: per image, ``(n_kept, H)`` compressed merger outputs in raster
+        ``(features, kept, merged)``: per item, ``(n_kept, H)`` compressed merger outputs in raster
         order and ``(n_kept,)`` the merged-token index each stands at (contextual tokens at their
         target's); ``merged`` the uncompressed ``(sum N, H)`` merger outputs.
+
+    Every temporal group is split on its own; groups of one size are selected together, as one
+    batch, so the device work grows with the number of distinct sizes, and no value is read back.
     """
     vz: VisionZipConfig = getattr(inner, _ACTIVE)
     vision = inner.config.vision_config
     merge = vision.spatial_merge_size
-    merged, scores, keys = _vision_scores(inner, pixel_values, grid_thw)
-    features, kept, offset = [], [], 0
-    for i, (t, h, w) in enumerate(grid_thw.tolist()):
-        group = h * w // merge**2
-        size = f"{h * vision.patch_size}x{w * vision.patch_size} px"
-        dominant, contextual = vz.split_for(group, f"{kind} {i} ({size})")
-        parts, places = [], []
+    host_grid = grid_thw.tolist() if host_grid is None else host_grid
+    names = names or [f"{kind} {i}" for i in range(len(host_grid))]
+    merged, scores, keys = _vision_scores(inner, pixel_values, grid_thw, host_grid)
+    # Host bookkeeping from the grids: (item, first merged token, frame group) per temporal group.
+    groups, by_split, offset = [], {}, 0
+    for i, (t, h, w) in enumerate(host_grid):
+        size = h * w // merge**2
+        split = vz.split_for(size, f"{names[i]} ({h * vision.patch_size}x{w * vision.patch_size} px)")
         for g in range(t):
-            span = slice(offset, offset + group)
-            selection = select_by_scores(scores[None, span], keys[None, span], dominant, contextual)
-            tokens, where = compress_in_place_order(merged[None, span], selection, vz.merge)
-            parts.append(tokens[0])
-            places.append(where[0] + g * group)
-            offset += group
-        features.append(torch.cat(parts))
-        kept.append(torch.cat(places))
+            by_split.setdefault((size, *split), []).append(len(groups))
+            groups.append((i, offset, g * size))
+            offset += size
+    tokens_of: list[torch.Tensor] = [None] * len(groups)
+    places_of: list[torch.Tensor] = [None] * len(groups)
+    for (size, dominant, contextual), members in by_split.items():
+        starts = torch.tensor([groups[j][1] for j in members], device=merged.device)
+        index = starts[:, None] + torch.arange(size, device=merged.device)  # (G, size)
+        selection = select_by_scores(scores[index], keys[index], dominant, contextual)
+        tokens, where = compress_in_place_order(merged[index], selection, vz.merge)
+        for row, j in enumerate(members):
+            tokens_of[j], places_of[j] = tokens[row], where[row] + groups[j][2]
+    features, kept = [], []
+    for i in range(len(host_grid)):
+        mine = [j for j, group in enumerate(groups) if group[0] == i]
+        features.append(torch.cat([tokens_of[j] for j in mine]))
+        kept.append(torch.cat([places_of[j] for j in mine]))
     return features, kept, merged
 
 
@@ -304,12 +351,18 @@ def select_tokens(
 # --- the adapted model's methods ---------------------------------------------------------------------
 
 
-def _features(self: Qwen2_5_VLModel, pixel_values, grid_thw, kind: str, **kwargs):
-    features, kept, merged = compress_vision(self, pixel_values, grid_thw, kind)
+def _pooled(merged, features, kept, grid_thw, host_grid) -> BaseModelOutputWithPooling:
     output = BaseModelOutputWithPooling(last_hidden_state=merged, pooler_output=tuple(features))
     # Where each kept token stands travels with the features: generate computes them before its
     # first forward and hands them in as mm_encoder_outputs, and the positions need them.
-    object.__setattr__(output, _KEPT, (kept, grid_thw))
+    object.__setattr__(output, _KEPT, (kept, grid_thw, host_grid))
+    return output
+
+
+def _features(self: Qwen2_5_VLModel, pixel_values, grid_thw, kind: str, **kwargs):
+    host_grid = grid_thw.tolist()
+    features, kept, merged = compress_vision(self, pixel_values, grid_thw, kind, host_grid)
+    output = _pooled(merged, features, kept, grid_thw, host_grid)
     return output if kwargs.get("return_dict", True) else output.to_tuple()
 
 
@@ -324,12 +377,63 @@ def _visionzip_get_video_features(self, pixel_values_videos, video_grid_thw=None
     return _features(self, pixel_values_videos, video_grid_thw, "video", **kwargs)
 
 
+def _vision_inputs(self, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw):
+    """``(kinds, pixels, grid, host_grid)``: the images then the videos of a batch as one tower input.
+
+    ``kinds`` lists ``(kind, items)`` in that order; ``host_grid`` is the forward's one host read of
+    the grids.
+    """
+    kinds, pixels, grids = [], [], []
+    for kind, values, grid in (
+        ("image", pixel_values, image_grid_thw),
+        ("video", pixel_values_videos, video_grid_thw),
+    ):
+        if values is not None:
+            kinds.append((kind, grid.shape[0]))
+            pixels.append(values.type(self.visual.dtype))
+            grids.append(grid)
+    grid = grids[0] if len(grids) == 1 else torch.cat(grids)
+    pixels = pixels[0] if len(pixels) == 1 else torch.cat(pixels)
+    return kinds, pixels, grid, grid.tolist()
+
+
+def _compressed_vision(self, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw) -> dict:
+    """``mm_encoder_outputs`` of a batch's images and videos, compressed, from one tower call."""
+    kinds, pixels, grid, host_grid = _vision_inputs(
+        self, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw
+    )
+    names = [f"{kind} {i}" for kind, count in kinds for i in range(count)]
+    features, kept, merged = compress_vision(self, pixels, grid, host_grid=host_grid, names=names)
+    encoded, start = {}, 0
+    for kind, count in kinds:
+        span = slice(start, start + count)
+        own_grid = image_grid_thw if kind == "image" else video_grid_thw
+        encoded[kind] = _pooled(merged, features[span], kept[span], own_grid, host_grid[span])
+        start += count
+    return encoded
+
+
+def _stock_vision(self, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw) -> dict:
+    """``mm_encoder_outputs`` of a batch's images and videos, as the stock model computes them, from
+    one tower call instead of one per kind."""
+    kinds, pixels, grid, host_grid = _vision_inputs(
+        self, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw
+    )
+    merged = self.visual(pixels, grid_thw=grid).pooler_output
+    merge = self.visual.spatial_merge_size**2
+    per_item = torch.split(merged, [t * h * w // merge for t, h, w in host_grid])
+    encoded, start = {}, 0
+    for kind, count in kinds:
+        encoded[kind] = BaseModelOutputWithPooling(pooler_output=per_item[start : start + count])
+        start += count
+    return encoded
+
+
 def token_types(config: Any, input_ids: torch.Tensor) -> torch.Tensor:
     """``mm_token_type_ids`` from ``input_ids``: 1 on ``<|image_pad|>``, 2 on ``<|video_pad|>``."""
-    types_ = torch.zeros_like(input_ids, dtype=torch.int32)
-    types_[input_ids == config.image_token_id] = 1
-    types_[input_ids == config.video_token_id] = 2
-    return types_
+    # torch.where, not masked assignment: a boolean-mask write is a host sync on a GPU.
+    video = (input_ids == config.video_token_id).to(torch.int32) * 2
+    return torch.where(input_ids == config.image_token_id, 1, video).to(torch.int32)
 
 
 def _visionzip_rope_index(
@@ -347,36 +451,60 @@ def _visionzip_rope_index(
     Each image (video) run must hold exactly its compressed count. Its tokens take the stock 3D
     positions of the merged tokens they stand at (:data:`_KEPT`, set by the vision forward); before
     the vision forward has run (``generate`` prepares positions first) they take placeholder
-    positions, which the prefill forward replaces. Text positions and ``rope_deltas`` are the stock
-    model's: they do not depend on which tokens are kept.
+    positions, which the prefill forward replaces. Text positions are the stock model's: they do
+    not depend on which tokens are kept.
+
+    The run layout is read to the host once for the whole batch (token types with padding marked);
+    the grids come from the vision forward's own read. The kept tokens' positions are gathered on
+    the device, so nothing here reads back per row or per image.
     """
     vz: VisionZipConfig = getattr(self, _ACTIVE)
     config = self.config
     vision = config.vision_config
     merge = vision.spatial_merge_size
+    device = input_ids.device
     if mm_token_type_ids is None:
         mm_token_type_ids = token_types(config, input_ids)
     kept = self.__dict__.get(_KEPT) or {}
-    grids = {1: [] if image_grid_thw is None else image_grid_thw.tolist()}
-    grids[2] = [] if video_grid_thw is None else video_grid_thw.tolist()
-    seconds = [1.0] * len(grids[2]) if second_per_grid_ts is None else [float(s) for s in second_per_grid_ts]
-    names = {1: ("image", "<|image_pad|>"), 2: ("video", "<|video_pad|>")}
-    used = {1: 0, 2: 0}
-    position_ids = torch.zeros(3, *input_ids.shape, dtype=input_ids.dtype, device=input_ids.device)
-    deltas = []
-    for row in range(input_ids.shape[0]):
-        valid = (
-            attention_mask[row].bool()
-            if attention_mask is not None and attention_mask.dim() == 2
-            else torch.ones_like(input_ids[row], dtype=torch.bool)
+    grids = {
+        1: kept["image"][2]
+        if "image" in kept
+        else ([] if image_grid_thw is None else image_grid_thw.tolist()),
+        2: kept["video"][2]
+        if "video" in kept
+        else ([] if video_grid_thw is None else video_grid_thw.tolist()),
+    }
+    if second_per_grid_ts is None:
+        seconds = [1.0] * len(grids[2])
+    else:
+        seconds = (
+            second_per_grid_ts.tolist()
+            if isinstance(second_per_grid_ts, torch.Tensor)
+            else list(second_per_grid_ts)
         )
-        kinds = mm_token_type_ids[row][valid].tolist()
-        pieces, current = [], 0
-        for kind, group in itertools.groupby(kinds):
-            length = len(list(group))
+    layout = mm_token_type_ids.to(torch.long)
+    if attention_mask is not None and attention_mask.dim() == 2:
+        layout = layout.masked_fill(attention_mask == 0, -1)
+    rows = layout.tolist()  # the one host read of the runs
+    names = {1: ("image", "<|image_pad|>"), 2: ("video", "<|video_pad|>")}
+    per_second = getattr(vision, "tokens_per_second", None)  # Qwen2-VL: frame groups 1 apart
+    used = {1: 0, 2: 0}
+    length = input_ids.shape[1]
+    host_positions = torch.zeros(3, len(rows), length, dtype=torch.long)
+    # Vision runs whose kept places live on the device: their full position tables (host), where
+    # their tokens go (flat row * L + column), and the kept places.
+    tables, destinations, places = [], [], []
+    table_size = 0
+    for row, kinds in enumerate(rows):
+        columns = [c for c, kind in enumerate(kinds) if kind >= 0]
+        current, at = 0, 0
+        for kind, group in itertools.groupby(kind for kind in kinds if kind >= 0):
+            run = len(list(group))
+            cols = columns[at : at + run]
+            at += run
             if kind == 0:
-                pieces.append(torch.arange(length, device=input_ids.device).expand(3, -1) + current)
-                current += length
+                host_positions[:, row, cols] = torch.arange(current, current + run)
+                current += run
                 continue
             name, token = names[kind]
             index = used[kind]
@@ -388,38 +516,46 @@ def _visionzip_rope_index(
                 )
             grid = grids[kind][index]
             expected = compressed_count(vz, grid, merge, f"{name} {index}")
-            if length != expected:
+            if run != expected:
                 raise ValueError(
-                    f"visionzip: {name} {index} has {length} {token} tokens but VisionZip keeps {expected} of "
+                    f"visionzip: {name} {index} has {run} {token} tokens but VisionZip keeps {expected} of "
                     f"its grid {tuple(grid)}; build the inputs with visionzip_processor(processor, model.config)"
                 )
-            per_second = getattr(vision, "tokens_per_second", None)  # Qwen2-VL: frame groups 1 apart
             interval = per_second * seconds[index] if kind == 2 and per_second else 1
-            full = self.get_vision_position_ids(
-                current, torch.as_tensor(grid), 1, merge, interval, device=input_ids.device
-            )
-            places = kept.get(name)
-            at = (
-                places[index].to(full.device)
-                if places is not None
-                else torch.arange(length, device=full.device)
-            )
-            pieces.append(full[:, at])
+            full = _grid_positions(grid, merge, current, interval)  # (3, t * h * w / merge**2), host
+            if name in kept:
+                tables.append(full)
+                destinations.extend(row * length + c for c in cols)
+                places.append(kept[name][0][index] + table_size)
+                table_size += full.shape[1]
+            else:  # before the vision forward: placeholder positions
+                host_positions[:, row, cols] = full[:, :run]
             current += max(grid[1], grid[2]) // merge
-        positions = (
-            torch.cat(pieces, dim=1)
-            if pieces
-            else torch.zeros(3, 0, dtype=input_ids.dtype, device=input_ids.device)
-        )
-        position_ids[:, row, valid] = positions.to(position_ids.dtype)
-        last = int(positions.max()) + 1 if positions.numel() else 0
-        deltas.append(last - int(valid.sum()))
+    position_ids = host_positions.to(device=device, dtype=input_ids.dtype, non_blocking=True)
+    if tables:
+        table = torch.cat(tables, dim=1).to(device, non_blocking=True)
+        where = torch.tensor(destinations, device=device)
+        position_ids.view(3, -1)[:, where] = table[:, torch.cat(places).to(device)].to(position_ids.dtype)
     for kind, (name, token) in names.items():
         if used[kind] < len(grids[kind]):
             raise ValueError(
                 f"visionzip: {len(grids[kind])} {name}(s) given but input_ids hold {used[kind]} {token} runs"
             )
-    return position_ids, torch.tensor(deltas, device=input_ids.device).unsqueeze(1)
+    # rope_deltas on the device: the last position of each row, past the row's own token count.
+    valid = layout >= 0
+    last = position_ids.masked_fill(~valid[None], -1).amax(dim=(0, 2)) + 1
+    deltas = torch.where(valid.any(dim=1), last - valid.sum(dim=1), torch.zeros_like(last))
+    return position_ids, deltas.unsqueeze(1)
+
+
+def _grid_positions(grid: list[int], merge: int, start: int, interval: float) -> torch.Tensor:
+    """``(3, t * h * w / merge**2)`` stock (t, h, w) positions of one image or video's merged tokens,
+    computed on the host from its grid (as ``get_vision_position_ids``)."""
+    t, h, w = grid[0], grid[1] // merge, grid[2] // merge
+    temporal = (torch.arange(t) * interval).long() + start
+    rows = torch.arange(h) + start
+    cols = torch.arange(w) + start
+    return torch.stack(torch.meshgrid(temporal, rows, cols, indexing="ij")).reshape(3, -1)
 
 
 def _timing(forward, second_per_grid_ts) -> dict:
@@ -446,27 +582,28 @@ def _visionzip_forward(
     mm_encoder_outputs=None,
     **kwargs,
 ):
-    """``Qwen2_5_VLModel.forward`` with VisionZip: the compressed features, then the positions of the
-    tokens kept (replacing any 3D positions passed in, e.g. the ones ``generate`` prepared before
-    the pixels were seen), then the stock forward on those."""
+    """``Qwen2_5_VLModel.forward`` with VisionZip: the token embedding, then one tower call over the
+    batch's images and videos (compressed), then the positions of the tokens kept (replacing any 3D
+    positions passed in, e.g. the ones ``generate`` prepared before the pixels were seen), then the
+    stock forward on those.
+
+    Under ZeRO-3 every module call gathers parameters with a collective, so every rank must call
+    the same modules in the same order whatever its micro-batch holds: embedding, tower, language
+    model, with one tower call for images and videos together, and (when the vision path is kept
+    in the graph) a blank image for a text-only batch.
+    """
     stock = type(self).forward
     decoding = past_key_values is not None and past_key_values.get_seq_length() > 0
-    encoded = dict(mm_encoder_outputs or {})
-    if not decoding:
-        if pixel_values is not None:
-            encoded["image"] = self.get_image_features(pixel_values, image_grid_thw, return_dict=True)
-        if pixel_values_videos is not None:
-            encoded["video"] = self.get_video_features(pixel_values_videos, video_grid_thw, return_dict=True)
-    kept = {kind: out for kind, out in encoded.items() if out is not None}
+    encoded = {kind: out for kind, out in (mm_encoder_outputs or {}).items() if out is not None}
 
-    def run_stock(positions, encoder_outputs):
+    def run_stock(positions, encoder_outputs, embeds):
         return stock(
             self,
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=positions,
             past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds,
+            inputs_embeds=embeds,
             use_cache=use_cache,
             mm_token_type_ids=mm_token_type_ids,
             mm_encoder_outputs=encoder_outputs,
@@ -474,28 +611,37 @@ def _visionzip_forward(
             **kwargs,
         )
 
-    if decoding or not kept:
-        if not kept and getattr(self, "_visionzip_graph", False) and input_ids is not None and not decoding:
-            return _text_only_with_vision_in_graph(
-                self, input_ids, attention_mask, position_ids, use_cache, mm_encoder_outputs, kwargs
+    if decoding:
+        return run_stock(position_ids, mm_encoder_outputs, inputs_embeds)
+    if inputs_embeds is None and input_ids is not None:
+        inputs_embeds = self.get_input_embeddings()(input_ids)
+    if pixel_values is not None or pixel_values_videos is not None:
+        encoded.update(
+            _compressed_vision(self, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
+        )
+    if not encoded:
+        if getattr(self, "_visionzip_graph", False) and inputs_embeds is not None:
+            inputs_embeds, position_ids = _with_blank_vision(
+                self, inputs_embeds, attention_mask, position_ids
             )
-        return run_stock(position_ids, mm_encoder_outputs)
+        return run_stock(position_ids, None, inputs_embeds)
     if input_ids is None:
         raise ValueError(
             "visionzip: qwen2.5-vl needs input_ids with pixel values (the placeholder runs say where the "
             "compressed tokens go)"
         )
-    for kind, out in kept.items():
+    kept = {}
+    for kind, out in encoded.items():
         if not hasattr(out, _KEPT):
             raise ValueError(
                 f"visionzip: mm_encoder_outputs['{kind}'] did not come from the adapted model's "
                 f"get_{kind}_features (the kept tokens' places are missing)"
             )
-        kept[kind], grid = getattr(out, _KEPT)
+        kept[kind] = getattr(out, _KEPT)
         if kind == "image" and image_grid_thw is None:  # generate keeps the grids with the features
-            image_grid_thw = grid
+            image_grid_thw = kept[kind][1]
         if kind == "video" and video_grid_thw is None:
-            video_grid_thw = grid
+            video_grid_thw = kept[kind][1]
     if mm_token_type_ids is None:
         mm_token_type_ids = token_types(self.config, input_ids)
     self.__dict__[_KEPT] = kept
@@ -518,7 +664,7 @@ def _visionzip_forward(
     else:
         position_ids = vision_positions
     self.rope_deltas = deltas
-    return run_stock(position_ids, encoded)
+    return run_stock(position_ids, encoded, inputs_embeds)
 
 
 def _blank_image(self: Qwen2_5_VLModel, device: torch.device) -> dict[str, torch.Tensor]:
@@ -530,32 +676,21 @@ def _blank_image(self: Qwen2_5_VLModel, device: torch.device) -> dict[str, torch
     return {"pixel_values": pixel_values, "grid_thw": torch.tensor([[1, side, side]], device=device)}
 
 
-def _text_only_with_vision_in_graph(
-    self, input_ids, attention_mask, position_ids, use_cache, encoded, kwargs
-):
+def _with_blank_vision(self, inputs_embeds, attention_mask, position_ids):
     """A text-only batch also runs the tower and merger on one blank image, times zero (see
-    :meth:`Qwen2_5VL.keep_vision_in_graph`). The stock uncompressed path: the blank image may be
-    smaller than the budget, and only the modules' participation matters here."""
-    embed = self.get_input_embeddings()
-    inputs_embeds = embed(input_ids)
-    blank = self._visionzip_blank_image(input_ids.device)
+    :meth:`Qwen2_5VL.keep_vision_in_graph`), after the embedding as an image batch does. The stock
+    uncompressed tower: the blank image may be smaller than the budget, and only the modules'
+    participation matters here. Returns ``(inputs_embeds, position_ids)``."""
+    blank = self._visionzip_blank_image(inputs_embeds.device)
     merged = self.visual(blank["pixel_values"], grid_thw=blank["grid_thw"]).pooler_output
     inputs_embeds = inputs_embeds + merged.sum().to(inputs_embeds.dtype) * 0.0
     if position_ids is None:  # explicit text positions: a stale rope_deltas must not shift them
+        batch, length = inputs_embeds.shape[:2]
         if attention_mask is not None and attention_mask.dim() == 2:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         else:
-            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-    return type(self).forward(
-        self,
-        input_ids=None,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        inputs_embeds=inputs_embeds,
-        use_cache=use_cache,
-        mm_encoder_outputs=encoded,
-        **kwargs,
-    )
+            position_ids = torch.arange(length, device=inputs_embeds.device).expand(batch, length)
+    return inputs_embeds, position_ids
 
 
 # --- the processor ----------------------------------------------------------------------------------
@@ -780,26 +915,48 @@ class Qwen2_5VL(ModelFamily):
 
 
 def _stock_forward_keeping_graph(
-    self, input_ids=None, *args, pixel_values=None, pixel_values_videos=None, **kwargs
+    self,
+    input_ids=None,
+    attention_mask=None,
+    position_ids=None,
+    past_key_values=None,
+    inputs_embeds=None,
+    pixel_values=None,
+    pixel_values_videos=None,
+    image_grid_thw=None,
+    video_grid_thw=None,
+    mm_encoder_outputs=None,
+    **kwargs,
 ):
-    """The stock forward (VisionZip off) with the text-only blank-image path."""
-    if (
-        pixel_values is None
-        and pixel_values_videos is None
-        and input_ids is not None
-        and kwargs.get("past_key_values") is None
-    ):
-        return _text_only_with_vision_in_graph(
-            self,
-            input_ids,
-            kwargs.pop("attention_mask", None),
-            kwargs.pop("position_ids", None),
-            kwargs.pop("use_cache", None),
-            kwargs.pop("mm_encoder_outputs", None),
-            kwargs,
-        )
+    """The stock forward (VisionZip off) in the module order every batch kind shares (see
+    :func:`_visionzip_forward`): embedding, one tower call over images and videos together (a blank
+    image for a text-only batch), language model."""
+    decoding = past_key_values is not None and past_key_values.get_seq_length() > 0
+    if not decoding and mm_encoder_outputs is None:
+        if inputs_embeds is None and input_ids is not None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        if pixel_values is not None or pixel_values_videos is not None:
+            mm_encoder_outputs = _stock_vision(
+                self, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw
+            )
+            pixel_values = pixel_values_videos = None
+        elif inputs_embeds is not None:
+            inputs_embeds, position_ids = _with_blank_vision(
+                self, inputs_embeds, attention_mask, position_ids
+            )
     return type(self).forward(
-        self, input_ids, *args, pixel_values=pixel_values, pixel_values_videos=pixel_values_videos, **kwargs
+        self,
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        past_key_values=past_key_values,
+        inputs_embeds=inputs_embeds,
+        pixel_values=pixel_values,
+        pixel_values_videos=pixel_values_videos,
+        image_grid_thw=image_grid_thw,
+        video_grid_thw=video_grid_thw,
+        mm_encoder_outputs=mm_encoder_outputs,
+        **kwargs,
     )
 
 

@@ -1,0 +1,122 @@
+"""Host syncs per forward, VisionZip against the stock model, for every family on its tiny model.
+
+:func:`forward_sync_counts` is what ``scripts/count_syncs.py`` prints and what the tests bound:
+VisionZip may add a small constant to the stock forward's syncs, never a count that grows with
+the batch. Each batch holds one image per row, of alternating sizes where the family takes any
+size, so per-image and per-row work both show.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from visionzip_core.adapt import remove_visionzip, visionzip, visionzip_processor
+from visionzip_core.families import family_for
+from visionzip_core.host_syncs import count_cuda_syncs, count_host_syncs
+
+#: The families measured, by name.
+FAMILIES = ("llava-1.5", "llava-next", "qwen2.5-vl", "qwen2-vl")
+#: VisionZip's settings per family (fixed counts for CLIP towers, ratios for the any-size towers).
+SETTINGS = {
+    "llava-1.5": {"dominant": 20, "contextual": 6},
+    "llava-next": {"dominant": 20, "contextual": 6},
+    "qwen2.5-vl": {"dominant_ratio": 0.5, "contextual_ratio": 0.1},
+    "qwen2-vl": {"dominant_ratio": 0.5, "contextual_ratio": 0.1},
+}
+# (height, width) of the images, cycled over the rows.
+_SIZES = ((112, 168), (84, 56), (140, 112), (56, 84))
+
+
+@dataclass(frozen=True)
+class SyncCount:
+    """Host syncs of one forward of ``family`` at ``batch`` rows."""
+
+    family: str
+    batch: int
+    stock: int
+    visionzip: int
+
+    @property
+    def added(self) -> int:
+        return self.visionzip - self.stock
+
+
+def _image(height: int, width: int, seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def load_tiny(family_name: str, folder: str | Path):
+    """``(model, processor)`` of the family's tiny model, built into ``folder``."""
+    from visionzip_core.tiny import build_tiny_llava, build_tiny_llava_next, build_tiny_qwen2_5_vl
+
+    folder = Path(folder) / family_name
+    if family_name == "llava-1.5":
+        return build_tiny_llava(folder)
+    if family_name == "llava-next":
+        return build_tiny_llava_next(folder)
+    variant = {"qwen2.5-vl": "qwen2_5_vl", "qwen2-vl": "qwen2_vl"}[family_name]
+    build_tiny_qwen2_5_vl(folder, variant=variant)
+    family = family_for(family_name)
+    return family.load(str(folder)).eval(), family.load_processor(str(folder))
+
+
+def image_batch(family_name: str, processor, batch: int) -> dict:
+    """``batch`` rows, one image each, padded on the left as for generation."""
+    images = [_image(*_SIZES[i % len(_SIZES)], seed=i) for i in range(batch)]
+    if family_name.startswith("qwen"):
+        texts = [
+            processor.apply_chat_template(
+                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": f"What is {i}?"}]}],
+                tokenize=False,
+                add_generation_prompt=True,
+            )
+            for i in range(batch)
+        ]
+    else:
+        texts = [f"USER: <image>\nWhat is {i}? ASSISTANT:" for i in range(batch)]
+    processor.tokenizer.padding_side = "left"
+    return dict(processor(text=texts, images=images, padding=True, return_tensors="pt"))
+
+
+def forward_sync_counts(
+    family_name: str,
+    batches: tuple[int, ...] = (2, 8),
+    folder: str | Path | None = None,
+    device: str | torch.device = "cpu",
+) -> list[SyncCount]:
+    """Syncs of one forward (no grad) of the stock model and of the VisionZip model, per batch.
+
+    On ``device="cpu"`` every host read is counted (:class:`HostSyncCounter`); on a CUDA device,
+    the synchronising calls torch's sync debug mode reports (:func:`count_cuda_syncs`), after one
+    warm-up forward of each.
+    """
+    device = torch.device(device)
+
+    def count(model, inputs) -> int:
+        inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+        if device.type == "cuda":
+            model(**inputs)  # warm-up: lazy initialisation is not the forward's
+            return count_cuda_syncs(model, **inputs)[1]
+        return count_host_syncs(model, **inputs)[1].total
+
+    with tempfile.TemporaryDirectory() as scratch:
+        model, processor = load_tiny(family_name, folder or scratch)
+        model.to(device)
+        counts = []
+        for batch in batches:
+            with torch.no_grad():
+                stock = count(model, image_batch(family_name, processor, batch))
+                visionzip(model, **SETTINGS[family_name])
+                adapted = visionzip_processor(processor, model.config)
+                ours = count(model, image_batch(family_name, adapted, batch))
+                remove_visionzip(model)
+                family_for(family_name).adapt_processor(adapted, None, model.config)  # stock counts again
+            counts.append(SyncCount(family_name, batch, stock, ours))
+        return counts
