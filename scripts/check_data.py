@@ -27,26 +27,36 @@ def main(argv=None) -> int:
     import numpy as np
 
     from visionzip_core.data import BadDataError
-    from visionzip_core.data.dataset import apply_policy, make_encoder, mixture_indices, preflight_split
+    from visionzip_core.data.dataset import apply_policy, epoch_rows, make_encoder, preflight_split
     from visionzip_core.data.images import ImageTransform
     from visionzip_core.training.input_checks import check_global_batch
-    from visionzip_core.training.modeling import IMAGE_TOKEN, build_processor
+    from visionzip_core.training.modeling import build_processor, dataset_inputs
     from visionzip_core.training.settings import ConfigError, load_config
 
     try:
         settings = load_config(args.config, args.overrides, check_files=True, warn=print)
         processor, image_tokens = build_processor(settings)
+        family = dataset_inputs(settings, processor)  # what the trainer's dataset is given
     except (ConfigError, FileNotFoundError) as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
     data = settings.data.resolve_paths()
-    encoder = make_encoder(data, processor.tokenizer, image_tokens, IMAGE_TOKEN)
+    encoder = make_encoder(
+        data,
+        processor.tokenizer,
+        image_tokens,
+        family["image_token"],
+        family.get("video_token"),
+        family.get("video_tokens"),
+    )
     try:
-        transform = ImageTransform(processor.image_processor, data.image_aspect_ratio)
+        transform = ImageTransform(
+            processor.image_processor, data.image_aspect_ratio, family.get("video_processor")
+        )
     except ValueError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
-    size_rule = transform.size_rule if encoder.needs_image_sizes else None
+    size_rule = transform.size_rule if (encoder.needs_image_sizes or family.get("video_token")) else None
     print(
         f"visual tokens per image: {image_tokens.describe()} (template {data.template}, max length {data.model_max_length})"
     )
@@ -56,7 +66,7 @@ def main(argv=None) -> int:
         if not getattr(data, split):
             continue
         try:
-            found = preflight_split(data, split, encoder, size_rule)
+            found = preflight_split(data, split, encoder, size_rule, family["sample_formats"])
         except BadDataError as err:
             print(err)
             stop = stop or str(err)
@@ -71,18 +81,21 @@ def main(argv=None) -> int:
         except BadDataError as err:
             stop = stop or str(err)
             continue
-        weights = [s.weight for s in getattr(data, split)]
-        _, rows = mixture_indices(found.valid_rows, weights, data.seed)
         lengths = np.concatenate([lens[valid] for lens, valid in zip(found.lengths, found.valid_rows)])
         with_images = int((lengths > 0).sum()) if len(lengths) else 0
+        try:
+            _, rows, _ = epoch_rows(found, data, family["images_only"])
+        except BadDataError as err:
+            print(f"data.{split}: 0 samples per epoch ({with_images} of {len(lengths)} valid rows with images)")
+            stop = stop or str(err)
+            continue
+        dropped = found.report.text_only_dropped
+        dropped = f", {dropped} text-only left out in {settings.train.mode} mode" if dropped else ""
         print(
             f"data.{split}: {len(rows)} samples per epoch after mixing ({with_images} of {len(lengths)} valid rows "
-            f"with images), longest {int(np.abs(lengths).max()) if len(lengths) else 0} tokens"
+            f"with images{dropped}), longest {int(np.abs(lengths).max()) if len(lengths) else 0} tokens"
         )
         if split == "train":
-            if len(rows) == 0:
-                stop = stop or f"data.{split}: no usable samples"
-                continue
             try:
                 check_global_batch(len(rows), settings.train, args.processes, warn=print)
             except ConfigError as err:

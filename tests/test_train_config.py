@@ -381,7 +381,7 @@ def test_feature_layer_left_out_is_the_models_own_and_recorded_as_such(tiny_llav
 def test_anyres_needs_a_tiling_model(tiny_llava_dir, tiny_llava_next_dir, tmp_path):
     """``data.image_aspect_ratio: anyres`` on a one-crop model is a config error before anything
     loads; on LLaVA-NeXT it is the natural setting."""
-    with pytest.raises(ConfigError, match="anyres needs a tiling model .*llava-1.5"):
+    with pytest.raises(ConfigError, match="anyres does not apply to llava-1.5, .*: use pad, resize or crop"):
         _demo(tiny_llava_dir, tmp_path, "data.image_aspect_ratio=anyres")
     next_ = load_config(
         REPO / "configs/demo.yaml",
