@@ -86,7 +86,9 @@ def main(argv=None) -> int:
         try:
             _, rows, _ = epoch_rows(found, data, family["images_only"])
         except BadDataError as err:
-            print(f"data.{split}: 0 samples per epoch ({with_images} of {len(lengths)} valid rows with images)")
+            print(
+                f"data.{split}: 0 samples per epoch ({with_images} of {len(lengths)} valid rows with images)"
+            )
             stop = stop or str(err)
             continue
         dropped = found.report.text_only_dropped

@@ -39,7 +39,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--max-new-tokens", type=int, default=16, help="reply length limit (default 16)")
     p.add_argument("--limit", type=int, default=None, help="score only the first N samples with an image")
-    p.add_argument("--system", default=None, help="system prompt (default: the family's own, e.g. vicuna's for LLaVA; '' for none)")
+    p.add_argument(
+        "--system",
+        default=None,
+        help="system prompt (default: the family's own, e.g. vicuna's for LLaVA; '' for none)",
+    )
     p.add_argument(
         "--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="weights dtype"
     )
@@ -77,7 +81,13 @@ def main(argv=None) -> int:
         visionzip_processor,
     )
     from visionzip_core.benchmarking import peak_memory_bytes
-    from visionzip_core.evaluation import FirstTokenTimer, eval_inputs, exact_match, parse_budgets, samples_for
+    from visionzip_core.evaluation import (
+        FirstTokenTimer,
+        eval_inputs,
+        exact_match,
+        parse_budgets,
+        samples_for,
+    )
     from visionzip_core.families import family_for, image_token_count
     from visionzip_core.model_folders import check_model_folder
     from visionzip_core.model_names import resolve_model_path

@@ -84,7 +84,9 @@ class ModelFamily(ABC):
     #: ``messages``: HF content parts).
     sample_formats: ClassVar[tuple[str, ...]] = ("llava", "messages")
 
-    def prompt(self, processor, question: str, images: int, videos: int = 0, system: str | None = None) -> str:
+    def prompt(
+        self, processor, question: str, images: int, videos: int = 0, system: str | None = None
+    ) -> str:
         """The first user turn as the family is trained on it, ending where the reply starts:
         LLaVA-1.5's ``vicuna_v1`` text ``{system} USER: <image>\n{question} ASSISTANT:`` (``system``
         None: vicuna's own), one placeholder per image. Used by evaluation and generation."""

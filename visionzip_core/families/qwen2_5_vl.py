@@ -563,7 +563,9 @@ class Qwen2_5VL(ModelFamily):
     aspect_ratios = ("native", "pad")
     sample_formats = ("messages",)
 
-    def prompt(self, processor, question: str, images: int, videos: int = 0, system: str | None = None) -> str:
+    def prompt(
+        self, processor, question: str, images: int, videos: int = 0, system: str | None = None
+    ) -> str:
         """The first user turn rendered by the processor's chat template (images, then videos, then
         the question), with the generation prompt; ``system`` None keeps the template's own."""
         content = [{"type": "image"}] * images + [{"type": "video"}] * videos

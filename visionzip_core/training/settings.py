@@ -558,9 +558,7 @@ def _mark_command_line(problems: list[str], overrides: list[str]) -> tuple[list[
     for problem in problems:
         head = problem.split(": ", 1)[0] if ": " in problem else ""
         parts = _key_parts(head.split(" ", 1)[0]) if head else []
-        ours = bool(parts) and any(
-            k and (parts[: len(k)] == k or k[: len(parts)] == parts) for k in keys
-        )
+        ours = bool(parts) and any(k and (parts[: len(k)] == k or k[: len(parts)] == parts) for k in keys)
         if ours:
             marked += 1
             problem = f"{problem} (command line)"
