@@ -251,3 +251,18 @@ def test_evaluate_scores_the_export(trained, matrix_data, tmp_path, name):
     rows = json.loads(out.read_text())
     assert [r["samples"] for r in rows] == [2, 2]  # the Qwen video sample is asked too
     assert rows[0]["tokens"] != rows[1]["tokens"]  # the recorded split is fewer tokens than stock
+
+
+def test_a_failed_requested_score_exits_4_and_keeps_the_run(family_dirs, matrix_data, tmp_path):
+    """A scoring failure after a good run is its own exit code (CI notices), and the checkpoint and
+    the export stay."""
+    out = tmp_path / "run"
+    overrides = family_overrides("llava-1.5", family_dirs["llava-1.5"], matrix_data, out)
+    overrides += ["train.max_steps=1", "train.save_steps=1", "debug.fail_scoring=true"]
+    proc = subprocess.run(
+        _cmd("python", overrides), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 4, proc.stderr[-3000:]
+    assert "answers: not scored: RuntimeError: debug.fail_scoring" in proc.stdout
+    assert f"error: eval.generate_accuracy: could not score {out / 'final'}" in proc.stderr
+    assert (out / "final" / "model.safetensors").is_file() and (out / "checkpoint-1").is_dir()

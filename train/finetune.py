@@ -9,8 +9,8 @@ processor and check the data -> build the model and the DeepSpeed engine -> resu
 checkpoint exists -> fit (log, evaluate, checkpoint) -> export ``final/`` -> plot ``metrics.png``.
 Exit codes: 0 done (or already finished), 2 bad config, data or folder (another run holds it, or
 resuming it would mix two runs), 3 the loss or grad norm became NaN/inf, 4 trained and exported,
-but the requested ``eval.generate_accuracy`` could not score the export (the run, its checkpoints
-and ``final/`` are kept; rerunning only exports and scores again), 74 no space left on disk, 75
+but the requested ``eval.generate_accuracy`` failed while scoring the export (the run, its
+checkpoints and ``final/`` are kept; score it with ``scripts/evaluate.py``), 74 no space left on disk, 75
 stopped on request (preempted; resume by rerunning).
 
 Preemption: the first SIGTERM or SIGINT (on any rank, or the launcher's death) lets every rank
@@ -632,11 +632,18 @@ def plot_metrics(run: Run) -> Path | None:
     return write_run_plot(run.output_dir)
 
 
+class ScoringFailed(RuntimeError):
+    """``eval.generate_accuracy`` was asked for and could not score the export (the run is kept)."""
+
+
 def score_export(run: Run, paths: dict[str, Path]) -> str | None:
     """``eval.generate_accuracy``: the exported model's exact-match accuracy of generated first replies on
-    ``data.val`` (rank 0), as one report line, prompted the way the model's family is trained. Runs
-    after export: a failure is a line starting ``not scored:`` (the run exits
-    :data:`EXIT_NOT_SCORED`), and the trained run and its export are kept."""
+    ``data.val`` (rank 0), as one report line, prompted the way the model's family is trained.
+
+    Nothing to score (no full export, no val sample with an image: warned about before the run)
+    is a ``not scored: ...`` line. Runs after export, so a failure while scoring keeps the trained
+    run and its export: it raises :class:`ScoringFailed` with the one-line reason (exit
+    :data:`EXIT_NOT_SCORED`)."""
     e = run.settings.eval
     if not e.generate_accuracy or not dist.is_main():
         return None
@@ -656,10 +663,11 @@ def score_export(run: Run, paths: dict[str, Path]) -> str | None:
         if not samples:
             return "not scored: data.val has no sample with an image"
         processor = load_visionzip_processor(str(paths["model"]))
+        run.hooks.before_scoring(paths["model"])
         started = time.perf_counter()
         score = score_generation(model, processor, samples, e.max_new_tokens)
     except Exception as err:  # the run is trained and exported; scoring it must not lose that
-        return f"not scored: {type(err).__name__}: {' '.join(str(err).split())[:200]}"
+        raise ScoringFailed(f"{type(err).__name__}: {' '.join(str(err).split())[:200]}") from err
     return (
         f"{score.accuracy:.3f} ({score.correct}/{score.samples} first replies exact, "
         f"{time.perf_counter() - started:.1f} s)"
@@ -736,13 +744,17 @@ def main(argv=None, hooks: TrainHooks | None = None) -> int:
         else:  # trained before; only final/ is missing
             run.metrics.close()
         paths = export(run)
-        accuracy = score_export(run, paths)
+        try:
+            accuracy, failed = score_export(run, paths), None
+        except ScoringFailed as err:
+            accuracy, failed = f"not scored: {err}", err
         report(run, paths, time.perf_counter() - started, plot_metrics(run), accuracy)
-        if accuracy is not None and accuracy.startswith("not scored"):
-            dist.print0(
-                f"error: eval.generate_accuracy: {accuracy}; the run and {paths.get('model', 'its output')} "
-                f"are kept (exit {EXIT_NOT_SCORED})",
+        if failed is not None:
+            print(
+                f"error: eval.generate_accuracy: could not score {paths['model']} ({failed}); the run and "
+                f"its export are kept (exit {EXIT_NOT_SCORED})",
                 file=sys.stderr,
+                flush=True,
             )
             code = EXIT_NOT_SCORED
     except resume.RunFinished as e:
