@@ -34,10 +34,14 @@ Mode = Literal["projector", "pretrain", "finetune", "lora"]
 class ConfigError(ValueError):
     """Every problem found in a training config, one per line, each naming its dotted key."""
 
-    def __init__(self, source: str, problems: list[str]):
+    def __init__(self, source: str, problems: list[str], from_command_line: frozenset[int] = frozenset()):
         self.source = source
         self.problems = problems
-        lines = "\n".join(f"  - {p}" for p in problems)
+        #: Indices of the problems whose key a command-line override set: marked ``(command line)``.
+        self.from_command_line = from_command_line
+        lines = "\n".join(
+            f"  - {p}" + (" (command line)" if k in from_command_line else "") for k, p in enumerate(problems)
+        )
         super().__init__(f"{len(problems)} problem(s) in {source}:\n{lines}")
 
 
@@ -535,12 +539,12 @@ def load_config(
         for note in notes if warn is not None else ():
             warn(f"warning: {note}")
     if problems:
-        problems, from_command_line = _mark_command_line(problems, list(overrides))
-        if from_command_line == len(problems):
+        from_command_line = _from_command_line(problems, list(overrides))
+        if len(from_command_line) == len(problems):
             source = f"the command line (overrides to {source})"
         elif from_command_line:
             source = f"{source} and the command line"
-        raise ConfigError(source, problems)
+        raise ConfigError(source, problems, from_command_line)
     return Settings(**sections)
 
 
@@ -549,18 +553,14 @@ def _key_parts(key: str) -> list[str]:
     return [part for part in re.split(r"[.\[\]]+", key) if part]
 
 
-def _mark_command_line(problems: list[str], overrides: list[str]) -> tuple[list[str], int]:
-    """Each problem whose key an override set (or lies inside, or contains) gets ``(command line)``,
-    so a value typed on the command line is not blamed on the YAML file. Returns the problems and
-    how many were marked."""
+def _from_command_line(problems: list[str], overrides: list[str]) -> frozenset[int]:
+    """Indices of the problems whose key an override set (or lies inside, or contains), so a value
+    typed on the command line is not blamed on the YAML file."""
     keys = [_key_parts(item.partition("=")[0]) for item in overrides]
-    out, marked = [], 0
-    for problem in problems:
+    out = set()
+    for index, problem in enumerate(problems):
         head = problem.split(": ", 1)[0] if ": " in problem else ""
         parts = _key_parts(head.split(" ", 1)[0]) if head else []
-        ours = bool(parts) and any(k and (parts[: len(k)] == k or k[: len(parts)] == parts) for k in keys)
-        if ours:
-            marked += 1
-            problem = f"{problem} (command line)"
-        out.append(problem)
-    return out, marked
+        if parts and any(k and (parts[: len(k)] == k or k[: len(parts)] == parts) for k in keys):
+            out.add(index)
+    return frozenset(out)
