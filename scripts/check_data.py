@@ -3,8 +3,11 @@
     python scripts/check_data.py --config configs/X.yaml [section.key=value ...] [--processes N]
 
 Runs the trainer's own path: ``load_config`` (with the same overrides and file checks as
-``train/finetune.py``) -> ``build_processor`` (the configured VisionZip token count) -> the
-dataset preflight (same cache) -> the bad-sample policy -> the mixture and the batch check.
+``train/finetune.py``) -> ``build_processor`` (the configured VisionZip token count) -> what the
+model family gives the data pipeline (``dataset_inputs``: its placeholders, the sample formats it
+reads, its video processor; text-only samples left out in projector and pretrain modes) -> the
+dataset preflight (same cache) -> the bad-sample policy -> the mixture and the batch check. Works
+on every family training takes.
 Prints one line per bad sample, a summary per split, and what training would do. Exit status:
 0 training would start, 1 it would stop on the data, 2 the config itself is wrong.
 """
@@ -36,7 +39,7 @@ def main(argv=None) -> int:
     try:
         settings = load_config(args.config, args.overrides, check_files=True, warn=print)
         processor, image_tokens = build_processor(settings)
-        family = dataset_inputs(settings, processor)  # what the trainer's dataset is given
+        inputs = dataset_inputs(settings, processor)  # what the trainer's dataset is given
     except (ConfigError, FileNotFoundError) as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
@@ -45,18 +48,18 @@ def main(argv=None) -> int:
         data,
         processor.tokenizer,
         image_tokens,
-        family["image_token"],
-        family.get("video_token"),
-        family.get("video_tokens"),
+        inputs["image_token"],
+        inputs.get("video_token"),
+        inputs.get("video_tokens"),
     )
     try:
         transform = ImageTransform(
-            processor.image_processor, data.image_aspect_ratio, family.get("video_processor")
+            processor.image_processor, data.image_aspect_ratio, inputs.get("video_processor")
         )
     except ValueError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
-    size_rule = transform.size_rule if (encoder.needs_image_sizes or family.get("video_token")) else None
+    size_rule = transform.size_rule if (encoder.needs_image_sizes or inputs.get("video_token")) else None
     print(
         f"visual tokens per image: {image_tokens.describe()} (template {data.template}, max length {data.model_max_length})"
     )
@@ -66,7 +69,7 @@ def main(argv=None) -> int:
         if not getattr(data, split):
             continue
         try:
-            found = preflight_split(data, split, encoder, size_rule, family["sample_formats"])
+            found = preflight_split(data, split, encoder, size_rule, inputs["sample_formats"])
         except BadDataError as err:
             print(err)
             stop = stop or str(err)
@@ -84,7 +87,7 @@ def main(argv=None) -> int:
         lengths = np.concatenate([lens[valid] for lens, valid in zip(found.lengths, found.valid_rows)])
         with_images = int((lengths > 0).sum()) if len(lengths) else 0
         try:
-            _, rows, _ = epoch_rows(found, data, family["images_only"])
+            _, rows, _ = epoch_rows(found, data, inputs["images_only"])
         except BadDataError as err:
             print(
                 f"data.{split}: 0 samples per epoch ({with_images} of {len(lengths)} valid rows with images)"
