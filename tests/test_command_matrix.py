@@ -182,11 +182,15 @@ def run_script(script: str, *args: str) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
+FAILING_SCORE = "llava-1.5 failing score"  # a run whose requested scoring fails (exit 4)
+
+
 @pytest.fixture(scope="session")
-def trained(family_dirs, matrix_data, tmp_path_factory) -> dict[str, Trained]:
+def runs(family_dirs, matrix_data, tmp_path_factory) -> dict[str, tuple[Path, list[str], int, str, str, str]]:
     """Per family: ``check_data.py`` on the config, then the training run through the real entry
-    point, once per session (the exports are the inputs of every other command's test). The four
-    runs go side by side: most of a tiny run is the interpreter's start."""
+    point; and one LLaVA-1.5 run whose scoring fails. ``(run folder, overrides, exit code, stdout,
+    stderr, check_data's stdout)`` by name. The runs go side by side: most of a tiny run is the
+    interpreter's start."""
     root = tmp_path_factory.mktemp("matrix-runs")
     overrides, checks = {}, {}
     for name in FAMILIES:
@@ -194,19 +198,40 @@ def trained(family_dirs, matrix_data, tmp_path_factory) -> dict[str, Trained]:
         code, stdout, stderr = run_script("check_data", "--config", "configs/demo.yaml", *overrides[name])
         assert code == 0, f"{name}: check_data\n{stdout[-2000:]}{stderr[-3000:]}"
         checks[name] = stdout
-    runs = {}
-    for name in FAMILIES:  # output to files: a full pipe would stall a run while another is read
-        logs = [open(root / f"{name}.{kind}", "w") for kind in ("out", "err")]  # noqa: SIM115
-        runs[name] = subprocess.Popen(
-            _cmd("python", overrides[name]), cwd=REPO, env=_env(), stdout=logs[0], stderr=logs[1]
+    failing = family_overrides("llava-1.5", family_dirs["llava-1.5"], matrix_data, root / "failing-score")
+    overrides[FAILING_SCORE] = failing + [
+        "train.max_steps=1",
+        "train.save_steps=1",
+        "debug.fail_scoring=true",
+    ]
+    started = {}
+    for k, name in enumerate(
+        overrides
+    ):  # output to files: a full pipe would stall a run while another is read
+        logs = [open(root / f"{k}.{kind}", "w") for kind in ("out", "err")]  # noqa: SIM115
+        started[name] = (
+            k,
+            subprocess.Popen(
+                _cmd("python", overrides[name]), cwd=REPO, env=_env(), stdout=logs[0], stderr=logs[1]
+            ),
         )
     out = {}
-    for name, proc in runs.items():
+    for name, (k, proc) in started.items():
         proc.wait(timeout=600)
-        stdout, stderr = ((root / f"{name}.{kind}").read_text() for kind in ("out", "err"))
-        assert proc.returncode == 0, f"{name}: exit {proc.returncode}\n{stderr[-3000:]}"
-        run = root / name
-        out[name] = Trained(family_dirs[name], overrides[name], run, run / "final", checks[name], stdout)
+        stdout, stderr = ((root / f"{k}.{kind}").read_text() for kind in ("out", "err"))
+        run = Path(next(o for o in overrides[name] if o.startswith("train.output_dir=")).partition("=")[2])
+        out[name] = (run, overrides[name], proc.returncode, stdout, stderr, checks.get(name, ""))
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained(family_dirs, runs) -> dict[str, Trained]:
+    """Each family's finished matrix run: the exports are the inputs of every other command's test."""
+    out = {}
+    for name in FAMILIES:
+        run, overrides, code, stdout, stderr, check = runs[name]
+        assert code == 0, f"{name}: exit {code}\n{stderr[-3000:]}"
+        out[name] = Trained(family_dirs[name], overrides, run, run / "final", check, stdout)
     return out
 
 
@@ -253,16 +278,11 @@ def test_evaluate_scores_the_export(trained, matrix_data, tmp_path, name):
     assert rows[0]["tokens"] != rows[1]["tokens"]  # the recorded split is fewer tokens than stock
 
 
-def test_a_failed_requested_score_exits_4_and_keeps_the_run(family_dirs, matrix_data, tmp_path):
+def test_a_failed_requested_score_exits_4_and_keeps_the_run(runs):
     """A scoring failure after a good run is its own exit code (CI notices), and the checkpoint and
     the export stay."""
-    out = tmp_path / "run"
-    overrides = family_overrides("llava-1.5", family_dirs["llava-1.5"], matrix_data, out)
-    overrides += ["train.max_steps=1", "train.save_steps=1", "debug.fail_scoring=true"]
-    proc = subprocess.run(
-        _cmd("python", overrides), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 4, proc.stderr[-3000:]
-    assert "answers: not scored: RuntimeError: debug.fail_scoring" in proc.stdout
-    assert f"error: eval.generate_accuracy: could not score {out / 'final'}" in proc.stderr
+    out, _, code, stdout, stderr, _ = runs[FAILING_SCORE]
+    assert code == 4, stderr[-3000:]
+    assert "answers: not scored: RuntimeError: debug.fail_scoring" in stdout
+    assert f"error: eval.generate_accuracy: could not score {out / 'final'}" in stderr
     assert (out / "final" / "model.safetensors").is_file() and (out / "checkpoint-1").is_dir()
