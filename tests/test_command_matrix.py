@@ -93,9 +93,12 @@ def _messages_rows() -> tuple[list[dict], list[dict]]:
 
 @pytest.fixture(scope="session")
 def matrix_data(tmp_path_factory) -> Path:
-    """``images/`` (pictures of several sizes and video frames), ``llava_{train,val}.json`` and
-    ``messages_{train,val}.jsonl``."""
-    out = tmp_path_factory.mktemp("matrix-data")
+    return write_matrix_data(tmp_path_factory.mktemp("matrix-data"))
+
+
+def write_matrix_data(out: Path) -> Path:
+    """``out`` with ``images/`` (pictures of several sizes and video frames),
+    ``llava_{train,val}.json`` and ``messages_{train,val}.jsonl``."""
     (out / "images").mkdir()
     for i, (h, w) in enumerate(SIZES):
         _picture(out / "images" / f"im{i}.png", h, w, i)

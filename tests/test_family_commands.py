@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 from PIL import Image
-from test_command_matrix import BUILDERS, FAMILIES, run_script
+from test_command_matrix import BUILDERS, FAMILIES, run_script, write_matrix_data
 
 from visionzip_core.data import BadDataError, build_dataset
 from visionzip_core.data.templates import place_images_first, render, tokenizer_of
@@ -173,3 +173,22 @@ def test_config_errors_say_whether_they_came_from_the_command_line(tmp_path):
         for line in str(err.value).splitlines()[1:]
     }
     assert marks == {"train.sav_steps": False, "train.lr": True}
+
+
+@pytest.mark.parametrize("name", ["qwen2-vl", "qwen2.5-vl"])
+def test_check_data_takes_the_shipped_qwen_config(folders, tmp_path, name):
+    """configs/qwen2.5-vl-7b/projector.yaml with only its paths overridden (as a user points it at
+    a download and a data set) passes check_data.py, videos included."""
+    matrix_data = write_matrix_data(tmp_path)
+    code, stdout, stderr = run_script(
+        "check_data",
+        "--config",
+        "configs/qwen2.5-vl-7b/projector.yaml",
+        f"model.name_or_path={folders[name]}",
+        f"data.train=[{{path: {matrix_data}/messages_train.jsonl, image_folder: {matrix_data}/images}}]",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        f"train.output_dir={tmp_path / 'out'}",
+        "train.per_device_batch_size=2",
+    )
+    assert code == 0, stdout[-2000:] + stderr[-2000:]
+    assert "data.train: 6 samples per epoch" in stdout and stdout.rstrip().endswith("data OK for training")
