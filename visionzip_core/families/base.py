@@ -88,8 +88,9 @@ class ModelFamily(ABC):
         self, processor, question: str, images: int, videos: int = 0, system: str | None = None
     ) -> str:
         """The first user turn as the family is trained on it, ending where the reply starts:
-        LLaVA-1.5's ``vicuna_v1`` text ``{system} USER: <image>\n{question} ASSISTANT:`` (``system``
-        None: vicuna's own), one placeholder per image. Used by evaluation and generation."""
+        LLaVA-1.5's ``vicuna_v1`` text ``{system} USER: <image>\\n{question} ASSISTANT:`` (``system``
+        None: vicuna's own), one placeholder per image. ``scripts/evaluate.py`` and
+        ``eval.generate_accuracy`` ask with it."""
         from visionzip_core.data.settings import VICUNA_V1_SYSTEM
 
         if videos:
