@@ -6,9 +6,10 @@
 For every sample with an image (or a video, for a family that takes video), the first user turn
 is asked the way the model's family is trained (LLaVA: ``{system} USER: <image>\\n{question}
 ASSISTANT:``; Qwen2-VL / Qwen2.5-VL: the processor's chat template) and the greedy reply is
-compared with the first assistant turn, ignoring case, surrounding spaces and one trailing period. Each budget
-(``stock``: no compression; ``recorded``: a trained export's own split; ``D+C``: dominant +
-contextual) runs over the same samples in one process, so the rows compare side by side.
+compared with the first assistant turn, ignoring case, surrounding spaces and one trailing
+period. Each budget (``stock``: no compression; ``recorded``: a trained export's own split;
+``D+C``: dominant + contextual) runs over the same samples in one process, so the rows compare
+side by side.
 
 ``--out`` gets a JSON list, one row per budget: ``tokens`` (visual tokens per image), ``budget``,
 ``accuracy``, ``correct``, ``samples``, ``ttft_s`` (median time to the first new token),
