@@ -3,8 +3,11 @@
     python scripts/check_data.py --config configs/X.yaml [section.key=value ...] [--processes N]
 
 Runs the trainer's own path: ``load_config`` (with the same overrides and file checks as
-``train/finetune.py``) -> ``build_processor`` (the configured VisionZip token count) -> the
-dataset preflight (same cache) -> the bad-sample policy -> the mixture and the batch check.
+``train/finetune.py``) -> ``build_processor`` (the configured VisionZip token count) -> what the
+model family gives the data pipeline (``dataset_inputs``: its placeholders, the sample formats it
+reads, its video processor; text-only samples left out in projector and pretrain modes) -> the
+dataset preflight (same cache) -> the bad-sample policy -> the mixture and the batch check. Works
+on every family training takes.
 Prints one line per bad sample, a summary per split, and what training would do. Exit status:
 0 training would start, 1 it would stop on the data, 2 the config itself is wrong.
 """
@@ -27,26 +30,36 @@ def main(argv=None) -> int:
     import numpy as np
 
     from visionzip_core.data import BadDataError
-    from visionzip_core.data.dataset import apply_policy, make_encoder, mixture_indices, preflight_split
+    from visionzip_core.data.dataset import apply_policy, epoch_rows, make_encoder, preflight_split
     from visionzip_core.data.images import ImageTransform
     from visionzip_core.training.input_checks import check_global_batch
-    from visionzip_core.training.modeling import IMAGE_TOKEN, build_processor
+    from visionzip_core.training.modeling import build_processor, dataset_inputs
     from visionzip_core.training.settings import ConfigError, load_config
 
     try:
         settings = load_config(args.config, args.overrides, check_files=True, warn=print)
         processor, image_tokens = build_processor(settings)
+        inputs = dataset_inputs(settings, processor)  # what the trainer's dataset is given
     except (ConfigError, FileNotFoundError) as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
     data = settings.data.resolve_paths()
-    encoder = make_encoder(data, processor.tokenizer, image_tokens, IMAGE_TOKEN)
+    encoder = make_encoder(
+        data,
+        processor.tokenizer,
+        image_tokens,
+        inputs["image_token"],
+        inputs.get("video_token"),
+        inputs.get("video_tokens"),
+    )
     try:
-        transform = ImageTransform(processor.image_processor, data.image_aspect_ratio)
+        transform = ImageTransform(
+            processor.image_processor, data.image_aspect_ratio, inputs.get("video_processor")
+        )
     except ValueError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
-    size_rule = transform.size_rule if encoder.needs_image_sizes else None
+    size_rule = transform.size_rule if (encoder.needs_image_sizes or inputs.get("video_token")) else None
     print(
         f"visual tokens per image: {image_tokens.describe()} (template {data.template}, max length {data.model_max_length})"
     )
@@ -56,7 +69,7 @@ def main(argv=None) -> int:
         if not getattr(data, split):
             continue
         try:
-            found = preflight_split(data, split, encoder, size_rule)
+            found = preflight_split(data, split, encoder, size_rule, inputs["sample_formats"])
         except BadDataError as err:
             print(err)
             stop = stop or str(err)
@@ -71,18 +84,23 @@ def main(argv=None) -> int:
         except BadDataError as err:
             stop = stop or str(err)
             continue
-        weights = [s.weight for s in getattr(data, split)]
-        _, rows = mixture_indices(found.valid_rows, weights, data.seed)
         lengths = np.concatenate([lens[valid] for lens, valid in zip(found.lengths, found.valid_rows)])
         with_images = int((lengths > 0).sum()) if len(lengths) else 0
+        try:
+            _, rows, _ = epoch_rows(found, data, inputs["images_only"])
+        except BadDataError as err:
+            print(
+                f"data.{split}: 0 samples per epoch ({with_images} of {len(lengths)} valid rows with images)"
+            )
+            stop = stop or str(err)
+            continue
+        dropped = found.report.text_only_dropped
+        dropped = f", {dropped} text-only left out in {settings.train.mode} mode" if dropped else ""
         print(
             f"data.{split}: {len(rows)} samples per epoch after mixing ({with_images} of {len(lengths)} valid rows "
-            f"with images), longest {int(np.abs(lengths).max()) if len(lengths) else 0} tokens"
+            f"with images{dropped}), longest {int(np.abs(lengths).max()) if len(lengths) else 0} tokens"
         )
         if split == "train":
-            if len(rows) == 0:
-                stop = stop or f"data.{split}: no usable samples"
-                continue
             try:
                 check_global_batch(len(rows), settings.train, args.processes, warn=print)
             except ConfigError as err:

@@ -3,12 +3,13 @@
     python scripts/evaluate.py --model outputs/demo/final --data data/demo/instruct_val.json \\
         --image-folder data/demo/images --out results/eval_demo.json --budgets recorded,stock,6+2
 
-For every sample with an image, the first user turn is asked, wrapped in the prompt the model's
-family trains on (LLaVA's ``{system} USER: <image>\\n{question} ASSISTANT:``, a Qwen model's chat
-template), and the greedy reply is compared with the
-first assistant turn, ignoring case, surrounding spaces and one trailing period. Each budget
-(``stock``: no compression; ``recorded``: a trained export's own split; ``D+C``: dominant +
-contextual) runs over the same samples in one process, so the rows compare side by side.
+For every sample with an image (or a video, for a family that takes video), the first user turn
+is asked the way the model's family is trained (LLaVA: ``{system} USER: <image>\\n{question}
+ASSISTANT:``; Qwen2-VL / Qwen2.5-VL: the processor's chat template) and the greedy reply is
+compared with the first assistant turn, ignoring case, surrounding spaces and one trailing
+period. Each budget (``stock``: no compression; ``recorded``: a trained export's own split;
+``D+C``: dominant + contextual) runs over the same samples in one process, so the rows compare
+side by side.
 
 ``--out`` gets a JSON list, one row per budget: ``tokens`` (visual tokens per image), ``budget``,
 ``accuracy``, ``correct``, ``samples``, ``ttft_s`` (median time to the first new token),
@@ -28,12 +29,8 @@ from pathlib import Path
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument(
-        "--model", required=True, help="a trained export (final/) or a model folder of any supported family"
-    )
-    p.add_argument(
-        "--data", required=True, help="validation samples: .json or .jsonl, LLaVA or HF messages format"
-    )
+    p.add_argument("--model", required=True, help="a trained export (final/) or a downloaded model folder")
+    p.add_argument("--data", required=True, help="samples, .json/.jsonl in LLaVA or messages format")
     p.add_argument("--image-folder", required=True, help="folder the samples' image paths are relative to")
     p.add_argument("--out", type=Path, required=True, help="JSON file for the rows")
     p.add_argument(
@@ -43,7 +40,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--max-new-tokens", type=int, default=16, help="reply length limit (default 16)")
     p.add_argument("--limit", type=int, default=None, help="score only the first N samples with an image")
-    p.add_argument("--system", default=None, help="system prompt (default: the family's own; '' for none)")
+    p.add_argument(
+        "--system",
+        default=None,
+        help="system prompt (default: the family's own, e.g. vicuna's for LLaVA; '' for none)",
+    )
     p.add_argument(
         "--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="weights dtype"
     )
@@ -68,12 +69,8 @@ def main(argv=None) -> int:
         samples = load_eval_samples(args.data, args.image_folder)
     except ValueError as err:
         return _fail(str(err))
-    samples = samples[: args.limit] if args.limit else samples
-    if not samples:
-        return _fail(f"--data: {args.data} has no sample with an image")
 
     import torch
-    from PIL import Image
     from tqdm.auto import tqdm
     from transformers import AutoConfig
 
@@ -85,8 +82,13 @@ def main(argv=None) -> int:
         visionzip_processor,
     )
     from visionzip_core.benchmarking import peak_memory_bytes
-    from visionzip_core.data.settings import VICUNA_V1_SYSTEM
-    from visionzip_core.evaluation import FirstTokenTimer, eval_prompt, exact_match, parse_budgets
+    from visionzip_core.evaluation import (
+        FirstTokenTimer,
+        eval_inputs,
+        exact_match,
+        parse_budgets,
+        samples_for,
+    )
     from visionzip_core.families import family_for, image_token_count
     from visionzip_core.model_folders import check_model_folder
     from visionzip_core.model_names import resolve_model_path
@@ -101,6 +103,13 @@ def main(argv=None) -> int:
     if problems:
         return _fail("; ".join(problems))
     family, device, dtype = family_for(config), torch.device(args.device), getattr(torch, args.dtype)
+    samples, videos_left_out = samples_for(family, samples)
+    if videos_left_out:
+        note = f"note: {videos_left_out} samples with a video left out ({family.name} takes images only)"
+        print(note, file=sys.stderr)
+    samples = samples[: args.limit] if args.limit else samples
+    if not samples:
+        return _fail(f"--data: {args.data} has no sample with an image")
     try:
         model = family.load(path, dtype=dtype).to(device).eval()
     except WeightsError as err:
@@ -115,7 +124,6 @@ def main(argv=None) -> int:
         return _fail(str(err))
     base = recorded.model_dump() if recorded is not None else {}
 
-    system = VICUNA_V1_SYSTEM if args.system is None else args.system
     rows = []
     # A bar on a terminal; in a log file (disable=None) one line per budget instead.
     bar = tqdm(
@@ -138,12 +146,9 @@ def main(argv=None) -> int:
         peak = None
         start = time.perf_counter()
         for sample in samples:
-            images = [Image.open(p).convert("RGB") for p in sample.images]
-            inputs = processor(text=[eval_prompt(sample, system)], images=images, return_tensors="pt").to(
-                device
-            )
-            inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-            tokens.update(count((img.height, img.width)) for img in images)
+            inputs, images = eval_inputs(family, processor, sample, args.system, device, dtype)
+            if images:
+                tokens.update(map(count, family.counted_image_sizes(model.config, inputs, images)))
             timer = FirstTokenTimer()
 
             def run(inputs=inputs, timer=timer):
@@ -173,7 +178,7 @@ def main(argv=None) -> int:
         rows.append(
             {
                 "budget": label,
-                "tokens": min(tokens) if len(tokens) == 1 else sorted(tokens),
+                "tokens": min(tokens) if len(tokens) == 1 else sorted(tokens),  # [] if videos only
                 "dominant": chosen[0] if chosen else None,
                 "contextual": chosen[1] if chosen else None,
                 "accuracy": correct / len(samples),
@@ -188,7 +193,7 @@ def main(argv=None) -> int:
     bar.close()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(rows, indent=1) + "\n")
-    print(f"model: {path}\ndata: {args.data} ({len(samples)} samples with an image)")
+    print(f"model: {path} ({family.name})\ndata: {args.data} ({len(samples)} samples with an image or video)")
     print("| budget | visual tokens/image | accuracy | time to first token (s) | peak mem (MB) |")
     print("|---|---:|---:|---:|---:|")
     for r in rows:

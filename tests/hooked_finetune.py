@@ -7,7 +7,8 @@ before it), so the worker's command line still names ``train/finetune.py``.
 
 ``debug.log_samples=true``: write each step's sample indices to ``output_dir/debug/samples-rank<R>.jsonl``
 (truncated to the resumed step, so a resumed run's file equals an unbroken run's);
-``debug.nan_at_step=N``: make step N's loss NaN; ``debug.step_sleep_s=S``: pause after every step.
+``debug.nan_at_step=N``: make step N's loss NaN; ``debug.step_sleep_s=S``: pause after every step;
+``debug.fail_scoring=true``: ``eval.generate_accuracy`` fails on the loaded export.
 Everything else goes to ``train/finetune.py`` unchanged (so do the launchers' own arguments).
 """
 
@@ -30,8 +31,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 class DebugHooks(TrainHooks):
-    def __init__(self, log_samples: bool = False, nan_at_step: int | None = None, step_sleep_s: float = 0.0):
+    def __init__(
+        self,
+        log_samples: bool = False,
+        nan_at_step: int | None = None,
+        step_sleep_s: float = 0.0,
+        fail_scoring: bool = False,
+    ):
         self.log_samples, self.nan_at_step, self.step_sleep_s = log_samples, nan_at_step, step_sleep_s
+        self.fail_scoring = fail_scoring
         self.path: Path | None = None
 
     def on_start(self, output_dir, rank, step):
@@ -52,6 +60,10 @@ class DebugHooks(TrainHooks):
         if self.step_sleep_s:
             time.sleep(self.step_sleep_s)
 
+    def before_scoring(self, final):
+        if self.fail_scoring:
+            raise RuntimeError(f"debug.fail_scoring on {final}")
+
 
 def split_debug(argv: list[str]) -> tuple[DebugHooks, list[str]]:
     values, rest = {}, []
@@ -65,6 +77,7 @@ def split_debug(argv: list[str]) -> tuple[DebugHooks, list[str]]:
         log_samples=values.pop("log_samples", "false").lower() == "true",
         nan_at_step=int(values.pop("nan_at_step")) if "nan_at_step" in values else None,
         step_sleep_s=float(values.pop("step_sleep_s", 0.0)),
+        fail_scoring=values.pop("fail_scoring", "false").lower() == "true",
     )
     if values:
         raise SystemExit(f"hooked_finetune: unknown debug.* arguments {sorted(values)}")

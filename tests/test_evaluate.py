@@ -160,6 +160,7 @@ def test_a_failed_score_after_training_is_one_line_not_a_lost_run(tmp_path, monk
     settings = load_config(repo / "configs/demo.yaml")
     run = SimpleNamespace(settings=settings, device=torch.device("cpu"))
     (tmp_path / "final").mkdir()
-    line = finetune.score_export(run, {"model": tmp_path / "final"})
-    assert line.startswith("not scored: ") and "\n" not in line
+    with pytest.raises(finetune.ScoringFailed) as failed:  # main() exits EXIT_NOT_SCORED on it
+        finetune.score_export(run, {"model": tmp_path / "final"})
+    assert str(failed.value) and "\n" not in str(failed.value)
     assert finetune.score_export(run, {}) == "not scored: no full model was exported"

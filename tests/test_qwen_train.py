@@ -220,7 +220,7 @@ def test_export_reloads_with_visionzip_and_generates(qwen_dir, qwen_data, tmp_pa
         (["train.mode=pretrain"], "train.mode: pretrain is not supported for qwen2.5-vl"),
         (["data.packing=true"], "data.packing: not supported for qwen2.5-vl (M-RoPE positions per sample)"),
         (["data.image_aspect_ratio=crop"], "data.image_aspect_ratio: crop does not apply to qwen2.5-vl"),
-        (["data.template=vicuna_v1"], "data.template: vicuna_v1 is LLaVA-1.5's text format; qwen2.5-vl is"),
+        (["data.template=vicuna_v1"], "data.template: vicuna_v1 does not apply to qwen2.5-vl"),
     ],
 )
 def test_config_errors_stop_before_weights_load(qwen_dir, qwen_data, tmp_path, extra, words):

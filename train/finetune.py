@@ -10,8 +10,10 @@ Recipe: validate the config (every problem at once, before any weights load) -> 
 processor and check the data -> build the model and the DeepSpeed engine -> resume if a
 checkpoint exists -> fit (log, evaluate, checkpoint) -> export ``final/`` -> plot ``metrics.png``.
 Exit codes: 0 done (or already finished), 2 bad config, data or folder (another run holds it, or
-resuming it would mix two runs), 3 the loss or grad norm became NaN/inf, 74 no space left on disk,
-75 stopped on request (preempted; resume by rerunning).
+resuming it would mix two runs), 3 the loss or grad norm became NaN/inf, 4 trained and exported,
+but the requested ``eval.generate_accuracy`` failed while scoring the export (the run, its
+checkpoints and ``final/`` are kept; score it with ``scripts/evaluate.py``), 74 no space left on disk, 75
+stopped on request (preempted; resume by rerunning).
 
 Preemption: the first SIGTERM or SIGINT (on any rank, or the launcher's death) lets every rank
 finish the current optimizer step, write a checkpoint, flush metrics and wandb, and exit 75;
@@ -61,13 +63,12 @@ from visionzip_core.training.modeling import (  # noqa: E402
     build_model,
     build_processor,
     count_parameters,
+    dataset_inputs,
     llm_hidden_size,
-    model_family,
     param_groups,
     resolve_precision,
     seed_everything,
     torch_dtype,
-    video_tokens,
 )
 from visionzip_core.training.optimization import (  # noqa: E402
     build_optimizer,
@@ -83,6 +84,9 @@ from visionzip_core.weight_checks import WeightsError  # noqa: E402
 
 class TrainingDiverged(RuntimeError):
     pass
+
+
+EXIT_NOT_SCORED = 4  # eval.generate_accuracy was asked for and failed; the run and its export are kept
 
 
 class Preempted(RuntimeError):
@@ -241,16 +245,7 @@ def prepare_data(settings: Settings, start: Start) -> Data:
     if not dist.is_main():
         dist.barrier()
     processor, image_tokens = build_processor(settings)
-    video_count = video_tokens(settings)
-    video = (
-        {}
-        if video_count is None
-        else {
-            "video_processor": processor.video_processor,
-            "video_token": model_family(settings).video_token,
-            "video_tokens": video_count,
-        }
-    )
+    family_inputs = dataset_inputs(settings, processor)
     datasets = {
         split: build_dataset(
             settings.data,
@@ -258,10 +253,7 @@ def prepare_data(settings: Settings, start: Start) -> Data:
             tokenizer=processor.tokenizer,
             image_processor=processor.image_processor,
             image_tokens_per_image=image_tokens,
-            # Projector-only modes: a text-only batch would train nothing (see data summary).
-            images_only=t.mode in ("projector", "pretrain"),
-            image_token=model_family(settings).image_token,
-            **video,
+            **family_inputs,
         )
         for split in ("train", "val")
         if getattr(settings.data, split)
@@ -650,10 +642,18 @@ def plot_metrics(run: Run) -> Path | None:
     return write_run_plot(run.output_dir)
 
 
+class ScoringFailed(RuntimeError):
+    """``eval.generate_accuracy`` was asked for and could not score the export (the run is kept)."""
+
+
 def score_export(run: Run, paths: dict[str, Path]) -> str | None:
     """``eval.generate_accuracy``: the exported model's exact-match accuracy of generated first replies on
-    ``data.val`` (rank 0), as one report line. Runs after export: a failure here is reported, and
-    the trained run and its export are kept."""
+    ``data.val`` (rank 0), as one report line, prompted the way the model's family is trained.
+
+    Nothing to score (no full export, no val sample with an image: warned about before the run)
+    is a ``not scored: ...`` line. Runs after export, so a failure while scoring keeps the trained
+    run and its export: it raises :class:`ScoringFailed` with the one-line reason (exit
+    :data:`EXIT_NOT_SCORED`)."""
     e = run.settings.eval
     if not e.generate_accuracy or not dist.is_main():
         return None
@@ -661,20 +661,23 @@ def score_export(run: Run, paths: dict[str, Path]) -> str | None:
         return "not scored: no full model was exported"
     try:
         from visionzip_core import load_visionzip_model, load_visionzip_processor
-        from visionzip_core.evaluation import load_eval_samples, score_generation
+        from visionzip_core.evaluation import load_eval_samples, samples_for, score_generation
+        from visionzip_core.families import family_for
 
         samples = []
         for source in run.settings.data.val:  # paths made absolute by the config loader
             samples += load_eval_samples(source.path, source.image_folder or ".")
+        model = load_visionzip_model(str(paths["model"])).to(run.device).eval()
+        samples, _ = samples_for(family_for(model), samples)  # videos, where the family takes none
         samples = samples[: e.limit] if e.limit else samples
         if not samples:
             return "not scored: data.val has no sample with an image"
-        model = load_visionzip_model(str(paths["model"])).to(run.device).eval()
         processor = load_visionzip_processor(str(paths["model"]))
+        run.hooks.before_scoring(paths["model"])
         started = time.perf_counter()
         score = score_generation(model, processor, samples, e.max_new_tokens)
     except Exception as err:  # the run is trained and exported; scoring it must not lose that
-        return f"not scored: {type(err).__name__}: {' '.join(str(err).split())[:200]}"
+        raise ScoringFailed(f"{type(err).__name__}: {' '.join(str(err).split())[:200]}") from err
     return (
         f"{score.accuracy:.3f} ({score.correct}/{score.samples} first replies exact, "
         f"{time.perf_counter() - started:.1f} s)"
@@ -752,8 +755,19 @@ def main(argv=None, hooks: TrainHooks | None = None) -> int:
         else:  # trained before; only final/ is missing
             run.metrics.close()
         paths = export(run)
-        accuracy = score_export(run, paths)
+        try:
+            accuracy, failed = score_export(run, paths), None
+        except ScoringFailed as err:
+            accuracy, failed = f"not scored: {err}", err
         report(run, paths, time.perf_counter() - started, plot_metrics(run), accuracy)
+        if failed is not None:
+            print(
+                f"error: eval.generate_accuracy: could not score {paths['model']} ({failed}); the run and "
+                f"its export are kept (exit {EXIT_NOT_SCORED})",
+                file=sys.stderr,
+                flush=True,
+            )
+            code = EXIT_NOT_SCORED
     except resume.RunFinished as e:
         dist.print0(str(e))
     except (resume.ResumeError, output_lock.OutputDirLocked) as e:  # the same on every rank

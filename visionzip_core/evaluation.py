@@ -1,7 +1,8 @@
 """Generation-based scoring: exact-match accuracy of a model's first reply, per token budget.
 
-Used by ``scripts/evaluate.py``. The prompt is the one LLaVA-1.5 trains and ``scripts/generate.py``
-uses (the ``vicuna_v1`` template): ``{system} USER: <image>\\n{question} ASSISTANT:``.
+Used by ``scripts/evaluate.py`` and the trainer's ``eval.generate_accuracy``. Each model is asked
+the way its family is trained (:meth:`ModelFamily.prompt`): LLaVA's ``vicuna_v1`` text
+``{system} USER: <image>\\n{question} ASSISTANT:``, Qwen's chat template.
 """
 
 from __future__ import annotations
@@ -15,15 +16,21 @@ from pathlib import Path
 from visionzip_core.data.sources import to_conversation
 from visionzip_core.data.validation import SampleError
 
+# Placeholders the samples' media parts are read into (LLaVA files write ``<image>`` in the text);
+# the question keeps neither, since each family's prompt places its own.
+_IMAGE, _VIDEO = "<image>", "<video>"
+
 
 @dataclass(frozen=True)
 class EvalSample:
-    """The first user turn (placeholders removed), its reference reply and the images it shows."""
+    """The first user turn (placeholders removed), its reference reply and the images (and videos,
+    each a tuple of frame files) it shows."""
 
     sample_id: str
     question: str
     reference: str
     images: tuple[Path, ...]
+    videos: tuple[tuple[Path, ...], ...] = ()
 
 
 def normalize_answer(text: str) -> str:
@@ -36,13 +43,12 @@ def exact_match(prediction: str, reference: str) -> bool:
     return normalize_answer(prediction) == normalize_answer(reference)
 
 
-def load_eval_samples(
-    path: str | Path, image_folder: str | Path, image_token: str = "<image>"
-) -> list[EvalSample]:
-    """The samples of a LLaVA-format (or messages-format) JSON/JSONL file that show at least one image.
+def load_eval_samples(path: str | Path, image_folder: str | Path) -> list[EvalSample]:
+    """The samples of a LLaVA-format (or messages-format) JSON/JSONL file that show at least one
+    image or video.
 
     Raises ``ValueError`` with one line naming the file and the sample for unreadable JSON, a
-    malformed sample, or a missing image.
+    malformed sample, or a missing image or frame.
     """
     path, folder = Path(path), Path(image_folder)
     text = path.read_text()
@@ -56,6 +62,10 @@ def load_eval_samples(
         raise ValueError(f"{path}: not valid JSON (line {err.lineno}, column {err.colno})") from None
     if not isinstance(rows, list):
         raise ValueError(f"{path}: expected a list of samples")
+
+    def located(p: str) -> Path:
+        return Path(p) if Path(p).is_absolute() else folder / p
+
     samples = []
     for k, row in enumerate(rows):
         where = f"{path}: sample {k}" + (
@@ -65,21 +75,30 @@ def load_eval_samples(
             raise ValueError(f"{where}: not an object")
         fmt = "messages" if "messages" in row else "llava"
         try:
-            conv = to_conversation(row, fmt, image_token)
+            conv = to_conversation(row, fmt, _IMAGE, _VIDEO)
         except SampleError as err:
             raise ValueError(f"{where}: {err}") from None
-        if not conv.images:
+        if not conv.images and not conv.videos:
             continue
         turns = [(role, text) for role, text in conv.turns if role != "system"]
         if len(turns) < 2 or turns[0][0] != "user" or turns[1][0] != "assistant":
             raise ValueError(f"{where}: needs a user turn followed by an assistant reply")
-        images = tuple(p if p.is_absolute() else folder / p for p in map(Path, conv.images))
-        missing = [str(p) for p in images if not p.is_file()]
+        images = tuple(map(located, conv.images))
+        videos = tuple(tuple(map(located, video)) for video in conv.videos)
+        missing = [str(p) for p in (*images, *(f for v in videos for f in v)) if not p.is_file()]
         if missing:
             raise ValueError(f"{where}: image not found: {', '.join(missing)}")
-        question = re.sub(r"\s*" + re.escape(image_token) + r"\s*", " ", turns[0][1]).strip()
-        samples.append(EvalSample(conv.sample_id or str(k), question, turns[1][1], images))
+        question = re.sub(r"\s*(" + re.escape(_IMAGE) + "|" + re.escape(_VIDEO) + r")\s*", " ", turns[0][1])
+        samples.append(EvalSample(conv.sample_id or str(k), question.strip(), turns[1][1], images, videos))
     return samples
+
+
+def samples_for(family, samples: list[EvalSample]) -> tuple[list[EvalSample], int]:
+    """``(samples the family can be asked, how many show a video it cannot take)``."""
+    if family.takes_video:
+        return samples, 0
+    kept = [s for s in samples if not s.videos]
+    return kept, len(samples) - len(kept)
 
 
 def parse_budgets(text: str, recorded: tuple[int, int] | None) -> list[tuple[str, tuple[int, int] | None]]:
@@ -126,9 +145,25 @@ class FirstTokenTimer:
             self.first = time.perf_counter() - self.start
 
 
-def eval_prompt(sample: EvalSample, system: str) -> str:
-    """The first user turn as LLaVA-1.5 trains it: ``{system} USER: <image>\\n{question} ASSISTANT:``."""
-    return f"{system} USER: " + "<image>\n" * len(sample.images) + f"{sample.question} ASSISTANT:"
+def eval_inputs(family, processor, sample: EvalSample, system: str | None, device, dtype):
+    """``(processor inputs on device, images)`` for ``sample``'s first user turn, prompted the way
+    ``family`` is trained (:meth:`~visionzip_core.families.base.ModelFamily.prompt`); pixel values
+    in ``dtype``. ``system`` None: the family's own system prompt."""
+    from PIL import Image
+
+    images = [Image.open(p).convert("RGB") for p in sample.images]
+    frames = [[Image.open(f).convert("RGB") for f in video] for video in sample.videos]
+    prompt = family.prompt(processor, sample.question, len(images), len(frames), system)
+    inputs = processor(
+        text=[prompt],
+        images=images or None,
+        return_tensors="pt",
+        **({"videos": frames} if frames else {}),
+    ).to(device)
+    for key in ("pixel_values", "pixel_values_videos"):
+        if key in inputs:
+            inputs[key] = inputs[key].to(dtype)
+    return inputs, images
 
 
 @dataclass(frozen=True)
@@ -147,21 +182,18 @@ def score_generation(
 ) -> GeneratedScore:
     """Greedy first replies of ``model`` (compressed or not, as it is) against the references.
 
-    The same prompt and matching as ``scripts/evaluate.py``; inputs go to the model's device and dtype.
+    The same prompt (the model family's) and matching as ``scripts/evaluate.py``; inputs go to the
+    model's device and dtype. ``samples`` the family cannot take (videos) are the caller's to leave out.
     """
     import torch
-    from PIL import Image
 
-    from visionzip_core.data.settings import VICUNA_V1_SYSTEM
+    from visionzip_core.families import family_for
 
-    system = VICUNA_V1_SYSTEM if system is None else system
+    family = family_for(model)
     param = next(model.parameters())
     correct, mistakes = 0, []
     for sample in samples:
-        images = [Image.open(p).convert("RGB") for p in sample.images]
-        inputs = processor(text=[eval_prompt(sample, system)], images=images, return_tensors="pt")
-        inputs = inputs.to(param.device)
-        inputs["pixel_values"] = inputs["pixel_values"].to(param.dtype)
+        inputs, _ = eval_inputs(family, processor, sample, system, param.device, param.dtype)
         with torch.inference_mode():
             out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
         reply = processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)

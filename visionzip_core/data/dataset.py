@@ -279,17 +279,30 @@ def make_encoder(
 
 
 def preflight_split(
-    settings: DataSettings, split: str, encoder: Encoder, size_rule: SizeRule | None = None
+    settings: DataSettings,
+    split: str,
+    encoder: Encoder,
+    size_rule: SizeRule | None = None,
+    sample_formats: tuple[str, ...] = ("llava", "messages"),
 ) -> Preflight:
     """Load and check every source of ``split`` (paths already absolute); no policy applied.
-    ``size_rule`` maps image sizes to what the processor sees, when the token count needs them."""
+    ``size_rule`` maps image sizes to what the processor sees, when the token count needs them.
+    A source in a format outside ``sample_formats`` (the model family's) is one
+    :class:`BadDataError` naming it, before any sample is checked."""
     specs = getattr(settings, split)
     if not specs:
         raise ValueError(f"data.{split} is empty")
     report = SkipReport(split)
     found = Preflight(split, encoder, [], [], [], report, [])
-    for spec in specs:
+    for k, spec in enumerate(specs):
         table, fmt = load_source(spec, settings.cache_dir)
+        if fmt not in sample_formats:
+            raise BadDataError(
+                f"data.{split}[{k}] ({spec.path}): {fmt}-format samples, but this model is trained on "
+                f"{' or '.join(sample_formats)} format: write each sample as "
+                '{"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": ...}]}, '
+                '...], "images": [...]} (see the README, data formats)'
+            )
         checked = run_preflight(table, fmt, encoder, spec, settings, size_rule)
         kinds = np.asarray(checked.data.column("kind").to_numpy(zero_copy_only=False))
         bad = np.flatnonzero(kinds != "")
@@ -318,6 +331,33 @@ def apply_policy(found: Preflight, settings: DataSettings) -> None:
     found.report.enforce(settings.max_skip_fraction)
 
 
+def epoch_rows(
+    found: Preflight, settings: DataSettings, images_only: bool = False
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(source_of, row_of, length)`` of each sample of one epoch: the mixture of the valid rows
+    (:func:`mixture_indices`), without the text-only ones under ``images_only`` (counted in
+    ``found.report.text_only_dropped``). The trainer's dataset and ``scripts/check_data.py`` both
+    count an epoch here. ``length`` is negative for a text-only sample.
+
+    Raises :class:`BadDataError` when no sample (or, under ``images_only``, no image sample) is left.
+    """
+    split, specs = found.split, getattr(settings, found.split)
+    source_of, row_of = mixture_indices(found.valid_rows, [s.weight for s in specs], settings.seed)
+    if len(row_of) == 0:
+        raise BadDataError(f"data.{split}: no usable samples")
+    per_item = np.empty(len(row_of), dtype=np.int64)
+    for s, lens in enumerate(found.lengths):
+        mask = source_of == s
+        per_item[mask] = lens[row_of[mask]]
+    if images_only:
+        keep = per_item > 0
+        found.report.text_only_dropped = int((~keep).sum())
+        source_of, row_of, per_item = source_of[keep], row_of[keep], per_item[keep]
+        if len(row_of) == 0:
+            raise BadDataError(f"data.{split}: no sample has an image")
+    return source_of, row_of, per_item
+
+
 def build_dataset(
     settings: DataSettings,
     split: str,
@@ -330,6 +370,7 @@ def build_dataset(
     video_processor=None,
     video_token: str | None = None,
     video_tokens=None,
+    sample_formats: tuple[str, ...] = ("llava", "messages"),
 ) -> VisionLanguageDataset:
     """Load, preflight-check and mix the ``split`` ("train" or "val") sources of ``settings``.
 
@@ -341,6 +382,7 @@ def build_dataset(
     the summary as ``text_only_dropped``; they are not bad samples and do not count as skipped.
     A model that takes video gives ``video_processor``, its placeholder ``video_token`` and
     ``video_tokens``, ``(T, H, W) -> count`` (:class:`visionzip_core.data.counts.VideoTokenCount`).
+    ``sample_formats``: the file formats the model family reads (a source in another is refused).
     """
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
@@ -350,7 +392,7 @@ def build_dataset(
         settings, tokenizer, image_tokens_per_image, image_token, video_token, video_tokens
     )
     size_rule = transform.size_rule if (encoder.needs_image_sizes or video_token) else None
-    found = preflight_split(settings, split, encoder, size_rule)
+    found = preflight_split(settings, split, encoder, size_rule, sample_formats)
     apply_policy(found, settings)
     report = found.report
     if report.skipped:
@@ -363,23 +405,10 @@ def build_dataset(
             split,
             report.dropped_leading_reply,
         )
-    specs = getattr(settings, split)
-    source_of, row_of = mixture_indices(found.valid_rows, [s.weight for s in specs], settings.seed)
-    if len(row_of) == 0:
-        raise BadDataError(f"data.{split}: no usable samples")
-    per_item = np.empty(len(row_of), dtype=np.int64)
-    for s, lens in enumerate(found.lengths):
-        mask = source_of == s
-        per_item[mask] = lens[row_of[mask]]
-    if images_only:
-        keep = per_item > 0
-        report.text_only_dropped = int((~keep).sum())
-        source_of, row_of, per_item = source_of[keep], row_of[keep], per_item[keep]
-        if report.text_only_dropped:
-            n = report.text_only_dropped
-            logger.warning("data.%s: dropped %d text-only sample%s", split, n, "" if n == 1 else "s")
-        if len(row_of) == 0:
-            raise BadDataError(f"data.{split}: no sample has an image")
+    source_of, row_of, per_item = epoch_rows(found, settings, images_only)
+    if images_only and report.text_only_dropped:
+        n = report.text_only_dropped
+        logger.warning("data.%s: dropped %d text-only sample%s", split, n, "" if n == 1 else "s")
     return VisionLanguageDataset(
         split, found.sources, source_of, row_of, per_item, encoder, transform, settings, report
     )

@@ -88,12 +88,35 @@ class ModelFamily(ABC):
     #: The VisionZip budget a command uses when neither the flags nor the checkpoint give one
     #: (the paper's 54 + 10 for a fixed-size tower).
     default_budget: ClassVar[dict[str, Any]] = {"dominant": 54, "contextual": 10}
-    #: ``data.*`` settings whose default is this family's own when a config leaves them out (over
-    #: the fields' LLaVA defaults): how its samples are rendered and its images prepared.
-    data_defaults: ClassVar[dict[str, str]] = {}
     #: Whether the budget may be given as ratios of each image's tokens (``dominant_ratio``): only
     #: for a tower whose token count follows the image size.
     takes_ratios: ClassVar[bool] = False
+    #: Placeholder the processor expands into one video's tokens (None: the family takes no video).
+    video_token: ClassVar[str | None] = None
+    #: ``data.*`` values this family trains with when the config leaves the key out (LLaVA's are
+    #: the fields' own defaults).
+    data_defaults: ClassVar[dict[str, str]] = {}
+    #: ``data.template`` values the family can be trained on.
+    templates: ClassVar[tuple[str, ...]] = ("vicuna_v1", "plain", "chat_template")
+    #: ``data.image_aspect_ratio`` values its processor can take, the usual one first.
+    aspect_ratios: ClassVar[tuple[str, ...]] = ("pad", "resize", "crop")
+    #: Sample file formats whose placeholders it reads (``llava``: ``<image>`` in the text;
+    #: ``messages``: HF content parts).
+    sample_formats: ClassVar[tuple[str, ...]] = ("llava", "messages")
+
+    def prompt(
+        self, processor, question: str, images: int, videos: int = 0, system: str | None = None
+    ) -> str:
+        """The first user turn as the family is trained on it, ending where the reply starts:
+        LLaVA-1.5's ``vicuna_v1`` text ``{system} USER: <image>\\n{question} ASSISTANT:`` (``system``
+        None: vicuna's own), one placeholder per image. ``scripts/evaluate.py`` and
+        ``eval.generate_accuracy`` ask with it."""
+        from visionzip_core.data.settings import VICUNA_V1_SYSTEM
+
+        if videos:
+            raise ValueError(f"{self.name} takes images only, not videos")
+        system = VICUNA_V1_SYSTEM if system is None else system
+        return f"{system} USER: " + f"{self.image_token}\n" * images + f"{question} ASSISTANT:"
 
     def counted_image_sizes(self, config: Any, inputs: Any, images: list) -> list[tuple[int, int]]:
         """Each image's ``(H, W)`` as the token count needs it, from the processor's output for

@@ -207,6 +207,7 @@ class LlavaNext(Llava15):
     model_types = ("llava_next",)
     assembles = False  # stage 1 of LLaVA-NeXT is LLaVA-1.5's: train it with the llava-1.5 family
     count_depends_on_size = True
+    aspect_ratios = ("anyres", "pad", "resize", "crop")  # anyres: tiled as llava-v1.6 trains
 
     def load(self, path: str, check_files: bool = True, **from_pretrained_kwargs: Any) -> nn.Module:
         return load_checked(LlavaNextForConditionalGeneration, path, check_files, **from_pretrained_kwargs)

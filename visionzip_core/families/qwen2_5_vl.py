@@ -744,9 +744,22 @@ class Qwen2_5VL(ModelFamily):
     inference_aspect_ratio = "native"
     default_budget = {"dominant_ratio": 0.45, "contextual_ratio": 0.05, "feature_layer": -1}  # authors' 50 %
     takes_ratios = True
-    # HF messages through the processor's chat template, images where the sample puts them, each
-    # image at its own resolution.
+    # Trained on HF messages rendered by its chat template, images where each message puts them,
+    # each at its native resolution (its processor resizes keeping the aspect ratio).
     data_defaults = {"template": "chat_template", "image_placement": "keep", "image_aspect_ratio": "native"}
+    templates = ("chat_template",)
+    aspect_ratios = ("native", "pad")
+    sample_formats = ("messages",)
+
+    def prompt(
+        self, processor, question: str, images: int, videos: int = 0, system: str | None = None
+    ) -> str:
+        """The first user turn rendered by the processor's chat template (images, then videos, then
+        the question), with the generation prompt; ``system`` None keeps the template's own."""
+        content = [{"type": "image"}] * images + [{"type": "video"}] * videos
+        messages = [] if not system else [{"role": "system", "content": system}]
+        messages.append({"role": "user", "content": [*content, {"type": "text", "text": question}]})
+        return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     def counted_image_sizes(self, config: Any, inputs: Any, images: list) -> list[tuple[int, int]]:
         """The sizes the processor resized the images to (``image_grid_thw`` x patch size)."""

@@ -28,3 +28,6 @@ class TrainHooks:
 
     def after_step(self, step: int) -> None:
         """After optimizer step ``step``, before logging and checkpointing."""
+
+    def before_scoring(self, final: Path) -> None:
+        """After the export ``final`` is loaded for ``eval.generate_accuracy``, before it is scored."""

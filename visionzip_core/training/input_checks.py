@@ -176,43 +176,31 @@ def _packing_fits(data, family) -> list[str]:
 
 
 def _family_defaults(data, raw: dict, family):
-    """``data`` with the family's own defaults for the keys the config leaves out: a family prompted
-    through its chat template (Qwen2.5-VL) takes HF ``messages`` rendered by that template, images
-    (and videos) where the sample puts them, at native resolution; LLaVA's defaults are the fields'."""
+    """``data`` with the family's own defaults (:attr:`ModelFamily.data_defaults`) for the keys the
+    config leaves out: e.g. a family prompted through its chat template takes HF ``messages``
+    rendered by that template, images where the sample puts them, at native resolution."""
     update = {key: value for key, value in family.data_defaults.items() if not _given(raw, "data", key)}
     return data.model_copy(update=update) if update else data
 
 
 def _template_fits(data, family) -> list[str]:
-    if not family.uses_chat_template or data.template == "chat_template":
+    if data.template in family.templates:
         return []
     return [
-        f"data.template: {data.template} is LLaVA-1.5's text format; {family.name} is trained on its chat "
-        "template: use chat_template (the default for this family)"
+        f"data.template: {data.template} does not apply to {family.name}, which is trained on "
+        f"{' or '.join(family.templates)}: use {family.templates[0]} (the default for this family)"
     ]
 
 
 def _aspect_ratio_fits(data, family, mode: str) -> list[str]:
-    """``anyres`` keeps each image as it is for a tiling model; a one-crop model cannot take it.
-    ``native`` is the native-resolution (video) family's; only it and ``pad`` suit that family."""
-    what = "stage 1 (pretrain) builds" if mode == "pretrain" else "model.name_or_path is"
-    if family.takes_video:
-        if data.image_aspect_ratio in ("native", "pad"):
-            return []
-        return [
-            f"data.image_aspect_ratio: {data.image_aspect_ratio} does not apply to {family.name}, whose "
-            "processor keeps each image's aspect ratio: use native (or pad)"
-        ]
-    if data.image_aspect_ratio == "native":
-        return [
-            f"data.image_aspect_ratio: native needs a native-resolution model (qwen2.5-vl); {what} "
-            f"{family.name}: use pad, resize or crop"
-        ]
-    if data.image_aspect_ratio != "anyres" or family.count_depends_on_size:
+    """The values the family's processor takes (:attr:`ModelFamily.aspect_ratios`): ``anyres``
+    tiles for a tiling model, ``native`` keeps each image's own size for a native-resolution one."""
+    if data.image_aspect_ratio in family.aspect_ratios:
         return []
+    what = "the model stage 1 (pretrain) builds" if mode == "pretrain" else "the model of model.name_or_path"
     return [
-        f"data.image_aspect_ratio: anyres needs a tiling model (llava-next); {what} {family.name}, "
-        "one crop per image: use pad, resize or crop"
+        f"data.image_aspect_ratio: {data.image_aspect_ratio} does not apply to {family.name}, {what}: "
+        f"use {', '.join(family.aspect_ratios[:-1])} or {family.aspect_ratios[-1]}"
     ]
 
 

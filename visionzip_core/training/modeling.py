@@ -170,6 +170,28 @@ def video_tokens(settings: Settings):
     return video_token_count(config, settings.visionzip.core(family.feature_layer(config)))
 
 
+def dataset_inputs(settings: Settings, processor) -> dict:
+    """What the data pipeline needs to know of the model family, as keyword arguments of
+    :func:`visionzip_core.data.build_dataset` (the trainer and ``scripts/check_data.py`` both use
+    it, so they count the same samples): its image placeholder, the sample formats it reads, its
+    video processor, placeholder and count when it takes video, and ``images_only`` in the
+    projector-only modes (a text-only batch would train nothing). No weights."""
+    family = model_family(settings)
+    out = {
+        "image_token": family.image_token,
+        "sample_formats": family.sample_formats,
+        "images_only": settings.train.mode in ("projector", "pretrain"),
+    }
+    count = video_tokens(settings)
+    if count is not None:
+        out |= {
+            "video_processor": processor.video_processor,
+            "video_token": family.video_token,
+            "video_tokens": count,
+        }
+    return out
+
+
 def llm_hidden_size(settings: Settings) -> int:
     """The LLM's hidden size, read from config files only (no weights): sizes ZeRO's buffers."""
     from transformers import AutoConfig

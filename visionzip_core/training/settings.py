@@ -15,6 +15,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -33,10 +34,14 @@ Mode = Literal["projector", "pretrain", "finetune", "lora"]
 class ConfigError(ValueError):
     """Every problem found in a training config, one per line, each naming its dotted key."""
 
-    def __init__(self, source: str, problems: list[str]):
+    def __init__(self, source: str, problems: list[str], from_command_line: frozenset[int] = frozenset()):
         self.source = source
         self.problems = problems
-        lines = "\n".join(f"  - {p}" for p in problems)
+        #: Indices of the problems whose key a command-line override set: marked ``(command line)``.
+        self.from_command_line = from_command_line
+        lines = "\n".join(
+            f"  - {p}" + (" (command line)" if k in from_command_line else "") for k, p in enumerate(problems)
+        )
         super().__init__(f"{len(problems)} problem(s) in {source}:\n{lines}")
 
 
@@ -371,7 +376,21 @@ def _contradictions(s: dict[str, Any], raw: dict) -> list[str]:
         from visionzip_core.training.resume import allow_list_problems
 
         problems += allow_list_problems(train.resume_allow_changes)
-    if train is not None and model is not None:
+    checkpoint_only = (
+        train is not None
+        and model is not None
+        and train.mode == "pretrain"
+        and model.name_or_path
+        and not (model.vision_tower or model.language_model)
+    )
+    if checkpoint_only:
+        # A whole model under pretrain: one line, not one per stage-1 key the user never meant to set.
+        problems.append(
+            "train.mode: pretrain assembles a new model from model.vision_tower (CLIP) and "
+            f"model.language_model; model.name_or_path ({model.name_or_path}) is a whole model: "
+            "train it with train.mode=projector, finetune or lora"
+        )
+    elif train is not None and model is not None:
         if train.mode == "pretrain":
             if not model.vision_tower:
                 problems.append("model.vision_tower: pretrain mode needs a CLIP vision folder")
@@ -389,8 +408,17 @@ def _contradictions(s: dict[str, Any], raw: dict) -> list[str]:
             for key in ("vision_tower", "language_model"):
                 if getattr(model, key):
                     problems.append(f"model.{key}: only used in pretrain mode (mode is '{train.mode}')")
-    if train is not None and data is not None and train.mode == "pretrain" and data.template != "plain":
-        problems.append(f"data.template: stage-1 pretraining uses 'plain' (got '{data.template}')")
+    if (
+        train is not None
+        and data is not None
+        and train.mode == "pretrain"
+        and not checkpoint_only
+        and data.template != "plain"
+    ):
+        given = "" if "template" in (raw.get("data") or {}) else " (the default)"
+        problems.append(
+            f"data.template: stage-1 pretraining uses 'plain' (got '{data.template}'{given}); set data.template=plain"
+        )
     if data is not None:
         problems += data.contradictions()
     if vz is not None and vz.keep_cls and vz.dominant < 1:
@@ -521,9 +549,34 @@ def load_config(
         from visionzip_core.training.input_checks import check_inputs
 
         found, notes = check_inputs(sections, raw, known_problems=bool(problems))
-        problems += [p for p in found if p not in problems]
+        for p in found:  # once each: two keys pointing at one folder find the same problem
+            if p not in problems:
+                problems.append(p)
         for note in notes if warn is not None else ():
             warn(f"warning: {note}")
     if problems:
-        raise ConfigError(source, problems)
+        from_command_line = _from_command_line(problems, list(overrides))
+        if len(from_command_line) == len(problems):
+            source = f"the command line (overrides to {source})"
+        elif from_command_line:
+            source = f"{source} and the command line"
+        raise ConfigError(source, problems, from_command_line)
     return Settings(**sections)
+
+
+def _key_parts(key: str) -> list[str]:
+    """``data.train[0].path`` -> ``["data", "train", "0", "path"]``."""
+    return [part for part in re.split(r"[.\[\]]+", key) if part]
+
+
+def _from_command_line(problems: list[str], overrides: list[str]) -> frozenset[int]:
+    """Indices of the problems whose key an override set (or lies inside, or contains), so a value
+    typed on the command line is not blamed on the YAML file."""
+    keys = [_key_parts(item.partition("=")[0]) for item in overrides]
+    out = set()
+    for index, problem in enumerate(problems):
+        head = problem.split(": ", 1)[0] if ": " in problem else ""
+        parts = _key_parts(head.split(" ", 1)[0]) if head else []
+        if parts and any(k and (parts[: len(k)] == k or k[: len(parts)] == parts) for k in keys):
+            out.add(index)
+    return frozenset(out)
