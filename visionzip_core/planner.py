@@ -31,6 +31,7 @@ from pathlib import Path
 
 from visionzip_core.benchmarking import (
     BUDGETS,
+    PAD_TOKEN_ID,
     SIZES,
     BenchSize,
     budgets_for,
@@ -60,7 +61,13 @@ SIMULATED_FAMILIES = ("llava-1.5", "llava-next")
 # Planner modes -> the simulation's modes. projector/pretrain train the projector only, which the
 # simulation does not model separately; their memory is at most LoRA's (no adapters), so they are
 # planned as lora would be, which errs on the safe side.
-PLAN_MODES = {"finetune": "finetune", "lora": "lora", "projector": "lora", "pretrain": "lora"}
+PLAN_MODES = {
+    "finetune": "finetune",
+    "lora": "lora",
+    "projector": "lora",
+    "pretrain": "lora",
+    "finetune_vision": "finetune_vision",  # finetune with train.tune_vision_tower
+}
 ZERO_STAGES = (2, 3)
 
 
@@ -197,7 +204,7 @@ def resolve_model(name_or_folder: str) -> PlanModel:
         fam = family_for(data.get("model_type", ""))
     except (json.JSONDecodeError, OSError, ValueError, KeyError) as e:
         raise ValueError(f"--model {folder}/config.json: {e}") from None
-    return model_from_config(fam.config_from_file(str(folder)), folder.name)
+    return model_from_config(fam.config_from_file(str(folder / "config.json")), folder.name)
 
 
 def model_from_config(config, name: str) -> PlanModel:
@@ -211,6 +218,9 @@ def model_from_config(config, name: str) -> PlanModel:
         )
     vision = VisionTowerShape.from_config(config.vision_config)
     llm = LlamaShape.from_config(config.text_config)
+    # The simulation's batches use llava-hf's token ids (<image> 32000, <pad> 32001); a smaller
+    # vocabulary (tiny test models) is simulated at LLaVA's 32064, which overstates its logits.
+    llm = replace(llm, vocab=max(llm.vocab, PAD_TOKEN_ID + 63))
     size = BenchSize(name, vision, llm, batch_size=1, text_tokens=(0, 0), dtype="bfloat16", note=name)
     # Stock = every patch (per crop for LLaVA-NeXT); the family's table where the tower matches it.
     stock = vision.num_patches
@@ -257,6 +267,8 @@ def micro_batches(global_batch: int, gpus: int) -> list[int]:
 
 
 def trainable_parts(mode: str) -> TrainableParts:
+    if mode == "finetune_vision":
+        return TrainableParts(vision=True, llm="full")
     llm = {"finetune": "full", "lora": "lora"}.get(mode, "none")
     if llm == "lora":
         from visionzip_core.flops import LORA_TARGETS
