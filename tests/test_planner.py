@@ -262,7 +262,7 @@ def test_auto_on_cpu_runs_the_entry_point_with_the_fallback_and_resume_keeps_it(
         "train.per_device_batch_size=auto", "train.global_batch_size=4", "train.gradient_checkpointing=auto",
         "train.auto_fallback_batch_size=2", "train.auto_fallback_checkpointing=true",
         "train.save_steps=1", "train.eval_steps=null", "train.logging_steps=1", "data.num_workers=0",
-        "wandb.enabled=false", "export.enabled=false", "data.val=null",
+        "wandb.enabled=false", "export.enabled=false", "data.val=[]", "eval.generate_accuracy=false",
     ]
 
     def run(steps: int) -> str:
