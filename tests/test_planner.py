@@ -104,6 +104,23 @@ def test_plan_rows_pick_the_fastest_fitting_setting_and_report_nothing_fits():
                 assert other["memory_gib"] >= r["memory_gib"]
 
 
+def test_find_budget_gives_the_largest_budget_that_fits_at_the_micro_batch():
+    """Quick 7B shapes, micro-batch 4 on 8 GPUs: a GPU sized between the 64-token and the stock
+    peaks (ZeRO-3, checkpointing on: the smallest setting) admits 64 and not stock."""
+    model = _quick_model()
+    text = planner.TextLengths(400, 200.0, "test")
+    size = replace(model.size, text_tokens=(400, 400))
+    sim = planner.SettingSimulator(size, "llava-1.5", "finetune", True, model.budgets, 8, (3,))
+    small, stock = (sim.memory(k, 4, 3).total / planner.GIB for k in (64, 576))
+    sim.close()
+    assert small < stock
+    usable = (small + stock) / 2
+    memory = (usable + planner.DEFAULT_RESERVE_GIB) / (1 - planner.DEFAULT_FRAGMENTATION)
+    found = planner.find_budget(model, planner.Hardware(gpus=8, memory_gib=memory), "finetune", 64, text, 4)
+    assert found["largest_fitting_budget"] == 64
+    assert {r["visual_tokens"]: r["fits"] for r in found["rows"]} == {576: False, 64: True}
+
+
 def test_step_time_adds_the_recomputed_forward_and_zero3_traffic():
     model = _quick_model()
     off = planner.step_flops(model, "finetune", 576, 16, 200, ckpt=False)
