@@ -29,30 +29,63 @@ MODES = tuple(planner.PLAN_MODES)
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="llava-1.5-7b",
-                   help=f"a size name ({', '.join(planner.known_models())}) or a model folder (config.json only)")
+    p.add_argument(
+        "--model",
+        default="llava-1.5-7b",
+        help=f"a size name ({', '.join(planner.known_models())}) or a model folder (config.json only)",
+    )
     p.add_argument("--gpus", type=int, default=8, help="data-parallel GPUs")
     p.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory of each GPU, GiB")
     p.add_argument("--mode", default="finetune", choices=MODES)
-    p.add_argument("--budgets", default="stock,192,128,64", help="'stock' and visual tokens per image (per crop)")
+    p.add_argument(
+        "--budgets", default="stock,192,128,64", help="'stock' and visual tokens per image (per crop)"
+    )
     p.add_argument("--global-batch", type=int, default=128, help="samples per optimizer step, all GPUs")
-    p.add_argument("--text-tokens", default="665k",
-                   help="text tokens per sample: 665k (LLaVA-665k-like mix), LO,HI, N, or a .json list")
-    p.add_argument("--gpu", default=planner.DEFAULT_GPU, choices=sorted(planner.GPUS),
-                   help="named GPU: its bf16 peak (see --tflops)")
+    p.add_argument(
+        "--text-tokens",
+        default="665k",
+        help="text tokens per sample: 665k (LLaVA-665k-like mix), LO,HI, N, or a .json list",
+    )
+    p.add_argument(
+        "--gpu",
+        default=planner.DEFAULT_GPU,
+        choices=sorted(planner.GPUS),
+        help="named GPU: its bf16 peak (see --tflops)",
+    )
     p.add_argument("--tflops", type=float, default=None, help="bf16 peak TFLOPS per GPU (overrides --gpu)")
-    p.add_argument("--utilisation", type=float, default=planner.DEFAULT_UTILISATION,
-                   help="assumed fraction of the peak a step achieves")
-    p.add_argument("--interconnect-gbps", type=float, default=planner.DEFAULT_INTERCONNECT_GBPS,
-                   help="collective bus bandwidth, gigabits per second (default: a conservative NVLink node)")
-    p.add_argument("--headroom", type=float, default=planner.DEFAULT_FRAGMENTATION,
-                   help="fraction of GPU memory kept free for the allocator's fragmentation")
-    p.add_argument("--reserve-gib", type=float, default=planner.DEFAULT_RESERVE_GIB,
-                   help="GiB kept free for the CUDA context and workspaces")
-    p.add_argument("--find-budget", action="store_true",
-                   help="the largest budget whose plan fits at --micro-batch")
-    p.add_argument("--micro-batch", type=int, default=None, help="fix the micro-batch (with --find-budget: required)")
-    p.add_argument("--calibrate", action="store_true", help="planner memory vs a real CPU step on a tiny model")
+    p.add_argument(
+        "--utilisation",
+        type=float,
+        default=planner.DEFAULT_UTILISATION,
+        help="assumed fraction of the peak a step achieves",
+    )
+    p.add_argument(
+        "--interconnect-gbps",
+        type=float,
+        default=planner.DEFAULT_INTERCONNECT_GBPS,
+        help="collective bus bandwidth, gigabits per second (default: a conservative NVLink node)",
+    )
+    p.add_argument(
+        "--headroom",
+        type=float,
+        default=planner.DEFAULT_FRAGMENTATION,
+        help="fraction of GPU memory kept free for the allocator's fragmentation",
+    )
+    p.add_argument(
+        "--reserve-gib",
+        type=float,
+        default=planner.DEFAULT_RESERVE_GIB,
+        help="GiB kept free for the CUDA context and workspaces",
+    )
+    p.add_argument(
+        "--find-budget", action="store_true", help="the largest budget whose plan fits at --micro-batch"
+    )
+    p.add_argument(
+        "--micro-batch", type=int, default=None, help="fix the micro-batch (with --find-budget: required)"
+    )
+    p.add_argument(
+        "--calibrate", action="store_true", help="planner memory vs a real CPU step on a tiny model"
+    )
     p.add_argument("--out", type=Path, default=None, help="plan.json (a list of rows, one per budget)")
     args = p.parse_args(argv)
     for flag, value in (("--gpus", args.gpus), ("--global-batch", args.global_batch)):
@@ -65,7 +98,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.global_batch % args.gpus:
         p.error(f"--global-batch {args.global_batch}: not a multiple of --gpus {args.gpus}")
     if args.micro_batch is not None and (args.global_batch // args.gpus) % args.micro_batch:
-        p.error(f"--micro-batch {args.micro_batch}: does not divide {args.global_batch // args.gpus} samples per GPU")
+        p.error(
+            f"--micro-batch {args.micro_batch}: does not divide {args.global_batch // args.gpus} samples per GPU"
+        )
     if args.find_budget and args.micro_batch is None:
         p.error("--find-budget: give --micro-batch")
     try:
@@ -94,8 +129,10 @@ def run_calibration() -> list[dict]:
     print("| visual tokens | grad ckpt | real step, MiB above resident | planner | planner - real |")
     print("|---:|---|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['tokens']} | {'on' if r['grad_ckpt'] else 'off'} | {r['real_bytes'] / 2**20:.2f} "
-              f"| {r['planner_bytes'] / 2**20:.2f} | {r['diff_pct']:+.4f}% |")
+        print(
+            f"| {r['tokens']} | {'on' if r['grad_ckpt'] else 'off'} | {r['real_bytes'] / 2**20:.2f} "
+            f"| {r['planner_bytes'] / 2**20:.2f} | {r['diff_pct']:+.4f}% |"
+        )
     return rows
 
 
@@ -112,19 +149,32 @@ def main(argv=None) -> int:
             return 2
         hw = hardware(args)
         start = time.perf_counter()
-        print(f"{model.name} ({model.family}), {args.mode}, global batch {args.global_batch}: {hw.describe()}; "
-              f"text {args.text.source} (memory at the longest, {args.text.longest}; time at the mean, "
-              f"{args.text.mean:.0f})", flush=True)
+        print(
+            f"{model.name} ({model.family}), {args.mode}, global batch {args.global_batch}: {hw.describe()}; "
+            f"text {args.text.source} (memory at the longest, {args.text.longest}; time at the mean, "
+            f"{args.text.mean:.0f})",
+            flush=True,
+        )
         if args.find_budget:
             found = planner.find_budget(model, hw, args.mode, args.global_batch, args.text, args.micro_batch)
             rows = found["rows"]
             print(planner.table(rows))
             best = found["largest_fitting_budget"]
-            print(f"largest budget that fits at micro-batch {args.micro_batch}: "
-                  f"{best if best is not None else 'none (not even the smallest)'}")
+            print(
+                f"largest budget that fits at micro-batch {args.micro_batch}: "
+                f"{best if best is not None else 'none (not even the smallest)'}"
+            )
         else:
-            rows = planner.plan(model, hw, args.mode, budgets, args.global_batch, args.text,
-                                micro_batch=args.micro_batch, log=print)
+            rows = planner.plan(
+                model,
+                hw,
+                args.mode,
+                budgets,
+                args.global_batch,
+                args.text,
+                micro_batch=args.micro_batch,
+                log=print,
+            )
             print(planner.table(rows))
         print(f"planned in {time.perf_counter() - start:.0f}s")
     if args.out:

@@ -86,8 +86,15 @@ def test_plan_rows_pick_the_fastest_fitting_setting_and_report_nothing_fits():
     stock = rows[0]
     if stock["micro_batch"] < 8:
         bigger = planner.plan(
-            model, roomy, "finetune", [576], 64, text, stages=(stock["zero_stage"],),
-            checkpointing=(stock["gradient_checkpointing"],), micro_batch=stock["micro_batch"] * 2,
+            model,
+            roomy,
+            "finetune",
+            [576],
+            64,
+            text,
+            stages=(stock["zero_stage"],),
+            checkpointing=(stock["gradient_checkpointing"],),
+            micro_batch=stock["micro_batch"] * 2,
         )[0]
         assert not bigger["fits"]
 
@@ -99,8 +106,17 @@ def test_plan_rows_pick_the_fastest_fitting_setting_and_report_nothing_fits():
         # the smallest of what was simulated: no stage or checkpointing setting at micro-batch 1 is lower
         for stage in (2, 3):
             for ckpt in (False, True):
-                other = planner.plan(model, tight, "finetune", [r["visual_tokens"]], 64, text, stages=(stage,),
-                                     checkpointing=(ckpt,), micro_batch=1)[0]
+                other = planner.plan(
+                    model,
+                    tight,
+                    "finetune",
+                    [r["visual_tokens"]],
+                    64,
+                    text,
+                    stages=(stage,),
+                    checkpointing=(ckpt,),
+                    micro_batch=1,
+                )[0]
                 assert other["memory_gib"] >= r["memory_gib"]
 
 
@@ -167,7 +183,11 @@ def _plan(tmp_path, *args) -> list[dict]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(
         [sys.executable, "scripts/plan.py", *args, "--out", str(out)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| visual tokens |" in proc.stdout
@@ -176,8 +196,21 @@ def _plan(tmp_path, *args) -> list[dict]:
 
 @pytest.mark.slow
 def test_cli_8x80_finetune_both_fit_and_64_tokens_is_twice_as_fast(tmp_path):
-    rows = _plan(tmp_path, "--model", "llava-1.5-7b", "--gpus", "8", "--gpu-memory-gib", "80", "--mode",
-                 "finetune", "--budgets", "stock,64", "--global-batch", "128")
+    rows = _plan(
+        tmp_path,
+        "--model",
+        "llava-1.5-7b",
+        "--gpus",
+        "8",
+        "--gpu-memory-gib",
+        "80",
+        "--mode",
+        "finetune",
+        "--budgets",
+        "stock,64",
+        "--global-batch",
+        "128",
+    )
     assert [r["visual_tokens"] for r in rows] == [576, 64]
     for r in rows:
         assert set(KEYS) <= set(r) and r["fits"] and r["memory_gib"] < 80
@@ -187,8 +220,21 @@ def test_cli_8x80_finetune_both_fit_and_64_tokens_is_twice_as_fast(tmp_path):
 
 @pytest.mark.slow
 def test_cli_1x24_lora_64_tokens_fits(tmp_path):
-    rows = _plan(tmp_path, "--model", "llava-1.5-7b", "--gpus", "1", "--gpu-memory-gib", "24", "--mode",
-                 "lora", "--budgets", "stock,64", "--global-batch", "16")
+    rows = _plan(
+        tmp_path,
+        "--model",
+        "llava-1.5-7b",
+        "--gpus",
+        "1",
+        "--gpu-memory-gib",
+        "24",
+        "--mode",
+        "lora",
+        "--budgets",
+        "stock,64",
+        "--global-batch",
+        "16",
+    )
     by = {r["visual_tokens"]: r for r in rows}
     assert by[64]["fits"] and by[64]["memory_gib"] < 24 and set(KEYS) <= set(by[64])
     assert by[64]["micro_batch"] * by[64]["grad_accum"] == 16
@@ -198,7 +244,11 @@ def test_cli_bad_input_is_one_line(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run(
         [sys.executable, "scripts/plan.py", "--gpus", "3", "--global-batch", "128"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2 and "--global-batch 128: not a multiple of --gpus 3" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -242,14 +292,19 @@ def test_auto_with_a_faked_gpu_memory_takes_the_planners_choice(tiny_llava_dir, 
     chosen, line = auto_batch.resolve(settings, lengths, 1, int(fake), 2)
     t = chosen.train
     assert (t.per_device_batch_size, t.grad_accum_steps, t.gradient_checkpointing) == (2, 8, False), line
-    assert line.startswith("auto: per_device_batch_size=2, grad_accum_steps=8, gradient_checkpointing=false: fits")
+    assert line.startswith(
+        "auto: per_device_batch_size=2, grad_accum_steps=8, gradient_checkpointing=false: fits"
+    )
 
     big, _ = auto_batch.resolve(settings, lengths, 1, 64 * 2**30, 2)
     assert (big.train.per_device_batch_size, big.train.grad_accum_steps) == (16, 1)
 
     cpu, line = auto_batch.resolve(settings, lengths, 1, None, 2)
-    assert (cpu.train.per_device_batch_size, cpu.train.grad_accum_steps, cpu.train.gradient_checkpointing) == (
-        1, 16, False)
+    assert (
+        cpu.train.per_device_batch_size,
+        cpu.train.grad_accum_steps,
+        cpu.train.gradient_checkpointing,
+    ) == (1, 16, False)
     assert line.startswith("auto: no GPU: the stated fallback")
 
 
@@ -257,8 +312,10 @@ def test_auto_config_contradictions_name_their_keys(tiny_llava_dir, tmp_path):
     from visionzip_core.training.settings import ConfigError, load_config
 
     with pytest.raises(ConfigError) as info:
-        load_config(REPO / "configs/demo.yaml", [
-            "train.per_device_batch_size=auto", "train.grad_accum_steps=4", "data.batch_tokens=512"])
+        load_config(
+            REPO / "configs/demo.yaml",
+            ["train.per_device_batch_size=auto", "train.grad_accum_steps=4", "data.batch_tokens=512"],
+        )
     text = str(info.value)
     assert "train.global_batch_size: set it" in text
     assert "train.grad_accum_steps: chosen by the planner" in text
@@ -270,29 +327,58 @@ def test_auto_config_contradictions_name_their_keys(tiny_llava_dir, tmp_path):
 @pytest.mark.slow
 def test_auto_on_cpu_runs_the_entry_point_with_the_fallback_and_resume_keeps_it(tiny_llava_dir, tmp_path):
     out = tmp_path / "out"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "WANDB_MODE": "disabled",
-           "PYTHONPATH": str(REPO)}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "DS_ACCELERATOR": "cpu",
+        "WANDB_MODE": "disabled",
+        "PYTHONPATH": str(REPO),
+    }
     env.pop("RANK", None)
     common = [
-        sys.executable, "train/finetune.py", "--config", "configs/demo.yaml",
-        f"model.name_or_path={tiny_llava_dir}", f"train.output_dir={out}",
-        "train.per_device_batch_size=auto", "train.global_batch_size=4", "train.gradient_checkpointing=auto",
-        "train.auto_fallback_batch_size=2", "train.auto_fallback_checkpointing=true",
-        "train.save_steps=1", "train.eval_steps=null", "train.logging_steps=1", "data.num_workers=0",
-        "wandb.enabled=false", "export.enabled=false", "data.val=[]", "eval.generate_accuracy=false",
+        sys.executable,
+        "train/finetune.py",
+        "--config",
+        "configs/demo.yaml",
+        f"model.name_or_path={tiny_llava_dir}",
+        f"train.output_dir={out}",
+        "train.per_device_batch_size=auto",
+        "train.global_batch_size=4",
+        "train.gradient_checkpointing=auto",
+        "train.auto_fallback_batch_size=2",
+        "train.auto_fallback_checkpointing=true",
+        "train.save_steps=1",
+        "train.eval_steps=null",
+        "train.logging_steps=1",
+        "data.num_workers=0",
+        "wandb.enabled=false",
+        "export.enabled=false",
+        "data.val=[]",
+        "eval.generate_accuracy=false",
     ]
 
     def run(steps: int) -> str:
-        proc = subprocess.run(common + [f"train.max_steps={steps}"], cwd=REPO, env=env, capture_output=True,
-                              text=True, timeout=600)
+        proc = subprocess.run(
+            common + [f"train.max_steps={steps}"],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
         return proc.stdout + proc.stderr
 
     first = run(1)
-    assert ("auto: no GPU: the stated fallback per_device_batch_size=2, grad_accum_steps=2, "
-            "gradient_checkpointing=true") in first
+    assert (
+        "auto: no GPU: the stated fallback per_device_batch_size=2, grad_accum_steps=2, "
+        "gradient_checkpointing=true"
+    ) in first
     record = json.loads((out / "checkpoint-1" / "run_settings.json").read_text())["settings"]["train"]
-    assert (record["per_device_batch_size"], record["grad_accum_steps"], record["gradient_checkpointing"]) == (
-        2, 2, True)
+    assert (
+        record["per_device_batch_size"],
+        record["grad_accum_steps"],
+        record["gradient_checkpointing"],
+    ) == (2, 2, True)
     second = run(2)
     assert "auto: kept from checkpoint-1: per_device_batch_size=2, grad_accum_steps=2" in second

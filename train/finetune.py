@@ -201,7 +201,6 @@ class Data:
     settings: Settings  # train.* auto resolved by the planner
 
 
-
 def setup(settings: Settings, device: torch.device) -> Run:
     """Folder and resume check -> data (no weights yet) -> model and engine -> resume -> logging."""
     seed_everything(settings.train.seed)
@@ -305,7 +304,9 @@ def prepare_data(settings: Settings, start: Start) -> Data:
             dist.print0(
                 f"{start.resume_from}: all {total_steps} steps were trained but final/ is missing: export only"
             )
-    return Data(processor, image_tokens, train_loader, sampler, val_loader, steps_per_epoch, total_steps, settings)
+    return Data(
+        processor, image_tokens, train_loader, sampler, val_loader, steps_per_epoch, total_steps, settings
+    )
 
 
 def plan_auto_batch(settings: Settings, start: Start, train_set, image_tokens) -> Settings:
@@ -318,9 +319,7 @@ def plan_auto_batch(settings: Settings, start: Start, train_set, image_tokens) -
     settings, line = auto_batch.resolve(settings, lengths, dist.world_size(), memory, zero_stage(ds_json))
     if line:
         dist.print0(line)
-        start.record["settings"]["train"].update(
-            {k: getattr(settings.train, k) for k in auto_batch.KEYS}
-        )
+        start.record["settings"]["train"].update({k: getattr(settings.train, k) for k in auto_batch.KEYS})
     return settings
 
 

@@ -38,10 +38,10 @@ from visionzip_core.benchmarking import (
     image_plan,
     llava_config,
     mix665k_like_text_lengths,
+    set_budget,
     stock_budget,
 )
 from visionzip_core.flops import LlamaShape, TrainableParts, VisionTowerShape, llava_step_flops
-from visionzip_core.benchmarking import set_budget
 from visionzip_core.memory_sim import (
     GIB,
     LORA_RANK,
@@ -277,7 +277,9 @@ def trainable_parts(mode: str) -> TrainableParts:
     return TrainableParts(llm=llm)
 
 
-def step_flops(model: PlanModel, mode: str, tokens: int, samples: int, text_tokens: float, ckpt: bool) -> float:
+def step_flops(
+    model: PlanModel, mode: str, tokens: int, samples: int, text_tokens: float, ckpt: bool
+) -> float:
     """Matmul FLOPs of ``samples`` samples at budget ``tokens`` and ``text_tokens`` text each, the
     forward recomputed once more where checkpointing is on (the LLM, and a trained tower)."""
     config = llava_config(model.size, model.family)
@@ -364,7 +366,8 @@ class SettingSimulator:
         self.handles = release_grads_on_accumulate(self.model)
         partition = self.counts.largest_group // gpus
         self.transient = {
-            s: optimizer_step_transient(partition if s == 2 else min(partition, ZERO3_SUB_GROUP)) for s in stages
+            s: optimizer_step_transient(partition if s == 2 else min(partition, ZERO3_SUB_GROUP))
+            for s in stages
         }
         self.steps: dict[tuple[int, int], tuple[int, int]] = {}
 
@@ -431,7 +434,9 @@ def plan(
                 fitted = False
                 for stage in stages:
                     memory = sim.memory(tokens, mb, stage).total / GIB
-                    comm = zero_comm_bytes(stage, hardware.gpus, sim.counts.total, sim.counts.trainable, accum)
+                    comm = zero_comm_bytes(
+                        stage, hardware.gpus, sim.counts.total, sim.counts.trainable, accum
+                    )
                     fitted |= memory <= hardware.usable_gib
                     found[tokens].append(
                         Candidate(
@@ -499,13 +504,24 @@ def _why(best: Candidate, candidates: list[Candidate]) -> str:
         smallest = min((c.memory_gib for c in off), default=None)
         parts.append(
             "checkpointing on"
-            + (f" (off needs >= {smallest:.1f} GiB)" if smallest is not None and not any(c.fits for c in off) else "")
+            + (
+                f" (off needs >= {smallest:.1f} GiB)"
+                if smallest is not None and not any(c.fits for c in off)
+                else ""
+            )
         )
-    other = [c for c in candidates if c.fits and c.zero_stage != best.zero_stage
-             and c.gradient_checkpointing == best.gradient_checkpointing]
+    other = [
+        c
+        for c in candidates
+        if c.fits
+        and c.zero_stage != best.zero_stage
+        and c.gradient_checkpointing == best.gradient_checkpointing
+    ]
     if other:
         alt = min(other, key=lambda c: c.step_time_s)
-        parts.append(f"ZeRO-{best.zero_stage} ({alt.step_time_s - best.step_time_s:+.2f} s as ZeRO-{alt.zero_stage})")
+        parts.append(
+            f"ZeRO-{best.zero_stage} ({alt.step_time_s - best.step_time_s:+.2f} s as ZeRO-{alt.zero_stage})"
+        )
     else:
         parts.append(f"ZeRO-{best.zero_stage}")
     parts.append(f"micro-batch {best.micro_batch} x accumulation {best.grad_accum}")
@@ -533,7 +549,9 @@ def calibrate_planner(family: str = "llava-1.5", mode: str = "finetune") -> list
     for ckpt in (False, True):
         sim = SettingSimulator(TINY_SIZE, family, mode, ckpt, TINY_BUDGETS, 1, (2,))
         for tokens in TINY_BUDGETS:
-            real = calibrate(TINY_SIZE, family, tokens, TINY_BUDGETS, mode=mode, grad_ckpt=ckpt)["zero"]["real"]
+            real = calibrate(TINY_SIZE, family, tokens, TINY_BUDGETS, mode=mode, grad_ckpt=ckpt)["zero"][
+                "real"
+            ]
             mine = sim.memory(tokens, TINY_SIZE.batch_size, 2).activations
             rows.append(
                 {

@@ -46,7 +46,9 @@ def keep_from_checkpoint(settings, checkpoint: Path | None):
     recorded = (saved or {}).get("settings", {}).get("train", {})
     values = {}
     if settings.train.per_device_batch_size == AUTO:
-        values.update({k: recorded[k] for k in ("per_device_batch_size", "grad_accum_steps") if k in recorded})
+        values.update(
+            {k: recorded[k] for k in ("per_device_batch_size", "grad_accum_steps") if k in recorded}
+        )
     if settings.train.gradient_checkpointing == AUTO and "gradient_checkpointing" in recorded:
         values["gradient_checkpointing"] = recorded["gradient_checkpointing"]
     if not values or AUTO in values.values():
@@ -54,7 +56,9 @@ def keep_from_checkpoint(settings, checkpoint: Path | None):
     return with_train(settings, values), f"auto: kept from {checkpoint.name}: {_describe(values)}"
 
 
-def resolve(settings, text_lengths: list[int], world_size: int, gpu_memory_bytes: int | None, zero_stage: int):
+def resolve(
+    settings, text_lengths: list[int], world_size: int, gpu_memory_bytes: int | None, zero_stage: int
+):
     """``(settings, line)`` with every ``auto`` replaced; ``line`` (None without auto) says what and why.
 
     ``text_lengths``: text tokens per training sample (image tokens excluded), from the preflight.
@@ -64,7 +68,9 @@ def resolve(settings, text_lengths: list[int], world_size: int, gpu_memory_bytes
     if not uses_auto(t):
         return settings, None
     micro_auto, ckpt_auto = t.per_device_batch_size == AUTO, t.gradient_checkpointing == AUTO
-    global_batch = t.global_batch_size if micro_auto else t.per_device_batch_size * t.grad_accum_steps * world_size
+    global_batch = (
+        t.global_batch_size if micro_auto else t.per_device_batch_size * t.grad_accum_steps * world_size
+    )
     why = None
     if gpu_memory_bytes is None:
         why = "no GPU"
@@ -76,7 +82,9 @@ def resolve(settings, text_lengths: list[int], world_size: int, gpu_memory_bytes
     if why is not None:
         values = {}
         if micro_auto:
-            values.update(_whole(global_batch, world_size, t.auto_fallback_batch_size, "train.auto_fallback_batch_size"))
+            values.update(
+                _whole(global_batch, world_size, t.auto_fallback_batch_size, "train.auto_fallback_batch_size")
+            )
         if ckpt_auto:
             values["gradient_checkpointing"] = t.auto_fallback_checkpointing
         return with_train(settings, values), f"auto: {why}: the stated fallback {_describe(values)}"
@@ -86,7 +94,9 @@ def resolve(settings, text_lengths: list[int], world_size: int, gpu_memory_bytes
         raise AutoBatchError(
             f"train.global_batch_size: {global_batch} is not a multiple of the {world_size} processes"
         )
-    hardware = planner.Hardware(gpus=world_size, memory_gib=gpu_memory_bytes / planner.GIB, gpu_name="this GPU")
+    hardware = planner.Hardware(
+        gpus=world_size, memory_gib=gpu_memory_bytes / planner.GIB, gpu_name="this GPU"
+    )
     text = planner.TextLengths.from_lengths(text_lengths, "the run's data")
     tokens = _budget(settings, model)
     stages = (zero_stage,) if zero_stage in planner.ZERO_STAGES else planner.ZERO_STAGES
@@ -95,7 +105,9 @@ def resolve(settings, text_lengths: list[int], world_size: int, gpu_memory_bytes
         model,
         hardware,
         mode,
-        [planner.stock_budget(model.budgets), tokens] if tokens != planner.stock_budget(model.budgets) else [tokens],
+        [planner.stock_budget(model.budgets), tokens]
+        if tokens != planner.stock_budget(model.budgets)
+        else [tokens],
         global_batch,
         text,
         stages=stages,

@@ -102,7 +102,9 @@ class TrainSettings(_Section):
         "auto: the planner picks it (with grad_accum_steps) for train.global_batch_size on this GPU.",
     )
     global_batch_size: int | None = Field(
-        None, ge=1, description="Samples per optimizer step over all processes; with per_device_batch_size: auto."
+        None,
+        ge=1,
+        description="Samples per optimizer step over all processes; with per_device_batch_size: auto.",
     )
     grad_accum_steps: int = Field(
         1,
@@ -118,10 +120,13 @@ class TrainSettings(_Section):
         "where the planner finds the fastest setting that fits this GPU needs it.",
     )
     auto_fallback_batch_size: int = Field(
-        1, ge=1, description="per_device_batch_size when auto cannot plan (no GPU, or a family the planner does not simulate)."
+        1,
+        ge=1,
+        description="per_device_batch_size when auto cannot plan (no GPU, or a family the planner does not simulate).",
     )
     auto_fallback_checkpointing: bool = Field(
-        False, description="gradient_checkpointing when auto cannot plan (no GPU, or a family the planner does not simulate)."
+        False,
+        description="gradient_checkpointing when auto cannot plan (no GPU, or a family the planner does not simulate).",
     )
     tune_vision_tower: bool = Field(False, description="finetune mode: also train the vision tower.")
     save_steps: int = Field(500, ge=1, description="Checkpoint every N optimizer steps.")
@@ -423,8 +428,14 @@ def _auto_batch_contradictions(train: TrainSettings, data) -> list[str]:
             "train.global_batch_size: used only with train.per_device_batch_size: auto "
             "(otherwise per_device_batch_size x grad_accum_steps x processes)"
         )
-    if (auto or train.gradient_checkpointing == "auto") and data is not None and data.batch_tokens is not None:
-        problems.append("data.batch_tokens: a token budget sizes micro-batches itself; auto batch sizing needs it unset")
+    if (
+        (auto or train.gradient_checkpointing == "auto")
+        and data is not None
+        and data.batch_tokens is not None
+    ):
+        problems.append(
+            "data.batch_tokens: a token budget sizes micro-batches itself; auto batch sizing needs it unset"
+        )
     return problems
 
 
