@@ -42,7 +42,7 @@ import torch  # noqa: E402
 
 from visionzip_core.data import BadDataError, build_dataset  # noqa: E402
 from visionzip_core.families import ImageTokenCount  # noqa: E402
-from visionzip_core.training import checkpointing, output_lock, preemption, resume  # noqa: E402
+from visionzip_core.training import auto_batch, checkpointing, output_lock, preemption, resume  # noqa: E402
 from visionzip_core.training.checkpointing import NoSpaceLeft, TrainerState  # noqa: E402
 from visionzip_core.training.dataloaders import (  # noqa: E402
     build_train_loader,
@@ -195,6 +195,7 @@ class Start:
     resume_from: Path | None
     precision: str
     record: dict
+    settings: Settings  # train.* auto taken from the resumed checkpoint's record
 
 
 @dataclass
@@ -208,13 +209,15 @@ class Data:
     val_loader: object | None
     steps_per_epoch: int
     total_steps: int
+    settings: Settings  # train.* auto resolved by the planner
 
 
 def setup(settings: Settings, device: torch.device) -> Run:
     """Folder and resume check -> data (no weights yet) -> model and engine -> resume -> logging."""
     seed_everything(settings.train.seed)
     start = prepare_start(settings)
-    data = prepare_data(settings, start)
+    data = prepare_data(start.settings, start)
+    settings = data.settings
     engine, group_names, ds_config = prepare_engine(settings, start, data)
     state = resume_state(engine, start, data.total_steps)
     return assemble_run(settings, device, start, data, engine, group_names, ds_config, state)
@@ -228,12 +231,15 @@ def prepare_start(settings: Settings) -> Start:
     output_dir.mkdir(parents=True, exist_ok=True)
     resume_from = dist.broadcast_object(checkpointing.resolve_resume(t.resume, output_dir, warn=dist.print0))
     precision = resolve_precision(t.precision)
+    settings, kept = auto_batch.keep_from_checkpoint(settings, resume_from)
+    if kept:
+        dist.print0(kept)
     record = check_resume(settings, output_dir, resume_from, precision)
     if dist.is_main():
         for stale in checkpointing.remove_incomplete(output_dir):
             dist.print0(f"removed incomplete checkpoint {stale} (interrupted save)")
     dist.barrier()
-    return Start(output_dir, resume_from, precision, record)
+    return Start(output_dir, resume_from, precision, record, settings)
 
 
 def prepare_data(settings: Settings, start: Start) -> Data:
@@ -260,6 +266,8 @@ def prepare_data(settings: Settings, start: Start) -> Data:
     }
     if dist.is_main():
         dist.barrier()
+    settings = plan_auto_batch(settings, start, datasets["train"], image_tokens)
+    t = settings.train
     if settings.data.batch_tokens is None:  # a token budget sizes its own micro-batches
         check_global_batch(len(datasets["train"]), t, world, warn=dist.print0)
     pad_id = processor.tokenizer.pad_token_id
@@ -297,7 +305,23 @@ def prepare_data(settings: Settings, start: Start) -> Data:
             dist.print0(
                 f"{start.resume_from}: all {total_steps} steps were trained but final/ is missing: export only"
             )
-    return Data(processor, image_tokens, train_loader, sampler, val_loader, steps_per_epoch, total_steps)
+    return Data(
+        processor, image_tokens, train_loader, sampler, val_loader, steps_per_epoch, total_steps, settings
+    )
+
+
+def plan_auto_batch(settings: Settings, start: Start, train_set, image_tokens) -> Settings:
+    """``train.*: auto`` resolved by the planner for this GPU and this data (one start line), and
+    recorded for resume. ALL RANKS must call this (every rank plans alike: same inputs)."""
+    device = torch.cuda.current_device() if torch.cuda.is_available() else None
+    memory = None if device is None else torch.cuda.get_device_properties(device).total_memory
+    ds_json = json.loads(resolve_repo_path(settings.deepspeed.config).read_text())
+    lengths = auto_batch.text_lengths(train_set.lengths, image_tokens)
+    settings, line = auto_batch.resolve(settings, lengths, dist.world_size(), memory, zero_stage(ds_json))
+    if line:
+        dist.print0(line)
+        start.record["settings"]["train"].update({k: getattr(settings.train, k) for k in auto_batch.KEYS})
+    return settings
 
 
 def prepare_engine(settings: Settings, start: Start, data: Data):
@@ -773,7 +797,14 @@ def main(argv=None, hooks: TrainHooks | None = None) -> int:
     except (resume.ResumeError, output_lock.OutputDirLocked) as e:  # the same on every rank
         dist.print0(f"error: {e}", file=sys.stderr)
         code = 2
-    except (ConfigError, BadDataError, FileNotFoundError, checkpointing.CheckpointError, WeightsError) as e:
+    except (
+        ConfigError,
+        BadDataError,
+        FileNotFoundError,
+        checkpointing.CheckpointError,
+        WeightsError,
+        auto_batch.AutoBatchError,
+    ) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         code = 2
     except TrainingDiverged as e:

@@ -18,7 +18,7 @@ import os
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -103,8 +103,15 @@ class TrainSettings(_Section):
         1, ge=1, description="Passes over the training data (ignored if max_steps is set)."
     )
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs when set.")
-    per_device_batch_size: int = Field(
-        1, ge=1, description="Samples per micro-batch per process (with data.batch_tokens: validation only)."
+    per_device_batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        1,
+        description="Samples per micro-batch per process (with data.batch_tokens: validation only); "
+        "auto: the planner picks it (with grad_accum_steps) for train.global_batch_size on this GPU.",
+    )
+    global_batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="Samples per optimizer step over all processes; with per_device_batch_size: auto.",
     )
     grad_accum_steps: int = Field(
         1,
@@ -114,8 +121,19 @@ class TrainSettings(_Section):
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="auto: bf16 where the GPU supports it, else fp32."
     )
-    gradient_checkpointing: bool = Field(
-        False, description="Recompute activations in backward: less memory, about 30% slower."
+    gradient_checkpointing: bool | Literal["auto"] = Field(
+        False,
+        description="Recompute activations in backward: less memory, about 30% slower; auto: on only "
+        "where the planner finds the fastest setting that fits this GPU needs it.",
+    )
+    auto_fallback_batch_size: int = Field(
+        1,
+        ge=1,
+        description="per_device_batch_size when auto cannot plan (no GPU, or a family the planner does not simulate).",
+    )
+    auto_fallback_checkpointing: bool = Field(
+        False,
+        description="gradient_checkpointing when auto cannot plan (no GPU, or a family the planner does not simulate).",
     )
     tune_vision_tower: bool = Field(False, description="finetune mode: also train the vision tower.")
     save_steps: int = Field(500, ge=1, description="Checkpoint every N optimizer steps.")
@@ -367,6 +385,7 @@ def _contradictions(s: dict[str, Any], raw: dict) -> list[str]:
             problems.append(
                 f"lora: LoRA settings given but train.mode is '{train.mode}' (set train.mode=lora)"
             )
+        problems += _auto_batch_contradictions(train, data)
         if train.precision == "fp16" and not _cuda():
             problems.append("train.precision: fp16 needs a GPU; use bf16 or fp32 (or auto) on CPU")
         if train.precision == "bf16" and _cuda() and not _bf16_gpu():
@@ -435,6 +454,32 @@ def _contradictions(s: dict[str, Any], raw: dict) -> list[str]:
             problems.append(
                 "wandb.log_artifact: nothing to upload with export.enabled=false (set it to none)"
             )
+    return problems
+
+
+def _auto_batch_contradictions(train: TrainSettings, data) -> list[str]:
+    """``auto`` batch sizing needs the global batch, and leaves the accumulation to the planner."""
+    problems = []
+    auto = train.per_device_batch_size == "auto"
+    if auto and train.global_batch_size is None:
+        problems.append("train.global_batch_size: set it when train.per_device_batch_size is auto")
+    if auto and train.grad_accum_steps != 1:
+        problems.append(
+            "train.grad_accum_steps: chosen by the planner when train.per_device_batch_size is auto; remove it"
+        )
+    if not auto and train.global_batch_size is not None:
+        problems.append(
+            "train.global_batch_size: used only with train.per_device_batch_size: auto "
+            "(otherwise per_device_batch_size x grad_accum_steps x processes)"
+        )
+    if (
+        (auto or train.gradient_checkpointing == "auto")
+        and data is not None
+        and data.batch_tokens is not None
+    ):
+        problems.append(
+            "data.batch_tokens: a token budget sizes micro-batches itself; auto batch sizing needs it unset"
+        )
     return problems
 
 

@@ -1,0 +1,603 @@
+"""The fastest training setting that fits: ZeRO stage, gradient checkpointing and micro-batch for
+each visual-token budget, from the memory simulation and the FLOP model.
+
+Compression barely moves the memory of a checkpointed 7B full fine-tune (the sharded states
+dominate), but it makes checkpointing unnecessary and the micro-batch larger. The saving of
+training on fewer visual tokens is therefore compression x no recomputation x fewer micro-steps,
+and this module turns it into a setting:
+
+- **Memory.** Every candidate's per-GPU peak is what :func:`visionzip_core.memory_sim.simulate`
+  reports as ``total_gib`` for that setting (its pieces, with the meta model built once per
+  checkpointing setting instead of once per micro-batch; a test holds the two equal), with every sample of
+  the micro-batch at the longest text length of the data: a length-grouped or unlucky micro-batch
+  pads to it, and the run's peak is its worst micro-batch.
+- **Fits.** The peak must stay under the usable memory: the GPU's memory less
+  :attr:`Hardware.reserve_gib` (CUDA context, cuBLAS and NCCL workspaces, DeepSpeed's buckets)
+  and less :attr:`Hardware.fragmentation` of it (the caching allocator's reserved-but-free blocks).
+- **Time.** Matmul FLOPs of the optimizer step (:func:`visionzip_core.flops.llava_step_flops`,
+  forward + backward, plus the forward again where checkpointing recomputes it) at the mean text
+  length, over ``peak TFLOPS x utilisation``; plus ZeRO's collectives over the interconnect
+  (:func:`zero_comm_bytes`), not overlapped with compute. Both assumptions are stated in every
+  plan (:meth:`Hardware.describe`) and in BENCHMARKS.md.
+
+Units: bytes and FLOPs in code, GiB (``2**30``) and seconds in rows.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from visionzip_core.benchmarking import (
+    BUDGETS,
+    PAD_TOKEN_ID,
+    SIZES,
+    BenchSize,
+    budgets_for,
+    image_plan,
+    llava_config,
+    mix665k_like_text_lengths,
+    set_budget,
+    stock_budget,
+)
+from visionzip_core.flops import LlamaShape, TrainableParts, VisionTowerShape, llava_step_flops
+from visionzip_core.memory_sim import (
+    GIB,
+    LORA_RANK,
+    ZERO3_SUB_GROUP,
+    MetaTensorMemory,
+    build_training_model,
+    measure_step,
+    optimizer_step_transient,
+    parameter_counts,
+    release_grads_on_accumulate,
+    simulation_batch,
+    zero_model_states,
+)
+
+# The families the memory simulation can run (build_training_model / simulation_batch).
+SIMULATED_FAMILIES = ("llava-1.5", "llava-next")
+# Planner modes -> the simulation's modes. projector/pretrain train the projector only, which the
+# simulation does not model separately; their memory is at most LoRA's (no adapters), so they are
+# planned as lora would be, which errs on the safe side.
+PLAN_MODES = {
+    "finetune": "finetune",
+    "lora": "lora",
+    "projector": "lora",
+    "pretrain": "lora",
+    "finetune_vision": "finetune_vision",  # finetune with train.tune_vision_tower
+}
+ZERO_STAGES = (2, 3)
+
+
+@dataclass(frozen=True)
+class GpuSpec:
+    """A GPU's dense bf16 tensor-core peak (vendor data sheet, no sparsity), in TFLOPS."""
+
+    name: str
+    bf16_tflops: float
+
+
+GPUS: dict[str, GpuSpec] = {
+    "a100": GpuSpec("NVIDIA A100 SXM", 312.0),
+    "h100": GpuSpec("NVIDIA H100 SXM", 989.0),
+    "h200": GpuSpec("NVIDIA H200 SXM", 989.0),
+    "l40s": GpuSpec("NVIDIA L40S", 362.0),
+    "rtx4090": GpuSpec("NVIDIA RTX 4090", 165.0),
+    "rtx3090": GpuSpec("NVIDIA RTX 3090", 71.0),
+}
+DEFAULT_GPU = "a100"  # LLaVA-1.5 and the paper trained on 8 x A100
+# Model FLOPs utilisation of a bf16 fine-tune at these sizes with flash-attention: 35-50% is
+# what such runs report; 40% is stated, not measured here.
+DEFAULT_UTILISATION = 0.40
+# Effective bus bandwidth of one collective (nccl-tests' "busbw"), in gigabits per second. An 8 x
+# A100 NVLink node measures about 1800 Gb/s (230 GB/s) on all-reduce; 800 Gb/s (100 GB/s) leaves
+# room for contention and smaller messages. PCIe-only nodes are nearer 100-200 Gb/s.
+DEFAULT_INTERCONNECT_GBPS = 800.0
+DEFAULT_RESERVE_GIB = 1.0  # CUDA context (~0.5 GiB), cuBLAS / NCCL workspaces, DeepSpeed buckets
+# The caching allocator's blocks reserved but not allocated at the peak: PyTorch's allocator keeps
+# it to a few percent for a training loop of fixed shapes; variable lengths fragment more.
+DEFAULT_FRAGMENTATION = 0.05
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """The GPUs a plan is for, and the stated assumptions about them."""
+
+    gpus: int
+    memory_gib: float
+    tflops: float = GPUS[DEFAULT_GPU].bf16_tflops
+    utilisation: float = DEFAULT_UTILISATION
+    interconnect_gbps: float = DEFAULT_INTERCONNECT_GBPS
+    reserve_gib: float = DEFAULT_RESERVE_GIB
+    fragmentation: float = DEFAULT_FRAGMENTATION
+    gpu_name: str = GPUS[DEFAULT_GPU].name
+
+    @property
+    def usable_gib(self) -> float:
+        """What the simulated peak may reach: the rest is headroom."""
+        return self.memory_gib * (1 - self.fragmentation) - self.reserve_gib
+
+    def describe(self) -> str:
+        return (
+            f"{self.gpus} x {self.memory_gib:g} GiB ({self.gpu_name}, bf16 peak {self.tflops:g} TFLOPS at "
+            f"{self.utilisation:.0%} utilisation); headroom {self.fragmentation:.0%} + {self.reserve_gib:g} GiB "
+            f"-> {self.usable_gib:.1f} GiB usable; interconnect {self.interconnect_gbps:g} Gb/s, not overlapped"
+        )
+
+
+@dataclass(frozen=True)
+class TextLengths:
+    """Text tokens per sample (besides the image's): the longest sizes memory, the mean sizes time."""
+
+    longest: int
+    mean: float
+    source: str
+
+    @classmethod
+    def from_lengths(cls, lengths: list[int], source: str) -> TextLengths:
+        if not lengths:
+            raise ValueError(f"{source}: no lengths")
+        return cls(int(max(lengths)), sum(lengths) / len(lengths), source)
+
+    @classmethod
+    def parse(cls, text: str) -> TextLengths:
+        """``665k`` (the benchmarks' LLaVA-665k-like mix, 20,000 draws), ``LO,HI`` (uniform),
+        ``N`` (every sample), or a JSON file holding a list of lengths."""
+        if text == "665k":
+            return cls.from_lengths(mix665k_like_text_lengths(20_000), "665k-like mix (20,000 draws)")
+        if text.endswith(".json"):
+            try:
+                values = json.loads(Path(text).read_text())
+            except (OSError, json.JSONDecodeError) as e:
+                raise ValueError(f"--text-tokens: cannot read {text} ({e})") from None
+            if not isinstance(values, list) or not all(isinstance(v, int) and v >= 0 for v in values):
+                raise ValueError(f"--text-tokens: {text} must hold a JSON list of token counts")
+            return cls.from_lengths(values, text)
+        try:
+            parts = [int(v) for v in text.split(",")]
+        except ValueError:
+            parts = []
+        if len(parts) == 1 and parts[0] >= 0:
+            return cls(parts[0], float(parts[0]), f"{parts[0]} tokens")
+        if len(parts) == 2 and 0 <= parts[0] <= parts[1]:
+            return cls(parts[1], (parts[0] + parts[1]) / 2, f"uniform {parts[0]}-{parts[1]}")
+        raise ValueError(f"--text-tokens: {text!r}; use 665k, LO,HI, N, or a .json list of lengths")
+
+
+@dataclass(frozen=True)
+class PlanModel:
+    """What the planner needs of a model: its family, shapes and budget table."""
+
+    name: str
+    family: str
+    size: BenchSize
+    budgets: dict = field(default_factory=dict)
+
+
+def known_models() -> dict[str, str]:
+    """Size names the planner knows -> family."""
+    return {"llava-1.5-7b": "llava-1.5", "llava-next-7b": "llava-next", "qwen2.5-vl-7b": "qwen2.5-vl"}
+
+
+def resolve_model(name_or_folder: str) -> PlanModel:
+    """A size name (:func:`known_models`) or a model folder, read from its ``config.json`` alone."""
+    known = known_models()
+    if name_or_folder in known:
+        family = known[name_or_folder]
+        if family not in SIMULATED_FAMILIES:
+            raise ValueError(
+                f"--model {name_or_folder}: the memory simulation does not run {family} yet "
+                f"(it runs {', '.join(SIMULATED_FAMILIES)})"
+            )
+        return PlanModel(name_or_folder, family, SIZES[name_or_folder], dict(budgets_for(family)))
+    folder = Path(name_or_folder)
+    if not (folder / "config.json").is_file():
+        raise ValueError(
+            f"--model {name_or_folder}: not a known size ({', '.join(known)}) nor a folder with a config.json"
+        )
+    from visionzip_core.families import family_for
+
+    try:
+        data = json.loads((folder / "config.json").read_text())
+        fam = family_for(data.get("model_type", ""))
+    except (json.JSONDecodeError, OSError, ValueError, KeyError) as e:
+        raise ValueError(f"--model {folder}/config.json: {e}") from None
+    return model_from_config(fam.config_from_file(str(folder / "config.json")), folder.name)
+
+
+def model_from_config(config, name: str) -> PlanModel:
+    """A :class:`PlanModel` from a LLaVA(-NeXT) config (no weights)."""
+    from visionzip_core.families import family_for
+
+    family = family_for(config).name
+    if family not in SIMULATED_FAMILIES:
+        raise ValueError(
+            f"{name}: the memory simulation does not run {family} yet (it runs {', '.join(SIMULATED_FAMILIES)})"
+        )
+    vision = VisionTowerShape.from_config(config.vision_config)
+    llm = LlamaShape.from_config(config.text_config)
+    # The simulation's batches use llava-hf's token ids (<image> 32000, <pad> 32001); a smaller
+    # vocabulary (tiny test models) is simulated at LLaVA's 32064, which overstates its logits.
+    llm = replace(llm, vocab=max(llm.vocab, PAD_TOKEN_ID + 63))
+    size = BenchSize(name, vision, llm, batch_size=1, text_tokens=(0, 0), dtype="bfloat16", note=name)
+    # Stock = every patch (per crop for LLaVA-NeXT); the family's table where the tower matches it.
+    stock = vision.num_patches
+    known = budgets_for(family)
+    table = dict(known) if stock_budget(known) == stock else {stock: None}
+    return PlanModel(name, family, size, table)
+
+
+def budget_split(tokens: int) -> tuple[int, int]:
+    """``(dominant, contextual)`` for a budget not in the family's table: the paper's 54 : 10."""
+    contextual = max(1, round(tokens * 10 / 64)) if tokens > 1 else 0
+    return tokens - contextual, contextual
+
+
+def parse_budgets(text: str, model: PlanModel) -> list[int]:
+    """``"stock,64,128"`` -> budget keys of ``model.budgets`` (missing ones added with the paper's
+    split); the stock budget always comes first."""
+    stock = stock_budget(model.budgets)
+    out: list[int] = []
+    for item in text.split(","):
+        item = item.strip()
+        if item == "stock":
+            key = stock
+        else:
+            try:
+                key = int(item)
+            except ValueError:
+                raise ValueError(f"--budgets: {item!r} is not 'stock' or a token count") from None
+            if not 0 < key <= stock:
+                raise ValueError(f"--budgets: {key} is not between 1 and the stock {stock} tokens")
+            if key not in model.budgets:
+                model.budgets[key] = budget_split(key)
+        if key not in out:
+            out.append(key)
+    return [stock] + [k for k in out if k != stock]
+
+
+def micro_batches(global_batch: int, gpus: int) -> list[int]:
+    """Micro-batches that make up ``global_batch`` over ``gpus`` with a whole accumulation, largest first."""
+    if global_batch % gpus:
+        raise ValueError(f"--global-batch {global_batch} is not a multiple of --gpus {gpus}")
+    per_gpu = global_batch // gpus
+    return [m for m in range(per_gpu, 0, -1) if per_gpu % m == 0]
+
+
+def trainable_parts(mode: str) -> TrainableParts:
+    if mode == "finetune_vision":
+        return TrainableParts(vision=True, llm="full")
+    llm = {"finetune": "full", "lora": "lora"}.get(mode, "none")
+    if llm == "lora":
+        from visionzip_core.flops import LORA_TARGETS
+
+        return TrainableParts(llm="lora", lora_rank=LORA_RANK, lora_targets=LORA_TARGETS)
+    return TrainableParts(llm=llm)
+
+
+def step_flops(
+    model: PlanModel, mode: str, tokens: int, samples: int, text_tokens: float, ckpt: bool
+) -> float:
+    """Matmul FLOPs of ``samples`` samples at budget ``tokens`` and ``text_tokens`` text each, the
+    forward recomputed once more where checkpointing is on (the LLM, and a trained tower)."""
+    config = llava_config(model.size, model.family)
+    plan = image_plan(config, model.family, tokens, model.budgets)
+    parts = trainable_parts(mode)
+    split = model.budgets[tokens]
+    seq_len = round(1 + plan.llm + text_tokens)
+    flops = llava_step_flops(
+        model.size.vision,
+        model.size.llm,
+        parts,
+        num_images=samples,
+        batch=samples,
+        seq_len=seq_len,
+        image_tokens=plan.llm,
+        visionzip_split=split,
+        crops_per_image=plan.crops,
+        projector_tokens_per_image=plan.projected,
+    )
+    total = flops["total"].total
+    if ckpt:
+        total += flops["llm"].forward + (flops["vision"].forward if parts.vision else 0)
+    return float(total)
+
+
+def zero_comm_bytes(stage: int, gpus: int, total_params: int, trainable: int, grad_accum: int) -> float:
+    """Bytes each GPU moves through the interconnect in one optimizer step (bf16, ring collectives
+    move ``(n - 1) / n`` of the data per GPU).
+
+    ZeRO-2: the trainable gradients are reduce-scattered every micro-step, the updated parameters
+    all-gathered once per step. ZeRO-3: every micro-step all-gathers all parameters for forward
+    and again for backward (and the recomputed forward, which runs inside it), and
+    reduce-scatters the gradients.
+    """
+    if gpus == 1:
+        return 0.0
+    ring = (gpus - 1) / gpus
+    if stage == 2:
+        return ring * 2 * (trainable * grad_accum + trainable)
+    return ring * 2 * grad_accum * (2 * total_params + trainable)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One setting of one budget, simulated and timed."""
+
+    tokens: int
+    image_tokens: int
+    zero_stage: int
+    gradient_checkpointing: bool
+    micro_batch: int
+    grad_accum: int
+    memory_gib: float
+    compute_s: float
+    comm_s: float
+    fits: bool
+
+    @property
+    def step_time_s(self) -> float:
+        return self.compute_s + self.comm_s
+
+
+@dataclass(frozen=True)
+class SettingMemory:
+    """Per-GPU bytes of one setting, as :func:`visionzip_core.memory_sim.simulate` adds them."""
+
+    states: int
+    activations: int
+    optimizer_transient: int
+
+    @property
+    def total(self) -> int:
+        return self.states + max(self.activations, self.optimizer_transient)
+
+
+class SettingSimulator:
+    """The simulation's pieces for one (mode, checkpointing): the meta model is built once and
+    stepped per (budget, micro-batch); the ZeRO stages share each step, as in ``simulate``."""
+
+    def __init__(self, size: BenchSize, family: str, mode: str, ckpt: bool, budgets: dict, gpus: int, stages):
+        self.size, self.family, self.budgets, self.gpus = size, family, budgets, gpus
+        self.model = build_training_model(size, family, mode, ckpt, "meta")
+        self.counts = parameter_counts(self.model)
+        self.handles = release_grads_on_accumulate(self.model)
+        partition = self.counts.largest_group // gpus
+        self.transient = {
+            s: optimizer_step_transient(partition if s == 2 else min(partition, ZERO3_SUB_GROUP))
+            for s in stages
+        }
+        self.steps: dict[tuple[int, int], tuple[int, int]] = {}
+
+    def _step(self, tokens: int, micro_batch: int) -> tuple[int, int]:
+        """``(activation bytes, image tokens per sample)`` of one meta step."""
+        key = (tokens, micro_batch)
+        if key not in self.steps:
+            set_budget(self.model, tokens, self.budgets)
+            size = replace(self.size, batch_size=micro_batch)
+            batch, info = simulation_batch(self.model, size, self.family, tokens, self.budgets, "meta")
+            step = measure_step(self.model, batch, MetaTensorMemory)
+            self.steps[key] = (step.activations, info["image_tokens"])
+        return self.steps[key]
+
+    def image_tokens(self, tokens: int) -> int:
+        """Visual tokens per sample in the LLM at budget ``tokens`` (per image, all crops)."""
+        return next(count for (k, _), (_, count) in self.steps.items() if k == tokens)
+
+    def memory(self, tokens: int, micro_batch: int, stage: int) -> SettingMemory:
+        activations, _ = self._step(tokens, micro_batch)
+        states = zero_model_states(self.counts, stage, self.gpus)
+        return SettingMemory(states.total, activations, self.transient[stage])
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def plan(
+    model: PlanModel,
+    hardware: Hardware,
+    mode: str,
+    budgets: list[int],
+    global_batch: int,
+    text: TextLengths,
+    stages: tuple[int, ...] = ZERO_STAGES,
+    checkpointing: tuple[bool, ...] = (False, True),
+    micro_batch: int | None = None,
+    log=lambda line: None,
+) -> list[dict]:
+    """One row per budget: the fastest setting whose simulated peak fits, or the smallest-memory
+    one with ``fits`` false and the reason. ``micro_batch`` fixes the micro-batch (else searched).
+
+    For each checkpointing setting and budget the micro-batches are tried smallest first, up to
+    the first that fits under no ZeRO stage (a larger one needs more memory still).
+    """
+    if mode not in PLAN_MODES:
+        raise ValueError(f"--mode {mode!r}; allowed {list(PLAN_MODES)}")
+    sim_mode = PLAN_MODES[mode]
+    size = replace(model.size, text_tokens=(text.longest, text.longest))
+    sizes = [micro_batch] if micro_batch else micro_batches(global_batch, hardware.gpus)
+    per_gpu = global_batch // hardware.gpus
+    found: dict[int, list[Candidate]] = {k: [] for k in budgets}
+    for ckpt in checkpointing:
+        sim = SettingSimulator(size, model.family, sim_mode, ckpt, model.budgets, hardware.gpus, stages)
+        for tokens in budgets:
+            # Ascending: peak memory grows with the micro-batch, so the first one that fits no
+            # stage ends the search (and a budget where micro-batch 1 does not fit costs one step).
+            for mb in sorted(sizes):
+                accum = max(1, per_gpu // mb)
+                compute = step_flops(model, sim_mode, tokens, mb * accum, text.mean, ckpt) / (
+                    hardware.tflops * 1e12 * hardware.utilisation
+                )
+                fitted = False
+                for stage in stages:
+                    memory = sim.memory(tokens, mb, stage).total / GIB
+                    comm = zero_comm_bytes(
+                        stage, hardware.gpus, sim.counts.total, sim.counts.trainable, accum
+                    )
+                    fitted |= memory <= hardware.usable_gib
+                    found[tokens].append(
+                        Candidate(
+                            tokens=tokens,
+                            image_tokens=sim.image_tokens(tokens),
+                            zero_stage=stage,
+                            gradient_checkpointing=ckpt,
+                            micro_batch=mb,
+                            grad_accum=accum,
+                            memory_gib=memory,
+                            compute_s=compute,
+                            comm_s=comm * 8 / (hardware.interconnect_gbps * 1e9),
+                            fits=memory <= hardware.usable_gib,
+                        )
+                    )
+                if not fitted:
+                    break
+            log(f"  {tokens} tokens, grad_ckpt={'on' if ckpt else 'off'}: micro-batch up to {mb} simulated")
+        sim.close()
+    rows = [_row(model, k, found[k], hardware) for k in budgets]
+    stock = rows[0]
+    for row in rows:
+        row["speedup_vs_stock"] = stock["step_time_s"] / row["step_time_s"]
+    return rows
+
+
+def _row(model: PlanModel, tokens: int, candidates: list[Candidate], hardware: Hardware) -> dict:
+    fitting = [c for c in candidates if c.fits]
+    if fitting:
+        # Ties (one GPU: no communication) go to the larger micro-batch: fewer, fuller kernels.
+        best = min(fitting, key=lambda c: (round(c.step_time_s, 6), -c.micro_batch, c.memory_gib))
+        reason = _why(best, candidates)
+    else:
+        best = min(candidates, key=lambda c: (c.memory_gib, c.step_time_s))
+        reason = (
+            f"nothing fits: the smallest peak is {best.memory_gib:.1f} GiB against "
+            f"{hardware.usable_gib:.1f} GiB usable of {hardware.memory_gib:g} GiB"
+        )
+    split = model.budgets[tokens]
+    return {
+        "visual_tokens": tokens,
+        "image_tokens": best.image_tokens,
+        "stock": split is None,
+        "zero_stage": best.zero_stage,
+        "gradient_checkpointing": best.gradient_checkpointing,
+        "micro_batch": best.micro_batch,
+        "grad_accum": best.grad_accum,
+        "memory_gib": best.memory_gib,
+        "step_time_s": best.step_time_s,
+        "compute_s": best.compute_s,
+        "comm_s": best.comm_s,
+        "speedup_vs_stock": 1.0,
+        "fits": best.fits,
+        "reason": reason,
+    }
+
+
+def _why(best: Candidate, candidates: list[Candidate]) -> str:
+    """One line: what the chosen setting won by, against the nearest alternatives."""
+    parts = []
+    if not best.gradient_checkpointing:
+        parts.append("checkpointing off (no recomputed forward)")
+    else:
+        off = [c for c in candidates if not c.gradient_checkpointing]
+        smallest = min((c.memory_gib for c in off), default=None)
+        parts.append(
+            "checkpointing on"
+            + (
+                f" (off needs >= {smallest:.1f} GiB)"
+                if smallest is not None and not any(c.fits for c in off)
+                else ""
+            )
+        )
+    other = [
+        c
+        for c in candidates
+        if c.fits
+        and c.zero_stage != best.zero_stage
+        and c.gradient_checkpointing == best.gradient_checkpointing
+    ]
+    if other:
+        alt = min(other, key=lambda c: c.step_time_s)
+        parts.append(
+            f"ZeRO-{best.zero_stage} ({alt.step_time_s - best.step_time_s:+.2f} s as ZeRO-{alt.zero_stage})"
+        )
+    else:
+        parts.append(f"ZeRO-{best.zero_stage}")
+    parts.append(f"micro-batch {best.micro_batch} x accumulation {best.grad_accum}")
+    return "; ".join(parts)
+
+
+def find_budget(
+    model: PlanModel, hardware: Hardware, mode: str, global_batch: int, text: TextLengths, micro_batch: int
+) -> dict:
+    """The largest budget of the family's table (and the stock model) whose plan fits at ``micro_batch``."""
+    budgets = sorted(model.budgets, reverse=True)
+    rows = plan(model, hardware, mode, budgets, global_batch, text, micro_batch=micro_batch)
+    fitting = [r for r in rows if r["fits"]]
+    best = max(fitting, key=lambda r: r["image_tokens"]) if fitting else None
+    return {"largest_fitting_budget": best["visual_tokens"] if best else None, "rows": rows}
+
+
+def calibrate_planner(family: str = "llava-1.5", mode: str = "finetune") -> list[dict]:
+    """The planner's activation bytes (:class:`SettingSimulator`, meta) against a real CPU step of
+    the tiny model (:func:`visionzip_core.memory_sim.calibrate`'s ZeRO setting: gradients released
+    as accumulated), per budget and checkpointing. ``diff_pct`` = (planner - real) / real in %."""
+    from visionzip_core.memory_sim import TINY_BUDGETS, TINY_SIZE, calibrate
+
+    rows = []
+    for ckpt in (False, True):
+        sim = SettingSimulator(TINY_SIZE, family, mode, ckpt, TINY_BUDGETS, 1, (2,))
+        for tokens in TINY_BUDGETS:
+            real = calibrate(TINY_SIZE, family, tokens, TINY_BUDGETS, mode=mode, grad_ckpt=ckpt)["zero"][
+                "real"
+            ]
+            mine = sim.memory(tokens, TINY_SIZE.batch_size, 2).activations
+            rows.append(
+                {
+                    "family": family,
+                    "mode": mode,
+                    "tokens": tokens,
+                    "grad_ckpt": ckpt,
+                    "real_bytes": real["activations"],
+                    "planner_bytes": mine,
+                    "diff_pct": 100 * (mine - real["activations"]) / real["activations"],
+                }
+            )
+        sim.close()
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    """The plan as a Markdown table."""
+    head = (
+        "| visual tokens | fits | ZeRO | grad ckpt | micro-batch x accum | memory GiB | step s "
+        "| compute s | comm s | speed-up vs stock | why |\n"
+        "|---|---|---:|---|---|---:|---:|---:|---:|---:|---|\n"
+    )
+    lines = [
+        f"| {r['visual_tokens']}{' (stock)' if r['stock'] else ''} | {'yes' if r['fits'] else 'NO'} "
+        f"| {r['zero_stage']} | {'on' if r['gradient_checkpointing'] else 'off'} "
+        f"| {r['micro_batch']} x {r['grad_accum']} | {r['memory_gib']:.1f} | {r['step_time_s']:.2f} "
+        f"| {r['compute_s']:.2f} | {r['comm_s']:.2f} | {r['speedup_vs_stock']:.2f}x | {r['reason']} |"
+        for r in rows
+    ]
+    return head + "\n".join(lines) + "\n"
+
+
+__all__ = [
+    "BUDGETS",
+    "GPUS",
+    "Hardware",
+    "PlanModel",
+    "TextLengths",
+    "find_budget",
+    "micro_batches",
+    "model_from_config",
+    "parse_budgets",
+    "plan",
+    "resolve_model",
+    "step_flops",
+    "table",
+    "zero_comm_bytes",
+]
