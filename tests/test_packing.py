@@ -322,9 +322,9 @@ def test_packed_pretrain_batch_has_the_unpacked_summed_loss(tiny_pretrain_dirs):
     )
     torch.manual_seed(0)
     model = build_model(settings, torch.float32, processor).train()
-    assert not any(
-        getattr(m.config, "use_cache", False) for m in model.modules() if hasattr(m, "config")
-    ), "a module of the assembled model would build a KV cache in training"
+    assert not any(getattr(m.config, "use_cache", False) for m in model.modules() if hasattr(m, "config")), (
+        "a module of the assembled model would build a KV cache in training"
+    )
     items = [dataset[i] for i in range(6)]
     pad = processor.tokenizer.pad_token_id
     lengths = [len(i["input_ids"]) for i in items]

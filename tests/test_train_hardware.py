@@ -11,7 +11,6 @@ import importlib.util
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -24,7 +23,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
+    }
     return env | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)} | extra
 
 
@@ -85,14 +86,26 @@ print(os.environ.get("PYTORCH_ALLOC_CONF"), os.environ.get("PYTORCH_CUDA_ALLOC_C
     "user,tf32,expected",
     [
         ({}, "true", "expandable_segments:True None tf32 tf32"),
-        ({"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:128"}, "false", "None max_split_size_mb:128 ieee ieee"),
-        ({"PYTORCH_ALLOC_CONF": "garbage_collection_threshold:0.8"}, "true", "garbage_collection_threshold:0.8 None tf32 tf32"),
+        (
+            {"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:128"},
+            "false",
+            "None max_split_size_mb:128 ieee ieee",
+        ),
+        (
+            {"PYTORCH_ALLOC_CONF": "garbage_collection_threshold:0.8"},
+            "true",
+            "garbage_collection_threshold:0.8 None tf32 tf32",
+        ),
     ],
 )
 def test_allocator_and_tf32_defaults_keep_the_users_own_settings(user, tf32, expected):
     env = {k: v for k, v in _env().items() if k not in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")}
     done = subprocess.run(
-        [sys.executable, "-c", ENV_DEFAULTS, tf32], env=env | user, capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", ENV_DEFAULTS, tf32],
+        env=env | user,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split("\n")[-2] == expected
@@ -200,7 +213,9 @@ def test_a_training_step_reads_the_loss_to_the_host_once_whatever_the_accumulati
         for i in range(4)
     ]
     with torch.no_grad():
-        expected = sum(float(run.engine.module(b["input_ids"].float()).pow(2).mean()) for b in micro) / len(micro)
+        expected = sum(float(run.engine.module(b["input_ids"].float()).pow(2).mean()) for b in micro) / len(
+            micro
+        )
     OnDevice.reads = 0
     stats = finetune.train_step(run, micro)
     assert OnDevice.reads == 1, f"{OnDevice.reads} host reads of the loss in one step of 4 micro-batches"
@@ -238,8 +253,12 @@ def _two_ranks(timeout_s: float, sleep_s: float) -> list[subprocess.CompletedPro
         subprocess.Popen(
             [sys.executable, "-c", SLOW_RANK0, str(timeout_s), str(sleep_s)],
             env=_env(
-                RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
-                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                RANK=str(r),
+                LOCAL_RANK=str(r),
+                WORLD_SIZE="2",
+                LOCAL_WORLD_SIZE="2",
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(port),
             ),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

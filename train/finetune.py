@@ -736,7 +736,9 @@ def main(argv=None, hooks: TrainHooks | None = None) -> int:
     stop = preemption.StopRequest().install()
     preemption.watch_launcher(stop)
     device = dist.init(
-        args.local_rank, quiet=not args.verbose, timeout=timedelta(minutes=settings.train.collective_timeout_min)
+        args.local_rank,
+        quiet=not args.verbose,
+        timeout=timedelta(minutes=settings.train.collective_timeout_min),
     )
     dist.apply_backend_settings(tf32=settings.train.tf32)
     run, lock, started, code = None, None, time.perf_counter(), 0

@@ -62,8 +62,9 @@ from visionzip_core.flops import LlamaShape, VisionTowerShape
 GIB = 2**30
 SIM_ATTENTION = "memsim_fused"  # no "flash" in the name: transformers would look for a kernel package
 # finetune: projector + LLM (LLaVA-1.5 stage 2); finetune_vision: + the CLIP layers that reach the
-# features (llava-v1.6's recipe); lora: projector + LoRA adapters on the LLM.
-MODES = ("finetune", "lora", "finetune_vision")
+# features (llava-v1.6's recipe); lora: projector + LoRA adapters on the LLM; projector: the
+# projector alone (the trainer's projector and pretrain modes; backward still runs through the LLM).
+MODES = ("finetune", "lora", "finetune_vision", "projector")
 LORA_RANK, LORA_ALPHA, LORA_DROPOUT = 128, 256, 0.05  # LLaVA-1.5's LoRA recipe
 ADAM_BYTES_PER_PARAM = 12  # fp32 master weight + exp_avg + exp_avg_sq
 ZERO3_SUB_GROUP = 1_000_000_000  # configs/deepspeed/zero3.json sub_group_size
@@ -212,6 +213,8 @@ def build_training_model(
             p.requires_grad_(mode == "lora" and group == "projector")
         elif mode == "finetune":
             p.requires_grad_(group != "vision")
+        elif mode == "projector":
+            p.requires_grad_(group == "projector")
         else:
             p.requires_grad_(True)
     model.config.use_cache = False

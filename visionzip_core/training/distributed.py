@@ -136,7 +136,11 @@ def all_reduce_sum(values: list[float]) -> list[float]:
 
 
 def _comm_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    return (
+        torch.device("cuda", torch.cuda.current_device())
+        if torch.cuda.is_available()
+        else torch.device("cpu")
+    )
 
 
 def sum_over_ranks(device_values: list[torch.Tensor], host_values: list[float]) -> list[float]:
