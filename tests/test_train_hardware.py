@@ -288,3 +288,21 @@ def test_ranks_wait_for_a_slow_rank0_as_long_as_the_configured_timeout():
 def test_the_entry_point_passes_the_configured_timeout_to_the_process_group():
     text = (REPO / "train/finetune.py").read_text()
     assert "timeout=timedelta(minutes=settings.train.collective_timeout_min)" in text
+
+
+# --- the GPU check ------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the check runs for real")
+def test_gpu_check_skips_in_one_line_without_cuda():
+    done = subprocess.run(
+        [sys.executable, "scripts/gpu_check.py"],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gpu_check: skipped, no CUDA device"), done.stdout

@@ -422,9 +422,6 @@ def real_token_count(batch: dict) -> int:
     return int(packed) if packed is not None else int(batch["attention_mask"].sum())
 
 
-to_device = batch_to_device
-
-
 def train_step(run: Run, micro_batches: list[dict]) -> dict:
     """Forward/backward over the micro-batches, then one optimizer step.
 
@@ -439,7 +436,7 @@ def train_step(run: Run, micro_batches: list[dict]) -> dict:
         ids = batch.pop("sample_index")
         run.hooks.on_micro_batch(step, ids)
         real_tokens = real_token_count(batch)
-        batch = to_device(batch, run.device, run.dtype)
+        batch = batch_to_device(batch, run.device, run.dtype)
         loss = run.hooks.loss(step, engine(**batch).loss)
         loss_sum += loss.detach().float()
         tokens += real_tokens
@@ -480,7 +477,7 @@ def evaluate(run: Run) -> float | None:
         batch.pop("sample_index")
         batch.pop("num_tokens", None)
         n = int((batch["labels"][:, 1:] != -100).sum())  # counted on the host, before the copy
-        batch = to_device(batch, run.device, run.dtype)
+        batch = batch_to_device(batch, run.device, run.dtype)
         loss = run.engine(**batch).loss  # every rank runs the same number of forwards (ZeRO-3)
         if n:  # a batch of padding repeats only has no tokens to count (its mean loss is NaN)
             loss_sum += loss.detach().double() * n

@@ -4,7 +4,8 @@ Each config of ``configs/<model>/`` is read as the trainer reads it (mode, per-d
 gradient checkpointing, ZeRO stage, VisionZip split, ``model_max_length``) and one training step of
 the 7B model it names runs on the meta device (:mod:`visionzip_core.memory_sim`), with every sample
 of the micro-batch as long as ``data.model_max_length`` allows: the step that decides whether a
-run survives its longest batch. With ``data.batch_tokens`` the micro-batch holds as many such
+run survives its longest batch. Precision is bf16 (what ``precision: auto`` picks on such GPUs),
+with gradients accumulated in fp32 as the trainer's DeepSpeed config asks. With ``data.batch_tokens`` the micro-batch holds as many such
 samples as the budget allows.
 
     python scripts/simulate_memory.py --configs configs/llava-1.5-7b configs/llava-next-7b
@@ -54,12 +55,13 @@ def config_workload(settings: Settings, folder: str) -> dict:
     }
 
 
-def simulate_config(path: str | Path, gpus: int = 8, log=print) -> dict:
-    """One row: the config's workload and its simulated per-GPU peak (``total_gib``)."""
+def simulate_config(path: str | Path, gpus: int = 8, overrides=(), log=print) -> dict:
+    """One row: the config's workload (with ``overrides``, ``section.key=value``) and its simulated
+    per-GPU peak (``total_gib``)."""
     from visionzip_core import memory_sim as sim
 
     path = Path(path)
-    settings = load_config(path, [])
+    settings = load_config(path, list(overrides))
     work = config_workload(settings, path.parent.name)
     size = SIZES[work["size"]]
     budgets = {work["tokens"]: work["split"]}
@@ -77,7 +79,8 @@ def simulate_config(path: str | Path, gpus: int = 8, log=print) -> dict:
     step = sim.measure_step(model, batch, sim.MetaTensorMemory)
     for h in handles:
         h.remove()
-    states = sim.zero_model_states(counts, work["zero_stage"], gpus)
+    # bf16 under ZeRO accumulates gradients in fp32 (deepspeed_config.fill_deepspeed_config).
+    states = sim.zero_model_states(counts, work["zero_stage"], gpus, grad_bytes=4)
     partition = counts.largest_group // gpus
     transient = sim.optimizer_step_transient(
         partition if work["zero_stage"] == 2 else min(partition, sim.ZERO3_SUB_GROUP)

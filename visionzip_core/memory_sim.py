@@ -419,7 +419,9 @@ class ModelStates:
         return self.params + self.grads + self.optimizer
 
 
-def zero_model_states(counts: ParameterCounts, stage: int, gpus: int) -> ModelStates:
+def zero_model_states(
+    counts: ParameterCounts, stage: int, gpus: int, grad_bytes: int | None = None
+) -> ModelStates:
     """Model states per GPU for ZeRO ``stage`` (2 or 3) over ``gpus`` data-parallel GPUs.
 
     ZeRO-2 keeps every parameter whole on each GPU and shards gradients and optimizer states.
@@ -431,7 +433,8 @@ def zero_model_states(counts: ParameterCounts, stage: int, gpus: int) -> ModelSt
     the simulation assumes about one layer.
     """
     b = counts.bytes_per_param
-    grads = b * counts.trainable // gpus
+    # grad_bytes: 4 when bf16 gradients accumulate in fp32 (the trainer's deepspeed_config does so).
+    grads = (grad_bytes or b) * counts.trainable // gpus
     optimizer = ADAM_BYTES_PER_PARAM * counts.trainable // gpus
     if stage == 2:
         return ModelStates(params=b * counts.total, gathered=0, grads=grads, optimizer=optimizer)
