@@ -403,3 +403,13 @@ def test_packing_with_an_unchecked_attention_is_refused_in_one_line():
     problem = packing_problem("flex_attention")
     assert problem is not None and "\n" not in problem
     assert problem.startswith("data.packing:") and "model.attn_implementation=flex_attention" in problem
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only refusal")
+def test_flash_attention_without_cuda_is_refused_in_one_line_before_weights_load():
+    with pytest.raises(ConfigError) as err:
+        load_config(
+            REPO / "configs/demo.yaml", ["data.packing=true", "model.attn_implementation=flash_attention_2"]
+        )
+    lines = [line for line in str(err.value).splitlines() if "attn_implementation" in line]
+    assert len(lines) == 1 and "flash_attention_2 needs a CUDA GPU" in lines[0]

@@ -430,7 +430,7 @@ def train_step(run: Run, micro_batches: list[dict]) -> dict:
     the step; with skips left, the step runs so that DeepSpeed discards the gradients."""
     engine, step = run.engine, run.state.step + 1
     tokens = slots = samples = 0.0
-    loss_sum = torch.zeros((), dtype=torch.float32, device=run.device)  # read once, after the loop
+    loss_sum = torch.zeros((), dtype=torch.float64, device=run.device)  # read once, after the loop
     lrs = run.engine.lr_scheduler.get_last_lr()
     for i, batch in enumerate(micro_batches):
         ids = batch.pop("sample_index")
@@ -438,7 +438,7 @@ def train_step(run: Run, micro_batches: list[dict]) -> dict:
         real_tokens = real_token_count(batch)
         batch = batch_to_device(batch, run.device, run.dtype)
         loss = run.hooks.loss(step, engine(**batch).loss)
-        loss_sum += loss.detach().float()
+        loss_sum += loss.detach().double()
         tokens += real_tokens
         slots += batch["input_ids"].numel()
         samples += len(ids)
