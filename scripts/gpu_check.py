@@ -1,7 +1,7 @@
 """What only a CUDA machine can show, in one command and one table (under 10 minutes on one H100).
 
     python scripts/gpu_check.py                 # every check; prints one table
-    python scripts/gpu_check.py --only packing  # packing | syncs | zero3 | step
+    python scripts/gpu_check.py --only packing  # packing | syncs | zero3 | step | settings
 
 Checks (README, "GPU notes", says why each needs a GPU):
   packing  packed == unpacked (summed loss and gradients) under flash_attention_2 (bf16, the
@@ -13,6 +13,9 @@ Checks (README, "GPU notes", says why each needs a GPU):
   step     a bf16 training step (forward, backward, AdamW) at 576 and 64 visual tokens on a
            LLaVA-1.5-shaped model of about 470M parameters (CLIP-L/336 + an 8-layer Llama), its
            measured time and peak memory next to the memory simulation's peak and the FLOP model's.
+  settings the GPU defaults take effect: expandable segments, TF32, fused AdamW, pinned copies
+           cast on the device (frame timing kept in fp64), and the entry point's per-rank
+           peak-memory metrics per logging window.
 
 On a machine without CUDA it prints one line and exits 0.
 """
@@ -34,7 +37,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-CHECKS = ("packing", "syncs", "zero3", "step")
+CHECKS = ("packing", "syncs", "zero3", "step", "settings")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -144,7 +147,7 @@ def check_syncs(work: Path) -> list[tuple[str, str, str]]:
     from visionzip_core import remove_visionzip, visionzip
     from visionzip_core.data import DataCollator
     from visionzip_core.training.dataloaders import batch_to_device
-    from visionzip_core.training.modeling import build_model, build_processor
+    from visionzip_core.training.modeling import build_model, build_processor, model_family
 
     rows = []
     for family, model_dir, extra in _families(work):
@@ -154,9 +157,7 @@ def check_syncs(work: Path) -> list[tuple[str, str, str]]:
             processor, tokens = build_processor(settings)
             items = _items(settings, processor, tokens, 8)
             model = build_model(settings, torch.float32, processor).cuda().eval()
-            config = settings.visionzip.core(
-                model.config.vision_feature_layer if hasattr(model.config, "vision_feature_layer") else -2
-            )
+            config = settings.visionzip.core(model_family(settings).feature_layer(model.config))
             counts = []
             for batch_size in (2, 8):
                 batch = DataCollator(pad_token_id=processor.tokenizer.pad_token_id)(items[:batch_size])
@@ -372,6 +373,100 @@ def check_step(work: Path) -> list[tuple[str, str, str]]:
     return rows
 
 
+def check_settings(work: Path) -> list[tuple[str, str, str]]:
+    """The GPU defaults take effect: expandable segments, TF32, fused AdamW, pinned non-blocking
+    copies cast on the device, and the entry point's per-rank memory metrics."""
+    from visionzip_core.training import distributed as dist
+    from visionzip_core.training.dataloaders import batch_to_device
+    from visionzip_core.training.optimization import build_optimizer
+    from visionzip_core.training.settings import load_config
+
+    rows = []
+    name = "GPU defaults: allocator, TF32, fused AdamW, device copies"
+    try:
+        x = torch.empty(2**20, device="cuda")  # the allocator reads its settings on first use
+        segments = torch.cuda.memory._snapshot()["segments"]
+        expandable = any(seg.get("is_expandable", False) for seg in segments)
+        del x
+        dist.apply_backend_settings(tf32=True)
+        tf32 = torch.backends.cuda.matmul.fp32_precision == "tf32"
+        dist.apply_backend_settings(tf32=False)
+        p = torch.nn.Parameter(torch.randn(8, 8, device="cuda"))
+        p.grad = torch.randn_like(p)
+        optim = load_config(REPO / "configs/demo.yaml", []).optim
+        optimizer = build_optimizer([{"params": [p], "lr": 1e-3, "weight_decay": 0.0}], optim, fused=True)
+        optimizer.step()
+        fused = optimizer.defaults["fused"] is True
+        batch = {
+            "pixel_values": torch.rand(4, 3, 8, 8).pin_memory(),
+            "second_per_grid_ts": torch.tensor([1 / 3], dtype=torch.float64).pin_memory(),
+        }
+        moved = batch_to_device(batch, torch.device("cuda"), torch.bfloat16)
+        copies = (
+            moved["pixel_values"].dtype == torch.bfloat16
+            and moved["second_per_grid_ts"].dtype == torch.float64
+        )
+        ok = expandable and tf32 and fused and copies
+        rows.append(
+            (
+                name,
+                "PASS" if ok else "FAIL",
+                f"expandable segments {expandable} ({os.environ.get('PYTORCH_ALLOC_CONF')}), tf32 {tf32}, "
+                f"fused AdamW {fused}, bf16 pixels + fp64 frame timing {copies}",
+            )
+        )
+    except Exception as err:  # noqa: BLE001
+        rows.append((name, "ERROR", _one_line(err)))
+    name = "entry point, 1 GPU bf16: per-rank peak memory per logging window"
+    out = work / "one-gpu"
+    cmd = [
+        sys.executable,
+        "train/finetune.py",
+        "--config",
+        "configs/demo.yaml",
+        "model.name_or_path=builtin:tiny-llava",
+        f"train.output_dir={out}",
+        "train.resume=never",
+        "train.max_steps=4",
+        "train.logging_steps=2",
+        "train.per_device_batch_size=4",
+        "train.precision=bf16",
+        "train.eval_steps=null",
+        "wandb.enabled=false",
+        "export.enabled=false",
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        rows.append(
+            (
+                name,
+                "FAIL",
+                _one_line(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode),
+            )
+        )
+        return rows
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    keys = (
+        "peak_cuda_mb",
+        "peak_cuda_reserved_mb",
+        "peak_cuda_mb_per_rank",
+        "peak_cuda_reserved_mb_per_rank",
+    )
+    ok = all(all(k in r for k in keys) for r in steps)
+    rows.append(
+        (
+            name,
+            "PASS" if ok else "FAIL",
+            "; ".join(
+                f"step {r['step']}: {r.get('peak_cuda_mb')} / {r.get('peak_cuda_reserved_mb')} MB"
+                for r in steps
+            ),
+        )
+    )
+    return rows
+
+
 def _one_line(err) -> str:
     text = f"{type(err).__name__}: {err}" if isinstance(err, BaseException) else str(err)
     return " ".join(text.split())[:300]
@@ -399,7 +494,13 @@ def main(argv=None) -> int:
     # Exact fp32 for the SDPA comparison; bf16 rows are unaffected.
     dist.apply_backend_settings(tf32=False)
     chosen = args.only or list(CHECKS)
-    runners = {"packing": check_packing, "syncs": check_syncs, "zero3": check_zero3, "step": check_step}
+    runners = {
+        "packing": check_packing,
+        "syncs": check_syncs,
+        "zero3": check_zero3,
+        "step": check_step,
+        "settings": check_settings,
+    }
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
