@@ -10,6 +10,7 @@ How, and what it leaves out: ``visionzip_core/memory_sim.py`` and BENCHMARKS.md.
     python scripts/simulate_memory.py --quick --out /tmp/sim.json               # 2 LLM layers, seconds
     python scripts/simulate_memory.py --calibrate --out results/simulate_memory_calibration.json
     python scripts/simulate_memory.py --families llava-next --modes finetune --whole-model-ckpt
+    python scripts/simulate_memory.py --configs configs/llava-1.5-7b configs/llava-next-7b   # shipped configs, long samples
 
 Per-GPU micro-batches: LLaVA-1.5 16 (LLaVA's scripts/v1_5/finetune.sh: 16 x 8 GPUs = 128, ZeRO-3,
 gradient checkpointing, bf16); LLaVA-NeXT 4 (LLaVA-NeXT's scripts/train/finetune_clip.sh:
@@ -69,6 +70,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--whole-model-ckpt",
         action="store_true",
         help="checkpointing on the whole model with its input-grad hooks kept (a frozen tower records its graph)",
+    )
+    p.add_argument(
+        "--configs",
+        nargs="+",
+        type=Path,
+        default=None,
+        help="training YAMLs or folders of them: each at its own settings, samples at model_max_length",
     )
     p.add_argument("--out", type=Path, default=None, help="JSON path; .md is written beside it")
     p.add_argument("--seed", type=int, default=0)
@@ -217,6 +225,19 @@ def run_calibration(args: argparse.Namespace) -> tuple[list[dict], str]:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.configs:
+        from visionzip_core.config_memory import markdown_table, simulate_config
+
+        paths = [q for p in args.configs for q in (sorted(p.glob("*.yaml")) if p.is_dir() else [p])]
+        results = [simulate_config(p, gpus=args.gpus) for p in paths]
+        table = markdown_table(results)
+        print(
+            f"\nShipped configs, one step with every sample at model_max_length, {args.gpus} GPUs\n\n{table}"
+        )
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(results, indent=2) + "\n")
+        return
     if args.calibrate:
         results, table = run_calibration(args)
         title = "Calibration: one training step, real CPU tensors against the meta simulation"

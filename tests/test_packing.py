@@ -187,6 +187,14 @@ def test_packed_batch_has_the_unpacked_summed_loss_and_gradients(tiny_llava_dir,
     assert grads_u.keys() == grads_p.keys() and len(grads_u) > 10
     for k in grads_u:
         torch.testing.assert_close(grads_p[k], grads_u[k], rtol=1e-5, atol=1e-5, msg=k)
+    # The one-row layout flash-attention needs holds the same samples: under SDPA/eager, same loss.
+    flat = PackingCollator(pad_token_id=pad, max_tokens_per_row=row, one_row=True)(items)
+    assert flat["input_ids"].shape == (1, sum(lengths))
+    loss_f, n_f, grads_f = _summed_loss_and_grads(model, flat)
+    assert n_f == n_u
+    torch.testing.assert_close(loss_f, loss_u, rtol=1e-5, atol=1e-5)
+    for k in grads_u:
+        torch.testing.assert_close(grads_f[k], grads_u[k], rtol=1e-5, atol=1e-5, msg=k)
     # The test can fail: the same rows read as one long sequence each give another loss.
     crossed = {k: v for k, v in packed.items() if k not in ("position_ids", "num_tokens")}
     crossed["position_ids"] = torch.arange(packed["input_ids"].shape[1]).expand_as(packed["input_ids"])
@@ -283,3 +291,125 @@ def test_packed_runs_with_two_processes_under_zero(tiny_llava_dir, tmp_path, zer
     records = [r for r in metrics(out) if "loss" in r]
     assert len(records) == 3 and all(np.isfinite(r["loss"]) for r in records)
     assert (out / "final" / "model.safetensors").is_file()
+
+
+def _pretrain_overrides(tiny_pretrain_dirs):
+    clip_dir, llm_dir = tiny_pretrain_dirs
+    return [
+        "train.mode=pretrain",
+        "model.name_or_path=null",
+        f"model.vision_tower={clip_dir}",
+        f"model.language_model={llm_dir}",
+        "data.template=plain",
+        "data.train=[{path: data/demo/pretrain_train.json, image_folder: data/demo/images}]",
+        "data.val=[{path: data/demo/pretrain_val.json, image_folder: data/demo/images}]",
+    ]
+
+
+def test_packed_pretrain_batch_has_the_unpacked_summed_loss(tiny_pretrain_dirs):
+    """Stage 1 assembles LLaVA from two folders: the language model keeps its own config, and a
+    cache left on there makes transformers skip reading packed bounds from position_ids."""
+    settings = load_config(
+        REPO / "configs/demo.yaml", ["data.packing=true", *_pretrain_overrides(tiny_pretrain_dirs)]
+    )
+    processor, image_tokens = build_processor(settings)
+    dataset = build_dataset(
+        settings.data.resolve_paths(REPO),
+        "train",
+        tokenizer=processor.tokenizer,
+        image_processor=processor.image_processor,
+        image_tokens_per_image=image_tokens,
+    )
+    torch.manual_seed(0)
+    model = build_model(settings, torch.float32, processor).train()
+    assert not any(getattr(m.config, "use_cache", False) for m in model.modules() if hasattr(m, "config")), (
+        "a module of the assembled model would build a KV cache in training"
+    )
+    items = [dataset[i] for i in range(6)]
+    pad = processor.tokenizer.pad_token_id
+    lengths = [len(i["input_ids"]) for i in items]
+    packed = PackingCollator(pad_token_id=pad, max_tokens_per_row=sum(sorted(lengths)[-3:]))(items)
+    assert packed["input_ids"].shape[0] < len(items)
+    loss_u, n_u, grads_u = _summed_loss_and_grads(model, DataCollator(pad_token_id=pad)(items))
+    loss_p, n_p, grads_p = _summed_loss_and_grads(model, packed)
+    assert n_u == n_p
+    torch.testing.assert_close(loss_p, loss_u, rtol=1e-5, atol=1e-5)
+    for k in grads_u:
+        torch.testing.assert_close(grads_p[k], grads_u[k], rtol=1e-5, atol=1e-5, msg=k)
+
+
+# --- what transformers recognises as packed, per attention implementation ----------------------
+
+
+def _nameable_attn_implementations():
+    import typing
+
+    from visionzip_core.training.settings import ModelSettings
+
+    annotation = ModelSettings.model_fields["attn_implementation"].annotation  # Literal[...] | None
+    names = [a for arm in typing.get_args(annotation) for a in (typing.get_args(arm) or [arm])]
+    return [None if a is type(None) else a for a in names]
+
+
+@pytest.mark.parametrize("attn", _nameable_attn_implementations())
+def test_packed_batches_are_recognised_as_packed_by_transformers_for_every_attention(attn):
+    """transformers reads packed samples' bounds from position_ids: SDPA and eager in any row
+    (``find_packed_sequence_indices``), flash-attention only from a one-row batch
+    (``_is_packed_sequence``). Several rows under flash-attention would attend across samples."""
+    from types import SimpleNamespace
+
+    from transformers.masking_utils import find_packed_sequence_indices
+    from transformers.modeling_flash_attention_utils import (
+        _is_packed_sequence,
+        prepare_fa_kwargs_from_position_ids,
+    )
+
+    from visionzip_core.training.dataloaders import make_collator
+    from visionzip_core.training.settings import PACKED_LAYOUT, packing_problem
+
+    assert packing_problem(attn) is None and attn in PACKED_LAYOUT
+    lengths = [9, 5, 7, 3, 6, 8]
+    items = [
+        {"input_ids": torch.full((n,), 10 + i), "labels": torch.full((n,), 10 + i)}
+        for i, n in enumerate(lengths)
+    ]
+    data = SimpleNamespace(packing=True, row_tokens=16)
+    batch = make_collator(data, pad_token_id=0, attn_implementation=attn)(items)
+    ids, positions = batch["input_ids"], batch["position_ids"]
+    if attn is not None and attn.startswith("flash_attention"):
+        assert ids.shape[0] == 1
+        assert bool(_is_packed_sequence(positions, batch_size=ids.shape[0]))
+        (cu_seq_lens, _), _ = prepare_fa_kwargs_from_position_ids(positions)
+        # Each varlen segment is one sample, whole: the sample ids are constant inside each.
+        bounds = cu_seq_lens.tolist()
+        segments = [ids[0, a:b].unique().tolist() for a, b in zip(bounds, bounds[1:])]
+        assert sorted(len(ids[0, a:b]) for a, b in zip(bounds, bounds[1:])) == sorted(lengths)
+        assert all(len(s) == 1 for s in segments)
+    else:
+        assert ids.shape[0] > 1  # rows of at most 16 tokens
+        segment = find_packed_sequence_indices(positions)
+        assert segment is not None
+        for r in range(ids.shape[0]):
+            for s in segment[r].unique():
+                held = ids[r][segment[r] == s].unique()
+                assert len(held) == 1  # one sample (or the trailing padding) per segment
+        real = ids[ids != 0]
+        assert sorted(real.bincount()[10:].tolist()) == sorted(lengths)
+
+
+def test_packing_with_an_unchecked_attention_is_refused_in_one_line():
+    from visionzip_core.training.settings import packing_problem
+
+    problem = packing_problem("flex_attention")
+    assert problem is not None and "\n" not in problem
+    assert problem.startswith("data.packing:") and "model.attn_implementation=flex_attention" in problem
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only refusal")
+def test_flash_attention_without_cuda_is_refused_in_one_line_before_weights_load():
+    with pytest.raises(ConfigError) as err:
+        load_config(
+            REPO / "configs/demo.yaml", ["data.packing=true", "model.attn_implementation=flash_attention_2"]
+        )
+    lines = [line for line in str(err.value).splitlines() if "attn_implementation" in line]
+    assert len(lines) == 1 and "flash_attention_2 needs a CUDA GPU" in lines[0]

@@ -59,6 +59,7 @@ def test_projector_mode_trains_the_projector_only(tiny_llava_dir):
 
 
 ZERO3_LOAD = """
+import json
 import sys
 from visionzip_core.training import distributed as dist
 dist.set_env_defaults()
@@ -77,23 +78,34 @@ with partitioned_loading(cfg):
     model = build_model(settings, torch.float32, processor)
 assert not is_deepspeed_zero3_enabled(), "the global switch leaked out of model building"
 params = list(model.parameters())
+id_to_name = {id(p): n for n, p in model.named_parameters()}
 assert all(hasattr(p, "ds_id") for p in params), "weights were not loaded into ZeRO-3 partitions"
 assert sum(p.numel() for p in params) == 0 and sum(p.ds_numel for p in params) > 0
 print("partitioned", sum(p.ds_numel for p in params))
+# Weight decay is decided from each parameter's real shape, not from its 1-D shard.
+from visionzip_core.training.modeling import param_groups
+groups, names = param_groups(model, settings)
+print("groups", json.dumps({n: sorted(id_to_name[id(p)] for p in g["params"]) for n, g in zip(names, groups)}))
 dist.shutdown()
 """
 
 
 @pytest.mark.parametrize("mode", ["finetune", "projector"])
 def test_zero3_loads_weights_into_partitions_and_scopes_the_switch(tiny_llava_dir, mode):
+    """Also: the optimizer groups (decay / no decay) of the partitioned model are those of the whole
+    model; with the shards' 1-D shapes every weight fell into no-decay and ZeRO-3 trained without it."""
+    import json
     import os
     import subprocess
     import sys
+
+    from visionzip_core.training.modeling import param_groups
 
     overrides = [
         f"model.name_or_path={tiny_llava_dir}",
         "deepspeed.config=configs/deepspeed/zero3.json",
         f"train.mode={mode}",
+        "optim.weight_decay=0.1",
     ]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     done = subprocess.run(
@@ -105,6 +117,15 @@ def test_zero3_loads_weights_into_partitions_and_scopes_the_switch(tiny_llava_di
         timeout=300,
     )
     assert done.returncode == 0 and "partitioned" in done.stdout, done.stderr[-3000:]
+    partitioned = json.loads(done.stdout.split("groups ", 1)[1].splitlines()[0])
+    settings = load_config(REPO / "configs/demo.yaml", overrides)
+    processor, _ = build_processor(settings)
+    whole = build_model(settings, torch.float32, processor)
+    groups, names = param_groups(whole, settings)
+    id_to_name = {id(p): n for n, p in whole.named_parameters()}
+    expected = {n: sorted(id_to_name[id(p)] for p in g["params"]) for n, g in zip(names, groups)}
+    assert any(not n.endswith("/no_decay") for n in expected), expected.keys()
+    assert partitioned == expected
 
 
 def test_a_split_larger_than_the_tower_is_a_config_error_before_weights_load(tiny_llava_dir):

@@ -31,6 +31,7 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 from visionzip_core.training import distributed as dist
@@ -45,6 +46,7 @@ from visionzip_core.families import ImageTokenCount  # noqa: E402
 from visionzip_core.training import auto_batch, checkpointing, output_lock, preemption, resume  # noqa: E402
 from visionzip_core.training.checkpointing import NoSpaceLeft, TrainerState  # noqa: E402
 from visionzip_core.training.dataloaders import (  # noqa: E402
+    batch_to_device,
     build_train_loader,
     build_val_loader,
     workers_note,
@@ -270,14 +272,14 @@ def prepare_data(settings: Settings, start: Start) -> Data:
     t = settings.train
     if settings.data.batch_tokens is None:  # a token budget sizes its own micro-batches
         check_global_batch(len(datasets["train"]), t, world, warn=dist.print0)
-    pad_id = processor.tokenizer.pad_token_id
+    pad_id, attn = processor.tokenizer.pad_token_id, settings.model.attn_implementation
     if note := workers_note(settings.data.num_workers):
         dist.print0(note)
     train_loader, sampler = build_train_loader(
-        datasets["train"], settings.data, t.per_device_batch_size, rank, world, pad_id
+        datasets["train"], settings.data, t.per_device_batch_size, rank, world, pad_id, attn
     )
     val_loader = (
-        build_val_loader(datasets["val"], settings.data, t.per_device_batch_size, rank, world, pad_id)
+        build_val_loader(datasets["val"], settings.data, t.per_device_batch_size, rank, world, pad_id, attn)
         if "val" in datasets
         else None
     )
@@ -335,7 +337,7 @@ def prepare_engine(settings: Settings, start: Start, data: Data):
     with partitioned_loading(ds_config, enabled=t.mode in ("projector", "finetune")):
         model = build_model(settings, torch_dtype(start.precision), data.processor)
     groups, group_names = param_groups(model, settings)
-    optimizer = build_optimizer(groups, settings.optim)
+    optimizer = build_optimizer(groups, settings.optim, fused=torch.cuda.is_available())
     scheduler = build_scheduler(optimizer, data.total_steps, settings.optim)
     ignore_zero_collective_deprecation()
     engine, _, _, _ = deepspeed.initialize(
@@ -443,10 +445,6 @@ def real_token_count(batch: dict) -> int:
     return int(packed) if packed is not None else int(batch["attention_mask"].sum())
 
 
-def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
-    return {k: v.to(device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in batch.items()}
-
-
 def train_step(run: Run, micro_batches: list[dict]) -> dict:
     """Forward/backward over the micro-batches, then one optimizer step.
 
@@ -454,23 +452,25 @@ def train_step(run: Run, micro_batches: list[dict]) -> dict:
     update itself when the grad norm is NaN/inf. A NaN/inf loss with no skips left stops before
     the step; with skips left, the step runs so that DeepSpeed discards the gradients."""
     engine, step = run.engine, run.state.step + 1
-    loss_sum = tokens = slots = samples = 0.0
+    tokens = slots = samples = 0.0
+    loss_sum = torch.zeros((), dtype=torch.float64, device=run.device)  # read once, after the loop
     lrs = run.engine.lr_scheduler.get_last_lr()
     for i, batch in enumerate(micro_batches):
         ids = batch.pop("sample_index")
         run.hooks.on_micro_batch(step, ids)
         real_tokens = real_token_count(batch)
-        batch = to_device(batch, run.device, run.dtype)
+        batch = batch_to_device(batch, run.device, run.dtype)
         loss = run.hooks.loss(step, engine(**batch).loss)
-        loss_sum += loss.item()
+        loss_sum += loss.detach().double()
         tokens += real_tokens
         slots += batch["input_ids"].numel()
         samples += len(ids)
         engine.backward(loss)
         if i < len(micro_batches) - 1:
             engine.step()
-    loss_sum, n, tokens, slots, samples = dist.all_reduce_sum(
-        [loss_sum, len(micro_batches), tokens, slots, samples]
+    # One all-reduce and one host read per optimizer step, for the loss and the counts together.
+    loss_sum, n, tokens, slots, samples = dist.sum_over_ranks(
+        [loss_sum], [len(micro_batches), tokens, slots, samples]
     )
     loss = loss_sum / n
     skipped_before, stop = engine.skipped_steps, not math.isfinite(loss) and not nonfinite_skips_left(run)
@@ -494,18 +494,19 @@ def evaluate(run: Run) -> float | None:
     if run.val_loader is None:
         return None
     run.engine.eval()
-    loss_sum = n_tokens = 0.0
+    n_tokens = 0.0
+    loss_sum = torch.zeros((), dtype=torch.float64, device=run.device)  # read once, after the loop
     for batch in run.val_loader:
         batch.pop("sample_index")
         batch.pop("num_tokens", None)
-        batch = to_device(batch, run.device, run.dtype)
-        n = (batch["labels"][:, 1:] != -100).sum().item()
+        n = int((batch["labels"][:, 1:] != -100).sum())  # counted on the host, before the copy
+        batch = batch_to_device(batch, run.device, run.dtype)
         loss = run.engine(**batch).loss  # every rank runs the same number of forwards (ZeRO-3)
         if n:  # a batch of padding repeats only has no tokens to count (its mean loss is NaN)
-            loss_sum += loss.item() * n
+            loss_sum += loss.detach().double() * n
             n_tokens += n
     run.engine.train()
-    loss_sum, n_tokens = dist.all_reduce_sum([loss_sum, n_tokens])
+    loss_sum, n_tokens = dist.sum_over_ranks([loss_sum], [n_tokens])
     val_loss = loss_sum / max(n_tokens, 1)
     record = {"step": run.state.step, "val_loss": val_loss}
     run.metrics.write(record)
@@ -537,7 +538,7 @@ def log_step(run: Run, stats: dict, window: dict) -> None:
         # Token slots the model ran on that held padding (rows are padded to the longest one).
         "padding_fraction": round(1.0 - window["tokens"] / max(window["slots"], 1.0), 4),
         "visual_tokens_per_image": run.image_tokens.describe(),
-        **peak_memory_record(),
+        **peak_memory_record(per_rank=dist.gather_per_rank),  # a collective on GPUs: ALL RANKS log
         "nonfinite_steps": run.state.nonfinite_steps,
     }
     run.metrics.write(record)
@@ -766,7 +767,12 @@ def main(argv=None, hooks: TrainHooks | None = None) -> int:
     quiet_libraries(args.verbose)
     stop = preemption.StopRequest().install()
     preemption.watch_launcher(stop)
-    device = dist.init(args.local_rank, quiet=not args.verbose)
+    device = dist.init(
+        args.local_rank,
+        quiet=not args.verbose,
+        timeout=timedelta(minutes=settings.train.collective_timeout_min),
+    )
+    dist.apply_backend_settings(tf32=settings.train.tf32)
     run, lock, started, code = None, None, time.perf_counter(), 0
     try:
         lock = claim_output_dir(settings)

@@ -62,8 +62,9 @@ from visionzip_core.flops import LlamaShape, VisionTowerShape
 GIB = 2**30
 SIM_ATTENTION = "memsim_fused"  # no "flash" in the name: transformers would look for a kernel package
 # finetune: projector + LLM (LLaVA-1.5 stage 2); finetune_vision: + the CLIP layers that reach the
-# features (llava-v1.6's recipe); lora: projector + LoRA adapters on the LLM.
-MODES = ("finetune", "lora", "finetune_vision")
+# features (llava-v1.6's recipe); lora: projector + LoRA adapters on the LLM; projector: the
+# projector alone (the trainer's projector and pretrain modes; backward still runs through the LLM).
+MODES = ("finetune", "lora", "finetune_vision", "projector")
 LORA_RANK, LORA_ALPHA, LORA_DROPOUT = 128, 256, 0.05  # LLaVA-1.5's LoRA recipe
 ADAM_BYTES_PER_PARAM = 12  # fp32 master weight + exp_avg + exp_avg_sq
 ZERO3_SUB_GROUP = 1_000_000_000  # configs/deepspeed/zero3.json sub_group_size
@@ -212,6 +213,8 @@ def build_training_model(
             p.requires_grad_(mode == "lora" and group == "projector")
         elif mode == "finetune":
             p.requires_grad_(group != "vision")
+        elif mode == "projector":
+            p.requires_grad_(group == "projector")
         else:
             p.requires_grad_(True)
     model.config.use_cache = False
@@ -416,7 +419,9 @@ class ModelStates:
         return self.params + self.grads + self.optimizer
 
 
-def zero_model_states(counts: ParameterCounts, stage: int, gpus: int) -> ModelStates:
+def zero_model_states(
+    counts: ParameterCounts, stage: int, gpus: int, grad_bytes: int | None = None
+) -> ModelStates:
     """Model states per GPU for ZeRO ``stage`` (2 or 3) over ``gpus`` data-parallel GPUs.
 
     ZeRO-2 keeps every parameter whole on each GPU and shards gradients and optimizer states.
@@ -428,7 +433,8 @@ def zero_model_states(counts: ParameterCounts, stage: int, gpus: int) -> ModelSt
     the simulation assumes about one layer.
     """
     b = counts.bytes_per_param
-    grads = b * counts.trainable // gpus
+    # grad_bytes: 4 when bf16 gradients accumulate in fp32 (the trainer's deepspeed_config does so).
+    grads = (grad_bytes or b) * counts.trainable // gpus
     optimizer = ADAM_BYTES_PER_PARAM * counts.trainable // gpus
     if stage == 2:
         return ModelStates(params=b * counts.total, gathered=0, grads=grads, optimizer=optimizer)

@@ -104,8 +104,11 @@ class PackingCollator:
     row by row; ``image_sizes`` likewise; ``num_tokens``: a 0-d tensor, the real (non-padding) tokens.
 
     There is no ``attention_mask``: ``position_ids`` restart at 0 with every sample, and transformers
-    reads the sample boundaries from them (flash-attention varlen on GPU, a block-diagonal mask for
-    SDPA and eager), so no token attends across samples. Trailing padding is a segment of its own.
+    reads the sample boundaries from them, so no token attends across samples. Trailing padding is
+    a segment of its own. SDPA and eager read them in every row (a block-diagonal mask per row).
+    flash-attention reads them only from a batch of ONE row (its varlen path): with ``one_row`` the
+    rows are laid end to end in a single row ``[1, sum of the samples' lengths]``, as
+    transformers' ``DataCollatorWithFlattening`` does; several rows there would attend across samples.
     Each sample's first label is ignored: unpacked, nothing predicts it either (labels shift by one),
     so the summed token loss is the same as an unpacked batch's.
     """
@@ -114,10 +117,13 @@ class PackingCollator:
     max_tokens_per_row: int
     ignore_index: int = IGNORE_INDEX
     pad_to_multiple_of: int | None = None
+    one_row: bool = False
 
     def __call__(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         lengths = [len(item["input_ids"]) for item in items]
         rows = pack_rows(lengths, self.max_tokens_per_row)
+        if self.one_row:  # the rows back to back, without the padding that evened them
+            rows = [[i for row in rows for i in row]]
         longest = max(sum(lengths[i] for i in row) for row in rows)
         if self.pad_to_multiple_of:
             longest = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of

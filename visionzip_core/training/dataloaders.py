@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 from visionzip_core.data import IGNORE_INDEX, DataCollator, LengthGroupedSampler
 from visionzip_core.data.collate import PackingCollator
 from visionzip_core.data.sampler import FixedBatchSampler, TokenBudgetBatchSampler
+from visionzip_core.training.settings import PACKED_LAYOUT
 
 
 class IndexedDataset(Dataset):
@@ -72,14 +73,28 @@ def workers_note(requested: int) -> str | None:
     return f"data.num_workers: {requested} capped at {workers}, the {cpus} CPU{'s' if cpus != 1 else ''} available"
 
 
-def make_collator(data_settings, pad_token_id: int) -> DataCollator | PackingCollator:
-    """Packed rows with ``data.packing``, else one padded row per sample."""
+def make_collator(
+    data_settings, pad_token_id: int, attn_implementation: str | None = None
+) -> DataCollator | PackingCollator:
+    """Packed rows with ``data.packing`` (one row for flash-attention), else one padded row per sample."""
     if data_settings.packing:
-        return PackingCollator(pad_token_id=pad_token_id, max_tokens_per_row=data_settings.row_tokens)
+        return PackingCollator(
+            pad_token_id=pad_token_id,
+            max_tokens_per_row=data_settings.row_tokens,
+            one_row=PACKED_LAYOUT[attn_implementation] == "one_row",
+        )
     return DataCollator(pad_token_id=pad_token_id)
 
 
-def build_train_loader(dataset, data_settings, batch_size: int, rank: int, world: int, pad_token_id: int):
+def build_train_loader(
+    dataset,
+    data_settings,
+    batch_size: int,
+    rank: int,
+    world: int,
+    pad_token_id: int,
+    attn_implementation: str | None = None,
+):
     """``(loader, batch_sampler)``: this rank's micro-batches in a seeded, length-grouped order.
 
     A micro-batch is ``batch_size`` samples, or as many as fit ``data.batch_tokens``. Position it
@@ -111,7 +126,7 @@ def build_train_loader(dataset, data_settings, batch_size: int, rank: int, world
     loader = DataLoader(
         IndexedDataset(dataset),
         batch_sampler=batches,
-        collate_fn=IndexedCollator(make_collator(data_settings, pad_token_id)),
+        collate_fn=IndexedCollator(make_collator(data_settings, pad_token_id, attn_implementation)),
         num_workers=loader_workers(data_settings.num_workers),
         # A private generator: creating an iterator must not draw from the global torch RNG, or a
         # resumed run (which creates it mid-epoch) would see a different random stream.
@@ -121,6 +136,25 @@ def build_train_loader(dataset, data_settings, batch_size: int, rank: int, world
         worker_init_fn=ignore_stop_signals,
     )
     return loader, batches
+
+
+# Float inputs that are not activations and keep their dtype: Qwen2.5-VL's seconds per video frame
+# group sets the temporal positions (bf16 would round 1/3 s and every multiple of it).
+KEEP_DTYPE = frozenset({"second_per_grid_ts"})
+
+
+def batch_to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
+    """Every tensor of ``batch`` copied to ``device``, then its float activations (pixels) cast to
+    ``dtype`` THERE: the copy can run asynchronously from the loader's pinned memory
+    (``non_blocking``), which a cast on the host would undo (its result is not pinned), and a
+    cast is cheaper on the device. Integer tensors and :data:`KEEP_DTYPE` keep their dtype."""
+    out = {}
+    for key, value in batch.items():
+        value = value.to(device, non_blocking=True)
+        if value.is_floating_point() and key not in KEEP_DTYPE:
+            value = value.to(dtype)
+        out[key] = value
+    return out
 
 
 class ValidationShard(torch.utils.data.Sampler[tuple[int, bool]]):
@@ -148,12 +182,20 @@ class ValidationShard(torch.utils.data.Sampler[tuple[int, bool]]):
         return len(self.inner)
 
 
-def build_val_loader(dataset, data_settings, batch_size: int, rank: int, world: int, pad_token_id: int):
+def build_val_loader(
+    dataset,
+    data_settings,
+    batch_size: int,
+    rank: int,
+    world: int,
+    pad_token_id: int,
+    attn_implementation: str | None = None,
+):
     return DataLoader(
         IndexedDataset(dataset),
         batch_size=batch_size,
         sampler=ValidationShard(len(dataset), rank, world),
-        collate_fn=IndexedCollator(make_collator(data_settings, pad_token_id)),
+        collate_fn=IndexedCollator(make_collator(data_settings, pad_token_id, attn_implementation)),
         num_workers=loader_workers(data_settings.num_workers),
         generator=torch.Generator().manual_seed(data_settings.seed),
         worker_init_fn=ignore_stop_signals,

@@ -53,6 +53,11 @@ def fill_deepspeed_config(
         cfg.setdefault(name, {})["enabled"] = (
             cfg.get(name, {}).get("enabled", False) is True or precision == name
         )
+    if precision == "bf16" and zero_stage(cfg) >= 1:
+        # Accumulated over micro-batches in bf16, small gradients are rounded away against large
+        # sums (8 bits of mantissa); ZeRO 1-3 keep the accumulator in fp32 when asked. A JSON that
+        # names its own data_types keeps them. (Without ZeRO DeepSpeed refuses the mix.)
+        cfg.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
     left = sorted(_autos(cfg))
     if left:
         raise ValueError(

@@ -16,13 +16,24 @@ from pathlib import Path
 import torch
 
 
-def peak_memory_record() -> dict[str, float]:
+def peak_memory_record(per_rank=None) -> dict:
     """``peak_rss_mb``: the process's peak resident memory (everything: weights, activations,
-    the allocator's cache, libraries); on a GPU also ``peak_cuda_mb``: the peak of memory held by
-    tensors on this process's device. Two keys, because they measure different things."""
+    the allocator's cache, libraries). On a GPU also, over the logging window that ends now:
+    ``peak_cuda_mb``, the most memory tensors held on this process's device, and
+    ``peak_cuda_reserved_mb``, the most the allocator held (what out-of-memory is about); with
+    ``per_rank`` (:func:`distributed.gather_per_rank`; ALL RANKS then call this) both as lists in
+    rank order, ``peak_cuda_mb_per_rank`` and ``peak_cuda_reserved_mb_per_rank``: an uneven rank
+    is the one that runs out first. The peaks are reset, so each window reports its own."""
     record = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}  # KiB
     if torch.cuda.is_available():
-        record["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        mine = [torch.cuda.max_memory_allocated() / 2**20, torch.cuda.max_memory_reserved() / 2**20]
+        torch.cuda.reset_peak_memory_stats()
+        record["peak_cuda_mb"] = round(mine[0], 1)
+        record["peak_cuda_reserved_mb"] = round(mine[1], 1)
+        if per_rank is not None:
+            ranks = per_rank(mine)
+            record["peak_cuda_mb_per_rank"] = [round(r[0], 1) for r in ranks]
+            record["peak_cuda_reserved_mb_per_rank"] = [round(r[1], 1) for r in ranks]
     return record
 
 

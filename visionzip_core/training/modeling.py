@@ -233,11 +233,7 @@ def build_model(settings: Settings, dtype: torch.dtype, processor, for_export: b
         model = family.load(path, check_files=False, **kwargs)
     if settings.visionzip.enabled:
         visionzip(model, config=settings.visionzip.core(family.feature_layer(model.config)))
-    model.config.use_cache = False
-    # transformers does not pass the top config's use_cache down: the language model would build a
-    # KV cache, and with a cache present it no longer reads packed samples' bounds from position_ids.
-    if getattr(model.config, "text_config", None) is not None:
-        model.config.text_config.use_cache = False
+    turn_off_kv_cache(model)
     set_trainable(model, settings)
     if not for_export:
         family.keep_vision_in_graph(model)
@@ -249,6 +245,21 @@ def build_model(settings: Settings, dtype: torch.dtype, processor, for_export: b
         model = wrap_lora(model, settings)
         drop_input_grad_hooks(model)
     return model
+
+
+def turn_off_kv_cache(model: nn.Module) -> None:
+    """``use_cache = False`` on every config in the model, not only the top one.
+
+    transformers does not pass the top config's ``use_cache`` down, and stage-1 assembly places a
+    language model that keeps its own config object: a cache left on there is built in every
+    training forward, and with a cache present transformers no longer reads packed samples'
+    bounds from ``position_ids`` (samples of a packed row would attend to each other).
+    """
+    configs = [model.config, getattr(model.config, "text_config", None)]
+    configs += [getattr(m, "config", None) for m in model.modules()]
+    for config in configs:
+        if config is not None and hasattr(config, "use_cache"):
+            config.use_cache = False
 
 
 def drop_input_grad_hooks(model: nn.Module) -> None:
@@ -331,7 +342,10 @@ def param_groups(model: nn.Module, settings: Settings) -> tuple[list[dict], list
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        no_decay = optim.weight_decay > 0 and (p.ndim < 2 or "norm" in name.lower())
+        # Under ZeRO-3 a partitioned parameter is a 1-D shard (empty where loaded partitioned):
+        # its real shape is ds_shape. Read p.ndim there and every weight would lose its decay.
+        ndim = len(getattr(p, "ds_shape", p.shape))
+        no_decay = optim.weight_decay > 0 and (ndim < 2 or "norm" in name.lower())
         key = family.module_group(name) + ("/no_decay" if no_decay else "")
         buckets.setdefault(key, []).append(p)
     if not buckets:

@@ -41,6 +41,8 @@ FREE_KEYS = (
     "train.eval_steps",
     "train.logging_steps",
     "train.gradient_checkpointing",
+    "train.collective_timeout_min",
+    "train.tf32",  # a kernel choice, as model.attn_implementation
     "model.attn_implementation",
     "data.val",
     "data.num_workers",

@@ -152,6 +152,15 @@ class TrainSettings(_Section):
         "checkpoint's on resume; each change is logged. Anything else that changes what is computed "
         "stops the run.",
     )
+    collective_timeout_min: float = Field(
+        120.0,
+        gt=0,
+        description="Minutes a process may wait for the others in a collective, e.g. while rank 0 alone "
+        "preflights a large dataset or writes the export; a stuck rank is reported after this.",
+    )
+    tf32: bool = Field(
+        True, description="TensorFloat-32 for fp32 matmuls and convolutions on GPUs that have it (faster)."
+    )
     max_nonfinite_steps: int = Field(
         0,
         ge=0,
@@ -440,6 +449,10 @@ def _contradictions(s: dict[str, Any], raw: dict) -> list[str]:
         )
     if data is not None:
         problems += data.contradictions()
+    if model is not None and data is not None and data.packing:
+        problems += [p for p in [packing_problem(model.attn_implementation)] if p]
+    if model is not None and model.attn_implementation == "flash_attention_2":
+        problems += [p for p in [_flash_attention_problem()] if p]
     if vz is not None and vz.keep_cls and vz.dominant < 1:
         problems.append("visionzip.dominant: must be >= 1 when keep_cls (CLS is a dominant token)")
     if s.get("deepspeed") is not None and train is not None:
@@ -521,6 +534,36 @@ def _deepspeed_contradictions(
                 f'train.precision: {train.precision} but {path.name} enables {name}; set it to "auto"'
             )
     return problems
+
+
+# How a packed micro-batch is laid out for each attention implementation a config can name
+# (model.attn_implementation; None is transformers' default, SDPA), so that transformers' own
+# packed-sequence detection sees it: SDPA and eager find the samples' bounds from position_ids in
+# every row; flash-attention only when the batch is one row. A name missing here cannot be packed
+# (the config is refused in one line): its detection path has not been checked.
+PACKED_LAYOUT = {None: "rows", "sdpa": "rows", "eager": "rows", "flash_attention_2": "one_row"}
+
+
+def packing_problem(attn_implementation: str | None) -> str | None:
+    """One config-error line when ``data.packing`` cannot be used with this attention, else None."""
+    if attn_implementation in PACKED_LAYOUT:
+        return None
+    checked = ", ".join(str(k) for k in PACKED_LAYOUT if k is not None)
+    return (
+        f"data.packing: not supported with model.attn_implementation={attn_implementation} "
+        f"(packed samples' bounds are checked for {checked} only)"
+    )
+
+
+def _flash_attention_problem() -> str | None:
+    """flash_attention_2 runs on CUDA with the flash-attn package only: say so before weights load."""
+    import importlib.util
+
+    if not _cuda():
+        return "model.attn_implementation: flash_attention_2 needs a CUDA GPU; use sdpa on CPU"
+    if importlib.util.find_spec("flash_attn") is None:
+        return "model.attn_implementation: flash_attention_2 needs the flash-attn package (pip install flash-attn)"
+    return None
 
 
 def _cuda() -> bool:
