@@ -41,31 +41,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         default="What is in the picture?",
         help="the question (wrapped in the family's prompt: its chat template, or vicuna_v1 for LLaVA)",
     )
-    parser.add_argument(
-        "--dominant",
-        type=int,
-        default=None,
-        help="tokens kept by attention per image, CLS included (default: the family's)",
-    )
-    parser.add_argument(
-        "--contextual",
-        type=int,
-        default=None,
-        help="merged tokens built from the rest (default: the family's)",
-    )
-    parser.add_argument(
-        "--dominant-ratio",
-        type=float,
-        default=None,
-        help="dominant tokens as a fraction of each image's tokens (families whose count follows the "
-        "image size: qwen2-vl, qwen2.5-vl)",
-    )
-    parser.add_argument(
-        "--contextual-ratio",
-        type=float,
-        default=None,
-        help="contextual tokens as a fraction (as --dominant-ratio)",
-    )
+    from visionzip_core.config import add_budget_flags  # the package imports torch: after --help's parse
+
+    add_budget_flags(parser)
     parser.add_argument(
         "--video",
         action="append",
@@ -124,7 +102,6 @@ def main(argv=None) -> int:
         visionzip_processor,
     )
     from visionzip_core.config import one_line, settings_from_flags
-    from visionzip_core.data.settings import VICUNA_V1_SYSTEM
     from visionzip_core.families import family_for, image_token_count, ratio_flags_refusal
     from visionzip_core.model_folders import check_model_folder
     from visionzip_core.model_names import resolve_model_path
@@ -181,14 +158,7 @@ def main(argv=None) -> int:
     if not images and not videos:
         images = [default_image()]
     frames = [[Image.open(f).convert("RGB") for f in v] for v in videos]
-    if family.uses_chat_template:
-        content = [{"type": "image"} for _ in images] + [{"type": "video"} for _ in frames]
-        messages = [] if not args.system else [{"role": "system", "content": args.system}]
-        messages.append({"role": "user", "content": [*content, {"type": "text", "text": args.prompt}]})
-        prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    else:
-        system = VICUNA_V1_SYSTEM if args.system is None else args.system
-        prompt = f"{system} USER: " + "<image>\n" * len(images) + f"{args.prompt} ASSISTANT:"
+    prompt = family.prompt(processor, args.prompt, len(images), len(frames), system=args.system)
     try:
         inputs = processor(
             text=[prompt],

@@ -39,23 +39,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     source.add_argument("--video", help="a video as comma-separated frame files (families that take video)")
     parser.add_argument("--frame-group", type=int, default=0, help="with --video: the frame group drawn")
     parser.add_argument("--out", required=True, help="PNG to write")
-    parser.add_argument(
-        "--dominant", type=int, default=None, help="tokens kept by attention per image (CLS included)"
-    )
-    parser.add_argument("--contextual", type=int, default=None, help="merged tokens built from the rest")
-    parser.add_argument(
-        "--dominant-ratio",
-        type=float,
-        default=None,
-        help="dominant tokens as a fraction of each image's tokens (families whose count follows the "
-        "image size: qwen2-vl, qwen2.5-vl)",
-    )
-    parser.add_argument(
-        "--contextual-ratio",
-        type=float,
-        default=None,
-        help="contextual tokens as a fraction (as --dominant-ratio)",
-    )
+    from visionzip_core.config import add_budget_flags  # the package imports torch: after --help's parse
+
+    add_budget_flags(parser)
     parser.add_argument(
         "--aspect-ratio",
         choices=["crop", "pad", "resize", "anyres", "native"],

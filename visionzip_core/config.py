@@ -163,3 +163,34 @@ def settings_from_flags(
     elif chosen:
         chosen |= {"dominant_ratio": None, "contextual_ratio": None}
     return VisionZipConfig(**(base | chosen))
+
+
+def add_budget_flags(parser) -> None:
+    """The budget flags every command takes (``--dominant``/``--contextual`` counts, or
+    ``--dominant-ratio``/``--contextual-ratio``), all defaulting to None: left out, the checkpoint's
+    recorded split or the family's budget applies (:func:`settings_from_flags`)."""
+    parser.add_argument(
+        "--dominant",
+        type=int,
+        default=None,
+        help="tokens kept by attention per image, CLS included (default: the recorded split or the family's)",
+    )
+    parser.add_argument(
+        "--contextual",
+        type=int,
+        default=None,
+        help="merged tokens built from the rest (default: the recorded split or the family's)",
+    )
+    parser.add_argument(
+        "--dominant-ratio",
+        type=float,
+        default=None,
+        help="dominant tokens as a fraction of each image's tokens (families whose count follows the "
+        "image size: qwen2-vl, qwen2.5-vl)",
+    )
+    parser.add_argument(
+        "--contextual-ratio",
+        type=float,
+        default=None,
+        help="contextual tokens as a fraction (as --dominant-ratio)",
+    )
