@@ -310,7 +310,7 @@ def prepare_engine(settings: Settings, start: Start, data: Data):
     with partitioned_loading(ds_config, enabled=t.mode in ("projector", "finetune")):
         model = build_model(settings, torch_dtype(start.precision), data.processor)
     groups, group_names = param_groups(model, settings)
-    optimizer = build_optimizer(groups, settings.optim)
+    optimizer = build_optimizer(groups, settings.optim, ds_config)
     scheduler = build_scheduler(optimizer, data.total_steps, settings.optim)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
