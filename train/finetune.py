@@ -714,6 +714,12 @@ def claim_output_dir(settings: Settings) -> output_lock.OutputLock | None:
     refusal = dist.broadcast_object(refusal)
     if refusal:
         raise output_lock.OutputDirLocked(refusal)
+    try:
+        output_lock.check_shared(Path(folder))
+    except output_lock.OutputDirLocked:
+        if lock is not None:
+            lock.release()
+        raise
     return lock
 
 
