@@ -51,6 +51,7 @@ from visionzip_core.training.hooks import TrainHooks  # noqa: E402
 from visionzip_core.training.input_checks import check_global_batch  # noqa: E402
 from visionzip_core.training.metrics import MetricsLog, peak_memory_record  # noqa: E402
 from visionzip_core.training.modeling import (  # noqa: E402
+    QUANTIZATION_NAMES,
     build_model,
     build_processor,
     count_parameters,
@@ -316,6 +317,11 @@ def prepare_engine(settings: Settings, start: Start, data: Data):
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
     )
     trainable, total = count_parameters(engine.module)
+    if settings.model.quantization != "none":
+        dist.print0(
+            f"the LLM is loaded in {QUANTIZATION_NAMES[settings.model.quantization]} (bitsandbytes); "
+            "the vision tower and the projector are not quantized"
+        )
     dist.print0(
         f"mode={t.mode} precision={start.precision} zero={zero_stage(ds_config)} processes={world} "
         f"visual tokens/image={data.image_tokens.describe()} trainable={trainable:,}/{total:,} steps={data.total_steps} "
