@@ -69,6 +69,7 @@ from visionzip_core.training.optimization import (  # noqa: E402
     group_hyperparameters,
     reapply_hyperparameters,
 )
+from visionzip_core.training.overlays import overlay_image_paths, token_overlays  # noqa: E402
 from visionzip_core.training.plots import write_run_plot  # noqa: E402
 from visionzip_core.training.settings import ConfigError, Settings, load_config, resolve_repo_path  # noqa: E402
 from visionzip_core.training.tracking import WandbTracker  # noqa: E402
@@ -107,6 +108,7 @@ class Run:
     history: dict = field(default_factory=dict)
     record: dict = field(default_factory=dict)
     hooks: TrainHooks = field(default_factory=TrainHooks)
+    overlay_paths: list = field(default_factory=list)  # wandb.token_overlays: fixed validation images
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -381,6 +383,10 @@ def assemble_run(settings, device, start: Start, data: Data, engine, group_names
         tracker=tracker,
         output_dir=start.output_dir,
         record=start.record,
+        # The same list on every rank (the overlays' tower forward is a collective under ZeRO-3).
+        overlay_paths=overlay_image_paths(settings)
+        if dist.broadcast_object(bool(tracker and tracker.run))
+        else [],
     )
     if start.resume_from is not None:
         checkpointing.restore_rng(start.resume_from)  # last: nothing after this may draw random numbers
@@ -492,8 +498,21 @@ def evaluate(run: Run) -> float | None:
     run.metrics.note(f"step {run.state.step}: val_loss {val_loss:.4f}")
     if run.tracker:
         run.tracker.log(record)
+    log_token_overlays(run)
     run.history.setdefault("val_loss", []).append(val_loss)
     return val_loss
+
+
+def log_token_overlays(run: Run) -> None:
+    """``wandb.token_overlays``: what the model keeps of a few fixed validation images. ALL RANKS
+    must call this (under ZeRO-3 the tower's forward is a collective); rank 0 logs."""
+    if not run.overlay_paths:
+        return
+    pictures, counts = token_overlays(
+        run.engine.module, run.processor.image_processor, run.settings, run.overlay_paths
+    )
+    if dist.is_main() and run.tracker:
+        run.tracker.log_images(run.state.step, "val_tokens", pictures, counts)
 
 
 def save_checkpoint(run: Run) -> None:

@@ -188,6 +188,12 @@ class WandbSettings(_Section):
     log_artifact: Literal["projector", "adapter", "model", "none"] = Field(
         "projector", description="Which exported weights to upload as an artifact at the end."
     )
+    token_overlays: int = Field(
+        4,
+        ge=0,
+        description="At each evaluation, log the kept-token overlay of the first N validation images "
+        "(the same ones each time) and the budget's token counts; 0 = off.",
+    )
 
 
 class ExportSettings(_Section):
