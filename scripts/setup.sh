@@ -8,6 +8,6 @@ PY=${PYTHON:-python3}
 STAMP=.venv/.installed-$(cat pyproject.toml constraints.txt | sha1sum | cut -c1-12)
 if [ ! -f "$STAMP" ]; then
   .venv/bin/python -m pip install -q "torch==$(grep -E '^torch==' constraints.txt | cut -d= -f3)"
-  .venv/bin/python -m pip install -q -c constraints.txt -e ".[dev,bench]"
+  .venv/bin/python -m pip install -q -c constraints.txt -e ".[dev,bench,qlora]"
   rm -f .venv/.installed-* && touch "$STAMP"
 fi

@@ -64,6 +64,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--calibrate", action="store_true", help="real CPU step against its meta simulation")
     p.add_argument("--tiny", action="store_true", help="--calibrate on the tiny test model (seconds)")
     p.add_argument("--gpus", type=int, default=8, help="data-parallel GPUs ZeRO shards over")
+    p.add_argument(
+        "--quantization",
+        default="none",
+        choices=("none", "nf4", "fp4", "int8"),
+        help="count the frozen LLM linears as model.quantization stores them (ZeRO-2 rows only)",
+    )
     p.add_argument("--micro-batch", type=int, default=None, help="per-GPU samples (default: each family's)")
     p.add_argument("--text-tokens", default=None, help="LO,HI text tokens per sample (default 100,150)")
     p.add_argument(
@@ -151,7 +157,15 @@ def run_simulation(args: argparse.Namespace) -> tuple[list[dict], str]:
     results, sections = [], []
     for work in workloads(args):
         modes = args.modes or DEFAULT_MODES[work.family]
-        rows = simulate(work, modes, gpus=args.gpus, seed=args.seed, whole_model_ckpt=args.whole_model_ckpt)
+        rows = simulate(
+            work,
+            modes,
+            gpus=args.gpus,
+            seed=args.seed,
+            whole_model_ckpt=args.whole_model_ckpt,
+            stages=(2, 3) if args.quantization == "none" else (2,),  # bitsandbytes weights: no ZeRO-3
+            quantization=args.quantization,
+        )
         s = work.size
         run = {
             "size": s.name,

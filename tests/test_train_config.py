@@ -107,7 +107,7 @@ def test_deepspeed_auto_fields_come_from_the_yaml():
         REPO / "configs/demo.yaml",
         ["train.per_device_batch_size=3", "train.grad_accum_steps=5", "optim.max_grad_norm=0.5"],
     )
-    for name in ("zero2.json", "zero3.json"):
+    for name in ("zero2.json", "zero3.json", "zero3_offload.json"):
         s2 = s.model_copy(
             update={"deepspeed": s.deepspeed.model_copy(update={"config": f"configs/deepspeed/{name}"})}
         )

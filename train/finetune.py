@@ -62,6 +62,7 @@ from visionzip_core.training.input_checks import check_global_batch  # noqa: E40
 from visionzip_core.training.library_warnings import ignore_zero_collective_deprecation  # noqa: E402
 from visionzip_core.training.metrics import MetricsLog, peak_memory_record  # noqa: E402
 from visionzip_core.training.modeling import (  # noqa: E402
+    QUANTIZATION_NAMES,
     build_model,
     build_processor,
     count_parameters,
@@ -78,6 +79,7 @@ from visionzip_core.training.optimization import (  # noqa: E402
     group_hyperparameters,
     reapply_hyperparameters,
 )
+from visionzip_core.training.overlays import overlay_image_paths, token_overlays  # noqa: E402
 from visionzip_core.training.plots import write_run_plot  # noqa: E402
 from visionzip_core.training.settings import ConfigError, Settings, load_config, resolve_repo_path  # noqa: E402
 from visionzip_core.training.tracking import WandbTracker  # noqa: E402
@@ -119,6 +121,7 @@ class Run:
     history: dict = field(default_factory=dict)
     record: dict = field(default_factory=dict)
     hooks: TrainHooks = field(default_factory=TrainHooks)
+    overlay_paths: list = field(default_factory=list)  # wandb.token_overlays: fixed validation images
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -337,13 +340,18 @@ def prepare_engine(settings: Settings, start: Start, data: Data):
     with partitioned_loading(ds_config, enabled=t.mode in ("projector", "finetune")):
         model = build_model(settings, torch_dtype(start.precision), data.processor)
     groups, group_names = param_groups(model, settings)
-    optimizer = build_optimizer(groups, settings.optim, fused=torch.cuda.is_available())
+    optimizer = build_optimizer(groups, settings.optim, ds_config, fused=torch.cuda.is_available())
     scheduler = build_scheduler(optimizer, data.total_steps, settings.optim)
     ignore_zero_collective_deprecation()
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
     )
     trainable, total = count_parameters(engine.module)
+    if settings.model.quantization != "none":
+        dist.print0(
+            f"the LLM is loaded in {QUANTIZATION_NAMES[settings.model.quantization]} (bitsandbytes); "
+            "the vision tower and the projector are not quantized"
+        )
     dist.print0(
         f"mode={t.mode} precision={start.precision} zero={zero_stage(ds_config)} processes={world} "
         f"visual tokens/image={data.image_tokens.describe()} trainable={trainable:,}/{total:,} steps={data.total_steps} "
@@ -403,6 +411,10 @@ def assemble_run(settings, device, start: Start, data: Data, engine, group_names
         tracker=tracker,
         output_dir=start.output_dir,
         record=start.record,
+        # The same list on every rank (the overlays' tower forward is a collective under ZeRO-3).
+        overlay_paths=overlay_image_paths(settings)
+        if dist.broadcast_object(bool(tracker and tracker.run))
+        else [],
     )
     if start.resume_from is not None:
         checkpointing.restore_rng(start.resume_from)  # last: nothing after this may draw random numbers
@@ -513,8 +525,21 @@ def evaluate(run: Run) -> float | None:
     run.metrics.note(f"step {run.state.step}: val_loss {val_loss:.4f}")
     if run.tracker:
         run.tracker.log(record)
+    log_token_overlays(run)
     run.history.setdefault("val_loss", []).append(val_loss)
     return val_loss
+
+
+def log_token_overlays(run: Run) -> None:
+    """``wandb.token_overlays``: what the model keeps of a few fixed validation images. ALL RANKS
+    must call this (under ZeRO-3 the tower's forward is a collective); rank 0 logs."""
+    if not run.overlay_paths:
+        return
+    pictures, counts = token_overlays(
+        run.engine.module, run.processor.image_processor, run.settings, run.overlay_paths
+    )
+    if dist.is_main() and run.tracker:
+        run.tracker.log_images(run.state.step, "val_tokens", pictures, counts)
 
 
 def save_checkpoint(run: Run) -> None:
@@ -753,6 +778,12 @@ def claim_output_dir(settings: Settings) -> output_lock.OutputLock | None:
     refusal = dist.broadcast_object(refusal)
     if refusal:
         raise output_lock.OutputDirLocked(refusal)
+    try:
+        output_lock.check_shared(Path(folder))
+    except output_lock.OutputDirLocked:
+        if lock is not None:
+            lock.release()
+        raise
     return lock
 
 

@@ -354,6 +354,8 @@ class ParameterCounts:
         persistent: parameters at or under ZeRO-3's persistence threshold, kept whole on every GPU.
         hidden: the LLM's hidden size (sets DeepSpeed's bucket sizes).
         bytes_per_param: of the working dtype (2 for bf16).
+        quantizable: frozen weights of the LLM's linear layers, what ``model.quantization``
+            stores in 4 or 8 bits (embeddings, norms, lm_head and the vision side stay as they are).
     """
 
     total: int
@@ -363,6 +365,7 @@ class ParameterCounts:
     persistent: int
     hidden: int
     bytes_per_param: int
+    quantizable: int = 0
 
 
 def parameter_counts(model: nn.Module) -> ParameterCounts:
@@ -395,7 +398,18 @@ def parameter_counts(model: nn.Module) -> ParameterCounts:
         persistent=sum(p.numel() for p in params if p.numel() <= threshold),
         hidden=hidden,
         bytes_per_param=params[0].element_size(),
+        quantizable=sum(
+            m.weight.numel()
+            for name, m in model.named_modules()
+            if isinstance(m, nn.Linear) and "language_model" in name and not m.weight.requires_grad
+        ),
     )
+
+
+# Bytes per weight as bitsandbytes stores it: NF4/FP4 pack two per byte and, with double
+# quantization, add 0.127 bits of constants (QLoRA, Dettmers et al. 2023); int8 adds one fp32
+# scale per row, negligible at 4096 columns.
+QUANTIZED_BYTES_PER_PARAM = {"nf4": (4 + 0.127) / 8, "fp4": (4 + 0.127) / 8, "int8": 1.0}
 
 
 @dataclass(frozen=True)
@@ -420,7 +434,11 @@ class ModelStates:
 
 
 def zero_model_states(
-    counts: ParameterCounts, stage: int, gpus: int, grad_bytes: int | None = None
+    counts: ParameterCounts,
+    stage: int,
+    gpus: int,
+    grad_bytes: int | None = None,
+    quantization: str = "none",
 ) -> ModelStates:
     """Model states per GPU for ZeRO ``stage`` (2 or 3) over ``gpus`` data-parallel GPUs.
 
@@ -436,6 +454,13 @@ def zero_model_states(
     # grad_bytes: 4 when bf16 gradients accumulate in fp32 (the trainer's deepspeed_config does so).
     grads = (grad_bytes or b) * counts.trainable // gpus
     optimizer = ADAM_BYTES_PER_PARAM * counts.trainable // gpus
+    if quantization != "none":
+        # ``model.quantization``: the frozen LLM linears in 4/8 bits, on every GPU (not with ZeRO-3).
+        if stage == 3:
+            raise ValueError("quantization: ZeRO-3 cannot partition bitsandbytes weights; use stage 2")
+        quantized = int(QUANTIZED_BYTES_PER_PARAM[quantization] * counts.quantizable)
+        params = b * (counts.total - counts.quantizable) + quantized
+        return ModelStates(params=params, gathered=0, grads=grads, optimizer=optimizer)
     if stage == 2:
         return ModelStates(params=b * counts.total, gathered=0, grads=grads, optimizer=optimizer)
     if stage != 3:
@@ -508,11 +533,15 @@ def simulate(
     seed: int = 0,
     whole_model_ckpt: bool = False,
     log=print,
+    quantization: str = "none",
 ) -> list[dict]:
     """One row per (mode, gradient checkpointing, budget, ZeRO stage): per-GPU bytes of each part.
 
     Each (mode, checkpointing, budget) is one meta step; the ZeRO stages share its activation
     figure (the per-GPU micro-batch is the same) and differ in the model states.
+    ``quantization`` (``nf4`` | ``fp4`` | ``int8``) counts the frozen LLM linears as bitsandbytes
+    stores them (:data:`QUANTIZED_BYTES_PER_PARAM`); the step itself is measured unquantized, so a
+    layer's weight dequantized for its matmul (one layer at a time) is not counted.
     """
     rows = []
     stages = list(stages)
@@ -535,7 +564,7 @@ def simulate(
                 )
                 step = measure_step(model, batch, MetaTensorMemory)
                 for stage in stages:
-                    states = zero_model_states(counts, stage, gpus)
+                    states = zero_model_states(counts, stage, gpus, quantization)
                     transient = step_transients[stage]
                     rows.append(
                         {
@@ -543,6 +572,7 @@ def simulate(
                             "size": work.size.name,
                             "mode": mode,
                             "zero_stage": stage,
+                            "quantization": quantization,
                             "gpus": gpus,
                             "grad_ckpt": ckpt,
                             "tokens": tokens,

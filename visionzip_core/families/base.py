@@ -221,6 +221,12 @@ class ModelFamily(ABC):
     def lora_target_regex(self, targets: tuple[str, ...]) -> str:
         """A regex matching the LLM's ``targets`` layers only (never the vision tower's)."""
 
+    def unquantized_modules(self) -> list[str]:
+        """Module-name patterns that ``model.quantization`` leaves in full precision (transformers'
+        ``llm_int8_skip_modules``): everything outside the language model (vision tower, projector,
+        lm_head). Every supported family keeps its LLM under ``language_model``."""
+        return [r"(?!.*language_model\.)[^.]+"]
+
     @abstractmethod
     def projector_modules(self) -> list[str]:
         """Module names of the projector (LoRA ``modules_to_save``; the projector-only export)."""

@@ -124,6 +124,15 @@ def broadcast_object(obj):
     return box[0]
 
 
+def all_gather_object(obj) -> list:
+    """Every rank's ``obj``, in rank order, on every rank. ALL RANKS must call this."""
+    if not torch.distributed.is_initialized() or world_size() == 1:
+        return [obj]
+    box = [None] * world_size()
+    torch.distributed.all_gather_object(box, obj)
+    return box
+
+
 def all_reduce_sum(values: list[float]) -> list[float]:
     """Element-wise sum over ranks, in float64. ALL RANKS must call this."""
     if not torch.distributed.is_initialized() or world_size() == 1:

@@ -29,6 +29,8 @@ from visionzip_core.training.settings import Settings
 
 def full_model_on_rank0(engine, settings: Settings, stage: int, dtype: torch.dtype, processor):
     """The trained model with whole weights on rank 0 (``None`` elsewhere). ALL RANKS must call this."""
+    if stage < 3 and settings.model.quantization != "none":
+        return unquantized_copy(engine.module, settings, dtype, processor) if dist.is_main() else None
     if stage < 3:
         return engine.module if dist.is_main() else None
     state = engine._zero3_consolidated_16bit_state_dict()  # collective; whole tensors on rank 0 only
@@ -41,6 +43,25 @@ def full_model_on_rank0(engine, settings: Settings, stage: int, dtype: torch.dty
     missing = [k for k in missing if not (tied and "lm_head" in k)]
     if missing or unexpected:
         raise RuntimeError(f"export: gathered weights do not match the model: {missing[:5]} {unexpected[:5]}")
+    return copy
+
+
+def unquantized_copy(trained, settings: Settings, dtype: torch.dtype, processor):
+    """The model in ``dtype`` (no bitsandbytes layers), carrying what ``trained`` trained.
+
+    With ``model.quantization`` only the projector and the LoRA weights train; the base weights
+    are reloaded in full precision, so that ``final/`` (merged or not) is an ordinary model in the
+    base's dtype rather than a quantized one, which would need bitsandbytes to load.
+    """
+    plain = settings.model_copy(update={"model": settings.model.model_copy(update={"quantization": "none"})})
+    copy = build_model(plain, dtype, processor, for_export=True)
+    state = {n: p.detach().to(dtype) for n, p in trained.named_parameters() if p.requires_grad}
+    missing = set(state) - {n for n, _ in copy.named_parameters()}
+    if missing:
+        raise RuntimeError(
+            f"export: trained weights missing from the unquantized model: {sorted(missing)[:5]}"
+        )
+    copy.load_state_dict(state, strict=False)
     return copy
 
 

@@ -218,6 +218,8 @@ def build_model(settings: Settings, dtype: torch.dtype, processor, for_export: b
     kwargs = {"dtype": dtype, "trust_remote_code": m.trust_remote_code}
     if m.attn_implementation:
         kwargs["attn_implementation"] = m.attn_implementation
+    if m.quantization != "none" and not for_export:
+        kwargs |= quantization_kwargs(m.quantization, dtype, family)
     if settings.train.mode == "pretrain":
         model = family.assemble(
             model_path(m.vision_tower, "model.vision_tower"),
@@ -260,6 +262,32 @@ def turn_off_kv_cache(model: nn.Module) -> None:
     for config in configs:
         if config is not None and hasattr(config, "use_cache"):
             config.use_cache = False
+QUANTIZATION_NAMES = {"nf4": "4-bit (NF4)", "fp4": "4-bit (FP4)", "int8": "8-bit (LLM.int8)"}
+
+
+def quantization_kwargs(quantization: str, dtype: torch.dtype, family) -> dict:
+    """``from_pretrained`` arguments loading the LLM's linear layers through bitsandbytes.
+
+    Double quantization (the quantization constants quantized too, as in QLoRA); matmuls run in
+    ``dtype``. Only the language model is quantized (:meth:`ModelFamily.unquantized_modules`).
+    """
+    from transformers import BitsAndBytesConfig
+
+    skip = family.unquantized_modules()
+    if quantization == "int8":
+        config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    else:
+        config = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=quantization,
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+            llm_int8_skip_modules=skip,
+        )
+    kwargs = {"quantization_config": config}
+    if torch.cuda.is_available():  # bitsandbytes quantizes as the weights reach this process's GPU
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    return kwargs
 
 
 def drop_input_grad_hooks(model: nn.Module) -> None:

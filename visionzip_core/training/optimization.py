@@ -1,8 +1,9 @@
 """AdamW over per-module parameter groups, and linear warmup + cosine decay as a torch scheduler.
 
-Both are plain torch objects handed to ``deepspeed.initialize``: DeepSpeed then steps the
-scheduler at each optimizer step and saves both in its checkpoints. A torch optimizer also
-avoids compiling DeepSpeed's FusedAdam on first use.
+Both are handed to ``deepspeed.initialize`` as objects: DeepSpeed then steps the scheduler at each
+optimizer step and saves both in its checkpoints. A torch optimizer also avoids compiling
+DeepSpeed's FusedAdam on first use. ZeRO-Offload refuses client torch optimizers, so under
+``offload_optimizer`` / ``offload_param`` the same groups go to DeepSpeed's CPU Adam instead.
 """
 
 from __future__ import annotations
@@ -14,11 +15,32 @@ import torch
 from visionzip_core.training.settings import OptimSettings
 
 
-def build_optimizer(groups: list[dict], optim: OptimSettings, fused: bool = False) -> torch.optim.Optimizer:
-    """AdamW; ``fused`` (on CUDA): one kernel updates every tensor of a group, instead of several
-    kernels per tensor. On CPU the plain per-tensor loop is kept (the CPU runs' reference numbers)."""
+def build_optimizer(
+    groups: list[dict], optim: OptimSettings, ds_config: dict | None = None, fused: bool = False
+) -> torch.optim.Optimizer:
+    """AdamW over ``groups`` (each with its own ``lr`` and ``weight_decay``).
+
+    With ZeRO-Offload in ``ds_config`` this is ``DeepSpeedCPUAdam`` in AdamW mode (decoupled decay,
+    as torch's): DeepSpeed accepts no other client optimizer there. Its C++ op compiles on first
+    use (about a minute; cached under ``TORCH_EXTENSIONS_DIR``). ``fused`` (on CUDA): one kernel
+    updates every tensor of a group, instead of several kernels per tensor; on CPU the plain
+    per-tensor loop is kept (the CPU runs' reference numbers).
+    """
+    if uses_offload(ds_config or {}):
+        from deepspeed.ops.adam import DeepSpeedCPUAdam  # compiles an op: only when offloading
+
+        return DeepSpeedCPUAdam(groups, betas=optim.betas, eps=optim.eps, adamw_mode=True)
     return torch.optim.AdamW(
         groups, betas=optim.betas, eps=optim.eps, foreach=False, fused=True if fused else None
+    )
+
+
+def uses_offload(ds_config: dict) -> bool:
+    """Whether the DeepSpeed config offloads the optimizer state or the parameters to the CPU/NVMe."""
+    zero = ds_config.get("zero_optimization", {})
+    return any(
+        (zero.get(key) or {}).get("device", "none") not in ("none", None)
+        for key in ("offload_optimizer", "offload_param")
     )
 
 

@@ -28,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 
+from visionzip_core.training import distributed as dist
+
 LOCK_FILE = ".lock"
 
 
@@ -88,3 +90,48 @@ def acquire(output_dir: Path) -> OutputLock:
     os.ftruncate(fd, 0)
     os.pwrite(fd, (details + "\n").encode(), 0)
     return OutputLock(fd, path)
+
+
+MARKER_FILE = ".rank0-marker"
+
+
+def write_marker(output_dir: Path) -> str:
+    """Rank 0: write a fresh random token into ``output_dir``; the other nodes look for it."""
+    token = os.urandom(8).hex()
+    (output_dir / MARKER_FILE).write_text(token + "\n")
+    return token
+
+
+def sees_marker(output_dir: Path, token: str) -> bool:
+    """Whether this node sees rank 0's ``output_dir`` (the token rank 0 just wrote is there)."""
+    try:
+        return (output_dir / MARKER_FILE).read_text().strip() == token
+    except OSError:
+        return False
+
+
+def check_shared(output_dir: Path) -> None:
+    """Raise :class:`OutputDirLocked` unless every node sees rank 0's ``output_dir``.
+
+    Rank 0 of node 0 alone writes checkpoints, metrics and exports, and every rank reads the
+    checkpoint on resume: a node-local folder per node would split the run silently. Each node's
+    first process (``LOCAL_RANK`` 0) looks for a token rank 0 has just written. ALL RANKS must call this.
+    """
+    if dist.world_size() == 1:
+        return
+    token = dist.broadcast_object(write_marker(output_dir) if dist.is_main() else None)
+    first_on_node = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    blind = None if not first_on_node or sees_marker(output_dir, token) else socket.gethostname()
+    hosts = [h for h in dist.all_gather_object(blind) if h is not None]
+    if dist.is_main():
+        (output_dir / MARKER_FILE).unlink(missing_ok=True)  # leave nothing behind
+    if hosts:
+        raise OutputDirLocked(not_shared_message(output_dir, hosts))
+
+
+def not_shared_message(output_dir: Path, hosts: list[str]) -> str:
+    return (
+        f"train.output_dir: {output_dir} is not the same folder on every node (rank 0's marker file "
+        f"is missing on {', '.join(hosts)}); put it on a file system all nodes share, since rank 0 "
+        "writes checkpoints that every rank reads on resume"
+    )

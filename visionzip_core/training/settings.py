@@ -67,6 +67,12 @@ class ModelSettings(_Section):
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] | None = Field(
         None, description="Attention kernel for both towers (default: transformers' choice, SDPA)."
     )
+    quantization: Literal["nf4", "fp4", "int8", "none"] = Field(
+        "none",
+        description="Load the language model's linear layers quantized by bitsandbytes (QLoRA; lora and "
+        "projector modes; double quantization, computing in train.precision). The vision tower and "
+        "the projector stay unquantized. Needs the [qlora] extra.",
+    )
 
 
 class VisionZipSettings(VisionZipConfig):
@@ -215,6 +221,12 @@ class WandbSettings(_Section):
     )
     log_artifact: Literal["projector", "adapter", "model", "none"] = Field(
         "projector", description="Which exported weights to upload as an artifact at the end."
+    )
+    token_overlays: int = Field(
+        4,
+        ge=0,
+        description="At each evaluation, log the kept-token overlay of the first N validation images "
+        "(the same ones each time) and the budget's token counts; 0 = off.",
     )
 
 
@@ -436,6 +448,8 @@ def _contradictions(s: dict[str, Any], raw: dict) -> list[str]:
             for key in ("vision_tower", "language_model"):
                 if getattr(model, key):
                     problems.append(f"model.{key}: only used in pretrain mode (mode is '{train.mode}')")
+    if train is not None and model is not None and model.quantization != "none":
+        problems += _quantization_problems(model.quantization, train.mode, s.get("deepspeed"))
     if (
         train is not None
         and data is not None
@@ -493,6 +507,38 @@ def _auto_batch_contradictions(train: TrainSettings, data) -> list[str]:
         problems.append(
             "data.batch_tokens: a token budget sizes micro-batches itself; auto batch sizing needs it unset"
         )
+    return problems
+
+
+def _quantization_problems(quantization: str, mode: str, ds: DeepSpeedSettings | None) -> list[str]:
+    import importlib.util
+
+    problems = []
+    if mode not in ("lora", "projector"):
+        problems.append(
+            f"model.quantization: {quantization} trains nothing of the quantized LLM; use train.mode=lora "
+            f"or projector (mode is '{mode}')"
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        problems.append(
+            f"model.quantization: {quantization} needs bitsandbytes: pip install 'visionzip-core[qlora]' "
+            "(or bash scripts/setup.sh)"
+        )
+    if ds is not None:
+        try:
+            stage = (
+                json.loads(resolve_repo_path(ds.config).read_text())
+                .get("zero_optimization", {})
+                .get("stage", 0)
+            )
+        except (OSError, json.JSONDecodeError):
+            stage = 0  # reported by the deepspeed checks
+        if stage == 3:
+            problems.append(
+                f"model.quantization: {quantization} weights cannot be partitioned by ZeRO-3; use "
+                "deepspeed.config=configs/deepspeed/zero2.json (the frozen quantized LLM is small on "
+                "every GPU) or model.quantization=none with ZeRO-3"
+            )
     return problems
 
 

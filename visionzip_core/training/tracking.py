@@ -96,6 +96,20 @@ class WandbTracker:
         except Exception as e:  # noqa: BLE001
             self._fail("log", e)
 
+    def log_images(self, step: int, key: str, pictures: list, values: dict) -> None:
+        """``pictures`` (``(PIL image, caption)`` pairs) as one list of ``wandb.Image`` under ``key``,
+        with ``values`` as ``key/...`` scalars, at ``step``."""
+        if self.run is None:
+            return
+        try:
+            import wandb
+
+            record = {"step": step, key: [wandb.Image(p, caption=c) for p, c in pictures]}
+            record.update({f"{key}/{k}": v for k, v in values.items()})
+            self.run.log(record)
+        except Exception as e:  # noqa: BLE001
+            self._fail("log_images", e)
+
     def log_artifact(self, name: str, kind: str, paths: list[Path]) -> None:
         """Upload exported files (``kind``: projector | adapter | model)."""
         if self.run is None or not paths:
