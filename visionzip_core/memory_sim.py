@@ -437,6 +437,7 @@ def zero_model_states(
     counts: ParameterCounts,
     stage: int,
     gpus: int,
+    *,
     grad_bytes: int | None = None,
     quantization: str = "none",
 ) -> ModelStates:
@@ -564,7 +565,7 @@ def simulate(
                 )
                 step = measure_step(model, batch, MetaTensorMemory)
                 for stage in stages:
-                    states = zero_model_states(counts, stage, gpus, quantization)
+                    states = zero_model_states(counts, stage, gpus, quantization=quantization)
                     transient = step_transients[stage]
                     rows.append(
                         {
