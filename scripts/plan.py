@@ -6,6 +6,8 @@ and the FLOP model (``visionzip_core/planner.py``; assumptions in BENCHMARKS.md)
         --budgets stock,64 --global-batch 128 --out plan.json
     python scripts/plan.py --model llava-1.5-7b --gpus 1 --gpu-memory-gib 24 --mode lora \\
         --budgets stock,64 --global-batch 16
+    python scripts/plan.py --model qwen2.5-vl-7b --gpus 8 --gpu-memory-gib 80 --mode finetune \\
+        --budgets stock,0.5,0.25 --global-batch 128        # or 0.45+0.05: dominant+contextual
     python scripts/plan.py --model path/to/llava-folder --gpus 4 --gpu-memory-gib 40 --mode lora \\
         --find-budget --micro-batch 4 --global-batch 64
     python scripts/plan.py --calibrate        # the planner's memory against a real CPU step (seconds)
@@ -38,7 +40,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory of each GPU, GiB")
     p.add_argument("--mode", default="finetune", choices=MODES)
     p.add_argument(
-        "--budgets", default="stock,192,128,64", help="'stock' and visual tokens per image (per crop)"
+        "--budgets",
+        default=None,
+        help="'stock' and visual tokens per image (per crop for LLaVA-NeXT), or for Qwen2.5-VL kept "
+        "fractions of each image's merged tokens (0.5, or dominant+contextual 0.45+0.05); "
+        "default stock,192,128,64 (Qwen2.5-VL: stock,0.7,0.5,0.25)",
     )
     p.add_argument("--global-batch", type=int, default=128, help="samples per optimizer step, all GPUs")
     p.add_argument(
@@ -143,7 +149,10 @@ def main(argv=None) -> int:
     else:
         try:
             model = planner.resolve_model(args.model)
+            if args.budgets is None:
+                args.budgets = planner.default_budgets(model)
             budgets = planner.parse_budgets(args.budgets, model)
+            planner.check_mode(model, args.mode)
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

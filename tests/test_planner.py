@@ -137,6 +137,89 @@ def test_find_budget_gives_the_largest_budget_that_fits_at_the_micro_batch():
     assert {r["visual_tokens"]: r["fits"] for r in found["rows"]} == {576: False, 64: True}
 
 
+def _quick_qwen_model() -> planner.PlanModel:
+    """Qwen2.5-VL-7B widths, 2 tower blocks and 1 LLM layer, stock and 0.20 + 0.05."""
+    from visionzip_core.benchmarking import QWEN_SIZES
+
+    size = QWEN_SIZES["qwen2.5-vl-7b"].quick()
+    return planner.PlanModel("qwen-quick", "qwen2.5-vl", size, {100: None, 25: (0.20, 0.05)})
+
+
+@pytest.mark.parametrize(("mode", "ckpt"), [("finetune", False), ("lora", True)])
+def test_qwen_planner_memory_equals_the_simulation_for_the_same_setting(mode, ckpt):
+    """As for LLaVA: Qwen2.5-VL's planner memory is ``simulate``'s to the byte, per (budget, stage),
+    and the 25% budget puts 63 of a 448 px image's 256 merged tokens (the family's count, 51 + 12)
+    into a smaller step."""
+    model = _quick_qwen_model()
+    size = replace(model.size, text_tokens=(300, 300))
+    rows = simulate(
+        replace(workload(size, "qwen2.5-vl", 2, "test"), budgets=model.budgets),
+        [mode],
+        grad_ckpt=(ckpt,),
+        gpus=8,
+        log=lambda *a: None,
+    )
+    sim = planner.SettingSimulator(size, "qwen2.5-vl", mode, ckpt, model.budgets, 8, (2, 3))
+    assert len(rows) == 4
+    for r in rows:
+        mine = sim.memory(r["tokens"], 2, r["zero_stage"])
+        assert mine.total / planner.GIB == r["total_gib"], (r["tokens"], r["zero_stage"])
+        assert mine.activations / planner.GIB == r["activations_gib"]
+    sim.close()
+    by = {r["tokens"]: r for r in rows if r["zero_stage"] == 2}
+    assert (by[100]["image_tokens"], by[25]["image_tokens"]) == (256, 63)
+    assert by[25]["activations_gib"] < by[100]["activations_gib"]
+    assert by[25]["seq_len"] == by[100]["seq_len"] - (256 - 63)
+
+
+def test_qwen_step_flops_equal_a_counted_real_step():
+    """The analytic Qwen2.5-VL step (frozen tower, trained merger and LLM) against
+    ``FlopCounterMode`` on a real forward + backward of the CPU-scale model (eager attention, whose
+    backward is the 2x the model assumes): equal to the FLOP."""
+    import torch
+
+    from visionzip_core.benchmarking import (
+        QWEN_SIZES,
+        build_random_model,
+        counted_flops,
+        qwen_synthetic_batch,
+    )
+    from visionzip_core.flops import TrainableParts, qwen_step_flops
+
+    size = replace(QWEN_SIZES["cpu"], batch_size=1, text_tokens=(50, 50))
+    model = build_random_model(size, "cpu", family="qwen2.5-vl")
+    model.set_attn_implementation("eager")
+    for name, p in model.named_parameters():
+        p.requires_grad_(not name.startswith("model.visual.") or ".merger." in name)
+    batch = qwen_synthetic_batch(size, model.config, 256, "cpu")
+    counted = counted_flops(lambda: model(**batch).loss.backward())
+    ours = qwen_step_flops(
+        model.config,
+        TrainableParts(llm="full"),
+        num_images=1,
+        image_hw=size.image,
+        seq_len=batch["input_ids"].shape[1],
+        image_tokens=256,
+    )
+    assert ours["total"].total == counted
+    with torch.no_grad():
+        forward = counted_flops(lambda: model(**batch))
+    assert sum(ours[k].forward for k in ("vision", "projector", "llm")) == forward
+
+
+def test_qwen_budgets_parse_in_the_ratio_form():
+    model = planner.resolve_model("qwen2.5-vl-7b")
+    assert planner.parse_budgets("0.5,stock,0.25", model) == [100, 50, 25]
+    assert (model.budgets[50], model.budgets[25]) == ((0.45, 0.05), (0.20, 0.05))
+    assert planner.parse_budgets("stock,0.30+0.10", model) == [100, 40]
+    assert model.budgets[40] == (0.30, 0.10)
+    for bad in ("64", "0.9+0.2", "half"):
+        with pytest.raises(ValueError, match="--budgets"):
+            planner.parse_budgets(f"stock,{bad}", model)
+    with pytest.raises(ValueError, match="--mode finetune_vision"):
+        planner.check_mode(model, "finetune_vision")
+
+
 def test_step_time_adds_the_recomputed_forward_and_zero3_traffic():
     model = _quick_model()
     off = planner.step_flops(model, "finetune", 576, 16, 200, ckpt=False)
@@ -238,6 +321,32 @@ def test_cli_1x24_lora_64_tokens_fits(tmp_path):
     by = {r["visual_tokens"]: r for r in rows}
     assert by[64]["fits"] and by[64]["memory_gib"] < 24 and set(KEYS) <= set(by[64])
     assert by[64]["micro_batch"] * by[64]["grad_accum"] == 16
+
+
+@pytest.mark.slow
+def test_cli_qwen_8x80_finetune_writes_both_rows_with_every_key(tmp_path):
+    """The Qwen2.5-VL-7B plan (about 25 s on 2 cores): both rows fit with every key, and the 25%
+    budget (63 of 256 tokens per 448 px image) is predicted faster than stock."""
+    rows = _plan(
+        tmp_path,
+        "--model",
+        "qwen2.5-vl-7b",
+        "--gpus",
+        "8",
+        "--gpu-memory-gib",
+        "80",
+        "--mode",
+        "finetune",
+        "--budgets",
+        "stock,0.25",
+        "--global-batch",
+        "128",
+    )
+    assert [(r["visual_tokens"], r["image_tokens"]) for r in rows] == [(100, 256), (25, 63)]
+    for r in rows:
+        assert set(KEYS) <= set(r) and r["fits"] and r["memory_gib"] < 80
+        assert r["micro_batch"] * r["grad_accum"] * 8 == 128
+    assert rows[1]["speedup_vs_stock"] > 1.2
 
 
 def test_cli_bad_input_is_one_line(tmp_path):

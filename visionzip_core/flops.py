@@ -339,3 +339,83 @@ def llava_step_flops(
         total = total + value
     out["total"] = total
     return out
+
+
+def qwen_vision_flops(
+    vision_config: Any, num_images: int, image_hw: tuple[int, int], *, trainable: bool
+) -> tuple[Flops, Flops]:
+    """Qwen2.5-VL's vision tower and merger over ``num_images`` images of ``image_hw`` px (already
+    a multiple of the merge unit, as the processor resizes), by the config's shapes.
+
+    Patch embedding (a ``3 * 2 * p * p -> H`` product per patch), each block's ``qkv`` and ``proj``,
+    its gated MLP (gate, up, down), attention within 112 px windows in the windowed blocks and over
+    the whole image in ``fullatt_block_indexes``; then the merger (``4H -> 4H -> out``) over the
+    merged tokens. A frozen tower runs forward only, and its merger still trains (the projector).
+
+    Returns:
+        ``(tower, merger)`` :class:`Flops`.
+    """
+    v = vision_config
+    rows, cols = image_hw[0] // v.patch_size, image_hw[1] // v.patch_size
+    patches = num_images * rows * cols
+    d, inner, heads = v.hidden_size, v.intermediate_size, v.num_heads
+    head_dim = d // heads
+    grad = trainable
+    patch = linear_flops(
+        patches,
+        v.in_channels * v.temporal_patch_size * v.patch_size**2,
+        d,
+        grad_input=False,
+        grad_weight=grad,
+    )
+    per_window = v.window_size // v.patch_size  # patches per window side
+    windows = -(-rows // per_window) * -(-cols // per_window)
+    window_len = min(per_window**2, rows * cols)
+
+    def block(full: bool) -> Flops:
+        out = linear_flops(patches, d, 3 * d, grad_input=grad, grad_weight=grad)
+        out = out + linear_flops(patches, d, d, grad_input=grad, grad_weight=grad)
+        for d_in, d_out in ((d, inner), (d, inner), (inner, d)):
+            out = out + linear_flops(patches, d_in, d_out, grad_input=grad, grad_weight=grad)
+        if full:
+            return out + attention_flops(num_images, heads, rows * cols, rows * cols, head_dim, grad=grad)
+        return out + attention_flops(num_images * windows, heads, window_len, window_len, head_dim, grad=grad)
+
+    total = patch
+    for index in range(v.depth):
+        total = total + block(index in v.fullatt_block_indexes)
+    merged = patches // v.spatial_merge_size**2
+    unit = d * v.spatial_merge_size**2
+    # The merger trains (projector), its norm ``ln_q`` included, so even its first linear passes a
+    # gradient back to that norm's weight.
+    merger = linear_flops(merged, unit, unit, grad_input=True, grad_weight=True) + linear_flops(
+        merged, unit, v.out_hidden_size, grad_input=True, grad_weight=True
+    )
+    return total, merger
+
+
+def qwen_step_flops(
+    config: Any,
+    parts: TrainableParts,
+    *,
+    num_images: int,
+    image_hw: tuple[int, int],
+    seq_len: int,
+    image_tokens: int,
+) -> dict[str, Flops]:
+    """Matmul FLOPs of one Qwen2.5-VL training step, one image of ``image_hw`` per sample, by part.
+
+    The LLM is a Qwen2 decoder, counted as :func:`llama_flops` counts a Llama one (the same matmuls;
+    its q/k/v biases are element-wise). VisionZip compresses after the merger, so the tower and
+    merger see every patch at every budget and only the LLM's ``seq_len`` (padded, ``image_tokens``
+    per sample included) shrinks; VisionZip's own selection products are left out (a few
+    ``(tokens, H)`` products, far under one block's).
+
+    Returns:
+        ``{"vision", "projector", "llm", "total"}`` -> :class:`Flops`.
+    """
+    vision, merger = qwen_vision_flops(config.vision_config, num_images, image_hw, trainable=parts.vision)
+    llm = llama_flops(LlamaShape.from_config(config.text_config), num_images, seq_len, parts)
+    out = {"vision": vision, "projector": merger, "llm": llm}
+    out["total"] = vision + merger + llm
+    return out

@@ -39,6 +39,8 @@ the CUDA context.
 
 from __future__ import annotations
 
+import functools
+import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
@@ -51,15 +53,19 @@ from visionzip_core.benchmarking import (
     BenchSize,
     LiveTensorMemory,
     budgets_for,
-    build_random_llava,
+    build_random_model,
     image_plan,
     model_tensors,
+    qwen_synthetic_batch,
     set_budget,
     synthetic_batch,
 )
 from visionzip_core.flops import LlamaShape, VisionTowerShape
 
 GIB = 2**30
+# Qwen2.5-VL runs a shorter step on meta (see simulation_batch and training_loss): its vision
+# tower's rotary and window indices are computed from CPU grid sizes that meet meta tensors.
+QWEN_FAMILY = "qwen2.5-vl"
 SIM_ATTENTION = "memsim_fused"  # no "flash" in the name: transformers would look for a kernel package
 # finetune: projector + LLM (LLaVA-1.5 stage 2); finetune_vision: + the CLIP layers that reach the
 # features (llava-v1.6's recipe); lora: projector + LoRA adapters on the LLM; projector: the
@@ -202,8 +208,10 @@ def build_training_model(
 
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}; allowed {MODES}")
+    if family == QWEN_FAMILY and mode == "finetune_vision":
+        raise ValueError(f"mode={mode!r}: the simulation runs Qwen2.5-VL's vision tower frozen only")
     register_fused_attention()
-    model = build_random_llava(size, device, seed=seed, family=family)
+    model = build_random_model(size, device, seed=seed, family=family)
     model.set_attn_implementation(SIM_ATTENTION)
     fam = family_for(model)
     unused = fam.unused_vision_params(model) | fam.unused_params(model)
@@ -225,7 +233,13 @@ def build_training_model(
         # grad, the CLIP patch embedding included, so a frozen tower would record its graph.
         inner = _llava_model(model)
         inner.language_model.activation_checkpointing_enable({"use_reentrant": False})
-        inner.vision_tower.activation_checkpointing_enable({"use_reentrant": False})
+        tower = getattr(inner, "vision_tower", None) or inner.visual  # Qwen2.5-VL names it visual
+        tower.activation_checkpointing_enable({"use_reentrant": False})
+        if hasattr(tower, "_require_grads_hook"):
+            # Qwen2.5-VL's tower is a PreTrainedModel with input embeddings (its patch embedding),
+            # hooked to require grad as the whole-model call does; the trainer drops the hook
+            # (training.modeling.drop_input_grad_hooks), so a frozen tower records no graph.
+            tower.disable_input_require_grads()
     if mode == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -258,6 +272,8 @@ def simulation_batch(
     """
     config = model.config
     plan = image_plan(config, family, tokens, budgets)
+    if family == QWEN_FAMILY:
+        return _qwen_simulation_batch(config, size, plan, device, seed)
     cpu = synthetic_batch(
         size,
         plan.llm,
@@ -272,6 +288,116 @@ def simulation_batch(
     batch = {k: v if k == "image_sizes" else v.to(device) for k, v in cpu.items()}
     info = {"image_tokens": plan.llm, "crops": plan.crops, "seq_len": int(cpu["input_ids"].shape[1])}
     return batch, info
+
+
+def _qwen_simulation_batch(config, size, plan, device, seed: int) -> tuple[dict[str, torch.Tensor], dict]:
+    """Qwen2.5-VL's batch for the meta step: the benchmarks' rows (:func:`qwen_synthetic_batch`,
+    one :data:`~visionzip_core.benchmarking.QWEN_IMAGE` each) with ``plan.llm`` image tokens, plus
+    what stands in for the tower and the compression (see :func:`training_loss`):
+
+    - ``vision_output``: ``(patches, vision_hidden)``, the frozen tower's output before the merger
+      (no gradient: the tower is frozen and pixels need none);
+    - ``kept_index``: ``(images * plan.llm,)`` rows of the merger's output the LLM receives
+      (compression gathers them; stock keeps every row);
+    - ``position_ids``: ``(3, B, S)`` M-RoPE positions (a plain count on each axis: the same bytes
+      as the image-aware ones, which need the grids on the CPU).
+    """
+    cpu = qwen_synthetic_batch(size, config, plan.llm, "cpu", seed)
+    counts = (cpu["input_ids"] == config.image_token_id).sum(dim=1)
+    if not bool((counts == plan.llm).all()):
+        raise RuntimeError(f"batch has {counts.tolist()} image tokens per sample, the plan {plan.llm}")
+    images, seq_len = cpu["input_ids"].shape
+    merged = plan.projected  # merged tokens per image, all through the merger
+    per_image = torch.arange(plan.llm) * merged // plan.llm  # spread over the image, as selection is
+    kept = (torch.arange(images)[:, None] * merged + per_image[None]).reshape(-1)
+    batch = {k: cpu[k].to(device) for k in ("input_ids", "attention_mask", "labels")}
+    batch["vision_output"] = torch.zeros(
+        cpu["pixel_values"].shape[0], config.vision_config.hidden_size, dtype=cpu["pixel_values"].dtype
+    ).to(device)
+    batch["kept_index"] = kept.to(device)
+    batch["position_ids"] = torch.arange(seq_len).view(1, 1, -1).expand(3, images, -1).contiguous().to(device)
+    batch["vision_working_set"] = qwen_vision_working_bytes(config, cpu["pixel_values"])  # bytes, an int
+    info = {"image_tokens": plan.llm, "crops": 1, "seq_len": int(seq_len)}
+    return batch, info
+
+
+def qwen_vision_working_bytes(config, pixel_values: torch.Tensor) -> int:
+    """Bytes a frozen Qwen2.5-VL vision tower holds at once during its forward over ``pixel_values``
+    (``(T, 3 * 2 * 14 * 14)`` patches of the micro-batch).
+
+    The tower runs without a graph (frozen weights, pixels need no gradient), so only one block's
+    tensors are live at a time, and with a fused attention kernel that is linear in ``T``. The
+    bytes per patch are measured (:func:`qwen_vision_bytes_per_patch`) on real CPU tensors, and
+    scaled to ``T``.
+    """
+    v = config.vision_config
+    per_patch = qwen_vision_bytes_per_patch(
+        v.to_json_string(), str(pixel_values.dtype).removeprefix("torch.")
+    )
+    return math.ceil(per_patch * pixel_values.shape[0])
+
+
+@functools.lru_cache(maxsize=8)
+def qwen_vision_bytes_per_patch(vision_config_json: str, dtype: str) -> float:
+    """Peak live bytes per patch of a frozen Qwen2.5-VL vision tower's forward, measured on the CPU.
+
+    The tower of these widths is built with two blocks (one windowed, one with full attention,
+    the two kinds it has) and run on one window of patches (a 112 px image) under
+    :class:`LiveTensorMemory`, the input patches included, with the fused attention of the
+    simulation. Blocks run one after another, so two stand for all of them; the figure is the
+    same per patch for 1, 4 or 16 windows (checked when this was written: 44,178 bytes per patch
+    for the 7B's widths in bf16 at 112, 224 and 448 px).
+    """
+    import json
+
+    from transformers import AutoConfig
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+
+    data = json.loads(vision_config_json)
+    data.update(depth=2, fullatt_block_indexes=[1])
+    config = AutoConfig.for_model(**data)  # the vision config's own model_type
+    register_fused_attention()
+    config._attn_implementation = SIM_ATTENTION
+    tower = Qwen2_5_VisionTransformerPretrainedModel._from_config(config, dtype=getattr(torch, dtype))
+    tower.requires_grad_(False)
+    side = config.window_size // config.patch_size
+    width = config.in_channels * config.temporal_patch_size * config.patch_size**2
+    pixels = torch.zeros(side * side, width, dtype=getattr(torch, dtype))
+    grid = torch.tensor([[1, side, side]])
+    with LiveTensorMemory([*tower.parameters(), *tower.buffers(), pixels]) as t:
+        out = tower(pixels, grid_thw=grid)
+        del out
+        return (t.peak - t.start + pixels.numel() * pixels.element_size()) / (side * side)
+
+
+def set_simulated_budget(model: nn.Module, family: str, tokens: int, budgets: dict) -> None:
+    """:func:`set_budget`, except for Qwen2.5-VL, whose budget the meta batch carries
+    (``kept_index``), since its compression runs inside the tower's forward, which the meta step
+    does not run."""
+    if family != QWEN_FAMILY:
+        set_budget(model, tokens, budgets)
+
+
+def _qwen_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The Qwen2.5-VL training loss from the frozen tower's output on: the tower's working set
+    (:func:`qwen_vision_working_bytes`) is allocated and freed first, as its forward would, then
+    the merger (trainable), the gather of the kept tokens, the scatter into the text embeddings
+    and the language model with its LM head and loss."""
+    inner = _llava_model(model)
+    input_ids = batch["input_ids"]
+    embeds = inner.get_input_embeddings()(input_ids)
+    working = torch.empty(batch["vision_working_set"], dtype=torch.uint8, device=embeds.device)
+    del working
+    features = inner.visual.merger(batch["vision_output"])
+    features = features.index_select(0, batch["kept_index"]).to(embeds.dtype)
+    image_positions = (input_ids == inner.config.image_token_id).unsqueeze(-1)
+    embeds = embeds.masked_scatter(image_positions, features)
+    return model(
+        inputs_embeds=embeds,
+        attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+        labels=batch["labels"],
+    ).loss
 
 
 def _llava_model(model: nn.Module) -> nn.Module:
@@ -292,6 +418,8 @@ def training_loss(model: nn.Module, batch: dict[str, torch.Tensor], merge: str =
         return model(**batch).loss
     if merge != "split":
         raise ValueError(f"merge={merge!r}; 'split' or 'stock'")
+    if "kept_index" in batch:
+        return _qwen_loss(model, batch)
     inner = _llava_model(model)
     input_ids = batch["input_ids"]
     # Embeddings before the tower, as the stock forward: the order decides which gradients backward
@@ -559,7 +687,7 @@ def simulate(
                 for stage in stages
             }
             for tokens, split in work.budgets.items():
-                set_budget(model, tokens, work.budgets)
+                set_simulated_budget(model, work.family, tokens, work.budgets)
                 batch, info = simulation_batch(
                     model, work.size, work.family, tokens, work.budgets, "meta", seed
                 )

@@ -32,19 +32,26 @@ from pathlib import Path
 from visionzip_core.benchmarking import (
     BUDGETS,
     PAD_TOKEN_ID,
-    SIZES,
     BenchSize,
     budgets_for,
     image_plan,
     llava_config,
     mix665k_like_text_lengths,
-    set_budget,
+    qwen_config,
+    sizes_for,
     stock_budget,
 )
-from visionzip_core.flops import LlamaShape, TrainableParts, VisionTowerShape, llava_step_flops
+from visionzip_core.flops import (
+    LlamaShape,
+    TrainableParts,
+    VisionTowerShape,
+    llava_step_flops,
+    qwen_step_flops,
+)
 from visionzip_core.memory_sim import (
     GIB,
     LORA_RANK,
+    QWEN_FAMILY,
     ZERO3_SUB_GROUP,
     MetaTensorMemory,
     build_training_model,
@@ -52,12 +59,13 @@ from visionzip_core.memory_sim import (
     optimizer_step_transient,
     parameter_counts,
     release_grads_on_accumulate,
+    set_simulated_budget,
     simulation_batch,
     zero_model_states,
 )
 
 # The families the memory simulation can run (build_training_model / simulation_batch).
-SIMULATED_FAMILIES = ("llava-1.5", "llava-next")
+SIMULATED_FAMILIES = ("llava-1.5", "llava-next", QWEN_FAMILY)
 # Planner modes -> the simulation's modes. projector/pretrain train the projector only, which the
 # simulation does not model separately; their memory is at most LoRA's (no adapters), so they are
 # planned as lora would be, which errs on the safe side.
@@ -191,7 +199,7 @@ def resolve_model(name_or_folder: str) -> PlanModel:
                 f"--model {name_or_folder}: the memory simulation does not run {family} yet "
                 f"(it runs {', '.join(SIMULATED_FAMILIES)})"
             )
-        return PlanModel(name_or_folder, family, SIZES[name_or_folder], dict(budgets_for(family)))
+        return PlanModel(name_or_folder, family, sizes_for(family)[name_or_folder], dict(budgets_for(family)))
     folder = Path(name_or_folder)
     if not (folder / "config.json").is_file():
         raise ValueError(
@@ -212,9 +220,10 @@ def model_from_config(config, name: str) -> PlanModel:
     from visionzip_core.families import family_for
 
     family = family_for(config).name
-    if family not in SIMULATED_FAMILIES:
+    if family not in SIMULATED_FAMILIES or family == QWEN_FAMILY:
         raise ValueError(
-            f"{name}: the memory simulation does not run {family} yet (it runs {', '.join(SIMULATED_FAMILIES)})"
+            f"{name}: the planner reads {', '.join(f for f in SIMULATED_FAMILIES if f != QWEN_FAMILY)} "
+            f"folders; plan {family} by its size name (qwen2.5-vl-7b)"
         )
     vision = VisionTowerShape.from_config(config.vision_config)
     llm = LlamaShape.from_config(config.text_config)
@@ -235,15 +244,45 @@ def budget_split(tokens: int) -> tuple[int, int]:
     return tokens - contextual, contextual
 
 
+def default_budgets(model: PlanModel) -> str:
+    """``--budgets`` when none is given: the family's budget table, in the form it is typed."""
+    if model.family == QWEN_FAMILY:
+        return "stock,0.7,0.5,0.25"
+    return "stock,192,128,64"
+
+
+def ratio_budget(item: str) -> tuple[int, tuple[float, float]]:
+    """Qwen2.5-VL's ratio form: ``"0.45+0.05"`` (dominant + contextual fractions of each image's
+    merged tokens) or ``"0.5"`` (kept in all, 0.05 of it contextual as the authors' defaults) ->
+    ``(percent key, (dominant, contextual))``."""
+    try:
+        parts = [float(v) for v in item.split("+")]
+    except ValueError:
+        raise ValueError(
+            f"--budgets: {item!r} is not 'stock', a ratio (0.5) or dominant+contextual (0.45+0.05)"
+        ) from None
+    if len(parts) == 1:
+        contextual = 0.05 if parts[0] > 0.1 else 0.0
+        parts = [parts[0] - contextual, contextual]
+    if len(parts) != 2 or parts[0] <= 0 or parts[1] < 0 or sum(parts) >= 1:
+        raise ValueError(f"--budgets: {item!r}; the kept fractions must be > 0 and sum to under 1")
+    dominant, contextual = round(parts[0], 4), round(parts[1], 4)
+    return round(100 * (dominant + contextual)), (dominant, contextual)
+
+
 def parse_budgets(text: str, model: PlanModel) -> list[int]:
     """``"stock,64,128"`` -> budget keys of ``model.budgets`` (missing ones added with the paper's
-    split); the stock budget always comes first."""
+    split); Qwen2.5-VL's ``"stock,0.5,0.45+0.05"`` -> percent keys (:func:`ratio_budget`). The
+    stock budget always comes first."""
     stock = stock_budget(model.budgets)
     out: list[int] = []
     for item in text.split(","):
         item = item.strip()
         if item == "stock":
             key = stock
+        elif model.family == QWEN_FAMILY:
+            key, split = ratio_budget(item)
+            model.budgets[key] = split
         else:
             try:
                 key = int(item)
@@ -256,6 +295,14 @@ def parse_budgets(text: str, model: PlanModel) -> list[int]:
         if key not in out:
             out.append(key)
     return [stock] + [k for k in out if k != stock]
+
+
+def check_mode(model: PlanModel, mode: str) -> None:
+    """A one-line error for a mode the simulation cannot plan for ``model``."""
+    if mode not in PLAN_MODES:
+        raise ValueError(f"--mode {mode!r}; allowed {list(PLAN_MODES)}")
+    if model.family == QWEN_FAMILY and PLAN_MODES[mode] == "finetune_vision":
+        raise ValueError(f"--mode {mode}: the simulation runs {model.family}'s vision tower frozen only")
 
 
 def micro_batches(global_batch: int, gpus: int) -> list[int]:
@@ -282,9 +329,22 @@ def step_flops(
 ) -> float:
     """Matmul FLOPs of ``samples`` samples at budget ``tokens`` and ``text_tokens`` text each, the
     forward recomputed once more where checkpointing is on (the LLM, and a trained tower)."""
+    parts = trainable_parts(mode)
+    if model.family == QWEN_FAMILY:
+        config = qwen_config(model.size)
+        plan = image_plan(config, model.family, tokens, model.budgets)
+        flops = qwen_step_flops(
+            config,
+            parts,
+            num_images=samples,
+            image_hw=model.size.image,
+            seq_len=round(2 + plan.llm + text_tokens),
+            image_tokens=plan.llm,
+        )
+        total = flops["total"].total
+        return float(total + (flops["llm"].forward if ckpt else 0))
     config = llava_config(model.size, model.family)
     plan = image_plan(config, model.family, tokens, model.budgets)
-    parts = trainable_parts(mode)
     split = model.budgets[tokens]
     seq_len = round(1 + plan.llm + text_tokens)
     flops = llava_step_flops(
@@ -375,7 +435,7 @@ class SettingSimulator:
         """``(activation bytes, image tokens per sample)`` of one meta step."""
         key = (tokens, micro_batch)
         if key not in self.steps:
-            set_budget(self.model, tokens, self.budgets)
+            set_simulated_budget(self.model, self.family, tokens, self.budgets)
             size = replace(self.size, batch_size=micro_batch)
             batch, info = simulation_batch(self.model, size, self.family, tokens, self.budgets, "meta")
             step = measure_step(self.model, batch, MetaTensorMemory)
@@ -414,8 +474,7 @@ def plan(
     For each checkpointing setting and budget the micro-batches are tried smallest first, up to
     the first that fits under no ZeRO stage (a larger one needs more memory still).
     """
-    if mode not in PLAN_MODES:
-        raise ValueError(f"--mode {mode!r}; allowed {list(PLAN_MODES)}")
+    check_mode(model, mode)
     sim_mode = PLAN_MODES[mode]
     size = replace(model.size, text_tokens=(text.longest, text.longest))
     sizes = [micro_batch] if micro_batch else micro_batches(global_batch, hardware.gpus)
@@ -478,6 +537,9 @@ def _row(model: PlanModel, tokens: int, candidates: list[Candidate], hardware: H
     split = model.budgets[tokens]
     return {
         "visual_tokens": tokens,
+        # Qwen2.5-VL's budgets are percent of each image's merged tokens; the others' are tokens
+        # per image (per crop for LLaVA-NeXT).
+        "budget_kind": "percent" if model.family == QWEN_FAMILY else "tokens",
         "image_tokens": best.image_tokens,
         "stock": split is None,
         "zero_stage": best.zero_stage,
@@ -568,6 +630,12 @@ def calibrate_planner(family: str = "llava-1.5", mode: str = "finetune") -> list
     return rows
 
 
+def _budget_label(row: dict) -> str:
+    if row.get("budget_kind") == "percent":
+        return f"{row['visual_tokens']}% = {row['image_tokens']}/image"
+    return str(row["visual_tokens"])
+
+
 def table(rows: list[dict]) -> str:
     """The plan as a Markdown table."""
     head = (
@@ -576,7 +644,7 @@ def table(rows: list[dict]) -> str:
         "|---|---|---:|---|---|---:|---:|---:|---:|---:|---|\n"
     )
     lines = [
-        f"| {r['visual_tokens']}{' (stock)' if r['stock'] else ''} | {'yes' if r['fits'] else 'NO'} "
+        f"| {_budget_label(r)}{' (stock)' if r['stock'] else ''} | {'yes' if r['fits'] else 'NO'} "
         f"| {r['zero_stage']} | {'on' if r['gradient_checkpointing'] else 'off'} "
         f"| {r['micro_batch']} x {r['grad_accum']} | {r['memory_gib']:.1f} | {r['step_time_s']:.2f} "
         f"| {r['compute_s']:.2f} | {r['comm_s']:.2f} | {r['speedup_vs_stock']:.2f}x | {r['reason']} |"
