@@ -33,7 +33,10 @@ def test_num_workers_is_capped_at_the_cpus_with_one_line():
     loader = build_val_loader(list(range(4)), settings, 2, rank=0, world=1, pad_token_id=0)
     assert loader.num_workers == cpus  # torch warns ("suggested max number of worker") above it
     note = workers_note(cpus + 3)
-    assert note == f"data.num_workers: {cpus + 3} capped at {cpus}, the {cpus} CPU{'s' if cpus != 1 else ''} available"
+    assert (
+        note
+        == f"data.num_workers: {cpus + 3} capped at {cpus}, the {cpus} CPU{'s' if cpus != 1 else ''} available"
+    )
     assert workers_note(cpus) is None and workers_note(0) is None
 
 
@@ -42,15 +45,22 @@ def test_one_dropped_text_only_sample_is_singular(tmp_path, caplog):
     Image.new("RGB", (40, 30), "red").save(tmp_path / "a.png")
     turn = [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Hello."}]
     rows = [
-        {"id": "img", "image": "a.png", "conversations": [{"from": "human", "value": "<image>\nWhat?"}, turn[1]]},
+        {
+            "id": "img",
+            "image": "a.png",
+            "conversations": [{"from": "human", "value": "<image>\nWhat?"}, turn[1]],
+        },
         {"id": "text", "conversations": turn},
     ]
     (tmp_path / "train.json").write_text(json.dumps(rows))
     settings = DataSettings(
-        train=[{"path": str(tmp_path / "train.json"), "image_folder": str(tmp_path)}], cache_dir=str(tmp_path / "c")
+        train=[{"path": str(tmp_path / "train.json"), "image_folder": str(tmp_path)}],
+        cache_dir=str(tmp_path / "c"),
     )
     with caplog.at_level(logging.WARNING):
-        build_dataset(settings, "train", build_tiny_tokenizer(), build_image_processor(112), 6, images_only=True)
+        build_dataset(
+            settings, "train", build_tiny_tokenizer(), build_image_processor(112), 6, images_only=True
+        )
     assert "data.train: dropped 1 text-only sample" in caplog.text
     assert "1 text-only samples" not in caplog.text
 
@@ -154,5 +164,10 @@ def test_a_short_piped_run_is_free_of_library_noise(tiny_llava_dir, tmp_path):
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-3000:]
     assert log.count("data.num_workers: ") == 1 and "capped at" in log, log
-    for noise in ("suggested max number of worker", "is_gradient_checkpointing", "Loading weights", "FutureWarning"):
+    for noise in (
+        "suggested max number of worker",
+        "is_gradient_checkpointing",
+        "Loading weights",
+        "FutureWarning",
+    ):
         assert noise not in log, f"{noise!r} in the log:\n{log[-3000:]}"
