@@ -1,6 +1,7 @@
 """Every user-facing command on every model family, as a user runs them: a tiny model laid out
 like its download goes through ``scripts/check_data.py``, a short ``train/finetune.py`` run (projector
-mode, with ``eval.generate_accuracy``) and ``scripts/evaluate.py`` on the export.
+mode, with ``eval.generate_accuracy``), then ``scripts/evaluate.py``, ``scripts/show_tokens.py`` and
+``scripts/generate.py`` on the export.
 
     PYTHONPATH=$PWD .venv/bin/python -m pytest -m slow tests/test_command_matrix.py   # about 2 min, CPU
 
@@ -279,6 +280,41 @@ def test_evaluate_scores_the_export(trained, matrix_data, tmp_path, name):
     rows = json.loads(out.read_text())
     assert [r["samples"] for r in rows] == [2, 2]  # the Qwen video sample is asked too
     assert rows[0]["tokens"] != rows[1]["tokens"]  # the recorded split is fewer tokens than stock
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_show_tokens_and_generate_run_on_the_export(trained, matrix_data, tmp_path, name):
+    """The export keeps its recorded split: both scripts take it without budget flags, draw the
+    picture and answer, in the family's own aspect ratio and prompt."""
+    t = trained[name]
+    image = str(matrix_data / "images" / "im0.png")
+    out = tmp_path / "tokens.png"
+    code, stdout, stderr = run_script(
+        "show_tokens", "--model", str(t.final), "--image", image, "--out", str(out)
+    )
+    assert code == 0, stderr[-3000:]
+    with Image.open(out) as png:
+        assert png.format == "PNG"
+    recorded = json.loads((t.final / "config.json").read_text())["visionzip"]
+    kept = (
+        f"ratios {recorded['dominant_ratio']:g} + {recorded['contextual_ratio']:g}"
+        if recorded.get("dominant_ratio") is not None
+        else f"{recorded['dominant']} dominant ("
+    )
+    assert kept in stdout, stdout  # the drawn budget is the recorded one
+    code, stdout, stderr = run_script(
+        "generate",
+        "--model",
+        str(t.final),
+        "--image",
+        image,
+        "--prompt",
+        "What is it?",
+        "--max-new-tokens",
+        "2",
+    )
+    assert code == 0, stderr[-3000:]
+    assert stdout.strip(), "no reply printed"
 
 
 def test_a_failed_requested_score_exits_4_and_keeps_the_run(runs):
