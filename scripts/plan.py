@@ -92,6 +92,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--calibrate", action="store_true", help="planner memory vs a real CPU step on a tiny model"
     )
+    p.add_argument(
+        "--quantization",
+        default="none",
+        choices=planner.QUANTIZATIONS,
+        help="the LLM's frozen linears in 4/8 bits, as model.quantization (QLoRA: --mode lora --quantization nf4)",
+    )
     p.add_argument("--out", type=Path, default=None, help="plan.json (a list of rows, one per budget)")
     args = p.parse_args(argv)
     for flag, value in (("--gpus", args.gpus), ("--global-batch", args.global_batch)):
@@ -153,6 +159,7 @@ def main(argv=None) -> int:
                 args.budgets = planner.default_budgets(model)
             budgets = planner.parse_budgets(args.budgets, model)
             planner.check_mode(model, args.mode)
+            planner.check_quantization(args.mode, args.quantization)
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
@@ -183,6 +190,7 @@ def main(argv=None) -> int:
                 args.text,
                 micro_batch=args.micro_batch,
                 log=print,
+                quantization=args.quantization,
             )
             print(planner.table(rows))
         print(f"planned in {time.perf_counter() - start:.0f}s")

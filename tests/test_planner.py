@@ -349,6 +349,27 @@ def test_cli_qwen_8x80_finetune_writes_both_rows_with_every_key(tmp_path):
     assert rows[1]["speedup_vs_stock"] > 1.2
 
 
+@pytest.mark.slow
+def test_cli_qwen_1x24_qlora_fits_where_lora_does_not(tmp_path):
+    """On one 24 GB GPU the bf16 Qwen2.5-VL-7B weights alone leave no room for LoRA; with the LLM's
+    frozen linears in NF4 (``model.quantization: nf4``) the 25% row fits, under ZeRO-2 only."""
+    args = ["--model", "qwen2.5-vl-7b", "--gpus", "1", "--gpu-memory-gib", "24", "--mode", "lora"]
+    args += ["--budgets", "stock,0.25", "--global-batch", "16"]
+    lora = _plan(tmp_path, *args)
+    qlora = _plan(tmp_path, *args, "--quantization", "nf4")
+    assert not lora[1]["fits"]
+    assert qlora[1]["fits"] and qlora[1]["zero_stage"] == 2, qlora[1]
+    assert qlora[1]["memory_gib"] < lora[1]["memory_gib"] - 5  # about 9 GiB of weights saved
+
+
+def test_quantization_is_refused_where_the_trainer_refuses_it():
+    with pytest.raises(ValueError, match="mode lora or projector"):
+        planner.check_quantization("finetune", "nf4")
+    with pytest.raises(ValueError, match="one of none, nf4"):
+        planner.check_quantization("lora", "nf5")
+    planner.check_quantization("lora", "nf4")
+
+
 def test_cli_bad_input_is_one_line(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run(

@@ -313,6 +313,19 @@ def micro_batches(global_batch: int, gpus: int) -> list[int]:
     return [m for m in range(per_gpu, 0, -1) if per_gpu % m == 0]
 
 
+QUANTIZATIONS = ("none", "nf4", "fp4", "int8")
+
+
+def check_quantization(mode: str, quantization: str) -> None:
+    """``ValueError`` for a quantization the trainer would refuse (as ``model.quantization``)."""
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization: one of {', '.join(QUANTIZATIONS)} (got '{quantization}')")
+    if quantization != "none" and mode not in ("lora", "projector"):
+        raise ValueError(
+            f"quantization: {quantization} trains with mode lora or projector (mode is '{mode}')"
+        )
+
+
 def trainable_parts(mode: str) -> TrainableParts:
     if mode == "finetune_vision":
         return TrainableParts(vision=True, llm="full")
@@ -419,8 +432,19 @@ class SettingSimulator:
     """The simulation's pieces for one (mode, checkpointing): the meta model is built once and
     stepped per (budget, micro-batch); the ZeRO stages share each step, as in ``simulate``."""
 
-    def __init__(self, size: BenchSize, family: str, mode: str, ckpt: bool, budgets: dict, gpus: int, stages):
+    def __init__(
+        self,
+        size: BenchSize,
+        family: str,
+        mode: str,
+        ckpt: bool,
+        budgets: dict,
+        gpus: int,
+        stages,
+        quantization: str = "none",
+    ):
         self.size, self.family, self.budgets, self.gpus = size, family, budgets, gpus
+        self.quantization = quantization
         self.model = build_training_model(size, family, mode, ckpt, "meta")
         self.counts = parameter_counts(self.model)
         self.handles = release_grads_on_accumulate(self.model)
@@ -448,7 +472,7 @@ class SettingSimulator:
 
     def memory(self, tokens: int, micro_batch: int, stage: int) -> SettingMemory:
         activations, _ = self._step(tokens, micro_batch)
-        states = zero_model_states(self.counts, stage, self.gpus)
+        states = zero_model_states(self.counts, stage, self.gpus, quantization=self.quantization)
         return SettingMemory(states.total, activations, self.transient[stage])
 
     def close(self) -> None:
@@ -467,21 +491,31 @@ def plan(
     checkpointing: tuple[bool, ...] = (False, True),
     micro_batch: int | None = None,
     log=lambda line: None,
+    quantization: str = "none",
 ) -> list[dict]:
     """One row per budget: the fastest setting whose simulated peak fits, or the smallest-memory
     one with ``fits`` false and the reason. ``micro_batch`` fixes the micro-batch (else searched).
+
+    ``quantization`` (``nf4`` | ``fp4`` | ``int8``, as ``model.quantization``) counts the frozen
+    LLM linears at bitsandbytes' size; only ZeRO-2 is searched then (the trainer refuses ZeRO-3 with
+    quantized weights), and the step time is the bf16 one (dequantization is not modelled).
 
     For each checkpointing setting and budget the micro-batches are tried smallest first, up to
     the first that fits under no ZeRO stage (a larger one needs more memory still).
     """
     check_mode(model, mode)
+    check_quantization(mode, quantization)
+    if quantization != "none":
+        stages = tuple(s for s in stages if s != 3)
     sim_mode = PLAN_MODES[mode]
     size = replace(model.size, text_tokens=(text.longest, text.longest))
     sizes = [micro_batch] if micro_batch else micro_batches(global_batch, hardware.gpus)
     per_gpu = global_batch // hardware.gpus
     found: dict[int, list[Candidate]] = {k: [] for k in budgets}
     for ckpt in checkpointing:
-        sim = SettingSimulator(size, model.family, sim_mode, ckpt, model.budgets, hardware.gpus, stages)
+        sim = SettingSimulator(
+            size, model.family, sim_mode, ckpt, model.budgets, hardware.gpus, stages, quantization
+        )
         for tokens in budgets:
             # Ascending: peak memory grows with the micro-batch, so the first one that fits no
             # stage ends the search (and a budget where micro-batch 1 does not fit costs one step).
