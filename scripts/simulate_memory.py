@@ -10,7 +10,7 @@ How, and what it leaves out: ``visionzip_core/memory_sim.py`` and BENCHMARKS.md.
     python scripts/simulate_memory.py --quick --out /tmp/sim.json               # 2 LLM layers, seconds
     python scripts/simulate_memory.py --calibrate --out results/simulate_memory_calibration.json
     python scripts/simulate_memory.py --families llava-next --modes finetune --whole-model-ckpt
-    python scripts/simulate_memory.py --configs configs/llava-1.5-7b configs/llava-next-7b   # shipped configs, long samples
+    python scripts/simulate_memory.py --configs configs/llava-1.5-7b configs/llava-next-7b configs/qwen2.5-vl-7b   # shipped configs, long samples
 
 Per-GPU micro-batches: LLaVA-1.5 16 (LLaVA's scripts/v1_5/finetune.sh: 16 x 8 GPUs = 128, ZeRO-3,
 gradient checkpointing, bf16); LLaVA-NeXT 4 (LLaVA-NeXT's scripts/train/finetune_clip.sh:

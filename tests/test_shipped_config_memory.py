@@ -27,5 +27,15 @@ def test_the_check_fails_for_a_projector_config_without_checkpointing():
     assert row["total_gib"] > GPU_GIB
 
 
+def test_the_qwen_bound_is_the_micro_batch():
+    """Qwen2.5-VL's configs keep the ratio split (0.45 + 0.05 of a 448 px image's 256 merged tokens:
+    115 + 12) and fit because of their per-GPU batch of 4: LLaVA's 16 at 4096 tokens does not
+    (the 152k-vocabulary logits)."""
+    path = next(p for p in shipped_configs(("qwen2.5-vl-7b",)) if p.name == "projector.yaml")
+    row = simulate_config(path, gpus=8, overrides=["train.per_device_batch_size=16"], log=lambda *_: None)
+    assert row["image_tokens"] == 127 and row["split"] == [0.45, 0.05]
+    assert row["total_gib"] > GPU_GIB
+
+
 def test_every_simulated_folder_has_configs():
     assert {p.parent.name for p in shipped_configs()} == set(SIMULATED_FOLDERS)

@@ -8,7 +8,12 @@ run survives its longest batch. Precision is bf16 (what ``precision: auto`` pick
 with gradients accumulated in fp32 as the trainer's DeepSpeed config asks. With ``data.batch_tokens`` the micro-batch holds as many such
 samples as the budget allows.
 
-    python scripts/simulate_memory.py --configs configs/llava-1.5-7b configs/llava-next-7b
+Qwen2.5-VL keeps a fraction of each image's own merged tokens (``dominant_ratio`` +
+``contextual_ratio``), so its count depends on the image: the simulation feeds the benchmarks'
+448 x 448 image (:data:`~visionzip_core.benchmarking.QWEN_IMAGE`, 256 merged tokens) and runs the
+planner's Qwen path (ratio budget keyed by percent, the tower's working set, the merger and the LLM).
+
+    python scripts/simulate_memory.py --configs configs/llava-1.5-7b configs/llava-next-7b configs/qwen2.5-vl-7b
 """
 
 from __future__ import annotations
@@ -17,18 +22,24 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from visionzip_core.benchmarking import SIZES
+from visionzip_core.benchmarking import budgets_for, sizes_for, stock_budget
 from visionzip_core.training.settings import Settings, load_config, resolve_repo_path
 
 GPU_GIB = 80  # an A100/H100 80 GB
 # Folder of configs -> (the simulation's family, the model's shapes).
-SIMULATED_FOLDERS = {"llava-1.5-7b": "llava-1.5", "llava-next-7b": "llava-next"}
+SIMULATED_FOLDERS = {
+    "llava-1.5-7b": "llava-1.5",
+    "llava-next-7b": "llava-next",
+    "qwen2.5-vl-7b": "qwen2.5-vl",
+}
 MEMORY_MODE = {"projector": "projector", "pretrain": "projector", "lora": "lora", "finetune": "finetune"}
 
 
 def config_workload(settings: Settings, folder: str) -> dict:
     """What one step of this config holds per GPU: family, mode, micro-batch, checkpointing, ZeRO
-    stage, visual-token split, and the text tokens that make a sample ``model_max_length`` long."""
+    stage, visual-token budget (``tokens``, a key of ``budgets``: tokens per image, per crop for
+    LLaVA-NeXT, percent of each image's merged tokens for a ratio split), and the sample length."""
+    from visionzip_core.planner import ratio_budget
     from visionzip_core.training.deepspeed_config import zero_stage
 
     t, d, vz = settings.train, settings.data, settings.visionzip
@@ -36,8 +47,15 @@ def config_workload(settings: Settings, folder: str) -> dict:
     mode = MEMORY_MODE[t.mode]
     if mode == "finetune" and t.tune_vision_tower:
         mode = "finetune_vision"
-    split = (vz.dominant, vz.contextual) if vz.enabled and not vz.uses_ratios else None
-    per_image = sum(split) if split else 576  # per crop for LLaVA-NeXT
+    budgets = dict(budgets_for(family))
+    if not vz.enabled:
+        tokens, split = stock_budget(budgets), None
+    elif vz.uses_ratios:  # the planner's ratio form, keyed by the percent kept
+        tokens, split = ratio_budget(f"{vz.dominant_ratio}+{vz.contextual_ratio}")
+    else:
+        split = (vz.dominant, vz.contextual)
+        tokens = sum(split)
+    budgets[tokens] = split
     micro = t.per_device_batch_size
     if d.batch_tokens is not None:
         micro = max(1, d.batch_tokens // d.model_max_length)
@@ -50,7 +68,8 @@ def config_workload(settings: Settings, folder: str) -> dict:
         "grad_ckpt": t.gradient_checkpointing,
         "zero_stage": stage,
         "split": split,
-        "tokens": per_image,
+        "tokens": tokens,
+        "budgets": budgets,
         "max_length": d.model_max_length,
     }
 
@@ -63,8 +82,8 @@ def simulate_config(path: str | Path, gpus: int = 8, overrides=(), log=print) ->
     path = Path(path)
     settings = load_config(path, list(overrides))
     work = config_workload(settings, path.parent.name)
-    size = SIZES[work["size"]]
-    budgets = {work["tokens"]: work["split"]}
+    size = sizes_for(work["family"])[work["size"]]
+    budgets = work["budgets"]
     model = sim.build_training_model(
         replace(size, batch_size=work["micro_batch"]), work["family"], work["mode"], work["grad_ckpt"], "meta"
     )
@@ -74,7 +93,7 @@ def simulate_config(path: str | Path, gpus: int = 8, overrides=(), log=print) ->
     # Text fills the sample up to model_max_length (the image tokens come on top of the text range).
     text = max(1, work["max_length"] - plan.llm - 2)
     sized = replace(size, batch_size=work["micro_batch"], text_tokens=(text, text))
-    sim.set_budget(model, work["tokens"], budgets)
+    sim.set_simulated_budget(model, work["family"], work["tokens"], budgets)
     batch, info = sim.simulation_batch(model, sized, work["family"], work["tokens"], budgets, "meta")
     step = sim.measure_step(model, batch, sim.MetaTensorMemory)
     for h in handles:
@@ -88,7 +107,7 @@ def simulate_config(path: str | Path, gpus: int = 8, overrides=(), log=print) ->
     total = (states.total + max(step.activations, transient)) / sim.GIB
     row = {
         "config": str(path.relative_to(resolve_repo_path("."))) if path.is_absolute() else str(path),
-        **{k: v for k, v in work.items() if k != "split"},
+        **{k: v for k, v in work.items() if k not in ("split", "budgets")},
         "split": list(work["split"]) if work["split"] else None,
         "seq_len": info["seq_len"],
         "image_tokens": info["image_tokens"],
