@@ -171,3 +171,16 @@ def test_a_short_piped_run_is_free_of_library_noise(tiny_llava_dir, tmp_path):
         "FutureWarning",
     ):
         assert noise not in log, f"{noise!r} in the log:\n{log[-3000:]}"
+
+
+def test_building_a_builtin_model_into_a_piped_log_draws_no_progress_bar(tmp_path):
+    """The first run builds ``builtin:*`` into the cache; its "Writing model shards" bar is one
+    carriage-return line of noise in a log file."""
+    code = "from visionzip_core.model_names import resolve_model_path; print(resolve_model_path('builtin:tiny-llm'))"
+    env = {**os.environ, "VISIONZIP_CACHE": str(tmp_path), "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "builtin" / "tiny-llm" / "config.json").is_file()
+    assert "Writing model shards" not in proc.stdout + proc.stderr, proc.stderr[-2000:]

@@ -90,7 +90,10 @@ def resolve_model_path(name: str | os.PathLike) -> str:
     scratch = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=target.parent))
     try:
         staged = scratch / key
-        BUILTINS[key](staged)
+        from visionzip_core.weight_checks import progress_bars_on_terminal_only  # imports torch
+
+        with progress_bars_on_terminal_only():  # no "Writing model shards" bar in a piped log
+            BUILTINS[key](staged)
         try:
             os.rename(staged, target)
         except OSError:
