@@ -43,27 +43,33 @@ def _quick_model() -> planner.PlanModel:
     return planner.PlanModel("quick", "llava-1.5", SIZES["llava-1.5-7b"].quick(), {576: None, 64: (54, 10)})
 
 
-@pytest.mark.parametrize(("mode", "ckpt"), [("finetune", False), ("lora", True)])
-def test_planner_memory_equals_the_simulation_for_the_same_setting(mode, ckpt):
+def _assert_planner_memory_is_the_simulations(model: planner.PlanModel, mode: str, ckpt: bool) -> list[dict]:
     """Every (budget, ZeRO stage) at micro-batch 2, text 300 tokens, 8 GPUs: the planner's
-    simulator gives ``simulate``'s ``total_gib`` to the byte (the planner builds the meta model
-    once per checkpointing setting and re-steps it; simulate builds it per call)."""
-    model = _quick_model()
+    simulator gives ``simulate``'s ``total_gib`` and activations to the byte. Returns simulate's rows."""
     size = replace(model.size, text_tokens=(300, 300))
     rows = simulate(
-        replace(workload(size, "llava-1.5", 2, "test"), budgets=model.budgets),
+        replace(workload(size, model.family, 2, "test"), budgets=model.budgets),
         [mode],
         grad_ckpt=(ckpt,),
         gpus=8,
         log=lambda *a: None,
     )
-    sim = planner.SettingSimulator(size, "llava-1.5", mode, ckpt, model.budgets, 8, (2, 3))
+    sim = planner.SettingSimulator(size, model.family, mode, ckpt, model.budgets, 8, (2, 3))
     assert len(rows) == 4
     for r in rows:
         mine = sim.memory(r["tokens"], 2, r["zero_stage"])
         assert mine.total / planner.GIB == r["total_gib"], (r["tokens"], r["zero_stage"])
         assert mine.activations / planner.GIB == r["activations_gib"]
     sim.close()
+    return rows
+
+
+@pytest.mark.parametrize(("mode", "ckpt"), [("finetune", False), ("lora", True)])
+def test_planner_memory_equals_the_simulation_for_the_same_setting(mode, ckpt):
+    """Every (budget, ZeRO stage) at micro-batch 2, text 300 tokens, 8 GPUs: the planner's
+    simulator gives ``simulate``'s ``total_gib`` to the byte (the planner builds the meta model
+    once per checkpointing setting and re-steps it; simulate builds it per call)."""
+    _assert_planner_memory_is_the_simulations(_quick_model(), mode, ckpt)
 
 
 def test_plan_rows_pick_the_fastest_fitting_setting_and_report_nothing_fits():
@@ -150,22 +156,7 @@ def test_qwen_planner_memory_equals_the_simulation_for_the_same_setting(mode, ck
     """As for LLaVA: Qwen2.5-VL's planner memory is ``simulate``'s to the byte, per (budget, stage),
     and the 25% budget puts 63 of a 448 px image's 256 merged tokens (the family's count, 51 + 12)
     into a smaller step."""
-    model = _quick_qwen_model()
-    size = replace(model.size, text_tokens=(300, 300))
-    rows = simulate(
-        replace(workload(size, "qwen2.5-vl", 2, "test"), budgets=model.budgets),
-        [mode],
-        grad_ckpt=(ckpt,),
-        gpus=8,
-        log=lambda *a: None,
-    )
-    sim = planner.SettingSimulator(size, "qwen2.5-vl", mode, ckpt, model.budgets, 8, (2, 3))
-    assert len(rows) == 4
-    for r in rows:
-        mine = sim.memory(r["tokens"], 2, r["zero_stage"])
-        assert mine.total / planner.GIB == r["total_gib"], (r["tokens"], r["zero_stage"])
-        assert mine.activations / planner.GIB == r["activations_gib"]
-    sim.close()
+    rows = _assert_planner_memory_is_the_simulations(_quick_qwen_model(), mode, ckpt)
     by = {r["tokens"]: r for r in rows if r["zero_stage"] == 2}
     assert (by[100]["image_tokens"], by[25]["image_tokens"]) == (256, 63)
     assert by[25]["activations_gib"] < by[100]["activations_gib"]
