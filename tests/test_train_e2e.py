@@ -270,22 +270,24 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_llava_di
     assert not (out / "final").exists() and not list(out.glob("checkpoint-*.tmp-*"))
 
 
-def test_wandb_offline_run_gets_metrics_and_the_projector_artifact(tiny_llava_dir, tmp_path):
-    out = tmp_path / "run"
-    overrides = [o for o in _base(tiny_llava_dir, out) if not o.startswith("wandb.")]
-    overrides += [
-        "train.mode=projector",
-        "train.max_steps=2",
-        "wandb.mode=offline",
-        "wandb.log_artifact=projector",
-    ]
+def train_wandb_offline(model_dir: Path, out: Path, overrides: list[str]) -> subprocess.CompletedProcess:
+    """A projector run of ``model_dir`` into ``out`` with a real offline wandb run (not the
+    suite's disabled one), ``overrides`` added; asserts it exits 0."""
+    args = [o for o in _base(model_dir, out) if not o.startswith("wandb.")]
+    args += ["train.mode=projector", "wandb.mode=offline", *overrides]
     env = _env()
     env.pop("WANDB_MODE")
     env.pop("WANDB_API_KEY", None)
     proc = subprocess.run(
-        _cmd("python", overrides), cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+        _cmd("python", args), cwd=REPO, env=env, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def test_wandb_offline_run_gets_metrics_and_the_projector_artifact(tiny_llava_dir, tmp_path):
+    out = tmp_path / "run"
+    proc = train_wandb_offline(tiny_llava_dir, out, ["train.max_steps=2", "wandb.log_artifact=projector"])
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and "offline; upload with `wandb sync" in proc.stdout
     assert list(runs[0].glob("*.wandb"))

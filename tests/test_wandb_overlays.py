@@ -6,11 +6,10 @@ pytest -m slow tests/test_wandb_overlays.py      # ~40 s on 2 cores (offline wan
 from __future__ import annotations
 
 import re
-import subprocess
 
 import pytest
 from PIL import Image
-from test_train_e2e import REPO, _base, _cmd, _env
+from test_train_e2e import REPO, train_wandb_offline
 
 from visionzip_core.training.overlays import overlay_image_paths
 from visionzip_core.training.settings import load_config
@@ -27,22 +26,13 @@ def test_overlay_images_are_the_first_validation_images_and_one_key_turns_them_o
 @pytest.mark.slow
 def test_offline_run_logs_the_overlays_and_token_counts_at_each_evaluation(tiny_llava_dir, tmp_path):
     out = tmp_path / "run"
-    overrides = [o for o in _base(tiny_llava_dir, out) if not o.startswith("wandb.")]
-    overrides += [
-        "train.mode=projector",
+    overrides = [
         "train.max_steps=2",
         "train.eval_steps=1",
-        "wandb.mode=offline",
         "wandb.log_artifact=none",
         "wandb.token_overlays=2",
     ]
-    env = _env()
-    env.pop("WANDB_MODE")
-    env.pop("WANDB_API_KEY", None)
-    proc = subprocess.run(
-        _cmd("python", overrides), cwd=REPO, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    train_wandb_offline(tiny_llava_dir, out, overrides)
     [run] = list((out / "wandb").glob("offline-run-*"))
     images = sorted((run / "files/media/images").glob("val_tokens_*.png"))
     assert len(images) == 2 * 2  # two images at each of two evaluations
