@@ -143,9 +143,10 @@ def test_token_budget_sampler_shards_ranks_evenly_and_resumes_mid_epoch():
 
 
 def _model_and_items(model_dir, overrides=(), n=7):
-    settings = load_config(
-        REPO / "configs/demo.yaml", [f"model.name_or_path={model_dir}", "data.packing=true", *overrides]
-    )
+    """``(model, n encoded samples, pad id)`` of the demo config with packing on; ``model_dir`` None
+    leaves the model to ``overrides`` (stage 1's two folders)."""
+    model = [] if model_dir is None else [f"model.name_or_path={model_dir}"]
+    settings = load_config(REPO / "configs/demo.yaml", [*model, "data.packing=true", *overrides])
     processor, image_tokens = build_processor(settings)
     dataset = build_dataset(
         settings.data.resolve_paths(REPO),
@@ -309,24 +310,10 @@ def _pretrain_overrides(tiny_pretrain_dirs):
 def test_packed_pretrain_batch_has_the_unpacked_summed_loss(tiny_pretrain_dirs):
     """Stage 1 assembles LLaVA from two folders: the language model keeps its own config, and a
     cache left on there makes transformers skip reading packed bounds from position_ids."""
-    settings = load_config(
-        REPO / "configs/demo.yaml", ["data.packing=true", *_pretrain_overrides(tiny_pretrain_dirs)]
-    )
-    processor, image_tokens = build_processor(settings)
-    dataset = build_dataset(
-        settings.data.resolve_paths(REPO),
-        "train",
-        tokenizer=processor.tokenizer,
-        image_processor=processor.image_processor,
-        image_tokens_per_image=image_tokens,
-    )
-    torch.manual_seed(0)
-    model = build_model(settings, torch.float32, processor).train()
+    model, items, pad = _model_and_items(None, _pretrain_overrides(tiny_pretrain_dirs), n=6)
     assert not any(getattr(m.config, "use_cache", False) for m in model.modules() if hasattr(m, "config")), (
         "a module of the assembled model would build a KV cache in training"
     )
-    items = [dataset[i] for i in range(6)]
-    pad = processor.tokenizer.pad_token_id
     lengths = [len(i["input_ids"]) for i in items]
     packed = PackingCollator(pad_token_id=pad, max_tokens_per_row=sum(sorted(lengths)[-3:]))(items)
     assert packed["input_ids"].shape[0] < len(items)
