@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from visionzip_core.benchmarking import (
+from visionzip_core.bench.benchmarking import (
     NEXT_IMAGE,
     QWEN_SIZES,
     SIZES,
@@ -57,7 +57,7 @@ from visionzip_core.benchmarking import (
     write_qwen_processor_files,
     write_report,
 )
-from visionzip_core.flops import TrainableParts, llava_step_flops
+from visionzip_core.bench.flops import TrainableParts, llava_step_flops
 
 # A LLaVA-bench-like request: one image and a one-sentence question.
 QUESTION = (
@@ -102,7 +102,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def build_processor(size, model):
     """The model family's processor (CLIP preprocessing, byte-level BPE) matched to ``model``'s token ids."""
     from visionzip_core.families import family_for
-    from visionzip_core.tiny import (
+    from visionzip_core.testing.tiny import (
         IMAGE_TOKEN,
         TINY_CHAT_TEMPLATE,
         build_image_processor,
@@ -269,7 +269,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         "flops_source": (
             "counted (torch.utils.flop_counter.FlopCounterMode, 1-token generate)"
             if qwen
-            else "visionzip_core.flops.llava_step_flops"
+            else "visionzip_core.bench.flops.llava_step_flops"
         ),
         **run_context(device),
     }

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from visionzip_core.benchmarking import (
+from visionzip_core.bench.benchmarking import (
     NEXT_IMAGE,
     PAD_TOKEN_ID,
     QWEN_SIZES,
@@ -58,8 +58,8 @@ from visionzip_core.benchmarking import (
     synthetic_batch,
     write_report,
 )
+from visionzip_core.bench.flops import LlamaShape, TrainableParts, VisionTowerShape, llava_step_flops
 from visionzip_core.families import family_for
-from visionzip_core.flops import LlamaShape, TrainableParts, VisionTowerShape, llava_step_flops
 
 LORA_TARGETS = family_for("llava").lora_targets
 LORA_RANK, LORA_ALPHA = 128, 256  # LLaVA-1.5's LoRA recipe, as configs/ use
@@ -299,7 +299,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         "flops_source": (
             "counted (torch.utils.flop_counter.FlopCounterMode, warm-up step)"
             if qwen
-            else "visionzip_core.flops.llava_step_flops"
+            else "visionzip_core.bench.flops.llava_step_flops"
         ),
         "memory_measure": (
             "torch.cuda.max_memory_allocated"
@@ -319,7 +319,7 @@ def compare_packing(args: argparse.Namespace) -> list[dict]:
     length-grouped (the trainer's default), against rows packed to ``--row-tokens`` with a row's
     worth of tokens per micro-batch (``data.packing`` + ``data.batch_tokens``). The three passes'
     steps are interleaved; each step is timed on its own."""
-    from visionzip_core.benchmarking import mix665k_like_text_lengths, synthetic_items
+    from visionzip_core.bench.benchmarking import mix665k_like_text_lengths, synthetic_items
     from visionzip_core.data import DataCollator, LengthGroupedSampler
     from visionzip_core.data.collate import PackingCollator
     from visionzip_core.data.sampler import FixedBatchSampler, TokenBudgetBatchSampler
@@ -421,7 +421,7 @@ def compare_packing(args: argparse.Namespace) -> list[dict]:
         "batch_size": batch_size,
         "row_tokens": args.row_tokens,
         "samples": args.samples,
-        "text_lengths": "mix665k_like_text_lengths (visionzip_core/benchmarking.py)",
+        "text_lengths": "mix665k_like_text_lengths (visionzip_core/bench/benchmarking.py)",
         **run_context(device),
     }
     for r in results:

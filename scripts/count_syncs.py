@@ -1,6 +1,6 @@
 """Host-device syncs per forward, the stock model against VisionZip, at batch 2 and 8, per family.
 
-Counted on the families' tiny models by ``visionzip_core.host_syncs.HostSyncCounter`` (``.item()``,
+Counted on the families' tiny models by ``visionzip_core.testing.host_syncs.HostSyncCounter`` (``.item()``,
 ``int()``/``bool()`` of a tensor, ``.tolist()``, ``nonzero``, boolean-mask indexing,
 ``torch.unique``, ...), one forward without grad, one image per row of alternating sizes. On a CPU
 every host read counts, including reads of tensors a GPU run keeps on the host: compare the two
@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from visionzip_core.sync_counts import FAMILIES, SETTINGS, forward_sync_counts  # noqa: E402
+from visionzip_core.testing.sync_counts import FAMILIES, SETTINGS, forward_sync_counts  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

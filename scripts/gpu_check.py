@@ -132,8 +132,8 @@ def check_packing(work: Path) -> list[tuple[str, str, str]]:
 def check_syncs(work: Path) -> list[tuple[str, str, str]]:
     """Host syncs per forward, VisionZip over stock, per family at batch 2 and 8 (target: <= 4 more,
     the same at both batch sizes), counted by torch's sync debug mode on the tiny models
-    (:func:`visionzip_core.sync_counts.forward_sync_counts`, as ``scripts/count_syncs.py --device cuda``)."""
-    from visionzip_core.sync_counts import FAMILIES, forward_sync_counts
+    (:func:`visionzip_core.testing.sync_counts.forward_sync_counts`, as ``scripts/count_syncs.py --device cuda``)."""
+    from visionzip_core.testing.sync_counts import FAMILIES, forward_sync_counts
 
     rows = []
     for family in FAMILIES:
@@ -151,7 +151,7 @@ def check_syncs(work: Path) -> list[tuple[str, str, str]]:
 
 def _families(work: Path) -> list[tuple[str, str, list[str]]]:
     """(family, model folder, demo-config overrides) for each family, tiny random weights."""
-    from visionzip_core.tiny import build_tiny_qwen2_5_vl
+    from visionzip_core.testing.tiny import build_tiny_qwen2_5_vl
 
     qwen = work / "tiny-qwen2.5-vl"
     if not (qwen / "config.json").is_file():
@@ -278,9 +278,9 @@ def check_step(work: Path) -> list[tuple[str, str, str]]:
     """bf16 step at 576 and 64 tokens: measured time/memory against the simulation and FLOP model."""
     from dataclasses import replace
 
-    from visionzip_core import memory_sim as sim
-    from visionzip_core.benchmarking import BUDGETS, SIZES, set_budget
-    from visionzip_core.flops import TrainableParts, llava_step_flops
+    from visionzip_core.bench import memory_sim as sim
+    from visionzip_core.bench.benchmarking import BUDGETS, SIZES, set_budget
+    from visionzip_core.bench.flops import TrainableParts, llava_step_flops
 
     size = replace(SIZES["cpu"], dtype="bfloat16", batch_size=8)
     budgets = {576: BUDGETS[576], 64: BUDGETS[64]}

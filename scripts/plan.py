@@ -1,6 +1,6 @@
 """The fastest training setting that fits your GPUs, for each visual-token budget: ZeRO stage,
 gradient checkpointing and micro-batch x accumulation, from the meta-device memory simulation
-and the FLOP model (``visionzip_core/planner.py``; assumptions in BENCHMARKS.md).
+and the FLOP model (``visionzip_core/bench/planner.py``; assumptions in BENCHMARKS.md).
 
     python scripts/plan.py --model llava-1.5-7b --gpus 8 --gpu-memory-gib 80 --mode finetune \\
         --budgets stock,64 --global-batch 128 --out plan.json
@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from visionzip_core import planner
+from visionzip_core.bench import planner
 
 MODES = tuple(planner.PLAN_MODES)
 

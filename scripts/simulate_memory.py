@@ -4,7 +4,7 @@ and nothing of the model's size is allocated.
 
 Activations and temporaries come from running the step on meta tensors under a live-storage
 tracker; parameters, gradients and optimizer states are computed per GPU as ZeRO shards them.
-How, and what it leaves out: ``visionzip_core/memory_sim.py`` and BENCHMARKS.md.
+How, and what it leaves out: ``visionzip_core/bench/memory_sim.py`` and BENCHMARKS.md.
 
     python scripts/simulate_memory.py --out results/simulate_memory.json        # both 7B families, ~1 min
     python scripts/simulate_memory.py --quick --out /tmp/sim.json               # 2 LLM layers, seconds
@@ -30,8 +30,8 @@ from pathlib import Path
 
 import torch
 
-from visionzip_core.benchmarking import SIZES, budget_label, run_context
-from visionzip_core.memory_sim import (
+from visionzip_core.bench.benchmarking import SIZES, budget_label, run_context
+from visionzip_core.bench.memory_sim import (
     MODES,
     TINY_BUDGETS,
     TINY_SIZE,
@@ -240,7 +240,7 @@ def run_calibration(args: argparse.Namespace) -> tuple[list[dict], str]:
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.configs:
-        from visionzip_core.config_memory import markdown_table, simulate_config
+        from visionzip_core.bench.config_memory import markdown_table, simulate_config
 
         paths = [q for p in args.configs for q in (sorted(p.glob("*.yaml")) if p.is_dir() else [p])]
         results = [simulate_config(p, gpus=args.gpus) for p in paths]

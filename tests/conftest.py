@@ -32,7 +32,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny_llava_dir(tmp_path_factory):
     """A saved llava-hf folder: random tiny LLaVA-1.5 (112 px, 64 patches + CLS) and its processor."""
-    from visionzip_core.tiny import build_tiny_llava
+    from visionzip_core.testing.tiny import build_tiny_llava
 
     path = tmp_path_factory.mktemp("tiny-llava")
     build_tiny_llava(path)
@@ -43,7 +43,7 @@ def tiny_llava_dir(tmp_path_factory):
 def tiny_llava_next_dir(tmp_path_factory):
     """A saved llava-hf LLaVA-NeXT folder: 112 px crops (64 patches + CLS), llava-v1.6's five
     tilings of the crop side (1x2, 2x1, 2x2, 3x1, 1x3), and its LlavaNextProcessor."""
-    from visionzip_core.tiny import build_tiny_llava_next
+    from visionzip_core.testing.tiny import build_tiny_llava_next
 
     path = tmp_path_factory.mktemp("tiny-llava-next")
     build_tiny_llava_next(path)
@@ -54,7 +54,7 @@ def tiny_llava_next_dir(tmp_path_factory):
 def tiny_qwen2_5_vl_dir(tmp_path_factory):
     """A folder laid out like the Qwen/Qwen2.5-VL-7B-Instruct download: random tiny Qwen2.5-VL (4
     windowed vision blocks, 2x2 merge units of 14 px patches) and its processor."""
-    from visionzip_core.tiny import build_tiny_qwen2_5_vl
+    from visionzip_core.testing.tiny import build_tiny_qwen2_5_vl
 
     return build_tiny_qwen2_5_vl(tmp_path_factory.mktemp("tiny-qwen2.5-vl") / "model")
 
@@ -62,7 +62,7 @@ def tiny_qwen2_5_vl_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_qwen2_vl_dir(tmp_path_factory):
     """As ``tiny_qwen2_5_vl_dir``, the Qwen/Qwen2-VL-7B-Instruct layout (full attention in every block)."""
-    from visionzip_core.tiny import build_tiny_qwen2_vl
+    from visionzip_core.testing.tiny import build_tiny_qwen2_vl
 
     return build_tiny_qwen2_vl(tmp_path_factory.mktemp("tiny-qwen2-vl") / "model")
 
@@ -70,7 +70,7 @@ def tiny_qwen2_vl_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_pretrain_dirs(tmp_path_factory):
     """``(clip_dir, llm_dir)``: a tiny CLIP vision checkpoint and a tiny causal LM, for stage-1."""
-    from visionzip_core.tiny import build_tiny_pretrain_parts
+    from visionzip_core.testing.tiny import build_tiny_pretrain_parts
 
     return build_tiny_pretrain_parts(tmp_path_factory.mktemp("tiny-parts"))
 

@@ -14,9 +14,9 @@ import torch
 from PIL import Image
 
 from visionzip_core.adapt import visionzip
-from visionzip_core.call_order import call_order, first_difference
 from visionzip_core.families import family_for
-from visionzip_core.sync_counts import FAMILIES, SETTINGS, load_tiny
+from visionzip_core.testing.call_order import call_order, first_difference
+from visionzip_core.testing.sync_counts import FAMILIES, SETTINGS, load_tiny
 
 
 def _image(height: int, width: int, seed: int) -> Image.Image:

@@ -25,7 +25,7 @@ import pytest
 from PIL import Image
 from test_train_e2e import REPO, _cmd, _env
 
-from visionzip_core.tiny import (
+from visionzip_core.testing.tiny import (
     build_tiny_llava,
     build_tiny_llava_next,
     build_tiny_qwen2_5_vl,

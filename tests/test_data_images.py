@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from visionzip_core.data.images import ImageTransform, mean_colour, open_rgb
-from visionzip_core.tiny import build_image_processor
+from visionzip_core.testing.tiny import build_image_processor
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from visionzip_core.capture import capture_feature_layer
-from visionzip_core.demo_tower import ATTRIBUTES, PICTURE_SEED, feature_layer_cls, make_demo_pictures
 from visionzip_core.families import family_for
 from visionzip_core.model_names import resolve_model_path
+from visionzip_core.testing.demo_tower import ATTRIBUTES, PICTURE_SEED, feature_layer_cls, make_demo_pictures
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +86,8 @@ def test_feature_layer_cls_linearly_predicts_colour_shape_position_and_word(demo
 
 
 def test_pretraining_is_deterministic():
-    from visionzip_core.demo_tower import pretrain_demo_tower
-    from visionzip_core.tiny import build_tiny_llava
+    from visionzip_core.testing.demo_tower import pretrain_demo_tower
+    from visionzip_core.testing.tiny import build_tiny_llava
 
     towers = []
     for _ in range(2):
@@ -105,8 +105,8 @@ def test_pretraining_is_deterministic():
 def test_pretraining_runs_on_one_thread_and_gives_the_threads_back():
     """Float sums depend on the thread count: a 2-thread build drifts to another tower (and the
     demo to 0.66 instead of 0.96), so pretraining pins one thread, whatever the machine has."""
-    from visionzip_core.demo_tower import pretrain_demo_tower
-    from visionzip_core.tiny import build_tiny_llava
+    from visionzip_core.testing.demo_tower import pretrain_demo_tower
+    from visionzip_core.testing.tiny import build_tiny_llava
 
     model, processor = build_tiny_llava(None, seed=0)
     before = torch.get_num_threads()

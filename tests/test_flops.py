@@ -11,7 +11,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from visionzip_core import num_image_tokens, remove_visionzip, visionzip
-from visionzip_core.flops import (
+from visionzip_core.bench.flops import (
     LORA_TARGETS,
     Flops,
     LlamaShape,
@@ -26,7 +26,7 @@ BATCH, TEXT = 2, 11
 def _tiny_eager_llava():
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
-    from visionzip_core.tiny import tiny_text_config, tiny_vision_config
+    from visionzip_core.testing.tiny import tiny_text_config, tiny_vision_config
 
     config = LlavaConfig(
         vision_config=tiny_vision_config(),
@@ -216,7 +216,7 @@ def test_flop_model_matches_flop_counter_for_llava_next(split, size):
 
     from visionzip_core.families import family_for
     from visionzip_core.families.llava_next import crops_per_image
-    from visionzip_core.tiny import tiny_text_config, tiny_vision_config
+    from visionzip_core.testing.tiny import tiny_text_config, tiny_vision_config
 
     family = family_for("llava-next")
     config = family.build_config(tiny_vision_config(), tiny_text_config(300), image_token_id=299)

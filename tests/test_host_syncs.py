@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from visionzip_core.host_syncs import HostSyncCounter, count_host_syncs
-from visionzip_core.sync_counts import FAMILIES, forward_sync_counts
+from visionzip_core.testing.host_syncs import HostSyncCounter, count_host_syncs
+from visionzip_core.testing.sync_counts import FAMILIES, forward_sync_counts
 
 MAX_ADDED = 4
 

@@ -132,7 +132,7 @@ def test_qlora_demo_trains_under_zero2_and_its_export_evaluates(tiny_llava_dir, 
 def test_memory_simulation_counts_the_quantized_llm_linears(tiny_llava_dir):
     from transformers import LlavaForConditionalGeneration
 
-    from visionzip_core.memory_sim import QUANTIZED_BYTES_PER_PARAM, parameter_counts, zero_model_states
+    from visionzip_core.bench.memory_sim import QUANTIZED_BYTES_PER_PARAM, parameter_counts, zero_model_states
 
     model = LlavaForConditionalGeneration.from_pretrained(tiny_llava_dir)
     for name, p in model.named_parameters():

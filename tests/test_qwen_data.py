@@ -22,7 +22,7 @@ from visionzip_core.data.sources import to_conversation
 from visionzip_core.data.templates import tokenizer_of
 from visionzip_core.data.validation import BadDataError, SampleError
 from visionzip_core.families import family_for, image_token_count
-from visionzip_core.tiny import build_tiny_qwen2_5_vl
+from visionzip_core.testing.tiny import build_tiny_qwen2_5_vl
 
 IMG, VID = "<|image_pad|>", "<|video_pad|>"
 VZ = VisionZipConfig(dominant_ratio=0.25, contextual_ratio=0.25)

@@ -19,7 +19,7 @@ from visionzip_core.adapt import remove_visionzip, visionzip, visionzip_processo
 from visionzip_core.config import VisionZipConfig
 from visionzip_core.families import family_for
 from visionzip_core.families.qwen2_5_vl import compress_vision
-from visionzip_core.tiny import build_tiny_qwen2_5_vl
+from visionzip_core.testing.tiny import build_tiny_qwen2_5_vl
 
 
 # Qwen2.5-VL (windowed attention, the authors' release) and Qwen2-VL (full attention everywhere).

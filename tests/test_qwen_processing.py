@@ -20,7 +20,7 @@ from visionzip_core.families.qwen_processing import (
     QwenProcessorFilesError,
     load_qwen_processor,
 )
-from visionzip_core.tiny import TINY_QWEN_MAX_PIXELS, TINY_QWEN_MIN_PIXELS, build_tiny_qwen2_5_vl
+from visionzip_core.testing.tiny import TINY_QWEN_MAX_PIXELS, TINY_QWEN_MIN_PIXELS, build_tiny_qwen2_5_vl
 
 REPO = Path(__file__).resolve().parents[1]
 SIZES = {"min_pixels": TINY_QWEN_MIN_PIXELS, "max_pixels": TINY_QWEN_MAX_PIXELS}

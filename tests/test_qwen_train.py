@@ -19,7 +19,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from test_train_e2e import REPO, _cmd, _env, metrics, train
 
-from visionzip_core.tiny import build_tiny_qwen2_5_vl
+from visionzip_core.testing.tiny import build_tiny_qwen2_5_vl
 
 pytestmark = pytest.mark.slow
 

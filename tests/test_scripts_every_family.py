@@ -1,6 +1,6 @@
 """scripts/show_tokens.py and scripts/generate.py on every family, through their real entry points.
 
-Each family's tiny model sits in a folder laid out like its download (visionzip_core/tiny.py);
+Each family's tiny model sits in a folder laid out like its download (visionzip_core/testing/tiny.py);
 each script runs as a subprocess with a compression budget in the family's form (counts for
 LLaVA, ratios for Qwen) and must write its output: the PNG, the generated text. The piped output
 must be free of the per-tensor "Loading weights" progress bars.

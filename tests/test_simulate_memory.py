@@ -1,4 +1,4 @@
-"""The meta-device memory simulation (``visionzip_core.memory_sim``, ``scripts/simulate_memory.py``).
+"""The meta-device memory simulation (``visionzip_core.bench.memory_sim``, ``scripts/simulate_memory.py``).
 
 The simulation is only worth its numbers if a step on meta tensors tracks exactly the storages a
 real step allocates; these tests run both on a tiny model and compare, then check the ZeRO
@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from visionzip_core.benchmarking import SIZES
-from visionzip_core.memory_sim import (
+from visionzip_core.bench.benchmarking import SIZES
+from visionzip_core.bench.memory_sim import (
     TINY_BUDGETS,
     TINY_SIZE,
     build_training_model,
@@ -61,7 +61,7 @@ def test_meta_step_tracks_the_same_bytes_as_the_real_step(family, tokens, grad_c
 def test_fused_attention_matches_sdpa_on_right_padded_batches():
     """The simulation's attention (no mask, causal) gives the stock SDPA's loss: right padding
     never reaches a real token under causal attention, and padded positions carry no label."""
-    from visionzip_core.memory_sim import SIM_ATTENTION
+    from visionzip_core.bench.memory_sim import SIM_ATTENTION
 
     size = replace(TINY_SIZE, batch_size=3)
     model = build_training_model(size, "llava-1.5", "finetune", False, "cpu")

@@ -28,7 +28,7 @@ WEIGHTS = "model.safetensors"
 @pytest.fixture(scope="module")
 def export_dir(tmp_path_factory):
     """A saved VisionZip export of the tiny LLaVA (12 + 4 tokens), as train/finetune.py writes it."""
-    from visionzip_core.tiny import build_tiny_llava
+    from visionzip_core.testing.tiny import build_tiny_llava
 
     out = tmp_path_factory.mktemp("export")
     model, processor = build_tiny_llava()
@@ -119,7 +119,7 @@ def test_load_visionzip_model_refuses_damaged_weights(export_dir, tmp_path, case
 def test_tied_embeddings_absent_from_the_file_are_not_refused(tmp_path):
     from transformers import LlavaForConditionalGeneration
 
-    from visionzip_core.tiny import build_tiny_llava
+    from visionzip_core.testing.tiny import build_tiny_llava
     from visionzip_core.weight_checks import load_checked
 
     model, _ = build_tiny_llava()

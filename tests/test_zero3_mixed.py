@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 from test_train_e2e import metrics, train
 
-from visionzip_core.tiny import build_tiny_qwen2_5_vl
+from visionzip_core.testing.tiny import build_tiny_qwen2_5_vl
 
 pytestmark = pytest.mark.slow
 

@@ -1,7 +1,7 @@
 """Where a model name points on disk, including the built-in tiny models built on first use.
 
 ``builtin:`` names need no network: the model is built from a config with random weights
-(:mod:`visionzip_core.tiny`; ``demo-llava`` also pretrains its tower, :mod:`visionzip_core.demo_tower`)
+(:mod:`visionzip_core.testing.tiny`; ``demo-llava`` also pretrains its tower, :mod:`visionzip_core.testing.demo_tower`)
 into the cache, once. Everything else (a folder, a hub id) is
 returned unchanged for ``from_pretrained``.
 
@@ -21,26 +21,26 @@ BUILTIN_PREFIX = "builtin:"
 
 
 def _build_tiny_llava(out: Path) -> None:
-    from visionzip_core.tiny import build_tiny_llava
+    from visionzip_core.testing.tiny import build_tiny_llava
 
     build_tiny_llava(out)
 
 
 def _build_tiny_llava_next(out: Path) -> None:
-    from visionzip_core.tiny import build_tiny_llava_next
+    from visionzip_core.testing.tiny import build_tiny_llava_next
 
     build_tiny_llava_next(out)
 
 
 def _build_demo_llava(out: Path) -> None:
-    from visionzip_core.demo_tower import build_demo_llava
+    from visionzip_core.testing.demo_tower import build_demo_llava
 
     build_demo_llava(out)
 
 
 def _build_tiny_part(part: str) -> Callable[[Path], None]:
     def build(out: Path) -> None:
-        from visionzip_core.tiny import build_tiny_pretrain_parts
+        from visionzip_core.testing.tiny import build_tiny_pretrain_parts
 
         with tempfile.TemporaryDirectory(dir=out.parent) as scratch:
             clip_dir, llm_dir = build_tiny_pretrain_parts(scratch)

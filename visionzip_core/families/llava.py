@@ -24,6 +24,7 @@ from transformers import LlavaForConditionalGeneration, LlavaModel, LlavaProcess
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from visionzip_core.algorithm import TokenSelection, compress_selected, select_visionzip_tokens
+from visionzip_core.bench.flops import LORA_TARGETS
 from visionzip_core.capture import (
     FeatureLayerCapture,
     capture_feature_layer,
@@ -32,7 +33,6 @@ from visionzip_core.capture import (
 )
 from visionzip_core.config import VisionZipConfig
 from visionzip_core.families.base import ImageTokenSelection, ModelFamily
-from visionzip_core.flops import LORA_TARGETS
 from visionzip_core.weight_checks import load_checked, progress_bars_on_terminal_only
 
 PROJECTOR = "multi_modal_projector"
@@ -218,7 +218,7 @@ class Llava15(ModelFamily):
         )
 
     def vision_config_for_shape(self, shape: Any):
-        """A ``CLIPVisionConfig`` for a :class:`~visionzip_core.flops.VisionTowerShape` (OpenAI CLIP's
+        """A ``CLIPVisionConfig`` for a :class:`~visionzip_core.bench.flops.VisionTowerShape` (OpenAI CLIP's
         activation)."""
         from transformers import CLIPVisionConfig
 

@@ -1,5 +1,5 @@
 """``train.per_device_batch_size: auto`` and ``train.gradient_checkpointing: auto``: the planner
-(:mod:`visionzip_core.planner`) picks them at start-up for this GPU, this data and this budget.
+(:mod:`visionzip_core.bench.planner`) picks them at start-up for this GPU, this data and this budget.
 
 - **Fresh run on a GPU:** the planner simulates the run's own model (config.json, no weights) at
   the run's visual-token budget, ZeRO stage and world size, with the data's text lengths from the
@@ -88,7 +88,7 @@ def resolve(
         if ckpt_auto:
             values["gradient_checkpointing"] = t.auto_fallback_checkpointing
         return with_train(settings, values), f"auto: {why}: the stated fallback {_describe(values)}"
-    from visionzip_core import planner
+    from visionzip_core.bench import planner
 
     if global_batch % world_size:
         raise AutoBatchError(
@@ -149,7 +149,7 @@ def _describe(values: dict) -> str:
 
 def _plan_model(settings):
     """The planner's view of the run's model, from its config.json; ValueError when it cannot plan it."""
-    from visionzip_core import planner
+    from visionzip_core.bench import planner
     from visionzip_core.training.modeling import model_family, model_path
 
     if settings.train.mode == "pretrain":
@@ -161,7 +161,7 @@ def _plan_model(settings):
 
 def _budget(settings, model) -> int:
     """The run's visual-token budget as a key of ``model.budgets`` (added with its split)."""
-    from visionzip_core import planner
+    from visionzip_core.bench import planner
 
     vz = settings.visionzip
     if not vz.enabled:
@@ -176,7 +176,7 @@ def _budget(settings, model) -> int:
 def text_lengths(lengths: list[int], image_tokens) -> list[int]:
     """Text tokens per sample from the preflight's token lengths (image tokens included): one
     image's count taken off (LLaVA-NeXT's count depends on the size: its 672 px benchmark image's)."""
-    from visionzip_core.benchmarking import NEXT_IMAGE
+    from visionzip_core.bench.benchmarking import NEXT_IMAGE
 
     count = image_tokens(NEXT_IMAGE) if getattr(image_tokens, "per_size", False) else image_tokens()
     return [max(0, n - count) for n in lengths]

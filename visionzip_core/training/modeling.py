@@ -262,6 +262,8 @@ def turn_off_kv_cache(model: nn.Module) -> None:
     for config in configs:
         if config is not None and hasattr(config, "use_cache"):
             config.use_cache = False
+
+
 QUANTIZATION_NAMES = {"nf4": "4-bit (NF4)", "fp4": "4-bit (FP4)", "int8": "8-bit (LLM.int8)"}
 
 

@@ -23,9 +23,9 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from visionzip_core.bench.flops import LORA_TARGETS
 from visionzip_core.config import VisionZipConfig
 from visionzip_core.data import DataSettings
-from visionzip_core.flops import LORA_TARGETS
 from visionzip_core.training.distributed import REPO_ROOT
 
 Mode = Literal["projector", "pretrain", "finetune", "lora"]

@@ -2,7 +2,7 @@
 
 Each config of ``configs/<model>/`` is read as the trainer reads it (mode, per-device batch,
 gradient checkpointing, ZeRO stage, VisionZip split, ``model_max_length``) and one training step of
-the 7B model it names runs on the meta device (:mod:`visionzip_core.memory_sim`), with every sample
+the 7B model it names runs on the meta device (:mod:`visionzip_core.bench.memory_sim`), with every sample
 of the micro-batch as long as ``data.model_max_length`` allows: the step that decides whether a
 run survives its longest batch. Precision is bf16 (what ``precision: auto`` picks on such GPUs),
 with gradients accumulated in fp32 as the trainer's DeepSpeed config asks. With ``data.batch_tokens`` the micro-batch holds as many such
@@ -10,7 +10,7 @@ samples as the budget allows.
 
 Qwen2.5-VL keeps a fraction of each image's own merged tokens (``dominant_ratio`` +
 ``contextual_ratio``), so its count depends on the image: the simulation feeds the benchmarks'
-448 x 448 image (:data:`~visionzip_core.benchmarking.QWEN_IMAGE`, 256 merged tokens) and runs the
+448 x 448 image (:data:`~visionzip_core.bench.benchmarking.QWEN_IMAGE`, 256 merged tokens) and runs the
 planner's Qwen path (ratio budget keyed by percent, the tower's working set, the merger and the LLM).
 
     python scripts/simulate_memory.py --configs configs/llava-1.5-7b configs/llava-next-7b configs/qwen2.5-vl-7b
@@ -22,7 +22,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from visionzip_core.benchmarking import budgets_for, sizes_for, stock_budget
+from visionzip_core.bench.benchmarking import budgets_for, sizes_for, stock_budget
 from visionzip_core.training.settings import Settings, load_config, resolve_repo_path
 
 GPU_GIB = 80  # an A100/H100 80 GB
@@ -39,7 +39,7 @@ def config_workload(settings: Settings, folder: str) -> dict:
     """What one step of this config holds per GPU: family, mode, micro-batch, checkpointing, ZeRO
     stage, visual-token budget (``tokens``, a key of ``budgets``: tokens per image, per crop for
     LLaVA-NeXT, percent of each image's merged tokens for a ratio split), and the sample length."""
-    from visionzip_core.planner import ratio_budget
+    from visionzip_core.bench.planner import ratio_budget
     from visionzip_core.training.deepspeed_config import zero_stage
 
     t, d, vz = settings.train, settings.data, settings.visionzip
@@ -77,7 +77,7 @@ def config_workload(settings: Settings, folder: str) -> dict:
 def simulate_config(path: str | Path, gpus: int = 8, overrides=(), log=print) -> dict:
     """One row: the config's workload (with ``overrides``, ``section.key=value``) and its simulated
     per-GPU peak (``total_gib``)."""
-    from visionzip_core import memory_sim as sim
+    from visionzip_core.bench import memory_sim as sim
 
     path = Path(path)
     settings = load_config(path, list(overrides))

@@ -20,7 +20,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from visionzip_core.flops import LlamaShape, VisionTowerShape
+from visionzip_core.bench.flops import LlamaShape, VisionTowerShape
 
 # Visual tokens per image -> (dominant, contextual); None is the stock model (compression off).
 BUDGETS: dict[int, tuple[int, int] | None] = {576: None, 192: (162, 30), 128: (108, 20), 64: (54, 10)}
@@ -274,7 +274,7 @@ def write_qwen_processor_files(folder: str | os.PathLike) -> Path:
     """Write a Qwen2.5-VL processor folder for the benchmarks' random models: the tiny Qwen tokenizer
     (its special ids are :func:`qwen_token_ids`), Qwen2.5-VL-7B-Instruct's image settings (min_pixels
     56 x 56, max_pixels 28 x 28 x 16384, so a :data:`QWEN_IMAGE` keeps its size) and chat template."""
-    from visionzip_core.tiny import (
+    from visionzip_core.testing.tiny import (
         QWEN2_5_VL_CHAT_TEMPLATE,
         build_tiny_qwen_tokenizer,
         qwen_preprocessor_config,
@@ -293,9 +293,9 @@ def write_qwen_processor_files(folder: str | os.PathLike) -> Path:
 
 
 def qwen_token_ids() -> dict[str, int]:
-    """Special-token ids of the tiny Qwen tokenizer (:func:`visionzip_core.tiny.build_tiny_qwen_tokenizer`),
+    """Special-token ids of the tiny Qwen tokenizer (:func:`visionzip_core.testing.tiny.build_tiny_qwen_tokenizer`),
     which the benchmarks' random Qwen models and processors share."""
-    from visionzip_core.tiny import QWEN_SPECIAL_TOKENS, build_tiny_qwen_tokenizer
+    from visionzip_core.testing.tiny import QWEN_SPECIAL_TOKENS, build_tiny_qwen_tokenizer
 
     _, tokenizer = build_tiny_qwen_tokenizer()
     return {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
@@ -695,7 +695,7 @@ class LiveTensorMemory(TorchDispatchMode):
 
     def _counts(self, t: torch.Tensor) -> bool:
         """Whether ``t``'s storage is memory to count: real devices here, the meta device in
-        :class:`visionzip_core.memory_sim.MetaTensorMemory`."""
+        :class:`visionzip_core.bench.memory_sim.MetaTensorMemory`."""
         return t.device.type != "meta"
 
     def _track(self, t: torch.Tensor) -> None:

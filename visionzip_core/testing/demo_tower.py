@@ -2,7 +2,7 @@
 
 The random tower of ``builtin:tiny-llava`` gives features a tiny LLM cannot read, so a demo
 fine-tuned on it learns the answers' priors, not the picture. Here the same tower (same shape,
-:func:`visionzip_core.tiny.tiny_vision_config`) is first trained to classify what the demo
+:func:`visionzip_core.testing.tiny.tiny_vision_config`) is first trained to classify what the demo
 generator drew (colour, shape, position and the written word, if any) with one linear head per
 attribute on the CLS token of the **feature layer** (``hidden_states[-2]``): the layer that both
 VisionZip's CLS attention and LLaVA's projector read. The layers after it are never run by a
@@ -41,7 +41,7 @@ VIEWS = ("pad", "crop")
 
 def demo_generator():
     """``data/make_demo_data.py`` as a module (the one place the demo pictures are drawn)."""
-    path = Path(__file__).resolve().parents[1] / "data" / "make_demo_data.py"
+    path = Path(__file__).resolve().parents[2] / "data" / "make_demo_data.py"
     spec = importlib.util.spec_from_file_location("make_demo_data", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -191,13 +191,13 @@ def _pretrain(tower, image_processor, pictures, epochs, batch_size, lr, seed, lo
 def build_demo_llava(out_dir: str | os.PathLike | None = None, seed: int = 0, log=print):
     """The tiny LLaVA of ``builtin:tiny-llava`` with the pretrained demo tower; saved like the other
     built-ins when ``out_dir`` is given. Returns ``(model, processor, heads)``."""
-    from visionzip_core.tiny import build_tiny_llava
+    from visionzip_core.testing.tiny import build_tiny_llava
 
     model, processor = build_tiny_llava(None, seed=seed)
     tower = model.model.vision_tower
     heads = pretrain_demo_tower(tower, processor.image_processor, seed=seed, log=log)
     if out_dir is not None:
-        from visionzip_core.tiny import save_tiny
+        from visionzip_core.testing.tiny import save_tiny
 
         save_tiny(model, processor, out_dir)
     return model, processor, heads

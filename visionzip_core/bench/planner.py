@@ -6,7 +6,7 @@ dominate), but it makes checkpointing unnecessary and the micro-batch larger. Th
 training on fewer visual tokens is therefore compression x no recomputation x fewer micro-steps,
 and this module turns it into a setting:
 
-- **Memory.** Every candidate's per-GPU peak is what :func:`visionzip_core.memory_sim.simulate`
+- **Memory.** Every candidate's per-GPU peak is what :func:`visionzip_core.bench.memory_sim.simulate`
   reports as ``total_gib`` for that setting (its pieces, with the meta model built once per
   checkpointing setting instead of once per micro-batch; a test holds the two equal), with every sample of
   the micro-batch at the longest text length of the data: a length-grouped or unlucky micro-batch
@@ -14,7 +14,7 @@ and this module turns it into a setting:
 - **Fits.** The peak must stay under the usable memory: the GPU's memory less
   :attr:`Hardware.reserve_gib` (CUDA context, cuBLAS and NCCL workspaces, DeepSpeed's buckets)
   and less :attr:`Hardware.fragmentation` of it (the caching allocator's reserved-but-free blocks).
-- **Time.** Matmul FLOPs of the optimizer step (:func:`visionzip_core.flops.llava_step_flops`,
+- **Time.** Matmul FLOPs of the optimizer step (:func:`visionzip_core.bench.flops.llava_step_flops`,
   forward + backward, plus the forward again where checkpointing recomputes it) at the mean text
   length, over ``peak TFLOPS x utilisation``; plus ZeRO's collectives over the interconnect
   (:func:`zero_comm_bytes`), not overlapped with compute. Both assumptions are stated in every
@@ -29,7 +29,7 @@ import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from visionzip_core.benchmarking import (
+from visionzip_core.bench.benchmarking import (
     BUDGETS,
     PAD_TOKEN_ID,
     BenchSize,
@@ -41,14 +41,14 @@ from visionzip_core.benchmarking import (
     sizes_for,
     stock_budget,
 )
-from visionzip_core.flops import (
+from visionzip_core.bench.flops import (
     LlamaShape,
     TrainableParts,
     VisionTowerShape,
     llava_step_flops,
     qwen_step_flops,
 )
-from visionzip_core.memory_sim import (
+from visionzip_core.bench.memory_sim import (
     GIB,
     LORA_RANK,
     QWEN_FAMILY,
@@ -331,7 +331,7 @@ def trainable_parts(mode: str) -> TrainableParts:
         return TrainableParts(vision=True, llm="full")
     llm = {"finetune": "full", "lora": "lora"}.get(mode, "none")
     if llm == "lora":
-        from visionzip_core.flops import LORA_TARGETS
+        from visionzip_core.bench.flops import LORA_TARGETS
 
         return TrainableParts(llm="lora", lora_rank=LORA_RANK, lora_targets=LORA_TARGETS)
     return TrainableParts(llm=llm)
@@ -417,7 +417,7 @@ class Candidate:
 
 @dataclass(frozen=True)
 class SettingMemory:
-    """Per-GPU bytes of one setting, as :func:`visionzip_core.memory_sim.simulate` adds them."""
+    """Per-GPU bytes of one setting, as :func:`visionzip_core.bench.memory_sim.simulate` adds them."""
 
     states: int
     activations: int
@@ -637,9 +637,9 @@ def find_budget(
 
 def calibrate_planner(family: str = "llava-1.5", mode: str = "finetune") -> list[dict]:
     """The planner's activation bytes (:class:`SettingSimulator`, meta) against a real CPU step of
-    the tiny model (:func:`visionzip_core.memory_sim.calibrate`'s ZeRO setting: gradients released
+    the tiny model (:func:`visionzip_core.bench.memory_sim.calibrate`'s ZeRO setting: gradients released
     as accumulated), per budget and checkpointing. ``diff_pct`` = (planner - real) / real in %."""
-    from visionzip_core.memory_sim import TINY_BUDGETS, TINY_SIZE, calibrate
+    from visionzip_core.bench.memory_sim import TINY_BUDGETS, TINY_SIZE, calibrate
 
     rows = []
     for ckpt in (False, True):
