@@ -57,6 +57,7 @@ from visionzip_core.training.deepspeed_config import (  # noqa: E402
     zero_stage,
 )
 from visionzip_core.training.export import export_final  # noqa: E402
+from visionzip_core.training.export_scoring import EXIT_NOT_SCORED, ScoringFailed, score_export  # noqa: E402
 from visionzip_core.training.hooks import TrainHooks  # noqa: E402
 from visionzip_core.training.input_checks import check_global_batch  # noqa: E402
 from visionzip_core.training.library_warnings import ignore_zero_collective_deprecation  # noqa: E402
@@ -73,6 +74,12 @@ from visionzip_core.training.modeling import (  # noqa: E402
     seed_everything,
     torch_dtype,
 )
+from visionzip_core.training.nonfinite import (  # noqa: E402
+    TrainingDiverged,
+    count_nonfinite_step,
+    skips_left,
+    step_is_finite,
+)
 from visionzip_core.training.optimization import (  # noqa: E402
     build_optimizer,
     build_scheduler,
@@ -81,20 +88,20 @@ from visionzip_core.training.optimization import (  # noqa: E402
 )
 from visionzip_core.training.overlays import overlay_image_paths, token_overlays  # noqa: E402
 from visionzip_core.training.plots import write_run_plot  # noqa: E402
-from visionzip_core.training.settings import ConfigError, Settings, load_config, resolve_repo_path  # noqa: E402
+from visionzip_core.training.resume_check import check_resume  # noqa: E402
+from visionzip_core.training.settings import (  # noqa: E402
+    ConfigError,
+    Settings,
+    config_keys_help,
+    load_config,
+    resolve_repo_path,
+)
 from visionzip_core.training.tracking import WandbTracker  # noqa: E402
 from visionzip_core.weight_checks import WeightsError  # noqa: E402
 
 
-class TrainingDiverged(RuntimeError):
-    pass
-
-
-EXIT_NOT_SCORED = 4  # eval.generate_accuracy was asked for and failed; the run and its export are kept
-
-
 class Preempted(RuntimeError):
-    pass
+    """Stopped on request (a signal on any rank): a checkpoint is written, exit 75."""
 
 
 @dataclass
@@ -125,8 +132,6 @@ class Run:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from visionzip_core.training.settings import config_keys_help
-
     p = argparse.ArgumentParser(
         description=__doc__.split("\n")[0],
         epilog="config keys (set in the YAML or as section.key=value; a number indexes a list, "
@@ -155,41 +160,6 @@ def quiet_libraries(verbose: bool) -> None:
 
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
-
-
-def check_resume(
-    settings: Settings, output_dir: Path, resume_from: Path | None, precision: str, record: dict | None = None
-) -> dict:
-    """This run's settings record, checked before anything is removed or loaded: the folder must
-    not hold another run, and the checkpoint must have been written with the same settings (except
-    train.resume_allow_changes). Called again with the record completed by the data's sample count."""
-    t = settings.train
-    first = record is None
-    if first:
-        checkpoints = checkpointing.complete_checkpoints(output_dir)
-        if t.resume == "auto" and resume_from is not None:
-            # auto resumes from the newest checkpoint that verifies: any newer one was found damaged
-            # (and warned about); this run's saves replace it, so it is no other run's output.
-            newest = checkpointing.checkpoint_step(resume_from)
-            checkpoints = [c for c in checkpoints if checkpointing.checkpoint_step(c) <= newest]
-        resume.check_output_dir(output_dir, t.resume, resume_from, checkpoints)
-        ds_json = json.loads(resolve_repo_path(settings.deepspeed.config).read_text())
-        record = resume.run_record(
-            settings, world_size=dist.world_size(), precision=precision, zero_stage=zero_stage(ds_json)
-        )
-    if resume_from is None:
-        return record
-    saved = resume.read_record(resume_from)
-    if saved is None:
-        if first:
-            dist.print0(
-                f"warning: {resume_from} records no settings (an older version wrote it): not checked"
-            )
-        return record
-    only = None if first else ("data.train_samples",)
-    for note in resume.check_resume_settings(resume_from, saved, record, t.resume_allow_changes, only):
-        dist.print0(note)
-    return record
 
 
 @dataclass
@@ -485,7 +455,10 @@ def train_step(run: Run, micro_batches: list[dict]) -> dict:
         [loss_sum], [len(micro_batches), tokens, slots, samples]
     )
     loss = loss_sum / n
-    skipped_before, stop = engine.skipped_steps, not math.isfinite(loss) and not nonfinite_skips_left(run)
+    skipped_before, stop = (
+        engine.skipped_steps,
+        not math.isfinite(loss) and not skips_left(run.state, run.settings.train.max_nonfinite_steps),
+    )
     if not stop:
         engine.step()  # the accumulation boundary: the update (and the scheduler step) happens here
     grad_norm = engine.get_global_grad_norm()
@@ -595,8 +568,8 @@ def fit(run: Run, stop: preemption.StopRequest) -> None:
         start = time.perf_counter()
         position, micro = next(batches)
         stats = train_step(run, micro)
-        if not step_is_finite(run, stats):
-            count_nonfinite_step(run, stats)  # raises once train.max_nonfinite_steps are used up
+        if not step_is_finite(stats, run.dtype):  # raises once train.max_nonfinite_steps are used up
+            count_nonfinite_step(stats, state, t.max_nonfinite_steps, run.output_dir, run.metrics.note)
         state.step += 1
         state.epoch, state.batches_in_epoch, state.samples_in_epoch = position
         window = window | {k: window[k] + stats[k] for k in ("samples", "tokens", "slots")}
@@ -616,63 +589,6 @@ def fit(run: Run, stop: preemption.StopRequest) -> None:
     evaluate(run)
 
 
-def nonfinite_skips_left(run: Run) -> bool:
-    return run.state.nonfinite_steps < run.settings.train.max_nonfinite_steps
-
-
-def step_is_finite(run: Run, stats: dict) -> bool:
-    """False for a NaN/inf loss or grad norm. Under fp16 an inf grad norm with a finite loss is the
-    dynamic loss scaler probing its scale (DeepSpeed skips the step and lowers it): not divergence."""
-    norm = stats["grad_norm"]
-    if not math.isfinite(stats["loss"]):
-        return False
-    if norm is None or math.isfinite(norm):
-        return True
-    return run.dtype == torch.float16 and not stats["updated"]
-
-
-def count_nonfinite_step(run: Run, stats: dict) -> None:
-    """Count a skipped NaN/inf step; raise :class:`TrainingDiverged` past train.max_nonfinite_steps,
-    or at once if the update went through anyway (weights in memory can no longer be trusted)."""
-    t, state = run.settings.train, run.state
-    loss, norm = stats["loss"], stats["grad_norm"]
-    what = f"loss is {loss}" if not math.isfinite(loss) else f"grad norm is {norm} (loss {loss:.4f})"
-    if stats["updated"]:
-        raise TrainingDiverged(
-            diverged_message(
-                run,
-                what,
-                "DeepSpeed applied the update anyway (ZeRO stage 0, "
-                "or bf16.check_grad_overflow off): stopped",
-            )
-        )
-    if not math.isfinite(loss) and not nonfinite_skips_left(run):
-        raise TrainingDiverged(diverged_message(run, what, "stopped before the update"))
-    state.nonfinite_steps += 1
-    if state.nonfinite_steps > t.max_nonfinite_steps:
-        raise TrainingDiverged(
-            diverged_message(
-                run,
-                what,
-                f"the update was skipped; {state.nonfinite_steps} NaN/inf steps exceed "
-                f"train.max_nonfinite_steps={t.max_nonfinite_steps}",
-            )
-        )
-    run.metrics.note(
-        f"step {state.step + 1}: {what}; update skipped ({state.nonfinite_steps} of "
-        f"train.max_nonfinite_steps={t.max_nonfinite_steps})"
-    )
-
-
-def diverged_message(run: Run, what: str, how: str) -> str:
-    latest = checkpointing.complete_checkpoints(run.output_dir)
-    keep = f"last good checkpoint: {latest[-1]}" if latest else "no checkpoint was written yet"
-    return (
-        f"{what} at step {run.state.step + 1} (epoch {run.state.epoch}); {how}; "
-        f"{keep}. Lower the learning rates (optim.lr_*) or check the data, then rerun (resume: auto)."
-    )
-
-
 def export(run: Run) -> dict[str, Path]:
     s = run.settings
     if not s.export.enabled:
@@ -690,48 +606,6 @@ def plot_metrics(run: Run) -> Path | None:
     if not dist.is_main():
         return None
     return write_run_plot(run.output_dir)
-
-
-class ScoringFailed(RuntimeError):
-    """``eval.generate_accuracy`` was asked for and could not score the export (the run is kept)."""
-
-
-def score_export(run: Run, paths: dict[str, Path]) -> str | None:
-    """``eval.generate_accuracy``: the exported model's exact-match accuracy of generated first replies on
-    ``data.val`` (rank 0), as one report line, prompted the way the model's family is trained.
-
-    Nothing to score (no full export, no val sample with an image: warned about before the run)
-    is a ``not scored: ...`` line. Runs after export, so a failure while scoring keeps the trained
-    run and its export: it raises :class:`ScoringFailed` with the one-line reason (exit
-    :data:`EXIT_NOT_SCORED`)."""
-    e = run.settings.eval
-    if not e.generate_accuracy or not dist.is_main():
-        return None
-    if "model" not in paths:
-        return "not scored: no full model was exported"
-    try:
-        from visionzip_core import load_visionzip_model, load_visionzip_processor
-        from visionzip_core.evaluation import load_eval_samples, samples_for, score_generation
-        from visionzip_core.families import family_for
-
-        samples = []
-        for source in run.settings.data.val:  # paths made absolute by the config loader
-            samples += load_eval_samples(source.path, source.image_folder or ".")
-        model = load_visionzip_model(str(paths["model"])).to(run.device).eval()
-        samples, _ = samples_for(family_for(model), samples)  # videos, where the family takes none
-        samples = samples[: e.limit] if e.limit else samples
-        if not samples:
-            return "not scored: data.val has no sample with an image"
-        processor = load_visionzip_processor(str(paths["model"]))
-        run.hooks.before_scoring(paths["model"])
-        started = time.perf_counter()
-        score = score_generation(model, processor, samples, e.max_new_tokens)
-    except Exception as err:  # the run is trained and exported; scoring it must not lose that
-        raise ScoringFailed(f"{type(err).__name__}: {' '.join(str(err).split())[:200]}") from err
-    return (
-        f"{score.accuracy:.3f} ({score.correct}/{score.samples} first replies exact, "
-        f"{time.perf_counter() - started:.1f} s)"
-    )
 
 
 def report(
@@ -764,29 +638,6 @@ def _print_rank0(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
 
-def claim_output_dir(settings: Settings) -> output_lock.OutputLock | None:
-    """One writer per output folder: rank 0 locks it before anything is written; every rank learns
-    the outcome. ALL RANKS must call this."""
-    lock, refusal, folder = None, None, settings.train.output_dir
-    if dist.is_main():
-        try:
-            lock = output_lock.acquire(Path(folder))
-        except output_lock.OutputDirLocked as e:
-            refusal = str(e)
-        except OSError as e:  # e.g. a file in the way, no permission: say so on every rank, no hang
-            refusal = f"train.output_dir: cannot use {folder} ({e.strerror or e})"
-    refusal = dist.broadcast_object(refusal)
-    if refusal:
-        raise output_lock.OutputDirLocked(refusal)
-    try:
-        output_lock.check_shared(Path(folder))
-    except output_lock.OutputDirLocked:
-        if lock is not None:
-            lock.release()
-        raise
-    return lock
-
-
 def main(argv=None, hooks: TrainHooks | None = None) -> int:
     """The entry point; ``hooks`` lets tests observe the loop (:mod:`visionzip_core.training.hooks`)."""
     args = parse_args(argv)
@@ -806,7 +657,7 @@ def main(argv=None, hooks: TrainHooks | None = None) -> int:
     dist.apply_backend_settings(tf32=settings.train.tf32)
     run, lock, started, code = None, None, time.perf_counter(), 0
     try:
-        lock = claim_output_dir(settings)
+        lock = output_lock.claim(Path(settings.train.output_dir))
         run = setup(settings, device)
         if hooks is not None:
             run.hooks = hooks
@@ -817,7 +668,7 @@ def main(argv=None, hooks: TrainHooks | None = None) -> int:
             run.metrics.close()
         paths = export(run)
         try:
-            accuracy, failed = score_export(run, paths), None
+            accuracy, failed = score_export(run.settings, paths, run.device, run.hooks), None
         except ScoringFailed as err:
             accuracy, failed = f"not scored: {err}", err
         report(run, paths, time.perf_counter() - started, plot_metrics(run), accuracy)
