@@ -30,8 +30,7 @@ pytestmark = pytest.mark.slow
 
 def _env() -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RANK", "VISIONZIP_CACHE")}
-    # Python 3.11's own distutils: the shared site-packages' setuptools shim is not installed here.
-    env.update(OMP_NUM_THREADS="1", WANDB_MODE="disabled", SETUPTOOLS_USE_DISTUTILS="stdlib")
+    env.update(OMP_NUM_THREADS="1", WANDB_MODE="disabled")
     return env
 
 
