@@ -643,8 +643,34 @@ def _print_rank0(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
 
+def train_and_export(run: Run, stop: preemption.StopRequest, started: float) -> int:
+    """fit (unless trained before) -> export ``final/`` -> score it -> report; the exit code."""
+    run.hooks.on_start(run.output_dir, dist.rank(), run.state.step)
+    if run.state.step < run.state.total_steps:
+        fit(run, stop)
+    else:  # trained before; only final/ is missing
+        run.metrics.close()
+    paths = export(run)
+    try:
+        accuracy, failed = score_export(run.settings, paths, run.device, run.hooks), None
+    except ScoringFailed as err:
+        accuracy, failed = f"not scored: {err}", err
+    report(run, paths, time.perf_counter() - started, plot_metrics(run), accuracy)
+    if failed is None:
+        return 0
+    print(
+        f"error: eval.generate_accuracy: could not score {paths['model']} ({failed}); the run and "
+        f"its export are kept (exit {EXIT_NOT_SCORED})",
+        file=sys.stderr,
+        flush=True,
+    )
+    return EXIT_NOT_SCORED
+
+
 def main(argv=None, hooks: TrainHooks | None = None) -> int:
-    """The entry point; ``hooks`` lets tests observe the loop (:mod:`visionzip_core.training.hooks`)."""
+    """The entry point: config -> process group -> claim the folder -> :func:`setup` ->
+    :func:`train_and_export`; each failure is one line and an exit code (module docstring).
+    ``hooks`` lets tests observe the loop (:mod:`visionzip_core.training.hooks`)."""
     args = parse_args(argv)
     try:
         settings = load_config(find_config(args.config), args.overrides, check_files=True, warn=_print_rank0)
@@ -666,25 +692,7 @@ def main(argv=None, hooks: TrainHooks | None = None) -> int:
         run = setup(settings, device)
         if hooks is not None:
             run.hooks = hooks
-        run.hooks.on_start(run.output_dir, dist.rank(), run.state.step)
-        if run.state.step < run.state.total_steps:
-            fit(run, stop)
-        else:  # trained before; only final/ is missing
-            run.metrics.close()
-        paths = export(run)
-        try:
-            accuracy, failed = score_export(run.settings, paths, run.device, run.hooks), None
-        except ScoringFailed as err:
-            accuracy, failed = f"not scored: {err}", err
-        report(run, paths, time.perf_counter() - started, plot_metrics(run), accuracy)
-        if failed is not None:
-            print(
-                f"error: eval.generate_accuracy: could not score {paths['model']} ({failed}); the run and "
-                f"its export are kept (exit {EXIT_NOT_SCORED})",
-                file=sys.stderr,
-                flush=True,
-            )
-            code = EXIT_NOT_SCORED
+        code = train_and_export(run, stop, started)
     except resume.RunFinished as e:
         dist.print0(str(e))
     except (resume.ResumeError, output_lock.OutputDirLocked) as e:  # the same on every rank
