@@ -22,10 +22,9 @@ import pytest
 from safetensors.torch import load_file
 
 from visionzip_core.testing import demo_data
+from visionzip_core.training.repo_paths import SHIPPED_CONFIGS, find_config
 
 REPO = Path(__file__).resolve().parents[1]
-
-pytestmark = pytest.mark.slow
 
 
 def _env() -> dict:
@@ -77,6 +76,20 @@ def installed(tmp_path_factory) -> Path:
     return venv / "bin"
 
 
+def test_config_paths_fall_back_to_the_shipped_configs_and_name_a_missing_file_as_given(
+    tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)  # no configs/ here
+    shipped = Path(find_config("configs/demo.yaml"))
+    assert shipped.is_relative_to(SHIPPED_CONFIGS)
+    assert shipped.read_bytes() == (REPO / "configs/demo.yaml").read_bytes()
+    assert find_config("configs/nothing.yaml") == "configs/nothing.yaml"  # the error names it as typed
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs/demo.yaml").write_text("model: {}\n")
+    assert find_config("configs/demo.yaml") == "configs/demo.yaml"  # the cwd's own file wins
+
+
+@pytest.mark.slow
 def test_visionzip_train_from_a_wheel_trains_and_exports_outside_the_repository(
     installed, tiny_llava_dir, tmp_path
 ):
