@@ -9,7 +9,8 @@ before it), so the worker's command line still names ``train/finetune.py``.
 (truncated to the resumed step, so a resumed run's file equals an unbroken run's);
 ``debug.nan_at_step=N``: make step N's loss NaN; ``debug.step_sleep_s=S``: pause after every step;
 ``debug.fail_scoring=true``: ``eval.generate_accuracy`` fails on the loaded export.
-Everything else goes to ``train/finetune.py`` unchanged (so do the launchers' own arguments).
+Everything else goes to the recipe's ``main`` (:mod:`visionzip_core.training.recipe`, what
+``train/finetune.py`` runs) unchanged, the launchers' own arguments included.
 """
 
 from __future__ import annotations

@@ -20,15 +20,15 @@ other built-ins, with the trained tower in place of the random one and a random 
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import random
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
+
+from visionzip_core.testing import demo_data
 
 # Seed of the pretraining pictures: the demo data uses seed*1000 + {0, 1}; this is none of those.
 PICTURE_SEED = 20_241_204
@@ -40,12 +40,8 @@ VIEWS = ("pad", "crop")
 
 
 def demo_generator():
-    """``data/make_demo_data.py`` as a module (the one place the demo pictures are drawn)."""
-    path = Path(__file__).resolve().parents[2] / "data" / "make_demo_data.py"
-    spec = importlib.util.spec_from_file_location("make_demo_data", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """:mod:`visionzip_core.testing.demo_data` (the one place the demo pictures are drawn)."""
+    return demo_data
 
 
 def attribute_classes(gen=None) -> dict[str, tuple[str, ...]]:

@@ -17,11 +17,10 @@ from __future__ import annotations
 import gc
 import os
 from datetime import timedelta
-from pathlib import Path
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from visionzip_core.training.repo_paths import REPO_ROOT, in_checkout
 
 
 def set_env_defaults() -> None:
@@ -33,7 +32,9 @@ def set_env_defaults() -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     # DeepSpeed compiles ops (e.g. deepspeed_shm_comm with 2+ CPU processes) on first use; keep the
     # builds in the project's cache so that they are reused across runs and survive ~/.cache cleans.
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO_ROOT / ".cache" / "torch_extensions"))
+    # An installed package leaves torch's default (~/.cache): never write into site-packages.
+    if in_checkout():
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO_ROOT / ".cache" / "torch_extensions"))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # Micro-batches change shape from step to step (token budgets, packing, images or not): with
     # fixed-size cached blocks the allocator fragments and a long run can fail out of memory well

@@ -5,6 +5,7 @@ Families: LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL; a few data defaults follo
     deepspeed train/finetune.py --config configs/demo.yaml [section.key=value ...]
     torchrun --nproc_per_node 2 train/finetune.py --config configs/demo.yaml
     python train/finetune.py --config configs/demo.yaml train.max_steps=20
+    visionzip-train --config configs/demo.yaml     # installed; torchrun --no-python visionzip-train ...
 
 Recipe: validate the config (every problem at once, before any weights load) -> build the
 processor and check the data -> build the model and the DeepSpeed engine -> resume if a
@@ -88,13 +89,13 @@ from visionzip_core.training.optimization import (  # noqa: E402
 )
 from visionzip_core.training.overlays import overlay_image_paths, token_overlays  # noqa: E402
 from visionzip_core.training.plots import write_run_plot  # noqa: E402
+from visionzip_core.training.repo_paths import find_config, resolve_repo_path  # noqa: E402
 from visionzip_core.training.resume_check import check_resume  # noqa: E402
 from visionzip_core.training.settings import (  # noqa: E402
     ConfigError,
     Settings,
     config_keys_help,
     load_config,
-    resolve_repo_path,
 )
 from visionzip_core.training.tracking import WandbTracker  # noqa: E402
 from visionzip_core.weight_checks import WeightsError  # noqa: E402
@@ -138,7 +139,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         "e.g. data.train.0.weight=0.5):\n\n" + config_keys_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--config", required=True, help="training YAML (see configs/)")
+    p.add_argument(
+        "--config",
+        required=True,
+        help="training YAML (see configs/; configs/... also finds the shipped ones)",
+    )
     p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help="set by the deepspeed launcher")
     p.add_argument(
         "--verbose",
@@ -638,11 +643,37 @@ def _print_rank0(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
 
+def train_and_export(run: Run, stop: preemption.StopRequest, started: float) -> int:
+    """fit (unless trained before) -> export ``final/`` -> score it -> report; the exit code."""
+    run.hooks.on_start(run.output_dir, dist.rank(), run.state.step)
+    if run.state.step < run.state.total_steps:
+        fit(run, stop)
+    else:  # trained before; only final/ is missing
+        run.metrics.close()
+    paths = export(run)
+    try:
+        accuracy, failed = score_export(run.settings, paths, run.device, run.hooks), None
+    except ScoringFailed as err:
+        accuracy, failed = f"not scored: {err}", err
+    report(run, paths, time.perf_counter() - started, plot_metrics(run), accuracy)
+    if failed is None:
+        return 0
+    print(
+        f"error: eval.generate_accuracy: could not score {paths['model']} ({failed}); the run and "
+        f"its export are kept (exit {EXIT_NOT_SCORED})",
+        file=sys.stderr,
+        flush=True,
+    )
+    return EXIT_NOT_SCORED
+
+
 def main(argv=None, hooks: TrainHooks | None = None) -> int:
-    """The entry point; ``hooks`` lets tests observe the loop (:mod:`visionzip_core.training.hooks`)."""
+    """The entry point: config -> process group -> claim the folder -> :func:`setup` ->
+    :func:`train_and_export`; each failure is one line and an exit code (module docstring).
+    ``hooks`` lets tests observe the loop (:mod:`visionzip_core.training.hooks`)."""
     args = parse_args(argv)
     try:
-        settings = load_config(args.config, args.overrides, check_files=True, warn=_print_rank0)
+        settings = load_config(find_config(args.config), args.overrides, check_files=True, warn=_print_rank0)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr, flush=True)
         return 2
@@ -661,25 +692,7 @@ def main(argv=None, hooks: TrainHooks | None = None) -> int:
         run = setup(settings, device)
         if hooks is not None:
             run.hooks = hooks
-        run.hooks.on_start(run.output_dir, dist.rank(), run.state.step)
-        if run.state.step < run.state.total_steps:
-            fit(run, stop)
-        else:  # trained before; only final/ is missing
-            run.metrics.close()
-        paths = export(run)
-        try:
-            accuracy, failed = score_export(run.settings, paths, run.device, run.hooks), None
-        except ScoringFailed as err:
-            accuracy, failed = f"not scored: {err}", err
-        report(run, paths, time.perf_counter() - started, plot_metrics(run), accuracy)
-        if failed is not None:
-            print(
-                f"error: eval.generate_accuracy: could not score {paths['model']} ({failed}); the run and "
-                f"its export are kept (exit {EXIT_NOT_SCORED})",
-                file=sys.stderr,
-                flush=True,
-            )
-            code = EXIT_NOT_SCORED
+        code = train_and_export(run, stop, started)
     except resume.RunFinished as e:
         dist.print0(str(e))
     except (resume.ResumeError, output_lock.OutputDirLocked) as e:  # the same on every rank

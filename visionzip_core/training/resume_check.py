@@ -9,7 +9,8 @@ from pathlib import Path
 from visionzip_core.training import checkpointing, resume
 from visionzip_core.training import distributed as dist
 from visionzip_core.training.deepspeed_config import zero_stage
-from visionzip_core.training.settings import Settings, resolve_repo_path
+from visionzip_core.training.repo_paths import resolve_repo_path
+from visionzip_core.training.settings import Settings
 
 
 def check_resume(

@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from visionzip_core.bench.flops import LORA_TARGETS
 from visionzip_core.config import VisionZipConfig
 from visionzip_core.data import DataSettings
-from visionzip_core.training.distributed import REPO_ROOT
+from visionzip_core.training.repo_paths import resolve_repo_path
 
 Mode = Literal["projector", "pretrain", "finetune", "lora"]
 
@@ -320,14 +320,6 @@ def config_keys_help() -> str:
             if (section, key) in by_family:
                 lines.append(f"      Family default: {by_family[section, key]}.")
     return "\n".join(lines)
-
-
-def resolve_repo_path(path: str) -> Path:
-    """A config-relative path: as given if it exists from the cwd, else under the repository root."""
-    p = Path(os.path.expanduser(path))
-    if p.is_absolute() or p.exists():
-        return p
-    return REPO_ROOT / p
 
 
 def apply_overrides(raw: dict, overrides: list[str], problems: list[str]) -> dict:
