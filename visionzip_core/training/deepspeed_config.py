@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from visionzip_core.training.settings import Settings, resolve_repo_path
+from visionzip_core.training.schema import Settings, resolve_repo_path
 
 
 def fill_deepspeed_config(
