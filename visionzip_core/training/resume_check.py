@@ -9,7 +9,7 @@ from pathlib import Path
 from visionzip_core.training import checkpointing, resume
 from visionzip_core.training import distributed as dist
 from visionzip_core.training.deepspeed_config import zero_stage
-from visionzip_core.training.settings import Settings, resolve_repo_path
+from visionzip_core.training.schema import Settings, resolve_repo_path
 
 
 def check_resume(
