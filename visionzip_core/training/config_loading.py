@@ -85,10 +85,13 @@ def load_config(
                 sections[name] = model.model_validate({k: v for k, v in value.items() if k not in bad})
             except ValidationError:
                 pass
+    problems += contradictions(sections, raw)
+    # The rules read only keys the YAML gives; the family's defaults fill in what it leaves out
+    # before the input checks judge the data against the model. A builtin: test model is built
+    # (with check_files) only for a config that is right so far.
     family = model_family_of(sections, build=check_files and not problems)
     if family is not None and "data" in sections:
         sections["data"] = with_family_defaults(sections["data"], raw, family)
-    problems += contradictions(sections, raw)
     if check_files:
         found, notes = check_inputs(sections, raw, known_problems=bool(problems))
         for p in found:  # once each: two keys pointing at one folder find the same problem
