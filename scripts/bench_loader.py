@@ -20,6 +20,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from visionzip_core.data import DataCollator, DataSettings, LengthGroupedSampler, build_dataset
+from visionzip_core.testing.tiny import build_tiny_tokenizer
+
 
 def write_data(folder: Path, n: int) -> Path:
     rng = np.random.default_rng(0)
@@ -57,9 +60,6 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     from transformers import CLIPImageProcessorPil
-
-    from visionzip_core.data import DataCollator, DataSettings, LengthGroupedSampler, build_dataset
-    from visionzip_core.testing.tiny import build_tiny_tokenizer
 
     tok = build_tiny_tokenizer()
     proc = CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})

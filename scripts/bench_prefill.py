@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from visionzip_core import visionzip_processor
 from visionzip_core.bench.benchmarking import (
     NEXT_IMAGE,
     QWEN_SIZES,
@@ -58,6 +59,14 @@ from visionzip_core.bench.benchmarking import (
     write_report,
 )
 from visionzip_core.bench.flops import TrainableParts, llava_step_flops
+from visionzip_core.data.images import tiles
+from visionzip_core.families import family_for
+from visionzip_core.testing.tiny import (
+    IMAGE_TOKEN,
+    TINY_CHAT_TEMPLATE,
+    build_image_processor,
+    build_tiny_tokenizer,
+)
 
 # A LLaVA-bench-like request: one image and a one-sentence question.
 QUESTION = (
@@ -101,14 +110,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def build_processor(size, model):
     """The model family's processor (CLIP preprocessing, byte-level BPE) matched to ``model``'s token ids."""
-    from visionzip_core.families import family_for
-    from visionzip_core.testing.tiny import (
-        IMAGE_TOKEN,
-        TINY_CHAT_TEMPLATE,
-        build_image_processor,
-        build_tiny_tokenizer,
-    )
-
     family = family_for(model)
     if family.name == "qwen2.5-vl":  # the processor class is the family's, from a folder as downloaded
         import tempfile
@@ -138,9 +139,6 @@ def build_processor(size, model):
 
 def prompt_inputs(size, model, batch_size: int, device, seed: int):
     """Processor outputs for the current budget of ``model`` (the processor expands ``<image>``)."""
-    from visionzip_core import visionzip_processor
-    from visionzip_core.data.images import tiles
-
     processor = visionzip_processor(build_processor(size, model), model.config)
     rng = np.random.default_rng(seed)
     if hasattr(size, "image"):  # Qwen2.5-VL: native resolution, the chat template places the image

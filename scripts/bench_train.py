@@ -46,6 +46,7 @@ from visionzip_core.bench.benchmarking import (
     image_plan,
     interleaved_schedule,
     median,
+    mix665k_like_text_lengths,
     model_tensors,
     parse_budgets,
     peak_memory_bytes,
@@ -56,9 +57,13 @@ from visionzip_core.bench.benchmarking import (
     sizes_for,
     stock_budget,
     synthetic_batch,
+    synthetic_items,
     write_report,
 )
 from visionzip_core.bench.flops import LlamaShape, TrainableParts, VisionTowerShape, llava_step_flops
+from visionzip_core.data import DataCollator, LengthGroupedSampler
+from visionzip_core.data.collate import PackingCollator
+from visionzip_core.data.sampler import FixedBatchSampler, TokenBudgetBatchSampler
 from visionzip_core.families import family_for
 
 LORA_TARGETS = family_for("llava").lora_targets
@@ -319,11 +324,6 @@ def compare_packing(args: argparse.Namespace) -> list[dict]:
     length-grouped (the trainer's default), against rows packed to ``--row-tokens`` with a row's
     worth of tokens per micro-batch (``data.packing`` + ``data.batch_tokens``). The three passes'
     steps are interleaved; each step is timed on its own."""
-    from visionzip_core.bench.benchmarking import mix665k_like_text_lengths, synthetic_items
-    from visionzip_core.data import DataCollator, LengthGroupedSampler
-    from visionzip_core.data.collate import PackingCollator
-    from visionzip_core.data.sampler import FixedBatchSampler, TokenBudgetBatchSampler
-
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.threads:
         torch.set_num_threads(args.threads)

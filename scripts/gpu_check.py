@@ -36,6 +36,19 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from visionzip_core.bench import memory_sim as sim  # noqa: E402
+from visionzip_core.bench.benchmarking import BUDGETS, SIZES, set_budget  # noqa: E402
+from visionzip_core.bench.flops import TrainableParts, llava_step_flops  # noqa: E402
+from visionzip_core.data import DataCollator, build_dataset  # noqa: E402
+from visionzip_core.testing.sync_counts import FAMILIES, forward_sync_counts  # noqa: E402
+from visionzip_core.testing.tiny import build_tiny_qwen2_5_vl  # noqa: E402
+from visionzip_core.training import distributed as dist  # noqa: E402
+from visionzip_core.training.config_loading import load_config  # noqa: E402
+from visionzip_core.training.config_rules import PACKED_LAYOUT  # noqa: E402
+from visionzip_core.training.dataloaders import batch_to_device, make_collator  # noqa: E402
+from visionzip_core.training.modeling import build_model, build_processor  # noqa: E402
+from visionzip_core.training.optimization import build_optimizer  # noqa: E402
+
 CHECKS = ("packing", "syncs", "zero3", "step", "settings")
 
 
@@ -50,14 +63,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _demo_settings(model_dir: Path, extra=()):
-    from visionzip_core.training.settings import load_config
-
     return load_config(REPO / "configs/demo.yaml", [f"model.name_or_path={model_dir}", *extra])
 
 
 def _items(settings, processor, image_tokens, n: int) -> list[dict]:
-    from visionzip_core.data import build_dataset
-
     dataset = build_dataset(
         settings.data.resolve_paths(REPO),
         "train",
@@ -69,8 +78,6 @@ def _items(settings, processor, image_tokens, n: int) -> list[dict]:
 
 
 def _summed(model, batch: dict, dtype) -> tuple[float, dict]:
-    from visionzip_core.training.dataloaders import batch_to_device
-
     batch = batch_to_device(
         {k: v for k, v in batch.items() if k != "num_tokens"}, torch.device("cuda"), dtype
     )
@@ -91,11 +98,6 @@ def _max_rel(a: dict, b: dict) -> float:
 
 def check_packing(work: Path) -> list[tuple[str, str, str]]:
     """packed == unpacked under SDPA (fp32, rows) and flash_attention_2 (bf16, one row)."""
-    from visionzip_core.data import DataCollator
-    from visionzip_core.training.dataloaders import make_collator
-    from visionzip_core.training.modeling import build_model, build_processor
-    from visionzip_core.training.settings import PACKED_LAYOUT
-
     rows = []
     for attn, dtype, tol in (("sdpa", torch.float32, 1e-4), ("flash_attention_2", torch.bfloat16, 3e-2)):
         name = f"packed == unpacked, {attn} ({'fp32' if dtype == torch.float32 else 'bf16'})"
@@ -133,8 +135,6 @@ def check_syncs(work: Path) -> list[tuple[str, str, str]]:
     """Host syncs per forward, VisionZip over stock, per family at batch 2 and 8 (target: <= 4 more,
     the same at both batch sizes), counted by torch's sync debug mode on the tiny models
     (:func:`visionzip_core.testing.sync_counts.forward_sync_counts`, as ``scripts/count_syncs.py --device cuda``)."""
-    from visionzip_core.testing.sync_counts import FAMILIES, forward_sync_counts
-
     rows = []
     for family in FAMILIES:
         name = f"host syncs per forward, {family}"
@@ -151,8 +151,6 @@ def check_syncs(work: Path) -> list[tuple[str, str, str]]:
 
 def _families(work: Path) -> list[tuple[str, str, list[str]]]:
     """(family, model folder, demo-config overrides) for each family, tiny random weights."""
-    from visionzip_core.testing.tiny import build_tiny_qwen2_5_vl
-
     qwen = work / "tiny-qwen2.5-vl"
     if not (qwen / "config.json").is_file():
         build_tiny_qwen2_5_vl(qwen, seed=0, vision_depth=2)
@@ -278,10 +276,6 @@ def check_step(work: Path) -> list[tuple[str, str, str]]:
     """bf16 step at 576 and 64 tokens: measured time/memory against the simulation and FLOP model."""
     from dataclasses import replace
 
-    from visionzip_core.bench import memory_sim as sim
-    from visionzip_core.bench.benchmarking import BUDGETS, SIZES, set_budget
-    from visionzip_core.bench.flops import TrainableParts, llava_step_flops
-
     size = replace(SIZES["cpu"], dtype="bfloat16", batch_size=8)
     budgets = {576: BUDGETS[576], 64: BUDGETS[64]}
     rows = []
@@ -347,11 +341,6 @@ def check_step(work: Path) -> list[tuple[str, str, str]]:
 def check_settings(work: Path) -> list[tuple[str, str, str]]:
     """The GPU defaults take effect: expandable segments, TF32, fused AdamW, pinned non-blocking
     copies cast on the device, and the entry point's per-rank memory metrics."""
-    from visionzip_core.training import distributed as dist
-    from visionzip_core.training.dataloaders import batch_to_device
-    from visionzip_core.training.optimization import build_optimizer
-    from visionzip_core.training.settings import load_config
-
     rows = []
     name = "GPU defaults: allocator, TF32, fused AdamW, device copies"
     try:
@@ -458,7 +447,6 @@ def main(argv=None) -> int:
             "gpu_check: skipped, no CUDA device (these checks need a GPU; the CPU test suite covers the rest)"
         )
         return 0
-    from visionzip_core.training import distributed as dist
 
     dist.set_env_defaults()
     os.environ.setdefault("WANDB_MODE", "disabled")

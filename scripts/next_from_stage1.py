@@ -15,6 +15,10 @@ import json
 import sys
 from pathlib import Path
 
+from visionzip_core.families import family_for
+from visionzip_core.model_folders import check_model_folder
+from visionzip_core.weight_checks import WeightsError
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -26,10 +30,6 @@ def main(argv: list[str] | None = None) -> int:
         help='JSON list of [H, W] tilings, e.g. "[[336,672],[672,336]]" (default: llava-v1.6\'s five)',
     )
     args = parser.parse_args(argv)
-
-    from visionzip_core.families import family_for
-    from visionzip_core.model_folders import check_model_folder
-    from visionzip_core.weight_checks import WeightsError
 
     out = Path(args.out)
     if out.exists():

@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from visionzip_core.training.plots import plot_runs, read_metrics, run_names
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -22,7 +24,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from visionzip_core.training.plots import plot_runs, read_metrics, run_names
 
     runs = {}
     for name, run_dir in zip(run_names(args.run_dirs), args.run_dirs):

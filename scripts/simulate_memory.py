@@ -40,6 +40,7 @@ from visionzip_core.bench.memory_sim import (
     simulate,
     workload,
 )
+from visionzip_core.training.config_memory import markdown_table, simulate_config
 
 FAMILIES = ("llava-1.5", "llava-next")
 SIZE_OF = {"llava-1.5": "llava-1.5-7b", "llava-next": "llava-next-7b"}
@@ -240,8 +241,6 @@ def run_calibration(args: argparse.Namespace) -> tuple[list[dict], str]:
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.configs:
-        from visionzip_core.bench.config_memory import markdown_table, simulate_config
-
         paths = [q for p in args.configs for q in (sorted(p.glob("*.yaml")) if p.is_dir() else [p])]
         results = [simulate_config(p, gpus=args.gpus) for p in paths]
         table = markdown_table(results)

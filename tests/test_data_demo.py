@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from visionzip_core.config import num_image_tokens
+from visionzip_core import num_image_tokens
 from visionzip_core.data import DataCollator, DataSettings, LengthGroupedSampler, build_dataset
 
 REPO = Path(__file__).resolve().parents[1]

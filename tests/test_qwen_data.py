@@ -15,13 +15,12 @@ from PIL import Image
 
 from visionzip_core.config import VisionZipConfig
 from visionzip_core.data import DataCollator, DataSettings, build_dataset
-from visionzip_core.data.counts import video_token_count
 from visionzip_core.data.encode import IGNORE_INDEX, Encoder
 from visionzip_core.data.images import ImageTransform
 from visionzip_core.data.sources import to_conversation
 from visionzip_core.data.templates import tokenizer_of
 from visionzip_core.data.validation import BadDataError, SampleError
-from visionzip_core.families import family_for, image_token_count
+from visionzip_core.families import family_for, image_token_count, video_token_count
 from visionzip_core.testing.tiny import build_tiny_qwen2_5_vl
 
 IMG, VID = "<|image_pad|>", "<|video_pad|>"

@@ -59,14 +59,14 @@ def test_tower_config_readers_accept_a_full_clip_config(full_clip_dir):
     """Every reader of the tower's shape works on ``CLIPConfig`` (vision fields one level down)."""
     from transformers import AutoConfig
 
-    from visionzip_core.families import family_for
+    from visionzip_core.families import stage1_family
+    from visionzip_core.families.llava import vision_tower_config
     from visionzip_core.training.input_checks import _visionzip_fits
-    from visionzip_core.training.modeling import STAGE1_FAMILY, vision_tower_config
 
     config = AutoConfig.from_pretrained(full_clip_dir)
     vision = vision_tower_config(config)
     assert vision.image_size == 112 and vision.patch_size == 14
-    family = family_for(STAGE1_FAMILY)
+    family = stage1_family()
     assert family.tower_tokens(config) == family.tower_tokens(vision) == 65
     assert family.vision_layers(config) == 3 and family.feature_layer(config) == -2
     assert _visionzip_fits(_vz(12, 4), family, config) == []

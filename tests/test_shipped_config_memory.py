@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from visionzip_core.bench.config_memory import GPU_GIB, SIMULATED_FOLDERS, shipped_configs, simulate_config
+from visionzip_core.training.config_memory import GPU_GIB, SIMULATED_FOLDERS, shipped_configs, simulate_config
 
 pytestmark = pytest.mark.slow
 

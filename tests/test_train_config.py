@@ -402,3 +402,26 @@ def test_generate_accuracy_without_an_export_is_warned_and_its_keys_validate(tin
     with pytest.raises(ConfigError, match="eval.max_new_tokens"):
         load_config(REPO / "configs/demo.yaml", ["eval.max_new_tokens=0"])
     assert load_config(REPO / "configs/demo.yaml", ["eval.limit=5"]).eval.limit == 5
+
+
+def test_the_familys_data_defaults_apply_with_and_without_file_checks(tiny_qwen2_5_vl_dir, tmp_path):
+    """One YAML trains one way: the loader applies the family's data defaults whether or not the
+    input checks run (they used to be applied by the checks alone, so a Qwen config loaded
+    without ``check_files`` fell back to LLaVA's vicuna_v1/pad)."""
+    samples, images = tmp_path / "train.jsonl", tmp_path / "images"
+    samples.write_text('{"id": "0", "image": "a.png", "conversations": []}\n')
+    images.mkdir()
+    config = tmp_path / "qwen.yaml"
+    config.write_text(
+        f"model: {{name_or_path: {tiny_qwen2_5_vl_dir}}}\n"
+        f"data: {{train: [{{path: {samples}, image_folder: {images}}}], image_placement: start}}\n"
+        f"train: {{mode: projector, output_dir: {tmp_path / 'out'}}}\n"
+        "visionzip: {dominant_ratio: 0.25, contextual_ratio: 0.25}\n"
+    )
+    seen = [
+        (d.template, d.image_placement, d.image_aspect_ratio)
+        for d in (load_config(config).data, load_config(config, check_files=True).data)
+    ]
+    assert seen == [("chat_template", "start", "native")] * 2  # the given key stays the YAML's
+    llava = load_config(config, [f"model.name_or_path={REPO / 'missing'}"]).data
+    assert (llava.template, llava.image_aspect_ratio) == ("vicuna_v1", "pad")  # no folder: no family

@@ -8,7 +8,8 @@ from visionzip_core.adapt import (
     visionzip,
     visionzip_processor,
 )
-from visionzip_core.config import VisionZipConfig, num_image_tokens, read_visionzip_config
+from visionzip_core.config import VisionZipConfig, read_visionzip_config
+from visionzip_core.families import num_image_tokens
 
 __all__ = [
     "VisionZipConfig",

@@ -24,8 +24,8 @@ from typing import Any
 
 from torch import nn
 
-from visionzip_core.config import CONFIG_KEY, VisionZipConfig, num_image_tokens, read_visionzip_config
-from visionzip_core.families import family_for
+from visionzip_core.config import CONFIG_KEY, VisionZipConfig, read_visionzip_config
+from visionzip_core.families import family_for, num_image_tokens
 
 
 def visionzip(

@@ -116,22 +116,6 @@ def read_visionzip_config(model_config: Any) -> VisionZipConfig | None:
     return VisionZipConfig(**raw)
 
 
-def num_image_tokens(model_config: Any, image_size: tuple[int, int] | None = None) -> int:
-    """Image-token ids each ``<image>`` placeholder must expand to for this model.
-
-    The model's family counts them: with VisionZip settings recorded on the config, the
-    compressed count; otherwise the stock one. ``image_size`` (H, W) matters for families whose
-    count depends on it (tiled images); LLaVA-1.5 crops every image to one square.
-    """
-    from visionzip_core.families import family_for
-
-    family = family_for(model_config)
-    vz = read_visionzip_config(model_config)
-    if vz is not None:
-        return family.compressed_tokens_per_image(model_config, vz, image_size)
-    return family.stock_tokens_per_image(model_config, image_size)
-
-
 def one_line(err: ValueError) -> str:
     """A settings error as one line: pydantic's ``ValidationError`` as ``visionzip.<field>: <why>``
     per problem, anything else as its text."""

@@ -16,6 +16,7 @@ from pathlib import Path
 from visionzip_core.config import VisionZipConfig, one_line, settings_from_flags
 from visionzip_core.data.sources import to_conversation
 from visionzip_core.data.validation import SampleError
+from visionzip_core.families import family_for
 
 # Placeholders the samples' media parts are read into (LLaVA files write ``<image>`` in the text);
 # the question keeps neither, since each family's prompt places its own.
@@ -218,8 +219,6 @@ def score_generation(
     model's device and dtype. ``samples`` the family cannot take (videos) are the caller's to leave out.
     """
     import torch
-
-    from visionzip_core.families import family_for
 
     family = family_for(model)
     param = next(model.parameters())

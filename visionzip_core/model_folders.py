@@ -18,6 +18,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+from visionzip_core.families import UnsupportedModel, family_for, supported
+
 ROLES = ("llava", "vision", "llm")
 
 # Single-file and sharded weights that transformers' from_pretrained reads (safetensors first).
@@ -105,8 +107,6 @@ def _model_type(config, role: str, folder: Path, key: str) -> list[str]:
         if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or hasattr(config, "vision_config"):
             return [f"{key}: {folder} is a '{model_type}' model, not a causal language model (e.g. llama)"]
     if role == "llava":
-        from visionzip_core.families import UnsupportedModel, family_for, supported
-
         try:
             family_for(config)
         except UnsupportedModel:

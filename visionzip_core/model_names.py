@@ -17,31 +17,27 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from visionzip_core.testing.demo_tower import build_demo_llava
+from visionzip_core.testing.tiny import build_tiny_llava, build_tiny_llava_next, build_tiny_pretrain_parts
+from visionzip_core.weight_checks import progress_bars_on_terminal_only
+
 BUILTIN_PREFIX = "builtin:"
 
 
 def _build_tiny_llava(out: Path) -> None:
-    from visionzip_core.testing.tiny import build_tiny_llava
-
     build_tiny_llava(out)
 
 
 def _build_tiny_llava_next(out: Path) -> None:
-    from visionzip_core.testing.tiny import build_tiny_llava_next
-
     build_tiny_llava_next(out)
 
 
 def _build_demo_llava(out: Path) -> None:
-    from visionzip_core.testing.demo_tower import build_demo_llava
-
     build_demo_llava(out)
 
 
 def _build_tiny_part(part: str) -> Callable[[Path], None]:
     def build(out: Path) -> None:
-        from visionzip_core.testing.tiny import build_tiny_pretrain_parts
-
         with tempfile.TemporaryDirectory(dir=out.parent) as scratch:
             clip_dir, llm_dir = build_tiny_pretrain_parts(scratch)
             os.rename(clip_dir if part == "clip" else llm_dir, out)
@@ -90,7 +86,6 @@ def resolve_model_path(name: str | os.PathLike) -> str:
     scratch = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=target.parent))
     try:
         staged = scratch / key
-        from visionzip_core.weight_checks import progress_bars_on_terminal_only  # imports torch
 
         with progress_bars_on_terminal_only():  # no "Writing model shards" bar in a piped log
             BUILTINS[key](staged)

@@ -20,7 +20,17 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from visionzip_core import remove_visionzip, visionzip
 from visionzip_core.bench.flops import LlamaShape, VisionTowerShape
+from visionzip_core.config import VisionZipConfig
+from visionzip_core.families import family_for
+from visionzip_core.families.llava_next import crops_per_image
+from visionzip_core.testing.tiny import (
+    QWEN2_5_VL_CHAT_TEMPLATE,
+    QWEN_SPECIAL_TOKENS,
+    build_tiny_qwen_tokenizer,
+    qwen_preprocessor_config,
+)
 
 # Visual tokens per image -> (dominant, contextual); None is the stock model (compression off).
 BUDGETS: dict[int, tuple[int, int] | None] = {576: None, 192: (162, 30), 128: (108, 20), 64: (54, 10)}
@@ -274,12 +284,6 @@ def write_qwen_processor_files(folder: str | os.PathLike) -> Path:
     """Write a Qwen2.5-VL processor folder for the benchmarks' random models: the tiny Qwen tokenizer
     (its special ids are :func:`qwen_token_ids`), Qwen2.5-VL-7B-Instruct's image settings (min_pixels
     56 x 56, max_pixels 28 x 28 x 16384, so a :data:`QWEN_IMAGE` keeps its size) and chat template."""
-    from visionzip_core.testing.tiny import (
-        QWEN2_5_VL_CHAT_TEMPLATE,
-        build_tiny_qwen_tokenizer,
-        qwen_preprocessor_config,
-    )
-
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     _, tokenizer = build_tiny_qwen_tokenizer()
@@ -295,16 +299,12 @@ def write_qwen_processor_files(folder: str | os.PathLike) -> Path:
 def qwen_token_ids() -> dict[str, int]:
     """Special-token ids of the tiny Qwen tokenizer (:func:`visionzip_core.testing.tiny.build_tiny_qwen_tokenizer`),
     which the benchmarks' random Qwen models and processors share."""
-    from visionzip_core.testing.tiny import QWEN_SPECIAL_TOKENS, build_tiny_qwen_tokenizer
-
     _, tokenizer = build_tiny_qwen_tokenizer()
     return {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
 
 
 def qwen_config(size: QwenBenchSize, token_ids: dict[str, int] | None = None):
     """A ``qwen2_5_vl`` config with ``size``'s shapes and the tiny Qwen tokenizer's special ids."""
-    from visionzip_core.families import family_for
-
     ids = token_ids or qwen_token_ids()
     text = {
         **size.text,
@@ -331,7 +331,6 @@ def build_random_model(size, device: str | torch.device = "cpu", seed: int = 0, 
     (``device="meta"``: the structure only)."""
     if family != "qwen2.5-vl":
         return build_random_llava(size, device, seed=seed, family=family)
-    from visionzip_core.families import family_for
 
     ids = qwen_token_ids()
     config = qwen_config(size, ids)
@@ -412,8 +411,6 @@ def llava_config(size: BenchSize, family_name: str = "llava-1.5"):
     a ``LlavaNextConfig`` with llava-v1.6's (``family_name="llava-next"``)."""
     from transformers import LlamaConfig
 
-    from visionzip_core.families import family_for
-
     family = family_for(family_name)
     t = size.llm
     text = LlamaConfig(
@@ -440,8 +437,6 @@ def build_random_llava(
     On a GPU the weights are allocated and initialised there (a 7B model builds in seconds);
     ``device="meta"`` builds the structure only, for checks without memory.
     """
-    from visionzip_core.families import family_for
-
     dtype = getattr(torch, size.dtype)
     config = llava_config(size, family)
     torch.manual_seed(seed)
@@ -456,8 +451,6 @@ def build_random_llava(
 def set_budget(model: torch.nn.Module, tokens: int, budgets: dict | None = None) -> None:
     """Switch ``model`` (LLaVA, possibly peft-wrapped) to ``tokens`` visual tokens per image (per
     crop with ``budgets=NEXT_BUDGETS``)."""
-    from visionzip_core import remove_visionzip, visionzip
-
     split = (budgets or BUDGETS)[tokens]
     remove_visionzip(model)
     if split is None:
@@ -630,9 +623,6 @@ def image_plan(config, family: str, tokens: int, budgets: dict | None = None) ->
     per crop for LLaVA-NeXT, which feeds :data:`NEXT_IMAGE`, percent of the merged tokens of a
     :data:`QWEN_IMAGE` for Qwen2.5-VL), counted by the model's family.
     ``budgets`` (default :func:`budgets_for`) maps ``tokens`` to its split, as in :func:`set_budget`."""
-    from visionzip_core.config import VisionZipConfig
-    from visionzip_core.families import family_for
-
     split = (budgets or budgets_for(family))[tokens]
     fam = family_for(family)
     if family == "qwen2.5-vl":  # compression runs after the merger: the merger sees every token
@@ -643,7 +633,6 @@ def image_plan(config, family: str, tokens: int, budgets: dict | None = None) ->
         return ImagePlan(1, stock, fam.compressed_tokens_per_image(config, vz, QWEN_IMAGE))
     if family != "llava-next":
         return ImagePlan(1, tokens, tokens)
-    from visionzip_core.families.llava_next import crops_per_image
 
     crops = crops_per_image(config, NEXT_IMAGE)
     if split is None:

@@ -22,9 +22,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from visionzip_core.families.base import LORA_TARGETS
+from visionzip_core.families.llava import patches_per_image
+
 LlmTraining = Literal["none", "lora", "full"]
-# A Llama decoder layer's linears: what LoRA wraps by default, and what this FLOP model can count.
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# LoRA targets this model can count: a decoder layer's linears, what LoRA wraps by default (LORA_TARGETS).
 
 
 @dataclass(frozen=True)
@@ -41,8 +43,6 @@ class VisionTowerShape:
 
     @property
     def num_patches(self) -> int:
-        from visionzip_core.families.llava import patches_per_image
-
         return patches_per_image(self)
 
     @property

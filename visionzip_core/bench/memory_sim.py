@@ -61,6 +61,7 @@ from visionzip_core.bench.benchmarking import (
     synthetic_batch,
 )
 from visionzip_core.bench.flops import LlamaShape, VisionTowerShape
+from visionzip_core.families import family_for
 
 GIB = 2**30
 # Qwen2.5-VL runs a shorter step on meta (see simulation_batch and training_loss): its vision
@@ -204,8 +205,6 @@ def build_training_model(
     output require grad, so a frozen tower keeps its checkpointed layer inputs and is
     back-propagated through.
     """
-    from visionzip_core.families import family_for
-
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}; allowed {MODES}")
     if family == QWEN_FAMILY and mode == "finetune_vision":
@@ -497,8 +496,6 @@ class ParameterCounts:
 
 
 def parameter_counts(model: nn.Module) -> ParameterCounts:
-    from visionzip_core.families import family_for
-
     fam = family_for(model)
     hidden = fam.llm_hidden_size(model.config)
     params = list(model.parameters())

@@ -42,6 +42,7 @@ from visionzip_core.bench.benchmarking import (
     stock_budget,
 )
 from visionzip_core.bench.flops import (
+    LORA_TARGETS,
     LlamaShape,
     TrainableParts,
     VisionTowerShape,
@@ -52,9 +53,12 @@ from visionzip_core.bench.memory_sim import (
     GIB,
     LORA_RANK,
     QWEN_FAMILY,
+    TINY_BUDGETS,
+    TINY_SIZE,
     ZERO3_SUB_GROUP,
     MetaTensorMemory,
     build_training_model,
+    calibrate,
     measure_step,
     optimizer_step_transient,
     parameter_counts,
@@ -63,6 +67,7 @@ from visionzip_core.bench.memory_sim import (
     simulation_batch,
     zero_model_states,
 )
+from visionzip_core.families import family_for
 
 # The families the memory simulation can run (build_training_model / simulation_batch).
 SIMULATED_FAMILIES = ("llava-1.5", "llava-next", QWEN_FAMILY)
@@ -205,7 +210,6 @@ def resolve_model(name_or_folder: str) -> PlanModel:
         raise ValueError(
             f"--model {name_or_folder}: not a known size ({', '.join(known)}) nor a folder with a config.json"
         )
-    from visionzip_core.families import family_for
 
     try:
         data = json.loads((folder / "config.json").read_text())
@@ -217,8 +221,6 @@ def resolve_model(name_or_folder: str) -> PlanModel:
 
 def model_from_config(config, name: str) -> PlanModel:
     """A :class:`PlanModel` from a LLaVA(-NeXT) config (no weights)."""
-    from visionzip_core.families import family_for
-
     family = family_for(config).name
     if family not in SIMULATED_FAMILIES or family == QWEN_FAMILY:
         raise ValueError(
@@ -331,8 +333,6 @@ def trainable_parts(mode: str) -> TrainableParts:
         return TrainableParts(vision=True, llm="full")
     llm = {"finetune": "full", "lora": "lora"}.get(mode, "none")
     if llm == "lora":
-        from visionzip_core.bench.flops import LORA_TARGETS
-
         return TrainableParts(llm="lora", lora_rank=LORA_RANK, lora_targets=LORA_TARGETS)
     return TrainableParts(llm=llm)
 
@@ -639,8 +639,6 @@ def calibrate_planner(family: str = "llava-1.5", mode: str = "finetune") -> list
     """The planner's activation bytes (:class:`SettingSimulator`, meta) against a real CPU step of
     the tiny model (:func:`visionzip_core.bench.memory_sim.calibrate`'s ZeRO setting: gradients released
     as accumulated), per budget and checkpointing. ``diff_pct`` = (planner - real) / real in %."""
-    from visionzip_core.bench.memory_sim import TINY_BUDGETS, TINY_SIZE, calibrate
-
     rows = []
     for ckpt in (False, True):
         sim = SettingSimulator(TINY_SIZE, family, mode, ckpt, TINY_BUDGETS, 1, (2,))

@@ -23,9 +23,10 @@ import numpy as np
 from visionzip_core.data import BadDataError
 from visionzip_core.data.dataset import apply_policy, epoch_rows, make_encoder, preflight_split
 from visionzip_core.data.images import ImageTransform
+from visionzip_core.training.config_loading import load_config
 from visionzip_core.training.input_checks import check_global_batch
 from visionzip_core.training.modeling import build_processor, dataset_inputs
-from visionzip_core.training.settings import ConfigError, load_config
+from visionzip_core.training.schema import ConfigError
 
 
 def main(argv=None) -> int:

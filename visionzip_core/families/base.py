@@ -9,13 +9,15 @@ transformers model class, a vision-tower attribute or a token-count formula; the
 project asks :func:`visionzip_core.families.family_for` and calls these methods.
 
 Adding a family = one new module with a :class:`ModelFamily` subclass, registered in
-``families/__init__.py``.
+``families/registry.py``.
 """
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -23,8 +25,11 @@ from torch import nn
 
 from visionzip_core.algorithm import TokenSelection
 from visionzip_core.config import VisionZipConfig
+from visionzip_core.data.settings import VICUNA_V1_SYSTEM
 
 MODULE_GROUPS = ("projector", "vision", "llm")
+# A Llama (Vicuna) or Qwen2 decoder layer's linears: what LoRA wraps by default.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
@@ -111,8 +116,6 @@ class ModelFamily(ABC):
         LLaVA-1.5's ``vicuna_v1`` text ``{system} USER: <image>\\n{question} ASSISTANT:`` (``system``
         None: vicuna's own), one placeholder per image. ``scripts/evaluate.py`` and
         ``eval.generate_accuracy`` ask with it."""
-        from visionzip_core.data.settings import VICUNA_V1_SYSTEM
-
         if videos:
             raise ValueError(f"{self.name} takes images only, not videos")
         system = VICUNA_V1_SYSTEM if system is None else system
@@ -140,9 +143,6 @@ class ModelFamily(ABC):
 
     def config_from_file(self, path: str) -> Any:
         """The model config in a ``config.json`` file (without importing remote code)."""
-        import json
-        from pathlib import Path
-
         return self.config_from_dict(json.loads(Path(path).read_text()))
 
     def assemble(self, vision_path: str, llm_path: str, processor, from_pretrained_kwargs: dict) -> nn.Module:

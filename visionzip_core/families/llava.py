@@ -24,7 +24,6 @@ from transformers import LlavaForConditionalGeneration, LlavaModel, LlavaProcess
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from visionzip_core.algorithm import TokenSelection, compress_selected, select_visionzip_tokens
-from visionzip_core.bench.flops import LORA_TARGETS
 from visionzip_core.capture import (
     FeatureLayerCapture,
     capture_feature_layer,
@@ -32,7 +31,7 @@ from visionzip_core.capture import (
     resolve_feature_layer,
 )
 from visionzip_core.config import VisionZipConfig
-from visionzip_core.families.base import ImageTokenSelection, ModelFamily
+from visionzip_core.families.base import LORA_TARGETS, ImageTokenSelection, ModelFamily
 from visionzip_core.weight_checks import load_checked, progress_bars_on_terminal_only
 
 PROJECTOR = "multi_modal_projector"

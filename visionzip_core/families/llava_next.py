@@ -34,7 +34,14 @@ from visionzip_core.algorithm import compress_selected
 from visionzip_core.capture import check_vision_tower, resolve_feature_layer
 from visionzip_core.config import VisionZipConfig
 from visionzip_core.families.base import ImageTokenSelection
-from visionzip_core.families.llava import Llava15, active_settings, capture_and_select, patches_per_image
+from visionzip_core.families.llava import (
+    Llava15,
+    _forward_with_vision_in_graph,
+    active_settings,
+    capture_and_select,
+    patches_per_image,
+)
+from visionzip_core.tokenizer_files import save_pretrained_faithfully
 from visionzip_core.weight_checks import load_checked
 
 _ACTIVE = "_visionzip_active"
@@ -241,9 +248,6 @@ class LlavaNext(Llava15):
 
         from transformers import AutoProcessor
 
-        from visionzip_core.families.llava import Llava15
-        from visionzip_core.tokenizer_files import save_pretrained_faithfully
-
         source = Llava15().load(stage1)
         src_config = source.config
         side = src_config.vision_config.image_size
@@ -444,8 +448,6 @@ class LlavaNext(Llava15):
 
     def keep_vision_in_graph(self, model: nn.Module) -> None:
         """As LLaVA-1.5's (see there), with one blank image cut into the crops of its size."""
-        from visionzip_core.families.llava import _forward_with_vision_in_graph
-
         inner = find_llava_next_model(model)
         inner._visionzip_blank_image = types.MethodType(_blank_image, inner)
         inner.forward = types.MethodType(_forward_with_vision_in_graph, inner)

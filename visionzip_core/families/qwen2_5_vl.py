@@ -71,11 +71,11 @@ from transformers.vision_utils import get_vision_window_index
 from visionzip_core.algorithm import compress_in_place_order, select_by_scores
 from visionzip_core.capture import resolve_feature_layer
 from visionzip_core.config import VisionZipConfig
-from visionzip_core.families.base import ImageTokenSelection, ModelFamily
+from visionzip_core.families.base import LORA_TARGETS, ImageTokenSelection, ModelFamily
+from visionzip_core.families.qwen_processing import load_qwen_processor
 from visionzip_core.weight_checks import load_checked
 
 PROJECTOR = "merger"
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _ACTIVE = "_visionzip_active"
 _KEPT = "_visionzip_kept"
 # Query rows per chunk of the score computation: heads x chunk x segment floats at a time.
@@ -771,8 +771,6 @@ class Qwen2_5VL(ModelFamily):
         return load_checked(self.model_class, path, check_files, **from_pretrained_kwargs)
 
     def load_processor(self, path: str, **kwargs: Any):
-        from visionzip_core.families.qwen_processing import load_qwen_processor
-
         return load_qwen_processor(path, **kwargs)
 
     def config_from_dict(self, data: dict) -> Any:

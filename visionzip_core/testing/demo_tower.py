@@ -28,7 +28,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from visionzip_core.capture import resolve_feature_layer
+from visionzip_core.data.images import mean_colour, pad_to_square
 from visionzip_core.testing import demo_data
+from visionzip_core.testing.tiny import build_tiny_llava, save_tiny
 
 # Seed of the pretraining pictures: the demo data uses seed*1000 + {0, 1}; this is none of those.
 PICTURE_SEED = 20_241_204
@@ -72,8 +75,6 @@ def make_demo_pictures(
     (picked by the same generator): ``pad`` (to square with the processor's mean colour, as the
     demo trains) or ``crop`` (the processor alone: resize and centre crop, as scripts/evaluate.py
     and scripts/generate.py feed a picture). ``word_rate`` of them show a written word."""
-    from visionzip_core.data.images import mean_colour, pad_to_square
-
     gen = demo_generator()
     classes = attribute_classes(gen)
     rng = random.Random(seed)
@@ -109,8 +110,6 @@ class AttributeHeads(nn.Module):
 
 def feature_layer_cls(tower: nn.Module, pixel_values: torch.Tensor, feature_layer: int = -2) -> torch.Tensor:
     """``(B, hidden)``: the CLS token of ``hidden_states[feature_layer]``, running only the layers up to it."""
-    from visionzip_core.capture import resolve_feature_layer
-
     index = resolve_feature_layer(feature_layer, len(tower.encoder.layers))
     hidden = tower.pre_layrnorm(tower.embeddings(pixel_values))
     for layer in tower.encoder.layers[:index]:
@@ -187,13 +186,9 @@ def _pretrain(tower, image_processor, pictures, epochs, batch_size, lr, seed, lo
 def build_demo_llava(out_dir: str | os.PathLike | None = None, seed: int = 0, log=print):
     """The tiny LLaVA of ``builtin:tiny-llava`` with the pretrained demo tower; saved like the other
     built-ins when ``out_dir`` is given. Returns ``(model, processor, heads)``."""
-    from visionzip_core.testing.tiny import build_tiny_llava
-
     model, processor = build_tiny_llava(None, seed=seed)
     tower = model.model.vision_tower
     heads = pretrain_demo_tower(tower, processor.image_processor, seed=seed, log=log)
     if out_dir is not None:
-        from visionzip_core.testing.tiny import save_tiny
-
         save_tiny(model, processor, out_dir)
     return model, processor, heads

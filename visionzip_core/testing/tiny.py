@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from visionzip_core.families import family_for
 from visionzip_core.tokenizer_files import save_pretrained_faithfully
 
 # Words the tokenizer learns whole; everything else still encodes byte by byte.
@@ -215,8 +216,6 @@ def build_tiny_llava_next(
 
 def _build_tiny(family_name: str, out_dir, image_size: int, patch_size: int, vision_layers: int, seed: int):
     import torch
-
-    from visionzip_core.families import family_for
 
     family = family_for(family_name)
     tokenizer = build_tiny_tokenizer()
@@ -490,8 +489,6 @@ def build_tiny_qwen2_5_vl(
 
     import torch
     from safetensors.torch import save_file
-
-    from visionzip_core.families import family_for
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

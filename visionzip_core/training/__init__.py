@@ -1,8 +1,11 @@
 """Training on VisionZip-compressed visual tokens; the recipe is ``recipe`` (``main``), run by
 ``train/finetune.py`` or the ``visionzip-train`` command.
 
-Modules: ``settings`` (typed YAML config, ``load_config``, ``ConfigError``), ``distributed``
-(launcher-agnostic process group, ``print0``), ``modeling`` (build/assemble, freeze, LoRA,
+Modules: the training config in ``schema`` (typed sections, ``--help`` text, ``ConfigError``),
+``config_loading`` (``load_config``: YAML, overrides, the family's data defaults),
+``config_rules`` (rules between sections, what the machine must offer) and ``input_checks`` (what
+the config points at), their public names gathered in ``settings``; ``config_memory`` (simulated
+memory of a config); ``distributed`` (launcher-agnostic process group, ``print0``), ``modeling`` (build/assemble, freeze, LoRA,
 param groups), ``optimization`` (AdamW, warmup + cosine), ``deepspeed_config`` (fill "auto"),
 ``dataloaders``, ``checkpointing`` (atomic save, exact resume), ``resume`` (what a resume may
 change, which folders a run may use), ``output_lock`` (one writer per folder), ``metrics``

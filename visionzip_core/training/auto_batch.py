@@ -18,6 +18,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from visionzip_core.bench import planner
+from visionzip_core.bench.benchmarking import NEXT_IMAGE
+from visionzip_core.training.modeling import model_family, model_path
+from visionzip_core.training.resume import read_record
+
 AUTO = "auto"
 KEYS = ("per_device_batch_size", "grad_accum_steps", "gradient_checkpointing")
 
@@ -38,8 +43,6 @@ def with_train(settings, values: dict):
 def keep_from_checkpoint(settings, checkpoint: Path | None):
     """``(settings, line)``: on resume, the ``auto`` fields take the values the checkpoint's run
     recorded; ``line`` is None when nothing was taken (no auto, no checkpoint or no record)."""
-    from visionzip_core.training.resume import read_record
-
     if checkpoint is None or not uses_auto(settings.train):
         return settings, None
     saved = read_record(checkpoint)
@@ -88,8 +91,6 @@ def resolve(
         if ckpt_auto:
             values["gradient_checkpointing"] = t.auto_fallback_checkpointing
         return with_train(settings, values), f"auto: {why}: the stated fallback {_describe(values)}"
-    from visionzip_core.bench import planner
-
     if global_batch % world_size:
         raise AutoBatchError(
             f"train.global_batch_size: {global_batch} is not a multiple of the {world_size} processes"
@@ -149,9 +150,6 @@ def _describe(values: dict) -> str:
 
 def _plan_model(settings):
     """The planner's view of the run's model, from its config.json; ValueError when it cannot plan it."""
-    from visionzip_core.bench import planner
-    from visionzip_core.training.modeling import model_family, model_path
-
     if settings.train.mode == "pretrain":
         raise ValueError("pretrain mode assembles its model; the planner reads a model folder")
     folder = Path(model_path(settings.model.name_or_path, "model.name_or_path"))
@@ -161,8 +159,6 @@ def _plan_model(settings):
 
 def _budget(settings, model) -> int:
     """The run's visual-token budget as a key of ``model.budgets`` (added with its split)."""
-    from visionzip_core.bench import planner
-
     vz = settings.visionzip
     if not vz.enabled:
         return planner.stock_budget(model.budgets)
@@ -176,7 +172,5 @@ def _budget(settings, model) -> int:
 def text_lengths(lengths: list[int], image_tokens) -> list[int]:
     """Text tokens per sample from the preflight's token lengths (image tokens included): one
     image's count taken off (LLaVA-NeXT's count depends on the size: its 672 px benchmark image's)."""
-    from visionzip_core.bench.benchmarking import NEXT_IMAGE
-
     count = image_tokens(NEXT_IMAGE) if getattr(image_tokens, "per_size", False) else image_tokens()
     return [max(0, n - count) for n in lengths]

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 from visionzip_core.data import IGNORE_INDEX, DataCollator, LengthGroupedSampler
 from visionzip_core.data.collate import PackingCollator
 from visionzip_core.data.sampler import FixedBatchSampler, TokenBudgetBatchSampler
-from visionzip_core.training.settings import PACKED_LAYOUT
+from visionzip_core.training.config_rules import PACKED_LAYOUT
 
 
 class IndexedDataset(Dataset):

@@ -14,7 +14,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from visionzip_core.training.settings import Settings, resolve_repo_path
+from visionzip_core.training.repo_paths import resolve_repo_path
+from visionzip_core.training.schema import Settings
 
 
 def fill_deepspeed_config(

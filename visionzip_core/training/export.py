@@ -24,7 +24,7 @@ from visionzip_core.families import family_for
 from visionzip_core.tokenizer_files import save_pretrained_faithfully
 from visionzip_core.training import distributed as dist
 from visionzip_core.training.modeling import build_model
-from visionzip_core.training.settings import Settings
+from visionzip_core.training.schema import Settings
 
 
 def full_model_on_rank0(engine, settings: Settings, stage: int, dtype: torch.dtype, processor):

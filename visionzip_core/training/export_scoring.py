@@ -13,7 +13,7 @@ from visionzip_core.evaluation import load_eval_samples, samples_for, score_gene
 from visionzip_core.families import family_for
 from visionzip_core.training import distributed as dist
 from visionzip_core.training.hooks import TrainHooks
-from visionzip_core.training.settings import Settings
+from visionzip_core.training.schema import Settings
 
 EXIT_NOT_SCORED = 4  # eval.generate_accuracy was asked for and failed; the run and its export are kept
 

@@ -2,7 +2,7 @@
 
 :func:`check_inputs` reads only small files (``config.json``, directory entries), never weights
 or samples. It returns ``(problems, warnings)``, each line naming its dotted key, so that
-:func:`~visionzip_core.training.settings.load_config` reports them in one list together with
+:func:`~visionzip_core.training.config_loading.load_config` reports them in one list together with
 the schema problems (a typo and a split that does not fit the tower are both reported at once).
 Warnings name settings that have no effect in the chosen mode.
 """
@@ -13,13 +13,22 @@ import os
 from pathlib import Path
 from typing import Any
 
+from transformers import AutoConfig
+
+from visionzip_core.capture import resolve_feature_layer
+from visionzip_core.families import UnsupportedModel, family_for, stage1_family
+from visionzip_core.model_folders import check_model_folder
+from visionzip_core.model_names import BUILTIN_PREFIX, BUILTINS, cache_root, resolve_model_path
+from visionzip_core.training.schema import ConfigError
+
 
 def check_inputs(
     sections: dict[str, Any], raw: dict, known_problems: bool = False
 ) -> tuple[list[str], list[str]]:
-    """``(problems, warnings)`` for the sections that validated (``sections``) and the raw YAML.
+    """``(problems, warnings)`` for the sections that validated (``sections``, the family's data
+    defaults already applied by the loader) and the raw YAML.
 
-    ``known_problems``: the schema stage already found some; nothing is built then.
+        ``known_problems``: the schema stage already found some; nothing is built then.
     """
     problems: list[str] = []
     warnings: list[str] = []
@@ -34,7 +43,6 @@ def check_inputs(
         if tower is not None and vz is not None and vz.enabled:
             problems += _visionzip_fits(vz, *tower)
         if tower is not None and data is not None:
-            data = sections["data"] = _family_defaults(data, raw, tower[0])
             problems += _template_fits(data, tower[0])
             problems += _aspect_ratio_fits(data, tower[0], train.mode)
             problems += _packing_fits(data, tower[0])
@@ -83,8 +91,6 @@ def _output_dir(output_dir: str) -> list[str]:
 
 def _model_folders(model, mode: str, problems: list[str], build: bool) -> tuple[Any, Any] | None:
     """Checks each model folder; returns ``(family, config of the folder holding the tower)`` or None."""
-    from visionzip_core.model_folders import check_model_folder
-
     roles = (
         {"vision_tower": "vision", "language_model": "llm"}
         if mode == "pretrain"
@@ -99,8 +105,6 @@ def _model_folders(model, mode: str, problems: list[str], build: bool) -> tuple[
         if path is None:
             continue
         try:
-            from transformers import AutoConfig
-
             config = AutoConfig.from_pretrained(path, trust_remote_code=model.trust_remote_code)
         except Exception as err:  # a broken config.json: JSONDecodeError, ValueError, OSError, KeyError
             problems.append(
@@ -114,20 +118,14 @@ def _model_folders(model, mode: str, problems: list[str], build: bool) -> tuple[
         problems += found
         if not found:
             configs[key] = config
-    from visionzip_core.families import family_for
-
     if mode == "pretrain":
-        from visionzip_core.training.modeling import STAGE1_FAMILY
-
         cfg = configs.get("vision_tower")
-        return None if cfg is None else (family_for(STAGE1_FAMILY), cfg)
+        return None if cfg is None else (stage1_family(), cfg)
     cfg = configs.get("name_or_path")
     return None if cfg is None else (family_for(cfg), cfg)
 
 
 def _model_folder(name: str, key: str, problems: list[str], build: bool) -> str | None:
-    from visionzip_core.model_names import BUILTIN_PREFIX, BUILTINS, cache_root, resolve_model_path
-
     key_name = name[len(BUILTIN_PREFIX) :] if name.startswith(BUILTIN_PREFIX) else None
     if key_name is not None and not build and not (cache_root() / "builtin" / key_name).is_dir():
         if key_name not in BUILTINS:
@@ -152,8 +150,6 @@ def _model_folder(name: str, key: str, problems: list[str], build: bool) -> str 
 
 def _no_stage1(config) -> str | None:
     """A config of a family that is never assembled from parts (qwen2.5-vl ships its merger trained)."""
-    from visionzip_core.families import UnsupportedModel, family_for
-
     try:
         family = family_for(config)
     except UnsupportedModel:
@@ -173,14 +169,6 @@ def _packing_fits(data, family) -> list[str]:
     if not data.packing or not family.takes_video:
         return []
     return [f"data.packing: not supported for {family.name} (M-RoPE positions per sample)"]
-
-
-def _family_defaults(data, raw: dict, family):
-    """``data`` with the family's own defaults (:attr:`ModelFamily.data_defaults`) for the keys the
-    config leaves out: e.g. a family prompted through its chat template takes HF ``messages``
-    rendered by that template, images where the sample puts them, at native resolution."""
-    update = {key: value for key, value in family.data_defaults.items() if not _given(raw, "data", key)}
-    return data.model_copy(update=update) if update else data
 
 
 def _template_fits(data, family) -> list[str]:
@@ -206,8 +194,6 @@ def _aspect_ratio_fits(data, family, mode: str) -> list[str]:
 
 def _visionzip_fits(vz, family, config) -> list[str]:
     """The split and feature layer against the tower the family reads from ``config``."""
-    from visionzip_core.capture import resolve_feature_layer
-
     problems = []
     num_layers, model_layer = family.vision_layers(config), family.feature_layer(config)
     if vz.uses_ratios:
@@ -295,8 +281,6 @@ def check_global_batch(num_samples: int, train, world: int, warn) -> None:
     Raises:
         ConfigError: the global batch exceeds ``num_samples``.
     """
-    from visionzip_core.training.settings import ConfigError
-
     batch = train.per_device_batch_size * train.grad_accum_steps * world
     shape = f"{train.per_device_batch_size} x {train.grad_accum_steps} x {world} processes"
     if batch > num_samples:

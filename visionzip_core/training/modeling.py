@@ -16,15 +16,23 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from visionzip_core import visionzip, visionzip_processor
 from visionzip_core.data.templates import tokenizer_of
-from visionzip_core.families import ModelFamily, family_for
+from visionzip_core.families import (
+    ImageTokenCount,
+    ModelFamily,
+    family_for,
+    image_token_count,
+    stage1_family,
+    video_token_count,
+)
+from visionzip_core.model_names import resolve_model_path
+from visionzip_core.training import distributed as dist
 from visionzip_core.training.library_warnings import peft_wrapping
-from visionzip_core.training.settings import ConfigError, Settings
+from visionzip_core.training.schema import ConfigError, Settings
+from visionzip_core.weight_checks import WeightsError, check_model_files
 
 IMAGE_TOKEN = "<image>"
-
-# Stage 1 assembles LLaVA-1.5 from a vision folder and an LLM folder (LLaVA-NeXT's stage 1 is the same).
-STAGE1_FAMILY = "llava"
 
 
 def model_family(settings: Settings) -> ModelFamily:
@@ -33,7 +41,7 @@ def model_family(settings: Settings) -> ModelFamily:
 
     m = settings.model
     if settings.train.mode == "pretrain":
-        return family_for(STAGE1_FAMILY)
+        return stage1_family()
     path = model_path(m.name_or_path, "model.name_or_path")
     return family_for(AutoConfig.from_pretrained(path, trust_remote_code=m.trust_remote_code))
 
@@ -52,16 +60,9 @@ def model_feature_layer(settings: Settings) -> int:
     return model_family(settings).feature_layer(config)
 
 
-def vision_tower_config(config):
-    """The vision fields of a vision folder's config (a full CLIPModel keeps them one level down)."""
-    from visionzip_core.families.llava import vision_tower_config as read
-
-    return read(config)
-
-
 def assemble_processor(vision_path: str, llm_path: str, trust_remote_code: bool):
     """Stage 1's processor: the LLM's tokenizer and the vision folder's image processor."""
-    return family_for(STAGE1_FAMILY).assemble_processor(vision_path, llm_path, trust_remote_code)
+    return stage1_family().assemble_processor(vision_path, llm_path, trust_remote_code)
 
 
 def resolve_precision(precision: str) -> str:
@@ -77,8 +78,6 @@ def torch_dtype(precision: str) -> torch.dtype:
 
 def model_path(name: str, key: str) -> str:
     """Local folder for ``name`` (``builtin:*`` test models are built on first use); clear error if missing."""
-    from visionzip_core.model_names import resolve_model_path
-
     path = Path(resolve_model_path(name))
     if not path.is_dir():
         raise FileNotFoundError(
@@ -107,9 +106,6 @@ def build_processor(settings: Settings):
     CLIP folder's image processor.
     """
     from transformers import AutoConfig, AutoProcessor
-
-    from visionzip_core import visionzip_processor
-    from visionzip_core.families import ImageTokenCount, image_token_count
 
     m, vz = settings.model, settings.visionzip
     trust = m.trust_remote_code
@@ -155,10 +151,8 @@ def build_processor(settings: Settings):
 
 def video_tokens(settings: Settings):
     """``count((T, H, W))``, the ids one video becomes (compressed when VisionZip is on), or None when
-    the model takes no video (:class:`visionzip_core.data.counts.VideoTokenCount`). No weights."""
+    the model takes no video (:class:`visionzip_core.families.VideoTokenCount`). No weights."""
     from transformers import AutoConfig
-
-    from visionzip_core.data.counts import video_token_count
 
     if settings.train.mode == "pretrain":
         return None
@@ -211,8 +205,6 @@ def build_model(settings: Settings, dtype: torch.dtype, processor, for_export: b
     ``for_export`` builds the same structure without training switches (used under ZeRO-3 to
     receive gathered weights on rank 0).
     """
-    from visionzip_core import visionzip
-
     m = settings.model
     family = model_family(settings)
     kwargs = {"dtype": dtype, "trust_remote_code": m.trust_remote_code}
@@ -313,9 +305,6 @@ def check_weight_files(path: str) -> None:
     Rank 0 streams the files once and every rank raises the same :class:`WeightsError`, so a bad
     file stops all processes together instead of leaving some waiting in a collective.
     """
-    from visionzip_core.training import distributed as dist
-    from visionzip_core.weight_checks import WeightsError, check_model_files
-
     problem = None
     if dist.is_main():
         try:

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from visionzip_core.training.settings import OptimSettings
+from visionzip_core.training.schema import OptimSettings
 
 
 def build_optimizer(

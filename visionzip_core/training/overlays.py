@@ -15,7 +15,7 @@ from PIL import Image
 from visionzip_core.evaluation import load_eval_samples
 from visionzip_core.families import family_for
 from visionzip_core.token_overlay import budget_line, crop_pictures, draw_token_map, select_image, token_map
-from visionzip_core.training.settings import Settings
+from visionzip_core.training.schema import Settings
 
 
 def overlay_image_paths(settings: Settings) -> list[Path]:

@@ -46,6 +46,7 @@ from visionzip_core.data import BadDataError, build_dataset  # noqa: E402
 from visionzip_core.families import ImageTokenCount  # noqa: E402
 from visionzip_core.training import auto_batch, checkpointing, output_lock, preemption, resume  # noqa: E402
 from visionzip_core.training.checkpointing import NoSpaceLeft, TrainerState  # noqa: E402
+from visionzip_core.training.config_loading import load_config  # noqa: E402
 from visionzip_core.training.dataloaders import (  # noqa: E402
     batch_to_device,
     build_train_loader,
@@ -91,12 +92,7 @@ from visionzip_core.training.overlays import overlay_image_paths, token_overlays
 from visionzip_core.training.plots import write_run_plot  # noqa: E402
 from visionzip_core.training.repo_paths import find_config, resolve_repo_path  # noqa: E402
 from visionzip_core.training.resume_check import check_resume  # noqa: E402
-from visionzip_core.training.settings import (  # noqa: E402
-    ConfigError,
-    Settings,
-    config_keys_help,
-    load_config,
-)
+from visionzip_core.training.schema import ConfigError, Settings, config_keys_help  # noqa: E402
 from visionzip_core.training.tracking import WandbTracker  # noqa: E402
 from visionzip_core.weight_checks import WeightsError  # noqa: E402
 

@@ -27,6 +27,11 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel
+
+from visionzip_core.training.modeling import model_feature_layer
+from visionzip_core.training.schema import Settings
+
 RECORD_FILE = "run_settings.json"
 
 FREE_KEYS = (
@@ -86,8 +91,6 @@ def run_record(settings, *, world_size: int, precision: str, zero_stage: int) ->
     if values["visionzip"]["feature_layer"] is None:
         # Derived from the model: recorded as the layer itself, as runs that set it explicitly
         # (and every record before the key became optional) have it.
-        from visionzip_core.training.modeling import model_feature_layer
-
         values["visionzip"]["feature_layer"] = model_feature_layer(settings)
     for key in ("dominant_ratio", "contextual_ratio"):  # a count split: recorded as before the keys existed
         if values["visionzip"].get(key) is None:
@@ -195,8 +198,6 @@ def check_resume_settings(
 
 def _model_of(annotation) -> type | None:
     """The pydantic model inside ``annotation`` (``X``, ``X | None``, ``list[X]``), if any."""
-    from pydantic import BaseModel
-
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
     for arg in typing.get_args(annotation):
@@ -208,8 +209,6 @@ def _model_of(annotation) -> type | None:
 
 def known_key(key: str) -> bool:
     """Whether ``key`` names a setting (or section) of the training config, or a derived value."""
-    from visionzip_core.training.settings import Settings
-
     if key in DERIVED_KEYS:
         return True
     model: type | None = Settings

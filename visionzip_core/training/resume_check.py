@@ -10,7 +10,7 @@ from visionzip_core.training import checkpointing, resume
 from visionzip_core.training import distributed as dist
 from visionzip_core.training.deepspeed_config import zero_stage
 from visionzip_core.training.repo_paths import resolve_repo_path
-from visionzip_core.training.settings import Settings
+from visionzip_core.training.schema import Settings
 
 
 def check_resume(

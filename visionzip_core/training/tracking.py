@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from visionzip_core.training.settings import WandbSettings
+from visionzip_core.training.schema import WandbSettings
 
 
 def _has_api_key() -> bool:
