@@ -93,6 +93,7 @@ def check_packing(work: Path) -> list[tuple[str, str, str]]:
     """packed == unpacked under SDPA (fp32, rows) and flash_attention_2 (bf16, one row)."""
     from visionzip_core.data import DataCollator
     from visionzip_core.training.dataloaders import make_collator
+    from visionzip_core.training.model_spec import resolve_model_spec
     from visionzip_core.training.modeling import build_model, build_processor
     from visionzip_core.training.settings import PACKED_LAYOUT
 
@@ -103,10 +104,11 @@ def check_packing(work: Path) -> list[tuple[str, str, str]]:
             settings = _demo_settings(
                 "builtin:tiny-llava", ["data.packing=true", f"model.attn_implementation={attn}"]
             )
-            processor, tokens = build_processor(settings)
+            spec = resolve_model_spec(settings)
+            processor, tokens = build_processor(settings, spec)
             items = _items(settings, processor, tokens, 7)
             torch.manual_seed(0)
-            model = build_model(settings, dtype, processor).cuda().train()
+            model = build_model(settings, spec, dtype, processor).cuda().train()
             pad = processor.tokenizer.pad_token_id
             lengths = [len(i["input_ids"]) for i in items]
             data = settings.data.model_copy(update={"max_tokens_per_row": sum(sorted(lengths)[-3:])})

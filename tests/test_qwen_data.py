@@ -15,7 +15,7 @@ from PIL import Image
 
 from visionzip_core.config import VisionZipConfig
 from visionzip_core.data import DataCollator, DataSettings, build_dataset
-from visionzip_core.data.counts import video_token_count
+from visionzip_core.families import video_token_count
 from visionzip_core.data.encode import IGNORE_INDEX, Encoder
 from visionzip_core.data.images import ImageTransform
 from visionzip_core.data.sources import to_conversation

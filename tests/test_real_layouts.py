@@ -45,12 +45,12 @@ def test_processor_from_full_clip_folder(full_clip_dir, tmp_path):
     from transformers import AutoConfig, AutoTokenizer
 
     from visionzip_core.testing.tiny import write_sentencepiece_tokenizer
-    from visionzip_core.training.modeling import assemble_processor
+    from visionzip_core.families import stage1_family
 
     assert AutoConfig.from_pretrained(full_clip_dir).model_type == "clip"
     assert type(AutoTokenizer.from_pretrained(full_clip_dir)).__name__.startswith("CLIPTokenizer")
     llm = write_sentencepiece_tokenizer(tmp_path / "llm")
-    processor = assemble_processor(str(full_clip_dir), str(llm), trust_remote_code=False)
+    processor = stage1_family().assemble_processor(str(full_clip_dir), str(llm), trust_remote_code=False)
     assert processor.patch_size == 14
     assert processor.tokenizer.convert_tokens_to_ids("<image>") is not None
 
@@ -59,14 +59,14 @@ def test_tower_config_readers_accept_a_full_clip_config(full_clip_dir):
     """Every reader of the tower's shape works on ``CLIPConfig`` (vision fields one level down)."""
     from transformers import AutoConfig
 
-    from visionzip_core.families import family_for
+    from visionzip_core.families import stage1_family
+    from visionzip_core.families.llava import vision_tower_config
     from visionzip_core.training.input_checks import _visionzip_fits
-    from visionzip_core.training.modeling import STAGE1_FAMILY, vision_tower_config
 
     config = AutoConfig.from_pretrained(full_clip_dir)
     vision = vision_tower_config(config)
     assert vision.image_size == 112 and vision.patch_size == 14
-    family = family_for(STAGE1_FAMILY)
+    family = stage1_family()
     assert family.tower_tokens(config) == family.tower_tokens(vision) == 65
     assert family.vision_layers(config) == 3 and family.feature_layer(config) == -2
     assert _visionzip_fits(_vz(12, 4), family, config) == []

@@ -381,7 +381,7 @@ def build_dataset(
     ``images_only`` drops text-only samples (they teach a projector nothing) and counts them in
     the summary as ``text_only_dropped``; they are not bad samples and do not count as skipped.
     A model that takes video gives ``video_processor``, its placeholder ``video_token`` and
-    ``video_tokens``, ``(T, H, W) -> count`` (:class:`visionzip_core.data.counts.VideoTokenCount`).
+    ``video_tokens``, ``(T, H, W) -> count`` (:class:`visionzip_core.families.VideoTokenCount`).
     ``sample_formats``: the file formats the model family reads (a source in another is refused).
     """
     if split not in ("train", "val"):

@@ -49,6 +49,16 @@ def family_for(obj: Any) -> ModelFamily:
     return family
 
 
+def stage1_family() -> ModelFamily:
+    """The family stage 1 (``train.mode=pretrain``) assembles from a vision folder and an LLM folder."""
+    return next(f for f in FAMILIES if f.assembles)
+
+
+def ratio_takers() -> str:
+    """The families that take a ratio budget, for messages."""
+    return ", ".join(f.name for f in FAMILIES if f.takes_ratios)
+
+
 def ratio_flags_refusal(family: ModelFamily) -> str:
     """The one line a command prints when ``--dominant-ratio``/``--contextual-ratio`` are given for a
     family that takes counts only (as training refuses ``visionzip.dominant_ratio``)."""
@@ -90,17 +100,25 @@ class ImageTokenCount:
             return self.fixed
         if self.per_size and image_size is None:
             raise ValueError(f"{self.family}: the image-token count depends on the image size")
-        key = None if not self.per_size else (int(image_size[0]), int(image_size[1]))
+        key = None if not self.per_size else tuple(int(x) for x in image_size)
         if key not in self._memo:
             family, config = family_for(self.family), _config(self.family, self.config_json)
             if self.vz_json is None:
-                self._memo[key] = family.stock_tokens_per_image(config, key)
+                self._memo[key] = self._stock(family, config, key)
             else:
                 from visionzip_core.config import VisionZipConfig
 
                 vz = VisionZipConfig(**json.loads(self.vz_json))
-                self._memo[key] = family.compressed_tokens_per_image(config, vz, key)
+                self._memo[key] = self._compressed(family, config, vz, key)
         return self._memo[key]
+
+    @staticmethod
+    def _stock(family: ModelFamily, config: Any, size: tuple[int, ...] | None) -> int:
+        return family.stock_tokens_per_image(config, size)
+
+    @staticmethod
+    def _compressed(family: ModelFamily, config: Any, vz: Any, size: tuple[int, ...] | None) -> int:
+        return family.compressed_tokens_per_image(config, vz, size)
 
     def __getstate__(self):
         return {k: getattr(self, k) for k in ("family", "config_json", "vz_json", "per_size", "fixed")}
@@ -124,6 +142,35 @@ class ImageTokenCount:
         return f"{vz.tokens_per_image} per crop"
 
 
+@dataclass(frozen=True)
+class VideoTokenCount(ImageTokenCount):
+    """``count((T, H, W)) -> int``: the video-token ids of a video of ``T`` frames (padded to the
+    temporal patch) resized to ``(H, W)``; compressed by ``vz_json``'s split, or stock when None.
+    The same plain-string state as :class:`ImageTokenCount`, asked of the family's video counts."""
+
+    per_size: bool = True
+
+    @staticmethod
+    def _stock(family: ModelFamily, config: Any, size: tuple[int, ...] | None) -> int:
+        return family.stock_tokens_per_video(config, size)
+
+    @staticmethod
+    def _compressed(family: ModelFamily, config: Any, vz: Any, size: tuple[int, ...] | None) -> int:
+        return family.compressed_tokens_per_video(config, vz, size)
+
+
+def video_token_count(model_config: Any, vz: Any = None) -> VideoTokenCount | None:
+    """The :class:`VideoTokenCount` of a model config (None when its family takes no video)."""
+    family = family_for(model_config)
+    if not family.takes_video:
+        return None
+    return VideoTokenCount(
+        family=family.name,
+        config_json=json.dumps(model_config.to_dict(), sort_keys=True, default=str),
+        vz_json=None if vz is None else json.dumps(vz.model_dump(), sort_keys=True),
+    )
+
+
 def image_token_count(model_config: Any, vz: Any = None) -> ImageTokenCount:
     """The :class:`ImageTokenCount` of a model config, compressed by ``vz`` (a
     :class:`~visionzip_core.config.VisionZipConfig`) or stock (``vz=None``)."""
@@ -142,8 +189,12 @@ __all__ = [
     "ImageTokenCount",
     "ModelFamily",
     "UnsupportedModel",
+    "VideoTokenCount",
     "family_for",
     "image_token_count",
     "ratio_flags_refusal",
+    "ratio_takers",
+    "stage1_family",
     "supported",
+    "video_token_count",
 ]

@@ -770,7 +770,9 @@ class Qwen2_5VL(ModelFamily):
     def load(self, path: str, check_files: bool = True, **from_pretrained_kwargs: Any) -> nn.Module:
         return load_checked(self.model_class, path, check_files, **from_pretrained_kwargs)
 
-    def load_processor(self, path: str, **kwargs: Any):
+    def load_processor(self, path: str, trust_remote_code: bool = False, config: Any = None, **kwargs: Any):
+        # Built from PIL/numpy parts: AutoProcessor would import torchvision for the video processor.
+        # No remote code is involved; the folder's config is not needed.
         from visionzip_core.families.qwen_processing import load_qwen_processor
 
         return load_qwen_processor(path, **kwargs)

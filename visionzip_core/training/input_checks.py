@@ -114,13 +114,11 @@ def _model_folders(model, mode: str, problems: list[str], build: bool) -> tuple[
         problems += found
         if not found:
             configs[key] = config
-    from visionzip_core.families import family_for
+    from visionzip_core.families import family_for, stage1_family
 
     if mode == "pretrain":
-        from visionzip_core.training.modeling import STAGE1_FAMILY
-
         cfg = configs.get("vision_tower")
-        return None if cfg is None else (family_for(STAGE1_FAMILY), cfg)
+        return None if cfg is None else (stage1_family(), cfg)
     cfg = configs.get("name_or_path")
     return None if cfg is None else (family_for(cfg), cfg)
 
