@@ -14,20 +14,14 @@ Everything else goes to ``train/finetune.py`` unchanged (so do the launchers' ow
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 import time
 from pathlib import Path
 
-from visionzip_core.training import distributed as dist
-
-dist.set_env_defaults()  # as train/finetune.py does, before anything imports deepspeed
-
-from visionzip_core.training.hooks import TrainHooks  # noqa: E402
-from visionzip_core.training.metrics import truncate_jsonl  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
+from visionzip_core.training import recipe
+from visionzip_core.training.hooks import TrainHooks
+from visionzip_core.training.metrics import truncate_jsonl
 
 
 class DebugHooks(TrainHooks):
@@ -86,13 +80,8 @@ def split_debug(argv: list[str]) -> tuple[DebugHooks, list[str]]:
 
 def main() -> int:
     hooks, argv = split_debug(sys.argv[1:])
-    script = next(a for a in argv if a.endswith("finetune.py"))
-    argv.remove(script)
-    spec = importlib.util.spec_from_file_location("finetune", REPO / script)
-    finetune = importlib.util.module_from_spec(spec)
-    sys.modules["finetune"] = finetune  # its dataclasses look their module up while being defined
-    spec.loader.exec_module(finetune)
-    return finetune.main(argv, hooks=hooks)
+    argv.remove(next(a for a in argv if a.endswith("finetune.py")))
+    return recipe.main(argv, hooks=hooks)
 
 
 if __name__ == "__main__":

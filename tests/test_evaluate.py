@@ -144,23 +144,16 @@ def test_bad_input_is_one_line_naming_it(tiny_llava_dir, tmp_path):
 
 def test_a_failed_score_after_training_is_one_line_not_a_lost_run(tmp_path, monkeypatch):
     """``eval.generate_accuracy`` runs after the export: a model that cannot be scored is reported."""
-    import importlib.util
-    from types import SimpleNamespace
-
     import torch
 
+    from visionzip_core.training.export_scoring import ScoringFailed, score_export
     from visionzip_core.training.settings import load_config
 
     repo = Path(__file__).resolve().parents[1]
     monkeypatch.chdir(repo)
-    spec = importlib.util.spec_from_file_location("finetune", repo / "train/finetune.py")
-    finetune = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "finetune", finetune)  # its dataclasses look their module up
-    spec.loader.exec_module(finetune)
     settings = load_config(repo / "configs/demo.yaml")
-    run = SimpleNamespace(settings=settings, device=torch.device("cpu"))
     (tmp_path / "final").mkdir()
-    with pytest.raises(finetune.ScoringFailed) as failed:  # main() exits EXIT_NOT_SCORED on it
-        finetune.score_export(run, {"model": tmp_path / "final"})
+    with pytest.raises(ScoringFailed) as failed:  # main() exits EXIT_NOT_SCORED on it
+        score_export(settings, {"model": tmp_path / "final"}, torch.device("cpu"))
     assert str(failed.value) and "\n" not in str(failed.value)
-    assert finetune.score_export(run, {}) == "not scored: no full model was exported"
+    assert score_export(settings, {}, torch.device("cpu")) == "not scored: no full model was exported"

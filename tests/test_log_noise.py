@@ -24,7 +24,6 @@ from visionzip_core.testing.tiny import build_image_processor, build_tiny_tokeni
 from visionzip_core.training.dataloaders import available_cpus, build_val_loader, workers_note
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "train"))
 
 
 def test_num_workers_is_capped_at_the_cpus_with_one_line():
@@ -66,7 +65,7 @@ def test_one_dropped_text_only_sample_is_singular(tmp_path, caplog):
 
 
 def test_report_puts_a_space_after_every_label(capsys):
-    import finetune
+    from visionzip_core.training import recipe
 
     run = SimpleNamespace(
         history={"loss": [2.0, 1.0]},
@@ -75,7 +74,7 @@ def test_report_puts_a_space_after_every_label(capsys):
         tracker=None,
     )
     paths = {"model": Path("/run/final"), "projector": Path("/run/final/projector.safetensors")}
-    finetune.report(run, paths, 1.0)
+    recipe.report(run, paths, 1.0)
     out = capsys.readouterr().out + capsys.readouterr().err
     assert "projector: /run/final/projector.safetensors" in out, out
     assert "model:   " in out  # the short labels stay aligned with metrics:

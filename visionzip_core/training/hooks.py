@@ -2,7 +2,7 @@
 
 Tests need to see which samples each step drew, to make a step's loss NaN and to slow steps down
 so that a run can be killed mid-way. None of that belongs in a user's config, so it is not a
-config section: ``train/finetune.py``'s ``main(argv, hooks=...)`` takes an object with these
+config section: :func:`visionzip_core.training.recipe.main` takes ``hooks=``, an object with these
 methods (``tests/hooked_finetune.py`` builds one from its command line).
 """
 

@@ -135,3 +135,26 @@ def not_shared_message(output_dir: Path, hosts: list[str]) -> str:
         f"is missing on {', '.join(hosts)}); put it on a file system all nodes share, since rank 0 "
         "writes checkpoints that every rank reads on resume"
     )
+
+
+def claim(output_dir: Path) -> OutputLock | None:
+    """One writer per output folder: rank 0 locks it before anything is written; every rank learns
+    the outcome (raises :class:`OutputDirLocked` on every rank). ALL RANKS must call this."""
+    lock, refusal = None, None
+    if dist.is_main():
+        try:
+            lock = acquire(Path(output_dir))
+        except OutputDirLocked as e:
+            refusal = str(e)
+        except OSError as e:  # e.g. a file in the way, no permission: say so on every rank, no hang
+            refusal = f"train.output_dir: cannot use {output_dir} ({e.strerror or e})"
+    refusal = dist.broadcast_object(refusal)
+    if refusal:
+        raise OutputDirLocked(refusal)
+    try:
+        check_shared(Path(output_dir))
+    except OutputDirLocked:
+        if lock is not None:
+            lock.release()
+        raise
+    return lock
