@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     )
     try:
         transform = ImageTransform(
-            processor.image_processor, data.image_aspect_ratio, inputs.get("video_processor")
+            processor.image_processor, data.image_aspect_ratio, inputs.get("video_processor"), inputs["image_layout"]
         )
     except ValueError as err:
         print(f"config error: {err}", file=sys.stderr)

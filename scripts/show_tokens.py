@@ -124,7 +124,7 @@ def main(argv=None) -> int:
     aspect = args.aspect_ratio or family.inference_aspect_ratio
     # Cheap checks before any weights load.
     try:
-        ImageTransform(image_processor, aspect)
+        ImageTransform(image_processor, aspect, layout=family.image_layout(image_processor))
     except ValueError as err:
         return _fail(f"--aspect-ratio {aspect}: {' '.join(str(err).split())}")
     for name in [args.image] if args.image else frames:

@@ -118,6 +118,13 @@ class ModelFamily(ABC):
         system = VICUNA_V1_SYSTEM if system is None else system
         return f"{system} USER: " + f"{self.image_token}\n" * images + f"{question} ASSISTANT:"
 
+    def image_layout(self, image_processor, video_processor=None):
+        """How this family's processor lays out an image (and a video's frames), for the data
+        pipeline (:class:`~visionzip_core.data.images.ImageLayout`): one fixed-size crop by default."""
+        from visionzip_core.data.images import ImageLayout
+
+        return ImageLayout()
+
     def counted_image_sizes(self, config: Any, inputs: Any, images: list) -> list[tuple[int, int]]:
         """Each image's ``(H, W)`` as the token count needs it, from the processor's output for
         ``images`` (PIL): the original size unless the processor resizes first (native resolution)."""

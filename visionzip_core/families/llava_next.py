@@ -209,6 +209,11 @@ class LlavaNext(Llava15):
     count_depends_on_size = True
     aspect_ratios = ("anyres", "pad", "resize", "crop")  # anyres: tiled as llava-v1.6 trains
 
+    def image_layout(self, image_processor, video_processor=None):
+        from visionzip_core.data.images import ImageLayout
+
+        return ImageLayout(tiles=True)  # anyres: a base crop and a grid of tiles per image
+
     def load(self, path: str, check_files: bool = True, **from_pretrained_kwargs: Any) -> nn.Module:
         return load_checked(LlavaNextForConditionalGeneration, path, check_files, **from_pretrained_kwargs)
 

@@ -770,6 +770,15 @@ class Qwen2_5VL(ModelFamily):
     def load(self, path: str, check_files: bool = True, **from_pretrained_kwargs: Any) -> nn.Module:
         return load_checked(self.model_class, path, check_files, **from_pretrained_kwargs)
 
+    def image_layout(self, image_processor, video_processor=None):
+        """Native resolution: each image (and video frame) keeps its aspect ratio, resized by the
+        processor to multiples of ``patch_size * merge_size`` (:class:`~.qwen_processing.NativeResize`)."""
+        from visionzip_core.data.images import ImageLayout
+        from visionzip_core.families.qwen_processing import NativeResize
+
+        video = None if video_processor is None else NativeResize.of(video_processor)
+        return ImageLayout(native=NativeResize.of(image_processor), video=video)
+
     def load_processor(self, path: str, trust_remote_code: bool = False, config: Any = None, **kwargs: Any):
         # Built from PIL/numpy parts: AutoProcessor would import torchvision for the video processor.
         # No remote code is involved; the folder's config is not needed.

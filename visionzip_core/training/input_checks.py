@@ -83,12 +83,12 @@ def _output_dir(output_dir: str) -> list[str]:
 
 def _model_folders(model, mode: str, problems: list[str], build: bool) -> tuple[Any, Any] | None:
     """Checks each model folder; returns ``(family, config of the folder holding the tower)`` or None."""
-    from visionzip_core.model_folders import check_model_folder
+    from visionzip_core.model_folders import MODEL, check_model_folder
 
     roles = (
         {"vision_tower": "vision", "language_model": "llm"}
         if mode == "pretrain"
-        else {"name_or_path": "llava"}
+        else {"name_or_path": MODEL}
     )
     configs = {}
     for key, role in roles.items():
@@ -150,7 +150,7 @@ def _model_folder(name: str, key: str, problems: list[str], build: bool) -> str 
 
 def _no_stage1(config) -> str | None:
     """A config of a family that is never assembled from parts (qwen2.5-vl ships its merger trained)."""
-    from visionzip_core.families import UnsupportedModel, family_for
+    from visionzip_core.families import UnsupportedModel, family_for, stage1_family
 
     try:
         family = family_for(config)
@@ -159,8 +159,8 @@ def _no_stage1(config) -> str | None:
     if family.assembles:
         return None
     return (
-        f"train.mode: pretrain is not supported for {family.name} (stage 1 assembles a llava model from a "
-        "CLIP tower and an LLM); use projector, finetune or lora on the checkpoint"
+        f"train.mode: pretrain is not supported for {family.name} (stage 1 assembles a {stage1_family().name} "
+        "model from a CLIP tower and an LLM); use projector, finetune or lora on the checkpoint"
     )
 
 
@@ -211,9 +211,11 @@ def _visionzip_fits(vz, family, config) -> list[str]:
     if vz.uses_ratios:
         # A per-image budget: no tower-wide count to check against. Each image's own split is
         # checked when its tokens are counted (a bad sample naming the image), before training.
-        if not _takes_ratios(family, config, vz):
+        if not family.takes_ratios:
+            from visionzip_core.families import ratio_takers
+
             return [
-                "visionzip.dominant_ratio: only for qwen2.5-vl (a per-image budget for towers whose token "
+                f"visionzip.dominant_ratio: only for {ratio_takers()} (a per-image budget for towers whose token "
                 f"count follows the image size); {family.name} takes visionzip.dominant and contextual counts"
             ]
         if vz.feature_layer is None:
@@ -241,18 +243,6 @@ def _visionzip_fits(vz, family, config) -> list[str]:
     except ValueError as err:
         problems.append(str(err))
     return problems
-
-
-def _takes_ratios(family, config, vz) -> bool:
-    """Whether ``family`` counts a ratio split: asked of the family itself on a 448 px image, so a
-    family that only takes fixed counts refuses (``tokens_per_image`` raises for ratios)."""
-    if not family.count_depends_on_size:
-        return False
-    try:
-        family.compressed_tokens_per_image(config, vz.core(family.feature_layer(config)), (448, 448))
-    except (ValueError, TypeError):
-        return False
-    return True
 
 
 def _given(raw: dict, section: str, key: str) -> bool:

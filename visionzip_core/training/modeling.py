@@ -107,15 +107,17 @@ def dataset_inputs(settings: Settings, spec: ModelSpec, processor) -> dict:
     video, and ``images_only`` in the projector-only modes (a text-only batch would train nothing).
     No weights."""
     family = spec.family
+    count = video_tokens(settings, spec)
+    video_processor = processor.video_processor if count is not None else None
     out = {
         "image_token": family.image_token,
         "sample_formats": family.sample_formats,
+        "image_layout": family.image_layout(processor.image_processor, video_processor),
         "images_only": settings.train.mode in ("projector", "pretrain"),
     }
-    count = video_tokens(settings, spec)
     if count is not None:
         out |= {
-            "video_processor": processor.video_processor,
+            "video_processor": video_processor,
             "video_token": family.video_token,
             "video_tokens": count,
         }
