@@ -9,15 +9,17 @@ VisionZip settings, processor and tokenizer): it loads with ``from_pretrained`` 
     model when ``export.merge_lora`` is on, otherwise only the adapter and the processor.
 
 Under ZeRO-3 no rank holds whole weights: they are gathered onto rank 0 first (a collective:
-ALL RANKS must call :func:`export_final`) and written from there as they are, through the trained
-model's own ``save_pretrained`` (the same key layout and config files as an unpartitioned save), so
-the base model is never rebuilt or read from disk again. The one exception is a merged LoRA export:
-merging needs the whole base layers, so the gathered weights are loaded into a CPU copy first.
+ALL RANKS must call :func:`export_final`) and written from there as they are, through a model
+built on the meta device that takes them as its own (the same key layout and config files as an
+unpartitioned save), so the base model is never rebuilt in memory or read from disk again. The one
+exception is a merged LoRA export: merging needs the whole base layers, so the gathered weights are
+loaded into a CPU copy of the model first.
 """
 
 from __future__ import annotations
 
 import shutil
+from copy import deepcopy
 from pathlib import Path
 
 import torch
@@ -43,9 +45,28 @@ def full_model_on_rank0(engine, settings: Settings, spec: ModelSpec, stage: int,
     if not dist.is_main():
         return None, None
     check_gathered(engine.module, state)
-    if settings.train.mode == "lora" and settings.export.merge_lora:
-        return copy_with(state, settings, spec, dtype, processor), None
-    return engine.module, state
+    if settings.train.mode == "lora":
+        if settings.export.merge_lora:
+            return copy_with(state, settings, spec, dtype, processor), None
+        return engine.module, state  # peft writes the adapter's tensors of `state` under its own names
+    return shell_with(engine.module, state), None
+
+
+def shell_with(trained, state: dict[str, torch.Tensor]):
+    """A model of ``trained``'s class and config built on the meta device (no memory, nothing read from
+    disk) that takes the gathered ``state`` tensors as its own: saved, it writes them in the layout an
+    unpartitioned model writes. ``trained`` itself cannot save them: under ZeRO-3 it was loaded into
+    partitions, and transformers would rename its tensors for saving by another loading path's rules."""
+    family = family_for(trained)
+    with torch.device("meta"):
+        shell = family.random_model(deepcopy(trained.config))
+    shell.load_state_dict(state, strict=False, assign=True)  # names checked by check_gathered
+    shell.tie_weights()  # a tied lm_head is absent from `state`: it is the embedding again
+    shell.generation_config = deepcopy(trained.generation_config)
+    left = [n for n, p in shell.state_dict().items() if p.device.type == "meta"]
+    if left:
+        raise RuntimeError(f"export: gathered weights left tensors unset: {left[:5]}")
+    return shell
 
 
 def check_gathered(model, state: dict[str, torch.Tensor]) -> None:

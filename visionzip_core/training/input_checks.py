@@ -99,9 +99,9 @@ def _model_folders(model, mode: str, problems: list[str], build: bool) -> tuple[
         if path is None:
             continue
         try:
-            from transformers import AutoConfig
+            from visionzip_core.training.model_spec import read_config
 
-            config = AutoConfig.from_pretrained(path, trust_remote_code=model.trust_remote_code)
+            config = read_config(path, model.trust_remote_code)
         except Exception as err:  # a broken config.json: JSONDecodeError, ValueError, OSError, KeyError
             problems.append(
                 f"model.{key}: cannot read {path}/config.json ({' '.join(str(err).split())[:200]})"

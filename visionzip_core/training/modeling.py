@@ -1,9 +1,12 @@
-"""Build the model a training mode needs: load or assemble LLaVA, compress, freeze, LoRA, param groups.
+"""Build the model a training mode needs: load or assemble it, compress, freeze, LoRA, param groups.
+
+Everything here takes the run's :class:`~visionzip_core.training.model_spec.ModelSpec` (resolved
+once) and asks its family; nothing names a family.
 
 Modes:
-  - ``projector``: a trained LLaVA; only ``multi_modal_projector`` trains (VisionZip efficient tuning).
-  - ``pretrain``: LLaVA assembled from a CLIP vision folder and a causal-LM folder with a fresh
-    projector; only the projector trains (stage 1).
+  - ``projector``: a trained model; only the projector trains (VisionZip efficient tuning).
+  - ``pretrain``: the stage-1 family's model assembled from a vision folder and a causal-LM folder
+    with a fresh projector; only the projector trains (stage 1).
   - ``finetune``: projector + LLM train; the vision tower too with ``train.tune_vision_tower``.
   - ``lora``: LoRA adapters on the LLM's linear layers (never CLIP's, which share the names
     ``q_proj``/``v_proj``: the target is a regex anchored on ``language_model``) and the projector in full.
