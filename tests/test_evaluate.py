@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from visionzip_core import VisionZipConfig
 from visionzip_core.evaluation import exact_match, load_eval_samples, normalize_answer, parse_budgets
+from visionzip_core.families import family_for
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,15 +40,41 @@ def test_normalize_answer():
 
 
 def test_budgets_parse_and_name_the_bad_one():
-    assert parse_budgets("recorded,stock,6+2", (12, 4)) == [
-        ("12+4", (12, 4)),
+    llava = family_for("llava-1.5")
+    recorded = VisionZipConfig(dominant=12, contextual=4)
+    assert parse_budgets("recorded,stock,6+2,default", llava, recorded) == [
+        ("12+4", recorded),
         ("stock", None),
-        ("6+2", (6, 2)),
+        ("6+2", VisionZipConfig(dominant=6, contextual=2)),
+        ("54+10", VisionZipConfig(dominant=54, contextual=10)),  # the family's default budget
     ]
     with pytest.raises(ValueError, match="'recorded' but the model records no VisionZip"):
-        parse_budgets("recorded", None)
-    with pytest.raises(ValueError, match="'64' is not stock, recorded or DOMINANT"):
-        parse_budgets("stock,64", None)
+        parse_budgets("recorded", llava, None)
+    with pytest.raises(ValueError, match="'64' is not stock, recorded, default, DOMINANT"):
+        parse_budgets("stock,64", llava, None)
+    with pytest.raises(ValueError, match="'0.3\\+0.1' is a ratio split; llava-1.5 takes DOMINANT"):
+        parse_budgets("0.3+0.1", llava, None)
+    with pytest.raises(
+        ValueError, match=r"--budgets 0\.9\+0\.2: visionzip.dominant_ratio \+ contextual_ratio"
+    ):
+        parse_budgets("0.9+0.2", family_for("qwen2.5-vl"), None)
+
+
+def test_budgets_follow_the_family_and_the_recorded_form():
+    """A Qwen model's default budget is its own (ratios, its feature layer), not LLaVA's 54+10; a
+    count budget on an export that records ratios runs at those counts (it used to keep the ratios
+    under a count label), and the recorded ratios are labelled as ratios."""
+    qwen = family_for("qwen2.5-vl")
+    [(label, vz)] = parse_budgets("default", qwen, None)
+    assert (label, vz.dominant_ratio, vz.contextual_ratio, vz.feature_layer) == ("0.45+0.05", 0.45, 0.05, -1)
+    recorded = VisionZipConfig(dominant_ratio=0.3, contextual_ratio=0.1, feature_layer=-1, merge="mean")
+    (rec_label, rec), (count_label, counts), (ratio_label, ratios) = parse_budgets(
+        "recorded,6+2,0.2+0.05", qwen, recorded
+    )
+    assert (rec_label, rec) == ("0.3+0.1", recorded)
+    assert count_label == "6+2" and not counts.uses_ratios and (counts.dominant, counts.contextual) == (6, 2)
+    assert (counts.feature_layer, counts.merge) == (-1, "mean")  # the rest of the recorded settings
+    assert ratio_label == "0.2+0.05" and (ratios.dominant_ratio, ratios.contextual_ratio) == (0.2, 0.05)
 
 
 def test_samples_without_an_image_are_left_out_and_problems_name_the_sample(tmp_path):

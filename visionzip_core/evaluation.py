@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from visionzip_core.config import VisionZipConfig, one_line, settings_from_flags
 from visionzip_core.data.sources import to_conversation
 from visionzip_core.data.validation import SampleError
 
@@ -101,30 +102,61 @@ def samples_for(family, samples: list[EvalSample]) -> tuple[list[EvalSample], in
     return kept, len(samples) - len(kept)
 
 
-def parse_budgets(text: str, recorded: tuple[int, int] | None) -> list[tuple[str, tuple[int, int] | None]]:
-    """``"recorded,stock,6+2"`` -> ``[("12+4", (12, 4)), ("stock", None), ("6+2", (6, 2))]``.
+def parse_budgets(
+    text: str, family, recorded: VisionZipConfig | None
+) -> list[tuple[str, VisionZipConfig | None]]:
+    """``"recorded,stock,6+2"`` -> ``[("12+4", <12+4>), ("stock", None), ("6+2", <6+2>)]``: each
+    budget's label and the split it runs at (None: no compression).
 
     ``stock`` is the model without compression; ``recorded`` the split a trained export records;
-    ``D+C`` a dominant + contextual split.
+    ``default`` the family's default budget (``family.default_budget``); ``D+C`` a dominant +
+    contextual count split, ``R+R`` (``0.45+0.05``) a ratio split of each image's tokens (for a
+    family that takes ratios). A count or ratio split keeps the rest of the recorded settings
+    (feature layer, merge), else the family's, as the budget flags of ``generate`` do; counts
+    replace recorded ratios and the other way round. Raises ``ValueError`` naming the bad part.
     """
     out = []
     for part in (p.strip() for p in text.split(",") if p.strip()):
         if part == "stock":
             out.append(("stock", None))
-        elif part == "recorded":
+            continue
+        if part == "recorded":
             if recorded is None:
                 raise ValueError("--budgets: 'recorded' but the model records no VisionZip settings")
-            out.append((f"{recorded[0]}+{recorded[1]}", recorded))
+            flags = {}
+        elif part == "default":
+            flags = {}
         elif re.fullmatch(r"\d+\+\d+", part):
             d, c = map(int, part.split("+"))
-            out.append((part, (d, c)))
+            flags = {"dominant": d, "contextual": c}
+        elif re.fullmatch(r"\d*\.\d+\+\d*\.\d+", part):
+            if not family.takes_ratios:
+                raise ValueError(
+                    f"--budgets: {part!r} is a ratio split; {family.name} takes DOMINANT+CONTEXTUAL counts"
+                )
+            d, c = map(float, part.split("+"))
+            flags = {"dominant_ratio": d, "contextual_ratio": c}
         else:
             raise ValueError(
-                f"--budgets: {part!r} is not stock, recorded or DOMINANT+CONTEXTUAL (e.g. 54+10)"
+                f"--budgets: {part!r} is not stock, recorded, default, DOMINANT+CONTEXTUAL (e.g. 54+10) "
+                "or ratios (e.g. 0.45+0.05)"
             )
+        base = None if part == "default" else recorded
+        try:
+            settings = settings_from_flags(base, family.default_budget, **flags)
+        except ValueError as err:
+            raise ValueError(f"--budgets {part}: {one_line(err)}") from None
+        out.append((budget_label(settings), settings))
     if not out:
         raise ValueError("--budgets: empty")
     return out
+
+
+def budget_label(vz: VisionZipConfig) -> str:
+    """A split as ``--budgets`` writes it: ``"54+10"`` or ``"0.45+0.05"``."""
+    if vz.uses_ratios:
+        return f"{vz.dominant_ratio:g}+{vz.contextual_ratio:g}"
+    return f"{vz.dominant}+{vz.contextual}"
 
 
 class FirstTokenTimer:
