@@ -12,8 +12,8 @@ Under ZeRO-3 no rank holds whole weights: they are gathered onto rank 0 first (a
 ALL RANKS must call :func:`export_final`) and written from there as they are, through a model
 built on the meta device that takes them as its own (the same key layout and config files as an
 unpartitioned save), so the base model is never rebuilt in memory or read from disk again. The one
-exception is a merged LoRA export: merging needs the whole base layers, so the gathered weights are
-loaded into a CPU copy of the model first.
+exception is ``lora``: peft writes the adapter and merges it from a CPU copy of the model rebuilt
+from its folders, which takes the gathered weights.
 """
 
 from __future__ import annotations
@@ -34,22 +34,18 @@ from visionzip_core.training.settings import Settings
 
 
 def full_model_on_rank0(engine, settings: Settings, spec: ModelSpec, stage: int, dtype: torch.dtype, processor):
-    """``(model, state)`` on rank 0 (``(None, None)`` elsewhere): the model to save, and under ZeRO-3 the
-    gathered weights to save with it (``model`` then holds only partitions; ``state`` is None when the
-    model holds whole weights). ALL RANKS must call this."""
+    """The trained model with whole weights on rank 0 (``None`` elsewhere). ALL RANKS must call this."""
     if stage < 3 and settings.model.quantization != "none":
-        return (unquantized_copy(engine.module, settings, spec, dtype, processor) if dist.is_main() else None), None
+        return unquantized_copy(engine.module, settings, spec, dtype, processor) if dist.is_main() else None
     if stage < 3:
-        return (engine.module if dist.is_main() else None), None
+        return engine.module if dist.is_main() else None
     state = engine._zero3_consolidated_16bit_state_dict()  # collective; whole tensors on rank 0 only
     if not dist.is_main():
-        return None, None
+        return None
     check_gathered(engine.module, state)
-    if settings.train.mode == "lora":
-        if settings.export.merge_lora:
-            return copy_with(state, settings, spec, dtype, processor), None
-        return engine.module, state  # peft writes the adapter's tensors of `state` under its own names
-    return shell_with(engine.module, state), None
+    if settings.train.mode == "lora":  # peft's adapter (and merge) from a CPU copy, as before
+        return copy_with(state, settings, spec, dtype, processor)
+    return shell_with(engine.module, state)
 
 
 def shell_with(trained, state: dict[str, torch.Tensor]):
@@ -121,7 +117,7 @@ def export_final(
     engine, settings: Settings, spec: ModelSpec, processor, stage: int, dtype: torch.dtype
 ) -> dict[str, Path]:
     """Write ``final/``; returns the written paths by kind (rank 0; empty elsewhere). ALL RANKS must call this."""
-    model, state = full_model_on_rank0(engine, settings, spec, stage, dtype, processor)
+    model = full_model_on_rank0(engine, settings, spec, stage, dtype, processor)
     if not dist.is_main():
         dist.barrier()
         return {}
@@ -129,9 +125,7 @@ def export_final(
     tmp = final.with_name("final.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    written = write_model(model, state, settings.train.mode, settings.export.merge_lora, tmp)
-    if state is not None:
-        del state  # whole weights of the model: free them before the processor is written
+    written = write_model(model, settings.train.mode, settings.export.merge_lora, tmp)
     save_pretrained_faithfully(processor, tmp)  # keeps `legacy`: stage 2 tokenises as stage 1 did
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
@@ -140,24 +134,21 @@ def export_final(
     return written
 
 
-def write_model(
-    model, state: dict[str, torch.Tensor] | None, mode: str, merge_lora: bool, folder: Path
-) -> dict[str, Path]:
-    """Save ``model`` into ``folder`` (with the weights ``state`` when given: a ZeRO-3 model's gathered
-    weights; else its own); returns the written paths by kind."""
+def write_model(model, mode: str, merge_lora: bool, folder: Path) -> dict[str, Path]:
+    """Save ``model`` into ``folder``; returns the written paths by kind."""
     written: dict[str, Path] = {}
     if mode == "lora":
         adapter = folder / "adapter"
-        model.save_pretrained(adapter, state_dict=state)  # peft keeps the adapter's and projector's tensors
+        model.save_pretrained(adapter)
         written["adapter"] = adapter
-        if merge_lora:  # state is None here: merging needs whole base layers
+        if merge_lora:
             merged = model.merge_and_unload()
             merged.config.use_cache = True
             merged.save_pretrained(folder)
             written["model"] = folder
         return written
     model.config.use_cache = True
-    model.save_pretrained(folder, state_dict=state)
+    model.save_pretrained(folder)
     written["model"] = folder
     if mode in ("projector", "pretrain"):
         projector = _projector_state(folder, model)
