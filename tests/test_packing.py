@@ -156,6 +156,7 @@ def _model_and_items(model_dir, overrides=(), n=7):
         tokenizer=processor.tokenizer,
         image_processor=processor.image_processor,
         image_tokens_per_image=image_tokens,
+        image_layout=spec.family.image_layout(processor.image_processor),
     )
     torch.manual_seed(0)
     model = build_model(settings, spec, torch.float32, processor).train()
