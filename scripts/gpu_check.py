@@ -46,6 +46,7 @@ from visionzip_core.training import distributed as dist  # noqa: E402
 from visionzip_core.training.config_loading import load_config  # noqa: E402
 from visionzip_core.training.config_rules import PACKED_LAYOUT  # noqa: E402
 from visionzip_core.training.dataloaders import batch_to_device, make_collator  # noqa: E402
+from visionzip_core.training.model_spec import resolve_model_spec  # noqa: E402
 from visionzip_core.training.modeling import build_model, build_processor  # noqa: E402
 from visionzip_core.training.optimization import build_optimizer  # noqa: E402
 
@@ -105,10 +106,11 @@ def check_packing(work: Path) -> list[tuple[str, str, str]]:
             settings = _demo_settings(
                 "builtin:tiny-llava", ["data.packing=true", f"model.attn_implementation={attn}"]
             )
-            processor, tokens = build_processor(settings)
+            spec = resolve_model_spec(settings)
+            processor, tokens = build_processor(settings, spec)
             items = _items(settings, processor, tokens, 7)
             torch.manual_seed(0)
-            model = build_model(settings, dtype, processor).cuda().train()
+            model = build_model(settings, spec, dtype, processor).cuda().train()
             pad = processor.tokenizer.pad_token_id
             lengths = [len(i["input_ids"]) for i in items]
             data = settings.data.model_copy(update={"max_tokens_per_row": sum(sorted(lengths)[-3:])})

@@ -93,13 +93,15 @@ QWEN = ("visionzip.dominant_ratio=0.25", "visionzip.contextual_ratio=0.25", "dat
 def test_llava_format_data_on_qwen_is_one_line_asking_for_messages(folders, tmp_path, name):
     """Before any sample is checked (and before weights load), training's dataset and check_data.py
     say the same: this model reads messages format."""
+    from visionzip_core.training.model_spec import resolve_model_spec
     from visionzip_core.training.modeling import build_processor, dataset_inputs
 
     data = _llava_data(tmp_path)
     overrides = _overrides(folders[name], data, tmp_path / "out", *QWEN)
     words = f"data.train[0] ({data}): llava-format samples, but this model is trained on messages format"
     settings = load_config(REPO / "configs/demo.yaml", overrides, check_files=True)
-    processor, count = build_processor(settings)
+    spec = resolve_model_spec(settings)
+    processor, count = build_processor(settings, spec)
     with pytest.raises(BadDataError) as err:
         build_dataset(
             settings.data,
@@ -107,7 +109,7 @@ def test_llava_format_data_on_qwen_is_one_line_asking_for_messages(folders, tmp_
             tokenizer=processor.tokenizer,
             image_processor=processor.image_processor,
             image_tokens_per_image=count,
-            **dataset_inputs(settings, processor),
+            **dataset_inputs(settings, spec, processor),
         )
     assert str(err.value).startswith(words) and "\n" not in str(err.value)
     code, stdout, _ = run_script("check_data", "--config", "configs/demo.yaml", *overrides)

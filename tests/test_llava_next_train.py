@@ -101,13 +101,18 @@ def test_dataset_counts_each_image_from_its_own_size(tiny_llava_next_dir, next_d
     from visionzip_core import visionzip
     from visionzip_core.data import build_dataset
     from visionzip_core.data.collate import DataCollator
+    from visionzip_core.families import family_for
+    from visionzip_core.training.model_spec import resolve_model_spec
     from visionzip_core.training.modeling import build_processor
     from visionzip_core.training.settings import load_config
 
     settings = load_config("configs/demo.yaml", _next(tiny_llava_next_dir, next_data / "unused", next_data))
-    processor, count = build_processor(settings)
+    processor, count = build_processor(settings, resolve_model_spec(settings))
     assert count.per_size and count((112, 112)) == 3 * (D + K) and count((240, 230)) == 5 * (D + K)
-    ds = build_dataset(settings.data, "train", processor.tokenizer, processor.image_processor, count)
+    layout = family_for("llava-next").image_layout(processor.image_processor)
+    ds = build_dataset(
+        settings.data, "train", processor.tokenizer, processor.image_processor, count, image_layout=layout
+    )
     model = visionzip(
         LlavaNextForConditionalGeneration.from_pretrained(tiny_llava_next_dir), dominant=D, contextual=K
     )

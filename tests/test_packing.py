@@ -20,6 +20,7 @@ import torch
 from visionzip_core.data import DataCollator, build_dataset
 from visionzip_core.data.collate import PackingCollator, pack_rows
 from visionzip_core.data.sampler import TokenBudgetBatchSampler, token_budget_batches
+from visionzip_core.training.model_spec import resolve_model_spec
 from visionzip_core.training.modeling import build_model, build_processor
 from visionzip_core.training.settings import ConfigError, load_config
 
@@ -147,16 +148,18 @@ def _model_and_items(model_dir, overrides=(), n=7):
     leaves the model to ``overrides`` (stage 1's two folders)."""
     model = [] if model_dir is None else [f"model.name_or_path={model_dir}"]
     settings = load_config(REPO / "configs/demo.yaml", [*model, "data.packing=true", *overrides])
-    processor, image_tokens = build_processor(settings)
+    spec = resolve_model_spec(settings)
+    processor, image_tokens = build_processor(settings, spec)
     dataset = build_dataset(
         settings.data.resolve_paths(REPO),
         "train",
         tokenizer=processor.tokenizer,
         image_processor=processor.image_processor,
         image_tokens_per_image=image_tokens,
+        image_layout=spec.family.image_layout(processor.image_processor),
     )
     torch.manual_seed(0)
-    model = build_model(settings, torch.float32, processor).train()
+    model = build_model(settings, spec, torch.float32, processor).train()
     return model, [dataset[i] for i in range(n)], processor.tokenizer.pad_token_id
 
 

@@ -398,10 +398,12 @@ def test_auto_with_a_faked_gpu_memory_takes_the_planners_choice(tiny_llava_dir, 
     no communication, so no recomputation wins). A huge GPU takes the whole batch at once; no GPU
     takes the config's fallback."""
     from visionzip_core.training import auto_batch
+    from visionzip_core.training.model_spec import resolve_model_spec
 
     settings = _auto_settings(tiny_llava_dir, tmp_path)
+    spec = resolve_model_spec(settings)
     lengths = [30] * 40 + [90]
-    model = auto_batch._plan_model(settings)
+    model = auto_batch._plan_model(spec)
     tokens = auto_batch._budget(settings, model)
     size = replace(model.size, text_tokens=(90, 90))
     sim = planner.SettingSimulator(size, "llava-1.5", "finetune", False, model.budgets, 1, (2,))
@@ -410,17 +412,17 @@ def test_auto_with_a_faked_gpu_memory_takes_the_planners_choice(tiny_llava_dir, 
     usable = (p2 + p4) / 2
     fake = (usable + planner.DEFAULT_RESERVE_GIB) / (1 - planner.DEFAULT_FRAGMENTATION) * planner.GIB
 
-    chosen, line = auto_batch.resolve(settings, lengths, 1, int(fake), 2)
+    chosen, line = auto_batch.resolve(settings, spec, lengths, 1, int(fake), 2)
     t = chosen.train
     assert (t.per_device_batch_size, t.grad_accum_steps, t.gradient_checkpointing) == (2, 8, False), line
     assert line.startswith(
         "auto: per_device_batch_size=2, grad_accum_steps=8, gradient_checkpointing=false: fits"
     )
 
-    big, _ = auto_batch.resolve(settings, lengths, 1, 64 * 2**30, 2)
+    big, _ = auto_batch.resolve(settings, spec, lengths, 1, 64 * 2**30, 2)
     assert (big.train.per_device_batch_size, big.train.grad_accum_steps) == (16, 1)
 
-    cpu, line = auto_batch.resolve(settings, lengths, 1, None, 2)
+    cpu, line = auto_batch.resolve(settings, spec, lengths, 1, None, 2)
     assert (
         cpu.train.per_device_batch_size,
         cpu.train.grad_accum_steps,

@@ -132,10 +132,15 @@ def test_a_video_part_for_a_model_without_video_is_a_bad_sample():
 # --- sizes: preflight's rule == the processor's own output ----------------------------------------
 
 
+def _layout(family, processor):
+    """The layout the trainer gives the data pipeline for this family's processor."""
+    return family.image_layout(processor.image_processor, processor.video_processor)
+
+
 @pytest.mark.parametrize("aspect", ["native", "pad"])
 def test_size_rule_matches_the_processor(qwen, tmp_path, aspect):
     family, processor, config = qwen
-    transform = ImageTransform(processor.image_processor, aspect, processor.video_processor)
+    transform = ImageTransform(processor.image_processor, aspect, processor.video_processor, _layout(family, processor))
     rule = transform.size_rule
     for i, size in enumerate(ODD_SIZES):
         path = _picture(tmp_path / f"{i}.png", size, seed=i)
@@ -147,7 +152,7 @@ def test_size_rule_matches_the_processor(qwen, tmp_path, aspect):
 
 def test_video_size_rule_matches_the_video_processor(qwen, tmp_path):
     family, processor, config = qwen
-    transform = ImageTransform(processor.image_processor, "native", processor.video_processor)
+    transform = ImageTransform(processor.image_processor, "native", processor.video_processor, _layout(family, processor))
     for n_frames, size in [(4, (97, 143)), (3, (300, 61)), (1, (50, 50))]:
         frames = [_picture(tmp_path / f"v{n_frames}_{k}.png", size, seed=k) for k in range(n_frames)]
         loaded = transform.load_videos([frames])
@@ -160,7 +165,7 @@ def test_video_size_rule_matches_the_video_processor(qwen, tmp_path):
 def test_other_aspect_ratios_are_refused_for_a_native_processor(qwen):
     family, processor, config = qwen
     with pytest.raises(ValueError, match="data.image_aspect_ratio: 'crop' does not apply"):
-        ImageTransform(processor.image_processor, "crop")
+        ImageTransform(processor.image_processor, "crop", layout=_layout(family, processor))
 
 
 # --- encoding: ids == the adapted processor's, labels on replies only -----------------------------
@@ -181,7 +186,7 @@ def test_ids_equal_the_adapted_processors_and_labels_are_the_replies(qwen, tmp_p
         },
         {"role": "assistant", "content": [{"type": "text", "text": "A dog and a bird."}]},
     ]
-    transform = ImageTransform(processor.image_processor, "native", processor.video_processor)
+    transform = ImageTransform(processor.image_processor, "native", processor.video_processor, _layout(family, processor))
     conv = to_conversation({"messages": messages, "images": paths, "videos": [frames]}, "messages", IMG, VID)
     images = transform.load(paths)
     videos = transform.load_videos([frames])
@@ -331,6 +336,7 @@ def _dataset(qwen, tmp_path, path, images):
         video_processor=processor.video_processor,
         video_token=VID,
         video_tokens=video_token_count(config, VZ),
+        image_layout=_layout(family, processor),
     )
 
 

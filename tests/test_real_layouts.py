@@ -44,13 +44,13 @@ def test_processor_from_full_clip_folder(full_clip_dir, tmp_path):
     files are left alone (the LLM's tokenizer is used)."""
     from transformers import AutoConfig, AutoTokenizer
 
+    from visionzip_core.families import stage1_family
     from visionzip_core.testing.tiny import write_sentencepiece_tokenizer
-    from visionzip_core.training.modeling import assemble_processor
 
     assert AutoConfig.from_pretrained(full_clip_dir).model_type == "clip"
     assert type(AutoTokenizer.from_pretrained(full_clip_dir)).__name__.startswith("CLIPTokenizer")
     llm = write_sentencepiece_tokenizer(tmp_path / "llm")
-    processor = assemble_processor(str(full_clip_dir), str(llm), trust_remote_code=False)
+    processor = stage1_family().assemble_processor(str(full_clip_dir), str(llm), trust_remote_code=False)
     assert processor.patch_size == 14
     assert processor.tokenizer.convert_tokens_to_ids("<image>") is not None
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from visionzip_core.training import output_lock
+from visionzip_core.training.model_spec import resolve_model_spec
 from visionzip_core.training.resume import (
     ResumeError,
     RunFinished,
@@ -30,7 +31,8 @@ DEMO = REPO / "configs" / "demo.yaml"
 
 def _record(*overrides: str, world_size: int = 1, zero_stage: int = 2) -> dict:
     settings = load_config(DEMO, list(overrides))
-    return run_record(settings, world_size=world_size, precision="fp32", zero_stage=zero_stage)
+    layer = resolve_model_spec(settings).feature_layer
+    return run_record(settings, feature_layer=layer, world_size=world_size, precision="fp32", zero_stage=zero_stage)
 
 
 def _keys(diffs) -> list[str]:

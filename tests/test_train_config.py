@@ -365,12 +365,18 @@ def test_feature_layer_left_out_is_the_models_own_and_recorded_as_such(tiny_llav
     became optional do (so their runs resume under a config that leaves it out)."""
     import json
 
+    from visionzip_core.training.model_spec import resolve_model_spec
     from visionzip_core.training.resume import run_record
 
     derived = _demo(tiny_llava_dir, tmp_path)
     explicit = _demo(tiny_llava_dir, tmp_path, "visionzip.feature_layer=-2")
     assert derived.visionzip.feature_layer is None and derived.visionzip.core(-2).feature_layer == -2
-    records = [run_record(s, world_size=1, precision="fp32", zero_stage=2) for s in (derived, explicit)]
+    records = [
+        run_record(
+            s, feature_layer=resolve_model_spec(s).feature_layer, world_size=1, precision="fp32", zero_stage=2
+        )
+        for s in (derived, explicit)
+    ]
     assert records[0] == records[1] and records[0]["settings"]["visionzip"]["feature_layer"] == -2
     config = json.loads((tiny_llava_dir / "config.json").read_text())
     assert config["vision_feature_layer"] == -2

@@ -209,11 +209,11 @@ def test_pretrain_mode_assembles_llava_from_clip_and_llm(tiny_pretrain_dirs, tmp
 
 def test_zero3_two_processes_under_torchrun(tiny_llava_dir, tmp_path):
     out = tmp_path / "run"
-    train(
-        _base(tiny_llava_dir, out)
-        + ["deepspeed.config=configs/deepspeed/zero3.json", "train.per_device_batch_size=2"],
-        launcher="torchrun2",
-    )
+    overrides = _base(tiny_llava_dir, out) + [
+        "deepspeed.config=configs/deepspeed/zero3.json",
+        "train.per_device_batch_size=2",
+    ]
+    train(overrides, launcher="torchrun2")
     assert (out / "checkpoint-4/COMPLETE").is_file()
     state = json.loads((out / "checkpoint-4/trainer_state.json").read_text())
     assert state["world_size"] == 2 and state["step"] == 4
@@ -221,6 +221,34 @@ def test_zero3_two_processes_under_torchrun(tiny_llava_dir, tmp_path):
     base, new = load_file(str(tiny_llava_dir / "model.safetensors")), final_weights(out)
     assert set(new) == set(base)  # whole (gathered) weights, not ZeRO-3 partitions
     assert all(new[k].shape == base[k].shape for k in base)
+    _export_as_a_rebuilt_model_would(overrides, out, tmp_path / "rebuilt")
+
+
+def _export_as_a_rebuilt_model_would(overrides: list[str], out: Path, folder: Path) -> None:
+    """The ZeRO-3 export writes the gathered weights straight from the trained model; the export it
+    replaces rebuilt the model from its folder and loaded the gathered weights into it first. Both
+    must write the same files: the same tensors under the same names, the same config. The rebuilt
+    model gets the run's last checkpoint (its trained tensors; the frozen ones are the base's)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from visionzip_core.training.checkpointing import ENGINE_TAG
+    from visionzip_core.training.model_spec import resolve_model_spec
+    from visionzip_core.training.modeling import build_model, build_processor
+    from visionzip_core.training.settings import load_config
+
+    settings = load_config(REPO / "configs/demo.yaml", overrides)
+    spec = resolve_model_spec(settings)
+    processor, _ = build_processor(settings, spec)
+    rebuilt = build_model(settings, spec, torch.float32, processor, for_export=True)
+    trained = get_fp32_state_dict_from_zero_checkpoint(str(out / "checkpoint-4"), tag=ENGINE_TAG)
+    assert trained and not rebuilt.load_state_dict(trained, strict=False).unexpected_keys
+    rebuilt.config.use_cache = True
+    rebuilt.save_pretrained(folder)
+    written, expected = final_weights(out), load_file(str(folder / "model.safetensors"))
+    assert set(written) == set(expected)
+    assert [k for k in expected if not torch.equal(written[k], expected[k])] == []
+    for name in ("config.json", "generation_config.json"):
+        assert json.loads((out / "final" / name).read_text()) == json.loads((folder / name).read_text())
 
 
 def test_resume_after_sigkill_matches_an_unbroken_run(tiny_llava_dir, tmp_path):

@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from visionzip_core.training.model_spec import resolve_model_spec
 from visionzip_core.training.modeling import build_model, build_processor
 from visionzip_core.training.settings import load_config
 
@@ -18,8 +19,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _one_step_grads(settings):
-    processor, _ = build_processor(settings)
-    model = build_model(settings, torch.float32, processor).train()
+    spec = resolve_model_spec(settings)
+    processor, _ = build_processor(settings, spec)
+    model = build_model(settings, spec, torch.float32, processor).train()
     images = [Image.new("RGB", (120, 90), c) for c in ((200, 20, 20), (20, 20, 200))]
     prompts = ["USER: <image>\nWhat colour? ASSISTANT: red", "USER: <image>\nWhat colour? ASSISTANT: blue"]
     batch = processor(images=images, text=prompts, return_tensors="pt", padding=True)
@@ -67,15 +69,17 @@ dist.init()
 import torch
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from visionzip_core.training.deepspeed_config import fill_deepspeed_config, partitioned_loading
-from visionzip_core.training.modeling import build_model, build_processor, llm_hidden_size
+from visionzip_core.training.model_spec import resolve_model_spec
+from visionzip_core.training.modeling import build_model, build_processor
 from visionzip_core.training.settings import load_config
 
 settings = load_config(sys.argv[1], sys.argv[2:])
-cfg = fill_deepspeed_config(settings, 1, "fp32", llm_hidden_size(settings))
-processor, _ = build_processor(settings)
+spec = resolve_model_spec(settings)
+cfg = fill_deepspeed_config(settings, 1, "fp32", spec.llm_hidden_size)
+processor, _ = build_processor(settings, spec)
 with partitioned_loading(cfg):
     assert is_deepspeed_zero3_enabled()
-    model = build_model(settings, torch.float32, processor)
+    model = build_model(settings, spec, torch.float32, processor)
 assert not is_deepspeed_zero3_enabled(), "the global switch leaked out of model building"
 params = list(model.parameters())
 id_to_name = {id(p): n for n, p in model.named_parameters()}
@@ -119,8 +123,9 @@ def test_zero3_loads_weights_into_partitions_and_scopes_the_switch(tiny_llava_di
     assert done.returncode == 0 and "partitioned" in done.stdout, done.stderr[-3000:]
     partitioned = json.loads(done.stdout.split("groups ", 1)[1].splitlines()[0])
     settings = load_config(REPO / "configs/demo.yaml", overrides)
-    processor, _ = build_processor(settings)
-    whole = build_model(settings, torch.float32, processor)
+    spec = resolve_model_spec(settings)
+    processor, _ = build_processor(settings, spec)
+    whole = build_model(settings, spec, torch.float32, processor)
     groups, names = param_groups(whole, settings)
     id_to_name = {id(p): n for n, p in whole.named_parameters()}
     expected = {n: sorted(id_to_name[id(p)] for p in g["params"]) for n, g in zip(names, groups)}
@@ -136,7 +141,7 @@ def test_a_split_larger_than_the_tower_is_a_config_error_before_weights_load(tin
         [f"model.name_or_path={tiny_llava_dir}", "visionzip.dominant=60", "visionzip.contextual=10"],
     )
     with pytest.raises(ConfigError, match=r"visionzip: dominant \+ contextual = 70 exceeds the 65 tokens"):
-        build_processor(settings)
+        build_processor(settings, resolve_model_spec(settings))
 
 
 @pytest.mark.parametrize("mode", ["projector", "lora"])
@@ -147,8 +152,9 @@ def test_checkpointing_runs_no_backward_through_the_frozen_tower(tiny_llava_dir,
         REPO / "configs/demo.yaml",
         [f"model.name_or_path={tiny_llava_dir}", f"train.mode={mode}", "train.gradient_checkpointing=true"],
     )
-    processor, _ = build_processor(settings)
-    model = build_model(settings, torch.float32, processor).train()
+    spec = resolve_model_spec(settings)
+    processor, _ = build_processor(settings, spec)
+    model = build_model(settings, spec, torch.float32, processor).train()
     projector = next(m for n, m in model.named_modules() if n.endswith("multi_modal_projector"))
     seen = []
     projector.register_forward_hook(lambda mod, args, out: seen.append(args[0].requires_grad) or None)

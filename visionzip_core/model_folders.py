@@ -20,7 +20,9 @@ from pathlib import Path
 
 from visionzip_core.families import UnsupportedModel, family_for, supported
 
-ROLES = ("llava", "vision", "llm")
+#: The role of a whole model folder (any family: the name predates the other families).
+MODEL = "llava"
+ROLES = (MODEL, "vision", "llm")
 
 # Single-file and sharded weights that transformers' from_pretrained reads (safetensors first).
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")

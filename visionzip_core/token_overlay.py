@@ -65,10 +65,12 @@ def select_image(model, image_processor, image_path: str, aspect_ratio: str) -> 
         ValueError: ``aspect_ratio`` does not suit the processor (``anyres`` without tiles).
         OSError: the file is not a readable image.
     """
-    inputs = ImageTransform(image_processor, aspect_ratio).load([image_path])
+    family = family_for(model)
+    layout = family.image_layout(image_processor)
+    inputs = ImageTransform(image_processor, aspect_ratio, layout=layout).load([image_path])
     weight = next(model.parameters())
     pixel_values = inputs["pixel_values"].to(weight.device, weight.dtype)
-    [image] = family_for(model).select_image_tokens(model, pixel_values, inputs.get("image_sizes"))
+    [image] = family.select_image_tokens(model, pixel_values, inputs.get("image_sizes"))
     return image
 
 
@@ -86,7 +88,10 @@ def select_video_group(model, processor, frames: list[str], group: int = 0) -> I
     if not family.takes_video:
         raise ValueError(f"{family.name} takes images only")
     transform = ImageTransform(
-        processor.image_processor, family.inference_aspect_ratio, processor.video_processor
+        processor.image_processor,
+        family.inference_aspect_ratio,
+        processor.video_processor,
+        family.image_layout(processor.image_processor, processor.video_processor),
     )
     inputs = transform.load_videos([frames])
     weight = next(model.parameters())

@@ -25,6 +25,7 @@ from visionzip_core.data.dataset import apply_policy, epoch_rows, make_encoder, 
 from visionzip_core.data.images import ImageTransform
 from visionzip_core.training.config_loading import load_config
 from visionzip_core.training.input_checks import check_global_batch
+from visionzip_core.training.model_spec import resolve_model_spec
 from visionzip_core.training.modeling import build_processor, dataset_inputs
 from visionzip_core.training.schema import ConfigError
 
@@ -39,8 +40,9 @@ def main(argv=None) -> int:
 
     try:
         settings = load_config(args.config, args.overrides, check_files=True, warn=print)
-        processor, image_tokens = build_processor(settings)
-        inputs = dataset_inputs(settings, processor)  # what the trainer's dataset is given
+        spec = resolve_model_spec(settings)
+        processor, image_tokens = build_processor(settings, spec)
+        inputs = dataset_inputs(settings, spec, processor)  # what the trainer's dataset is given
     except (ConfigError, FileNotFoundError) as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
@@ -55,7 +57,10 @@ def main(argv=None) -> int:
     )
     try:
         transform = ImageTransform(
-            processor.image_processor, data.image_aspect_ratio, inputs.get("video_processor")
+            processor.image_processor,
+            data.image_aspect_ratio,
+            inputs.get("video_processor"),
+            inputs["image_layout"],
         )
     except ValueError as err:
         print(f"config error: {err}", file=sys.stderr)

@@ -85,7 +85,7 @@ def show_tokens(args: argparse.Namespace) -> int:
     image_processor = processor.image_processor
     aspect = args.aspect_ratio or folder.family.inference_aspect_ratio
     try:
-        ImageTransform(image_processor, aspect)
+        ImageTransform(image_processor, aspect, layout=folder.family.image_layout(image_processor))
     except ValueError as err:
         raise CommandError(f"--aspect-ratio {aspect}: {err}") from None
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from visionzip_core.data.encode import Encoder
-from visionzip_core.data.images import ImageTransform, SizeRule
+from visionzip_core.data.images import ImageLayout, ImageTransform, SizeRule
 from visionzip_core.data.settings import DatasetSource, DataSettings
 from visionzip_core.data.sources import load_source, sample_id_of, to_conversation
 from visionzip_core.data.validation import (
@@ -371,6 +371,7 @@ def build_dataset(
     video_token: str | None = None,
     video_tokens=None,
     sample_formats: tuple[str, ...] = ("llava", "messages"),
+    image_layout: ImageLayout | None = None,
 ) -> VisionLanguageDataset:
     """Load, preflight-check and mix the ``split`` ("train" or "val") sources of ``settings``.
 
@@ -383,11 +384,12 @@ def build_dataset(
     A model that takes video gives ``video_processor``, its placeholder ``video_token`` and
     ``video_tokens``, ``(T, H, W) -> count`` (:class:`visionzip_core.families.counts.VideoTokenCount`).
     ``sample_formats``: the file formats the model family reads (a source in another is refused).
+    ``image_layout``: how the family's processor lays out an image (default: one fixed-size crop).
     """
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     settings = settings.resolve_paths(base_dir)
-    transform = ImageTransform(image_processor, settings.image_aspect_ratio, video_processor)
+    transform = ImageTransform(image_processor, settings.image_aspect_ratio, video_processor, image_layout)
     encoder = make_encoder(
         settings, tokenizer, image_tokens_per_image, image_token, video_token, video_tokens
     )
@@ -401,7 +403,7 @@ def build_dataset(
         )
     if report.dropped_leading_reply:
         logger.warning(
-            "data.%s: %d samples opened with an assistant turn; that turn was dropped (as LLaVA does)",
+            "data.%s: %d samples opened with an assistant turn; that turn was dropped (as the reference data loader does)",
             split,
             report.dropped_leading_reply,
         )

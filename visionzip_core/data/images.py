@@ -3,6 +3,7 @@ processed by the model's own image processor."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,47 +35,24 @@ def open_rgb(path: str) -> Image.Image:
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
-def native_resolution(image_processor) -> NativeResize | None:
-    """Qwen2-VL-style processors keep each image's aspect ratio and resize it to multiples of
-    ``patch_size * merge_size`` within ``[min_pixels, max_pixels]`` (``smart_resize``), giving patch
-    rows and a ``grid_thw`` instead of ``(3, H, W)`` crops. Their settings, else None."""
-    if (
-        getattr(image_processor, "merge_size", None) is None
-        or getattr(image_processor, "temporal_patch_size", None) is None
-    ):
-        return None
-    size = image_processor.size
-    get = size.get if isinstance(size, dict) else (lambda k, s=size: getattr(s, k, None))
-    min_pixels = getattr(image_processor, "min_pixels", None) or get("shortest_edge")
-    max_pixels = getattr(image_processor, "max_pixels", None) or get("longest_edge")
-    patch = int(image_processor.patch_size)
-    return NativeResize(patch, int(image_processor.merge_size), int(min_pixels), int(max_pixels))
-
-
 @dataclass(frozen=True)
-class NativeResize:
-    """Qwen's ``smart_resize`` of one processor: ``(H, W)`` -> multiples of ``patch * merge``."""
+class ImageLayout:
+    """How a model's processor lays out an image, as its family tells it
+    (:meth:`~visionzip_core.families.base.ModelFamily.image_layout`).
 
-    patch_size: int
-    merge_size: int
-    min_pixels: int
-    max_pixels: int
+    ``tiles``: each image becomes a base crop and a grid of tiles. ``native``: the processor keeps
+    each image's aspect ratio and resizes it itself, ``(H, W) -> (H, W)`` (picklable), giving patch
+    rows and a ``grid_thw`` instead of ``(3, H, W)`` crops. ``video``: the same resize for video
+    frames. The default: one crop of a fixed input size per image.
+    """
 
-    def __call__(self, size: tuple[int, int]) -> tuple[int, int]:
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
-
-        h, w = smart_resize(
-            int(size[0]),
-            int(size[1]),
-            factor=self.patch_size * self.merge_size,
-            min_pixels=self.min_pixels,
-            max_pixels=self.max_pixels,
-        )
-        return int(h), int(w)
+    tiles: bool = False
+    native: Callable[[tuple[int, int]], tuple[int, int]] | None = None
+    video: Callable[[tuple[int, int]], tuple[int, int]] | None = None
 
 
 def tiles(image_processor) -> bool:
-    """Whether the processor cuts an image into a grid of crops (LLaVA-NeXT's anyres)."""
+    """Whether the processor cuts an image into a grid of crops (an ``image_grid_pinpoints`` list)."""
     return bool(getattr(image_processor, "image_grid_pinpoints", None))
 
 
@@ -86,8 +64,6 @@ def mean_colour(image_processor) -> tuple[int, int, int]:
 
 def input_size(image_processor) -> tuple[int, int]:
     """(height, width) of the tower's input, from the processor's crop size (or size)."""
-    if native_resolution(image_processor) is not None:
-        return (0, 0)  # no fixed input size: every image keeps its own
     for attr in ("crop_size", "size"):
         size = getattr(image_processor, attr, None)
         if size is None:
@@ -121,9 +97,9 @@ class SizeRule:
     aspect_ratio: str
     input_size: tuple[int, int]
     #: a native-resolution processor's resize (the size the count needs is the resized one)
-    native: NativeResize | None = None
+    native: Callable[[tuple[int, int]], tuple[int, int]] | None = None
     #: the video processor's resize, for video frames (never padded)
-    video: NativeResize | None = None
+    video: Callable[[tuple[int, int]], tuple[int, int]] | None = None
 
     def __call__(self, size: tuple[int, int]) -> tuple[int, int]:
         if self.aspect_ratio == "pad":
@@ -151,39 +127,43 @@ class ImageTransform:
     ``crop``: the processor alone (resize the short side, centre crop), LLaVA's default, which
     its stage-1 pretraining uses. ``anyres``: the image as it is, for a tiling processor.
 
-    A tiling processor (LLaVA-NeXT) gives each image its base crop and tiles: the crops of all
+    A tiling processor gives each image its base crop and tiles: the crops of all
     images are concatenated and ``image_sizes`` holds each image's ``(H, W)`` as the processor
     saw it, from which the model counts its crops.
 
-    A native-resolution processor (Qwen2.5-VL) takes ``native`` (the image as it is) or ``pad``;
+    A native-resolution processor takes ``native`` (the image as it is) or ``pad``;
     it gives patch rows, ``pixel_values: [sum of patches, C * 2 * 14 * 14]`` and
     ``image_grid_thw: [n, 3]``, and ``image_sizes`` is each image's resized ``(H, W)``
     (``grid * patch_size``). Videos (lists of frame files) go through ``video_processor``.
     """
 
-    def __init__(self, image_processor, aspect_ratio: str, video_processor=None):
+    def __init__(self, image_processor, aspect_ratio: str, video_processor=None, layout: ImageLayout | None = None):
+        layout = layout or ImageLayout()
         self.processor = image_processor
         self.video_processor = video_processor
         self.aspect_ratio = aspect_ratio
-        self.tiles = tiles(image_processor)
-        self.native = native_resolution(image_processor)
+        self.tiles = layout.tiles
+        self.native = layout.native
+        self.video = layout.video
+        name = type(image_processor).__name__
         if self.native is not None and aspect_ratio not in ("native", "pad"):
             raise ValueError(
-                f"data.image_aspect_ratio: {aspect_ratio!r} does not apply to "
-                f"{type(image_processor).__name__}, which keeps each image's aspect ratio; use native or pad"
+                f"data.image_aspect_ratio: {aspect_ratio!r} does not apply to {name}, which keeps each "
+                "image's aspect ratio; use native or pad"
             )
         if self.native is None and aspect_ratio == "native":
             raise ValueError(
-                "data.image_aspect_ratio: 'native' needs a native-resolution image processor (Qwen2.5-VL's); "
-                f"{type(image_processor).__name__} has a fixed input size: use pad, resize or crop"
+                "data.image_aspect_ratio: 'native' needs a native-resolution image processor; "
+                f"{name} has a fixed input size: use pad, resize or crop"
             )
         if aspect_ratio == "anyres" and not self.tiles:
             raise ValueError(
-                "data.image_aspect_ratio: 'anyres' needs a tiling image processor (LLaVA-NeXT's); "
-                f"{type(image_processor).__name__} makes one crop per image: use pad, resize or crop"
+                f"data.image_aspect_ratio: 'anyres' needs a tiling image processor; {name} makes one crop "
+                "per image: use pad, resize or crop"
             )
         self.fill = mean_colour(image_processor)
-        self.size = input_size(image_processor)
+        # A native-resolution processor has no fixed input size: every image keeps its own.
+        self.size = (0, 0) if self.native is not None else input_size(image_processor)
 
     def prepare(self, img: Image.Image) -> Image.Image:
         if self.aspect_ratio == "pad":
@@ -196,8 +176,7 @@ class ImageTransform:
     @property
     def size_rule(self) -> SizeRule:
         """What :meth:`prepare` does to an image's size."""
-        video = native_resolution(self.video_processor) if self.video_processor is not None else None
-        return SizeRule(self.aspect_ratio, self.size, self.native, video)
+        return SizeRule(self.aspect_ratio, self.size, self.native, self.video)
 
     def __call__(self, paths: list[str]) -> torch.Tensor:
         """``FloatTensor[crops, 3, H, W]``: every image's crops, in order."""
@@ -209,7 +188,7 @@ class ImageTransform:
         if self.native is not None:
             out = self.processor(images=images, return_tensors="pt")
             grid = out["image_grid_thw"].long()
-            patch = self.native.patch_size
+            patch = int(self.processor.patch_size)
             return {
                 "pixel_values": out["pixel_values"],
                 "image_grid_thw": grid,

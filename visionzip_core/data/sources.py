@@ -22,7 +22,7 @@ from typing import Any
 from visionzip_core.data.settings import DatasetSource
 from visionzip_core.data.validation import BadDataError, SampleError
 
-_LLAVA_ROLES = {
+_CONVERSATION_ROLES = {
     "human": "user",
     "user": "user",
     "gpt": "assistant",
@@ -83,7 +83,7 @@ def load_source(source: DatasetSource, cache_dir: str | None = None):
             fmt = "messages"
         else:
             raise BadDataError(
-                f"{path}: cannot tell the format: no 'conversations' (LLaVA) or 'messages' column "
+                f"{path}: cannot tell the format: no 'conversations' or 'messages' column "
                 f"(columns: {sorted(columns)}); set format explicitly"
             )
     needed = "conversations" if fmt == "llava" else "messages"
@@ -131,7 +131,7 @@ def to_conversation(
     videos: Any = None
     if fmt == "llava":
         turns_raw, images = row.get("conversations"), row.get("image")
-        role_key, text_key, roles = "from", "value", _LLAVA_ROLES
+        role_key, text_key, roles = "from", "value", _CONVERSATION_ROLES
     else:
         turns_raw, images = row.get("messages"), row.get("images")
         videos = row.get("videos")

@@ -19,6 +19,7 @@ from visionzip_core.families.registry import (
     UnsupportedModel,
     family_for,
     ratio_flags_refusal,
+    ratio_takers,
     stage1_family,
     supported,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "image_token_count",
     "num_image_tokens",
     "ratio_flags_refusal",
+    "ratio_takers",
     "stage1_family",
     "supported",
     "video_token_count",

@@ -25,6 +25,7 @@ from torch import nn
 
 from visionzip_core.algorithm import TokenSelection
 from visionzip_core.config import VisionZipConfig
+from visionzip_core.data.images import ImageLayout
 from visionzip_core.data.settings import VICUNA_V1_SYSTEM
 
 MODULE_GROUPS = ("projector", "vision", "llm")
@@ -121,6 +122,11 @@ class ModelFamily(ABC):
         system = VICUNA_V1_SYSTEM if system is None else system
         return f"{system} USER: " + f"{self.image_token}\n" * images + f"{question} ASSISTANT:"
 
+    def image_layout(self, image_processor, video_processor=None):
+        """How this family's processor lays out an image (and a video's frames), for the data
+        pipeline (:class:`~visionzip_core.data.images.ImageLayout`): one fixed-size crop by default."""
+        return ImageLayout()
+
     def counted_image_sizes(self, config: Any, inputs: Any, images: list) -> list[tuple[int, int]]:
         """Each image's ``(H, W)`` as the token count needs it, from the processor's output for
         ``images`` (PIL): the original size unless the processor resizes first (native resolution)."""
@@ -135,7 +141,8 @@ class ModelFamily(ABC):
 
     @abstractmethod
     def load_processor(self, path: str, **kwargs: Any):
-        """The stock processor saved in ``path``."""
+        """The stock processor saved in ``path``. ``trust_remote_code`` and ``config`` (the folder's
+        model config, when the caller has read it: not read again) are accepted by every family."""
 
     @abstractmethod
     def config_from_dict(self, data: dict) -> Any:
@@ -145,12 +152,26 @@ class ModelFamily(ABC):
         """The model config in a ``config.json`` file (without importing remote code)."""
         return self.config_from_dict(json.loads(Path(path).read_text()))
 
-    def assemble(self, vision_path: str, llm_path: str, processor, from_pretrained_kwargs: dict) -> nn.Module:
-        """Stage 1: the model from a vision-tower folder and an LLM folder, with a fresh projector."""
+    def assemble(
+        self, vision_path: str, llm_path: str, processor, from_pretrained_kwargs: dict, llm_config: Any = None
+    ) -> nn.Module:
+        """Stage 1: the model from a vision-tower folder and an LLM folder, with a fresh projector
+        (``llm_config``: the LLM folder's config when the caller has read it)."""
         raise NotImplementedError(f"{self.name}: no stage-1 assembly")
 
-    def assemble_processor(self, vision_path: str, llm_path: str, trust_remote_code: bool):
+    def assemble_processor(
+        self,
+        vision_path: str,
+        llm_path: str,
+        trust_remote_code: bool,
+        vision_config: Any = None,
+        llm_config: Any = None,
+    ):
         """Stage 1: the processor from the LLM's tokenizer and the vision folder's image processor."""
+        raise NotImplementedError(f"{self.name}: no stage-1 assembly")
+
+    def assembled_image_tokens(self, vision_config: Any) -> int:
+        """Stage 1: visual tokens per image of the model assembled on the tower of ``vision_config``."""
         raise NotImplementedError(f"{self.name}: no stage-1 assembly")
 
     # --- visual tokens ---------------------------------------------------------------------------

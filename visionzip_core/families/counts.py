@@ -66,14 +66,22 @@ class ImageTokenCount:
             return self.fixed
         if self.per_size and image_size is None:
             raise ValueError(f"{self.family}: the image-token count depends on the image size")
-        key = None if not self.per_size else (int(image_size[0]), int(image_size[1]))
+        key = None if not self.per_size else tuple(int(x) for x in image_size)
         if key not in self._memo:
             family, config = family_for(self.family), _config(self.family, self.config_json)
             if self.vz_json is None:
-                self._memo[key] = family.stock_tokens_per_image(config, key)
+                self._memo[key] = self._stock(family, config, key)
             else:
-                self._memo[key] = family.compressed_tokens_per_image(config, _settings(self.vz_json), key)
+                self._memo[key] = self._compressed(family, config, _settings(self.vz_json), key)
         return self._memo[key]
+
+    @staticmethod
+    def _stock(family: Any, config: Any, size: tuple[int, ...] | None) -> int:
+        return family.stock_tokens_per_image(config, size)
+
+    @staticmethod
+    def _compressed(family: Any, config: Any, vz: VisionZipConfig, size: tuple[int, ...] | None) -> int:
+        return family.compressed_tokens_per_image(config, vz, size)
 
     def __getstate__(self):
         return {k: getattr(self, k) for k in ("family", "config_json", "vz_json", "per_size", "fixed")}
@@ -107,32 +115,20 @@ def image_token_count(model_config: Any, vz: VisionZipConfig | None = None) -> I
 
 
 @dataclass(frozen=True)
-class VideoTokenCount:
+class VideoTokenCount(ImageTokenCount):
     """``count((T, H, W)) -> int``: the video-token ids of a video of ``T`` frames (padded to the
-    temporal patch) resized to ``(H, W)``; compressed by ``vz_json``'s split, or stock when None."""
+    temporal patch) resized to ``(H, W)``; compressed by ``vz_json``'s split, or stock when None.
+    The same plain-string state as :class:`ImageTokenCount`, asked of the family's video counts."""
 
-    family: str
-    config_json: str
-    vz_json: str | None = None
-    _memo: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
+    per_size: bool = True
 
-    def __call__(self, video_size: tuple[int, int, int]) -> int:
-        key = tuple(int(x) for x in video_size)
-        if key not in self._memo:
-            family, config = family_for(self.family), _config(self.family, self.config_json)
-            if self.vz_json is None:
-                self._memo[key] = family.stock_tokens_per_video(config, key)
-            else:
-                self._memo[key] = family.compressed_tokens_per_video(config, _settings(self.vz_json), key)
-        return self._memo[key]
+    @staticmethod
+    def _stock(family: Any, config: Any, size: tuple[int, ...] | None) -> int:
+        return family.stock_tokens_per_video(config, size)
 
-    def __getstate__(self):
-        return {k: getattr(self, k) for k in ("family", "config_json", "vz_json")}
-
-    def __setstate__(self, state):
-        for k, v in state.items():
-            object.__setattr__(self, k, v)
-        object.__setattr__(self, "_memo", {})
+    @staticmethod
+    def _compressed(family: Any, config: Any, vz: VisionZipConfig, size: tuple[int, ...] | None) -> int:
+        return family.compressed_tokens_per_video(config, vz, size)
 
 
 def video_token_count(model_config: Any, vz: VisionZipConfig | None = None) -> VideoTokenCount | None:

@@ -14,6 +14,7 @@ The capture here uses forward hooks on the instance's own q/k projections under 
 
 from __future__ import annotations
 
+import copy
 import re
 import types
 from typing import Any
@@ -251,23 +252,35 @@ class Llava15(ModelFamily):
             chat_template=chat_template,
         )
 
-    def assemble_processor(self, vision_path: str, llm_path: str, trust_remote_code: bool):
-        """A ``LlavaProcessor`` from the LLM's tokenizer and the CLIP folder's image processor."""
+    def assemble_processor(
+        self,
+        vision_path: str,
+        llm_path: str,
+        trust_remote_code: bool,
+        vision_config: Any = None,
+        llm_config: Any = None,
+    ):
+        """A ``LlavaProcessor`` from the LLM's tokenizer and the CLIP folder's image processor
+        (``vision_config``/``llm_config``: the folders' configs when the caller has read them)."""
         from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(llm_path, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(
+            llm_path, trust_remote_code=trust_remote_code, config=llm_config
+        )
         image_processor = AutoImageProcessor.from_pretrained(vision_path, trust_remote_code=trust_remote_code)
         if self.image_token not in tokenizer.get_vocab():
             tokenizer.add_tokens([self.image_token], special_tokens=True)
         if tokenizer.pad_token is None:
             # LLaVA-1.5 pads vicuna with <unk>; padded positions carry label -100 either way.
             tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
-        vcfg = AutoConfig.from_pretrained(vision_path, trust_remote_code=trust_remote_code)
+        vcfg = vision_config or AutoConfig.from_pretrained(vision_path, trust_remote_code=trust_remote_code)
         return self.build_processor(
             image_processor, tokenizer, vcfg, getattr(tokenizer, "chat_template", None)
         )
 
-    def assemble(self, vision_path: str, llm_path: str, processor, from_pretrained_kwargs: dict) -> nn.Module:
+    def assemble(
+        self, vision_path: str, llm_path: str, processor, from_pretrained_kwargs: dict, llm_config: Any = None
+    ) -> nn.Module:
         """LLaVA-1.5 from a CLIP vision folder and a causal-LM folder, with a freshly initialised projector.
 
         The loaded towers are placed into the LLaVA skeleton as they are (no copy), and the skeleton
@@ -280,7 +293,8 @@ class Llava15(ModelFamily):
         tokenizer = processor.tokenizer
         with progress_bars_on_terminal_only():
             vision = CLIPVisionModel.from_pretrained(vision_path, **kwargs)
-            llm = AutoModelForCausalLM.from_pretrained(llm_path, **kwargs)
+            llm_kwargs = kwargs if llm_config is None else {**kwargs, "config": copy.deepcopy(llm_config)}
+            llm = AutoModelForCausalLM.from_pretrained(llm_path, **llm_kwargs)
         if len(tokenizer) > llm.get_input_embeddings().weight.shape[0]:
             llm.resize_token_embeddings(len(tokenizer))
         config = self.build_config(
@@ -308,6 +322,10 @@ class Llava15(ModelFamily):
     # --- visual tokens ---------------------------------------------------------------------------
     def tower_tokens(self, config: Any) -> int:
         return patches_per_image(vision_tower_config(config)) + 1  # patches + CLS
+
+    def assembled_image_tokens(self, vision_config: Any) -> int:
+        # The assembled model drops CLS ("default" strategy): one token per patch.
+        return patches_per_image(vision_tower_config(vision_config))
 
     def stock_tokens_per_image(self, config: Any, image_size: tuple[int, int] | None = None) -> int:
         # Every image is resized and cropped to one square crop: the count does not depend on its size.

@@ -33,6 +33,7 @@ from transformers.models.llava_next.modeling_llava_next import image_size_to_num
 from visionzip_core.algorithm import compress_selected
 from visionzip_core.capture import check_vision_tower, resolve_feature_layer
 from visionzip_core.config import VisionZipConfig
+from visionzip_core.data.images import ImageLayout
 from visionzip_core.families.base import ImageTokenSelection
 from visionzip_core.families.llava import (
     Llava15,
@@ -215,6 +216,9 @@ class LlavaNext(Llava15):
     assembles = False  # stage 1 of LLaVA-NeXT is LLaVA-1.5's: train it with the llava-1.5 family
     count_depends_on_size = True
     aspect_ratios = ("anyres", "pad", "resize", "crop")  # anyres: tiled as llava-v1.6 trains
+
+    def image_layout(self, image_processor, video_processor=None):
+        return ImageLayout(tiles=True)  # anyres: a base crop and a grid of tiles per image
 
     def load(self, path: str, check_files: bool = True, **from_pretrained_kwargs: Any) -> nn.Module:
         return load_checked(LlavaNextForConditionalGeneration, path, check_files, **from_pretrained_kwargs)

@@ -71,8 +71,9 @@ from transformers.vision_utils import get_vision_window_index
 from visionzip_core.algorithm import compress_in_place_order, select_by_scores
 from visionzip_core.capture import resolve_feature_layer
 from visionzip_core.config import VisionZipConfig
+from visionzip_core.data.images import ImageLayout
 from visionzip_core.families.base import LORA_TARGETS, ImageTokenSelection, ModelFamily
-from visionzip_core.families.qwen_processing import load_qwen_processor
+from visionzip_core.families.qwen_processing import NativeResize, load_qwen_processor
 from visionzip_core.weight_checks import load_checked
 
 PROJECTOR = "merger"
@@ -770,7 +771,15 @@ class Qwen2_5VL(ModelFamily):
     def load(self, path: str, check_files: bool = True, **from_pretrained_kwargs: Any) -> nn.Module:
         return load_checked(self.model_class, path, check_files, **from_pretrained_kwargs)
 
-    def load_processor(self, path: str, **kwargs: Any):
+    def image_layout(self, image_processor, video_processor=None):
+        """Native resolution: each image (and video frame) keeps its aspect ratio, resized by the
+        processor to multiples of ``patch_size * merge_size`` (:class:`~.qwen_processing.NativeResize`)."""
+        video = None if video_processor is None else NativeResize.of(video_processor)
+        return ImageLayout(native=NativeResize.of(image_processor), video=video)
+
+    def load_processor(self, path: str, trust_remote_code: bool = False, config: Any = None, **kwargs: Any):
+        # Built from PIL/numpy parts: AutoProcessor would import torchvision for the video processor.
+        # No remote code is involved; the folder's config is not needed.
         return load_qwen_processor(path, **kwargs)
 
     def config_from_dict(self, data: dict) -> Any:

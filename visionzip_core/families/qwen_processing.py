@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -439,3 +440,34 @@ def _chat_template(folder: Path) -> Any:
     if (folder / "chat_template.json").is_file():
         return _read_json(folder / "chat_template.json").get("chat_template")
     return None
+
+
+@dataclass(frozen=True)
+class NativeResize:
+    """The processor's ``smart_resize`` of one processor: ``(H, W)`` -> multiples of ``patch * merge``
+    within ``[min_pixels, max_pixels]``, aspect ratio kept. Plain numbers inside: the data pipeline
+    pickles it to preflight workers."""
+
+    patch_size: int
+    merge_size: int
+    min_pixels: int
+    max_pixels: int
+
+    @classmethod
+    def of(cls, processor) -> NativeResize:
+        """The resize settings of an image or video processor."""
+        size = processor.size
+        get = size.get if isinstance(size, dict) else (lambda k, s=size: getattr(s, k, None))
+        min_pixels = getattr(processor, "min_pixels", None) or get("shortest_edge")
+        max_pixels = getattr(processor, "max_pixels", None) or get("longest_edge")
+        return cls(int(processor.patch_size), int(processor.merge_size), int(min_pixels), int(max_pixels))
+
+    def __call__(self, size: tuple[int, int]) -> tuple[int, int]:
+        h, w = smart_resize(
+            int(size[0]),
+            int(size[1]),
+            factor=self.patch_size * self.merge_size,
+            min_pixels=self.min_pixels,
+            max_pixels=self.max_pixels,
+        )
+        return int(h), int(w)

@@ -53,6 +53,11 @@ def stage1_family() -> ModelFamily:
     return next(family for family in FAMILIES if family.assembles)
 
 
+def ratio_takers() -> str:
+    """The families that take a ratio budget, for messages."""
+    return ", ".join(f.name for f in FAMILIES if f.takes_ratios)
+
+
 def ratio_flags_refusal(family: ModelFamily) -> str:
     """The one line a command prints when ``--dominant-ratio``/``--contextual-ratio`` are given for a
     family that takes counts only (as training refuses ``visionzip.dominant_ratio``)."""

@@ -20,7 +20,6 @@ from pathlib import Path
 
 from visionzip_core.bench import planner
 from visionzip_core.bench.benchmarking import NEXT_IMAGE
-from visionzip_core.training.modeling import model_family, model_path
 from visionzip_core.training.resume import read_record
 
 AUTO = "auto"
@@ -60,10 +59,11 @@ def keep_from_checkpoint(settings, checkpoint: Path | None):
 
 
 def resolve(
-    settings, text_lengths: list[int], world_size: int, gpu_memory_bytes: int | None, zero_stage: int
+    settings, spec, text_lengths: list[int], world_size: int, gpu_memory_bytes: int | None, zero_stage: int
 ):
     """``(settings, line)`` with every ``auto`` replaced; ``line`` (None without auto) says what and why.
 
+    ``spec``: the run's :class:`~visionzip_core.training.model_spec.ModelSpec`.
     ``text_lengths``: text tokens per training sample (image tokens excluded), from the preflight.
     ``gpu_memory_bytes``: this GPU's total memory, None on a CPU.
     """
@@ -79,7 +79,7 @@ def resolve(
         why = "no GPU"
     else:
         try:
-            model = _plan_model(settings)
+            model = _plan_model(spec)
         except ValueError as e:
             why = str(e)
     if why is not None:
@@ -148,13 +148,12 @@ def _describe(values: dict) -> str:
     return ", ".join(parts)
 
 
-def _plan_model(settings):
-    """The planner's view of the run's model, from its config.json; ValueError when it cannot plan it."""
-    if settings.train.mode == "pretrain":
+def _plan_model(spec):
+    """The planner's view of the run's model (a :class:`~visionzip_core.training.model_spec.ModelSpec`),
+    from its config; ValueError when it cannot plan it."""
+    if spec.assembled:
         raise ValueError("pretrain mode assembles its model; the planner reads a model folder")
-    folder = Path(model_path(settings.model.name_or_path, "model.name_or_path"))
-    config = model_family(settings).config_from_file(str(folder / "config.json"))
-    return planner.model_from_config(config, folder.name)
+    return planner.model_from_config(spec.config, Path(spec.path).name)
 
 
 def _budget(settings, model) -> int:

@@ -70,7 +70,7 @@ def contradictions(s: dict[str, Any], raw: dict) -> list[str]:
         else:
             if not model.name_or_path:
                 problems.append(
-                    f"model.name_or_path: {train.mode} mode starts from a LLaVA checkpoint folder"
+                    f"model.name_or_path: {train.mode} mode starts from a model checkpoint folder"
                 )
             for key in ("vision_tower", "language_model"):
                 if getattr(model, key):

@@ -9,12 +9,17 @@ VisionZip settings, processor and tokenizer): it loads with ``from_pretrained`` 
     model when ``export.merge_lora`` is on, otherwise only the adapter and the processor.
 
 Under ZeRO-3 no rank holds whole weights: they are gathered onto rank 0 first (a collective:
-ALL RANKS must call :func:`export_final`), loaded into a CPU copy of the model, and saved there.
+ALL RANKS must call :func:`export_final`) and written from there as they are, through a model
+built on the meta device that takes them as its own (the same key layout and config files as an
+unpartitioned save), so the base model is never rebuilt in memory or read from disk again. The one
+exception is ``lora``: peft writes the adapter and merges it from a CPU copy of the model rebuilt
+from its folders, which takes the gathered weights.
 """
 
 from __future__ import annotations
 
 import shutil
+from copy import deepcopy
 from pathlib import Path
 
 import torch
@@ -23,30 +28,62 @@ from safetensors.torch import save_file
 from visionzip_core.families import family_for
 from visionzip_core.tokenizer_files import save_pretrained_faithfully
 from visionzip_core.training import distributed as dist
+from visionzip_core.training.model_spec import ModelSpec
 from visionzip_core.training.modeling import build_model
 from visionzip_core.training.schema import Settings
 
 
-def full_model_on_rank0(engine, settings: Settings, stage: int, dtype: torch.dtype, processor):
+def full_model_on_rank0(engine, settings: Settings, spec: ModelSpec, stage: int, dtype: torch.dtype, processor):
     """The trained model with whole weights on rank 0 (``None`` elsewhere). ALL RANKS must call this."""
     if stage < 3 and settings.model.quantization != "none":
-        return unquantized_copy(engine.module, settings, dtype, processor) if dist.is_main() else None
+        return unquantized_copy(engine.module, settings, spec, dtype, processor) if dist.is_main() else None
     if stage < 3:
         return engine.module if dist.is_main() else None
     state = engine._zero3_consolidated_16bit_state_dict()  # collective; whole tensors on rank 0 only
     if not dist.is_main():
         return None
-    copy = build_model(settings, dtype, processor, for_export=True)
-    missing, unexpected = copy.load_state_dict(state, strict=False)
-    # A tied lm_head may be absent from the gathered dict (it is the embedding); real weights may not.
-    tied = bool(getattr(copy.config, "tie_word_embeddings", False))
-    missing = [k for k in missing if not (tied and "lm_head" in k)]
+    check_gathered(engine.module, state)
+    if settings.train.mode == "lora":  # peft's adapter (and merge) from a CPU copy, as before
+        return copy_with(state, settings, spec, dtype, processor)
+    return shell_with(engine.module, state)
+
+
+def shell_with(trained, state: dict[str, torch.Tensor]):
+    """A model of ``trained``'s class and config built on the meta device (no memory, nothing read from
+    disk) that takes the gathered ``state`` tensors as its own: saved, it writes them in the layout an
+    unpartitioned model writes. ``trained`` itself cannot save them: under ZeRO-3 it was loaded into
+    partitions, and transformers would rename its tensors for saving by another loading path's rules."""
+    family = family_for(trained)
+    with torch.device("meta"):
+        shell = family.random_model(deepcopy(trained.config))
+    shell.load_state_dict(state, strict=False, assign=True)  # names checked by check_gathered
+    shell.tie_weights()  # a tied lm_head is absent from `state`: it is the embedding again
+    shell.generation_config = deepcopy(trained.generation_config)
+    left = [n for n, p in shell.state_dict().items() if p.device.type == "meta"]
+    if left:
+        raise RuntimeError(f"export: gathered weights left tensors unset: {left[:5]}")
+    return shell
+
+
+def check_gathered(model, state: dict[str, torch.Tensor]) -> None:
+    """Refuse gathered weights whose names differ from the model's (a tied ``lm_head`` may be absent:
+    it is the embedding)."""
+    names = set(model.state_dict())
+    tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
+    missing = sorted(k for k in names - set(state) if not (tied and "lm_head" in k))
+    unexpected = sorted(set(state) - names)
     if missing or unexpected:
         raise RuntimeError(f"export: gathered weights do not match the model: {missing[:5]} {unexpected[:5]}")
+
+
+def copy_with(state: dict[str, torch.Tensor], settings: Settings, spec: ModelSpec, dtype: torch.dtype, processor):
+    """A CPU copy of the model (rebuilt from its folders) holding the gathered ``state``."""
+    copy = build_model(settings, spec, dtype, processor, for_export=True)
+    copy.load_state_dict(state, strict=False)  # names checked by check_gathered
     return copy
 
 
-def unquantized_copy(trained, settings: Settings, dtype: torch.dtype, processor):
+def unquantized_copy(trained, settings: Settings, spec: ModelSpec, dtype: torch.dtype, processor):
     """The model in ``dtype`` (no bitsandbytes layers), carrying what ``trained`` trained.
 
     With ``model.quantization`` only the projector and the LoRA weights train; the base weights
@@ -54,7 +91,7 @@ def unquantized_copy(trained, settings: Settings, dtype: torch.dtype, processor)
     base's dtype rather than a quantized one, which would need bitsandbytes to load.
     """
     plain = settings.model_copy(update={"model": settings.model.model_copy(update={"quantization": "none"})})
-    copy = build_model(plain, dtype, processor, for_export=True)
+    copy = build_model(plain, spec, dtype, processor, for_export=True)
     state = {n: p.detach().to(dtype) for n, p in trained.named_parameters() if p.requires_grad}
     missing = set(state) - {n for n, _ in copy.named_parameters()}
     if missing:
@@ -76,9 +113,11 @@ def _projector_state(folder: Path, model) -> dict[str, torch.Tensor]:
     return out
 
 
-def export_final(engine, settings: Settings, processor, stage: int, dtype: torch.dtype) -> dict[str, Path]:
+def export_final(
+    engine, settings: Settings, spec: ModelSpec, processor, stage: int, dtype: torch.dtype
+) -> dict[str, Path]:
     """Write ``final/``; returns the written paths by kind (rank 0; empty elsewhere). ALL RANKS must call this."""
-    model = full_model_on_rank0(engine, settings, stage, dtype, processor)
+    model = full_model_on_rank0(engine, settings, spec, stage, dtype, processor)
     if not dist.is_main():
         dist.barrier()
         return {}
@@ -86,28 +125,33 @@ def export_final(engine, settings: Settings, processor, stage: int, dtype: torch
     tmp = final.with_name("final.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    written: dict[str, Path] = {}
-    mode = settings.train.mode
-    if mode == "lora":
-        adapter = tmp / "adapter"
-        model.save_pretrained(adapter)
-        written["adapter"] = adapter
-        if settings.export.merge_lora:
-            merged = model.merge_and_unload()
-            merged.config.use_cache = True
-            merged.save_pretrained(tmp)
-            written["model"] = tmp
-    else:
-        model.config.use_cache = True
-        model.save_pretrained(tmp)
-        written["model"] = tmp
-        if mode in ("projector", "pretrain"):
-            projector = _projector_state(tmp, model)
-            save_file(projector, str(tmp / "projector.safetensors"), metadata={"format": "pt"})
-            written["projector"] = tmp / "projector.safetensors"
+    written = write_model(model, settings.train.mode, settings.export.merge_lora, tmp)
     save_pretrained_faithfully(processor, tmp)  # keeps `legacy`: stage 2 tokenises as stage 1 did
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     written = {k: final / p.relative_to(tmp) for k, p in written.items()}
     dist.barrier()
+    return written
+
+
+def write_model(model, mode: str, merge_lora: bool, folder: Path) -> dict[str, Path]:
+    """Save ``model`` into ``folder``; returns the written paths by kind."""
+    written: dict[str, Path] = {}
+    if mode == "lora":
+        adapter = folder / "adapter"
+        model.save_pretrained(adapter)
+        written["adapter"] = adapter
+        if merge_lora:
+            merged = model.merge_and_unload()
+            merged.config.use_cache = True
+            merged.save_pretrained(folder)
+            written["model"] = folder
+        return written
+    model.config.use_cache = True
+    model.save_pretrained(folder)
+    written["model"] = folder
+    if mode in ("projector", "pretrain"):
+        projector = _projector_state(folder, model)
+        save_file(projector, str(folder / "projector.safetensors"), metadata={"format": "pt"})
+        written["projector"] = folder / "projector.safetensors"
     return written

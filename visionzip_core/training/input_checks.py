@@ -13,12 +13,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-from transformers import AutoConfig
-
 from visionzip_core.capture import resolve_feature_layer
-from visionzip_core.families import UnsupportedModel, family_for, stage1_family
-from visionzip_core.model_folders import check_model_folder
+from visionzip_core.families import UnsupportedModel, family_for, ratio_takers, stage1_family
+from visionzip_core.model_folders import MODEL, check_model_folder
 from visionzip_core.model_names import BUILTIN_PREFIX, BUILTINS, cache_root, resolve_model_path
+from visionzip_core.training.model_spec import read_config
 from visionzip_core.training.schema import ConfigError
 
 
@@ -94,7 +93,7 @@ def _model_folders(model, mode: str, problems: list[str], build: bool) -> tuple[
     roles = (
         {"vision_tower": "vision", "language_model": "llm"}
         if mode == "pretrain"
-        else {"name_or_path": "llava"}
+        else {"name_or_path": MODEL}
     )
     configs = {}
     for key, role in roles.items():
@@ -105,7 +104,7 @@ def _model_folders(model, mode: str, problems: list[str], build: bool) -> tuple[
         if path is None:
             continue
         try:
-            config = AutoConfig.from_pretrained(path, trust_remote_code=model.trust_remote_code)
+            config = read_config(path, model.trust_remote_code)
         except Exception as err:  # a broken config.json: JSONDecodeError, ValueError, OSError, KeyError
             problems.append(
                 f"model.{key}: cannot read {path}/config.json ({' '.join(str(err).split())[:200]})"
@@ -157,8 +156,8 @@ def _no_stage1(config) -> str | None:
     if family.assembles:
         return None
     return (
-        f"train.mode: pretrain is not supported for {family.name} (stage 1 assembles a llava model from a "
-        "CLIP tower and an LLM); use projector, finetune or lora on the checkpoint"
+        f"train.mode: pretrain is not supported for {family.name} (stage 1 assembles a {stage1_family().name} "
+        "model from a CLIP tower and an LLM); use projector, finetune or lora on the checkpoint"
     )
 
 
@@ -199,9 +198,9 @@ def _visionzip_fits(vz, family, config) -> list[str]:
     if vz.uses_ratios:
         # A per-image budget: no tower-wide count to check against. Each image's own split is
         # checked when its tokens are counted (a bad sample naming the image), before training.
-        if not _takes_ratios(family, config, vz):
+        if not family.takes_ratios:
             return [
-                "visionzip.dominant_ratio: only for qwen2.5-vl (a per-image budget for towers whose token "
+                f"visionzip.dominant_ratio: only for {ratio_takers()} (a per-image budget for towers whose token "
                 f"count follows the image size); {family.name} takes visionzip.dominant and contextual counts"
             ]
         if vz.feature_layer is None:
@@ -229,18 +228,6 @@ def _visionzip_fits(vz, family, config) -> list[str]:
     except ValueError as err:
         problems.append(str(err))
     return problems
-
-
-def _takes_ratios(family, config, vz) -> bool:
-    """Whether ``family`` counts a ratio split: asked of the family itself on a 448 px image, so a
-    family that only takes fixed counts refuses (``tokens_per_image`` raises for ratios)."""
-    if not family.count_depends_on_size:
-        return False
-    try:
-        family.compressed_tokens_per_image(config, vz.core(family.feature_layer(config)), (448, 448))
-    except (ValueError, TypeError):
-        return False
-    return True
 
 
 def _given(raw: dict, section: str, key: str) -> bool:

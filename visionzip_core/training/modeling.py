@@ -1,9 +1,12 @@
-"""Build the model a training mode needs: load or assemble LLaVA, compress, freeze, LoRA, param groups.
+"""Build the model a training mode needs: load or assemble it, compress, freeze, LoRA, param groups.
+
+Everything here takes the run's :class:`~visionzip_core.training.model_spec.ModelSpec` (resolved
+once) and asks its family; nothing names a family.
 
 Modes:
-  - ``projector``: a trained LLaVA; only ``multi_modal_projector`` trains (VisionZip efficient tuning).
-  - ``pretrain``: LLaVA assembled from a CLIP vision folder and a causal-LM folder with a fresh
-    projector; only the projector trains (stage 1).
+  - ``projector``: a trained model; only the projector trains (VisionZip efficient tuning).
+  - ``pretrain``: the stage-1 family's model assembled from a vision folder and a causal-LM folder
+    with a fresh projector; only the projector trains (stage 1).
   - ``finetune``: projector + LLM train; the vision tower too with ``train.tune_vision_tower``.
   - ``lora``: LoRA adapters on the LLM's linear layers (never CLIP's, which share the names
     ``q_proj``/``v_proj``: the target is a regex anchored on ``language_model``) and the projector in full.
@@ -11,58 +14,19 @@ Modes:
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import nn
 
 from visionzip_core import visionzip, visionzip_processor
 from visionzip_core.data.templates import tokenizer_of
-from visionzip_core.families import (
-    ImageTokenCount,
-    ModelFamily,
-    family_for,
-    image_token_count,
-    stage1_family,
-    video_token_count,
-)
-from visionzip_core.model_names import resolve_model_path
+from visionzip_core.families import ImageTokenCount, family_for, image_token_count, video_token_count
 from visionzip_core.training import distributed as dist
 from visionzip_core.training.library_warnings import peft_wrapping
+from visionzip_core.training.model_spec import ModelSpec
 from visionzip_core.training.schema import ConfigError, Settings
 from visionzip_core.weight_checks import WeightsError, check_model_files
 
 IMAGE_TOKEN = "<image>"
-
-
-def model_family(settings: Settings) -> ModelFamily:
-    """The family of the model this config trains: read from config.json, no weights."""
-    from transformers import AutoConfig
-
-    m = settings.model
-    if settings.train.mode == "pretrain":
-        return stage1_family()
-    path = model_path(m.name_or_path, "model.name_or_path")
-    return family_for(AutoConfig.from_pretrained(path, trust_remote_code=m.trust_remote_code))
-
-
-def model_feature_layer(settings: Settings) -> int:
-    """The vision layer the model's projector reads (from config.json; stage 1: the tower's -2)."""
-    from transformers import AutoConfig
-
-    m = settings.model
-    key, name = (
-        ("model.vision_tower", m.vision_tower)
-        if settings.train.mode == "pretrain"
-        else ("model.name_or_path", m.name_or_path)
-    )
-    config = AutoConfig.from_pretrained(model_path(name, key), trust_remote_code=m.trust_remote_code)
-    return model_family(settings).feature_layer(config)
-
-
-def assemble_processor(vision_path: str, llm_path: str, trust_remote_code: bool):
-    """Stage 1's processor: the LLM's tokenizer and the vision folder's image processor."""
-    return stage1_family().assemble_processor(vision_path, llm_path, trust_remote_code)
 
 
 def resolve_precision(precision: str) -> str:
@@ -76,16 +40,6 @@ def torch_dtype(precision: str) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
 
 
-def model_path(name: str, key: str) -> str:
-    """Local folder for ``name`` (``builtin:*`` test models are built on first use); clear error if missing."""
-    path = Path(resolve_model_path(name))
-    if not path.is_dir():
-        raise FileNotFoundError(
-            f"{key}: no such model folder {path} (edit the config or override {key}=/path)"
-        )
-    return str(path)
-
-
 def seed_everything(seed: int) -> None:
     import random
 
@@ -96,51 +50,38 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_processor(settings: Settings):
+def build_processor(settings: Settings, spec: ModelSpec):
     """``(processor, image-token count)`` without loading any weights.
 
     The count is an :class:`~visionzip_core.families.ImageTokenCount`: ``count((H, W))`` is the
-    number of ids an image of that size expands to (the same for every size in LLaVA-1.5). The
-    processor expands ``<image>`` to the compressed count when VisionZip is on. In pretrain mode it
-    is assembled from the LLM's tokenizer (``<image>`` and a pad token added when missing) and the
-    CLIP folder's image processor.
+    number of ids an image of that size expands to (the same for every size in some families). The
+    processor expands the image placeholder to the compressed count when VisionZip is on. In pretrain
+    mode it is assembled from the LLM's tokenizer (placeholder and a pad token added when missing)
+    and the vision folder's image processor.
     """
-    from transformers import AutoConfig, AutoProcessor
-
-    m, vz = settings.model, settings.visionzip
-    trust = m.trust_remote_code
-    family = model_family(settings)
-    if settings.train.mode == "pretrain":
-        vision_path = model_path(m.vision_tower, "model.vision_tower")
+    vz, family = settings.visionzip, spec.family
+    if spec.assembled:
         processor = family.assemble_processor(
-            vision_path, model_path(m.language_model, "model.language_model"), trust
+            spec.vision_path, spec.llm_path, spec.trust_remote_code, spec.config, spec.llm_config
         )
-        vision_config = AutoConfig.from_pretrained(vision_path, trust_remote_code=trust)
-        tower, layer = family.tower_tokens(vision_config), family.feature_layer(vision_config)
         model_config = None
-        stock = ImageTokenCount.constant(tower - 1)  # the assembled model drops CLS ("default")
+        stock = ImageTokenCount.constant(family.assembled_image_tokens(spec.config))
     else:
-        path = model_path(m.name_or_path, "model.name_or_path")
-        if family.takes_video:
-            # Qwen2.5-VL's AutoProcessor would import torchvision for its video processor; the family
-            # builds it from PIL/numpy parts instead.
-            processor = family.load_processor(path)
-        else:
-            processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust)
+        processor = family.load_processor(
+            spec.path, trust_remote_code=spec.trust_remote_code, config=spec.model_config()
+        )
         # A chat template kept on the processor (chat_template.json) reaches the tokenizer.
         tokenizer_of(processor)
-        model_config = AutoConfig.from_pretrained(path, trust_remote_code=trust)
-        stock, tower = image_token_count(model_config), family.tower_tokens(model_config)
-        layer = family.feature_layer(model_config)
-    config = vz.core(layer)
+        model_config = spec.config
+        stock = image_token_count(model_config)
+    config = vz.core(spec.feature_layer)
     if config is None:
         return processor, stock
     try:
         if not config.uses_ratios:  # a ratio split is checked per image, when each is counted
-            config.check_fits(tower)
+            config.check_fits(spec.tower_tokens)
     except ValueError as err:
-        source = m.vision_tower if settings.train.mode == "pretrain" else m.name_or_path
-        raise ConfigError(f"the config, for the vision tower of {source}", [str(err)]) from None
+        raise ConfigError(f"the config, for the vision tower of {spec.tower_source}", [str(err)]) from None
     count = (
         ImageTokenCount.constant(config.tokens_per_image)
         if model_config is None
@@ -149,84 +90,62 @@ def build_processor(settings: Settings):
     return visionzip_processor(processor, config), count
 
 
-def video_tokens(settings: Settings):
+def video_tokens(settings: Settings, spec: ModelSpec):
     """``count((T, H, W))``, the ids one video becomes (compressed when VisionZip is on), or None when
     the model takes no video (:class:`visionzip_core.families.VideoTokenCount`). No weights."""
-    from transformers import AutoConfig
-
-    if settings.train.mode == "pretrain":
+    if spec.assembled or not spec.family.takes_video:
         return None
-    m = settings.model
-    family = model_family(settings)
-    if not family.takes_video:
-        return None
-    config = AutoConfig.from_pretrained(model_path(m.name_or_path, "model.name_or_path"))
-    return video_token_count(config, settings.visionzip.core(family.feature_layer(config)))
+    return video_token_count(spec.config, settings.visionzip.core(spec.feature_layer))
 
 
-def dataset_inputs(settings: Settings, processor) -> dict:
+def dataset_inputs(settings: Settings, spec: ModelSpec, processor) -> dict:
     """What the data pipeline needs to know of the model family, as keyword arguments of
     :func:`visionzip_core.data.build_dataset` (the trainer and ``scripts/check_data.py`` both use
-    it, so they count the same samples): its image placeholder, the sample formats it reads, its
-    video processor, placeholder and count when it takes video, and ``images_only`` in the
-    projector-only modes (a text-only batch would train nothing). No weights."""
-    family = model_family(settings)
+    it, so they count the same samples): its image placeholder, the sample formats it reads, how
+    its processor lays out an image, its video processor, placeholder and count when it takes
+    video, and ``images_only`` in the projector-only modes (a text-only batch would train nothing).
+    No weights."""
+    family = spec.family
+    count = video_tokens(settings, spec)
+    video_processor = processor.video_processor if count is not None else None
     out = {
         "image_token": family.image_token,
         "sample_formats": family.sample_formats,
+        "image_layout": family.image_layout(processor.image_processor, video_processor),
         "images_only": settings.train.mode in ("projector", "pretrain"),
     }
-    count = video_tokens(settings)
     if count is not None:
         out |= {
-            "video_processor": processor.video_processor,
+            "video_processor": video_processor,
             "video_token": family.video_token,
             "video_tokens": count,
         }
     return out
 
 
-def llm_hidden_size(settings: Settings) -> int:
-    """The LLM's hidden size, read from config files only (no weights): sizes ZeRO's buffers."""
-    from transformers import AutoConfig
-
-    m = settings.model
-    if settings.train.mode == "pretrain":
-        path = model_path(m.language_model, "model.language_model")
-        return AutoConfig.from_pretrained(path, trust_remote_code=m.trust_remote_code).hidden_size
-    path = model_path(m.name_or_path, "model.name_or_path")
-    config = AutoConfig.from_pretrained(path, trust_remote_code=m.trust_remote_code)
-    return family_for(config).llm_hidden_size(config)
-
-
-def build_model(settings: Settings, dtype: torch.dtype, processor, for_export: bool = False) -> nn.Module:
+def build_model(
+    settings: Settings, spec: ModelSpec, dtype: torch.dtype, processor, for_export: bool = False
+) -> nn.Module:
     """Load or assemble the model for ``settings.train.mode``, compressed, frozen and (lora) wrapped.
 
     ``for_export`` builds the same structure without training switches (used under ZeRO-3 to
     receive gathered weights on rank 0).
     """
-    m = settings.model
-    family = model_family(settings)
-    kwargs = {"dtype": dtype, "trust_remote_code": m.trust_remote_code}
+    m, family = settings.model, spec.family
+    kwargs = {"dtype": dtype, "trust_remote_code": spec.trust_remote_code}
     if m.attn_implementation:
         kwargs["attn_implementation"] = m.attn_implementation
     if m.quantization != "none" and not for_export:
         kwargs |= quantization_kwargs(m.quantization, dtype, family)
-    if settings.train.mode == "pretrain":
-        model = family.assemble(
-            model_path(m.vision_tower, "model.vision_tower"),
-            model_path(m.language_model, "model.language_model"),
-            processor,
-            kwargs,
-        )
+    if spec.assembled:
+        model = family.assemble(spec.vision_path, spec.llm_path, processor, kwargs, llm_config=spec.llm_config)
     else:
-        path = model_path(m.name_or_path, "model.name_or_path")
         if not for_export:  # export builds on rank 0 alone: no collective there; the files were checked
-            check_weight_files(path)
+            check_weight_files(spec.path)
         # The files were checked above (rank 0, once); missing, unexpected or misshapen tensors are refused here.
-        model = family.load(path, check_files=False, **kwargs)
+        model = family.load(spec.path, check_files=False, config=spec.model_config(), **kwargs)
     if settings.visionzip.enabled:
-        visionzip(model, config=settings.visionzip.core(family.feature_layer(model.config)))
+        visionzip(model, config=settings.visionzip.core(spec.feature_layer))
     turn_off_kv_cache(model)
     set_trainable(model, settings)
     if not for_export:

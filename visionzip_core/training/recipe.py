@@ -64,13 +64,13 @@ from visionzip_core.training.hooks import TrainHooks  # noqa: E402
 from visionzip_core.training.input_checks import check_global_batch  # noqa: E402
 from visionzip_core.training.library_warnings import ignore_zero_collective_deprecation  # noqa: E402
 from visionzip_core.training.metrics import MetricsLog, peak_memory_record  # noqa: E402
+from visionzip_core.training.model_spec import ModelSpec, resolve_model_spec  # noqa: E402
 from visionzip_core.training.modeling import (  # noqa: E402
     QUANTIZATION_NAMES,
     build_model,
     build_processor,
     count_parameters,
     dataset_inputs,
-    llm_hidden_size,
     param_groups,
     resolve_precision,
     seed_everything,
@@ -106,6 +106,7 @@ class Run:
     """Everything the loop needs, built once by :func:`setup`."""
 
     settings: Settings
+    spec: ModelSpec
     engine: object
     processor: object
     train_loader: object
@@ -172,6 +173,7 @@ class Start:
     precision: str
     record: dict
     settings: Settings  # train.* auto taken from the resumed checkpoint's record
+    spec: ModelSpec  # the model, resolved once from the settings
 
 
 @dataclass
@@ -207,15 +209,16 @@ def prepare_start(settings: Settings) -> Start:
     output_dir.mkdir(parents=True, exist_ok=True)
     resume_from = dist.broadcast_object(checkpointing.resolve_resume(t.resume, output_dir, warn=dist.print0))
     precision = resolve_precision(t.precision)
+    spec = resolve_model_spec(settings)
     settings, kept = auto_batch.keep_from_checkpoint(settings, resume_from)
     if kept:
         dist.print0(kept)
-    record = check_resume(settings, output_dir, resume_from, precision)
+    record = check_resume(settings, spec, output_dir, resume_from, precision)
     if dist.is_main():
         for stale in checkpointing.remove_incomplete(output_dir):
             dist.print0(f"removed incomplete checkpoint {stale} (interrupted save)")
     dist.barrier()
-    return Start(output_dir, resume_from, precision, record, settings)
+    return Start(output_dir, resume_from, precision, record, settings, spec)
 
 
 def prepare_data(settings: Settings, start: Start) -> Data:
@@ -226,8 +229,8 @@ def prepare_data(settings: Settings, start: Start) -> Data:
     # built by rank 0 alone, before the others read them.)
     if not dist.is_main():
         dist.barrier()
-    processor, image_tokens = build_processor(settings)
-    family_inputs = dataset_inputs(settings, processor)
+    processor, image_tokens = build_processor(settings, start.spec)
+    family_inputs = dataset_inputs(settings, start.spec, processor)
     datasets = {
         split: build_dataset(
             settings.data,
@@ -274,7 +277,7 @@ def prepare_data(settings: Settings, start: Start) -> Data:
     )
     start.record["derived"]["data.train_samples"] = len(datasets["train"])
     if start.resume_from is not None:
-        check_resume(settings, start.output_dir, start.resume_from, start.precision, start.record)
+        check_resume(settings, start.spec, start.output_dir, start.resume_from, start.precision, start.record)
         if not resume.check_step_target(
             start.resume_from, total_steps, start.output_dir, settings.export.enabled
         ):
@@ -293,7 +296,7 @@ def plan_auto_batch(settings: Settings, start: Start, train_set, image_tokens) -
     memory = None if device is None else torch.cuda.get_device_properties(device).total_memory
     ds_json = json.loads(resolve_repo_path(settings.deepspeed.config).read_text())
     lengths = auto_batch.text_lengths(train_set.lengths, image_tokens)
-    settings, line = auto_batch.resolve(settings, lengths, dist.world_size(), memory, zero_stage(ds_json))
+    settings, line = auto_batch.resolve(settings, start.spec, lengths, dist.world_size(), memory, zero_stage(ds_json))
     if line:
         dist.print0(line)
         start.record["settings"]["train"].update({k: getattr(settings.train, k) for k in auto_batch.KEYS})
@@ -303,13 +306,13 @@ def plan_auto_batch(settings: Settings, start: Start, train_set, image_tokens) -
 def prepare_engine(settings: Settings, start: Start, data: Data):
     """``(engine, optimizer group names, DeepSpeed config)``. ALL RANKS must call this."""
     t, world = settings.train, dist.world_size()
-    ds_config = fill_deepspeed_config(settings, world, start.precision, llm_hidden_size(settings))
+    ds_config = fill_deepspeed_config(settings, world, start.precision, start.spec.llm_hidden_size)
     # ZeRO-3: each rank loads only its shard. Not for pretrain, whose LLaVA skeleton is built on
     # the meta device (transformers' ZeRO-3 weight init cannot run there), nor lora, where peft
     # deep-copies the projector for modules_to_save and a copy of a partitioned parameter is
     # empty: those two load whole weights on every rank, then DeepSpeed partitions them.
     with partitioned_loading(ds_config, enabled=t.mode in ("projector", "finetune")):
-        model = build_model(settings, torch_dtype(start.precision), data.processor)
+        model = build_model(settings, start.spec, torch_dtype(start.precision), data.processor)
     groups, group_names = param_groups(model, settings)
     optimizer = build_optimizer(groups, settings.optim, ds_config, fused=torch.cuda.is_available())
     scheduler = build_scheduler(optimizer, data.total_steps, settings.optim)
@@ -365,6 +368,7 @@ def assemble_run(settings, device, start: Start, data: Data, engine, group_names
         state.wandb_run_id = tracker.run_id
     run = Run(
         settings=settings,
+        spec=start.spec,
         engine=engine,
         processor=data.processor,
         train_loader=data.train_loader,
@@ -594,7 +598,7 @@ def export(run: Run) -> dict[str, Path]:
     s = run.settings
     if not s.export.enabled:
         return {}
-    paths = export_final(run.engine, s, run.processor, run.stage, run.dtype)
+    paths = export_final(run.engine, s, run.spec, run.processor, run.stage, run.dtype)
     if run.tracker and s.wandb.log_artifact != "none":
         kind = s.wandb.log_artifact
         chosen = paths.get(kind) or (paths.get("model") if kind == "model" else None)

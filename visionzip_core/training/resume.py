@@ -29,7 +29,6 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from visionzip_core.training.modeling import model_feature_layer
 from visionzip_core.training.schema import Settings
 
 RECORD_FILE = "run_settings.json"
@@ -85,13 +84,17 @@ class RunFinished(Exception):
     """The run in ``output_dir`` already reached its last step and exported: nothing to do."""
 
 
-def run_record(settings, *, world_size: int, precision: str, zero_stage: int) -> dict:
-    """What this run computes, as stored in each checkpoint: ``{"settings": ..., "derived": ...}``."""
+def run_record(settings, *, feature_layer: int, world_size: int, precision: str, zero_stage: int) -> dict:
+    """What this run computes, as stored in each checkpoint: ``{"settings": ..., "derived": ...}``.
+
+    ``feature_layer``: the model's own (:attr:`~visionzip_core.training.model_spec.ModelSpec.feature_layer`),
+    recorded when ``visionzip.feature_layer`` is left out.
+    """
     values = settings.model_dump(mode="json")
     if values["visionzip"]["feature_layer"] is None:
         # Derived from the model: recorded as the layer itself, as runs that set it explicitly
         # (and every record before the key became optional) have it.
-        values["visionzip"]["feature_layer"] = model_feature_layer(settings)
+        values["visionzip"]["feature_layer"] = feature_layer
     for key in ("dominant_ratio", "contextual_ratio"):  # a count split: recorded as before the keys existed
         if values["visionzip"].get(key) is None:
             values["visionzip"].pop(key, None)

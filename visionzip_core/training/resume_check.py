@@ -9,12 +9,18 @@ from pathlib import Path
 from visionzip_core.training import checkpointing, resume
 from visionzip_core.training import distributed as dist
 from visionzip_core.training.deepspeed_config import zero_stage
+from visionzip_core.training.model_spec import ModelSpec
 from visionzip_core.training.repo_paths import resolve_repo_path
 from visionzip_core.training.schema import Settings
 
 
 def check_resume(
-    settings: Settings, output_dir: Path, resume_from: Path | None, precision: str, record: dict | None = None
+    settings: Settings,
+    spec: ModelSpec,
+    output_dir: Path,
+    resume_from: Path | None,
+    precision: str,
+    record: dict | None = None,
 ) -> dict:
     """This run's settings record, checked before anything is removed or loaded: the folder must
     not hold another run, and the checkpoint must have been written with the same settings (except
@@ -31,7 +37,11 @@ def check_resume(
         resume.check_output_dir(output_dir, t.resume, resume_from, checkpoints)
         ds_json = json.loads(resolve_repo_path(settings.deepspeed.config).read_text())
         record = resume.run_record(
-            settings, world_size=dist.world_size(), precision=precision, zero_stage=zero_stage(ds_json)
+            settings,
+            feature_layer=spec.feature_layer,
+            world_size=dist.world_size(),
+            precision=precision,
+            zero_stage=zero_stage(ds_json),
         )
     if resume_from is None:
         return record
