@@ -59,7 +59,7 @@ def main(argv=None) -> None:
     from transformers import CLIPImageProcessorPil
 
     from visionzip_core.data import DataCollator, DataSettings, LengthGroupedSampler, build_dataset
-    from visionzip_core.testing.tiny import build_tiny_tokenizer
+    from visionzip_core.testing.tokenizers import build_tiny_tokenizer
 
     tok = build_tiny_tokenizer()
     proc = CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})

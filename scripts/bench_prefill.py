@@ -37,27 +37,19 @@ import numpy as np
 import torch
 from PIL import Image
 
-from visionzip_core.bench.benchmarking import (
-    NEXT_IMAGE,
-    QWEN_SIZES,
-    SIZES,
+from visionzip_core.bench.budgets import (
     budget_label,
     budgets_for,
-    build_random_model,
-    counted_flops,
     image_plan,
-    interleaved_schedule,
-    median,
     parse_budgets,
-    run_context,
     set_budget,
-    size_error,
-    sizes_for,
     stock_budget,
-    write_qwen_processor_files,
-    write_report,
 )
-from visionzip_core.bench.flops import TrainableParts, llava_step_flops
+from visionzip_core.bench.flops import TrainableParts, counted_flops, llava_step_flops
+from visionzip_core.bench.random_models import build_random_model, write_qwen_processor_files
+from visionzip_core.bench.report import run_context, write_report
+from visionzip_core.bench.sizes import NEXT_IMAGE, QWEN_SIZES, SIZES, size_error, sizes_for
+from visionzip_core.bench.timing import interleaved_schedule, median
 
 # A LLaVA-bench-like request: one image and a one-sentence question.
 QUESTION = (
@@ -102,12 +94,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def build_processor(size, model):
     """The model family's processor (CLIP preprocessing, byte-level BPE) matched to ``model``'s token ids."""
     from visionzip_core.families import family_for
-    from visionzip_core.testing.tiny import (
-        IMAGE_TOKEN,
-        TINY_CHAT_TEMPLATE,
-        build_image_processor,
-        build_tiny_tokenizer,
-    )
+    from visionzip_core.testing.tiny import build_image_processor
+    from visionzip_core.testing.tokenizers import IMAGE_TOKEN, TINY_CHAT_TEMPLATE, build_tiny_tokenizer
 
     family = family_for(model)
     if family.name == "qwen2.5-vl":  # the processor class is the family's, from a folder as downloaded

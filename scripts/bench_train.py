@@ -33,32 +33,27 @@ from pathlib import Path
 
 import torch
 
-from visionzip_core.bench.benchmarking import (
-    NEXT_IMAGE,
-    PAD_TOKEN_ID,
-    QWEN_SIZES,
-    SIZES,
+from visionzip_core.bench.budgets import (
     budget_label,
     budgets_for,
-    build_random_llava,
-    build_random_model,
-    counted_flops,
     image_plan,
-    interleaved_schedule,
-    median,
-    model_tensors,
     parse_budgets,
-    peak_memory_bytes,
-    qwen_synthetic_batch,
-    run_context,
     set_budget,
-    size_error,
-    sizes_for,
     stock_budget,
-    synthetic_batch,
-    write_report,
 )
-from visionzip_core.bench.flops import LlamaShape, TrainableParts, VisionTowerShape, llava_step_flops
+from visionzip_core.bench.flops import (
+    LlamaShape,
+    TrainableParts,
+    VisionTowerShape,
+    counted_flops,
+    llava_step_flops,
+)
+from visionzip_core.bench.live_memory import model_tensors, peak_memory_bytes
+from visionzip_core.bench.random_models import build_random_llava, build_random_model
+from visionzip_core.bench.report import run_context, write_report
+from visionzip_core.bench.sizes import NEXT_IMAGE, PAD_TOKEN_ID, QWEN_SIZES, SIZES, size_error, sizes_for
+from visionzip_core.bench.synthetic import qwen_synthetic_batch, synthetic_batch
+from visionzip_core.bench.timing import interleaved_schedule, median
 from visionzip_core.families import family_for
 
 LORA_TARGETS = family_for("llava").lora_targets
@@ -167,7 +162,7 @@ def check_shapes(model: torch.nn.Module, size) -> None:
         cfg.text_config
     ) != LlamaShape(**{**size.llm.__dict__, "head_dim": LlamaShape.from_config(cfg.text_config).head_dim}):
         raise RuntimeError(
-            "benchmark model shapes differ from the FLOP model's; fix benchmarking.llava_config"
+            "benchmark model shapes differ from the FLOP model's; fix random_models.llava_config"
         )
 
 
@@ -319,7 +314,7 @@ def compare_packing(args: argparse.Namespace) -> list[dict]:
     length-grouped (the trainer's default), against rows packed to ``--row-tokens`` with a row's
     worth of tokens per micro-batch (``data.packing`` + ``data.batch_tokens``). The three passes'
     steps are interleaved; each step is timed on its own."""
-    from visionzip_core.bench.benchmarking import mix665k_like_text_lengths, synthetic_items
+    from visionzip_core.bench.synthetic import mix665k_like_text_lengths, synthetic_items
     from visionzip_core.data import DataCollator, LengthGroupedSampler
     from visionzip_core.data.collate import PackingCollator
     from visionzip_core.data.sampler import FixedBatchSampler, TokenBudgetBatchSampler
@@ -421,7 +416,7 @@ def compare_packing(args: argparse.Namespace) -> list[dict]:
         "batch_size": batch_size,
         "row_tokens": args.row_tokens,
         "samples": args.samples,
-        "text_lengths": "mix665k_like_text_lengths (visionzip_core/bench/benchmarking.py)",
+        "text_lengths": "mix665k_like_text_lengths (visionzip_core/bench/synthetic.py)",
         **run_context(device),
     }
     for r in results:

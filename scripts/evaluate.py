@@ -81,7 +81,7 @@ def main(argv=None) -> int:
         visionzip,
         visionzip_processor,
     )
-    from visionzip_core.bench.benchmarking import peak_memory_bytes
+    from visionzip_core.bench.live_memory import peak_memory_bytes
     from visionzip_core.evaluation import (
         FirstTokenTimer,
         eval_inputs,

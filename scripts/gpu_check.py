@@ -279,8 +279,9 @@ def check_step(work: Path) -> list[tuple[str, str, str]]:
     from dataclasses import replace
 
     from visionzip_core.bench import memory_sim as sim
-    from visionzip_core.bench.benchmarking import BUDGETS, SIZES, set_budget
+    from visionzip_core.bench.budgets import BUDGETS, set_budget
     from visionzip_core.bench.flops import TrainableParts, llava_step_flops
+    from visionzip_core.bench.sizes import SIZES
 
     size = replace(SIZES["cpu"], dtype="bfloat16", batch_size=8)
     budgets = {576: BUDGETS[576], 64: BUDGETS[64]}

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from visionzip_core.bench.benchmarking import SIZES, budget_label, run_context
+from visionzip_core.bench.budgets import budget_label
 from visionzip_core.bench.memory_sim import (
     MODES,
     TINY_BUDGETS,
@@ -40,6 +40,8 @@ from visionzip_core.bench.memory_sim import (
     simulate,
     workload,
 )
+from visionzip_core.bench.report import run_context
+from visionzip_core.bench.sizes import SIZES
 
 FAMILIES = ("llava-1.5", "llava-next")
 SIZE_OF = {"llava-1.5": "llava-1.5-7b", "llava-next": "llava-next-7b"}

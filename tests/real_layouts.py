@@ -159,7 +159,8 @@ def _save_sharded_bin(state: dict, out: Path, shards: int = 2) -> None:
 def write_vicuna_folder(out: Path) -> Path:
     from transformers import LlamaForCausalLM
 
-    from visionzip_core.testing.tiny import tiny_text_config, write_sentencepiece_tokenizer
+    from visionzip_core.testing.tiny import tiny_text_config
+    from visionzip_core.testing.tokenizers import write_sentencepiece_tokenizer
 
     write_sentencepiece_tokenizer(out, legacy=False)
     config = tiny_text_config(VICUNA_VOCAB)
@@ -252,12 +253,8 @@ def write_llava_hf_4x_folder(out: Path, seed: int = 0, family: str = "llava") ->
         else ("LlavaForConditionalGeneration", "LlavaProcessor")
     )
 
-    from visionzip_core.testing.tiny import (
-        build_image_processor,
-        tiny_text_config,
-        tiny_vision_config,
-        write_sentencepiece_tokenizer,
-    )
+    from visionzip_core.testing.tiny import build_image_processor, tiny_text_config, tiny_vision_config
+    from visionzip_core.testing.tokenizers import write_sentencepiece_tokenizer
 
     out.mkdir(parents=True, exist_ok=True)
     write_sentencepiece_tokenizer(out, legacy=False)

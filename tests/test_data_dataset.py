@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from visionzip_core.data import BadDataError, DataCollator, DataSettings, build_dataset
-from visionzip_core.testing.tiny import build_image_processor, build_tiny_tokenizer
+from visionzip_core.testing.tiny import build_image_processor
+from visionzip_core.testing.tokenizers import build_tiny_tokenizer
 
 K = 6
 

@@ -20,7 +20,8 @@ import pytest
 from PIL import Image
 
 from visionzip_core.data import DataSettings, build_dataset
-from visionzip_core.testing.tiny import build_image_processor, build_tiny_tokenizer
+from visionzip_core.testing.tiny import build_image_processor
+from visionzip_core.testing.tokenizers import build_tiny_tokenizer
 from visionzip_core.training.dataloaders import available_cpus, build_val_loader, workers_note
 
 REPO = Path(__file__).resolve().parents[1]

@@ -44,7 +44,7 @@ def test_processor_from_full_clip_folder(full_clip_dir, tmp_path):
     files are left alone (the LLM's tokenizer is used)."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from visionzip_core.testing.tiny import write_sentencepiece_tokenizer
+    from visionzip_core.testing.tokenizers import write_sentencepiece_tokenizer
     from visionzip_core.training.modeling import assemble_processor
 
     assert AutoConfig.from_pretrained(full_clip_dir).model_type == "clip"

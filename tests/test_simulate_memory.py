@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from visionzip_core.bench.benchmarking import SIZES
 from visionzip_core.bench.memory_sim import (
     TINY_BUDGETS,
     TINY_SIZE,
@@ -27,6 +26,7 @@ from visionzip_core.bench.memory_sim import (
     workload,
     zero_model_states,
 )
+from visionzip_core.bench.sizes import SIZES
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,7 +7,8 @@ import json
 import pytest
 from transformers import AutoTokenizer, LlamaTokenizer, LlavaProcessor
 
-from visionzip_core.testing.tiny import build_image_processor, write_sentencepiece_tokenizer
+from visionzip_core.testing.tiny import build_image_processor
+from visionzip_core.testing.tokenizers import write_sentencepiece_tokenizer
 from visionzip_core.tokenizer_files import save_pretrained_faithfully
 
 # Texts whose ids depend on `legacy`: what follows a special token gets the "▁" marker or not.

@@ -10,7 +10,7 @@ samples as the budget allows.
 
 Qwen2.5-VL keeps a fraction of each image's own merged tokens (``dominant_ratio`` +
 ``contextual_ratio``), so its count depends on the image: the simulation feeds the benchmarks'
-448 x 448 image (:data:`~visionzip_core.bench.benchmarking.QWEN_IMAGE`, 256 merged tokens) and runs the
+448 x 448 image (:data:`~visionzip_core.bench.sizes.QWEN_IMAGE`, 256 merged tokens) and runs the
 planner's Qwen path (ratio budget keyed by percent, the tower's working set, the merger and the LLM).
 
     python scripts/simulate_memory.py --configs configs/llava-1.5-7b configs/llava-next-7b configs/qwen2.5-vl-7b
@@ -22,7 +22,8 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from visionzip_core.bench.benchmarking import budgets_for, sizes_for, stock_budget
+from visionzip_core.bench.budgets import budgets_for, stock_budget
+from visionzip_core.bench.sizes import sizes_for
 from visionzip_core.training.settings import Settings, load_config, resolve_repo_path
 
 GPU_GIB = 80  # an A100/H100 80 GB

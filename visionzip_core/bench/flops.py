@@ -19,6 +19,7 @@ The FLOP-ideal speed-up of a visual-token budget is ``step_flops(576).total / st
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -419,3 +420,14 @@ def qwen_step_flops(
     out = {"vision": vision, "projector": merger, "llm": llm}
     out["total"] = vision + merger + llm
     return out
+
+
+def counted_flops(fn: Callable[[], object]) -> int:
+    """FLOPs of one call of ``fn`` as ``torch.utils.flop_counter.FlopCounterMode`` counts them (matmuls
+    and attention, forward and backward): the FLOP figure for families without an analytic model."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return counter.get_total_flops()

@@ -3,7 +3,7 @@
 The model is built on the ``meta`` device (shapes, dtypes and strides, no storage). One training
 step runs there under :class:`MetaTensorMemory`, which sums the bytes of every live storage the
 step creates (activations saved for backward, temporaries, transient gradients) exactly as
-:class:`~visionzip_core.bench.benchmarking.LiveTensorMemory` does for real CPU tensors. The model
+:class:`~visionzip_core.bench.live_memory.LiveTensorMemory` does for real CPU tensors. The model
 states that DeepSpeed ZeRO shards across GPUs (bf16 parameters, gradients, fp32 master weights and
 Adam moments) are added analytically per GPU (:func:`zero_model_states`).
 
@@ -48,19 +48,12 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from visionzip_core.bench.benchmarking import (
-    NEXT_IMAGE,
-    BenchSize,
-    LiveTensorMemory,
-    budgets_for,
-    build_random_model,
-    image_plan,
-    model_tensors,
-    qwen_synthetic_batch,
-    set_budget,
-    synthetic_batch,
-)
+from visionzip_core.bench.budgets import budgets_for, image_plan, set_budget
 from visionzip_core.bench.flops import LlamaShape, VisionTowerShape
+from visionzip_core.bench.live_memory import LiveTensorMemory, model_tensors
+from visionzip_core.bench.random_models import build_random_model
+from visionzip_core.bench.sizes import NEXT_IMAGE, BenchSize
+from visionzip_core.bench.synthetic import qwen_synthetic_batch, synthetic_batch
 
 GIB = 2**30
 # Qwen2.5-VL runs a shorter step on meta (see simulation_batch and training_loss): its vision
@@ -292,7 +285,7 @@ def simulation_batch(
 
 def _qwen_simulation_batch(config, size, plan, device, seed: int) -> tuple[dict[str, torch.Tensor], dict]:
     """Qwen2.5-VL's batch for the meta step: the benchmarks' rows (:func:`qwen_synthetic_batch`,
-    one :data:`~visionzip_core.bench.benchmarking.QWEN_IMAGE` each) with ``plan.llm`` image tokens, plus
+    one :data:`~visionzip_core.bench.sizes.QWEN_IMAGE` each) with ``plan.llm`` image tokens, plus
     what stands in for the tower and the compression (see :func:`training_loss`):
 
     - ``vision_output``: ``(patches, vision_hidden)``, the frozen tower's output before the merger

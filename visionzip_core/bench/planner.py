@@ -29,18 +29,7 @@ import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from visionzip_core.bench.benchmarking import (
-    BUDGETS,
-    PAD_TOKEN_ID,
-    BenchSize,
-    budgets_for,
-    image_plan,
-    llava_config,
-    mix665k_like_text_lengths,
-    qwen_config,
-    sizes_for,
-    stock_budget,
-)
+from visionzip_core.bench.budgets import BUDGETS, budgets_for, image_plan, stock_budget
 from visionzip_core.bench.flops import (
     LlamaShape,
     TrainableParts,
@@ -63,6 +52,9 @@ from visionzip_core.bench.memory_sim import (
     simulation_batch,
     zero_model_states,
 )
+from visionzip_core.bench.random_models import llava_config, qwen_config
+from visionzip_core.bench.sizes import PAD_TOKEN_ID, BenchSize, sizes_for
+from visionzip_core.bench.synthetic import mix665k_like_text_lengths
 
 # The families the memory simulation can run (build_training_model / simulation_batch).
 SIMULATED_FAMILIES = ("llava-1.5", "llava-next", QWEN_FAMILY)
