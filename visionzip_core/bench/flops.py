@@ -23,6 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from transformers import CLIPVisionConfig, LlamaConfig
+
 LlmTraining = Literal["none", "lora", "full"]
 # A Llama decoder layer's linears: what LoRA wraps by default, and what this FLOP model can count.
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -67,6 +69,22 @@ class VisionTowerShape:
             channels=cfg.num_channels,
         )
 
+    def to_config(self, **overrides: Any) -> CLIPVisionConfig:
+        """The ``CLIPVisionConfig`` of this shape, with OpenAI CLIP's activation and projection width
+        (``overrides`` replace or add fields): the inverse of :meth:`from_config`."""
+        fields = {
+            "hidden_size": self.hidden,
+            "intermediate_size": self.intermediate,
+            "num_hidden_layers": self.layers,
+            "num_attention_heads": self.heads,
+            "image_size": self.image_size,
+            "patch_size": self.patch_size,
+            "num_channels": self.channels,
+            "projection_dim": 768,
+            "hidden_act": "quick_gelu",
+        }
+        return CLIPVisionConfig(**{**fields, **overrides})
+
 
 @dataclass(frozen=True)
 class LlamaShape:
@@ -95,6 +113,23 @@ class LlamaShape:
             vocab=cfg.vocab_size,
             head_dim=getattr(cfg, "head_dim", None),
         )
+
+    def to_config(self, **overrides: Any) -> LlamaConfig:
+        """The ``LlamaConfig`` of this shape (4096 positions, untied LM head; ``overrides`` replace or
+        add fields, e.g. token ids): the inverse of :meth:`from_config`."""
+        fields = {
+            "vocab_size": self.vocab,
+            "hidden_size": self.hidden,
+            "intermediate_size": self.intermediate,
+            "num_hidden_layers": self.layers,
+            "num_attention_heads": self.heads,
+            "num_key_value_heads": self.kv_heads,
+            "max_position_embeddings": 4096,
+            "tie_word_embeddings": False,
+        }
+        if self.head_dim is not None:
+            fields["head_dim"] = self.head_dim
+        return LlamaConfig(**{**fields, **overrides})
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,6 @@ import os
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig
 
 from visionzip_core.bench.sizes import (
     BOS_TOKEN_ID,
@@ -32,21 +31,8 @@ def llava_config(size: BenchSize, family_name: str = "llava-1.5"):
     """A ``LlavaConfig`` with LLaVA-1.5's settings and ``size``'s shapes (built by its family), or
     a ``LlavaNextConfig`` with llava-v1.6's (``family_name="llava-next"``)."""
     family = family_for(family_name)
-    t = size.llm
-    text = LlamaConfig(
-        vocab_size=t.vocab,
-        hidden_size=t.hidden,
-        intermediate_size=t.intermediate,
-        num_hidden_layers=t.layers,
-        num_attention_heads=t.heads,
-        num_key_value_heads=t.kv_heads,
-        max_position_embeddings=4096,
-        pad_token_id=PAD_TOKEN_ID,
-        bos_token_id=BOS_TOKEN_ID,
-        eos_token_id=EOS_TOKEN_ID,
-        tie_word_embeddings=False,
-    )
-    return family.build_config(family.vision_config_for_shape(size.vision), text, IMAGE_TOKEN_ID)
+    text = size.llm.to_config(pad_token_id=PAD_TOKEN_ID, bos_token_id=BOS_TOKEN_ID, eos_token_id=EOS_TOKEN_ID)
+    return family.build_config(size.vision.to_config(), text, IMAGE_TOKEN_ID)
 
 
 def build_random_llava(

@@ -217,22 +217,6 @@ class Llava15(ModelFamily):
             tie_word_embeddings=tie_word_embeddings,
         )
 
-    def vision_config_for_shape(self, shape: Any):
-        """A ``CLIPVisionConfig`` for a :class:`~visionzip_core.bench.flops.VisionTowerShape` (OpenAI CLIP's
-        activation)."""
-        from transformers import CLIPVisionConfig
-
-        return CLIPVisionConfig(
-            hidden_size=shape.hidden,
-            intermediate_size=shape.intermediate,
-            num_hidden_layers=shape.layers,
-            num_attention_heads=shape.heads,
-            image_size=shape.image_size,
-            patch_size=shape.patch_size,
-            projection_dim=768,
-            hidden_act="quick_gelu",
-        )
-
     def random_model(self, config: Any, dtype: torch.dtype | None = None) -> nn.Module:
         """Random weights for ``config`` (on the current default device)."""
         if dtype is None:
