@@ -266,6 +266,8 @@ def test_shapes_and_configs_map_both_ways():
         llm = LlamaShape.from_config(size.llm.to_config())
         assert llm.head_dim == size.llm.hidden // size.llm.heads
         assert replace(llm, head_dim=None) == size.llm
-    grouped = LlamaShape(hidden=768, intermediate=4096, layers=4, heads=6, kv_heads=2, vocab=16384, head_dim=128)
+    grouped = LlamaShape(
+        hidden=768, intermediate=4096, layers=4, heads=6, kv_heads=2, vocab=16384, head_dim=128
+    )
     assert LlamaShape.from_config(grouped.to_config()) == grouped
     assert grouped.to_config(pad_token_id=7).pad_token_id == 7
