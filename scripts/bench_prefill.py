@@ -94,7 +94,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 def build_processor(size, model):
     """The model family's processor (CLIP preprocessing, byte-level BPE) matched to ``model``'s token ids."""
     from visionzip_core.families import family_for
-    from visionzip_core.testing.tiny import build_image_processor
     from visionzip_core.testing.tokenizers import IMAGE_TOKEN, TINY_CHAT_TEMPLATE, build_tiny_tokenizer
 
     family = family_for(model)
@@ -106,11 +105,7 @@ def build_processor(size, model):
     tokenizer = build_tiny_tokenizer()
     tokenizer.model_max_length = 8192  # prompts carry up to 576 (LLaVA-NeXT: 2928) image tokens
     side = size.vision.image_size
-    image_processor = (
-        family.build_image_processor(side, model.config.image_grid_pinpoints)
-        if family.count_depends_on_size
-        else build_image_processor(side)
-    )
+    image_processor = family.image_processor_for(model.config, side)
     processor = family.build_processor(
         image_processor,
         tokenizer,

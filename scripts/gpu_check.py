@@ -151,11 +151,11 @@ def check_syncs(work: Path) -> list[tuple[str, str, str]]:
 
 def _families(work: Path) -> list[tuple[str, str, list[str]]]:
     """(family, model folder, demo-config overrides) for each family, tiny random weights."""
-    from visionzip_core.testing.tiny import build_tiny_qwen2_5_vl
+    from visionzip_core.testing.tiny import write_tiny
 
     qwen = work / "tiny-qwen2.5-vl"
     if not (qwen / "config.json").is_file():
-        build_tiny_qwen2_5_vl(qwen, seed=0, vision_depth=2)
+        write_tiny("qwen2.5-vl", qwen, seed=0, vision_depth=2)
     data = _qwen_mixed_data(work / "qwen-data")
     return [
         ("llava-1.5", "builtin:tiny-llava", []),

@@ -30,7 +30,7 @@ BATCH, TEXT = 2, 11
 def _tiny_eager_llava():
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
-    from visionzip_core.testing.tiny import tiny_text_config, tiny_vision_config
+    from visionzip_core.families.llava import tiny_text_config, tiny_vision_config
 
     config = LlavaConfig(
         vision_config=tiny_vision_config(),
@@ -219,8 +219,8 @@ def test_flop_model_matches_flop_counter_for_llava_next(split, size):
     from transformers import LlavaNextForConditionalGeneration
 
     from visionzip_core.families import family_for
+    from visionzip_core.families.llava import tiny_text_config, tiny_vision_config
     from visionzip_core.families.llava_next import crops_per_image
-    from visionzip_core.testing.tiny import tiny_text_config, tiny_vision_config
 
     family = family_for("llava-next")
     config = family.build_config(tiny_vision_config(), tiny_text_config(300), image_token_id=299)

@@ -22,7 +22,7 @@ from visionzip_core.data.sources import to_conversation
 from visionzip_core.data.templates import tokenizer_of
 from visionzip_core.data.validation import BadDataError, SampleError
 from visionzip_core.families import family_for, image_token_count
-from visionzip_core.testing.tiny import build_tiny_qwen2_5_vl
+from visionzip_core.testing.tiny import write_tiny
 
 IMG, VID = "<|image_pad|>", "<|video_pad|>"
 VZ = VisionZipConfig(dominant_ratio=0.25, contextual_ratio=0.25)
@@ -32,7 +32,7 @@ ODD_SIZES = [(97, 143), (300, 61), (50, 50), (1000, 30), (113, 113), (256, 500)]
 
 @pytest.fixture(scope="module")
 def qwen(tmp_path_factory):
-    folder = build_tiny_qwen2_5_vl(tmp_path_factory.mktemp("qwen"), vision_depth=2)
+    folder = write_tiny("qwen2.5-vl", tmp_path_factory.mktemp("qwen"), vision_depth=2)
     family = family_for("qwen2.5-vl")
     processor = family.load_processor(str(folder))
     tokenizer_of(processor)  # the download keeps the chat template on the processor

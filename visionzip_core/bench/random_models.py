@@ -19,7 +19,7 @@ from visionzip_core.bench.sizes import (
     QwenBenchSize,
 )
 from visionzip_core.families import family_for
-from visionzip_core.testing.tiny import qwen_preprocessor_config
+from visionzip_core.families.qwen_downloads import qwen_preprocessor_config
 from visionzip_core.testing.tokenizers import (
     QWEN2_5_VL_CHAT_TEMPLATE,
     QWEN_SPECIAL_TOKENS,

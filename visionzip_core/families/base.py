@@ -14,8 +14,10 @@ Adding a family = one new module with a :class:`ModelFamily` subclass, registere
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -23,8 +25,18 @@ from torch import nn
 
 from visionzip_core.algorithm import TokenSelection
 from visionzip_core.config import VisionZipConfig
+from visionzip_core.tokenizer_files import save_pretrained_faithfully
 
 MODULE_GROUPS = ("projector", "vision", "llm")
+
+
+def save_model_folder(model: nn.Module, processor: Any, out_dir: str | os.PathLike) -> Path:
+    """Write ``model`` and ``processor`` as one folder, as a model download holds them."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    save_pretrained_faithfully(processor, out)
+    return out
 
 
 @dataclass(frozen=True)
@@ -242,3 +254,31 @@ class ModelFamily(ABC):
     @abstractmethod
     def vision_layers(self, config: Any) -> int:
         """Encoder layers of the vision tower described by ``config`` (model or bare tower config)."""
+
+    # --- tiny models (tests, demos) ----------------------------------------------------------------
+    #: The test tokenizer its tiny folders speak, of the kind its downloads ship: a key of
+    #: ``visionzip_core.testing.tokenizers.TINY_TOKENIZERS``.
+    tiny_tokenizer: ClassVar[str] = "llama-bpe"
+
+    def image_processor_for(self, config: Any, side: int):
+        """The family's stock image processor for a tower of ``side`` px crops, for processors built
+        from parts (tiny models, benchmarks)."""
+        raise NotImplementedError(f"{self.name}: its processor is loaded from a folder")
+
+    def tiny_model(self, tokenizer: Any, seed: int = 0, **shape: Any) -> tuple[nn.Module, Any]:
+        """A tiny random model of this family and its processor, in memory, speaking ``tokenizer``
+        (``shape``: the family's size options). Deterministic for a seed."""
+        raise NotImplementedError(f"{self.name}: no in-memory tiny model; write one with write_tiny")
+
+    def write_tiny(self, tokenizer: Any, out_dir: str | os.PathLike, seed: int = 0, **shape: Any) -> Path:
+        """Write a tiny random model of this family into ``out_dir``, laid out like its real download;
+        returns the folder."""
+        model, processor = self.tiny_model(tokenizer, seed, **shape)
+        return save_model_folder(model, processor, out_dir)
+
+    def write_tiny_parts(
+        self, tokenizer: Any, out_dir: str | os.PathLike, seed: int = 0, **shape: Any
+    ) -> tuple[Path, Path]:
+        """Stage 1's inputs (:attr:`assembles`): a tiny vision-tower folder and a tiny LLM folder
+        under ``out_dir``; returns ``(vision_dir, llm_dir)``."""
+        raise NotImplementedError(f"{self.name}: no stage-1 assembly")

@@ -319,6 +319,9 @@ class LlavaNext(Llava15):
             return LlavaNextForConditionalGeneration(config)
         return LlavaNextForConditionalGeneration._from_config(config, dtype=dtype)
 
+    def image_processor_for(self, config: Any, side: int):
+        return self.build_image_processor(side, config.image_grid_pinpoints)
+
     def build_image_processor(self, side: int, grid_pinpoints: list[list[int]]):
         """llava-v1.6's image processor (CLIP normalisation, anyres tiling) for crops of ``side``."""
         from transformers import LlavaNextImageProcessorPil

@@ -55,6 +55,7 @@ import itertools
 import re
 import sys
 import types
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -72,6 +73,7 @@ from visionzip_core.algorithm import compress_in_place_order, select_by_scores
 from visionzip_core.capture import resolve_feature_layer
 from visionzip_core.config import VisionZipConfig
 from visionzip_core.families.base import ImageTokenSelection, ModelFamily
+from visionzip_core.families.qwen_downloads import write_tiny_folder
 from visionzip_core.weight_checks import load_checked
 
 PROJECTOR = "merger"
@@ -782,6 +784,13 @@ class Qwen2_5VL(ModelFamily):
         if dtype is None:
             return self.model_class(config)
         return self.model_class._from_config(config, dtype=dtype)
+
+    # A tiny folder speaks a Qwen2-style tokenizer and is written in the 4.x download layout.
+    tiny_tokenizer = "qwen2-bpe"
+
+    def write_tiny(self, tokenizer: Any, out_dir, seed: int = 0, vision_depth: int = 4) -> Path:
+        """:func:`~visionzip_core.families.qwen_downloads.write_tiny_folder` (``vision_depth`` blocks)."""
+        return write_tiny_folder(self, tokenizer, out_dir, seed, vision_depth)
 
     # --- visual tokens ---------------------------------------------------------------------------
     def tower_tokens(self, config: Any) -> int:

@@ -222,3 +222,17 @@ def build_tiny_qwen_tokenizer(vocab_size: int = 1024):
     )
     fast.chat_template = QWEN2_5_VL_CHAT_TEMPLATE
     return tok, fast
+
+
+# The tokenizer a family's tiny models speak, by ``ModelFamily.tiny_tokenizer``.
+TINY_TOKENIZERS = {
+    "llama-bpe": build_tiny_tokenizer,
+    "qwen2-bpe": lambda: build_tiny_qwen_tokenizer()[1],
+}
+
+
+def tiny_tokenizer(kind: str):
+    """A fresh tokenizer of ``kind`` (a key of :data:`TINY_TOKENIZERS`)."""
+    if kind not in TINY_TOKENIZERS:
+        raise ValueError(f"no tiny tokenizer {kind!r}; known: {sorted(TINY_TOKENIZERS)}")
+    return TINY_TOKENIZERS[kind]()
