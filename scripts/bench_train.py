@@ -51,9 +51,12 @@ from visionzip_core.bench.flops import (
 from visionzip_core.bench.live_memory import model_tensors, peak_memory_bytes
 from visionzip_core.bench.random_models import build_random_llava, build_random_model
 from visionzip_core.bench.report import run_context, write_report
-from visionzip_core.bench.sizes import NEXT_IMAGE, PAD_TOKEN_ID, QWEN_SIZES, SIZES, size_error, sizes_for
-from visionzip_core.bench.synthetic import qwen_synthetic_batch, synthetic_batch
+from visionzip_core.bench.sizes import PAD_TOKEN_ID, SIZE_TABLES, benchmarked_families, size_error, sizes_for
+from visionzip_core.bench.synthetic import benchmark_batch, mix665k_like_text_lengths, synthetic_items
 from visionzip_core.bench.timing import interleaved_schedule, median
+from visionzip_core.data import DataCollator, LengthGroupedSampler
+from visionzip_core.data.collate import PackingCollator
+from visionzip_core.data.sampler import FixedBatchSampler, TokenBudgetBatchSampler
 from visionzip_core.families import family_for
 
 LORA_TARGETS = family_for("llava").lora_targets
@@ -62,8 +65,10 @@ LORA_RANK, LORA_ALPHA = 128, 256  # LLaVA-1.5's LoRA recipe, as configs/ use
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", choices=sorted({*SIZES, *QWEN_SIZES}), default="cpu")
-    p.add_argument("--family", choices=("llava-1.5", "llava-next", "qwen2.5-vl"), default="llava-1.5")
+    p.add_argument(
+        "--size", choices=sorted({s for table in SIZE_TABLES.values() for s in table}), default="cpu"
+    )
+    p.add_argument("--family", choices=benchmarked_families(), default="llava-1.5")
     p.add_argument("--mode", choices=("projector", "lora"), default="projector")
     p.add_argument("--quick", action="store_true", help="smoke run: fewer layers, batch 1, 2 timed steps")
     p.add_argument("--steps", type=int, default=None, help="timed steps per budget (default 5; quick 2)")
@@ -92,7 +97,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     args = p.parse_args(argv)
     check_size(p, args)
-    if args.compare_packing and args.family != "llava-1.5":
+    if args.compare_packing and family_for(args.family).count_depends_on_size:
         p.error("--compare-packing runs LLaVA-1.5 (one crop per image)")
     try:
         allowed = budgets_for(args.family)
@@ -180,9 +185,10 @@ def run(args: argparse.Namespace) -> list[dict]:
     parts = trainable_parts(args.mode)
 
     t0 = time.perf_counter()
-    qwen = args.family == "qwen2.5-vl"
+    family = family_for(args.family)
+    percent = family.takes_ratios  # budgets are percent of each image's tokens, not counts
     model = build_random_model(size, device, seed=args.seed, family=args.family)
-    if not qwen:
+    if size.flop_model:
         check_shapes(model, size)
     budgets = budgets_for(args.family)
     ref = stock_budget(budgets)
@@ -190,23 +196,14 @@ def run(args: argparse.Namespace) -> list[dict]:
     model = prepare_for_training(model, args.mode)
     print(f"built {size.name} ({size.note}) on {device} in {time.perf_counter() - t0:.1f}s", flush=True)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    image_hw = NEXT_IMAGE if args.family == "llava-next" else None
-    if qwen:
-        batches = {
-            k: qwen_synthetic_batch(size, model.config, plans[k].llm, device, seed=args.seed)
-            for k in args.budgets
-        }
-        for k in args.budgets:  # the LLM sees each budget's real count of <|image_pad|> per image
-            found = int((batches[k]["input_ids"] == model.config.image_token_id).sum()) // size.batch_size
-            if found != plans[k].llm:
-                raise RuntimeError(f"batch holds {found} image tokens per image at budget {k}")
-    else:
-        batches = {
-            k: synthetic_batch(
-                size, plans[k].llm, device, seed=args.seed, image_hw=image_hw, crops=plans[k].crops
-            )
-            for k in args.budgets
-        }
+    batches = {
+        k: benchmark_batch(size, model.config, plans[k], device, seed=args.seed, image_hw=family.bench_image)
+        for k in args.budgets
+    }
+    for k in args.budgets:  # the LLM sees each budget's real count of image tokens per image
+        found = int((batches[k]["input_ids"] == model.config.image_token_id).sum()) // size.batch_size
+        if found != plans[k].llm:
+            raise RuntimeError(f"batch holds {found} image tokens per image at budget {k}")
 
     def step(tokens: int) -> None:
         set_budget(model, tokens, budgets)
@@ -219,7 +216,7 @@ def run(args: argparse.Namespace) -> list[dict]:
 
     counted = {}
     for tokens in args.budgets:  # warm-up: kernels, allocator, optimizer state
-        if qwen:  # the FLOP figure: counted on this step
+        if not size.flop_model:  # the FLOP figure: counted on this step
             counted[tokens] = counted_flops(lambda t=tokens: step(t))
         else:
             step(tokens)
@@ -234,7 +231,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         start = time.perf_counter()
         step(tokens)
         times[tokens].append(time.perf_counter() - start)
-        unit = "% of tokens" if qwen else " tokens"
+        unit = "% of tokens" if percent else " tokens"
         print(f"  {tokens:>3}{unit}: {times[tokens][-1]:.3f}s", flush=True)
 
     base = median(times[ref])
@@ -243,7 +240,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     for tokens in args.budgets:
         batch = batches[tokens]
         seq_len = batch["input_ids"].shape[1]
-        if qwen:
+        if not size.flop_model:
             flops = counted[tokens]
         else:
             flops = ideal_flops(
@@ -261,7 +258,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         results.append(
             {
                 "tokens": tokens,
-                "budget_kind": "percent" if qwen else "tokens",
+                "budget_kind": "percent" if percent else "tokens",
                 "image_tokens": plans[tokens].llm,
                 "stock_image_tokens": plans[ref].llm,
                 "crops_per_image": plans[tokens].crops,
@@ -293,7 +290,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         "timed_steps_per_budget": steps,
         "flops_source": (
             "counted (torch.utils.flop_counter.FlopCounterMode, warm-up step)"
-            if qwen
+            if not size.flop_model
             else "visionzip_core.bench.flops.llava_step_flops"
         ),
         "memory_measure": (
@@ -314,15 +311,11 @@ def compare_packing(args: argparse.Namespace) -> list[dict]:
     length-grouped (the trainer's default), against rows packed to ``--row-tokens`` with a row's
     worth of tokens per micro-batch (``data.packing`` + ``data.batch_tokens``). The three passes'
     steps are interleaved; each step is timed on its own."""
-    from visionzip_core.bench.synthetic import mix665k_like_text_lengths, synthetic_items
-    from visionzip_core.data import DataCollator, LengthGroupedSampler
-    from visionzip_core.data.collate import PackingCollator
-    from visionzip_core.data.sampler import FixedBatchSampler, TokenBudgetBatchSampler
-
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.threads:
         torch.set_num_threads(args.threads)
-    size = SIZES[args.size].quick() if args.quick else SIZES[args.size]
+    sizes = sizes_for(args.family)
+    size = sizes[args.size].quick() if args.quick else sizes[args.size]
     batch_size = args.batch_size or size.batch_size
     dtype = getattr(torch, size.dtype)
     model = prepare_for_training(

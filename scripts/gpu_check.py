@@ -279,12 +279,13 @@ def check_step(work: Path) -> list[tuple[str, str, str]]:
     from dataclasses import replace
 
     from visionzip_core.bench import memory_sim as sim
-    from visionzip_core.bench.budgets import BUDGETS, set_budget
+    from visionzip_core.bench.budgets import budgets_for, set_budget
     from visionzip_core.bench.flops import TrainableParts, llava_step_flops
     from visionzip_core.bench.sizes import SIZES
 
     size = replace(SIZES["cpu"], dtype="bfloat16", batch_size=8)
-    budgets = {576: BUDGETS[576], 64: BUDGETS[64]}
+    table = budgets_for("llava-1.5")
+    budgets = {576: table[576], 64: table[64]}
     rows = []
     peak_tflops = float(os.environ.get("GPU_PEAK_TFLOPS", "989"))  # H100 SXM dense bf16
     for tokens in (576, 64):

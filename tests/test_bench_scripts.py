@@ -86,7 +86,7 @@ def test_llava_next_7b_flop_ideal_training_speedup():
     """The FLOP-ideal training speed-up of LLaVA-NeXT-7B (full fine-tune of projector + LLM, 5-crop
     images, the LLaVA-665k-like text of the benchmarks) at the paper's 640 / 320 / 160 tokens.
     BENCHMARKS.md sets these against the paper's 2.1x measured training-time reduction."""
-    from visionzip_core.bench.budgets import NEXT_BUDGETS, image_plan
+    from visionzip_core.bench.budgets import budgets_for, image_plan
     from visionzip_core.bench.flops import TrainableParts, llava_step_flops
     from visionzip_core.bench.random_models import build_random_llava
     from visionzip_core.bench.sizes import SIZES
@@ -107,7 +107,7 @@ def test_llava_next_7b_flop_ideal_training_speedup():
             batch=size.batch_size,
             seq_len=1 + text + plan.llm,
             image_tokens=plan.llm,
-            visionzip_split=NEXT_BUDGETS[tokens],
+            visionzip_split=budgets_for("llava-next")[tokens],
             crops_per_image=plan.crops,
             projector_tokens_per_image=plan.projected,
         )["total"].total

@@ -23,6 +23,7 @@ import pytest
 from visionzip_core.bench import planner
 from visionzip_core.bench.memory_sim import simulate, workload
 from visionzip_core.bench.sizes import SIZES
+from visionzip_core.families import family_for
 
 REPO = Path(__file__).resolve().parents[1]
 KEYS = (
@@ -226,7 +227,7 @@ def test_text_lengths_and_budgets_parse_with_one_line_errors():
         planner.TextLengths.parse("long")
     model = planner.resolve_model("llava-1.5-7b")
     assert planner.parse_budgets("64,stock,100", model) == [576, 64, 100]
-    assert model.budgets[100] == (84, 16) and 100 not in planner.BUDGETS  # the family's table is a copy
+    assert model.budgets[100] == (84, 16) and 100 not in family_for("llava-1.5").bench_budgets  # a copy
     with pytest.raises(ValueError, match="--budgets"):
         planner.parse_budgets("stock,900", model)
     with pytest.raises(ValueError, match="--model"):

@@ -1,5 +1,6 @@
-"""Visual-token budgets of the benchmarks: the tables each family sweeps, their parsing and labels,
-switching a model to one, and what one image costs at one (:class:`ImagePlan`)."""
+"""Visual-token budgets of the benchmarks: the table each family sweeps (its ``bench_budgets``),
+their parsing and labels, switching a model to one, and what one image costs at one
+(:class:`ImagePlan`)."""
 
 from __future__ import annotations
 
@@ -8,34 +9,13 @@ from dataclasses import dataclass
 import torch
 
 from visionzip_core import remove_visionzip, visionzip
-from visionzip_core.bench.sizes import NEXT_IMAGE, QWEN_IMAGE
 from visionzip_core.config import VisionZipConfig
 from visionzip_core.families import family_for
-from visionzip_core.families.llava_next import crops_per_image
-
-# Visual tokens per image -> (dominant, contextual); None is the stock model (compression off).
-BUDGETS: dict[int, tuple[int, int] | None] = {576: None, 192: (162, 30), 128: (108, 20), 64: (54, 10)}
-# LLaVA-NeXT: visual tokens per crop (the paper's 640 / 320 / 160 for a 5-crop image), split in the
-# proportion of the paper's 54 + 10; 576 is the stock model (every patch of every crop, unpadded,
-# one newline per row).
-NEXT_BUDGETS: dict[int, tuple[int, int] | None] = {576: None, 128: (108, 20), 64: (54, 10), 32: (27, 5)}
-
-
-# Qwen2.5-VL: budgets are fractions of each image's merged tokens, keyed by the percent kept, split as
-# (dominant_ratio, contextual_ratio); 100 is the stock model. 70 = the authors' default (0.65 + 0.05),
-# 50 = their README's 0.45 + 0.05.
-QWEN_BUDGETS: dict[int, tuple[float, float] | None] = {
-    100: None,
-    70: (0.65, 0.05),
-    50: (0.45, 0.05),
-    25: (0.20, 0.05),
-}
 
 
 def budgets_for(family: str) -> dict:
-    if family == "qwen2.5-vl":
-        return QWEN_BUDGETS
-    return NEXT_BUDGETS if family == "llava-next" else BUDGETS
+    """The budget table ``family``'s benchmarks sweep (``ModelFamily.bench_budgets``)."""
+    return family_for(family).bench_budgets
 
 
 def stock_budget(budgets: dict) -> int:
@@ -43,23 +23,31 @@ def stock_budget(budgets: dict) -> int:
     return next(k for k, split in budgets.items() if split is None)
 
 
-def set_budget(model: torch.nn.Module, tokens: int, budgets: dict | None = None) -> None:
-    """Switch ``model`` (LLaVA, possibly peft-wrapped) to ``tokens`` visual tokens per image (per
-    crop with ``budgets=NEXT_BUDGETS``)."""
-    split = (budgets or BUDGETS)[tokens]
+def split_config(split: tuple | None) -> VisionZipConfig | None:
+    """The :class:`VisionZipConfig` of a budget table's split: counts, or ratios of each image's
+    tokens (floats); None for the stock model."""
+    if split is None:
+        return None
+    if isinstance(split[0], float):
+        return VisionZipConfig(dominant_ratio=split[0], contextual_ratio=split[1])
+    return VisionZipConfig(dominant=split[0], contextual=split[1])
+
+
+def set_budget(model: torch.nn.Module, tokens: int, budgets: dict) -> None:
+    """Switch ``model`` (possibly peft-wrapped) to budget ``tokens`` of the table ``budgets``."""
+    split = budgets[tokens]
     remove_visionzip(model)
     if split is None:
         return
-    if isinstance(split[0], float):  # Qwen2.5-VL: fractions of each image's merged tokens
+    if isinstance(split[0], float):  # fractions of each image's tokens
         visionzip(model, dominant_ratio=split[0], contextual_ratio=split[1])
     else:
         visionzip(model, dominant=split[0], contextual=split[1])
 
 
-def parse_budgets(text: str, allowed: dict | None = None) -> list[int]:
-    """``"576,64"`` -> ``[576, 64]``; each from ``allowed`` (:data:`BUDGETS`), the stock budget (the
-    reference: 576, or 100 for :data:`QWEN_BUDGETS`) present."""
-    allowed = BUDGETS if allowed is None else allowed
+def parse_budgets(text: str, allowed: dict) -> list[int]:
+    """``"576,64"`` -> ``[576, 64]``; each from the table ``allowed``, its stock budget (the
+    reference: 576, or 100 for a percent table) present."""
     stock = stock_budget(allowed)
     try:
         budgets = [int(b) for b in text.split(",")]
@@ -95,24 +83,9 @@ class ImagePlan:
 
 
 def image_plan(config, family: str, tokens: int, budgets: dict | None = None) -> ImagePlan:
-    """The :class:`ImagePlan` of the benchmark image at budget ``tokens`` (per image for LLaVA-1.5,
-    per crop for LLaVA-NeXT, which feeds :data:`NEXT_IMAGE`, percent of the merged tokens of a
-    :data:`QWEN_IMAGE` for Qwen2.5-VL), counted by the model's family.
-    ``budgets`` (default :func:`budgets_for`) maps ``tokens`` to its split, as in :func:`set_budget`."""
-    split = (budgets or budgets_for(family))[tokens]
+    """The :class:`ImagePlan` of the family's benchmark image (``bench_image``) at budget ``tokens``,
+    counted by the family (``token_plan``). ``budgets`` (default :func:`budgets_for`) maps ``tokens``
+    to its split, as in :func:`set_budget`."""
     fam = family_for(family)
-    if family == "qwen2.5-vl":  # compression runs after the merger: the merger sees every token
-        stock = fam.stock_tokens_per_image(config, QWEN_IMAGE)
-        if split is None:
-            return ImagePlan(1, stock, stock)
-        vz = VisionZipConfig(dominant_ratio=split[0], contextual_ratio=split[1])
-        return ImagePlan(1, stock, fam.compressed_tokens_per_image(config, vz, QWEN_IMAGE))
-    if family != "llava-next":
-        return ImagePlan(1, tokens, tokens)
-    crops = crops_per_image(config, NEXT_IMAGE)
-    if split is None:
-        patches = fam.tower_tokens(config) - 1  # "default": CLS dropped before the projector
-        return ImagePlan(crops, crops * patches, fam.stock_tokens_per_image(config, NEXT_IMAGE))
-    vz = VisionZipConfig(dominant=split[0], contextual=split[1])
-    n = fam.compressed_tokens_per_image(config, vz, NEXT_IMAGE)
-    return ImagePlan(crops, n, n)
+    split = (budgets or fam.bench_budgets)[tokens]
+    return ImagePlan(*fam.token_plan(config, split_config(split), fam.bench_image))

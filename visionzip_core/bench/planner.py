@@ -29,7 +29,7 @@ import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from visionzip_core.bench.budgets import BUDGETS, budgets_for, image_plan, stock_budget
+from visionzip_core.bench.budgets import budgets_for, image_plan, stock_budget
 from visionzip_core.bench.flops import (
     LlamaShape,
     TrainableParts,
@@ -40,7 +40,6 @@ from visionzip_core.bench.flops import (
 from visionzip_core.bench.memory_sim import (
     GIB,
     LORA_RANK,
-    QWEN_FAMILY,
     ZERO3_SUB_GROUP,
     MetaTensorMemory,
     build_training_model,
@@ -56,6 +55,7 @@ from visionzip_core.bench.random_models import llava_config, qwen_config
 from visionzip_core.bench.sizes import PAD_TOKEN_ID, BenchSize, sizes_for
 from visionzip_core.bench.synthetic import mix665k_like_text_lengths
 
+QWEN_FAMILY = "qwen2.5-vl"  # planned by size name, with a ratio budget keyed by percent
 # The families the memory simulation can run (build_training_model / simulation_batch).
 SIMULATED_FAMILIES = ("llava-1.5", "llava-next", QWEN_FAMILY)
 # Planner modes -> the simulation's modes. projector/pretrain train the projector only, which the
@@ -680,7 +680,6 @@ def table(rows: list[dict]) -> str:
 
 
 __all__ = [
-    "BUDGETS",
     "GPUS",
     "Hardware",
     "PlanModel",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -24,6 +25,7 @@ from visionzip_core.testing.tokenizers import (
     QWEN2_5_VL_CHAT_TEMPLATE,
     QWEN_SPECIAL_TOKENS,
     build_tiny_qwen_tokenizer,
+    build_tiny_tokenizer,
 )
 
 
@@ -81,13 +83,14 @@ def qwen_config(size: QwenBenchSize, token_ids: dict[str, int] | None = None):
         "vision_token_id": ids["<|vision_pad|>"],
         "tie_word_embeddings": False,
     }
-    return family_for("qwen2.5-vl").config_from_dict(data)
+    return family_for(data["model_type"]).config_from_dict(data)
 
 
 def build_random_model(size, device: str | torch.device = "cpu", seed: int = 0, family: str = "llava-1.5"):
-    """:func:`build_random_llava`, or for ``family="qwen2.5-vl"`` a Qwen2.5-VL with random weights
-    (``device="meta"``: the structure only)."""
-    if family != "qwen2.5-vl":
+    """A model of ``family`` with ``size``'s shapes and random weights: :func:`build_random_llava`
+    for a CLIP + Llama size, a Qwen2.5-VL for a :class:`QwenBenchSize` (``device="meta"``: the
+    structure only)."""
+    if not isinstance(size, QwenBenchSize):
         return build_random_llava(size, device, seed=seed, family=family)
     ids = qwen_token_ids()
     config = qwen_config(size, ids)
@@ -103,7 +106,7 @@ def build_random_model(size, device: str | torch.device = "cpu", seed: int = 0, 
 def write_qwen_processor_files(folder: str | os.PathLike) -> Path:
     """Write a Qwen2.5-VL processor folder for the benchmarks' random models: the tiny Qwen tokenizer
     (its special ids are :func:`qwen_token_ids`), Qwen2.5-VL-7B-Instruct's image settings (min_pixels
-    56 x 56, max_pixels 28 x 28 x 16384, so a :data:`QWEN_IMAGE` keeps its size) and chat template."""
+    56 x 56, max_pixels 28 x 28 x 16384, so a 448 px benchmark image keeps its size) and chat template."""
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     _, tokenizer = build_tiny_qwen_tokenizer()
@@ -114,3 +117,26 @@ def write_qwen_processor_files(folder: str | os.PathLike) -> Path:
     preprocessor = qwen_preprocessor_config(56 * 56, 28 * 28 * 16384)  # Qwen2.5-VL-7B-Instruct's bounds
     (out / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2))
     return out
+
+
+def random_model_processor(size, model):
+    """The processor of a random benchmark model, matched to its token ids: for a
+    :class:`QwenBenchSize`, the family's processor class read from :func:`write_qwen_processor_files`
+    as from a download; otherwise the family's processor built from parts (its image processor for
+    the tower's crops, the tiny byte-level BPE tokenizer), the model's special ids pointed at the
+    tokenizer's."""
+    family = family_for(model)
+    if isinstance(size, QwenBenchSize):
+        with tempfile.TemporaryDirectory() as folder:
+            return family.load_processor(str(write_qwen_processor_files(folder)))
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.model_max_length = 8192  # prompts carry up to 576 (LLaVA-NeXT: 2928) image tokens
+    image_processor = family.image_processor_for(model.config, size.vision.image_size)
+    processor = family.build_processor(
+        image_processor, tokenizer, model.config.vision_config, chat_template=tokenizer.chat_template
+    )
+    # The random model's embedding covers these ids; point its special ids at the tokenizer's.
+    model.config.image_token_id = tokenizer.convert_tokens_to_ids(family.image_token)
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        setattr(model.generation_config, key, getattr(tokenizer, key))
+    return processor

@@ -1,5 +1,6 @@
 """Benchmark sizes and shapes: the models the benchmarks and the memory simulation build (random
-weights), the workload run on each, and the image each family's benchmarks feed.
+weights) and the workload run on each, in one table per model layout; a family names its table
+(``ModelFamily.bench_sizes``).
 
 Random weights are enough: compression changes shapes, not values, and step time and memory
 depend only on shapes (VisionZip's selection is data-dependent, but its cost is not).
@@ -8,18 +9,10 @@ depend only on shapes (VisionZip's selection is data-dependent, but its cost is 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import ClassVar
 
 from visionzip_core.bench.flops import LlamaShape, VisionTowerShape
-
-# The picture LLaVA-NeXT benchmarks feed: a square 672 px image picks the 2 x 2 tiling, so it is
-# cut into 5 crops (base + 4 tiles), the common case for llava-v1.6 at 336 px crops.
-NEXT_IMAGE = (672, 672)
-
-
-# The picture Qwen2.5-VL benchmarks feed: 448 x 448 px = 32 x 32 patches = 16 x 16 = 256 merged tokens
-# (inside the processor's default min/max pixels, so it is not resized).
-QWEN_IMAGE = (448, 448)
-
+from visionzip_core.families import FAMILIES, family_for
 
 # llava-hf LLaVA-1.5 token ids (vocab 32064: Llama's 32000 + <image> + <pad> + padding to 64).
 IMAGE_TOKEN_ID, PAD_TOKEN_ID, BOS_TOKEN_ID, EOS_TOKEN_ID = 32000, 32001, 1, 2
@@ -41,6 +34,10 @@ class BenchSize:
         dtype: "float32" on CPU (bf16 matmuls are slower on CPUs without bf16 units), "bfloat16" on GPU.
     """
 
+    #: Whether :mod:`visionzip_core.bench.flops` counts this layout's FLOPs analytically (else the
+    #: benchmarks count them on the step with ``counted_flops``).
+    flop_model: ClassVar[bool] = True
+
     name: str
     vision: VisionTowerShape
     llm: LlamaShape
@@ -48,6 +45,7 @@ class BenchSize:
     text_tokens: tuple[int, int]
     dtype: str
     note: str = ""
+    gpu_only: bool = False
 
     def quick(self) -> BenchSize:
         """A clearly smaller variant for smoke runs: 6 tower layers, 2 LLM layers, same widths."""
@@ -110,7 +108,10 @@ SIZES: dict[str, BenchSize] = {
 class QwenBenchSize:
     """A Qwen2.5-VL size: ``vision`` and ``text`` are the ``vision_config`` / ``text_config`` entries
     of a ``qwen2_5_vl`` config.json (token ids are added by :func:`qwen_config`); ``image`` is the
-    (H, W) of every benchmark image. The other fields as in :class:`BenchSize`."""
+    (H, W) of every benchmark image (the family's ``bench_image``). The other fields as in
+    :class:`BenchSize`."""
+
+    flop_model: ClassVar[bool] = False
 
     name: str
     vision: dict
@@ -118,8 +119,9 @@ class QwenBenchSize:
     batch_size: int
     text_tokens: tuple[int, int]
     dtype: str
-    image: tuple[int, int] = QWEN_IMAGE
+    image: tuple[int, int] = (448, 448)
     note: str = ""
+    gpu_only: bool = False
 
     def quick(self) -> QwenBenchSize:
         """Smoke variant: 2 vision blocks (the last full-attention), 1 LLM layer, same widths, batch 1."""
@@ -211,21 +213,37 @@ QWEN_SIZES: dict[str, QwenBenchSize] = {
         dtype="bfloat16",
         note="Qwen2.5-VL-7B shapes (ViT 32 x 1280, full attention in blocks 7/15/23/31; Qwen2 28 x 3584, "
         "28 heads, 4 KV heads, vocab 152064), 448 px images (256 merged tokens), bf16; GPU only",
+        gpu_only=True,
     ),
 }
 
 
+# The size tables by model layout, as ``ModelFamily.bench_sizes`` names them.
+SIZE_TABLES: dict[str, dict] = {"clip-llama": SIZES, "qwen2.5-vl": QWEN_SIZES}
+
+
+def benchmarked_families() -> list[str]:
+    """The registered families the benchmarks have sizes of."""
+    return [f.name for f in FAMILIES if f.bench_sizes is not None]
+
+
 def sizes_for(family: str) -> dict:
-    return QWEN_SIZES if family == "qwen2.5-vl" else SIZES
+    """The sizes ``family``'s benchmarks build (its ``bench_sizes`` table)."""
+    table = family_for(family).bench_sizes
+    if table is None:
+        raise ValueError(
+            f"{family}: no benchmark sizes; benchmarked families: {', '.join(benchmarked_families())}"
+        )
+    return SIZE_TABLES[table]
 
 
 def size_error(family: str, size_name: str, device: str) -> str | None:
     """Why ``--size size_name`` cannot run for ``family`` on ``device`` (None when it can): it must be
-    one of the family's sizes, and the Qwen2.5-VL 7B size runs on a GPU only."""
+    one of the family's sizes, and a GPU-only size needs CUDA."""
     sizes = sizes_for(family)
     if size_name not in sizes:
         return f"--size {size_name}: not a {family} size; choose from {sorted(sizes)}"
-    if family == "qwen2.5-vl" and size_name != "cpu" and not device.startswith("cuda"):
+    if sizes[size_name].gpu_only and not device.startswith("cuda"):
         return (
             f"--size {size_name} is a GPU size (8.3B parameters in {sizes[size_name].dtype}; a step would "
             "take minutes and tens of GB on a CPU): run it where CUDA is available, or use --size cpu. "

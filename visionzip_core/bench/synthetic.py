@@ -177,3 +177,20 @@ def qwen_synthetic_batch(
         "image_grid_thw": torch.tensor([grid] * len(rows)),
     }
     return {k: t.to(device) for k, t in batch.items()}
+
+
+def benchmark_batch(
+    size: BenchSize | QwenBenchSize,
+    config,
+    plan,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    image_hw: tuple[int, int] | None = None,
+) -> dict[str, torch.Tensor]:
+    """The synthetic batch of ``size``'s layout with ``plan.llm`` image tokens per image
+    (``plan``: a :class:`~visionzip_core.bench.budgets.ImagePlan`): :func:`qwen_synthetic_batch`
+    for a :class:`QwenBenchSize`, else :func:`synthetic_batch` with ``plan.crops`` crops per image
+    of ``image_hw`` (the family's ``bench_image``; None: one crop, no ``image_sizes``)."""
+    if isinstance(size, QwenBenchSize):
+        return qwen_synthetic_batch(size, config, plan.llm, device, seed=seed)
+    return synthetic_batch(size, plan.llm, device, seed=seed, image_hw=image_hw, crops=plan.crops)

@@ -255,6 +255,37 @@ class ModelFamily(ABC):
     def vision_layers(self, config: Any) -> int:
         """Encoder layers of the vision tower described by ``config`` (model or bare tower config)."""
 
+    # --- benchmarks ------------------------------------------------------------------------------
+    #: The benchmark size table its random models are built from (a key of
+    #: ``visionzip_core.bench.sizes.SIZE_TABLES``); None: the benchmarks have no size of it.
+    bench_sizes: ClassVar[str | None] = None
+    #: The picture ``(H, W)`` its benchmarks feed each sample; None: one crop of the tower's size.
+    bench_image: ClassVar[tuple[int, int] | None] = None
+    #: The visual-token budgets its benchmarks sweep, key -> split; the key of the None split is the
+    #: stock model. Counts ``(dominant, contextual)`` per image (per crop for a tiled family), or, for
+    #: a family that :attr:`takes_ratios`, percent kept -> ``(dominant_ratio, contextual_ratio)``.
+    bench_budgets: ClassVar[dict[int, tuple | None]] = {}
+    #: Whether its vision tower's forward runs on the meta device. The memory simulation runs the
+    #: whole step there; for a tower that cannot, it stands in the frozen tower's measured working
+    #: set and runs the rest (``visionzip_core.bench.memory_sim``).
+    vision_runs_on_meta: ClassVar[bool] = True
+    #: The memory simulation's default workload (``scripts/simulate_memory.py``): ``size`` (a name in
+    #: its size table), the per-GPU ``micro_batch`` and the ``batch_source`` recipe it comes from, the
+    #: ``modes`` it runs, and the stock and smallest budgets it ``calibrate``\ s with; None: the
+    #: simulation does not run this family.
+    simulation: ClassVar[dict[str, Any] | None] = None
+
+    def token_plan(
+        self, config: Any, vz: VisionZipConfig | None, image_size: tuple[int, int] | None = None
+    ) -> tuple[int, int, int]:
+        """What one image of ``image_size`` costs, compressed by ``vz`` (None: stock): ``(crops``
+        through the tower``, tokens`` through the projector``, tokens`` in the LLM``)``."""
+        if vz is None:
+            n = self.stock_tokens_per_image(config, image_size)
+        else:
+            n = self.compressed_tokens_per_image(config, vz, image_size)
+        return 1, n, n
+
     # --- tiny models (tests, demos) ----------------------------------------------------------------
     #: The test tokenizer its tiny folders speak, of the kind its downloads ship: a key of
     #: ``visionzip_core.testing.tokenizers.TINY_TOKENIZERS``.

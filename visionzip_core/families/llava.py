@@ -196,6 +196,17 @@ class Llava15(ModelFamily):
     model_types = ("llava",)
     lora_targets = LORA_TARGETS  # a Llama/Vicuna decoder layer's linears
     assembles = True
+    bench_sizes = "clip-llama"
+    # Visual tokens per image -> (dominant, contextual); 576 is the stock model (compression off).
+    bench_budgets = {576: None, 192: (162, 30), 128: (108, 20), 64: (54, 10)}
+    simulation = {
+        "size": "llava-1.5-7b",
+        "micro_batch": 16,
+        "batch_source": "16 per GPU: LLaVA scripts/v1_5/finetune.sh (16 x 8 GPUs = 128, zero3, gradient "
+        "checkpointing, bf16)",
+        "modes": ("finetune", "lora"),
+        "calibrate": (576, 64),
+    }
 
     # --- loading ---------------------------------------------------------------------------------
     def load(self, path: str, check_files: bool = True, **from_pretrained_kwargs: Any) -> nn.Module:
