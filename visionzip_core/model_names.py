@@ -19,6 +19,7 @@ from pathlib import Path
 
 from visionzip_core.testing.demo_tower import build_demo_llava
 from visionzip_core.testing.tiny import build_tiny_pretrain_parts, write_tiny
+from visionzip_core.weight_checks import progress_bars_on_terminal_only
 
 BUILTIN_PREFIX = "builtin:"
 
@@ -75,8 +76,6 @@ def resolve_model_path(name: str | os.PathLike) -> str:
     scratch = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=target.parent))
     try:
         staged = scratch / key
-        from visionzip_core.weight_checks import progress_bars_on_terminal_only  # imports torch
-
         with progress_bars_on_terminal_only():  # no "Writing model shards" bar in a piped log
             BUILTINS[key](staged)
         try:

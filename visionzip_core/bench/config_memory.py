@@ -22,8 +22,11 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+from visionzip_core.bench import memory_sim as sim
 from visionzip_core.bench.budgets import budgets_for, stock_budget
+from visionzip_core.bench.planner import ratio_budget
 from visionzip_core.bench.sizes import sizes_for
+from visionzip_core.training.deepspeed_config import zero_stage
 from visionzip_core.training.settings import Settings, load_config, resolve_repo_path
 
 GPU_GIB = 80  # an A100/H100 80 GB
@@ -40,8 +43,6 @@ def config_workload(settings: Settings, folder: str) -> dict:
     """What one step of this config holds per GPU: family, mode, micro-batch, checkpointing, ZeRO
     stage, visual-token budget (``tokens``, a key of ``budgets``: tokens per image, per crop for
     LLaVA-NeXT, percent of each image's merged tokens for a ratio split), and the sample length."""
-    from visionzip_core.bench.planner import ratio_budget
-    from visionzip_core.training.deepspeed_config import zero_stage
 
     t, d, vz = settings.train, settings.data, settings.visionzip
     family = SIMULATED_FOLDERS[folder]
@@ -78,8 +79,6 @@ def config_workload(settings: Settings, folder: str) -> dict:
 def simulate_config(path: str | Path, gpus: int = 8, overrides=(), log=print) -> dict:
     """One row: the config's workload (with ``overrides``, ``section.key=value``) and its simulated
     per-GPU peak (``total_gib``)."""
-    from visionzip_core.bench import memory_sim as sim
-
     path = Path(path)
     settings = load_config(path, list(overrides))
     work = config_workload(settings, path.parent.name)

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from visionzip_core.bench.budgets import budgets_for, image_plan, stock_budget
 from visionzip_core.bench.flops import (
+    LORA_TARGETS,
     LlamaShape,
     TrainableParts,
     VisionTowerShape,
@@ -40,9 +41,12 @@ from visionzip_core.bench.flops import (
 from visionzip_core.bench.memory_sim import (
     GIB,
     LORA_RANK,
+    TINY_BUDGETS,
+    TINY_SIZE,
     ZERO3_SUB_GROUP,
     MetaTensorMemory,
     build_training_model,
+    calibrate,
     measure_step,
     optimizer_step_transient,
     parameter_counts,
@@ -54,6 +58,7 @@ from visionzip_core.bench.memory_sim import (
 from visionzip_core.bench.random_models import llava_config, qwen_config
 from visionzip_core.bench.sizes import PAD_TOKEN_ID, BenchSize, sizes_for
 from visionzip_core.bench.synthetic import mix665k_like_text_lengths
+from visionzip_core.families import family_for
 
 QWEN_FAMILY = "qwen2.5-vl"  # planned by size name, with a ratio budget keyed by percent
 # The families the memory simulation can run (build_training_model / simulation_batch).
@@ -197,8 +202,6 @@ def resolve_model(name_or_folder: str) -> PlanModel:
         raise ValueError(
             f"--model {name_or_folder}: not a known size ({', '.join(known)}) nor a folder with a config.json"
         )
-    from visionzip_core.families import family_for
-
     try:
         data = json.loads((folder / "config.json").read_text())
         fam = family_for(data.get("model_type", ""))
@@ -209,8 +212,6 @@ def resolve_model(name_or_folder: str) -> PlanModel:
 
 def model_from_config(config, name: str) -> PlanModel:
     """A :class:`PlanModel` from a LLaVA(-NeXT) config (no weights)."""
-    from visionzip_core.families import family_for
-
     family = family_for(config).name
     if family not in SIMULATED_FAMILIES or family == QWEN_FAMILY:
         raise ValueError(
@@ -323,8 +324,6 @@ def trainable_parts(mode: str) -> TrainableParts:
         return TrainableParts(vision=True, llm="full")
     llm = {"finetune": "full", "lora": "lora"}.get(mode, "none")
     if llm == "lora":
-        from visionzip_core.bench.flops import LORA_TARGETS
-
         return TrainableParts(llm="lora", lora_rank=LORA_RANK, lora_targets=LORA_TARGETS)
     return TrainableParts(llm=llm)
 
@@ -631,8 +630,6 @@ def calibrate_planner(family: str = "llava-1.5", mode: str = "finetune") -> list
     """The planner's activation bytes (:class:`SettingSimulator`, meta) against a real CPU step of
     the tiny model (:func:`visionzip_core.bench.memory_sim.calibrate`'s ZeRO setting: gradients released
     as accumulated), per budget and checkpointing. ``diff_pct`` = (planner - real) / real in %."""
-    from visionzip_core.bench.memory_sim import TINY_BUDGETS, TINY_SIZE, calibrate
-
     rows = []
     for ckpt in (False, True):
         sim = SettingSimulator(TINY_SIZE, family, mode, ckpt, TINY_BUDGETS, 1, (2,))
