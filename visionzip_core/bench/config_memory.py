@@ -10,7 +10,7 @@ samples as the budget allows.
 
 Qwen2.5-VL keeps a fraction of each image's own merged tokens (``dominant_ratio`` +
 ``contextual_ratio``), so its count depends on the image: the simulation feeds the benchmarks'
-448 x 448 image (:data:`~visionzip_core.bench.sizes.QWEN_IMAGE`, 256 merged tokens) and runs the
+448 x 448 image (the family's ``bench_image``, 256 merged tokens) and runs the
 planner's Qwen path (ratio budget keyed by percent, the tower's working set, the merger and the LLM).
 
     python scripts/simulate_memory.py --configs configs/llava-1.5-7b configs/llava-next-7b configs/qwen2.5-vl-7b
