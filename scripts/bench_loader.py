@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from visionzip_core.data import DataCollator, DataSettings, LengthGroupedSampler, build_dataset
-from visionzip_core.testing.tiny import build_tiny_tokenizer
+from visionzip_core.testing.tokenizers import build_tiny_tokenizer
 
 
 def write_data(folder: Path, n: int) -> Path:

@@ -38,35 +38,20 @@ import torch
 from PIL import Image
 
 from visionzip_core import visionzip_processor
-from visionzip_core.bench.benchmarking import (
-    NEXT_IMAGE,
-    QWEN_SIZES,
-    SIZES,
+from visionzip_core.bench.budgets import (
     budget_label,
     budgets_for,
-    build_random_model,
-    counted_flops,
     image_plan,
-    interleaved_schedule,
-    median,
     parse_budgets,
-    run_context,
     set_budget,
-    size_error,
-    sizes_for,
     stock_budget,
-    write_qwen_processor_files,
-    write_report,
 )
-from visionzip_core.bench.flops import TrainableParts, llava_step_flops
-from visionzip_core.data.images import tiles
+from visionzip_core.bench.flops import TrainableParts, counted_flops, llava_step_flops
+from visionzip_core.bench.random_models import build_random_model, random_model_processor
+from visionzip_core.bench.report import run_context, write_report
+from visionzip_core.bench.sizes import SIZE_TABLES, benchmarked_families, size_error, sizes_for
+from visionzip_core.bench.timing import interleaved_schedule, median
 from visionzip_core.families import family_for
-from visionzip_core.testing.tiny import (
-    IMAGE_TOKEN,
-    TINY_CHAT_TEMPLATE,
-    build_image_processor,
-    build_tiny_tokenizer,
-)
 
 # A LLaVA-bench-like request: one image and a one-sentence question.
 QUESTION = (
@@ -77,8 +62,10 @@ QUESTION = (
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", choices=sorted({*SIZES, *QWEN_SIZES}), default="cpu")
-    p.add_argument("--family", choices=("llava-1.5", "llava-next", "qwen2.5-vl"), default="llava-1.5")
+    p.add_argument(
+        "--size", choices=sorted({s for table in SIZE_TABLES.values() for s in table}), default="cpu"
+    )
+    p.add_argument("--family", choices=benchmarked_families(), default="llava-1.5")
     p.add_argument(
         "--quick", action="store_true", help="smoke run: fewer layers, 1 timed round, 8 new tokens"
     )
@@ -108,45 +95,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def build_processor(size, model):
-    """The model family's processor (CLIP preprocessing, byte-level BPE) matched to ``model``'s token ids."""
-    family = family_for(model)
-    if family.name == "qwen2.5-vl":  # the processor class is the family's, from a folder as downloaded
-        import tempfile
-
-        with tempfile.TemporaryDirectory() as folder:
-            return family.load_processor(str(write_qwen_processor_files(folder)))
-    tokenizer = build_tiny_tokenizer()
-    tokenizer.model_max_length = 8192  # prompts carry up to 576 (LLaVA-NeXT: 2928) image tokens
-    side = size.vision.image_size
-    image_processor = (
-        family.build_image_processor(side, model.config.image_grid_pinpoints)
-        if family.count_depends_on_size
-        else build_image_processor(side)
-    )
-    processor = family.build_processor(
-        image_processor,
-        tokenizer,
-        model.config.vision_config,
-        chat_template=TINY_CHAT_TEMPLATE,
-    )
-    # The random model's embedding covers these ids; point its special ids at the tokenizer's.
-    model.config.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
-        setattr(model.generation_config, key, getattr(tokenizer, key))
-    return processor
-
-
 def prompt_inputs(size, model, batch_size: int, device, seed: int):
     """Processor outputs for the current budget of ``model`` (the processor expands ``<image>``)."""
-    processor = visionzip_processor(build_processor(size, model), model.config)
+    processor = visionzip_processor(random_model_processor(size, model), model.config)
     rng = np.random.default_rng(seed)
     if hasattr(size, "image"):  # Qwen2.5-VL: native resolution, the chat template places the image
         h, w = size.image
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
     else:
         side = size.vision.image_size
-        h, w = NEXT_IMAGE if tiles(processor.image_processor) else (side, side)
+        h, w = family_for(model).bench_image or (side, side)
         messages = [{"role": "user", "content": f"<image>\n{QUESTION}"}]
     images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for _ in range(batch_size)]
     text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -162,13 +120,12 @@ def run(args: argparse.Namespace) -> list[dict]:
     sizes = sizes_for(args.family)
     size = sizes[args.size].quick() if args.quick else sizes[args.size]
     size = replace(size, batch_size=args.batch_size)
-    qwen = args.family == "qwen2.5-vl"
+    percent = family_for(args.family).takes_ratios  # budgets are percent of each image's tokens
     rounds = args.rounds or (1 if args.quick else 3)
     new_tokens = args.new_tokens or (8 if args.quick else 32)
 
     model = build_random_model(size, device, seed=args.seed, family=args.family).eval()
-    if not qwen:
-        build_processor(size, model)  # points the model's special ids at the tokenizer's
+    random_model_processor(size, model)  # points the model's special ids at the tokenizer's
     budgets = budgets_for(args.family)
     ref = stock_budget(budgets)
     plans = {k: image_plan(model.config, args.family, k) for k in args.budgets}
@@ -199,21 +156,23 @@ def run(args: argparse.Namespace) -> list[dict]:
     counted = {}
     for tokens in args.budgets:  # warm-up
         generate(tokens, 2)
-        if qwen:  # the FLOP figure: counted on a 1-token generate (prefill + one LM-head position)
+        if (
+            not size.flop_model
+        ):  # the FLOP figure: counted on a 1-token generate (prefill + one LM-head position)
             counted[tokens] = counted_flops(lambda t=tokens: generate(t, 1))
     first: dict[int, list[float]] = {k: [] for k in args.budgets}
     full: dict[int, list[float]] = {k: [] for k in args.budgets}
     for tokens in interleaved_schedule(args.budgets, rounds):
         first[tokens].append(generate(tokens, 1))
         full[tokens].append(generate(tokens, new_tokens))
-        unit = "% of tokens" if qwen else " tokens"
+        unit = "% of tokens" if percent else " tokens"
         print(
             f"  {tokens:>3}{unit}: first {first[tokens][-1]:.3f}s, {new_tokens} new {full[tokens][-1]:.3f}s",
             flush=True,
         )
 
     def prefill_flops(tokens: int) -> int:
-        if qwen:
+        if not size.flop_model:
             return counted[tokens]
         return llava_step_flops(
             size.vision,
@@ -238,7 +197,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         results.append(
             {
                 "tokens": tokens,
-                "budget_kind": "percent" if qwen else "tokens",
+                "budget_kind": "percent" if percent else "tokens",
                 "image_tokens": plans[tokens].llm,
                 "stock_image_tokens": plans[ref].llm,
                 "crops_per_image": plans[tokens].crops,
@@ -266,7 +225,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         "rounds": rounds,
         "flops_source": (
             "counted (torch.utils.flop_counter.FlopCounterMode, 1-token generate)"
-            if qwen
+            if not size.flop_model
             else "visionzip_core.bench.flops.llava_step_flops"
         ),
         **run_context(device),

@@ -33,34 +33,27 @@ from pathlib import Path
 
 import torch
 
-from visionzip_core.bench.benchmarking import (
-    NEXT_IMAGE,
-    PAD_TOKEN_ID,
-    QWEN_SIZES,
-    SIZES,
+from visionzip_core.bench.budgets import (
     budget_label,
     budgets_for,
-    build_random_llava,
-    build_random_model,
-    counted_flops,
     image_plan,
-    interleaved_schedule,
-    median,
-    mix665k_like_text_lengths,
-    model_tensors,
     parse_budgets,
-    peak_memory_bytes,
-    qwen_synthetic_batch,
-    run_context,
     set_budget,
-    size_error,
-    sizes_for,
     stock_budget,
-    synthetic_batch,
-    synthetic_items,
-    write_report,
 )
-from visionzip_core.bench.flops import LlamaShape, TrainableParts, VisionTowerShape, llava_step_flops
+from visionzip_core.bench.flops import (
+    LlamaShape,
+    TrainableParts,
+    VisionTowerShape,
+    counted_flops,
+    llava_step_flops,
+)
+from visionzip_core.bench.live_memory import model_tensors, peak_memory_bytes
+from visionzip_core.bench.random_models import build_random_llava, build_random_model
+from visionzip_core.bench.report import run_context, write_report
+from visionzip_core.bench.sizes import PAD_TOKEN_ID, SIZE_TABLES, benchmarked_families, size_error, sizes_for
+from visionzip_core.bench.synthetic import benchmark_batch, mix665k_like_text_lengths, synthetic_items
+from visionzip_core.bench.timing import interleaved_schedule, median
 from visionzip_core.data import DataCollator, LengthGroupedSampler
 from visionzip_core.data.collate import PackingCollator
 from visionzip_core.data.sampler import FixedBatchSampler, TokenBudgetBatchSampler
@@ -72,8 +65,10 @@ LORA_RANK, LORA_ALPHA = 128, 256  # LLaVA-1.5's LoRA recipe, as configs/ use
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", choices=sorted({*SIZES, *QWEN_SIZES}), default="cpu")
-    p.add_argument("--family", choices=("llava-1.5", "llava-next", "qwen2.5-vl"), default="llava-1.5")
+    p.add_argument(
+        "--size", choices=sorted({s for table in SIZE_TABLES.values() for s in table}), default="cpu"
+    )
+    p.add_argument("--family", choices=benchmarked_families(), default="llava-1.5")
     p.add_argument("--mode", choices=("projector", "lora"), default="projector")
     p.add_argument("--quick", action="store_true", help="smoke run: fewer layers, batch 1, 2 timed steps")
     p.add_argument("--steps", type=int, default=None, help="timed steps per budget (default 5; quick 2)")
@@ -102,7 +97,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     args = p.parse_args(argv)
     check_size(p, args)
-    if args.compare_packing and args.family != "llava-1.5":
+    if args.compare_packing and family_for(args.family).count_depends_on_size:
         p.error("--compare-packing runs LLaVA-1.5 (one crop per image)")
     try:
         allowed = budgets_for(args.family)
@@ -172,7 +167,7 @@ def check_shapes(model: torch.nn.Module, size) -> None:
         cfg.text_config
     ) != LlamaShape(**{**size.llm.__dict__, "head_dim": LlamaShape.from_config(cfg.text_config).head_dim}):
         raise RuntimeError(
-            "benchmark model shapes differ from the FLOP model's; fix benchmarking.llava_config"
+            "benchmark model shapes differ from the FLOP model's; fix random_models.llava_config"
         )
 
 
@@ -190,9 +185,10 @@ def run(args: argparse.Namespace) -> list[dict]:
     parts = trainable_parts(args.mode)
 
     t0 = time.perf_counter()
-    qwen = args.family == "qwen2.5-vl"
+    family = family_for(args.family)
+    percent = family.takes_ratios  # budgets are percent of each image's tokens, not counts
     model = build_random_model(size, device, seed=args.seed, family=args.family)
-    if not qwen:
+    if size.flop_model:
         check_shapes(model, size)
     budgets = budgets_for(args.family)
     ref = stock_budget(budgets)
@@ -200,23 +196,14 @@ def run(args: argparse.Namespace) -> list[dict]:
     model = prepare_for_training(model, args.mode)
     print(f"built {size.name} ({size.note}) on {device} in {time.perf_counter() - t0:.1f}s", flush=True)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    image_hw = NEXT_IMAGE if args.family == "llava-next" else None
-    if qwen:
-        batches = {
-            k: qwen_synthetic_batch(size, model.config, plans[k].llm, device, seed=args.seed)
-            for k in args.budgets
-        }
-        for k in args.budgets:  # the LLM sees each budget's real count of <|image_pad|> per image
-            found = int((batches[k]["input_ids"] == model.config.image_token_id).sum()) // size.batch_size
-            if found != plans[k].llm:
-                raise RuntimeError(f"batch holds {found} image tokens per image at budget {k}")
-    else:
-        batches = {
-            k: synthetic_batch(
-                size, plans[k].llm, device, seed=args.seed, image_hw=image_hw, crops=plans[k].crops
-            )
-            for k in args.budgets
-        }
+    batches = {
+        k: benchmark_batch(size, model.config, plans[k], device, seed=args.seed, image_hw=family.bench_image)
+        for k in args.budgets
+    }
+    for k in args.budgets:  # the LLM sees each budget's real count of image tokens per image
+        found = int((batches[k]["input_ids"] == model.config.image_token_id).sum()) // size.batch_size
+        if found != plans[k].llm:
+            raise RuntimeError(f"batch holds {found} image tokens per image at budget {k}")
 
     def step(tokens: int) -> None:
         set_budget(model, tokens, budgets)
@@ -229,7 +216,7 @@ def run(args: argparse.Namespace) -> list[dict]:
 
     counted = {}
     for tokens in args.budgets:  # warm-up: kernels, allocator, optimizer state
-        if qwen:  # the FLOP figure: counted on this step
+        if not size.flop_model:  # the FLOP figure: counted on this step
             counted[tokens] = counted_flops(lambda t=tokens: step(t))
         else:
             step(tokens)
@@ -244,7 +231,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         start = time.perf_counter()
         step(tokens)
         times[tokens].append(time.perf_counter() - start)
-        unit = "% of tokens" if qwen else " tokens"
+        unit = "% of tokens" if percent else " tokens"
         print(f"  {tokens:>3}{unit}: {times[tokens][-1]:.3f}s", flush=True)
 
     base = median(times[ref])
@@ -253,7 +240,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     for tokens in args.budgets:
         batch = batches[tokens]
         seq_len = batch["input_ids"].shape[1]
-        if qwen:
+        if not size.flop_model:
             flops = counted[tokens]
         else:
             flops = ideal_flops(
@@ -271,7 +258,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         results.append(
             {
                 "tokens": tokens,
-                "budget_kind": "percent" if qwen else "tokens",
+                "budget_kind": "percent" if percent else "tokens",
                 "image_tokens": plans[tokens].llm,
                 "stock_image_tokens": plans[ref].llm,
                 "crops_per_image": plans[tokens].crops,
@@ -303,7 +290,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         "timed_steps_per_budget": steps,
         "flops_source": (
             "counted (torch.utils.flop_counter.FlopCounterMode, warm-up step)"
-            if qwen
+            if not size.flop_model
             else "visionzip_core.bench.flops.llava_step_flops"
         ),
         "memory_measure": (
@@ -327,7 +314,8 @@ def compare_packing(args: argparse.Namespace) -> list[dict]:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.threads:
         torch.set_num_threads(args.threads)
-    size = SIZES[args.size].quick() if args.quick else SIZES[args.size]
+    sizes = sizes_for(args.family)
+    size = sizes[args.size].quick() if args.quick else sizes[args.size]
     batch_size = args.batch_size or size.batch_size
     dtype = getattr(torch, size.dtype)
     model = prepare_for_training(
@@ -421,7 +409,7 @@ def compare_packing(args: argparse.Namespace) -> list[dict]:
         "batch_size": batch_size,
         "row_tokens": args.row_tokens,
         "samples": args.samples,
-        "text_lengths": "mix665k_like_text_lengths (visionzip_core/bench/benchmarking.py)",
+        "text_lengths": "mix665k_like_text_lengths (visionzip_core/bench/synthetic.py)",
         **run_context(device),
     }
     for r in results:

@@ -37,11 +37,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from visionzip_core.bench import memory_sim as sim  # noqa: E402
-from visionzip_core.bench.benchmarking import BUDGETS, SIZES, set_budget  # noqa: E402
+from visionzip_core.bench.budgets import budgets_for, set_budget  # noqa: E402
 from visionzip_core.bench.flops import TrainableParts, llava_step_flops  # noqa: E402
+from visionzip_core.bench.sizes import SIZES  # noqa: E402
 from visionzip_core.data import DataCollator, build_dataset  # noqa: E402
 from visionzip_core.testing.sync_counts import FAMILIES, forward_sync_counts  # noqa: E402
-from visionzip_core.testing.tiny import build_tiny_qwen2_5_vl  # noqa: E402
+from visionzip_core.testing.tiny import write_tiny  # noqa: E402
 from visionzip_core.training import distributed as dist  # noqa: E402
 from visionzip_core.training.config_loading import load_config  # noqa: E402
 from visionzip_core.training.config_rules import PACKED_LAYOUT  # noqa: E402
@@ -155,7 +156,7 @@ def _families(work: Path) -> list[tuple[str, str, list[str]]]:
     """(family, model folder, demo-config overrides) for each family, tiny random weights."""
     qwen = work / "tiny-qwen2.5-vl"
     if not (qwen / "config.json").is_file():
-        build_tiny_qwen2_5_vl(qwen, seed=0, vision_depth=2)
+        write_tiny("qwen2.5-vl", qwen, seed=0, vision_depth=2)
     data = _qwen_mixed_data(work / "qwen-data")
     return [
         ("llava-1.5", "builtin:tiny-llava", []),
@@ -279,7 +280,8 @@ def check_step(work: Path) -> list[tuple[str, str, str]]:
     from dataclasses import replace
 
     size = replace(SIZES["cpu"], dtype="bfloat16", batch_size=8)
-    budgets = {576: BUDGETS[576], 64: BUDGETS[64]}
+    table = budgets_for("llava-1.5")
+    budgets = {576: table[576], 64: table[64]}
     rows = []
     peak_tflops = float(os.environ.get("GPU_PEAK_TFLOPS", "989"))  # H100 SXM dense bf16
     for tokens in (576, 64):

@@ -6,7 +6,7 @@ Activations and temporaries come from running the step on meta tensors under a l
 tracker; parameters, gradients and optimizer states are computed per GPU as ZeRO shards them.
 How, and what it leaves out: ``visionzip_core/bench/memory_sim.py`` and BENCHMARKS.md.
 
-    python scripts/simulate_memory.py --out results/simulate_memory.json        # both 7B families, ~1 min
+    python scripts/simulate_memory.py --out results/simulate_memory.json        # every simulated family's 7B, ~1 min
     python scripts/simulate_memory.py --quick --out /tmp/sim.json               # 2 LLM layers, seconds
     python scripts/simulate_memory.py --calibrate --out results/simulate_memory_calibration.json
     python scripts/simulate_memory.py --families llava-next --modes finetune --whole-model-ckpt
@@ -15,7 +15,9 @@ How, and what it leaves out: ``visionzip_core/bench/memory_sim.py`` and BENCHMAR
 Per-GPU micro-batches: LLaVA-1.5 16 (LLaVA's scripts/v1_5/finetune.sh: 16 x 8 GPUs = 128, ZeRO-3,
 gradient checkpointing, bf16); LLaVA-NeXT 4 (LLaVA-NeXT's scripts/train/finetune_clip.sh:
 per-device batch 4, ZeRO-3, gradient checkpointing, bf16, CLIP trained; the ``finetune_vision``
-mode). Text: the benchmarks' 100-150 tokens per sample (LLaVA-665k-like), one image per sample.
+mode); Qwen2.5-VL 4 (configs/qwen2.5-vl-7b/lora.yaml), its frozen tower stood in by its measured
+working set. The families and their workloads are the registry's (``ModelFamily.simulation``).
+Text: the benchmarks' 100-150 tokens per sample (LLaVA-665k-like), one image per sample.
 ``--calibrate`` runs the same step for real on a small CPU model and on meta and prints the
 difference.
 """
@@ -30,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from visionzip_core.bench.benchmarking import SIZES, budget_label, run_context
+from visionzip_core.bench.budgets import budget_label
 from visionzip_core.bench.memory_sim import (
     MODES,
     TINY_BUDGETS,
@@ -40,24 +42,22 @@ from visionzip_core.bench.memory_sim import (
     simulate,
     workload,
 )
+from visionzip_core.bench.report import run_context
+from visionzip_core.bench.sizes import sizes_for
+from visionzip_core.families import FAMILIES
 from visionzip_core.training.config_memory import markdown_table, simulate_config
 
-FAMILIES = ("llava-1.5", "llava-next")
-SIZE_OF = {"llava-1.5": "llava-1.5-7b", "llava-next": "llava-next-7b"}
-MICRO_BATCH = {"llava-1.5": 16, "llava-next": 4}
-BATCH_SOURCE = {
-    "llava-1.5": "16 per GPU: LLaVA scripts/v1_5/finetune.sh (16 x 8 GPUs = 128, zero3, gradient checkpointing, bf16)",
-    "llava-next": "4 per GPU: LLaVA-NeXT scripts/train/finetune_clip.sh (per-device 4, zero3, gradient "
-    "checkpointing, bf16, CLIP tuned); configs/llava-next-7b/finetune.yaml: 4 x accumulation 4 x 8 GPUs = 128",
-}
-DEFAULT_MODES = {"llava-1.5": ("finetune", "lora"), "llava-next": ("finetune", "lora", "finetune_vision")}
-# Calibration: the stock model and the smallest budget of each family.
-CALIBRATION_BUDGETS = {"llava-1.5": (576, 64), "llava-next": (576, 32)}
+# Every registered family the simulation runs, with its default workload (ModelFamily.simulation).
+SIMULATED = {f.name: f.simulation for f in FAMILIES if f.simulation is not None}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--families", default=",".join(FAMILIES), help="comma-separated: llava-1.5, llava-next")
+    p.add_argument(
+        "--families",
+        default=None,
+        help=f"comma-separated: {', '.join(SIMULATED)} (default: all; calibrated ones)",
+    )
     p.add_argument("--modes", default=None, help=f"comma-separated from {MODES}; default per family")
     p.add_argument(
         "--quick", action="store_true", help="2 LLM layers, 6 tower layers, micro-batch 1: seconds"
@@ -88,10 +88,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None, help="JSON path; .md is written beside it")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    args.families = args.families.split(",")
-    bad = [f for f in args.families if f not in FAMILIES]
+    calibrated = [f for f in SIMULATED if SIMULATED[f]["calibrate"] is not None]
+    args.families = (
+        args.families.split(",") if args.families else list(calibrated if args.calibrate else SIMULATED)
+    )
+    bad = [f for f in args.families if f not in SIMULATED]
     if bad:
-        p.error(f"--families: unknown {bad}; allowed {list(FAMILIES)}")
+        p.error(f"--families: unknown {bad}; allowed {list(SIMULATED)}")
+    if args.calibrate:
+        bad = [f for f in args.families if SIMULATED[f]["calibrate"] is None]
+        if bad:
+            p.error(
+                f"--calibrate: {bad} not calibrated (the real step runs the tower the meta step stands in for)"
+            )
     if args.modes is not None:
         args.modes = args.modes.split(",")
         bad = [m for m in args.modes if m not in MODES]
@@ -109,13 +118,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 def workloads(args: argparse.Namespace) -> list[Workload]:
     out = []
     for family in args.families:
-        size = SIZES[SIZE_OF[family]]
+        recipe = SIMULATED[family]
+        size = sizes_for(family)[recipe["size"]]
         if args.quick:
             size = size.quick()
         if args.text_tokens:
             size = replace(size, text_tokens=args.text_tokens)
-        batch = args.micro_batch or (1 if args.quick else MICRO_BATCH[family])
-        note = BATCH_SOURCE[family] if batch == MICRO_BATCH[family] else f"{batch} per GPU (--micro-batch)"
+        batch = args.micro_batch or (1 if args.quick else recipe["micro_batch"])
+        note = (
+            recipe["batch_source"] if batch == recipe["micro_batch"] else f"{batch} per GPU (--micro-batch)"
+        )
         out.append(workload(size, family, batch, note))
     return out
 
@@ -157,7 +169,7 @@ def run_simulation(args: argparse.Namespace) -> tuple[list[dict], str]:
     start = time.perf_counter()
     results, sections = [], []
     for work in workloads(args):
-        modes = args.modes or DEFAULT_MODES[work.family]
+        modes = args.modes or SIMULATED[work.family]["modes"]
         rows = simulate(
             work,
             modes,
@@ -199,11 +211,11 @@ def run_simulation(args: argparse.Namespace) -> tuple[list[dict], str]:
 
 
 def run_calibration(args: argparse.Namespace) -> tuple[list[dict], str]:
-    size = TINY_SIZE if args.tiny else SIZES["cpu"].quick()
     results = []
     for family in args.families:
+        size = TINY_SIZE if args.tiny else sizes_for(family)["cpu"].quick()
         budgets = TINY_BUDGETS if args.tiny else None
-        tokens = tuple(TINY_BUDGETS) if args.tiny else CALIBRATION_BUDGETS[family]
+        tokens = tuple(TINY_BUDGETS) if args.tiny else SIMULATED[family]["calibrate"]
         for ckpt in (False, True):
             for k in tokens:
                 start = time.perf_counter()

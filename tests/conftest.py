@@ -32,10 +32,10 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny_llava_dir(tmp_path_factory):
     """A saved llava-hf folder: random tiny LLaVA-1.5 (112 px, 64 patches + CLS) and its processor."""
-    from visionzip_core.testing.tiny import build_tiny_llava
+    from visionzip_core.testing.tiny import write_tiny
 
     path = tmp_path_factory.mktemp("tiny-llava")
-    build_tiny_llava(path)
+    write_tiny("llava-1.5", path)
     return path
 
 
@@ -43,10 +43,10 @@ def tiny_llava_dir(tmp_path_factory):
 def tiny_llava_next_dir(tmp_path_factory):
     """A saved llava-hf LLaVA-NeXT folder: 112 px crops (64 patches + CLS), llava-v1.6's five
     tilings of the crop side (1x2, 2x1, 2x2, 3x1, 1x3), and its LlavaNextProcessor."""
-    from visionzip_core.testing.tiny import build_tiny_llava_next
+    from visionzip_core.testing.tiny import write_tiny
 
     path = tmp_path_factory.mktemp("tiny-llava-next")
-    build_tiny_llava_next(path)
+    write_tiny("llava-next", path)
     return path
 
 
@@ -54,17 +54,17 @@ def tiny_llava_next_dir(tmp_path_factory):
 def tiny_qwen2_5_vl_dir(tmp_path_factory):
     """A folder laid out like the Qwen/Qwen2.5-VL-7B-Instruct download: random tiny Qwen2.5-VL (4
     windowed vision blocks, 2x2 merge units of 14 px patches) and its processor."""
-    from visionzip_core.testing.tiny import build_tiny_qwen2_5_vl
+    from visionzip_core.testing.tiny import write_tiny
 
-    return build_tiny_qwen2_5_vl(tmp_path_factory.mktemp("tiny-qwen2.5-vl") / "model")
+    return write_tiny("qwen2.5-vl", tmp_path_factory.mktemp("tiny-qwen2.5-vl") / "model")
 
 
 @pytest.fixture(scope="session")
 def tiny_qwen2_vl_dir(tmp_path_factory):
     """As ``tiny_qwen2_5_vl_dir``, the Qwen/Qwen2-VL-7B-Instruct layout (full attention in every block)."""
-    from visionzip_core.testing.tiny import build_tiny_qwen2_vl
+    from visionzip_core.testing.tiny import write_tiny
 
-    return build_tiny_qwen2_vl(tmp_path_factory.mktemp("tiny-qwen2-vl") / "model")
+    return write_tiny("qwen2-vl", tmp_path_factory.mktemp("tiny-qwen2-vl") / "model")
 
 
 @pytest.fixture(scope="session")

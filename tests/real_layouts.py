@@ -87,7 +87,7 @@ def _clip_bpe_files(out: Path) -> None:
 def write_full_clip_folder(out: Path) -> Path:
     from transformers import CLIPConfig, CLIPModel
 
-    from visionzip_core.testing.tiny import build_image_processor, tiny_vision_config
+    from visionzip_core.families.llava import clip_image_processor, tiny_vision_config
 
     out.mkdir(parents=True, exist_ok=True)
     config = CLIPConfig(
@@ -109,7 +109,7 @@ def write_full_clip_folder(out: Path) -> Path:
     model = CLIPModel(config)
     config.save_pretrained(out)
     torch.save(model.state_dict(), out / "pytorch_model.bin")
-    build_image_processor(config.vision_config.image_size).save_pretrained(out)
+    clip_image_processor(config.vision_config.image_size).save_pretrained(out)
     _clip_bpe_files(out)
     return out
 
@@ -159,7 +159,8 @@ def _save_sharded_bin(state: dict, out: Path, shards: int = 2) -> None:
 def write_vicuna_folder(out: Path) -> Path:
     from transformers import LlamaForCausalLM
 
-    from visionzip_core.testing.tiny import tiny_text_config, write_sentencepiece_tokenizer
+    from visionzip_core.families.llava import tiny_text_config
+    from visionzip_core.testing.tokenizers import write_sentencepiece_tokenizer
 
     write_sentencepiece_tokenizer(out, legacy=False)
     config = tiny_text_config(VICUNA_VOCAB)
@@ -252,12 +253,8 @@ def write_llava_hf_4x_folder(out: Path, seed: int = 0, family: str = "llava") ->
         else ("LlavaForConditionalGeneration", "LlavaProcessor")
     )
 
-    from visionzip_core.testing.tiny import (
-        build_image_processor,
-        tiny_text_config,
-        tiny_vision_config,
-        write_sentencepiece_tokenizer,
-    )
+    from visionzip_core.families.llava import clip_image_processor, tiny_text_config, tiny_vision_config
+    from visionzip_core.testing.tokenizers import write_sentencepiece_tokenizer
 
     out.mkdir(parents=True, exist_ok=True)
     write_sentencepiece_tokenizer(out, legacy=False)
@@ -332,7 +329,7 @@ def write_llava_hf_4x_folder(out: Path, seed: int = 0, family: str = "llava") ->
             image_processor_type="LlavaNextImageProcessor", processor_class=processor_class
         )
     else:
-        image_processor = build_image_processor(vision.image_size).to_dict()
+        image_processor = clip_image_processor(vision.image_size).to_dict()
         image_processor.update(image_processor_type="CLIPImageProcessor", processor_class=processor_class)
     (out / "preprocessor_config.json").write_text(json.dumps(image_processor, indent=2))
     processor = {

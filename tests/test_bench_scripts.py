@@ -49,8 +49,9 @@ def test_llava_7b_size_builds_on_meta_and_matches_flop_model():
     """The GPU size is built for real only on a GPU; here its structure and FLOP shapes are checked."""
     import torch
 
-    from visionzip_core.bench.benchmarking import SIZES, build_random_llava
     from visionzip_core.bench.flops import LlamaShape, VisionTowerShape
+    from visionzip_core.bench.random_models import build_random_llava
+    from visionzip_core.bench.sizes import SIZES
 
     size = SIZES["llava-1.5-7b"]
     model = build_random_llava(size, "meta")
@@ -85,14 +86,11 @@ def test_llava_next_7b_flop_ideal_training_speedup():
     """The FLOP-ideal training speed-up of LLaVA-NeXT-7B (full fine-tune of projector + LLM, 5-crop
     images, the LLaVA-665k-like text of the benchmarks) at the paper's 640 / 320 / 160 tokens.
     BENCHMARKS.md sets these against the paper's 2.1x measured training-time reduction."""
-    from visionzip_core.bench.benchmarking import (
-        NEXT_BUDGETS,
-        SIZES,
-        build_random_llava,
-        image_plan,
-        text_lengths,
-    )
+    from visionzip_core.bench.budgets import budgets_for, image_plan
     from visionzip_core.bench.flops import TrainableParts, llava_step_flops
+    from visionzip_core.bench.random_models import build_random_llava
+    from visionzip_core.bench.sizes import SIZES
+    from visionzip_core.bench.synthetic import text_lengths
 
     size = SIZES["llava-next-7b"]
     model = build_random_llava(size, "meta", family="llava-next")
@@ -109,7 +107,7 @@ def test_llava_next_7b_flop_ideal_training_speedup():
             batch=size.batch_size,
             seq_len=1 + text + plan.llm,
             image_tokens=plan.llm,
-            visionzip_split=NEXT_BUDGETS[tokens],
+            visionzip_split=budgets_for("llava-next")[tokens],
             crops_per_image=plan.crops,
             projector_tokens_per_image=plan.projected,
         )["total"].total
@@ -189,7 +187,9 @@ def test_bench_train_and_prefill_quick_for_qwen2_5_vl(tmp_path):
 def test_qwen2_5_vl_7b_size_builds_on_meta_and_is_refused_on_cpu():
     """The Qwen2.5-VL-7B size has the released model's shapes (checked on meta); the scripts refuse
     it on a CPU with one line instead of allocating 16 GB."""
-    from visionzip_core.bench.benchmarking import QWEN_SIZES, build_random_model, image_plan, size_error
+    from visionzip_core.bench.budgets import image_plan
+    from visionzip_core.bench.random_models import build_random_model
+    from visionzip_core.bench.sizes import QWEN_SIZES, size_error
 
     size = QWEN_SIZES["qwen2.5-vl-7b"]
     model = build_random_model(size, "meta", family="qwen2.5-vl")

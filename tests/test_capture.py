@@ -11,7 +11,7 @@ from transformers import CLIPVisionModel
 from visionzip_core.algorithm import select_visionzip_tokens, token_groups
 from visionzip_core.capture import capture_feature_layer, resolve_feature_layer
 from visionzip_core.config import VisionZipConfig
-from visionzip_core.testing.tiny import tiny_vision_config
+from visionzip_core.families.llava import tiny_vision_config
 
 NUM_LAYERS = 4
 

@@ -25,21 +25,16 @@ import pytest
 from PIL import Image
 from test_train_e2e import REPO, _cmd, _env
 
-from visionzip_core.testing.tiny import (
-    build_tiny_llava,
-    build_tiny_llava_next,
-    build_tiny_qwen2_5_vl,
-    build_tiny_qwen2_vl,
-)
+from visionzip_core.testing.tiny import write_tiny
 
 pytestmark = pytest.mark.slow
 
 FAMILIES = ("llava-1.5", "llava-next", "qwen2-vl", "qwen2.5-vl")
 BUILDERS = {
-    "llava-1.5": lambda out: build_tiny_llava(out),
-    "llava-next": lambda out: build_tiny_llava_next(out),
-    "qwen2-vl": lambda out: build_tiny_qwen2_vl(out, seed=0, vision_depth=2),
-    "qwen2.5-vl": lambda out: build_tiny_qwen2_5_vl(out, seed=0, vision_depth=2),
+    "llava-1.5": lambda out: write_tiny("llava-1.5", out),
+    "llava-next": lambda out: write_tiny("llava-next", out),
+    "qwen2-vl": lambda out: write_tiny("qwen2-vl", out, seed=0, vision_depth=2),
+    "qwen2.5-vl": lambda out: write_tiny("qwen2.5-vl", out, seed=0, vision_depth=2),
 }
 SIZES = [(97, 143), (300, 61), (112, 112), (60, 200), (150, 90)]
 

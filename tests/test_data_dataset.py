@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from visionzip_core.data import BadDataError, DataCollator, DataSettings, build_dataset
-from visionzip_core.testing.tiny import build_image_processor, build_tiny_tokenizer
+from visionzip_core.families.llava import clip_image_processor
+from visionzip_core.testing.tokenizers import build_tiny_tokenizer
 
 K = 6
 
@@ -21,7 +22,7 @@ def tok():
 
 @pytest.fixture(scope="module")
 def proc():
-    return build_image_processor(112)
+    return clip_image_processor(112)
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import pytest
 
 from visionzip_core.data import IGNORE_INDEX, VICUNA_V1_SYSTEM, Encoder
 from visionzip_core.data.validation import SampleError
-from visionzip_core.testing.tiny import build_tiny_tokenizer
+from visionzip_core.testing.tokenizers import build_tiny_tokenizer
 
 K = 5
 

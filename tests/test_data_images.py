@@ -8,12 +8,12 @@ import torch
 from PIL import Image
 
 from visionzip_core.data.images import ImageTransform, mean_colour, open_rgb
-from visionzip_core.testing.tiny import build_image_processor
+from visionzip_core.families.llava import clip_image_processor
 
 
 @pytest.fixture(scope="module")
 def proc():
-    return build_image_processor(112)
+    return clip_image_processor(112)
 
 
 @pytest.mark.parametrize(

@@ -36,7 +36,7 @@ from transformers import AutoTokenizer
 
 from visionzip_core.data import IGNORE_INDEX, VICUNA_V1_SYSTEM, Encoder
 from visionzip_core.data.sources import to_conversation
-from visionzip_core.testing.tiny import write_sentencepiece_tokenizer
+from visionzip_core.testing.tokenizers import write_sentencepiece_tokenizer
 
 K = 3
 IMG = "<image>"

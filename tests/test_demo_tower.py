@@ -87,15 +87,15 @@ def test_feature_layer_cls_linearly_predicts_colour_shape_position_and_word(demo
 
 def test_pretraining_is_deterministic():
     from visionzip_core.testing.demo_tower import pretrain_demo_tower
-    from visionzip_core.testing.tiny import build_tiny_llava
+    from visionzip_core.testing.tiny import tiny_model
 
     towers = []
     for _ in range(2):
-        model, processor = build_tiny_llava(None)
+        model, processor = tiny_model("llava-1.5")
         tower = model.model.vision_tower
         pretrain_demo_tower(tower, processor.image_processor, pictures=128, epochs=2, log=lambda _: None)
         towers.append(tower.state_dict())
-    untrained = build_tiny_llava(None)[0].model.vision_tower.state_dict()
+    untrained = tiny_model("llava-1.5")[0].model.vision_tower.state_dict()
     assert all(torch.equal(towers[0][k], towers[1][k]) for k in towers[0])
     assert not torch.equal(
         towers[0]["embeddings.patch_embedding.weight"], untrained["embeddings.patch_embedding.weight"]
@@ -106,9 +106,9 @@ def test_pretraining_runs_on_one_thread_and_gives_the_threads_back():
     """Float sums depend on the thread count: a 2-thread build drifts to another tower (and the
     demo to 0.66 instead of 0.96), so pretraining pins one thread, whatever the machine has."""
     from visionzip_core.testing.demo_tower import pretrain_demo_tower
-    from visionzip_core.testing.tiny import build_tiny_llava
+    from visionzip_core.testing.tiny import tiny_model
 
-    model, processor = build_tiny_llava(None, seed=0)
+    model, processor = tiny_model("llava-1.5", seed=0)
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     seen = []

@@ -10,7 +10,10 @@ import pytest
 import torch
 from transformers import AutoConfig, LlamaForCausalLM, LlavaForConditionalGeneration, LlavaProcessor
 
+from visionzip_core.bench.budgets import stock_budget
+from visionzip_core.bench.sizes import sizes_for
 from visionzip_core.families import FAMILIES, UnsupportedModel, family_for, supported
+from visionzip_core.testing.tokenizers import TINY_TOKENIZERS, tiny_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -118,3 +121,19 @@ def test_the_boundary_check_sees_what_it_looks_for(tmp_path):
         or _is_patch_formula(node)
     ]
     assert len(hits) == 3
+
+
+def test_every_family_names_its_tiny_tokenizer_and_its_benchmark_tables():
+    """The hooks that replace family branches in testing/ and bench/ point at something real: a
+    tokenizer factory, a size table with the family's stock budget, the size its simulation runs."""
+    for family in FAMILIES:
+        assert family.tiny_tokenizer in TINY_TOKENIZERS, family.name
+        if family.bench_sizes is None:
+            with pytest.raises(ValueError, match="no benchmark sizes"):
+                sizes_for(family.name)
+            continue
+        assert stock_budget(family.bench_budgets) in family.bench_budgets
+        if family.simulation is not None:
+            assert family.simulation["size"] in sizes_for(family.name)
+    with pytest.raises(ValueError, match="no tiny tokenizer 'sentencepiece'"):
+        tiny_tokenizer("sentencepiece")

@@ -6,6 +6,8 @@ attention here). Forward and backward are counted separately and must match exac
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -19,6 +21,8 @@ from visionzip_core.bench.flops import (
     VisionTowerShape,
     llava_step_flops,
 )
+from visionzip_core.bench.memory_sim import TINY_SIZE
+from visionzip_core.bench.sizes import SIZES
 
 BATCH, TEXT = 2, 11
 
@@ -26,7 +30,7 @@ BATCH, TEXT = 2, 11
 def _tiny_eager_llava():
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
-    from visionzip_core.testing.tiny import tiny_text_config, tiny_vision_config
+    from visionzip_core.families.llava import tiny_text_config, tiny_vision_config
 
     config = LlavaConfig(
         vision_config=tiny_vision_config(),
@@ -215,8 +219,8 @@ def test_flop_model_matches_flop_counter_for_llava_next(split, size):
     from transformers import LlavaNextForConditionalGeneration
 
     from visionzip_core.families import family_for
+    from visionzip_core.families.llava import tiny_text_config, tiny_vision_config
     from visionzip_core.families.llava_next import crops_per_image
-    from visionzip_core.testing.tiny import tiny_text_config, tiny_vision_config
 
     family = family_for("llava-next")
     config = family.build_config(tiny_vision_config(), tiny_text_config(300), image_token_id=299)
@@ -252,3 +256,18 @@ def test_flop_model_matches_flop_counter_for_llava_next(split, size):
         projector_tokens_per_image=crops * 64 if split is None else k,
     )["total"]
     assert counted.forward > 0 and modelled == counted
+
+
+def test_shapes_and_configs_map_both_ways():
+    """One mapping between a shape and its config: every benchmark size's tower and LLM come back
+    from the configs they build (a Llama shape without head_dim reads back the implied one)."""
+    for size in [*SIZES.values(), TINY_SIZE]:
+        assert VisionTowerShape.from_config(size.vision.to_config()) == size.vision
+        llm = LlamaShape.from_config(size.llm.to_config())
+        assert llm.head_dim == size.llm.hidden // size.llm.heads
+        assert replace(llm, head_dim=None) == size.llm
+    grouped = LlamaShape(
+        hidden=768, intermediate=4096, layers=4, heads=6, kv_heads=2, vocab=16384, head_dim=128
+    )
+    assert LlamaShape.from_config(grouped.to_config()) == grouped
+    assert grouped.to_config(pad_token_id=7).pad_token_id == 7

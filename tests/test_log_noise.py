@@ -20,7 +20,8 @@ import pytest
 from PIL import Image
 
 from visionzip_core.data import DataSettings, build_dataset
-from visionzip_core.testing.tiny import build_image_processor, build_tiny_tokenizer
+from visionzip_core.families.llava import clip_image_processor
+from visionzip_core.testing.tokenizers import build_tiny_tokenizer
 from visionzip_core.training.dataloaders import available_cpus, build_val_loader, workers_note
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,7 +59,7 @@ def test_one_dropped_text_only_sample_is_singular(tmp_path, caplog):
     )
     with caplog.at_level(logging.WARNING):
         build_dataset(
-            settings, "train", build_tiny_tokenizer(), build_image_processor(112), 6, images_only=True
+            settings, "train", build_tiny_tokenizer(), clip_image_processor(112), 6, images_only=True
         )
     assert "data.train: dropped 1 text-only sample" in caplog.text
     assert "1 text-only samples" not in caplog.text

@@ -21,8 +21,9 @@ from pathlib import Path
 import pytest
 
 from visionzip_core.bench import planner
-from visionzip_core.bench.benchmarking import SIZES
 from visionzip_core.bench.memory_sim import simulate, workload
+from visionzip_core.bench.sizes import SIZES
+from visionzip_core.families import family_for
 
 REPO = Path(__file__).resolve().parents[1]
 KEYS = (
@@ -145,7 +146,7 @@ def test_find_budget_gives_the_largest_budget_that_fits_at_the_micro_batch():
 
 def _quick_qwen_model() -> planner.PlanModel:
     """Qwen2.5-VL-7B widths, 2 tower blocks and 1 LLM layer, stock and 0.20 + 0.05."""
-    from visionzip_core.bench.benchmarking import QWEN_SIZES
+    from visionzip_core.bench.sizes import QWEN_SIZES
 
     size = QWEN_SIZES["qwen2.5-vl-7b"].quick()
     return planner.PlanModel("qwen-quick", "qwen2.5-vl", size, {100: None, 25: (0.20, 0.05)})
@@ -169,13 +170,10 @@ def test_qwen_step_flops_equal_a_counted_real_step():
     backward is the 2x the model assumes): equal to the FLOP."""
     import torch
 
-    from visionzip_core.bench.benchmarking import (
-        QWEN_SIZES,
-        build_random_model,
-        counted_flops,
-        qwen_synthetic_batch,
-    )
-    from visionzip_core.bench.flops import TrainableParts, qwen_step_flops
+    from visionzip_core.bench.flops import TrainableParts, counted_flops, qwen_step_flops
+    from visionzip_core.bench.random_models import build_random_model
+    from visionzip_core.bench.sizes import QWEN_SIZES
+    from visionzip_core.bench.synthetic import qwen_synthetic_batch
 
     size = replace(QWEN_SIZES["cpu"], batch_size=1, text_tokens=(50, 50))
     model = build_random_model(size, "cpu", family="qwen2.5-vl")
@@ -229,7 +227,7 @@ def test_text_lengths_and_budgets_parse_with_one_line_errors():
         planner.TextLengths.parse("long")
     model = planner.resolve_model("llava-1.5-7b")
     assert planner.parse_budgets("64,stock,100", model) == [576, 64, 100]
-    assert model.budgets[100] == (84, 16) and 100 not in planner.BUDGETS  # the family's table is a copy
+    assert model.budgets[100] == (84, 16) and 100 not in family_for("llava-1.5").bench_budgets  # a copy
     with pytest.raises(ValueError, match="--budgets"):
         planner.parse_budgets("stock,900", model)
     with pytest.raises(ValueError, match="--model"):

@@ -21,7 +21,7 @@ from visionzip_core.data.sources import to_conversation
 from visionzip_core.data.templates import tokenizer_of
 from visionzip_core.data.validation import BadDataError, SampleError
 from visionzip_core.families import family_for, image_token_count, video_token_count
-from visionzip_core.testing.tiny import build_tiny_qwen2_5_vl
+from visionzip_core.testing.tiny import write_tiny
 
 IMG, VID = "<|image_pad|>", "<|video_pad|>"
 VZ = VisionZipConfig(dominant_ratio=0.25, contextual_ratio=0.25)
@@ -31,7 +31,7 @@ ODD_SIZES = [(97, 143), (300, 61), (50, 50), (1000, 30), (113, 113), (256, 500)]
 
 @pytest.fixture(scope="module")
 def qwen(tmp_path_factory):
-    folder = build_tiny_qwen2_5_vl(tmp_path_factory.mktemp("qwen"), vision_depth=2)
+    folder = write_tiny("qwen2.5-vl", tmp_path_factory.mktemp("qwen"), vision_depth=2)
     family = family_for("qwen2.5-vl")
     processor = family.load_processor(str(folder))
     tokenizer_of(processor)  # the download keeps the chat template on the processor
@@ -140,7 +140,9 @@ def _layout(family, processor):
 @pytest.mark.parametrize("aspect", ["native", "pad"])
 def test_size_rule_matches_the_processor(qwen, tmp_path, aspect):
     family, processor, config = qwen
-    transform = ImageTransform(processor.image_processor, aspect, processor.video_processor, _layout(family, processor))
+    transform = ImageTransform(
+        processor.image_processor, aspect, processor.video_processor, _layout(family, processor)
+    )
     rule = transform.size_rule
     for i, size in enumerate(ODD_SIZES):
         path = _picture(tmp_path / f"{i}.png", size, seed=i)
@@ -152,7 +154,9 @@ def test_size_rule_matches_the_processor(qwen, tmp_path, aspect):
 
 def test_video_size_rule_matches_the_video_processor(qwen, tmp_path):
     family, processor, config = qwen
-    transform = ImageTransform(processor.image_processor, "native", processor.video_processor, _layout(family, processor))
+    transform = ImageTransform(
+        processor.image_processor, "native", processor.video_processor, _layout(family, processor)
+    )
     for n_frames, size in [(4, (97, 143)), (3, (300, 61)), (1, (50, 50))]:
         frames = [_picture(tmp_path / f"v{n_frames}_{k}.png", size, seed=k) for k in range(n_frames)]
         loaded = transform.load_videos([frames])
@@ -186,7 +190,9 @@ def test_ids_equal_the_adapted_processors_and_labels_are_the_replies(qwen, tmp_p
         },
         {"role": "assistant", "content": [{"type": "text", "text": "A dog and a bird."}]},
     ]
-    transform = ImageTransform(processor.image_processor, "native", processor.video_processor, _layout(family, processor))
+    transform = ImageTransform(
+        processor.image_processor, "native", processor.video_processor, _layout(family, processor)
+    )
     conv = to_conversation({"messages": messages, "images": paths, "videos": [frames]}, "messages", IMG, VID)
     images = transform.load(paths)
     videos = transform.load_videos([frames])

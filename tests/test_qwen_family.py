@@ -19,13 +19,13 @@ from visionzip_core.adapt import remove_visionzip, visionzip, visionzip_processo
 from visionzip_core.config import VisionZipConfig
 from visionzip_core.families import family_for
 from visionzip_core.families.qwen2_5_vl import compress_vision
-from visionzip_core.testing.tiny import build_tiny_qwen2_5_vl
+from visionzip_core.testing.tiny import write_tiny
 
 
 # Qwen2.5-VL (windowed attention, the authors' release) and Qwen2-VL (full attention everywhere).
 @pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen2_vl"])
 def tiny_qwen(request, tmp_path_factory):
-    return build_tiny_qwen2_5_vl(tmp_path_factory.mktemp(request.param) / "tiny", variant=request.param)
+    return write_tiny(request.param, tmp_path_factory.mktemp(request.param) / "tiny")
 
 
 @pytest.fixture()

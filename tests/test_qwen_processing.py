@@ -15,12 +15,13 @@ import torch
 from PIL import Image
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+from visionzip_core.families.qwen_downloads import TINY_QWEN_MAX_PIXELS, TINY_QWEN_MIN_PIXELS
 from visionzip_core.families.qwen_processing import (
     FrameVideoProcessor,
     QwenProcessorFilesError,
     load_qwen_processor,
 )
-from visionzip_core.testing.tiny import TINY_QWEN_MAX_PIXELS, TINY_QWEN_MIN_PIXELS, build_tiny_qwen2_5_vl
+from visionzip_core.testing.tiny import write_tiny
 
 REPO = Path(__file__).resolve().parents[1]
 SIZES = {"min_pixels": TINY_QWEN_MIN_PIXELS, "max_pixels": TINY_QWEN_MAX_PIXELS}
@@ -28,7 +29,7 @@ SIZES = {"min_pixels": TINY_QWEN_MIN_PIXELS, "max_pixels": TINY_QWEN_MAX_PIXELS}
 
 @pytest.fixture(scope="module")
 def tiny_qwen(tmp_path_factory) -> Path:
-    return build_tiny_qwen2_5_vl(tmp_path_factory.mktemp("qwen") / "tiny-qwen2.5-vl")
+    return write_tiny("qwen2.5-vl", tmp_path_factory.mktemp("qwen") / "tiny-qwen2.5-vl")
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from test_train_e2e import REPO, _cmd, _env, metrics, train
 
-from visionzip_core.testing.tiny import build_tiny_qwen2_5_vl
+from visionzip_core.testing.tiny import write_tiny
 
 pytestmark = pytest.mark.slow
 
@@ -28,7 +28,7 @@ RATIOS = ["visionzip.dominant_ratio=0.25", "visionzip.contextual_ratio=0.25"]
 
 @pytest.fixture(scope="module")
 def qwen_dir(tmp_path_factory):
-    return build_tiny_qwen2_5_vl(tmp_path_factory.mktemp("tiny-qwen") / "model", seed=0, vision_depth=2)
+    return write_tiny("qwen2.5-vl", tmp_path_factory.mktemp("tiny-qwen") / "model", seed=0, vision_depth=2)
 
 
 def _picture(path: Path, h: int, w: int, seed: int) -> None:

@@ -45,7 +45,7 @@ def test_processor_from_full_clip_folder(full_clip_dir, tmp_path):
     from transformers import AutoConfig, AutoTokenizer
 
     from visionzip_core.families import stage1_family
-    from visionzip_core.testing.tiny import write_sentencepiece_tokenizer
+    from visionzip_core.testing.tokenizers import write_sentencepiece_tokenizer
 
     assert AutoConfig.from_pretrained(full_clip_dir).model_type == "clip"
     assert type(AutoTokenizer.from_pretrained(full_clip_dir)).__name__.startswith("CLIPTokenizer")

@@ -32,7 +32,9 @@ DEMO = REPO / "configs" / "demo.yaml"
 def _record(*overrides: str, world_size: int = 1, zero_stage: int = 2) -> dict:
     settings = load_config(DEMO, list(overrides))
     layer = resolve_model_spec(settings).feature_layer
-    return run_record(settings, feature_layer=layer, world_size=world_size, precision="fp32", zero_stage=zero_stage)
+    return run_record(
+        settings, feature_layer=layer, world_size=world_size, precision="fp32", zero_stage=zero_stage
+    )
 
 
 def _keys(diffs) -> list[str]:

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from visionzip_core.bench.benchmarking import SIZES
 from visionzip_core.bench.memory_sim import (
     TINY_BUDGETS,
     TINY_SIZE,
@@ -27,6 +26,8 @@ from visionzip_core.bench.memory_sim import (
     workload,
     zero_model_states,
 )
+from visionzip_core.bench.sizes import SIZES
+from visionzip_core.families import FAMILIES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -150,3 +151,18 @@ def test_cli_calibrate_on_the_tiny_model(script, tmp_path):
     rows = json.loads(out.read_text())
     assert len(rows) == 2 * 2  # budgets x checkpointing
     assert all(abs(r["zero"]["diff_pct"]["activations"]) < 0.01 for r in rows)
+
+
+def test_cli_families_are_the_registry_s(script):
+    """``--families`` lists every registered family with a simulated workload (Qwen2.5-VL's tower
+    stood in), defaults to all of them, leaves out of ``--calibrate`` those it cannot calibrate, and
+    refuses a family the simulation does not run in one line."""
+    simulated = [f.name for f in FAMILIES if f.simulation is not None]
+    assert "qwen2.5-vl" in simulated and "llava-next" in simulated
+    assert script.parse_args([]).families == simulated
+    assert "qwen2.5-vl" not in script.parse_args(["--calibrate"]).families
+    without = [f.name for f in FAMILIES if f.simulation is None]
+    with pytest.raises(SystemExit):
+        script.parse_args(["--families", ",".join(without) or "no-such-family"])
+    with pytest.raises(SystemExit):
+        script.parse_args(["--calibrate", "--families", "qwen2.5-vl"])

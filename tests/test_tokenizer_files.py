@@ -7,7 +7,8 @@ import json
 import pytest
 from transformers import AutoTokenizer, LlamaTokenizer, LlavaProcessor
 
-from visionzip_core.testing.tiny import build_image_processor, write_sentencepiece_tokenizer
+from visionzip_core.families.llava import clip_image_processor
+from visionzip_core.testing.tokenizers import write_sentencepiece_tokenizer
 from visionzip_core.tokenizer_files import save_pretrained_faithfully
 
 # Texts whose ids depend on `legacy`: what follows a special token gets the "▁" marker or not.
@@ -31,7 +32,7 @@ def test_save_load_round_trip_keeps_token_ids(tmp_path, legacy, as_processor):
         assert tok.convert_ids_to_tokens(before[0])[2] != "\u2581USER"
     out = tmp_path / "saved"
     if as_processor:  # what the training export writes
-        proc = LlavaProcessor(image_processor=build_image_processor(56), tokenizer=tok, patch_size=14)
+        proc = LlavaProcessor(image_processor=clip_image_processor(56), tokenizer=tok, patch_size=14)
         save_pretrained_faithfully(proc, out)
         again = LlavaProcessor.from_pretrained(out).tokenizer
     else:

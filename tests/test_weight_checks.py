@@ -28,10 +28,10 @@ WEIGHTS = "model.safetensors"
 @pytest.fixture(scope="module")
 def export_dir(tmp_path_factory):
     """A saved VisionZip export of the tiny LLaVA (12 + 4 tokens), as train/finetune.py writes it."""
-    from visionzip_core.testing.tiny import build_tiny_llava
+    from visionzip_core.testing.tiny import tiny_model
 
     out = tmp_path_factory.mktemp("export")
-    model, processor = build_tiny_llava()
+    model, processor = tiny_model("llava-1.5")
     visionzip(model, dominant=12, contextual=4)
     model.save_pretrained(out)
     processor.save_pretrained(out)
@@ -119,10 +119,10 @@ def test_load_visionzip_model_refuses_damaged_weights(export_dir, tmp_path, case
 def test_tied_embeddings_absent_from_the_file_are_not_refused(tmp_path):
     from transformers import LlavaForConditionalGeneration
 
-    from visionzip_core.testing.tiny import build_tiny_llava
+    from visionzip_core.testing.tiny import tiny_model
     from visionzip_core.weight_checks import load_checked
 
-    model, _ = build_tiny_llava()
+    model, _ = tiny_model("llava-1.5")
     model.config.tie_word_embeddings = model.config.text_config.tie_word_embeddings = True
     model = LlavaForConditionalGeneration(model.config)  # built tied
     model.save_pretrained(tmp_path)

@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 from test_train_e2e import metrics, train
 
-from visionzip_core.testing.tiny import build_tiny_qwen2_5_vl
+from visionzip_core.testing.tiny import write_tiny
 
 pytestmark = pytest.mark.slow
 
@@ -78,7 +78,7 @@ def mixed_messages(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("variant", ["qwen2_5_vl", "qwen2_vl"])
 def test_zero3_two_processes_on_mixed_kinds_with_a_mixed_validation_set(variant, mixed_messages, tmp_path):
-    model_dir = build_tiny_qwen2_5_vl(tmp_path / "model", seed=0, vision_depth=2, variant=variant)
+    model_dir = write_tiny(variant, tmp_path / "model", seed=0, vision_depth=2)
     data, out = mixed_messages, tmp_path / "run"
     proc = train(
         [

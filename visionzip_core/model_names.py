@@ -18,22 +18,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from visionzip_core.testing.demo_tower import build_demo_llava
-from visionzip_core.testing.tiny import build_tiny_llava, build_tiny_llava_next, build_tiny_pretrain_parts
+from visionzip_core.testing.tiny import build_tiny_pretrain_parts, write_tiny
 from visionzip_core.weight_checks import progress_bars_on_terminal_only
 
 BUILTIN_PREFIX = "builtin:"
-
-
-def _build_tiny_llava(out: Path) -> None:
-    build_tiny_llava(out)
-
-
-def _build_tiny_llava_next(out: Path) -> None:
-    build_tiny_llava_next(out)
-
-
-def _build_demo_llava(out: Path) -> None:
-    build_demo_llava(out)
 
 
 def _build_tiny_part(part: str) -> Callable[[Path], None]:
@@ -46,12 +34,14 @@ def _build_tiny_part(part: str) -> Callable[[Path], None]:
 
 
 BUILTINS: dict[str, Callable[[Path], None]] = {
-    "tiny-llava": _build_tiny_llava,  # LlavaForConditionalGeneration + LlavaProcessor
+    "tiny-llava": lambda out: write_tiny("llava-1.5", out),  # LlavaForConditionalGeneration + LlavaProcessor
     "tiny-clip": _build_tiny_part("clip"),  # CLIPVisionModel + image processor (stage-1 input)
     "tiny-llm": _build_tiny_part("llm"),  # LlamaForCausalLM + tokenizer (stage-1 input)
-    "tiny-llava-next": _build_tiny_llava_next,  # LlavaNextForConditionalGeneration + LlavaNextProcessor
+    "tiny-llava-next": lambda out: write_tiny(
+        "llava-next", out
+    ),  # LlavaNextForConditionalGeneration + LlavaNextProcessor
     # tiny-llava with its tower pretrained on demo pictures (about a minute and a half on 2 cores)
-    "demo-llava": _build_demo_llava,
+    "demo-llava": build_demo_llava,
 }
 
 
@@ -86,7 +76,6 @@ def resolve_model_path(name: str | os.PathLike) -> str:
     scratch = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=target.parent))
     try:
         staged = scratch / key
-
         with progress_bars_on_terminal_only():  # no "Writing model shards" bar in a piped log
             BUILTINS[key](staged)
         try:

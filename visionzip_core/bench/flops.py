@@ -19,8 +19,11 @@ The FLOP-ideal speed-up of a visual-token budget is ``step_flops(576).total / st
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
+
+from transformers import CLIPVisionConfig, LlamaConfig
 
 from visionzip_core.families.base import LORA_TARGETS
 from visionzip_core.families.llava import patches_per_image
@@ -66,6 +69,22 @@ class VisionTowerShape:
             channels=cfg.num_channels,
         )
 
+    def to_config(self, **overrides: Any) -> CLIPVisionConfig:
+        """The ``CLIPVisionConfig`` of this shape, with OpenAI CLIP's activation and projection width
+        (``overrides`` replace or add fields): the inverse of :meth:`from_config`."""
+        fields = {
+            "hidden_size": self.hidden,
+            "intermediate_size": self.intermediate,
+            "num_hidden_layers": self.layers,
+            "num_attention_heads": self.heads,
+            "image_size": self.image_size,
+            "patch_size": self.patch_size,
+            "num_channels": self.channels,
+            "projection_dim": 768,
+            "hidden_act": "quick_gelu",
+        }
+        return CLIPVisionConfig(**{**fields, **overrides})
+
 
 @dataclass(frozen=True)
 class LlamaShape:
@@ -94,6 +113,23 @@ class LlamaShape:
             vocab=cfg.vocab_size,
             head_dim=getattr(cfg, "head_dim", None),
         )
+
+    def to_config(self, **overrides: Any) -> LlamaConfig:
+        """The ``LlamaConfig`` of this shape (4096 positions, untied LM head; ``overrides`` replace or
+        add fields, e.g. token ids): the inverse of :meth:`from_config`."""
+        fields = {
+            "vocab_size": self.vocab,
+            "hidden_size": self.hidden,
+            "intermediate_size": self.intermediate,
+            "num_hidden_layers": self.layers,
+            "num_attention_heads": self.heads,
+            "num_key_value_heads": self.kv_heads,
+            "max_position_embeddings": 4096,
+            "tie_word_embeddings": False,
+        }
+        if self.head_dim is not None:
+            fields["head_dim"] = self.head_dim
+        return LlamaConfig(**{**fields, **overrides})
 
 
 @dataclass(frozen=True)
@@ -419,3 +455,14 @@ def qwen_step_flops(
     out = {"vision": vision, "projector": merger, "llm": llm}
     out["total"] = vision + merger + llm
     return out
+
+
+def counted_flops(fn: Callable[[], object]) -> int:
+    """FLOPs of one call of ``fn`` as ``torch.utils.flop_counter.FlopCounterMode`` counts them (matmuls
+    and attention, forward and backward): the FLOP figure for families without an analytic model."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return counter.get_total_flops()

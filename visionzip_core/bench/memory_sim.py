@@ -3,7 +3,7 @@
 The model is built on the ``meta`` device (shapes, dtypes and strides, no storage). One training
 step runs there under :class:`MetaTensorMemory`, which sums the bytes of every live storage the
 step creates (activations saved for backward, temporaries, transient gradients) exactly as
-:class:`~visionzip_core.bench.benchmarking.LiveTensorMemory` does for real CPU tensors. The model
+:class:`~visionzip_core.bench.live_memory.LiveTensorMemory` does for real CPU tensors. The model
 states that DeepSpeed ZeRO shards across GPUs (bf16 parameters, gradients, fp32 master weights and
 Adam moments) are added analytically per GPU (:func:`zero_model_states`).
 
@@ -48,25 +48,15 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from visionzip_core.bench.benchmarking import (
-    NEXT_IMAGE,
-    BenchSize,
-    LiveTensorMemory,
-    budgets_for,
-    build_random_model,
-    image_plan,
-    model_tensors,
-    qwen_synthetic_batch,
-    set_budget,
-    synthetic_batch,
-)
+from visionzip_core.bench.budgets import budgets_for, image_plan, set_budget
 from visionzip_core.bench.flops import LlamaShape, VisionTowerShape
+from visionzip_core.bench.live_memory import LiveTensorMemory, model_tensors
+from visionzip_core.bench.random_models import build_random_model
+from visionzip_core.bench.sizes import BenchSize
+from visionzip_core.bench.synthetic import qwen_synthetic_batch, synthetic_batch
 from visionzip_core.families import family_for
 
 GIB = 2**30
-# Qwen2.5-VL runs a shorter step on meta (see simulation_batch and training_loss): its vision
-# tower's rotary and window indices are computed from CPU grid sizes that meet meta tensors.
-QWEN_FAMILY = "qwen2.5-vl"
 SIM_ATTENTION = "memsim_fused"  # no "flash" in the name: transformers would look for a kernel package
 # finetune: projector + LLM (LLaVA-1.5 stage 2); finetune_vision: + the CLIP layers that reach the
 # features (llava-v1.6's recipe); lora: projector + LoRA adapters on the LLM; projector: the
@@ -207,8 +197,8 @@ def build_training_model(
     """
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}; allowed {MODES}")
-    if family == QWEN_FAMILY and mode == "finetune_vision":
-        raise ValueError(f"mode={mode!r}: the simulation runs Qwen2.5-VL's vision tower frozen only")
+    if not family_for(family).vision_runs_on_meta and mode == "finetune_vision":
+        raise ValueError(f"mode={mode!r}: the simulation runs {family}'s vision tower frozen only")
     register_fused_attention()
     model = build_random_model(size, device, seed=seed, family=family)
     model.set_attn_implementation(SIM_ATTENTION)
@@ -271,16 +261,10 @@ def simulation_batch(
     """
     config = model.config
     plan = image_plan(config, family, tokens, budgets)
-    if family == QWEN_FAMILY:
-        return _qwen_simulation_batch(config, size, plan, device, seed)
-    cpu = synthetic_batch(
-        size,
-        plan.llm,
-        "cpu",
-        seed=seed,
-        image_hw=NEXT_IMAGE if family == "llava-next" else None,
-        crops=plan.crops,
-    )
+    fam = family_for(family)
+    if not fam.vision_runs_on_meta:
+        return _stand_in_simulation_batch(config, size, plan, device, seed)
+    cpu = synthetic_batch(size, plan.llm, "cpu", seed=seed, image_hw=fam.bench_image, crops=plan.crops)
     counts = (cpu["input_ids"] == config.image_token_id).sum(dim=1)
     if not bool((counts == plan.llm).all()):
         raise RuntimeError(f"batch has {counts.tolist()} image tokens per sample, the plan {plan.llm}")
@@ -289,10 +273,10 @@ def simulation_batch(
     return batch, info
 
 
-def _qwen_simulation_batch(config, size, plan, device, seed: int) -> tuple[dict[str, torch.Tensor], dict]:
-    """Qwen2.5-VL's batch for the meta step: the benchmarks' rows (:func:`qwen_synthetic_batch`,
-    one :data:`~visionzip_core.bench.benchmarking.QWEN_IMAGE` each) with ``plan.llm`` image tokens, plus
-    what stands in for the tower and the compression (see :func:`training_loss`):
+def _stand_in_simulation_batch(config, size, plan, device, seed: int) -> tuple[dict[str, torch.Tensor], dict]:
+    """The meta step's batch for a family whose tower does not run on meta (Qwen2.5-VL): the
+    benchmarks' rows (:func:`qwen_synthetic_batch`, one ``size.image`` each) with ``plan.llm``
+    image tokens, plus what stands in for the tower and the compression (see :func:`training_loss`):
 
     - ``vision_output``: ``(patches, vision_hidden)``, the frozen tower's output before the merger
       (no gradient: the tower is frozen and pixels need none);
@@ -370,10 +354,10 @@ def qwen_vision_bytes_per_patch(vision_config_json: str, dtype: str) -> float:
 
 
 def set_simulated_budget(model: nn.Module, family: str, tokens: int, budgets: dict) -> None:
-    """:func:`set_budget`, except for Qwen2.5-VL, whose budget the meta batch carries
-    (``kept_index``), since its compression runs inside the tower's forward, which the meta step
-    does not run."""
-    if family != QWEN_FAMILY:
+    """:func:`set_budget`, except for a family whose tower does not run on meta (Qwen2.5-VL): its
+    budget the meta batch carries (``kept_index``), since its compression runs inside the tower's
+    forward, which the meta step does not run."""
+    if family_for(family).vision_runs_on_meta:
         set_budget(model, tokens, budgets)
 
 
@@ -633,7 +617,7 @@ class Workload:
 
     Attributes:
         size: model shapes, dtype and the per-GPU micro-batch (``batch_size``).
-        family: "llava-1.5" or "llava-next".
+        family: a family name (``visionzip_core.bench.sizes.benchmarked_families``).
         budgets: visual-token budgets (per image; per crop for LLaVA-NeXT) to their splits.
         batch_note: where the micro-batch comes from.
     """

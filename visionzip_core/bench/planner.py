@@ -29,18 +29,7 @@ import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from visionzip_core.bench.benchmarking import (
-    BUDGETS,
-    PAD_TOKEN_ID,
-    BenchSize,
-    budgets_for,
-    image_plan,
-    llava_config,
-    mix665k_like_text_lengths,
-    qwen_config,
-    sizes_for,
-    stock_budget,
-)
+from visionzip_core.bench.budgets import budgets_for, image_plan, stock_budget
 from visionzip_core.bench.flops import (
     LORA_TARGETS,
     LlamaShape,
@@ -52,7 +41,6 @@ from visionzip_core.bench.flops import (
 from visionzip_core.bench.memory_sim import (
     GIB,
     LORA_RANK,
-    QWEN_FAMILY,
     TINY_BUDGETS,
     TINY_SIZE,
     ZERO3_SUB_GROUP,
@@ -67,8 +55,12 @@ from visionzip_core.bench.memory_sim import (
     simulation_batch,
     zero_model_states,
 )
+from visionzip_core.bench.random_models import llava_config, qwen_config
+from visionzip_core.bench.sizes import PAD_TOKEN_ID, BenchSize, sizes_for
+from visionzip_core.bench.synthetic import mix665k_like_text_lengths
 from visionzip_core.families import family_for
 
+QWEN_FAMILY = "qwen2.5-vl"  # planned by size name, with a ratio budget keyed by percent
 # The families the memory simulation can run (build_training_model / simulation_batch).
 SIMULATED_FAMILIES = ("llava-1.5", "llava-next", QWEN_FAMILY)
 # Planner modes -> the simulation's modes. projector/pretrain train the projector only, which the
@@ -210,7 +202,6 @@ def resolve_model(name_or_folder: str) -> PlanModel:
         raise ValueError(
             f"--model {name_or_folder}: not a known size ({', '.join(known)}) nor a folder with a config.json"
         )
-
     try:
         data = json.loads((folder / "config.json").read_text())
         fam = family_for(data.get("model_type", ""))
@@ -686,7 +677,6 @@ def table(rows: list[dict]) -> str:
 
 
 __all__ = [
-    "BUDGETS",
     "GPUS",
     "Hardware",
     "PlanModel",

@@ -32,7 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from visionzip_core.adapt import remove_visionzip, visionzip, visionzip_processor
-from visionzip_core.bench.benchmarking import peak_memory_bytes
+from visionzip_core.bench.live_memory import peak_memory_bytes
 from visionzip_core.cli.inputs import add_system_flag
 from visionzip_core.cli.open_model import CommandError, add_model_flags, fail, open_model_folder
 from visionzip_core.evaluation import (

@@ -137,7 +137,9 @@ class ImageTransform:
     (``grid * patch_size``). Videos (lists of frame files) go through ``video_processor``.
     """
 
-    def __init__(self, image_processor, aspect_ratio: str, video_processor=None, layout: ImageLayout | None = None):
+    def __init__(
+        self, image_processor, aspect_ratio: str, video_processor=None, layout: ImageLayout | None = None
+    ):
         layout = layout or ImageLayout()
         self.processor = image_processor
         self.video_processor = video_processor

@@ -15,6 +15,7 @@ Adding a family = one new module with a :class:`ModelFamily` subclass, registere
 from __future__ import annotations
 
 import json
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,10 +28,20 @@ from visionzip_core.algorithm import TokenSelection
 from visionzip_core.config import VisionZipConfig
 from visionzip_core.data.images import ImageLayout
 from visionzip_core.data.settings import VICUNA_V1_SYSTEM
+from visionzip_core.tokenizer_files import save_pretrained_faithfully
 
 MODULE_GROUPS = ("projector", "vision", "llm")
 # A Llama (Vicuna) or Qwen2 decoder layer's linears: what LoRA wraps by default.
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def save_model_folder(model: nn.Module, processor: Any, out_dir: str | os.PathLike) -> Path:
+    """Write ``model`` and ``processor`` as one folder, as a model download holds them."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    save_pretrained_faithfully(processor, out)
+    return out
 
 
 @dataclass(frozen=True)
@@ -263,3 +274,62 @@ class ModelFamily(ABC):
     @abstractmethod
     def vision_layers(self, config: Any) -> int:
         """Encoder layers of the vision tower described by ``config`` (model or bare tower config)."""
+
+    # --- benchmarks ------------------------------------------------------------------------------
+    #: The benchmark size table its random models are built from (a key of
+    #: ``visionzip_core.bench.sizes.SIZE_TABLES``); None: the benchmarks have no size of it.
+    bench_sizes: ClassVar[str | None] = None
+    #: The picture ``(H, W)`` its benchmarks feed each sample; None: one crop of the tower's size.
+    bench_image: ClassVar[tuple[int, int] | None] = None
+    #: The visual-token budgets its benchmarks sweep, key -> split; the key of the None split is the
+    #: stock model. Counts ``(dominant, contextual)`` per image (per crop for a tiled family), or, for
+    #: a family that :attr:`takes_ratios`, percent kept -> ``(dominant_ratio, contextual_ratio)``.
+    bench_budgets: ClassVar[dict[int, tuple | None]] = {}
+    #: Whether its vision tower's forward runs on the meta device. The memory simulation runs the
+    #: whole step there; for a tower that cannot, it stands in the frozen tower's measured working
+    #: set and runs the rest (``visionzip_core.bench.memory_sim``).
+    vision_runs_on_meta: ClassVar[bool] = True
+    #: The memory simulation's default workload (``scripts/simulate_memory.py``): ``size`` (a name in
+    #: its size table), the per-GPU ``micro_batch`` and the ``batch_source`` recipe it comes from, the
+    #: ``modes`` it runs, and the stock and smallest budgets it ``calibrate``\ s with; None: the
+    #: simulation does not run this family.
+    simulation: ClassVar[dict[str, Any] | None] = None
+
+    def token_plan(
+        self, config: Any, vz: VisionZipConfig | None, image_size: tuple[int, int] | None = None
+    ) -> tuple[int, int, int]:
+        """What one image of ``image_size`` costs, compressed by ``vz`` (None: stock): ``(crops``
+        through the tower``, tokens`` through the projector``, tokens`` in the LLM``)``."""
+        if vz is None:
+            n = self.stock_tokens_per_image(config, image_size)
+        else:
+            n = self.compressed_tokens_per_image(config, vz, image_size)
+        return 1, n, n
+
+    # --- tiny models (tests, demos) ----------------------------------------------------------------
+    #: The test tokenizer its tiny folders speak, of the kind its downloads ship: a key of
+    #: ``visionzip_core.testing.tokenizers.TINY_TOKENIZERS``.
+    tiny_tokenizer: ClassVar[str] = "llama-bpe"
+
+    def image_processor_for(self, config: Any, side: int):
+        """The family's stock image processor for a tower of ``side`` px crops, for processors built
+        from parts (tiny models, benchmarks)."""
+        raise NotImplementedError(f"{self.name}: its processor is loaded from a folder")
+
+    def tiny_model(self, tokenizer: Any, seed: int = 0, **shape: Any) -> tuple[nn.Module, Any]:
+        """A tiny random model of this family and its processor, in memory, speaking ``tokenizer``
+        (``shape``: the family's size options). Deterministic for a seed."""
+        raise NotImplementedError(f"{self.name}: no in-memory tiny model; write one with write_tiny")
+
+    def write_tiny(self, tokenizer: Any, out_dir: str | os.PathLike, seed: int = 0, **shape: Any) -> Path:
+        """Write a tiny random model of this family into ``out_dir``, laid out like its real download;
+        returns the folder."""
+        model, processor = self.tiny_model(tokenizer, seed, **shape)
+        return save_model_folder(model, processor, out_dir)
+
+    def write_tiny_parts(
+        self, tokenizer: Any, out_dir: str | os.PathLike, seed: int = 0, **shape: Any
+    ) -> tuple[Path, Path]:
+        """Stage 1's inputs (:attr:`assembles`): a tiny vision-tower folder and a tiny LLM folder
+        under ``out_dir``; returns ``(vision_dir, llm_dir)``."""
+        raise NotImplementedError(f"{self.name}: no stage-1 assembly")

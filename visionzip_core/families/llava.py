@@ -17,11 +17,21 @@ from __future__ import annotations
 import copy
 import re
 import types
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import LlavaForConditionalGeneration, LlavaModel, LlavaProcessor
+from transformers import (
+    CLIPImageProcessorPil,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlavaForConditionalGeneration,
+    LlavaModel,
+    LlavaProcessor,
+)
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from visionzip_core.algorithm import TokenSelection, compress_selected, select_visionzip_tokens
@@ -33,6 +43,7 @@ from visionzip_core.capture import (
 )
 from visionzip_core.config import VisionZipConfig
 from visionzip_core.families.base import LORA_TARGETS, ImageTokenSelection, ModelFamily
+from visionzip_core.tokenizer_files import save_pretrained_faithfully
 from visionzip_core.weight_checks import load_checked, progress_bars_on_terminal_only
 
 PROJECTOR = "multi_modal_projector"
@@ -185,6 +196,17 @@ class Llava15(ModelFamily):
     model_types = ("llava",)
     lora_targets = LORA_TARGETS  # a Llama/Vicuna decoder layer's linears
     assembles = True
+    bench_sizes = "clip-llama"
+    # Visual tokens per image -> (dominant, contextual); 576 is the stock model (compression off).
+    bench_budgets = {576: None, 192: (162, 30), 128: (108, 20), 64: (54, 10)}
+    simulation = {
+        "size": "llava-1.5-7b",
+        "micro_batch": 16,
+        "batch_source": "16 per GPU: LLaVA scripts/v1_5/finetune.sh (16 x 8 GPUs = 128, zero3, gradient "
+        "checkpointing, bf16)",
+        "modes": ("finetune", "lora"),
+        "calibrate": (576, 64),
+    }
 
     # --- loading ---------------------------------------------------------------------------------
     def load(self, path: str, check_files: bool = True, **from_pretrained_kwargs: Any) -> nn.Module:
@@ -215,22 +237,6 @@ class Llava15(ModelFamily):
             vision_feature_select_strategy="default",
             image_seq_length=patches_per_image(vision_config),
             tie_word_embeddings=tie_word_embeddings,
-        )
-
-    def vision_config_for_shape(self, shape: Any):
-        """A ``CLIPVisionConfig`` for a :class:`~visionzip_core.bench.flops.VisionTowerShape` (OpenAI CLIP's
-        activation)."""
-        from transformers import CLIPVisionConfig
-
-        return CLIPVisionConfig(
-            hidden_size=shape.hidden,
-            intermediate_size=shape.intermediate,
-            num_hidden_layers=shape.layers,
-            num_attention_heads=shape.heads,
-            image_size=shape.image_size,
-            patch_size=shape.patch_size,
-            projection_dim=768,
-            hidden_act="quick_gelu",
         )
 
     def random_model(self, config: Any, dtype: torch.dtype | None = None) -> nn.Module:
@@ -463,3 +469,92 @@ class Llava15(ModelFamily):
 
     def projector_modules(self) -> list[str]:
         return [PROJECTOR]
+
+    # --- tiny models (tests, demos) ----------------------------------------------------------------
+    def image_processor_for(self, config: Any, side: int):
+        return clip_image_processor(side)
+
+    def tiny_model(
+        self,
+        tokenizer: Any,
+        seed: int = 0,
+        image_size: int = 112,
+        patch_size: int = 14,
+        vision_layers: int = 3,
+    ) -> tuple[nn.Module, Any]:
+        """A random tiny model with this family's settings (:func:`tiny_vision_config`,
+        :func:`tiny_text_config`) and its processor, speaking ``tokenizer``."""
+        vcfg = tiny_vision_config(image_size, patch_size, vision_layers)
+        text = tiny_text_config(len(tokenizer))
+        text.pad_token_id, text.bos_token_id, text.eos_token_id = (
+            tokenizer.pad_token_id,
+            tokenizer.bos_token_id,
+            tokenizer.eos_token_id,
+        )
+        config = self.build_config(vcfg, text, tokenizer.convert_tokens_to_ids(self.image_token))
+        torch.manual_seed(seed)
+        model = self.random_model(config).eval()
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.generation_config.bos_token_id = tokenizer.bos_token_id
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        image_processor = self.image_processor_for(config, image_size)
+        processor = self.build_processor(
+            image_processor, tokenizer, vcfg, chat_template=tokenizer.chat_template
+        )
+        return model, processor
+
+    def write_tiny_parts(
+        self, tokenizer: Any, out_dir, seed: int = 0, image_size: int = 112, patch_size: int = 14
+    ) -> tuple[Path, Path]:
+        """``clip/`` and ``llm/`` under ``out_dir``, shaped like ``openai/clip-vit-large-patch14-336``
+        and ``lmsys/vicuna-7b-v1.5``: stage 1's inputs."""
+        out = Path(out_dir)
+        clip_dir, llm_dir = out / "clip", out / "llm"
+        torch.manual_seed(seed)
+        clip = CLIPVisionModel(tiny_vision_config(image_size, patch_size))
+        clip.save_pretrained(clip_dir)
+        clip_image_processor(image_size).save_pretrained(clip_dir)
+        text_cfg = tiny_text_config(len(tokenizer))
+        text_cfg.pad_token_id = tokenizer.pad_token_id
+        text_cfg.bos_token_id = tokenizer.bos_token_id
+        text_cfg.eos_token_id = tokenizer.eos_token_id
+        llm = LlamaForCausalLM(text_cfg)
+        llm.save_pretrained(llm_dir)
+        save_pretrained_faithfully(tokenizer, llm_dir)
+        return clip_dir, llm_dir
+
+
+# --- tiny parts ------------------------------------------------------------------------------------
+# Tiny shapes (defaults): a CLIP tower with 112 px images and 14 px patches, so 8x8 = 64 patches plus
+# CLS (65 tokens, like 576 + 1 at 336 px); 3 vision layers so that the feature layer -2 is a middle
+# layer; a 2-layer Llama with hidden size 64.
+def tiny_vision_config(image_size: int = 112, patch_size: int = 14, num_layers: int = 3) -> CLIPVisionConfig:
+    return CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=patch_size,
+        projection_dim=32,
+    )
+
+
+def tiny_text_config(vocab_size: int) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+    )
+
+
+def clip_image_processor(image_size: int) -> CLIPImageProcessorPil:
+    """CLIP preprocessing (resize shortest edge, centre crop, CLIP mean/std) on PIL and numpy."""
+    return CLIPImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )

@@ -216,6 +216,21 @@ class LlavaNext(Llava15):
     assembles = False  # stage 1 of LLaVA-NeXT is LLaVA-1.5's: train it with the llava-1.5 family
     count_depends_on_size = True
     aspect_ratios = ("anyres", "pad", "resize", "crop")  # anyres: tiled as llava-v1.6 trains
+    # Benchmarks feed a square 672 px image: it picks the 2 x 2 tiling, so it is cut into 5 crops
+    # (base + 4 tiles), the common case for llava-v1.6 at 336 px crops.
+    bench_image = (672, 672)
+    # Visual tokens per crop (the paper's 640 / 320 / 160 for a 5-crop image), split in the proportion
+    # of the paper's 54 + 10; 576 is the stock model (every patch of every crop, unpadded, one newline
+    # per row).
+    bench_budgets = {576: None, 128: (108, 20), 64: (54, 10), 32: (27, 5)}
+    simulation = {
+        "size": "llava-next-7b",
+        "micro_batch": 4,
+        "batch_source": "4 per GPU: LLaVA-NeXT scripts/train/finetune_clip.sh (per-device 4, zero3, gradient "
+        "checkpointing, bf16, CLIP tuned); configs/llava-next-7b/finetune.yaml: 4 x accumulation 4 x 8 GPUs = 128",
+        "modes": ("finetune", "lora", "finetune_vision"),
+        "calibrate": (576, 32),
+    }
 
     def image_layout(self, image_processor, video_processor=None):
         return ImageLayout(tiles=True)  # anyres: a base crop and a grid of tiles per image
@@ -326,6 +341,22 @@ class LlavaNext(Llava15):
         if dtype is None:
             return LlavaNextForConditionalGeneration(config)
         return LlavaNextForConditionalGeneration._from_config(config, dtype=dtype)
+
+    def token_plan(
+        self, config: Any, vz: VisionZipConfig | None, image_size: tuple[int, int] | None = None
+    ) -> tuple[int, int, int]:
+        crops = crops_per_image(config, image_size)
+        if vz is None:  # every patch of every crop through the projector ("default": CLS dropped)
+            return (
+                crops,
+                crops * (self.tower_tokens(config) - 1),
+                self.stock_tokens_per_image(config, image_size),
+            )
+        n = self.compressed_tokens_per_image(config, vz, image_size)
+        return crops, n, n
+
+    def image_processor_for(self, config: Any, side: int):
+        return self.build_image_processor(side, config.image_grid_pinpoints)
 
     def build_image_processor(self, side: int, grid_pinpoints: list[list[int]]):
         """llava-v1.6's image processor (CLIP normalisation, anyres tiling) for crops of ``side``."""

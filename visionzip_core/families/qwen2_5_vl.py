@@ -55,6 +55,7 @@ import itertools
 import re
 import sys
 import types
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -73,6 +74,7 @@ from visionzip_core.capture import resolve_feature_layer
 from visionzip_core.config import VisionZipConfig
 from visionzip_core.data.images import ImageLayout
 from visionzip_core.families.base import LORA_TARGETS, ImageTokenSelection, ModelFamily
+from visionzip_core.families.qwen_downloads import write_tiny_folder
 from visionzip_core.families.qwen_processing import NativeResize, load_qwen_processor
 from visionzip_core.weight_checks import load_checked
 
@@ -751,6 +753,24 @@ class Qwen2_5VL(ModelFamily):
     templates = ("chat_template",)
     aspect_ratios = ("native", "pad")
     sample_formats = ("messages",)
+    bench_sizes = "qwen2.5-vl"
+    # Benchmarks feed 448 x 448 px = 32 x 32 patches = 16 x 16 = 256 merged tokens (inside the
+    # processor's default min/max pixels, so it is not resized).
+    bench_image = (448, 448)
+    # Its tower's rotary and window indices are computed from CPU grid sizes that meet meta tensors.
+    vision_runs_on_meta = False
+    simulation = {
+        "size": "qwen2.5-vl-7b",
+        "micro_batch": 4,
+        "batch_source": "4 per GPU: configs/qwen2.5-vl-7b/lora.yaml (4 x accumulation 4 x 8 GPUs = 128, "
+        "gradient checkpointing, bf16)",
+        "modes": ("lora", "projector"),
+        "calibrate": None,  # the real step runs the tower the meta step stands in for
+    }
+    # Fractions of each image's merged tokens, keyed by the percent kept, as (dominant_ratio,
+    # contextual_ratio); 100 is the stock model. 70 = the authors' default (0.65 + 0.05), 50 = their
+    # README's 0.45 + 0.05.
+    bench_budgets = {100: None, 70: (0.65, 0.05), 50: (0.45, 0.05), 25: (0.20, 0.05)}
 
     def prompt(
         self, processor, question: str, images: int, videos: int = 0, system: str | None = None
@@ -789,6 +809,22 @@ class Qwen2_5VL(ModelFamily):
         if dtype is None:
             return self.model_class(config)
         return self.model_class._from_config(config, dtype=dtype)
+
+    def token_plan(
+        self, config: Any, vz: VisionZipConfig | None, image_size: tuple[int, int] | None = None
+    ) -> tuple[int, int, int]:
+        # Compression runs after the merger: the merger sees every token.
+        stock = self.stock_tokens_per_image(config, image_size)
+        if vz is None:
+            return 1, stock, stock
+        return 1, stock, self.compressed_tokens_per_image(config, vz, image_size)
+
+    # A tiny folder speaks a Qwen2-style tokenizer and is written in the 4.x download layout.
+    tiny_tokenizer = "qwen2-bpe"
+
+    def write_tiny(self, tokenizer: Any, out_dir, seed: int = 0, vision_depth: int = 4) -> Path:
+        """:func:`~visionzip_core.families.qwen_downloads.write_tiny_folder` (``vision_depth`` blocks)."""
+        return write_tiny_folder(self, tokenizer, out_dir, seed, vision_depth)
 
     # --- visual tokens ---------------------------------------------------------------------------
     def tower_tokens(self, config: Any) -> int:
@@ -991,3 +1027,5 @@ class Qwen2VL(Qwen2_5VL):
     processor_classes = ("Qwen2VLProcessor",)
     model_types = ("qwen2_vl",)
     model_class = Qwen2VLForConditionalGeneration
+    bench_sizes = None  # the benchmarks' Qwen sizes are Qwen2.5-VL's
+    simulation = None

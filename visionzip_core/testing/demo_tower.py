@@ -2,7 +2,7 @@
 
 The random tower of ``builtin:tiny-llava`` gives features a tiny LLM cannot read, so a demo
 fine-tuned on it learns the answers' priors, not the picture. Here the same tower (same shape,
-:func:`visionzip_core.testing.tiny.tiny_vision_config`) is first trained to classify what the demo
+:func:`visionzip_core.families.llava.tiny_vision_config`) is first trained to classify what the demo
 generator drew (colour, shape, position and the written word, if any) with one linear head per
 attribute on the CLS token of the **feature layer** (``hidden_states[-2]``): the layer that both
 VisionZip's CLS attention and LLaVA's projector read. The layers after it are never run by a
@@ -30,8 +30,9 @@ from torch import nn
 
 from visionzip_core.capture import resolve_feature_layer
 from visionzip_core.data.images import mean_colour, pad_to_square
+from visionzip_core.families.base import save_model_folder
 from visionzip_core.testing import demo_data
-from visionzip_core.testing.tiny import build_tiny_llava, save_tiny
+from visionzip_core.testing.tiny import tiny_model
 
 # Seed of the pretraining pictures: the demo data uses seed*1000 + {0, 1}; this is none of those.
 PICTURE_SEED = 20_241_204
@@ -186,9 +187,9 @@ def _pretrain(tower, image_processor, pictures, epochs, batch_size, lr, seed, lo
 def build_demo_llava(out_dir: str | os.PathLike | None = None, seed: int = 0, log=print):
     """The tiny LLaVA of ``builtin:tiny-llava`` with the pretrained demo tower; saved like the other
     built-ins when ``out_dir`` is given. Returns ``(model, processor, heads)``."""
-    model, processor = build_tiny_llava(None, seed=seed)
+    model, processor = tiny_model("llava-1.5", seed=seed)
     tower = model.model.vision_tower
     heads = pretrain_demo_tower(tower, processor.image_processor, seed=seed, log=log)
     if out_dir is not None:
-        save_tiny(model, processor, out_dir)
+        save_model_folder(model, processor, out_dir)
     return model, processor, heads

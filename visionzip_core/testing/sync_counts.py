@@ -19,7 +19,7 @@ from PIL import Image
 from visionzip_core.adapt import remove_visionzip, visionzip, visionzip_processor
 from visionzip_core.families import family_for
 from visionzip_core.testing.host_syncs import count_cuda_syncs, count_host_syncs
-from visionzip_core.testing.tiny import build_tiny_llava, build_tiny_llava_next, build_tiny_qwen2_5_vl
+from visionzip_core.testing.tiny import write_tiny
 
 #: The families measured, by name.
 FAMILIES = ("llava-1.5", "llava-next", "qwen2.5-vl", "qwen2-vl")
@@ -55,13 +55,7 @@ def _image(height: int, width: int, seed: int) -> Image.Image:
 
 def load_tiny(family_name: str, folder: str | Path):
     """``(model, processor)`` of the family's tiny model, built into ``folder``."""
-    folder = Path(folder) / family_name
-    if family_name == "llava-1.5":
-        return build_tiny_llava(folder)
-    if family_name == "llava-next":
-        return build_tiny_llava_next(folder)
-    variant = {"qwen2.5-vl": "qwen2_5_vl", "qwen2-vl": "qwen2_vl"}[family_name]
-    build_tiny_qwen2_5_vl(folder, variant=variant)
+    folder = write_tiny(family_name, Path(folder) / family_name)
     family = family_for(family_name)
     return family.load(str(folder)).eval(), family.load_processor(str(folder))
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from visionzip_core.bench import planner
-from visionzip_core.bench.benchmarking import NEXT_IMAGE
 from visionzip_core.training.resume import read_record
 
 AUTO = "auto"
@@ -170,6 +169,7 @@ def _budget(settings, model) -> int:
 
 def text_lengths(lengths: list[int], image_tokens) -> list[int]:
     """Text tokens per sample from the preflight's token lengths (image tokens included): one
-    image's count taken off (LLaVA-NeXT's count depends on the size: its 672 px benchmark image's)."""
-    count = image_tokens(NEXT_IMAGE) if getattr(image_tokens, "per_size", False) else image_tokens()
+    image's count taken off (where the count depends on the size: a 672 px square's, the
+    LLaVA-NeXT benchmarks' picture)."""
+    count = image_tokens((672, 672)) if getattr(image_tokens, "per_size", False) else image_tokens()
     return [max(0, n - count) for n in lengths]

@@ -10,7 +10,7 @@ samples as the budget allows.
 
 Qwen2.5-VL keeps a fraction of each image's own merged tokens (``dominant_ratio`` +
 ``contextual_ratio``), so its count depends on the image: the simulation feeds the benchmarks'
-448 x 448 image (:data:`~visionzip_core.bench.benchmarking.QWEN_IMAGE`, 256 merged tokens) and runs the
+448 x 448 image (the family's ``bench_image``, 256 merged tokens) and runs the
 planner's Qwen path (ratio budget keyed by percent, the tower's working set, the merger and the LLM).
 
     python scripts/simulate_memory.py --configs configs/llava-1.5-7b configs/llava-next-7b configs/qwen2.5-vl-7b
@@ -23,20 +23,31 @@ from dataclasses import replace
 from pathlib import Path
 
 from visionzip_core.bench import memory_sim as sim
-from visionzip_core.bench.benchmarking import budgets_for, sizes_for, stock_budget
+from visionzip_core.bench.budgets import budgets_for, stock_budget
 from visionzip_core.bench.planner import ratio_budget
+from visionzip_core.bench.sizes import sizes_for
+from visionzip_core.families import FAMILIES
 from visionzip_core.training.config_loading import load_config
 from visionzip_core.training.deepspeed_config import zero_stage
 from visionzip_core.training.repo_paths import resolve_repo_path
 from visionzip_core.training.schema import Settings
 
 GPU_GIB = 80  # an A100/H100 80 GB
-# Folder of configs -> (the simulation's family, the model's shapes).
-SIMULATED_FOLDERS = {
-    "llava-1.5-7b": "llava-1.5",
-    "llava-next-7b": "llava-next",
-    "qwen2.5-vl-7b": "qwen2.5-vl",
-}
+
+
+def simulated_folders() -> dict[str, str]:
+    """Folders of shipped configs -> the simulation's family: each folder is named
+    ``<family>-<size>`` (``configs/llava-1.5-7b``), for every registered family with benchmark sizes."""
+    names = {f.name for f in FAMILIES if f.bench_sizes is not None}
+    root = resolve_repo_path("configs")
+    return {
+        d.name: d.name.rpartition("-")[0]
+        for d in sorted(root.iterdir())
+        if d.is_dir() and d.name.rpartition("-")[0] in names
+    }
+
+
+SIMULATED_FOLDERS = simulated_folders()
 MEMORY_MODE = {"projector": "projector", "pretrain": "projector", "lora": "lora", "finetune": "finetune"}
 
 

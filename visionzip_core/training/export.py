@@ -33,7 +33,9 @@ from visionzip_core.training.modeling import build_model
 from visionzip_core.training.schema import Settings
 
 
-def full_model_on_rank0(engine, settings: Settings, spec: ModelSpec, stage: int, dtype: torch.dtype, processor):
+def full_model_on_rank0(
+    engine, settings: Settings, spec: ModelSpec, stage: int, dtype: torch.dtype, processor
+):
     """The trained model with whole weights on rank 0 (``None`` elsewhere). ALL RANKS must call this."""
     if stage < 3 and settings.model.quantization != "none":
         return unquantized_copy(engine.module, settings, spec, dtype, processor) if dist.is_main() else None
@@ -76,7 +78,9 @@ def check_gathered(model, state: dict[str, torch.Tensor]) -> None:
         raise RuntimeError(f"export: gathered weights do not match the model: {missing[:5]} {unexpected[:5]}")
 
 
-def copy_with(state: dict[str, torch.Tensor], settings: Settings, spec: ModelSpec, dtype: torch.dtype, processor):
+def copy_with(
+    state: dict[str, torch.Tensor], settings: Settings, spec: ModelSpec, dtype: torch.dtype, processor
+):
     """A CPU copy of the model (rebuilt from its folders) holding the gathered ``state``."""
     copy = build_model(settings, spec, dtype, processor, for_export=True)
     copy.load_state_dict(state, strict=False)  # names checked by check_gathered

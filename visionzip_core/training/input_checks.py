@@ -91,9 +91,7 @@ def _output_dir(output_dir: str) -> list[str]:
 def _model_folders(model, mode: str, problems: list[str], build: bool) -> tuple[Any, Any] | None:
     """Checks each model folder; returns ``(family, config of the folder holding the tower)`` or None."""
     roles = (
-        {"vision_tower": "vision", "language_model": "llm"}
-        if mode == "pretrain"
-        else {"name_or_path": MODEL}
+        {"vision_tower": "vision", "language_model": "llm"} if mode == "pretrain" else {"name_or_path": MODEL}
     )
     configs = {}
     for key, role in roles.items():

@@ -138,7 +138,9 @@ def build_model(
     if m.quantization != "none" and not for_export:
         kwargs |= quantization_kwargs(m.quantization, dtype, family)
     if spec.assembled:
-        model = family.assemble(spec.vision_path, spec.llm_path, processor, kwargs, llm_config=spec.llm_config)
+        model = family.assemble(
+            spec.vision_path, spec.llm_path, processor, kwargs, llm_config=spec.llm_config
+        )
     else:
         if not for_export:  # export builds on rank 0 alone: no collective there; the files were checked
             check_weight_files(spec.path)

@@ -296,7 +296,9 @@ def plan_auto_batch(settings: Settings, start: Start, train_set, image_tokens) -
     memory = None if device is None else torch.cuda.get_device_properties(device).total_memory
     ds_json = json.loads(resolve_repo_path(settings.deepspeed.config).read_text())
     lengths = auto_batch.text_lengths(train_set.lengths, image_tokens)
-    settings, line = auto_batch.resolve(settings, start.spec, lengths, dist.world_size(), memory, zero_stage(ds_json))
+    settings, line = auto_batch.resolve(
+        settings, start.spec, lengths, dist.world_size(), memory, zero_stage(ds_json)
+    )
     if line:
         dist.print0(line)
         start.record["settings"]["train"].update({k: getattr(settings.train, k) for k in auto_batch.KEYS})

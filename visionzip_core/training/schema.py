@@ -304,4 +304,3 @@ def config_keys_help() -> str:
             if (section, key) in by_family:
                 lines.append(f"      Family default: {by_family[section, key]}.")
     return "\n".join(lines)
-
