@@ -106,3 +106,72 @@ def llava_next_hf_4x_dir(tmp_path_factory):
     from real_layouts import write_llava_hf_4x_folder
 
     return write_llava_hf_4x_folder(tmp_path_factory.mktemp("llava-next-hf-4x"), family="llava-next")
+
+
+# Two-process runs through the real entry point, shared by the tests that assert on them: each
+# torchrun start costs tens of seconds on 2 cores, the same run need not be trained twice.
+@pytest.fixture(scope="session")
+def zero3_two_process_run(tiny_llava_dir, tmp_path_factory):
+    """``(out, overrides)``: 4 fp32 steps of the tiny LLaVA under ZeRO-3, two processes (torchrun),
+    weight decay on, no validation. Read it; never train into it."""
+    from test_train_e2e import _base, train
+
+    out = tmp_path_factory.mktemp("zero3-two-process") / "run"
+    overrides = _base(tiny_llava_dir, out) + [
+        "train.precision=fp32",
+        "train.per_device_batch_size=2",
+        "train.max_steps=4",
+        "train.save_steps=2",
+        "data.val=[]",
+        "optim.weight_decay=0.1",  # so that a lost no-decay group would show in the weights
+        "deepspeed.config=configs/deepspeed/zero3.json",
+    ]
+    train(overrides, launcher="torchrun2")
+    return out, overrides
+
+
+@pytest.fixture(scope="session")
+def zero2_two_process_run(tiny_llava_dir, tmp_path_factory):
+    """``(out, overrides)``: 3 steps of the tiny LLaVA under ZeRO-2 (demo.yaml's), two processes
+    (torchrun), one checkpoint at the end, no validation. Tests may rerun its command (a finished
+    run writes nothing), not train further."""
+    from test_train_e2e import _base, train
+
+    out = tmp_path_factory.mktemp("zero2-two-process") / "run"
+    overrides = _base(tiny_llava_dir, out) + [
+        "train.per_device_batch_size=2",
+        "train.max_steps=3",
+        "train.save_steps=3",
+        "data.val=[]",
+    ]
+    train(overrides, launcher="torchrun2")
+    return out, overrides
+
+
+@pytest.fixture(scope="session")
+def base_run(tiny_llava_dir, tmp_path_factory):
+    """A finished run of ``test_train_e2e._base`` alone: finetune, demo.yaml's ZeRO-2, one process,
+    4 steps, checkpoints at 2 and 4, ``final/``. Read it, or copy it before training into it."""
+    from test_train_e2e import _base, train
+
+    out = tmp_path_factory.mktemp("base-run") / "run"
+    train(_base(tiny_llava_dir, out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def wandb_offline_run(tiny_llava_dir, tmp_path_factory):
+    """``(out, proc)``: a 2-step projector run with a real offline wandb run, validated after each
+    step (two token overlays each) and the projector uploaded as an artifact; one run serves
+    test_train_e2e.py's artifact test and test_wandb_overlays.py."""
+    from test_train_e2e import DEMO_VAL, train_wandb_offline
+
+    out = tmp_path_factory.mktemp("wandb-offline") / "run"
+    overrides = [
+        DEMO_VAL[0],  # the demo's validation set (its first images are the overlays)
+        "train.max_steps=2",
+        "train.eval_steps=1",
+        "wandb.log_artifact=projector",
+        "wandb.token_overlays=2",
+    ]
+    return out, train_wandb_offline(tiny_llava_dir, out, overrides)

@@ -243,7 +243,12 @@ def test_packed_token_budget_run_logs_padding_and_resumes_exactly_after_sigkill(
     from test_train_e2e import _cmd, _env, final_weights, metrics, train
 
     def args(out):
-        return [f"model.name_or_path={tiny_llava_dir}", f"train.output_dir={out}", *PACKED]
+        return [
+            f"model.name_or_path={tiny_llava_dir}",
+            f"train.output_dir={out}",
+            "eval.generate_accuracy=false",  # scoring the export is test_train_e2e.py's
+            *PACKED,
+        ]
 
     common = ["train.max_steps=6", "train.save_steps=3", "train.logging_steps=1", "debug.log_samples=true"]
     unbroken, killed = tmp_path / "unbroken", tmp_path / "killed"
@@ -285,6 +290,7 @@ def test_packed_runs_with_two_processes_under_zero(tiny_llava_dir, tmp_path, zer
             f"deepspeed.config=configs/deepspeed/{zero}.json",
             "train.max_steps=3",
             "train.logging_steps=1",
+            "eval.generate_accuracy=false",
             *PACKED,
         ],
         launcher="torchrun2",

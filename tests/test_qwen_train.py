@@ -97,6 +97,15 @@ def _qwen(model_dir: Path, out: Path, data: Path, mode: str, steps: int = 3) -> 
     ]
 
 
+@pytest.fixture(scope="module")
+def finetuned(qwen_dir, qwen_data, tmp_path_factory) -> Path:
+    """A finished 4-step finetune run (checkpoints at 2 and 4), read by the finetune, export and
+    resume tests: one run instead of three."""
+    out = tmp_path_factory.mktemp("qwen-finetune") / "run"
+    train(_qwen(qwen_dir, out, qwen_data, "finetune", steps=4))
+    return out
+
+
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
     out = {}
     for shard in sorted(folder.glob("*.safetensors")):
@@ -151,9 +160,8 @@ def test_projector_mode_trains_the_merger_only(qwen_dir, qwen_data, tmp_path):
     assert any("visual.merger" in k for k in changed)
 
 
-def test_finetune_mode_trains_llm_and_merger_not_the_tower(qwen_dir, qwen_data, tmp_path):
-    out = tmp_path / "run"
-    train(_qwen(qwen_dir, out, qwen_data, "finetune"))
+def test_finetune_mode_trains_llm_and_merger_not_the_tower(qwen_dir, finetuned):
+    out = finetuned
     base, new = _weights(qwen_dir), _weights(out / "final")
     changed, same = _changed(base, new, lambda k: True)
     assert any("visual.merger" in k for k in changed)
@@ -184,9 +192,8 @@ def test_lora_mode_wraps_the_llm_only_and_trains_the_merger(qwen_dir, qwen_data,
     assert not any("visual.blocks" in k for k in changed), [k for k in changed if "visual.blocks" in k][:3]
 
 
-def test_resume_continues_to_the_same_weights(qwen_dir, qwen_data, tmp_path):
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    train(_qwen(qwen_dir, straight, qwen_data, "finetune", steps=4))
+def test_resume_continues_to_the_same_weights(qwen_dir, qwen_data, finetuned, tmp_path):
+    straight, split = finetuned, tmp_path / "split"
     # killed once checkpoint-2 is complete (a pause per step keeps it from reaching step 4 first)
     args = _qwen(qwen_dir, split, qwen_data, "finetune", steps=4) + ["debug.step_sleep_s=1.5"]
     victim = subprocess.Popen(
@@ -204,9 +211,8 @@ def test_resume_continues_to_the_same_weights(qwen_dir, qwen_data, tmp_path):
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_export_reloads_with_visionzip_and_generates(qwen_dir, qwen_data, tmp_path):
-    out = tmp_path / "run"
-    train(_qwen(qwen_dir, out, qwen_data, "finetune"))
+def test_export_reloads_with_visionzip_and_generates(qwen_data, finetuned):
+    out = finetuned
     config = json.loads((out / "final/config.json").read_text())
     assert config["visionzip"]["dominant_ratio"] == 0.25
     # 97 x 143 px -> 84 x 140 resized -> 3 x 5 = 15 merged tokens -> int(3.75) = 3 dominant + 3 contextual

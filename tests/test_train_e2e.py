@@ -44,8 +44,18 @@ def _base(model_dir: Path, out: Path) -> list[str]:
         "train.logging_steps=1",
         "data.num_workers=0",
         "wandb.enabled=false",
-        "data.val=[{path: data/demo/instruct_val.json, image_folder: data/demo/images}]",
+        # Validation and scoring the export (50 forwards, a model load and 50 generations) are
+        # shown by the deepspeed launcher test (DEMO_VAL) and the command matrix; every other run
+        # skips those seconds.
+        "data.val=[]",
+        "eval.generate_accuracy=false",
     ]
+
+
+DEMO_VAL = [
+    "data.val=[{path: data/demo/instruct_val.json, image_folder: data/demo/images}]",
+    "eval.generate_accuracy=true",
+]
 
 
 def free_port() -> int:
@@ -111,7 +121,8 @@ def _generate(final: Path) -> str:
 def test_finetune_via_deepspeed_launcher_exports_a_model_that_loads_and_generates(tiny_llava_dir, tmp_path):
     out = tmp_path / "run"
     proc = train(
-        _base(tiny_llava_dir, out) + ["train.max_steps=8", "train.save_total_limit=2"], launcher="deepspeed"
+        _base(tiny_llava_dir, out) + ["train.max_steps=8", "train.save_total_limit=2", *DEMO_VAL],
+        launcher="deepspeed",
     )
     records = [r for r in metrics(out) if "loss" in r]
     assert [r["step"] for r in records] == list(range(1, 9))
@@ -139,7 +150,7 @@ def test_finetune_via_deepspeed_launcher_exports_a_model_that_loads_and_generate
     assert "step 8/8  loss " in proc.stderr and "eta 0:00:00" in proc.stderr
     assert "\r" not in proc.stdout + proc.stderr and "built successfully" not in proc.stdout + proc.stderr
     assert (out / "metrics.png").is_file() and f"plot:    {out}/metrics.png" in proc.stdout
-    # eval.generate_accuracy (on in demo.yaml): the export's answers scored on data.val after the run
+    # eval.generate_accuracy (on here, off in _base): the export's answers scored on data.val after the run
     assert re.search(r"answers: \d\.\d{3} \(\d+/50 first replies exact", proc.stdout), proc.stdout[-2000:]
     # the LLM changed, the frozen vision tower did not
     base = load_file(str(tiny_llava_dir / "model.safetensors"))
@@ -207,13 +218,8 @@ def test_pretrain_mode_assembles_llava_from_clip_and_llm(tiny_pretrain_dirs, tmp
     }
 
 
-def test_zero3_two_processes_under_torchrun(tiny_llava_dir, tmp_path):
-    out = tmp_path / "run"
-    train(
-        _base(tiny_llava_dir, out)
-        + ["deepspeed.config=configs/deepspeed/zero3.json", "train.per_device_batch_size=2"],
-        launcher="torchrun2",
-    )
+def test_zero3_two_processes_under_torchrun(tiny_llava_dir, zero3_two_process_run):
+    out, _ = zero3_two_process_run  # shared with test_zero_offload.py (its plain ZeRO-3 reference)
     assert (out / "checkpoint-4/COMPLETE").is_file()
     state = json.loads((out / "checkpoint-4/trainer_state.json").read_text())
     assert state["world_size"] == 2 and state["step"] == 4
@@ -285,9 +291,8 @@ def train_wandb_offline(model_dir: Path, out: Path, overrides: list[str]) -> sub
     return proc
 
 
-def test_wandb_offline_run_gets_metrics_and_the_projector_artifact(tiny_llava_dir, tmp_path):
-    out = tmp_path / "run"
-    proc = train_wandb_offline(tiny_llava_dir, out, ["train.max_steps=2", "wandb.log_artifact=projector"])
+def test_wandb_offline_run_gets_metrics_and_the_projector_artifact(wandb_offline_run):
+    out, proc = wandb_offline_run  # shared with test_wandb_overlays.py
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and "offline; upload with `wandb sync" in proc.stdout
     assert list(runs[0].glob("*.wandb"))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -30,10 +31,10 @@ def _mtimes(folder: Path) -> dict[str, int]:
 
 
 def test_changed_settings_stop_the_resume_before_weights_load_and_named_ones_may_change(
-    tiny_llava_dir, tmp_path
+    tiny_llava_dir, base_run, tmp_path
 ):
     out = tmp_path / "run"
-    train(_base(tiny_llava_dir, out))
+    shutil.copytree(base_run, out)  # a finished 4-step run of _base (a resume ignores the folder's name)
     assert (
         json.loads((out / "checkpoint-4/run_settings.json").read_text())["settings"]["optim"]["lr_llm"]
         == 2e-3
@@ -215,10 +216,8 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_says_so(tiny_llava_dir, t
         subprocess.run(["umount", str(disk)], capture_output=True)
 
 
-def test_two_processes_refuse_a_changed_world_size_once_and_finish_cleanly(tiny_llava_dir, tmp_path):
-    out = tmp_path / "run"
-    args = _base(tiny_llava_dir, out) + ["train.max_steps=3", "train.per_device_batch_size=2"]
-    train(args, launcher="torchrun2")
+def test_two_processes_refuse_a_changed_world_size_once_and_finish_cleanly(zero2_two_process_run):
+    out, args = zero2_two_process_run  # a finished 3-step run of two processes (also test_multinode.py's)
     assert (out / "checkpoint-3/COMPLETE").is_file()
     proc = train(args, expect=2)  # one process now
     assert proc.stderr.count("error: resuming from") == 1
