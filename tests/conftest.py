@@ -68,6 +68,22 @@ def tiny_qwen2_vl_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def family_dirs(tiny_llava_dir, tiny_llava_next_dir, tmp_path_factory):
+    """``{family: folder}``, each laid out as its download: the session's LLaVA-1.5 and LLaVA-NeXT
+    folders, and Qwen2-VL / Qwen2.5-VL with 2 vision blocks (seed 0), the size the training tests
+    run (built once here, not once per module)."""
+    from visionzip_core.testing.tiny import build_tiny_qwen2_5_vl, build_tiny_qwen2_vl
+
+    root = tmp_path_factory.mktemp("family-dirs")
+    return {
+        "llava-1.5": tiny_llava_dir,
+        "llava-next": tiny_llava_next_dir,
+        "qwen2-vl": build_tiny_qwen2_vl(root / "qwen2-vl", seed=0, vision_depth=2),
+        "qwen2.5-vl": build_tiny_qwen2_5_vl(root / "qwen2.5-vl", seed=0, vision_depth=2),
+    }
+
+
+@pytest.fixture(scope="session")
 def tiny_pretrain_dirs(tmp_path_factory):
     """``(clip_dir, llm_dir)``: a tiny CLIP vision checkpoint and a tiny causal LM, for stage-1."""
     from visionzip_core.testing.tiny import build_tiny_pretrain_parts

@@ -128,9 +128,21 @@ def test_dataset_counts_each_image_from_its_own_size(tiny_llava_next_dir, next_d
     assert out.logits.shape[:2] == batch["input_ids"].shape
 
 
-def test_finetune_exports_a_next_model_that_loads_and_generates(tiny_llava_next_dir, next_data, tmp_path):
-    out = tmp_path / "run"
-    proc = train(_next(tiny_llava_next_dir, out, next_data) + ["train.max_steps=6"], launcher="deepspeed")
+RESUME = ["train.max_steps=6", "train.save_steps=3", "debug.log_samples=true"]
+
+
+@pytest.fixture(scope="module")
+def deepspeed_run(tiny_llava_next_dir, next_data, tmp_path_factory):
+    """``(out, proc)``: 6 finetune steps under the deepspeed launcher (one process), checkpoints at
+    3 and 6, samples logged; the export test reads it and the resume test compares against it."""
+    out = tmp_path_factory.mktemp("next-deepspeed") / "run"
+    return out, train(_next(tiny_llava_next_dir, out, next_data) + RESUME, launcher="deepspeed")
+
+
+def test_finetune_exports_a_next_model_that_loads_and_generates(
+    tiny_llava_next_dir, next_data, deepspeed_run
+):
+    out, proc = deepspeed_run
     records = [r for r in metrics(out) if "loss" in r]
     assert [r["step"] for r in records] == list(range(1, 7))
     assert records[0]["visual_tokens_per_image"] == f"{D + K} per crop"
@@ -196,10 +208,13 @@ def test_zero3_two_processes(tiny_llava_next_dir, next_data, tmp_path):
     assert set(new) == set(base) and all(new[k].shape == base[k].shape for k in base)
 
 
-def test_resume_after_sigkill_matches_an_unbroken_run(tiny_llava_next_dir, next_data, tmp_path):
-    common = ["train.max_steps=6", "train.save_steps=3", "debug.log_samples=true"]
-    unbroken, killed = tmp_path / "unbroken", tmp_path / "killed"
-    train(_next(tiny_llava_next_dir, unbroken, next_data) + common)
+def test_resume_after_sigkill_matches_an_unbroken_run(
+    tiny_llava_next_dir, next_data, deepspeed_run, tmp_path
+):
+    """Killed and resumed as plain ``python`` runs; the unbroken run is the deepspeed launcher's
+    (one process either way: the same steps)."""
+    common = RESUME
+    (unbroken, _), killed = deepspeed_run, tmp_path / "killed"
     cmd = _cmd("python", _next(tiny_llava_next_dir, killed, next_data) + common + ["debug.step_sleep_s=1.0"])
     proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240

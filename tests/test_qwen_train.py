@@ -19,16 +19,14 @@ from PIL import Image
 from safetensors.torch import load_file
 from test_train_e2e import REPO, _cmd, _env, metrics, train
 
-from visionzip_core.testing.tiny import build_tiny_qwen2_5_vl
-
 pytestmark = pytest.mark.slow
 
 RATIOS = ["visionzip.dominant_ratio=0.25", "visionzip.contextual_ratio=0.25"]
 
 
 @pytest.fixture(scope="module")
-def qwen_dir(tmp_path_factory):
-    return build_tiny_qwen2_5_vl(tmp_path_factory.mktemp("tiny-qwen") / "model", seed=0, vision_depth=2)
+def qwen_dir(family_dirs):
+    return family_dirs["qwen2.5-vl"]  # 2 vision blocks, seed 0 (conftest.py)
 
 
 def _picture(path: Path, h: int, w: int, seed: int) -> None:
