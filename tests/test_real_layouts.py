@@ -149,8 +149,24 @@ def test_stage2_modes_on_a_4x_llava_folder_export_load_and_generate(llava_hf_4x_
     assert all("vision_tower" not in k for k in trained)  # the tower is frozen in every mode
     if mode == "projector":
         assert all(k.startswith("multi_modal_projector.") for k in trained)
+        # the projector is also written alone, the export's own values under its names
+        saved, projector = (
+            load_file(str(out / "final/model.safetensors")),
+            load_file(str(out / "final/projector.safetensors")),
+        )
+        assert set(projector) == {k for k in saved if "multi_modal_projector" in k}
+        assert all(torch.equal(saved[k], v) for k, v in projector.items())
     else:
         assert any(k.startswith("language_model.") for k in trained)
+    if mode == "lora":  # the adapter beside the merged model: LLM LoRA + the projector, no tower
+        adapter = json.loads((out / "final/adapter/adapter_config.json").read_text())
+        assert "language_model" in adapter["target_modules"]
+        assert adapter["modules_to_save"] == ["multi_modal_projector"]
+        lora = load_file(str(out / "final/adapter/adapter_model.safetensors"))
+        assert any("lora_A" in k for k in lora) and any("multi_modal_projector" in k for k in lora)
+        assert not any("vision_tower" in k and "lora" in k for k in lora)
+        merged = load_file(str(out / "final/model.safetensors"))
+        assert not any("lora_" in k or "base_layer" in k for k in merged)  # plain llava-hf names
     proc = _generate_cli(out / "final")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "visual tokens per image: 16 of 64" in proc.stdout

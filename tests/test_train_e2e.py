@@ -2,8 +2,11 @@
 
     pytest -m slow tests/test_train_e2e.py        # ~2-3 minutes on 2 cores
 
-Covers every mode, the deepspeed launcher and torchrun, ZeRO-2 and ZeRO-3 with two processes,
-exact resume after SIGKILL, export -> load -> generate, and the NaN guard.
+Covers finetune and pretrain modes, the deepspeed launcher and torchrun, ZeRO-2 and ZeRO-3 with
+two processes, exact resume after SIGKILL, export -> load -> generate, and the NaN guard. The
+projector and lora modes of LLaVA-1.5 run in test_real_layouts.py (on the 4.x llava-hf folder) and
+LLaVA-NeXT's in test_llava_next_train.py. Runs that several tests read are conftest.py's session
+fixtures (``base_run``, ``zero3_two_process_run``, ``wandb_offline_run``, ...).
 """
 
 from __future__ import annotations
@@ -160,36 +163,6 @@ def test_finetune_via_deepspeed_launcher_exports_a_model_that_loads_and_generate
     assert vision and all(torch.equal(base[k], new[k]) for k in vision)
     assert llm and not all(torch.equal(base[k], new[k]) for k in llm)
     _generate(out / "final")
-
-
-def test_projector_mode_trains_only_the_projector_and_writes_it_alone(tiny_llava_dir, tmp_path):
-    out = tmp_path / "run"
-    train(_base(tiny_llava_dir, out) + ["train.mode=projector"])
-    base, new = load_file(str(tiny_llava_dir / "model.safetensors")), final_weights(out)
-    projector = load_file(str(out / "final" / "projector.safetensors"))
-    assert projector and all("multi_modal_projector" in k for k in projector)
-    for key, value in projector.items():
-        assert torch.equal(new[key], value)
-        assert not torch.equal(base[key], value), f"{key} did not train"
-    frozen = [k for k in base if "multi_modal_projector" not in k]
-    assert all(torch.equal(base[k], new[k]) for k in frozen)
-
-
-def test_lora_mode_writes_adapter_and_merged_model(tiny_llava_dir, tmp_path):
-    out = tmp_path / "run"
-    train(_base(tiny_llava_dir, out) + ["train.mode=lora", "lora.r=4", "lora.alpha=8", "optim.lr_llm=1e-2"])
-    adapter = json.loads((out / "final/adapter/adapter_config.json").read_text())
-    assert "language_model" in adapter["target_modules"] and adapter["modules_to_save"] == [
-        "multi_modal_projector"
-    ]
-    lora = load_file(str(out / "final/adapter/adapter_model.safetensors"))
-    assert any("lora_A" in k for k in lora) and not any("vision_tower" in k and "lora" in k for k in lora)
-    assert any("multi_modal_projector" in k for k in lora)
-    base, merged = load_file(str(tiny_llava_dir / "model.safetensors")), final_weights(out)
-    assert set(merged) == set(base)  # plain llava-hf names after merging
-    q = next(k for k in base if "language_model" in k and "q_proj.weight" in k)
-    assert not torch.equal(base[q], merged[q])
-    assert all(torch.equal(base[k], merged[k]) for k in base if "vision_tower" in k)
 
 
 def test_pretrain_mode_assembles_llava_from_clip_and_llm(tiny_pretrain_dirs, tmp_path):
