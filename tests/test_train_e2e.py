@@ -85,7 +85,7 @@ def _cmd(launcher: str, overrides: list[str]) -> list[str]:
     raise ValueError(launcher)
 
 
-def train(overrides: list[str], launcher: str = "python", expect: int = 0, timeout: int = 300):
+def train(overrides: list[str], launcher: str = "python", expect: int = 0, timeout: int = 600):
     proc = subprocess.run(
         _cmd(launcher, overrides), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout
     )
