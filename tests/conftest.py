@@ -10,6 +10,7 @@ CI runs everything: ``pytest``.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -172,6 +173,28 @@ def base_run(tiny_llava_dir, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("base-run") / "run"
     train(_base(tiny_llava_dir, out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def pretrain_run(tiny_pretrain_dirs, tmp_path_factory):
+    """A finished stage-1 run (``train.mode=pretrain``, plain captions, 4 steps) assembling LLaVA from
+    ``tiny_pretrain_dirs``: test_train_e2e.py's pretrain test and test_llava_next_train.py's stage 2
+    (which starts from its export) read it."""
+    from test_train_e2e import _base, train
+
+    clip_dir, llm_dir = tiny_pretrain_dirs
+    out = tmp_path_factory.mktemp("pretrain") / "run"
+    overrides = _base(Path("unused"), out)[1:] + [
+        "train.mode=pretrain",
+        "model.name_or_path=null",
+        f"model.vision_tower={clip_dir}",
+        f"model.language_model={llm_dir}",
+        "data.template=plain",
+        "data.train=[{path: data/demo/pretrain_train.json, image_folder: data/demo/images}]",
+        "data.val=[]",
+    ]
+    train(overrides)
     return out
 
 

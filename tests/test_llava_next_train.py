@@ -253,26 +253,10 @@ def test_the_4x_next_folder_loads_to_its_own_weights_and_trains(llava_next_hf_4x
     assert _generate(out / "final", next_data / "images/3.png").count("generated:") == 1
 
 
-def test_stage2_starts_from_a_stage1_export(tiny_pretrain_dirs, next_data, tmp_path):
-    """Stage 1 is LLaVA-1.5's; its export becomes a LLaVA-NeXT folder that stage 2 trains."""
-    clip_dir, llm_dir = tiny_pretrain_dirs
-    stage1 = tmp_path / "stage1"
-    train(
-        [
-            f"train.output_dir={stage1}",
-            "train.mode=pretrain",
-            "model.name_or_path=null",
-            f"model.vision_tower={clip_dir}",
-            f"model.language_model={llm_dir}",
-            "data.template=plain",
-            "data.train=[{path: data/demo/pretrain_train.json, image_folder: data/demo/images}]",
-            "data.val=[]",
-            "train.max_steps=2",
-            "train.per_device_batch_size=4",
-            "wandb.enabled=false",
-            "data.num_workers=0",
-        ]
-    )
+def test_stage2_starts_from_a_stage1_export(pretrain_run, next_data, tmp_path):
+    """Stage 1 is LLaVA-1.5's (conftest.py's ``pretrain_run``); its export becomes a LLaVA-NeXT
+    folder that stage 2 trains."""
+    stage1 = pretrain_run
     init = tmp_path / "next-init"
     convert = [
         sys.executable,

@@ -165,19 +165,9 @@ def test_finetune_via_deepspeed_launcher_exports_a_model_that_loads_and_generate
     _generate(out / "final")
 
 
-def test_pretrain_mode_assembles_llava_from_clip_and_llm(tiny_pretrain_dirs, tmp_path):
-    clip_dir, llm_dir = tiny_pretrain_dirs
-    out = tmp_path / "run"
-    overrides = _base(Path("unused"), out)[1:] + [
-        "train.mode=pretrain",
-        "model.name_or_path=null",
-        f"model.vision_tower={clip_dir}",
-        f"model.language_model={llm_dir}",
-        "data.template=plain",
-        "data.train=[{path: data/demo/pretrain_train.json, image_folder: data/demo/images}]",
-        "data.val=[]",
-    ]
-    train(overrides)
+def test_pretrain_mode_assembles_llava_from_clip_and_llm(tiny_pretrain_dirs, pretrain_run):
+    clip_dir, _ = tiny_pretrain_dirs
+    out = pretrain_run  # also test_llava_next_train.py's stage 1
     config = json.loads((out / "final/config.json").read_text())
     assert (
         config["architectures"] == ["LlavaForConditionalGeneration"] and config["visionzip"]["dominant"] == 12
