@@ -261,7 +261,7 @@ def test_packed_token_budget_run_logs_padding_and_resumes_exactly_after_sigkill(
     assert len(steps) == 6 and all(line.count(",") >= 8 for line in steps)
     cmd = _cmd("python", args(killed) + common + ["debug.step_sleep_s=1.0"])
     victim = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
+    deadline = time.time() + 600
     while not (killed / "checkpoint-3" / "COMPLETE").is_file():
         assert victim.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
         time.sleep(0.1)

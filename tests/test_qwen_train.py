@@ -197,7 +197,7 @@ def test_resume_continues_to_the_same_weights(qwen_dir, qwen_data, finetuned, tm
     victim = subprocess.Popen(
         _cmd("python", args), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    deadline = time.time() + 240
+    deadline = time.time() + 600
     while not (split / "checkpoint-2" / "COMPLETE").is_file():
         assert victim.poll() is None and time.time() < deadline, "the first run ended before checkpoint-2"
         time.sleep(0.2)

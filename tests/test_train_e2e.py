@@ -199,7 +199,7 @@ def test_resume_after_sigkill_matches_an_unbroken_run(tiny_llava_dir, tmp_path):
 
     cmd = _cmd("python", _base(tiny_llava_dir, killed) + common + ["debug.step_sleep_s=1.0"])
     proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
+    deadline = time.time() + 600
     while not (killed / "checkpoint-3" / "COMPLETE").is_file():
         assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
         time.sleep(0.1)

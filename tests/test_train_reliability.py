@@ -120,7 +120,7 @@ def _workers(launcher_pid: int) -> list[psutil.Process]:
     ]
 
 
-def _wait_for_step(out: Path, step: int, proc: subprocess.Popen, timeout: float = 240) -> None:
+def _wait_for_step(out: Path, step: int, proc: subprocess.Popen, timeout: float = 600) -> None:
     deadline = time.time() + timeout
     while True:
         logged = [r["step"] for r in metrics(out) if "loss" in r] if (out / "metrics.jsonl").is_file() else []

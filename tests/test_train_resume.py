@@ -129,7 +129,7 @@ def test_a_second_run_on_the_same_folder_is_refused(tiny_llava_dir, tmp_path):
     first = subprocess.Popen(
         _cmd("python", args), cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    deadline = time.time() + 240
+    deadline = time.time() + 600
     while not (out / "metrics.jsonl").is_file():
         assert first.poll() is None and time.time() < deadline, "first run ended before training"
         time.sleep(0.2)

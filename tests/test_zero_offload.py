@@ -71,7 +71,7 @@ def test_offload_follows_plain_zero3_and_resumes_exactly_after_sigkill(
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
-    deadline = time.time() + 300
+    deadline = time.time() + 600
     while not (killed / "checkpoint-2" / "COMPLETE").is_file():
         assert victim.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
         time.sleep(0.1)
