@@ -15,7 +15,7 @@ import re
 
 import pytest
 import torch
-from test_train_e2e import REPO, _base, metrics, train
+from test_train_e2e import DEMO_VAL, REPO, _base, metrics, train
 
 from visionzip_core.training.settings import ConfigError, load_config
 
@@ -78,7 +78,7 @@ def test_qlora_demo_trains_under_zero2_and_its_export_evaluates(tiny_llava_dir, 
         "deepspeed.config=configs/deepspeed/zero2.json",
         # the merged export is loaded again and scored on 4 val samples after the run (in the
         # same process: no second interpreter start for scripts/evaluate.py)
-        "eval.generate_accuracy=true",
+        *DEMO_VAL,  # the demo's validation set, scored
         "eval.limit=4",
     ]
     proc = train(args, launcher="torchrun2")
