@@ -10,6 +10,7 @@ CI runs everything: ``pytest``.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -68,6 +69,22 @@ def tiny_qwen2_vl_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def family_dirs(tiny_llava_dir, tiny_llava_next_dir, tmp_path_factory):
+    """``{family: folder}``, each laid out as its download: the session's LLaVA-1.5 and LLaVA-NeXT
+    folders, and Qwen2-VL / Qwen2.5-VL with 2 vision blocks (seed 0), the size the training tests
+    run (built once here, not once per module)."""
+    from visionzip_core.testing.tiny import write_tiny
+
+    root = tmp_path_factory.mktemp("family-dirs")
+    return {
+        "llava-1.5": tiny_llava_dir,
+        "llava-next": tiny_llava_next_dir,
+        "qwen2-vl": write_tiny("qwen2-vl", root / "qwen2-vl", seed=0, vision_depth=2),
+        "qwen2.5-vl": write_tiny("qwen2.5-vl", root / "qwen2.5-vl", seed=0, vision_depth=2),
+    }
+
+
+@pytest.fixture(scope="session")
 def tiny_pretrain_dirs(tmp_path_factory):
     """``(clip_dir, llm_dir)``: a tiny CLIP vision checkpoint and a tiny causal LM, for stage-1."""
     from visionzip_core.testing.tiny import build_tiny_pretrain_parts
@@ -106,3 +123,94 @@ def llava_next_hf_4x_dir(tmp_path_factory):
     from real_layouts import write_llava_hf_4x_folder
 
     return write_llava_hf_4x_folder(tmp_path_factory.mktemp("llava-next-hf-4x"), family="llava-next")
+
+
+# Two-process runs through the real entry point, shared by the tests that assert on them: each
+# torchrun start costs tens of seconds on 2 cores, the same run need not be trained twice.
+@pytest.fixture(scope="session")
+def zero3_two_process_run(tiny_llava_dir, tmp_path_factory):
+    """``(out, overrides)``: 4 fp32 steps of the tiny LLaVA under ZeRO-3, two processes (torchrun),
+    weight decay on, no validation. Read it; never train into it."""
+    from test_train_e2e import _base, train
+
+    out = tmp_path_factory.mktemp("zero3-two-process") / "run"
+    overrides = _base(tiny_llava_dir, out) + [
+        "train.precision=fp32",
+        "train.per_device_batch_size=2",
+        "train.max_steps=4",
+        "train.save_steps=2",
+        "data.val=[]",
+        "optim.weight_decay=0.1",  # so that a lost no-decay group would show in the weights
+        "deepspeed.config=configs/deepspeed/zero3.json",
+    ]
+    train(overrides, launcher="torchrun2")
+    return out, overrides
+
+
+@pytest.fixture(scope="session")
+def zero2_two_process_run(tiny_llava_dir, tmp_path_factory):
+    """``(out, overrides)``: 3 steps of the tiny LLaVA under ZeRO-2 (demo.yaml's), two processes
+    (torchrun), one checkpoint at the end, no validation. Tests may rerun its command (a finished
+    run writes nothing), not train further."""
+    from test_train_e2e import _base, train
+
+    out = tmp_path_factory.mktemp("zero2-two-process") / "run"
+    overrides = _base(tiny_llava_dir, out) + [
+        "train.per_device_batch_size=2",
+        "train.max_steps=3",
+        "train.save_steps=3",
+        "data.val=[]",
+    ]
+    train(overrides, launcher="torchrun2")
+    return out, overrides
+
+
+@pytest.fixture(scope="session")
+def base_run(tiny_llava_dir, tmp_path_factory):
+    """A finished run of ``test_train_e2e._base`` alone: finetune, demo.yaml's ZeRO-2, one process,
+    4 steps, checkpoints at 2 and 4, ``final/``. Read it, or copy it before training into it."""
+    from test_train_e2e import _base, train
+
+    out = tmp_path_factory.mktemp("base-run") / "run"
+    train(_base(tiny_llava_dir, out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def pretrain_run(tiny_pretrain_dirs, tmp_path_factory):
+    """A finished stage-1 run (``train.mode=pretrain``, plain captions, 4 steps) assembling LLaVA from
+    ``tiny_pretrain_dirs``: test_train_e2e.py's pretrain test and test_llava_next_train.py's stage 2
+    (which starts from its export) read it."""
+    from test_train_e2e import _base, train
+
+    clip_dir, llm_dir = tiny_pretrain_dirs
+    out = tmp_path_factory.mktemp("pretrain") / "run"
+    overrides = _base(Path("unused"), out)[1:] + [
+        "train.mode=pretrain",
+        "model.name_or_path=null",
+        f"model.vision_tower={clip_dir}",
+        f"model.language_model={llm_dir}",
+        "data.template=plain",
+        "data.train=[{path: data/demo/pretrain_train.json, image_folder: data/demo/images}]",
+        "data.val=[]",
+    ]
+    train(overrides)
+    return out
+
+
+@pytest.fixture(scope="session")
+def wandb_offline_run(tiny_llava_dir, tmp_path_factory):
+    """``(out, proc)``: a 2-step projector run with a real offline wandb run, validated after each
+    step (two token overlays each) and the projector uploaded as an artifact; one run serves
+    test_train_e2e.py's artifact test and test_wandb_overlays.py."""
+    from test_train_e2e import DEMO_VAL, train_wandb_offline
+
+    out = tmp_path_factory.mktemp("wandb-offline") / "run"
+    overrides = [
+        DEMO_VAL[0],  # the demo's validation set (its first images are the overlays)
+        "train.max_steps=2",
+        "train.eval_steps=1",
+        "wandb.log_artifact=projector",
+        "wandb.token_overlays=2",
+    ]
+    return out, train_wandb_offline(tiny_llava_dir, out, overrides)

@@ -5,8 +5,8 @@ mode, with ``eval.generate_accuracy``), then ``scripts/evaluate.py``, ``scripts/
 
     PYTHONPATH=$PWD .venv/bin/python -m pytest -m slow tests/test_command_matrix.py   # about 2 min, CPU
 
-Each family trains once per session (:func:`trained`); a test of another command on the exports
-takes the ``trained`` fixture and reads ``trained[family].final``.
+Each family's model is conftest.py's ``family_dirs``; it trains once per session (:func:`trained`); a
+test of another command on the exports takes the ``trained`` fixture and reads ``trained[family].final``.
 """
 
 from __future__ import annotations
@@ -25,17 +25,9 @@ import pytest
 from PIL import Image
 from test_train_e2e import REPO, _cmd, _env
 
-from visionzip_core.testing.tiny import write_tiny
-
 pytestmark = pytest.mark.slow
 
 FAMILIES = ("llava-1.5", "llava-next", "qwen2-vl", "qwen2.5-vl")
-BUILDERS = {
-    "llava-1.5": lambda out: write_tiny("llava-1.5", out),
-    "llava-next": lambda out: write_tiny("llava-next", out),
-    "qwen2-vl": lambda out: write_tiny("qwen2-vl", out, seed=0, vision_depth=2),
-    "qwen2.5-vl": lambda out: write_tiny("qwen2.5-vl", out, seed=0, vision_depth=2),
-}
 SIZES = [(97, 143), (300, 61), (112, 112), (60, 200), (150, 90)]
 
 
@@ -106,17 +98,6 @@ def write_matrix_data(out: Path) -> Path:
     train_rows, val_rows = _messages_rows()
     (out / "messages_train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train_rows))
     (out / "messages_val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in val_rows))
-    return out
-
-
-@pytest.fixture(scope="session")
-def family_dirs(tmp_path_factory) -> dict[str, Path]:
-    """Each family's tiny model, saved as its download is laid out."""
-    root = tmp_path_factory.mktemp("matrix-models")
-    out = {}
-    for name in FAMILIES:
-        out[name] = root / name
-        BUILDERS[name](out[name])
     return out
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 from PIL import Image
-from test_command_matrix import BUILDERS, FAMILIES, run_script, write_matrix_data
+from test_command_matrix import FAMILIES, run_script, write_matrix_data
 
 from visionzip_core.data import BadDataError, build_dataset
 from visionzip_core.data.templates import place_images_first, render, tokenizer_of
@@ -21,11 +21,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("family-folders")
-    for name in FAMILIES:
-        BUILDERS[name](root / name)
-    return {name: root / name for name in FAMILIES}
+def folders(family_dirs) -> dict[str, Path]:
+    return family_dirs  # conftest.py's, shared with the command matrix
 
 
 def _training_prompt(family, processor, question: str, media: str) -> str:

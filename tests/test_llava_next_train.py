@@ -133,9 +133,21 @@ def test_dataset_counts_each_image_from_its_own_size(tiny_llava_next_dir, next_d
     assert out.logits.shape[:2] == batch["input_ids"].shape
 
 
-def test_finetune_exports_a_next_model_that_loads_and_generates(tiny_llava_next_dir, next_data, tmp_path):
-    out = tmp_path / "run"
-    proc = train(_next(tiny_llava_next_dir, out, next_data) + ["train.max_steps=6"], launcher="deepspeed")
+RESUME = ["train.max_steps=6", "train.save_steps=3", "debug.log_samples=true"]
+
+
+@pytest.fixture(scope="module")
+def deepspeed_run(tiny_llava_next_dir, next_data, tmp_path_factory):
+    """``(out, proc)``: 6 finetune steps under the deepspeed launcher (one process), checkpoints at
+    3 and 6, samples logged; the export test reads it and the resume test compares against it."""
+    out = tmp_path_factory.mktemp("next-deepspeed") / "run"
+    return out, train(_next(tiny_llava_next_dir, out, next_data) + RESUME, launcher="deepspeed")
+
+
+def test_finetune_exports_a_next_model_that_loads_and_generates(
+    tiny_llava_next_dir, next_data, deepspeed_run
+):
+    out, proc = deepspeed_run
     records = [r for r in metrics(out) if "loss" in r]
     assert [r["step"] for r in records] == list(range(1, 7))
     assert records[0]["visual_tokens_per_image"] == f"{D + K} per crop"
@@ -201,13 +213,16 @@ def test_zero3_two_processes(tiny_llava_next_dir, next_data, tmp_path):
     assert set(new) == set(base) and all(new[k].shape == base[k].shape for k in base)
 
 
-def test_resume_after_sigkill_matches_an_unbroken_run(tiny_llava_next_dir, next_data, tmp_path):
-    common = ["train.max_steps=6", "train.save_steps=3", "debug.log_samples=true"]
-    unbroken, killed = tmp_path / "unbroken", tmp_path / "killed"
-    train(_next(tiny_llava_next_dir, unbroken, next_data) + common)
+def test_resume_after_sigkill_matches_an_unbroken_run(
+    tiny_llava_next_dir, next_data, deepspeed_run, tmp_path
+):
+    """Killed and resumed as plain ``python`` runs; the unbroken run is the deepspeed launcher's
+    (one process either way: the same steps)."""
+    common = RESUME
+    (unbroken, _), killed = deepspeed_run, tmp_path / "killed"
     cmd = _cmd("python", _next(tiny_llava_next_dir, killed, next_data) + common + ["debug.step_sleep_s=1.0"])
     proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
+    deadline = time.time() + 600
     while not (killed / "checkpoint-3" / "COMPLETE").is_file():
         assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
         time.sleep(0.1)
@@ -243,26 +258,10 @@ def test_the_4x_next_folder_loads_to_its_own_weights_and_trains(llava_next_hf_4x
     assert _generate(out / "final", next_data / "images/3.png").count("generated:") == 1
 
 
-def test_stage2_starts_from_a_stage1_export(tiny_pretrain_dirs, next_data, tmp_path):
-    """Stage 1 is LLaVA-1.5's; its export becomes a LLaVA-NeXT folder that stage 2 trains."""
-    clip_dir, llm_dir = tiny_pretrain_dirs
-    stage1 = tmp_path / "stage1"
-    train(
-        [
-            f"train.output_dir={stage1}",
-            "train.mode=pretrain",
-            "model.name_or_path=null",
-            f"model.vision_tower={clip_dir}",
-            f"model.language_model={llm_dir}",
-            "data.template=plain",
-            "data.train=[{path: data/demo/pretrain_train.json, image_folder: data/demo/images}]",
-            "data.val=[]",
-            "train.max_steps=2",
-            "train.per_device_batch_size=4",
-            "wandb.enabled=false",
-            "data.num_workers=0",
-        ]
-    )
+def test_stage2_starts_from_a_stage1_export(pretrain_run, next_data, tmp_path):
+    """Stage 1 is LLaVA-1.5's (conftest.py's ``pretrain_run``); its export becomes a LLaVA-NeXT
+    folder that stage 2 trains."""
+    stage1 = pretrain_run
     init = tmp_path / "next-init"
     convert = [
         sys.executable,

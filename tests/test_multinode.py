@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train_e2e import REPO, _base, _env, final_weights, train
+from test_train_e2e import REPO, _base, _env, final_weights
 
 pytestmark = pytest.mark.slow
 
@@ -63,10 +63,10 @@ def _two_nodes(outputs: tuple[Path, Path], overrides: list[str], timeout: int = 
     return [(p.returncode, out, err) for p, (out, err) in zip(procs, outputs)]
 
 
-def test_two_nodes_train_the_same_weights_as_one_node_of_two(tiny_llava_dir, tmp_path):
-    one, two = tmp_path / "one-node", tmp_path / "two-nodes"
-    args = _base(tiny_llava_dir, one) + COMMON
-    train(args, launcher="torchrun2")
+def test_two_nodes_train_the_same_weights_as_one_node_of_two(zero2_two_process_run, tmp_path):
+    two = tmp_path / "two-nodes"
+    one, args = zero2_two_process_run  # one node of two processes, shared with test_train_resume.py
+    assert set(COMMON) <= set(args)
     results = _two_nodes((two, two), [a for a in args if not a.startswith("train.output_dir=")])
     for code, out, err in results:
         assert code == 0, f"{out[-2000:]}\n{err[-3000:]}"

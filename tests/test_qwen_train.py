@@ -19,16 +19,14 @@ from PIL import Image
 from safetensors.torch import load_file
 from test_train_e2e import REPO, _cmd, _env, metrics, train
 
-from visionzip_core.testing.tiny import write_tiny
-
 pytestmark = pytest.mark.slow
 
 RATIOS = ["visionzip.dominant_ratio=0.25", "visionzip.contextual_ratio=0.25"]
 
 
 @pytest.fixture(scope="module")
-def qwen_dir(tmp_path_factory):
-    return write_tiny("qwen2.5-vl", tmp_path_factory.mktemp("tiny-qwen") / "model", seed=0, vision_depth=2)
+def qwen_dir(family_dirs):
+    return family_dirs["qwen2.5-vl"]  # 2 vision blocks, seed 0 (conftest.py)
 
 
 def _picture(path: Path, h: int, w: int, seed: int) -> None:
@@ -97,6 +95,15 @@ def _qwen(model_dir: Path, out: Path, data: Path, mode: str, steps: int = 3) -> 
     ]
 
 
+@pytest.fixture(scope="module")
+def finetuned(qwen_dir, qwen_data, tmp_path_factory) -> Path:
+    """A finished 4-step finetune run (checkpoints at 2 and 4), read by the finetune, export and
+    resume tests: one run instead of three."""
+    out = tmp_path_factory.mktemp("qwen-finetune") / "run"
+    train(_qwen(qwen_dir, out, qwen_data, "finetune", steps=4))
+    return out
+
+
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
     out = {}
     for shard in sorted(folder.glob("*.safetensors")):
@@ -151,9 +158,8 @@ def test_projector_mode_trains_the_merger_only(qwen_dir, qwen_data, tmp_path):
     assert any("visual.merger" in k for k in changed)
 
 
-def test_finetune_mode_trains_llm_and_merger_not_the_tower(qwen_dir, qwen_data, tmp_path):
-    out = tmp_path / "run"
-    train(_qwen(qwen_dir, out, qwen_data, "finetune"))
+def test_finetune_mode_trains_llm_and_merger_not_the_tower(qwen_dir, finetuned):
+    out = finetuned
     base, new = _weights(qwen_dir), _weights(out / "final")
     changed, same = _changed(base, new, lambda k: True)
     assert any("visual.merger" in k for k in changed)
@@ -184,15 +190,14 @@ def test_lora_mode_wraps_the_llm_only_and_trains_the_merger(qwen_dir, qwen_data,
     assert not any("visual.blocks" in k for k in changed), [k for k in changed if "visual.blocks" in k][:3]
 
 
-def test_resume_continues_to_the_same_weights(qwen_dir, qwen_data, tmp_path):
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    train(_qwen(qwen_dir, straight, qwen_data, "finetune", steps=4))
+def test_resume_continues_to_the_same_weights(qwen_dir, qwen_data, finetuned, tmp_path):
+    straight, split = finetuned, tmp_path / "split"
     # killed once checkpoint-2 is complete (a pause per step keeps it from reaching step 4 first)
     args = _qwen(qwen_dir, split, qwen_data, "finetune", steps=4) + ["debug.step_sleep_s=1.5"]
     victim = subprocess.Popen(
         _cmd("python", args), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    deadline = time.time() + 240
+    deadline = time.time() + 600
     while not (split / "checkpoint-2" / "COMPLETE").is_file():
         assert victim.poll() is None and time.time() < deadline, "the first run ended before checkpoint-2"
         time.sleep(0.2)
@@ -204,9 +209,8 @@ def test_resume_continues_to_the_same_weights(qwen_dir, qwen_data, tmp_path):
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_export_reloads_with_visionzip_and_generates(qwen_dir, qwen_data, tmp_path):
-    out = tmp_path / "run"
-    train(_qwen(qwen_dir, out, qwen_data, "finetune"))
+def test_export_reloads_with_visionzip_and_generates(qwen_data, finetuned):
+    out = finetuned
     config = json.loads((out / "final/config.json").read_text())
     assert config["visionzip"]["dominant_ratio"] == 0.25
     # 97 x 143 px -> 84 x 140 resized -> 3 x 5 = 15 merged tokens -> int(3.75) = 3 dominant + 3 contextual

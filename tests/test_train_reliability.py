@@ -60,7 +60,10 @@ def assert_same_weights(a: Path, b: Path) -> None:
         torch.testing.assert_close(wa[key], wb[key], rtol=0, atol=1e-6, msg=lambda m, key=key: f"{key}: {m}")
 
 
-@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+# ZeRO-2 over mixed batches with two processes: the shared unbroken torchrun2 run of
+# test_stop_and_resume_matches_an_unbroken_run (demo.yaml's zero2.json) asserts the ranks drew
+# different kinds in some step.
+@pytest.mark.parametrize("zero", ["zero3"])
 def test_two_processes_train_whole_epochs_over_mixed_text_and_image_batches(tiny_llava_dir, tmp_path, zero):
     data, text_only = mixed_data(tmp_path, images=6, texts=6)
     out = tmp_path / "run"
@@ -117,7 +120,7 @@ def _workers(launcher_pid: int) -> list[psutil.Process]:
     ]
 
 
-def _wait_for_step(out: Path, step: int, proc: subprocess.Popen, timeout: float = 240) -> None:
+def _wait_for_step(out: Path, step: int, proc: subprocess.Popen, timeout: float = 600) -> None:
     deadline = time.time() + timeout
     while True:
         logged = [r["step"] for r in metrics(out) if "loss" in r] if (out / "metrics.jsonl").is_file() else []
@@ -128,15 +131,43 @@ def _wait_for_step(out: Path, step: int, proc: subprocess.Popen, timeout: float 
         time.sleep(0.1)
 
 
+@pytest.fixture(scope="module")
+def stop_data(tmp_path_factory) -> tuple[Path, set[int]]:
+    return mixed_data(tmp_path_factory.mktemp("stop-data"), images=10, texts=6)
+
+
+def _stop_common(data: Path) -> list[str]:
+    return _data(data) + ["train.max_steps=8", "train.save_steps=3", "train.per_device_batch_size=1"]
+
+
+@pytest.fixture(scope="module")
+def unbroken_runs(tiny_llava_dir, stop_data, tmp_path_factory):
+    """``unbroken(launcher)``: the run the stopped ones must end equal to, trained once per launcher
+    (the two torchrun2 cases share it)."""
+    done: dict[str, Path] = {}
+
+    def unbroken(launcher: str) -> Path:
+        if launcher not in done:
+            out = tmp_path_factory.mktemp(f"unbroken-{launcher}") / "run"
+            train(_base(tiny_llava_dir, out) + _stop_common(stop_data[0]), launcher=launcher)
+            done[launcher] = out
+        return done[launcher]
+
+    return unbroken
+
+
 @pytest.mark.parametrize(
     "launcher,how",
     [("python", "SIGTERM"), ("torchrun2", "SIGTERM to rank 1 only"), ("torchrun2", "SIGKILL everything")],
 )
-def test_stop_and_resume_matches_an_unbroken_run(tiny_llava_dir, tmp_path, launcher, how):
-    data, _ = mixed_data(tmp_path, images=10, texts=6)
-    common = _data(data) + ["train.max_steps=8", "train.save_steps=3", "train.per_device_batch_size=1"]
-    unbroken, stopped = tmp_path / "unbroken", tmp_path / "stopped"
-    train(_base(tiny_llava_dir, unbroken) + common, launcher=launcher)
+def test_stop_and_resume_matches_an_unbroken_run(
+    tiny_llava_dir, tmp_path, stop_data, unbroken_runs, launcher, how
+):
+    data, text_only = stop_data
+    common = _stop_common(data)
+    unbroken, stopped = unbroken_runs(launcher), tmp_path / "stopped"
+    if launcher != "python":  # ZeRO-2, two ranks: some step had a text-only rank beside an image one
+        assert _modalities_differed(unbroken, text_only) >= 1
 
     cmd = _cmd(launcher, _base(tiny_llava_dir, stopped) + common + ["debug.step_sleep_s=1.0"])
     proc = subprocess.Popen(
@@ -214,9 +245,22 @@ def test_workers_do_not_outlive_their_launcher(tiny_llava_dir, tmp_path, launche
 
 
 def test_chaos_resume_script_smoke():
-    """Two trials (one and two processes) of scripts/chaos_resume.py end identical to unbroken runs."""
+    """A trial of scripts/chaos_resume.py (two processes, a short run) ends identical to the unbroken
+    run. One process killed and resumed: test_stop_and_resume_matches_an_unbroken_run[python-SIGTERM]
+    and test_train_e2e.py's SIGKILL test."""
     proc = subprocess.run(
-        [sys.executable, "scripts/chaos_resume.py", "--trials", "2", "--processes", "1", "2", "--seed", "3"],
+        [
+            sys.executable,
+            "scripts/chaos_resume.py",
+            "--trials",
+            "1",
+            "--processes",
+            "2",
+            "--steps",
+            "6",
+            "--seed",
+            "3",
+        ],
         cwd=REPO,
         env=_env(),
         capture_output=True,
@@ -224,4 +268,4 @@ def test_chaos_resume_script_smoke():
         timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "2/2 identical" in proc.stdout
+    assert "1/1 identical" in proc.stdout

@@ -9,7 +9,7 @@ import re
 
 import pytest
 from PIL import Image
-from test_train_e2e import REPO, train_wandb_offline
+from test_train_e2e import REPO
 
 from visionzip_core.training.overlays import overlay_image_paths
 from visionzip_core.training.settings import load_config
@@ -24,15 +24,8 @@ def test_overlay_images_are_the_first_validation_images_and_one_key_turns_them_o
 
 
 @pytest.mark.slow
-def test_offline_run_logs_the_overlays_and_token_counts_at_each_evaluation(tiny_llava_dir, tmp_path):
-    out = tmp_path / "run"
-    overrides = [
-        "train.max_steps=2",
-        "train.eval_steps=1",
-        "wandb.log_artifact=none",
-        "wandb.token_overlays=2",
-    ]
-    train_wandb_offline(tiny_llava_dir, out, overrides)
+def test_offline_run_logs_the_overlays_and_token_counts_at_each_evaluation(wandb_offline_run):
+    out, _ = wandb_offline_run  # 2 steps, validated after each, 2 overlays (shared with test_train_e2e.py)
     [run] = list((out / "wandb").glob("offline-run-*"))
     images = sorted((run / "files/media/images").glob("val_tokens_*.png"))
     assert len(images) == 2 * 2  # two images at each of two evaluations

@@ -41,11 +41,12 @@ def test_offload_is_recognised_in_either_section():
     assert uses_offload({"zero_optimization": {"offload_param": {"device": "nvme"}}})
 
 
-def test_offload_follows_plain_zero3_and_resumes_exactly_after_sigkill(tiny_llava_dir, tmp_path):
-    plain, offload, killed = tmp_path / "plain", tmp_path / "offload", tmp_path / "killed"
-    train(
-        _base(tiny_llava_dir, plain) + COMMON + ["deepspeed.config=configs/deepspeed/zero3.json"], "torchrun2"
-    )
+def test_offload_follows_plain_zero3_and_resumes_exactly_after_sigkill(
+    tiny_llava_dir, tmp_path, zero3_two_process_run
+):
+    offload, killed = tmp_path / "offload", tmp_path / "killed"
+    plain, plain_overrides = zero3_two_process_run  # the same run as COMMON, without offload
+    assert set(COMMON) <= set(plain_overrides)
     proc = train(_base(tiny_llava_dir, offload) + COMMON + OFFLOAD, "torchrun2", timeout=600)
     assert "zero=3 processes=2" in proc.stdout
 
@@ -70,7 +71,7 @@ def test_offload_follows_plain_zero3_and_resumes_exactly_after_sigkill(tiny_llav
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
-    deadline = time.time() + 300
+    deadline = time.time() + 600
     while not (killed / "checkpoint-2" / "COMPLETE").is_file():
         assert victim.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
         time.sleep(0.1)
