@@ -1,0 +1,210 @@
+"""``lmms-eval --model visionzip``: the real lmms-eval CLI, offline, on a two-document local task.
+
+The task is in lmms-eval's own format (a YAML task, its ``utils.py``, and a ``datasets`` folder saved
+with ``save_to_disk`` holding the images), once as ``generate_until`` and once as
+``multiple_choice`` (answered by ``loglikelihood``). The replies and log-likelihoods lmms-eval
+writes, batched, must equal those of the same tiny model asked one document at a time through the
+project's own evaluation path (the family's prompt), at the same budget; the log-likelihoods must
+differ from the stock model's, so the budget was applied. Needs the ``[eval]`` extra
+(``bash scripts/setup.sh --eval``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from visionzip_core import visionzip, visionzip_processor
+from visionzip_core.evaluation import EvalSample, eval_inputs
+from visionzip_core.families import family_for
+
+DOCS = [
+    {"question_id": "q0", "question": "Is there a red square?", "answer": "yes", "color": (200, 30, 30)},
+    {"question_id": "q1", "question": "Is the picture green?", "answer": "no", "color": (20, 40, 210)},
+]
+CHOICES = ["yes", "no"]
+BUDGET = (6, 2)
+
+TASK_UTILS = '''
+def doc_to_visual(doc):
+    return [doc["image"].convert("RGB")]
+
+
+def doc_to_text(doc):
+    return doc["question"]
+
+
+def doc_to_choice(doc):
+    return ["yes", "no"]
+'''
+
+GEN_TASK = """
+task: vz_tiny_gen
+dataset_path: {data}
+dataset_kwargs:
+  load_from_disk: true
+test_split: test
+output_type: generate_until
+doc_to_visual: !function utils.doc_to_visual
+doc_to_text: !function utils.doc_to_text
+doc_to_target: answer
+generation_kwargs:
+  max_new_tokens: 5
+  temperature: 0
+  do_sample: false
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 0.0
+"""
+
+MC_TASK = """
+task: vz_tiny_mc
+dataset_path: {data}
+dataset_kwargs:
+  load_from_disk: true
+test_split: test
+output_type: multiple_choice
+doc_to_visual: !function utils.doc_to_visual
+doc_to_text: !function utils.doc_to_text
+doc_to_choice: !function utils.doc_to_choice
+doc_to_target: answer
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 0.0
+"""
+
+
+def _images():
+    from PIL import Image
+
+    return [Image.new("RGB", (96 + 16 * k, 112), doc["color"]) for k, doc in enumerate(DOCS)]
+
+
+def _write_task(root: Path) -> Path:
+    """The task folder (two YAML tasks + utils.py) over a saved ``datasets`` folder; returns it."""
+    import datasets
+
+    features = datasets.Features(
+        {
+            "question_id": datasets.Value("string"),
+            "question": datasets.Value("string"),
+            "answer": datasets.Value("string"),
+            "image": datasets.Image(),
+        }
+    )
+    rows = {k: [d[k] for d in DOCS] for k in ("question_id", "question", "answer")}
+    data = datasets.DatasetDict({"test": datasets.Dataset.from_dict(rows | {"image": _images()}, features)})
+    data.save_to_disk(str(root / "data"))
+    tasks = root / "tasks"
+    tasks.mkdir()
+    (tasks / "utils.py").write_text(TASK_UTILS)
+    (tasks / "vz_tiny_gen.yaml").write_text(GEN_TASK.format(data=root / "data"))
+    (tasks / "vz_tiny_mc.yaml").write_text(MC_TASK.format(data=root / "data"))
+    return tasks
+
+
+def _lmms_eval() -> str:
+    """The ``lmms-eval`` console script of this interpreter's environment."""
+    script = Path(sys.executable).parent / "lmms-eval"
+    if not script.is_file():
+        pytest.fail("lmms-eval is not installed in this environment: bash scripts/setup.sh --eval")
+    return str(script)
+
+
+def _reference(model_dir: Path, budget: tuple[int, int] | None):
+    """Per document, one at a time: the greedy reply (5 new tokens) and each choice's summed
+    log-probability, prompted the family's way (:func:`visionzip_core.evaluation.eval_inputs`)."""
+    from PIL import Image
+
+    family = family_for(json.loads((model_dir / "config.json").read_text())["model_type"])
+    model = family.load(str(model_dir), dtype=torch.float32).eval()
+    processor = family.load_processor(str(model_dir))
+    if budget is not None:
+        visionzip(model, dominant=budget[0], contextual=budget[1])
+        visionzip_processor(processor, model.config)
+    replies, lls = [], []
+    tok = processor.tokenizer
+    for k, (doc, image) in enumerate(zip(DOCS, _images())):
+        path = model_dir.parent / f"ref-{k}.png"
+        image.save(path)
+        sample = EvalSample(doc["question_id"], doc["question"], doc["answer"], (path,))
+        inputs, _ = eval_inputs(family, processor, sample, None, "cpu", torch.float32)
+        with torch.inference_mode():
+            out = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+        replies.append(tok.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
+        prompt = family.prompt(processor, doc["question"], 1)
+        row = []
+        for choice in CHOICES:
+            cont = " " + choice  # lmms-eval's target delimiter
+            n = len(tok(prompt + cont).input_ids) - len(tok(prompt).input_ids)
+            full = processor(text=[prompt + cont], images=[Image.open(path).convert("RGB")], return_tensors="pt")
+            with torch.inference_mode():
+                logits = model(**full).logits[0]
+            ids = full["input_ids"][0]
+            logprobs = torch.log_softmax(logits[-n - 1 : -1].float(), dim=-1)
+            row.append(float(logprobs.gather(-1, ids[-n:, None]).sum()))
+        lls.append(row)
+    return replies, lls
+
+
+@pytest.mark.slow
+def test_lmms_eval_cli_runs_visionzip_on_a_local_task(tiny_llava_dir, tmp_path):
+    tasks = _write_task(tmp_path)
+    out = tmp_path / "out"
+    env = os.environ | {
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "HF_HOME": str(tmp_path / "hf"),
+        "OMP_NUM_THREADS": "1",
+    }
+    cmd = [
+        _lmms_eval(),
+        "--model", "visionzip",
+        "--model_args", f"pretrained={tiny_llava_dir},dominant={BUDGET[0]},contextual={BUDGET[1]}",
+        "--tasks", "vz_tiny_gen,vz_tiny_mc",
+        "--include_path", str(tasks),
+        "--batch_size", "2",
+        "--device", "cpu",
+        "--output_path", str(out),
+        "--log_samples",
+    ]  # fmt: skip
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert f"VisionZip dominant {BUDGET[0]} + contextual {BUDGET[1]}" in run.stderr
+    assert f"visual tokens per image: {sum(BUDGET)} of 64" in run.stderr
+
+    (results_file,) = out.rglob("*_results.json")
+    results = json.loads(results_file.read_text())
+    assert results["config"]["model"] == "visionzip"
+    assert 0.0 <= results["results"]["vz_tiny_gen"]["exact_match,none"] <= 1.0
+    assert 0.0 <= results["results"]["vz_tiny_mc"]["acc,none"] <= 1.0
+
+    samples = {}
+    for task in ("vz_tiny_gen", "vz_tiny_mc"):
+        (path,) = out.rglob(f"*_samples_{task}.jsonl")
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        samples[task] = sorted(rows, key=lambda r: r["doc_id"])
+    assert [r["doc_id"] for r in samples["vz_tiny_gen"]] == [0, 1]
+
+    replies, lls = _reference(tiny_llava_dir, BUDGET)
+    # The samples file keeps each reply as text and each choice's result as [log-likelihood, greedy].
+    got_replies = [r["filtered_resps"] for r in samples["vz_tiny_gen"]]
+    assert got_replies == replies
+    got_lls = [float(ll) for r in samples["vz_tiny_mc"] for ll, _ in r["filtered_resps"]]
+    assert got_lls == pytest.approx([ll for row in lls for ll in row], abs=1e-3)
+    _, stock_lls = _reference(tiny_llava_dir, None)
+    stock_lls = [ll for row in stock_lls for ll in row]
+    assert got_lls != pytest.approx(stock_lls, abs=1e-3)  # the budget changed what the LLM saw
