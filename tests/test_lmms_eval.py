@@ -31,7 +31,7 @@ DOCS = [
 CHOICES = ["yes", "no"]
 BUDGET = (6, 2)
 
-TASK_UTILS = '''
+TASK_UTILS = """
 def doc_to_visual(doc):
     return [doc["image"].convert("RGB")]
 
@@ -42,7 +42,7 @@ def doc_to_text(doc):
 
 def doc_to_choice(doc):
     return ["yes", "no"]
-'''
+"""
 
 GEN_TASK = """
 task: vz_tiny_gen
@@ -149,7 +149,9 @@ def _reference(model_dir: Path, budget: tuple[int, int] | None):
         for choice in CHOICES:
             cont = " " + choice  # lmms-eval's target delimiter
             n = len(tok(prompt + cont).input_ids) - len(tok(prompt).input_ids)
-            full = processor(text=[prompt + cont], images=[Image.open(path).convert("RGB")], return_tensors="pt")
+            full = processor(
+                text=[prompt + cont], images=[Image.open(path).convert("RGB")], return_tensors="pt"
+            )
             with torch.inference_mode():
                 logits = model(**full).logits[0]
             ids = full["input_ids"][0]

@@ -105,7 +105,9 @@ def describe_budget(vz: VisionZipConfig | None) -> str:
     if vz is None:
         return "stock"
     if vz.uses_ratios:
-        return f"VisionZip dominant {vz.dominant_ratio:.0%} + contextual {vz.contextual_ratio:.0%} of each image"
+        return (
+            f"VisionZip dominant {vz.dominant_ratio:.0%} + contextual {vz.contextual_ratio:.0%} of each image"
+        )
     return f"VisionZip dominant {vz.dominant} + contextual {vz.contextual}"
 
 
@@ -272,9 +274,9 @@ class VisionZipLMM(_LmmsBase):
 
     def _inputs(self, prompts: list[str], images: list[Image.Image], padding_side: str):
         self.tokenizer.padding_side = padding_side
-        inputs = self.processor(
-            text=prompts, images=images or None, return_tensors="pt", padding=True
-        ).to(self._device)
+        inputs = self.processor(text=prompts, images=images or None, return_tensors="pt", padding=True).to(
+            self._device
+        )
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self._dtype)
         return inputs
@@ -313,7 +315,9 @@ class VisionZipLMM(_LmmsBase):
                 raise ValueError(f"visionzip: loglikelihood of an empty continuation {cont!r}")
             n_cont.append(n)
         inputs = self._inputs(
-            [p + c for (p, _), c in zip(items, continuations)], [img for _, imgs in items for img in imgs], "right"
+            [p + c for (p, _), c in zip(items, continuations)],
+            [img for _, imgs in items for img in imgs],
+            "right",
         )
         with torch.inference_mode():
             logits = self._model(**inputs).logits.float()
@@ -355,4 +359,6 @@ def _model_type(config_file: Path) -> str:
     try:
         return json.loads(config_file.read_text())["model_type"]
     except (OSError, ValueError, KeyError) as err:
-        raise ValueError(f"--model_args pretrained: cannot read {config_file} ({type(err).__name__})") from None
+        raise ValueError(
+            f"--model_args pretrained: cannot read {config_file} ({type(err).__name__})"
+        ) from None
