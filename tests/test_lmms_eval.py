@@ -210,3 +210,44 @@ def test_lmms_eval_cli_runs_visionzip_on_a_local_task(tiny_llava_dir, tmp_path):
     _, stock_lls = _reference(tiny_llava_dir, None)
     stock_lls = [ll for row in stock_lls for ll in row]
     assert got_lls != pytest.approx(stock_lls, abs=1e-3)  # the budget changed what the LLM saw
+
+
+def test_budget_from_model_args():
+    """A key given replaces the export's recorded split, else the family's budget applies; ratios are
+    refused for a count-only family and mixed with stock=True, in one line naming the keys."""
+    from visionzip_core.config import VisionZipConfig
+    from visionzip_core.lmms_eval_model import budget_settings
+
+    llava, qwen = family_for("llava"), family_for("qwen2_5_vl")
+    default = budget_settings(llava, None)
+    assert (default.dominant, default.contextual) == (54, 10)
+    recorded = VisionZipConfig(dominant=12, contextual=4)
+    assert budget_settings(llava, recorded).model_dump() == recorded.model_dump()
+    assert (
+        budget_settings(llava, recorded, dominant=6).dominant,
+        budget_settings(llava, recorded).contextual,
+    ) == (6, 4)
+    assert budget_settings(llava, recorded, stock=True) is None
+    assert budget_settings(qwen, None, dominant_ratio=0.2, contextual_ratio=0.05).uses_ratios
+    with pytest.raises(
+        ValueError, match=r"dominant_ratio/contextual_ratio: only for .*llava-1.5 takes dominant="
+    ):
+        budget_settings(llava, None, dominant_ratio=0.5, contextual_ratio=0.1)
+    with pytest.raises(ValueError, match=r"stock=True runs without VisionZip; drop dominant"):
+        budget_settings(llava, None, stock=True, dominant=54)
+    with pytest.raises(ValueError, match=r"^--model_args: ") as err:
+        budget_settings(llava, None, dominant=-1)
+    assert "\n" not in str(err.value)
+
+
+def test_unknown_hub_model_offline_is_one_line(tmp_path, monkeypatch):
+    from visionzip_core.lmms_eval_model import model_folder
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    with pytest.raises(
+        ValueError, match=r"pretrained: no-such-org/no-such-model is neither a folder nor"
+    ) as err:
+        model_folder("no-such-org/no-such-model")
+    assert "\n" not in str(err.value)
+    assert model_folder(str(tmp_path)) == str(tmp_path)  # a folder is taken as it is

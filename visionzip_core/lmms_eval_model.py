@@ -9,8 +9,8 @@ lmms-eval is edited. Install both with ``bash scripts/setup.sh --eval``.
         --tasks pope,mme --batch_size 8 --output_path results/lmms_eval
 
 ``--model_args`` keys (all optional but ``pretrained``):
-  ``pretrained``  a trained export (``final/``), a downloaded folder of a supported family, or a
-                  ``builtin:`` name;
+  ``pretrained``  a trained export (``final/``), a folder of a supported family, a hub id (e.g.
+                  ``llava-hf/llava-1.5-7b-hf``, downloaded on first use) or a ``builtin:`` name;
   ``dominant``, ``contextual``  the budget as token counts per image (or crop);
   ``dominant_ratio``, ``contextual_ratio``  the budget as fractions of each image's tokens
                   (families whose token count follows the image size: Qwen2-VL, Qwen2.5-VL);
@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import snapshot_download
 from PIL import Image
 
 from visionzip_core.adapt import remove_visionzip, visionzip, visionzip_processor
@@ -111,6 +112,22 @@ def describe_budget(vz: VisionZipConfig | None) -> str:
     return f"VisionZip dominant {vz.dominant} + contextual {vz.contextual}"
 
 
+def model_folder(name: str) -> str:
+    """The local folder of ``pretrained``: a folder, a ``builtin:`` name, or a hub id (``org/name``,
+    downloaded or taken from the hub cache, as lmms-eval's own models take them). Raises
+    ``ValueError`` in one line when a hub id cannot be had (e.g. offline and not cached)."""
+    path = resolve_model_path(name)
+    if Path(path).exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+", path):
+        return path
+    try:
+        return snapshot_download(repo_id=path)
+    except Exception as err:  # the hub client raises many kinds; the user needs one line
+        raise ValueError(
+            f"--model_args pretrained: {path} is neither a folder nor a hub model that can be downloaded "
+            f"({type(err).__name__}: {' '.join(str(err).split())[:160]})"
+        ) from None
+
+
 def _device(device: str | None) -> torch.device:
     if device:
         return torch.device(device)
@@ -171,7 +188,7 @@ class VisionZipLMM(_LmmsBase):
         self._dtype = _dtype(dtype, self._device)
         self.system = system
 
-        path = resolve_model_path(str(pretrained))
+        path = model_folder(str(pretrained))
         config_file = Path(path) / "config.json"
         problems = check_model_folder(path, "llava", "--model_args pretrained")
         if problems:
