@@ -272,7 +272,10 @@ class VisionZipLMM(_LmmsBase):
 
     # --- work ------------------------------------------------------------------------------------
     def _tokens_phrase(self) -> str:
-        return f"visual tokens per image: {self._kept_count.describe()} of {self._stock_count.describe()}"
+        kept, stock = self._kept_count.describe(), self._stock_count.describe()
+        if isinstance(kept, int) and isinstance(stock, int):
+            return f"visual tokens per image: {kept} of {stock}"
+        return f"visual tokens per image: {kept} ({stock})"  # a count that follows the image size
 
     def _item(self, context: str, doc_to_visual: Callable | None, where) -> tuple[str, list[Image.Image]]:
         """``(prompt, images)`` of one request: the family's prompt around the task's question."""
