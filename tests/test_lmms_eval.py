@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from visionzip_core import visionzip, visionzip_processor
+from visionzip_core import remove_visionzip, visionzip, visionzip_processor
 from visionzip_core.evaluation import EvalSample, eval_inputs
 from visionzip_core.families import family_for
 
@@ -123,42 +123,47 @@ def _lmms_eval() -> str:
     return str(script)
 
 
-def _reference(model_dir: Path, budget: tuple[int, int] | None):
-    """Per document, one at a time: the greedy reply (5 new tokens) and each choice's summed
-    log-probability, prompted the family's way (:func:`visionzip_core.evaluation.eval_inputs`)."""
+def _reference(model_dir: Path, folder: Path) -> dict:
+    """Per budget (``BUDGET``, then stock), one document at a time: the greedy replies (5 new tokens)
+    and each choice's summed log-probability, prompted the family's way
+    (:func:`visionzip_core.evaluation.eval_inputs`), unbatched and unpadded."""
     from PIL import Image
 
     family = family_for(json.loads((model_dir / "config.json").read_text())["model_type"])
     model = family.load(str(model_dir), dtype=torch.float32).eval()
-    processor = family.load_processor(str(model_dir))
-    if budget is not None:
-        visionzip(model, dominant=budget[0], contextual=budget[1])
-        visionzip_processor(processor, model.config)
-    replies, lls = [], []
-    tok = processor.tokenizer
-    for k, (doc, image) in enumerate(zip(DOCS, _images())):
-        path = model_dir.parent / f"ref-{k}.png"
-        image.save(path)
-        sample = EvalSample(doc["question_id"], doc["question"], doc["answer"], (path,))
-        inputs, _ = eval_inputs(family, processor, sample, None, "cpu", torch.float32)
-        with torch.inference_mode():
-            out = model.generate(**inputs, max_new_tokens=5, do_sample=False)
-        replies.append(tok.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
-        prompt = family.prompt(processor, doc["question"], 1)
-        row = []
-        for choice in CHOICES:
-            cont = " " + choice  # lmms-eval's target delimiter
-            n = len(tok(prompt + cont).input_ids) - len(tok(prompt).input_ids)
-            full = processor(
-                text=[prompt + cont], images=[Image.open(path).convert("RGB")], return_tensors="pt"
-            )
+    paths = []
+    for k, image in enumerate(_images()):
+        paths.append(folder / f"ref-{k}.png")
+        image.save(paths[-1])
+    found = {}
+    for budget in (BUDGET, None):
+        processor = family.load_processor(str(model_dir))
+        if budget is None:
+            remove_visionzip(model)
+        else:
+            visionzip(model, dominant=budget[0], contextual=budget[1])
+            visionzip_processor(processor, model.config)
+        tok = processor.tokenizer
+        replies, lls = [], []
+        for doc, path in zip(DOCS, paths):
+            sample = EvalSample(doc["question_id"], doc["question"], doc["answer"], (path,))
+            inputs, _ = eval_inputs(family, processor, sample, None, "cpu", torch.float32)
             with torch.inference_mode():
-                logits = model(**full).logits[0]
-            ids = full["input_ids"][0]
-            logprobs = torch.log_softmax(logits[-n - 1 : -1].float(), dim=-1)
-            row.append(float(logprobs.gather(-1, ids[-n:, None]).sum()))
-        lls.append(row)
-    return replies, lls
+                out = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+            replies.append(tok.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
+            prompt = family.prompt(processor, doc["question"], 1)
+            for choice in CHOICES:
+                cont = " " + choice  # lmms-eval's target delimiter
+                n = len(tok(prompt + cont).input_ids) - len(tok(prompt).input_ids)
+                full = processor(
+                    text=[prompt + cont], images=[Image.open(path).convert("RGB")], return_tensors="pt"
+                )
+                with torch.inference_mode():
+                    logits = model(**full).logits[0]
+                logprobs = torch.log_softmax(logits[-n - 1 : -1].float(), dim=-1)
+                lls.append(float(logprobs.gather(-1, full["input_ids"][0, -n:, None]).sum()))
+        found[budget] = (replies, lls)
+    return found
 
 
 @pytest.mark.slow
@@ -178,7 +183,7 @@ def test_lmms_eval_cli_runs_visionzip_on_a_local_task(tiny_llava_dir, tmp_path):
         "--model_args", f"pretrained={tiny_llava_dir},dominant={BUDGET[0]},contextual={BUDGET[1]}",
         "--tasks", "vz_tiny_gen,vz_tiny_mc",
         "--include_path", str(tasks),
-        "--batch_size", "2",
+        "--batch_size", "4",  # all four choices in one padded batch
         "--device", "cpu",
         "--output_path", str(out),
         "--log_samples",
@@ -201,15 +206,13 @@ def test_lmms_eval_cli_runs_visionzip_on_a_local_task(tiny_llava_dir, tmp_path):
         samples[task] = sorted(rows, key=lambda r: r["doc_id"])
     assert [r["doc_id"] for r in samples["vz_tiny_gen"]] == [0, 1]
 
-    replies, lls = _reference(tiny_llava_dir, BUDGET)
+    reference = _reference(tiny_llava_dir, tmp_path)
+    replies, lls = reference[BUDGET]
     # The samples file keeps each reply as text and each choice's result as [log-likelihood, greedy].
-    got_replies = [r["filtered_resps"] for r in samples["vz_tiny_gen"]]
-    assert got_replies == replies
+    assert [r["filtered_resps"] for r in samples["vz_tiny_gen"]] == replies
     got_lls = [float(ll) for r in samples["vz_tiny_mc"] for ll, _ in r["filtered_resps"]]
-    assert got_lls == pytest.approx([ll for row in lls for ll in row], abs=1e-3)
-    _, stock_lls = _reference(tiny_llava_dir, None)
-    stock_lls = [ll for row in stock_lls for ll in row]
-    assert got_lls != pytest.approx(stock_lls, abs=1e-3)  # the budget changed what the LLM saw
+    assert got_lls == pytest.approx(lls, abs=1e-3)
+    assert got_lls != pytest.approx(reference[None][1], abs=1e-3)  # the budget changed what the LLM saw
 
 
 def test_budget_from_model_args():
