@@ -17,8 +17,10 @@ done
 pin() { grep -iE "^$1==" constraints.txt | cut -d= -f3; }
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-STAMP=.venv/.installed-$( (cat pyproject.toml constraints.txt; echo "$EXTRAS") | sha1sum | cut -c1-12)
-if [ ! -f "$STAMP" ]; then
+# One stamp per state of pyproject.toml + constraints.txt; "-eval" marks an install with the extra,
+# which also satisfies a plain run (the two README commands can alternate without reinstalling).
+STAMP=.venv/.installed-$(cat pyproject.toml constraints.txt | sha1sum | cut -c1-12)
+if [ ! -f "$STAMP-eval" ] && { [ "$EVAL" = 1 ] || [ ! -f "$STAMP" ]; }; then
   .venv/bin/python -m pip install -q "torch==$(pin torch)"
   .venv/bin/python -m pip install -q -c constraints.txt -e ".[$EXTRAS]"
   if [ "$EVAL" = 1 ]; then
@@ -34,4 +36,5 @@ if [ ! -f "$STAMP" ]; then
     fi
   fi
   rm -f .venv/.installed-* && touch "$STAMP"
+  if [ "$EVAL" = 1 ]; then touch "$STAMP-eval"; fi
 fi
