@@ -254,3 +254,15 @@ def test_unknown_hub_model_offline_is_one_line(tmp_path, monkeypatch):
         model_folder("no-such-org/no-such-model")
     assert "\n" not in str(err.value)
     assert model_folder(str(tmp_path)) == str(tmp_path)  # a folder is taken as it is
+
+
+def test_registry_finds_visionzip_after_the_model_module_is_imported():
+    """Importing the model module first (as a script using lmms-eval's Python API would) must not
+    leave ``visionzip`` out of lmms-eval's registry, which loads entry points on its first import."""
+    code = (
+        "import visionzip_core.lmms_eval_model as m\n"
+        "from lmms_eval.models import get_model\n"
+        "assert get_model('visionzip') is m.VisionZipLMM\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]

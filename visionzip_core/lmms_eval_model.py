@@ -1,8 +1,8 @@
 """``lmms-eval --model visionzip``: any supported model folder, at a VisionZip budget, in lmms-eval.
 
 lmms-eval finds this model through the ``lmms_eval.models`` entry point that ``pyproject.toml``
-declares (:func:`lmms_eval_models`), so an installed ``visionzip-core`` is enough; nothing in
-lmms-eval is edited. Install both with ``bash scripts/setup.sh --eval``.
+declares (:mod:`visionzip_core.lmms_eval_entry`), so an installed ``visionzip-core`` is enough;
+nothing in lmms-eval is edited. Install both with ``bash scripts/setup.sh --eval``.
 
     lmms-eval --model visionzip \\
         --model_args pretrained=llava-hf/llava-1.5-7b-hf,dominant=54,contextual=10 \\
@@ -50,24 +50,16 @@ from visionzip_core.model_names import resolve_model_path
 
 # lmms-eval is the optional [eval] extra: without it this module still imports (the class is then
 # a plain object that refuses to be built), so importing the package never needs it.
+# (lmms_eval.api only: lmms_eval.models would load the entry points, see visionzip_core.lmms_eval_entry.)
 try:
     from lmms_eval.api.instance import GenerationResult
     from lmms_eval.api.model import lmms as _LmmsBase
-    from lmms_eval.models.registry_v2 import ModelManifest
 except ImportError:  # pragma: no cover - exercised where the extra is missing
-    _LmmsBase, ModelManifest, GenerationResult = object, None, None
+    _LmmsBase, GenerationResult = object, None
 
-MODEL_ID = "visionzip"
 INSTALL_HINT = "bash scripts/setup.sh --eval (lmms-eval is the [eval] extra)"
 # Placeholders a task's prompt text may already hold: the family's prompt places its own.
 _PLACEHOLDERS = ("<image>", "<video>")
-
-
-def lmms_eval_models() -> list:
-    """The ``lmms_eval.models`` entry point: lmms-eval's manifest for ``--model visionzip``."""
-    if ModelManifest is None:
-        raise ImportError(f"lmms-eval is not installed: {INSTALL_HINT}")
-    return [ModelManifest(model_id=MODEL_ID, simple_class_path=f"{__name__}.VisionZipLMM")]
 
 
 def budget_settings(
@@ -175,7 +167,7 @@ class VisionZipLMM(_LmmsBase):
         max_batch_size: int | None = None,
         **unknown: Any,
     ) -> None:
-        if ModelManifest is None:
+        if GenerationResult is None:
             raise ImportError(f"lmms-eval is not installed: {INSTALL_HINT}")
         super().__init__()
         if unknown:
