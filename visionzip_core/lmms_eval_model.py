@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from huggingface_hub import snapshot_download
 from PIL import Image
+from tqdm.auto import tqdm
 
 from visionzip_core.adapt import remove_visionzip, visionzip, visionzip_processor
 from visionzip_core.config import VisionZipConfig, one_line, read_visionzip_config, settings_from_flags
@@ -225,13 +226,14 @@ class VisionZipLMM(_LmmsBase):
 
     def generate_until(self, requests: Sequence) -> list[str]:
         """Each request's ``args``: ``(context, gen_kwargs, doc_to_visual, doc_id, task, split)``."""
-        items = [self._item(req.args[0], req.args[2], req.args[3:6]) for req in requests]
         kwargs = [dict(req.args[1] or {}) for req in requests]
-        out: list[str] = [""] * len(requests)
         keys = [json.dumps(k, sort_keys=True, default=str) for k in kwargs]
-        for batch in _batches(range(len(requests)), keys, self.batch_size, lambda i: -len(items[i][0])):
-            texts = self._generate([items[i] for i in batch], kwargs[batch[0]])
-            for i, text in zip(batch, texts):
+        out: list[str] = [""] * len(requests)
+        batches = _batches(range(len(requests)), keys, self.batch_size, lambda i: -len(requests[i].args[0]))
+        for batch in tqdm(batches, desc="visionzip generate", disable=self.rank != 0):
+            # A batch's images are read when it runs: a benchmark's would not all fit in memory.
+            items = [self._item(*_unpack(requests[i].args, 2)) for i in batch]
+            for i, text in zip(batch, self._generate(items, kwargs[batch[0]])):
                 out[i] = text
         return out
 
@@ -243,19 +245,18 @@ class VisionZipLMM(_LmmsBase):
         ``GenerationResult``: lmms-eval 0.7.3 turns any other non-text result into its ``str()``
         before scoring (``unwrap_generation_output``), which breaks every multiple-choice task, while
         a ``GenerationResult``'s ``text`` passes through as it is."""
-        items, continuations = [], []
+        continuations = []
         for req in requests:
-            context, continuation = req.args[0], req.args[1]
-            where = req.args[3:6] if len(req.args) >= 6 else None
+            continuation = req.args[1]
             if callable(continuation):
-                doc_id, task, split = where
+                doc_id, task, split = req.args[3:6]
                 continuation = continuation(self.task_dict[task][split][doc_id])
-            items.append(self._item(context, req.args[2] if where else None, where))
             continuations.append(str(continuation))
         out: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
-        for batch in _batches(range(len(requests)), [""] * len(requests), self.batch_size, lambda i: 0):
-            scores = self._score([items[i] for i in batch], [continuations[i] for i in batch])
-            for i, score in zip(batch, scores):
+        batches = _batches(range(len(requests)), [""] * len(requests), self.batch_size, lambda i: 0)
+        for batch in tqdm(batches, desc="visionzip loglikelihood", disable=self.rank != 0):
+            items = [self._item(*_unpack(requests[i].args, 2)) for i in batch]
+            for i, score in zip(batch, self._score(items, [continuations[i] for i in batch])):
                 out[i] = score
         return [GenerationResult(text=score) for score in out]
 
@@ -344,6 +345,14 @@ class VisionZipLMM(_LmmsBase):
             greedy = bool((logprobs[row, span].argmax(-1) == want).all())
             scores.append((float(total), greedy))
         return scores
+
+
+def _unpack(args: tuple, visual_at: int) -> tuple:
+    """``(context, doc_to_visual, (doc_id, task, split))`` of a request's ``args``; a bare
+    ``(context, continuation)`` (lmms-eval's unconditional scoring) has no visual."""
+    if len(args) < visual_at + 4:
+        return args[0], None, None
+    return args[0], args[visual_at], tuple(args[visual_at + 1 : visual_at + 4])
 
 
 def _batches(indices, keys: list[str], size: int, order: Callable[[int], Any]) -> list[list[int]]:
