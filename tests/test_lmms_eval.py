@@ -256,6 +256,7 @@ def test_unknown_hub_model_offline_is_one_line(tmp_path, monkeypatch):
     assert model_folder(str(tmp_path)) == str(tmp_path)  # a folder is taken as it is
 
 
+@pytest.mark.slow
 def test_registry_finds_visionzip_after_the_model_module_is_imported():
     """Importing the model module first (as a script using lmms-eval's Python API would) must not
     leave ``visionzip`` out of lmms-eval's registry, which loads entry points on its first import."""

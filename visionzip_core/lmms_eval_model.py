@@ -165,7 +165,7 @@ class VisionZipLMM(_LmmsBase):
         dtype: str | None = None,
         device: str | None = None,
         batch_size: int | str = 1,
-        max_batch_size: int | None = None,
+        max_batch_size: int | None = None,  # lmms-eval passes it for automatic batch sizes; unused
         **unknown: Any,
     ) -> None:
         if GenerationResult is None:
