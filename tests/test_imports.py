@@ -59,7 +59,7 @@ FLOORS: list[tuple[str, tuple[str, ...]]] = [
     ("testing", ("visionzip_core.testing", "visionzip_core.model_names")),
     ("bench", ("visionzip_core.bench",)),
     ("training", ("visionzip_core.training",)),
-    ("cli", ("visionzip_core.cli",)),
+    ("cli", ("visionzip_core.cli", "visionzip_core.lmms_eval_model", "visionzip_core.lmms_eval_entry")),
     ("entry points", ("scripts", "train")),
 ]
 

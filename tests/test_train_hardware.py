@@ -7,7 +7,6 @@ pytest tests/test_train_hardware.py
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -183,11 +182,9 @@ class FakeEngine:
 
 
 def _finetune_module():
-    spec = importlib.util.spec_from_file_location("finetune", REPO / "train/finetune.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["finetune"] = module  # its dataclasses look their module up while being defined
-    spec.loader.exec_module(module)
-    return module
+    from visionzip_core.training import recipe
+
+    return recipe
 
 
 def test_a_training_step_reads_the_loss_to_the_host_once_whatever_the_accumulation():
@@ -286,7 +283,7 @@ def test_ranks_wait_for_a_slow_rank0_as_long_as_the_configured_timeout():
 
 
 def test_the_entry_point_passes_the_configured_timeout_to_the_process_group():
-    text = (REPO / "train/finetune.py").read_text()
+    text = (REPO / "visionzip_core/training/recipe.py").read_text()
     assert "timeout=timedelta(minutes=settings.train.collective_timeout_min)" in text
 
 
