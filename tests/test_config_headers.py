@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from visionzip_core.training.settings import load_config
+from visionzip_core.training.config_loading import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml"))

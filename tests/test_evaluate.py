@@ -174,8 +174,8 @@ def test_a_failed_score_after_training_is_one_line_not_a_lost_run(tmp_path, monk
     """``eval.generate_accuracy`` runs after the export: a model that cannot be scored is reported."""
     import torch
 
+    from visionzip_core.training.config_loading import load_config
     from visionzip_core.training.export_scoring import ScoringFailed, score_export
-    from visionzip_core.training.settings import load_config
 
     repo = Path(__file__).resolve().parents[1]
     monkeypatch.chdir(repo)

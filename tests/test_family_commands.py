@@ -15,7 +15,8 @@ from test_command_matrix import FAMILIES, run_script, write_matrix_data
 from visionzip_core.data import BadDataError, build_dataset
 from visionzip_core.data.templates import place_images_first, render, tokenizer_of
 from visionzip_core.families import family_for
-from visionzip_core.training.settings import ConfigError, load_config
+from visionzip_core.training.config_loading import load_config
+from visionzip_core.training.schema import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -102,9 +102,9 @@ def test_dataset_counts_each_image_from_its_own_size(tiny_llava_next_dir, next_d
     from visionzip_core.data import build_dataset
     from visionzip_core.data.collate import DataCollator
     from visionzip_core.families import family_for
+    from visionzip_core.training.config_loading import load_config
     from visionzip_core.training.model_spec import resolve_model_spec
     from visionzip_core.training.modeling import build_processor
-    from visionzip_core.training.settings import load_config
 
     settings = load_config("configs/demo.yaml", _next(tiny_llava_next_dir, next_data / "unused", next_data))
     processor, count = build_processor(settings, resolve_model_spec(settings))

@@ -121,7 +121,7 @@ def test_peft_wrapping_has_no_gradient_checkpointing_future_warning(tiny_llava_d
 
     from visionzip_core.families import family_for
     from visionzip_core.training.modeling import wrap_lora
-    from visionzip_core.training.settings import LoraSettings
+    from visionzip_core.training.schema import LoraSettings
 
     warnings.simplefilter("always")
     model = family_for("llava").load(str(tiny_llava_dir))

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from visionzip_core.training.settings import load_config
+from visionzip_core.training.config_loading import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 

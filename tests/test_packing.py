@@ -20,9 +20,10 @@ import torch
 from visionzip_core.data import DataCollator, build_dataset
 from visionzip_core.data.collate import PackingCollator, pack_rows
 from visionzip_core.data.sampler import TokenBudgetBatchSampler, token_budget_batches
+from visionzip_core.training.config_loading import load_config
 from visionzip_core.training.model_spec import resolve_model_spec
 from visionzip_core.training.modeling import build_model, build_processor
-from visionzip_core.training.settings import ConfigError, load_config
+from visionzip_core.training.schema import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -340,7 +341,7 @@ def test_packed_pretrain_batch_has_the_unpacked_summed_loss(tiny_pretrain_dirs):
 def _nameable_attn_implementations():
     import typing
 
-    from visionzip_core.training.settings import ModelSettings
+    from visionzip_core.training.schema import ModelSettings
 
     annotation = ModelSettings.model_fields["attn_implementation"].annotation  # Literal[...] | None
     names = [a for arm in typing.get_args(annotation) for a in (typing.get_args(arm) or [arm])]
@@ -360,8 +361,8 @@ def test_packed_batches_are_recognised_as_packed_by_transformers_for_every_atten
         prepare_fa_kwargs_from_position_ids,
     )
 
+    from visionzip_core.training.config_rules import PACKED_LAYOUT, packing_problem
     from visionzip_core.training.dataloaders import make_collator
-    from visionzip_core.training.settings import PACKED_LAYOUT, packing_problem
 
     assert packing_problem(attn) is None and attn in PACKED_LAYOUT
     lengths = [9, 5, 7, 3, 6, 8]
@@ -394,7 +395,7 @@ def test_packed_batches_are_recognised_as_packed_by_transformers_for_every_atten
 
 
 def test_packing_with_an_unchecked_attention_is_refused_in_one_line():
-    from visionzip_core.training.settings import packing_problem
+    from visionzip_core.training.config_rules import packing_problem
 
     problem = packing_problem("flex_attention")
     assert problem is not None and "\n" not in problem

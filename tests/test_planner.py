@@ -375,7 +375,7 @@ def test_cli_bad_input_is_one_line(tmp_path):
 
 # --- train.*: auto --------------------------------------------------------------------------------
 def _auto_settings(tiny_llava_dir, tmp_path, *extra):
-    from visionzip_core.training.settings import load_config
+    from visionzip_core.training.config_loading import load_config
 
     return load_config(
         REPO / "configs/demo.yaml",
@@ -430,7 +430,8 @@ def test_auto_with_a_faked_gpu_memory_takes_the_planners_choice(tiny_llava_dir, 
 
 
 def test_auto_config_contradictions_name_their_keys(tiny_llava_dir, tmp_path):
-    from visionzip_core.training.settings import ConfigError, load_config
+    from visionzip_core.training.config_loading import load_config
+    from visionzip_core.training.schema import ConfigError
 
     with pytest.raises(ConfigError) as info:
         load_config(

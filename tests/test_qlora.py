@@ -17,7 +17,8 @@ import pytest
 import torch
 from test_train_e2e import DEMO_VAL, REPO, _base, metrics, train
 
-from visionzip_core.training.settings import ConfigError, load_config
+from visionzip_core.training.config_loading import load_config
+from visionzip_core.training.schema import ConfigError
 
 
 def _load(*overrides):

@@ -244,7 +244,7 @@ def test_ratio_keys_on_a_llava_model_are_one_config_error(tiny_llava_dir, qwen_d
 
 def test_a_config_that_leaves_the_data_format_out_gets_the_familys(qwen_dir, qwen_data, tmp_path):
     """chat_template, keep and native are the Qwen family's defaults; LLaVA's stay LLaVA's."""
-    from visionzip_core.training.settings import load_config
+    from visionzip_core.training.config_loading import load_config
 
     config = tmp_path / "qwen.yaml"
     config.write_text(

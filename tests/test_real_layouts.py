@@ -74,7 +74,7 @@ def test_tower_config_readers_accept_a_full_clip_config(full_clip_dir):
 
 
 def _vz(dominant: int, contextual: int):
-    from visionzip_core.training.settings import VisionZipSettings
+    from visionzip_core.training.schema import VisionZipSettings
 
     return VisionZipSettings(dominant=dominant, contextual=contextual)
 
@@ -244,7 +244,8 @@ def folders(llava_hf_4x_dir, vicuna_dir, full_clip_dir):
 
 @pytest.mark.parametrize("slot,case,words", FOLDER_CASES, ids=[f"{s}-{c}" for s, c, _ in FOLDER_CASES])
 def test_an_unusable_model_folder_is_one_problem_naming_its_key(folders, tmp_path, slot, case, words):
-    from visionzip_core.training.settings import ConfigError, load_config
+    from visionzip_core.training.config_loading import load_config
+    from visionzip_core.training.schema import ConfigError
 
     overrides = _config_for(slot, case, folders, tmp_path) + [f"train.output_dir={tmp_path / 'out'}"]
     with pytest.raises(ConfigError) as err:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from visionzip_core.training import output_lock
+from visionzip_core.training.config_loading import load_config
 from visionzip_core.training.model_spec import resolve_model_spec
 from visionzip_core.training.resume import (
     ResumeError,
@@ -23,7 +24,7 @@ from visionzip_core.training.resume import (
     compare_records,
     run_record,
 )
-from visionzip_core.training.settings import ConfigError, load_config
+from visionzip_core.training.schema import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo.yaml"

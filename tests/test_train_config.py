@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from visionzip_core.training import checkpointing
+from visionzip_core.training.config_loading import load_config
 from visionzip_core.training.deepspeed_config import fill_deepspeed_config
-from visionzip_core.training.settings import ConfigError, load_config
+from visionzip_core.training.schema import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))

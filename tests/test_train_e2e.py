@@ -201,9 +201,9 @@ def _export_as_a_rebuilt_model_would(overrides: list[str], out: Path, folder: Pa
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     from visionzip_core.training.checkpointing import ENGINE_TAG
+    from visionzip_core.training.config_loading import load_config
     from visionzip_core.training.model_spec import resolve_model_spec
     from visionzip_core.training.modeling import build_model, build_processor
-    from visionzip_core.training.settings import load_config
 
     settings = load_config(REPO / "configs/demo.yaml", overrides)
     spec = resolve_model_spec(settings)

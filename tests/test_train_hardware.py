@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from visionzip_core.training.settings import load_config
+from visionzip_core.training.config_loading import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
+from visionzip_core.training.config_loading import load_config
 from visionzip_core.training.model_spec import resolve_model_spec
 from visionzip_core.training.modeling import build_model, build_processor
-from visionzip_core.training.settings import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -71,7 +71,7 @@ from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from visionzip_core.training.deepspeed_config import fill_deepspeed_config, partitioned_loading
 from visionzip_core.training.model_spec import resolve_model_spec
 from visionzip_core.training.modeling import build_model, build_processor
-from visionzip_core.training.settings import load_config
+from visionzip_core.training.config_loading import load_config
 
 settings = load_config(sys.argv[1], sys.argv[2:])
 spec = resolve_model_spec(settings)
@@ -134,7 +134,7 @@ def test_zero3_loads_weights_into_partitions_and_scopes_the_switch(tiny_llava_di
 
 
 def test_a_split_larger_than_the_tower_is_a_config_error_before_weights_load(tiny_llava_dir):
-    from visionzip_core.training.settings import ConfigError
+    from visionzip_core.training.schema import ConfigError
 
     settings = load_config(
         REPO / "configs/demo.yaml",

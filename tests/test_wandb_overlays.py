@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 from test_train_e2e import REPO
 
+from visionzip_core.training.config_loading import load_config
 from visionzip_core.training.overlays import overlay_image_paths
-from visionzip_core.training.settings import load_config
 
 
 def test_overlay_images_are_the_first_validation_images_and_one_key_turns_them_off():
