@@ -131,18 +131,12 @@ def llava_next_hf_4x_dir(tmp_path_factory):
 def zero3_two_process_run(tiny_llava_dir, tmp_path_factory):
     """``(out, overrides)``: 4 fp32 steps of the tiny LLaVA under ZeRO-3, two processes (torchrun),
     weight decay on, no validation. Read it; never train into it."""
-    from test_train_e2e import _base, train
+    from test_train_e2e import ZERO3_FP32_STEPS, _base, train
 
     out = tmp_path_factory.mktemp("zero3-two-process") / "run"
-    overrides = _base(tiny_llava_dir, out) + [
-        "train.precision=fp32",
-        "train.per_device_batch_size=2",
-        "train.max_steps=4",
-        "train.save_steps=2",
-        "data.val=[]",
-        "optim.weight_decay=0.1",  # so that a lost no-decay group would show in the weights
-        "deepspeed.config=configs/deepspeed/zero3.json",
-    ]
+    overrides = (
+        _base(tiny_llava_dir, out) + ZERO3_FP32_STEPS + ["deepspeed.config=configs/deepspeed/zero3.json"]
+    )
     train(overrides, launcher="torchrun2")
     return out, overrides
 
@@ -181,19 +175,10 @@ def pretrain_run(tiny_pretrain_dirs, tmp_path_factory):
     """A finished stage-1 run (``train.mode=pretrain``, plain captions, 4 steps) assembling LLaVA from
     ``tiny_pretrain_dirs``: test_train_e2e.py's pretrain test and test_llava_next_train.py's stage 2
     (which starts from its export) read it."""
-    from test_train_e2e import _base, train
+    from test_train_e2e import _base, pretrain_overrides, train
 
-    clip_dir, llm_dir = tiny_pretrain_dirs
     out = tmp_path_factory.mktemp("pretrain") / "run"
-    overrides = _base(Path("unused"), out)[1:] + [
-        "train.mode=pretrain",
-        "model.name_or_path=null",
-        f"model.vision_tower={clip_dir}",
-        f"model.language_model={llm_dir}",
-        "data.template=plain",
-        "data.train=[{path: data/demo/pretrain_train.json, image_folder: data/demo/images}]",
-        "data.val=[]",
-    ]
+    overrides = _base(Path("unused"), out)[1:] + pretrain_overrides(*tiny_pretrain_dirs)
     train(overrides)
     return out
 

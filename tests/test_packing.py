@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_train_e2e import pretrain_overrides
 
 from visionzip_core.data import DataCollator, build_dataset
 from visionzip_core.data.collate import PackingCollator, pack_rows
@@ -305,16 +306,9 @@ def test_packed_runs_with_two_processes_under_zero(tiny_llava_dir, tmp_path, zer
 
 
 def _pretrain_overrides(tiny_pretrain_dirs):
-    clip_dir, llm_dir = tiny_pretrain_dirs
-    return [
-        "train.mode=pretrain",
-        "model.name_or_path=null",
-        f"model.vision_tower={clip_dir}",
-        f"model.language_model={llm_dir}",
-        "data.template=plain",
-        "data.train=[{path: data/demo/pretrain_train.json, image_folder: data/demo/images}]",
-        "data.val=[{path: data/demo/pretrain_val.json, image_folder: data/demo/images}]",
-    ]
+    return pretrain_overrides(
+        *tiny_pretrain_dirs, val="[{path: data/demo/pretrain_val.json, image_folder: data/demo/images}]"
+    )
 
 
 def test_packed_pretrain_batch_has_the_unpacked_summed_loss(tiny_pretrain_dirs):

@@ -55,6 +55,31 @@ def _base(model_dir: Path, out: Path) -> list[str]:
     ]
 
 
+# The shared ZeRO-3 run (conftest.py) and the offload runs compared with it (test_zero_offload.py).
+ZERO3_FP32_STEPS = [
+    "train.precision=fp32",
+    "train.per_device_batch_size=2",
+    "train.max_steps=4",
+    "train.save_steps=2",
+    "data.val=[]",
+    "optim.weight_decay=0.1",  # so that a lost no-decay group would show in the weights
+]
+
+
+def pretrain_overrides(clip_dir: Path, llm_dir: Path, val: str = "[]") -> list[str]:
+    """Stage 1 (``train.mode=pretrain``) on the demo's plain captions, from a CLIP folder and an LLM
+    folder; ``val``: ``data.val``'s value."""
+    return [
+        "train.mode=pretrain",
+        "model.name_or_path=null",
+        f"model.vision_tower={clip_dir}",
+        f"model.language_model={llm_dir}",
+        "data.template=plain",
+        "data.train=[{path: data/demo/pretrain_train.json, image_folder: data/demo/images}]",
+        f"data.val={val}",
+    ]
+
+
 DEMO_VAL = [
     "data.val=[{path: data/demo/instruct_val.json, image_folder: data/demo/images}]",
     "eval.generate_accuracy=true",

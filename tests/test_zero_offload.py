@@ -17,20 +17,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train_e2e import REPO, _base, _cmd, _env, final_weights, metrics, train
+from test_train_e2e import REPO, ZERO3_FP32_STEPS, _base, _cmd, _env, final_weights, metrics, train
 
 from visionzip_core.training.optimization import uses_offload
 
 pytestmark = pytest.mark.slow
 
-COMMON = [
-    "train.precision=fp32",
-    "train.per_device_batch_size=2",
-    "train.max_steps=4",
-    "train.save_steps=2",
-    "data.val=[]",
-    "optim.weight_decay=0.1",  # so that a lost no-decay group would show in the weights
-]
+COMMON = ZERO3_FP32_STEPS
 OFFLOAD = ["deepspeed.config=configs/deepspeed/zero3_offload.json"]
 
 

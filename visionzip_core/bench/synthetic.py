@@ -41,6 +41,26 @@ def mix665k_like_text_lengths(n: int, seed: int = 0, cap: int = 2048 - 576 - 1) 
     return out
 
 
+def _llava_row(n: int, image_tokens: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sample's ``(input_ids, labels)``, each ``[1 + image_tokens + n]``: ``<s>``, the first 20% of
+    ``n`` random text tokens, ``<image>*image_tokens``, the rest; only the last 60% of the text (the
+    answer) carries labels, as in LLaVA."""
+    text = torch.randint(3, IMAGE_TOKEN_ID, (n,), generator=gen)
+    before, answer_from = n // 5, n - (3 * n) // 5
+    ids = torch.cat(
+        [
+            torch.tensor([BOS_TOKEN_ID]),
+            text[:before],
+            torch.full((image_tokens,), IMAGE_TOKEN_ID),
+            text[before:],
+        ]
+    )
+    labels = torch.full_like(ids, -100)
+    offset = 1 + image_tokens + answer_from
+    labels[offset:] = ids[offset:]
+    return ids, labels
+
+
 def synthetic_items(
     text_lengths: list[int],
     image_tokens: int,
@@ -53,19 +73,7 @@ def synthetic_items(
     gen = torch.Generator().manual_seed(seed)
     items = []
     for n in text_lengths:
-        text = torch.randint(3, IMAGE_TOKEN_ID, (n,), generator=gen)
-        before, answer_from = n // 5, n - (3 * n) // 5
-        ids = torch.cat(
-            [
-                torch.tensor([BOS_TOKEN_ID]),
-                text[:before],
-                torch.full((image_tokens,), IMAGE_TOKEN_ID),
-                text[before:],
-            ]
-        )
-        labels = torch.full_like(ids, -100)
-        offset = 1 + image_tokens + answer_from
-        labels[offset:] = ids[offset:]
+        ids, labels = _llava_row(n, image_tokens, gen)
         pixels = torch.randn(1, 3, image_size, image_size, generator=gen).to(dtype)
         items.append({"input_ids": ids, "labels": labels, "pixel_values": pixels})
     return items
@@ -90,19 +98,7 @@ def synthetic_batch(
     lengths = text_lengths(size, seed)
     rows, labels = [], []
     for n in lengths:
-        text = torch.randint(3, IMAGE_TOKEN_ID, (n,), generator=gen)
-        before, answer_from = n // 5, n - (3 * n) // 5
-        ids = torch.cat(
-            [
-                torch.tensor([BOS_TOKEN_ID]),
-                text[:before],
-                torch.full((image_tokens,), IMAGE_TOKEN_ID),
-                text[before:],
-            ]
-        )
-        lab = torch.full_like(ids, -100)
-        offset = 1 + image_tokens
-        lab[offset + answer_from :] = ids[offset + answer_from :]
+        ids, lab = _llava_row(n, image_tokens, gen)
         rows.append(ids)
         labels.append(lab)
     width = max(len(r) for r in rows)
