@@ -56,7 +56,7 @@ from visionzip_core.bench.memory_sim import (
     zero_model_states,
 )
 from visionzip_core.bench.random_models import llava_config, qwen_config
-from visionzip_core.bench.sizes import PAD_TOKEN_ID, BenchSize, sizes_for
+from visionzip_core.bench.sizes import PAD_TOKEN_ID, BenchSize, benchmarked_families, sizes_for
 from visionzip_core.bench.synthetic import mix665k_like_text_lengths
 from visionzip_core.families import family_for
 
@@ -182,8 +182,14 @@ class PlanModel:
 
 
 def known_models() -> dict[str, str]:
-    """Size names the planner knows -> family."""
-    return {"llava-1.5-7b": "llava-1.5", "llava-next-7b": "llava-next", "qwen2.5-vl-7b": "qwen2.5-vl"}
+    """Size names the planner knows -> family: each benchmarked family's real sizes, named
+    ``<family>-<size>`` in its table (``llava-1.5-7b``)."""
+    return {
+        name: family
+        for family in benchmarked_families()
+        for name in sizes_for(family)
+        if name.startswith(family + "-")
+    }
 
 
 def resolve_model(name_or_folder: str) -> PlanModel:

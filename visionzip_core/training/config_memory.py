@@ -24,9 +24,8 @@ from pathlib import Path
 
 from visionzip_core.bench import memory_sim as sim
 from visionzip_core.bench.budgets import budgets_for, stock_budget
-from visionzip_core.bench.planner import ratio_budget
+from visionzip_core.bench.planner import known_models, ratio_budget
 from visionzip_core.bench.sizes import sizes_for
-from visionzip_core.families import FAMILIES
 from visionzip_core.training.config_loading import load_config
 from visionzip_core.training.deepspeed_config import zero_stage
 from visionzip_core.training.repo_paths import resolve_repo_path
@@ -36,15 +35,10 @@ GPU_GIB = 80  # an A100/H100 80 GB
 
 
 def simulated_folders() -> dict[str, str]:
-    """Folders of shipped configs -> the simulation's family: each folder is named
-    ``<family>-<size>`` (``configs/llava-1.5-7b``), for every registered family with benchmark sizes."""
-    names = {f.name for f in FAMILIES if f.bench_sizes is not None}
+    """Folders of shipped configs -> the simulation's family: the planner's size names
+    (``configs/llava-1.5-7b`` holds the configs of the ``llava-1.5-7b`` size)."""
     root = resolve_repo_path("configs")
-    return {
-        d.name: d.name.rpartition("-")[0]
-        for d in sorted(root.iterdir())
-        if d.is_dir() and d.name.rpartition("-")[0] in names
-    }
+    return {name: family for name, family in known_models().items() if (root / name).is_dir()}
 
 
 SIMULATED_FOLDERS = simulated_folders()
