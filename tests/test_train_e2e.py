@@ -245,6 +245,43 @@ def _export_as_a_rebuilt_model_would(overrides: list[str], out: Path, folder: Pa
         assert json.loads((out / "final" / name).read_text()) == json.loads((folder / name).read_text())
 
 
+def test_zero3_lora_export_merges_the_gathered_adapter(tiny_llava_dir, tmp_path):
+    """``lora`` under ZeRO-3: rank 0 writes the adapter and the merged model from the gathered tensors
+    (a meta-device model wrapped in the trained adapter's config). The merged weights must be those of
+    the base rebuilt from its folder, given the last checkpoint's tensors and merged by peft."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from visionzip_core.training.checkpointing import ENGINE_TAG
+    from visionzip_core.training.config_loading import load_config
+    from visionzip_core.training.model_spec import resolve_model_spec
+    from visionzip_core.training.modeling import build_model, build_processor
+
+    out = tmp_path / "run"
+    overrides = _base(tiny_llava_dir, out) + [
+        "train.mode=lora",
+        "lora.r=4",
+        "lora.alpha=8",
+        "optim.lr_llm=1e-2",
+        "train.max_steps=2",
+        "export.merge_lora=true",
+        "deepspeed.config=configs/deepspeed/zero3.json",
+    ]
+    train(overrides)
+    assert (out / "final/adapter/adapter_model.safetensors").is_file()
+    settings = load_config(REPO / "configs/demo.yaml", overrides)
+    spec = resolve_model_spec(settings)
+    processor, _ = build_processor(settings, spec)
+    rebuilt = build_model(settings, spec, torch.float32, processor, for_export=True)
+    trained = get_fp32_state_dict_from_zero_checkpoint(str(out / "checkpoint-2"), tag=ENGINE_TAG)
+    assert trained and not rebuilt.load_state_dict(trained, strict=False).unexpected_keys
+    rebuilt.merge_and_unload().save_pretrained(tmp_path / "expected")
+    expected = load_file(str(tmp_path / "expected/model.safetensors"))
+    written, base = final_weights(out), load_file(str(tiny_llava_dir / "model.safetensors"))
+    assert set(written) == set(base)
+    assert [k for k in written if not torch.equal(written[k], expected[k])] == []
+    assert any(k.startswith("language_model.") and not torch.equal(written[k], base[k]) for k in base)
+
+
 def test_resume_after_sigkill_matches_an_unbroken_run(tiny_llava_dir, tmp_path):
     common = ["train.max_steps=7", "train.save_steps=3", "train.grad_accum_steps=2", "debug.log_samples=true"]
     unbroken, killed = tmp_path / "unbroken", tmp_path / "killed"

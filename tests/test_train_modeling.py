@@ -166,3 +166,49 @@ def test_checkpointing_runs_no_backward_through_the_frozen_tower(tiny_llava_dir,
     assert seen == [False]
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert trainable and all(p.grad is not None for p in trainable)
+
+
+@pytest.mark.parametrize("merge", [True, False])
+def test_zero3_lora_export_writes_the_gathered_weights_without_rebuilding_the_model(
+    tiny_llava_dir, tmp_path, merge
+):
+    """Under ZeRO-3 rank 0 holds only the gathered state dict; the export wraps a meta-device model in
+    the trained adapter's config and takes those tensors. It must write what saving the trained
+    (whole) model itself writes: the same adapter files and, merged, the same weights."""
+    from copy import deepcopy
+
+    from safetensors.torch import load_file
+
+    from visionzip_core.training.export import check_gathered, shell_with, write_model
+
+    settings = load_config(
+        REPO / "configs/demo.yaml",
+        [f"model.name_or_path={tiny_llava_dir}", "train.mode=lora", "lora.r=4", "lora.alpha=8"],
+    )
+    spec = resolve_model_spec(settings)
+    processor, _ = build_processor(settings, spec)
+    model = build_model(settings, spec, torch.float32, processor)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # as after training: B != 0 and a changed projector
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    check_gathered(model, state)
+    shell = shell_with(model, state)
+    assert all(p.device.type == "cpu" for p in shell.parameters())
+    ours, reference = tmp_path / "shell", tmp_path / "reference"
+    write_model(shell, "lora", merge, ours)
+    write_model(deepcopy(model), "lora", merge, reference)
+    for rel in ["adapter/adapter_model.safetensors"] + (["model.safetensors"] if merge else []):
+        a, b = load_file(str(ours / rel)), load_file(str(reference / rel))
+        assert set(a) == set(b), rel
+        assert all(torch.equal(a[k], b[k]) for k in a), rel
+    if merge:
+        assert json_of(ours / "config.json") == json_of(reference / "config.json")
+
+
+def json_of(path):
+    import json
+
+    return json.loads(path.read_text())

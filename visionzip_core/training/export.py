@@ -11,9 +11,9 @@ VisionZip settings, processor and tokenizer): it loads with ``from_pretrained`` 
 Under ZeRO-3 no rank holds whole weights: they are gathered onto rank 0 first (a collective:
 ALL RANKS must call :func:`export_final`) and written from there as they are, through a model
 built on the meta device that takes them as its own (the same key layout and config files as an
-unpartitioned save), so the base model is never rebuilt in memory or read from disk again. The one
-exception is ``lora``: peft writes the adapter and merges it from a CPU copy of the model rebuilt
-from its folders, which takes the gathered weights.
+unpartitioned save), so the base model is never rebuilt in memory or read from disk again. In
+``lora`` mode the meta-device model is wrapped in the trained adapter's own peft config first, so
+peft writes the adapter (and merges it) from the gathered tensors alone.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 from visionzip_core.families import family_for
 from visionzip_core.tokenizer_files import save_pretrained_faithfully
 from visionzip_core.training import distributed as dist
+from visionzip_core.training.library_warnings import peft_wrapping
 from visionzip_core.training.model_spec import ModelSpec
 from visionzip_core.training.modeling import build_model
 from visionzip_core.training.schema import Settings
@@ -45,8 +46,6 @@ def full_model_on_rank0(
     if not dist.is_main():
         return None
     check_gathered(engine.module, state)
-    if settings.train.mode == "lora":  # peft's adapter (and merge) from a CPU copy, as before
-        return copy_with(state, settings, spec, dtype, processor)
     return shell_with(engine.module, state)
 
 
@@ -54,13 +53,23 @@ def shell_with(trained, state: dict[str, torch.Tensor]):
     """A model of ``trained``'s class and config built on the meta device (no memory, nothing read from
     disk) that takes the gathered ``state`` tensors as its own: saved, it writes them in the layout an
     unpartitioned model writes. ``trained`` itself cannot save them: under ZeRO-3 it was loaded into
-    partitions, and transformers would rename its tensors for saving by another loading path's rules."""
-    family = family_for(trained)
+    partitions, and transformers would rename its tensors for saving by another loading path's rules.
+
+    A peft-wrapped ``trained`` (``lora`` mode) gives a shell wrapped in the same adapter config, so
+    the adapter's names, targets and ``modules_to_save`` are the trained ones."""
+    peft_config = getattr(trained, "peft_config", None)
+    base = trained.get_base_model() if peft_config else trained
+    family = family_for(base)
     with torch.device("meta"):
-        shell = family.random_model(deepcopy(trained.config))
+        shell = family.random_model(deepcopy(base.config))
+        if peft_config:
+            from peft import get_peft_model
+
+            with peft_wrapping():
+                shell = get_peft_model(shell, deepcopy(peft_config["default"]))
     shell.load_state_dict(state, strict=False, assign=True)  # names checked by check_gathered
     shell.tie_weights()  # a tied lm_head is absent from `state`: it is the embedding again
-    shell.generation_config = deepcopy(trained.generation_config)
+    (shell.get_base_model() if peft_config else shell).generation_config = deepcopy(base.generation_config)
     left = [n for n, p in shell.state_dict().items() if p.device.type == "meta"]
     if left:
         raise RuntimeError(f"export: gathered weights left tensors unset: {left[:5]}")
@@ -76,15 +85,6 @@ def check_gathered(model, state: dict[str, torch.Tensor]) -> None:
     unexpected = sorted(set(state) - names)
     if missing or unexpected:
         raise RuntimeError(f"export: gathered weights do not match the model: {missing[:5]} {unexpected[:5]}")
-
-
-def copy_with(
-    state: dict[str, torch.Tensor], settings: Settings, spec: ModelSpec, dtype: torch.dtype, processor
-):
-    """A CPU copy of the model (rebuilt from its folders) holding the gathered ``state``."""
-    copy = build_model(settings, spec, dtype, processor, for_export=True)
-    copy.load_state_dict(state, strict=False)  # names checked by check_gathered
-    return copy
 
 
 def unquantized_copy(trained, settings: Settings, spec: ModelSpec, dtype: torch.dtype, processor):
