@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from visionzip_core.families import family_for
-from visionzip_core.model_folders import check_model_folder
+from visionzip_core.model_folders import MODEL, check_model_folder
 from visionzip_core.weight_checks import WeightsError
 
 
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"--stage1: cannot read {config_file} ({' '.join(str(err).split())[:200]})")
     if model_type != "llava":
         return _fail(f"--stage1: {args.stage1} is a '{model_type}' model; a llava-1.5 folder is needed")
-    problems = check_model_folder(args.stage1, "llava", "--stage1")
+    problems = check_model_folder(args.stage1, MODEL, "--stage1")
     if problems:
         return _fail("; ".join(problems))
     pinpoints = None

@@ -208,7 +208,7 @@ FOLDER_CASES = [
     ("name_or_path", "no tokenizer", "has no tokenizer"),
     ("name_or_path", "no config", "has no config.json"),
     ("name_or_path", "no image processor", "has no preprocessor_config.json"),
-    ("name_or_path", "a Llama folder", "not a LLaVA checkpoint"),
+    ("name_or_path", "a Llama folder", "not a model of a supported family"),
     ("language_model", "missing shard", "missing shard(s): pytorch_model-00002-of-00002.bin"),
     ("language_model", "no tokenizer", "has no tokenizer"),
     ("language_model", "a CLIP folder", "not a causal language model"),

@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 from visionzip_core.adapt import remove_visionzip, visionzip, visionzip_processor
 from visionzip_core.config import VisionZipConfig, one_line, read_visionzip_config, settings_from_flags
 from visionzip_core.families import FAMILIES, ModelFamily, family_for, image_token_count
-from visionzip_core.model_folders import check_model_folder
+from visionzip_core.model_folders import MODEL, check_model_folder
 from visionzip_core.model_names import resolve_model_path
 
 # lmms-eval is the optional [eval] extra: without it this module still imports (the class is then
@@ -183,7 +183,7 @@ class VisionZipLMM(_LmmsBase):
 
         path = model_folder(str(pretrained))
         config_file = Path(path) / "config.json"
-        problems = check_model_folder(path, "llava", "--model_args pretrained")
+        problems = check_model_folder(path, MODEL, "--model_args pretrained")
         if problems:
             raise ValueError("; ".join(problems))
         family = family_for(_model_type(config_file))

@@ -7,7 +7,7 @@ that names neither the folder nor the setting. Only small files are read (``conf
 files, directory entries); weights are never opened here.
 
 Roles:
-  ``llava``   a whole checkpoint of a supported family (``model.name_or_path``, ``generate.py --model``);
+  ``model``   a whole checkpoint of a supported family (``model.name_or_path``, ``generate.py --model``);
   ``vision``  the stage-1 vision tower (``model.vision_tower``): a CLIP folder;
   ``llm``     the stage-1 language model (``model.language_model``): a causal LM with a tokenizer.
 """
@@ -20,8 +20,8 @@ from pathlib import Path
 
 from visionzip_core.families import UnsupportedModel, family_for, supported
 
-#: The role of a whole model folder (any family: the name predates the other families).
-MODEL = "llava"
+#: The role of a whole model folder, of any supported family.
+MODEL = "model"
 ROLES = (MODEL, "vision", "llm")
 
 # Single-file and sharded weights that transformers' from_pretrained reads (safetensors first).
@@ -44,9 +44,9 @@ def check_model_folder(path: str | Path, role: str, key: str, config=None) -> li
     if not (folder / "config.json").is_file():
         return [f"{key}: {folder} has no config.json (not a transformers model folder)"]
     problems = _weights(folder, key)
-    if role in ("llava", "llm"):
+    if role in (MODEL, "llm"):
         problems += _tokenizer(folder, key)
-    if role in ("llava", "vision") and not _has_image_processor(folder):
+    if role in (MODEL, "vision") and not _has_image_processor(folder):
         problems.append(f"{key}: {folder} has no preprocessor_config.json (the image processor)")
     if config is not None:
         problems += _model_type(config, role, folder, key)
@@ -108,12 +108,12 @@ def _model_type(config, role: str, folder: Path, key: str) -> list[str]:
 
         if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or hasattr(config, "vision_config"):
             return [f"{key}: {folder} is a '{model_type}' model, not a causal language model (e.g. llama)"]
-    if role == "llava":
+    if role == MODEL:
         try:
             family_for(config)
         except UnsupportedModel:
             return [
-                f"{key}: {folder} is a '{model_type}' model, not a LLaVA checkpoint (llava-hf layout); "
-                f"supported families: {supported()}"
+                f"{key}: {folder} is a '{model_type}' model, not a model of a supported family "
+                f"({supported()})"
             ]
     return []

@@ -34,7 +34,7 @@ from visionzip_core.config import (
 )
 from visionzip_core.families import UnsupportedModel, family_for, ratio_flags_refusal
 from visionzip_core.families.base import ModelFamily
-from visionzip_core.model_folders import check_model_folder
+from visionzip_core.model_folders import MODEL, check_model_folder
 from visionzip_core.model_names import resolve_model_path
 from visionzip_core.weight_checks import WeightsError
 
@@ -150,7 +150,7 @@ def open_model_folder(name: str, flag: str = "--model") -> ModelFolder:
         except (OSError, ValueError, KeyError) as err:
             why = " ".join(str(err).split())[:200]
             raise CommandError(f"{flag}: cannot read {path}/config.json ({why})") from None
-    problems = check_model_folder(path, "llava", flag, config)
+    problems = check_model_folder(path, MODEL, flag, config)
     if problems:
         raise CommandError("; ".join(problems))
     try:
