@@ -169,16 +169,20 @@ def run(args: argparse.Namespace) -> list[dict]:
     def prefill_flops(tokens: int) -> int:
         if not size.flop_model:
             return counted[tokens]
-        return family_for(args.family).step_flops(
-            size,
-            model.config,
-            TrainableParts(projector=False),
-            plans[tokens],
-            budgets[tokens],
-            samples=size.batch_size,
-            seq_len=inputs[tokens]["input_ids"].shape[1],
-            logits_positions=1,
-        )["total"].forward
+        return (
+            family_for(args.family)
+            .step_flops(
+                size,
+                model.config,
+                TrainableParts(projector=False),
+                plans[tokens],
+                budgets[tokens],
+                samples=size.batch_size,
+                seq_len=inputs[tokens]["input_ids"].shape[1],
+                logits_positions=1,
+            )["total"]
+            .forward
+        )
 
     base_ttft, base_flops = median(first[ref]), prefill_flops(ref)
     base_e2e = median(full[ref])

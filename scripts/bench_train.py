@@ -143,7 +143,9 @@ def prepare_for_training(model: torch.nn.Module, mode: str) -> torch.nn.Module:
     return model.train()
 
 
-def ideal_flops(size, config, family: str, plan, tokens: int, seq_len: int, batch: int, parts: TrainableParts) -> int:
+def ideal_flops(
+    size, config, family: str, plan, tokens: int, seq_len: int, batch: int, parts: TrainableParts
+) -> int:
     flops = family_for(family).step_flops(
         size, config, parts, plan, budgets_for(family)[tokens], samples=batch, seq_len=seq_len
     )
@@ -173,7 +175,9 @@ def run(args: argparse.Namespace) -> list[dict]:
     model = prepare_for_training(model, args.mode)
     print(f"built {size.name} ({size.note}) on {device} in {time.perf_counter() - t0:.1f}s", flush=True)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    batches = {k: family.bench_batch(size, model.config, plans[k], device, seed=args.seed) for k in args.budgets}
+    batches = {
+        k: family.bench_batch(size, model.config, plans[k], device, seed=args.seed) for k in args.budgets
+    }
     for k in args.budgets:  # the LLM sees each budget's real count of image tokens per image
         found = int((batches[k]["input_ids"] == model.config.image_token_id).sum()) // size.batch_size
         if found != plans[k].llm:
@@ -218,7 +222,14 @@ def run(args: argparse.Namespace) -> list[dict]:
             flops = counted[tokens]
         else:
             flops = ideal_flops(
-                size, model.config, args.family, plans[tokens], tokens, seq_len, batch["input_ids"].shape[0], parts
+                size,
+                model.config,
+                args.family,
+                plans[tokens],
+                tokens,
+                seq_len,
+                batch["input_ids"].shape[0],
+                parts,
             )
         if tokens == ref:
             base_flops = flops
@@ -292,7 +303,9 @@ def compare_packing(args: argparse.Namespace) -> list[dict]:
     size = sizes[args.size].quick() if args.quick else sizes[args.size]
     batch_size = args.batch_size or size.batch_size
     family = family_for(args.family)
-    model = prepare_for_training(build_random_model(size, device, seed=args.seed, family=args.family), args.mode)
+    model = prepare_for_training(
+        build_random_model(size, device, seed=args.seed, family=args.family), args.mode
+    )
     pad_token_id = model.config.text_config.pad_token_id
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     budgets = budgets_for(args.family)

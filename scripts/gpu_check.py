@@ -318,15 +318,19 @@ def check_step(work: Path) -> list[tuple[str, str, str]]:
             torch.cuda.synchronize()
             seconds = (time.perf_counter() - started) / steps
             measured = torch.cuda.max_memory_allocated()
-            flops = family_for(family).step_flops(
-                size,
-                model.config,
-                TrainableParts(llm="full"),
-                image_plan(model.config, family, tokens, budgets),
-                budgets[tokens],
-                samples=size.batch_size,
-                seq_len=info["seq_len"],
-            )["total"].total
+            flops = (
+                family_for(family)
+                .step_flops(
+                    size,
+                    model.config,
+                    TrainableParts(llm="full"),
+                    image_plan(model.config, family, tokens, budgets),
+                    budgets[tokens],
+                    samples=size.batch_size,
+                    seq_len=info["seq_len"],
+                )["total"]
+                .total
+            )
             achieved = flops / seconds / 1e12
             rows.append(
                 (

@@ -92,7 +92,9 @@ def offences(source: str, where: str, words: set[str]) -> list[str]:
             if isinstance(func, ast.Attribute) and func.attr in ("startswith", "endswith"):
                 if any(_names_family(a, words, loose=True) for a in node.args):
                     hit(node, f"{func.attr} of a family's name")
-            elif isinstance(func, ast.Name) and func.id in ("isinstance", "issubclass") and len(node.args) == 2:
+            elif (
+                isinstance(func, ast.Name) and func.id in ("isinstance", "issubclass") and len(node.args) == 2
+            ):
                 classes = node.args[1].elts if isinstance(node.args[1], ast.Tuple) else [node.args[1]]
                 if any(isinstance(c, ast.Name) and FAMILY_WORD.search(c.id) for c in classes):
                     hit(node, "an isinstance check against a family's class")

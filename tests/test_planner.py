@@ -22,8 +22,8 @@ import pytest
 
 from visionzip_core.bench import planner
 from visionzip_core.bench.memory_sim import simulate, workload
-from visionzip_core.families.clip_llama import SIZES
 from visionzip_core.families import family_for
+from visionzip_core.families.clip_llama import SIZES
 
 REPO = Path(__file__).resolve().parents[1]
 KEYS = (

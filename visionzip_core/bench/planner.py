@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from visionzip_core.bench.budgets import budgets_for, image_plan, stock_budget
 from visionzip_core.bench.memory_sim import (
@@ -69,6 +70,8 @@ def folder_families() -> list[str]:
         if f.simulation is not None
         and type(f).bench_size_from_config is not ModelFamily.bench_size_from_config
     ]
+
+
 # Planner modes -> the simulation's modes. projector/pretrain train the projector only, which the
 # simulation does not model separately; their memory is at most LoRA's (no adapters), so they are
 # planned as lora would be, which errs on the safe side.
@@ -183,7 +186,7 @@ class PlanModel:
 
     name: str
     family: str
-    size: BenchSize
+    size: Any  # one of the family's ``bench_sizes`` (its layout's shapes)
     budgets: dict = field(default_factory=dict)
 
 
@@ -417,7 +420,7 @@ class SettingSimulator:
 
     def __init__(
         self,
-        size: BenchSize,
+        size: Any,
         family: str,
         mode: str,
         ckpt: bool,

@@ -12,7 +12,7 @@ from visionzip_core.families import ModelFamily, family_for
 from visionzip_core.testing.tokenizers import tiny_tokenizer
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _config_tokenizer(kind: str):
     """The tiny tokenizer of ``kind`` whose special ids a benchmark config takes (read only; built
     once per process: training its BPE takes a moment)."""

@@ -397,7 +397,9 @@ class ModelFamily(ABC):
         features = torch.cat(list(features.pooler_output), dim=0).to(embeds.device, embeds.dtype)
         image_positions = (input_ids == inner.config.image_token_id).unsqueeze(-1)
         embeds = embeds.masked_scatter(image_positions, features)
-        return model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+        return model(
+            inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"]
+        ).loss
 
     def vision_probe(self, config: Any, dtype: torch.dtype, attn_implementation: str) -> tuple:
         """For a tower that does not run on meta (:attr:`vision_runs_on_meta` false): a small frozen
@@ -405,7 +407,9 @@ class ModelFamily(ABC):
         tower's, with ``attn_implementation``; returns ``(tower, pixel_values, kwargs, rows)``."""
         raise NotImplementedError(f"{self.name}: its tower runs on meta")
 
-    def stand_in_vision(self, config: Any, batch: dict[str, torch.Tensor], plan: Any) -> dict[str, torch.Tensor]:
+    def stand_in_vision(
+        self, config: Any, batch: dict[str, torch.Tensor], plan: Any
+    ) -> dict[str, torch.Tensor]:
         """For a tower that does not run on meta: what stands in for the frozen tower and the
         compression in :meth:`simulation_loss`, from the CPU ``batch`` of :meth:`bench_batch`."""
         raise NotImplementedError(f"{self.name}: its tower runs on meta")

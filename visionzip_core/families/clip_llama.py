@@ -41,7 +41,6 @@ def patches_per_image(vision_config: Any) -> int:
     return (vision.image_size // vision.patch_size) ** 2
 
 
-
 @dataclass(frozen=True)
 class VisionTowerShape:
     """A CLIP vision tower (transformers ``CLIPVisionModel``)."""
@@ -94,7 +93,6 @@ class VisionTowerShape:
             "hidden_act": "quick_gelu",
         }
         return CLIPVisionConfig(**{**fields, **overrides})
-
 
 
 def vision_tower_flops(
@@ -164,7 +162,6 @@ def visionzip_overhead_flops(
     similarity = num_images * matmul_flops(others, shape.head_dim, contextual)
     merge = num_images * matmul_flops(contextual, others, shape.hidden)
     return Flops(cls_row + similarity + merge, merge if grad else 0)
-
 
 
 def llava_step_flops(
@@ -342,7 +339,6 @@ def synthetic_row(n: int, image_tokens: int, gen: torch.Generator) -> tuple[torc
     return ids, labels
 
 
-
 def synthetic_items(
     text_lengths: list[int],
     image_tokens: int,
@@ -359,7 +355,6 @@ def synthetic_items(
         pixels = torch.randn(1, 3, image_size, image_size, generator=gen).to(dtype)
         items.append({"input_ids": ids, "labels": labels, "pixel_values": pixels})
     return items
-
 
 
 def synthetic_batch(

@@ -213,7 +213,9 @@ class Llava15(ModelFamily):
     def bench_config(self, size: BenchSize, tokenizer: Any) -> Any:
         """llava-hf's token ids (``<image>`` 32000, ``<pad>`` 32001 in a 32064 vocabulary) whatever
         the tokenizer: the benchmarks' batches are laid out in them."""
-        text = size.llm.to_config(pad_token_id=PAD_TOKEN_ID, bos_token_id=BOS_TOKEN_ID, eos_token_id=EOS_TOKEN_ID)
+        text = size.llm.to_config(
+            pad_token_id=PAD_TOKEN_ID, bos_token_id=BOS_TOKEN_ID, eos_token_id=EOS_TOKEN_ID
+        )
         return self.build_config(size.vision.to_config(), text, IMAGE_TOKEN_ID)
 
     def bench_processor(self, model: nn.Module, size: BenchSize, tokenizer: Any):
@@ -271,7 +273,9 @@ class Llava15(ModelFamily):
         # Stock = every patch (per crop for LLaVA-NeXT); the family's table where the tower matches it.
         stock = vision.num_patches
         known = self.bench_budgets
-        table = dict(known) if next(k for k, split in known.items() if split is None) == stock else {stock: None}
+        table = (
+            dict(known) if next(k for k, split in known.items() if split is None) == stock else {stock: None}
+        )
         return size, table
 
     # --- loading ---------------------------------------------------------------------------------

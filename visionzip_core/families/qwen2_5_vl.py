@@ -53,9 +53,9 @@ from __future__ import annotations
 import inspect
 import itertools
 import json
-import tempfile
 import re
 import sys
+import tempfile
 import types
 from pathlib import Path
 from typing import Any
@@ -822,7 +822,9 @@ class Qwen2_5VL(ModelFamily):
             tokenizer.save_pretrained(out)
             (out / "chat_template.jinja").unlink(missing_ok=True)
             (out / "chat_template.json").write_text(json.dumps({"chat_template": tokenizer.chat_template}))
-            preprocessor = qwen_preprocessor_config(56 * 56, 28 * 28 * 16384)  # Qwen2.5-VL-7B-Instruct's bounds
+            preprocessor = qwen_preprocessor_config(
+                56 * 56, 28 * 28 * 16384
+            )  # Qwen2.5-VL-7B-Instruct's bounds
             (out / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2))
             return self.load_processor(str(out))
 
@@ -860,7 +862,9 @@ class Qwen2_5VL(ModelFamily):
             labels=batch["labels"],
         ).loss
 
-    def stand_in_vision(self, config: Any, batch: dict[str, torch.Tensor], plan: Any) -> dict[str, torch.Tensor]:
+    def stand_in_vision(
+        self, config: Any, batch: dict[str, torch.Tensor], plan: Any
+    ) -> dict[str, torch.Tensor]:
         """Its tower's rotary and window indices come from CPU grid sizes, so the meta step starts
         after the tower:
 
@@ -877,7 +881,9 @@ class Qwen2_5VL(ModelFamily):
         kept = (torch.arange(images)[:, None] * merged + per_image[None]).reshape(-1)
         pixels = batch["pixel_values"]
         return {
-            "vision_output": torch.zeros(pixels.shape[0], config.vision_config.hidden_size, dtype=pixels.dtype),
+            "vision_output": torch.zeros(
+                pixels.shape[0], config.vision_config.hidden_size, dtype=pixels.dtype
+            ),
             "kept_index": kept,
             "position_ids": torch.arange(seq_len).view(1, 1, -1).expand(3, images, -1).contiguous(),
         }

@@ -10,7 +10,14 @@ from typing import Any, ClassVar
 import torch
 
 from visionzip_core.families.base import synthetic_text_lengths
-from visionzip_core.families.flops import Flops, LlamaShape, TrainableParts, attention_flops, linear_flops, llama_flops
+from visionzip_core.families.flops import (
+    Flops,
+    LlamaShape,
+    TrainableParts,
+    attention_flops,
+    linear_flops,
+    llama_flops,
+)
 
 
 @dataclass(frozen=True)
