@@ -503,3 +503,13 @@ def test_auto_on_cpu_runs_the_entry_point_with_the_fallback_and_resume_keeps_it(
     ) == (2, 2, True)
     second = run(2)
     assert "auto: kept from checkpoint-1: per_device_batch_size=2, grad_accum_steps=2" in second
+
+
+@pytest.mark.parametrize("name", ["llava-1.5-7b", "llava-next-7b", "qwen2.5-vl-7b"])
+def test_default_budgets_are_the_familys_benchmark_table(name):
+    """``--budgets`` left out plans the family's own benchmark budgets (LLaVA-NeXT's per-crop 128, 64,
+    32; Qwen2.5-VL's percent kept), as BENCHMARKS.md's plans type them."""
+    model = planner.resolve_model(name)
+    keys = planner.parse_budgets(planner.default_budgets(model), model)
+    assert keys == list(family_for(model.family).bench_budgets)
+    assert all(model.budgets[k] == family_for(model.family).bench_budgets[k] for k in keys)
