@@ -46,12 +46,12 @@ from visionzip_core.bench.budgets import (
     set_budget,
     stock_budget,
 )
-from visionzip_core.bench.flops import TrainableParts, counted_flops, llava_step_flops
 from visionzip_core.bench.random_models import build_random_model, random_model_processor
 from visionzip_core.bench.report import run_context, write_report
-from visionzip_core.bench.sizes import SIZE_TABLES, benchmarked_families, size_error, sizes_for
+from visionzip_core.bench.sizes import benchmarked_families, size_error, size_names, sizes_for
 from visionzip_core.bench.timing import interleaved_schedule, median
 from visionzip_core.families import family_for
+from visionzip_core.families.flops import TrainableParts, counted_flops
 
 # A LLaVA-bench-like request: one image and a one-sentence question.
 QUESTION = (
@@ -62,10 +62,8 @@ QUESTION = (
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument(
-        "--size", choices=sorted({s for table in SIZE_TABLES.values() for s in table}), default="cpu"
-    )
-    p.add_argument("--family", choices=benchmarked_families(), default="llava-1.5")
+    p.add_argument("--size", choices=size_names(), default="cpu")
+    p.add_argument("--family", choices=benchmarked_families(), default=benchmarked_families()[0])
     p.add_argument(
         "--quick", action="store_true", help="smoke run: fewer layers, 1 timed round, 8 new tokens"
     )
@@ -99,13 +97,10 @@ def prompt_inputs(size, model, batch_size: int, device, seed: int):
     """Processor outputs for the current budget of ``model`` (the processor expands ``<image>``)."""
     processor = visionzip_processor(random_model_processor(size, model), model.config)
     rng = np.random.default_rng(seed)
-    if hasattr(size, "image"):  # Qwen2.5-VL: native resolution, the chat template places the image
-        h, w = size.image
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
-    else:
-        side = size.vision.image_size
-        h, w = family_for(model).bench_image or (side, side)
-        messages = [{"role": "user", "content": f"<image>\n{QUESTION}"}]
+    family = family_for(model)
+    side = model.config.vision_config.image_size if family.bench_image is None else None
+    h, w = family.bench_image or (side, side)
+    messages = family.bench_messages(QUESTION)
     images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for _ in range(batch_size)]
     text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     inputs = processor(images=images, text=[text] * batch_size, return_tensors="pt", padding=True)
@@ -174,19 +169,20 @@ def run(args: argparse.Namespace) -> list[dict]:
     def prefill_flops(tokens: int) -> int:
         if not size.flop_model:
             return counted[tokens]
-        return llava_step_flops(
-            size.vision,
-            size.llm,
-            TrainableParts(projector=False),
-            num_images=size.batch_size,
-            batch=size.batch_size,
-            seq_len=inputs[tokens]["input_ids"].shape[1],
-            image_tokens=plans[tokens].llm,
-            visionzip_split=budgets[tokens],
-            logits_positions=1,
-            crops_per_image=plans[tokens].crops,
-            projector_tokens_per_image=plans[tokens].projected,
-        )["total"].forward
+        return (
+            family_for(args.family)
+            .step_flops(
+                size,
+                model.config,
+                TrainableParts(projector=False),
+                plans[tokens],
+                budgets[tokens],
+                samples=size.batch_size,
+                seq_len=inputs[tokens]["input_ids"].shape[1],
+                logits_positions=1,
+            )["total"]
+            .forward
+        )
 
     base_ttft, base_flops = median(first[ref]), prefill_flops(ref)
     base_e2e = median(full[ref])
@@ -226,7 +222,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         "flops_source": (
             "counted (torch.utils.flop_counter.FlopCounterMode, 1-token generate)"
             if not size.flop_model
-            else "visionzip_core.bench.flops.llava_step_flops"
+            else f"{type(family_for(args.family)).__name__}.step_flops (visionzip_core/families/)"
         ),
         **run_context(device),
     }

@@ -41,34 +41,30 @@ from visionzip_core.bench.budgets import (
     set_budget,
     stock_budget,
 )
-from visionzip_core.bench.flops import (
-    LlamaShape,
-    TrainableParts,
-    VisionTowerShape,
-    counted_flops,
-    llava_step_flops,
-)
 from visionzip_core.bench.live_memory import model_tensors, peak_memory_bytes
-from visionzip_core.bench.random_models import build_random_llava, build_random_model
+from visionzip_core.bench.random_models import build_random_model
 from visionzip_core.bench.report import run_context, write_report
-from visionzip_core.bench.sizes import PAD_TOKEN_ID, SIZE_TABLES, benchmarked_families, size_error, sizes_for
-from visionzip_core.bench.synthetic import benchmark_batch, mix665k_like_text_lengths, synthetic_items
+from visionzip_core.bench.sizes import benchmarked_families, size_error, size_names, sizes_for
+from visionzip_core.bench.synthetic import mix665k_like_text_lengths
 from visionzip_core.bench.timing import interleaved_schedule, median
 from visionzip_core.data import DataCollator, LengthGroupedSampler
 from visionzip_core.data.collate import PackingCollator
 from visionzip_core.data.sampler import FixedBatchSampler, TokenBudgetBatchSampler
-from visionzip_core.families import family_for
+from visionzip_core.families import FAMILIES, family_for
+from visionzip_core.families.flops import TrainableParts, counted_flops
 
-LORA_TARGETS = family_for("llava").lora_targets
 LORA_RANK, LORA_ALPHA = 128, 256  # LLaVA-1.5's LoRA recipe, as configs/ use
+
+
+def _default_family() -> str:
+    """The first benchmarked family of the registry (LLaVA-1.5)."""
+    return benchmarked_families()[0]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument(
-        "--size", choices=sorted({s for table in SIZE_TABLES.values() for s in table}), default="cpu"
-    )
-    p.add_argument("--family", choices=benchmarked_families(), default="llava-1.5")
+    p.add_argument("--size", choices=size_names(), default="cpu")
+    p.add_argument("--family", choices=benchmarked_families(), default=_default_family())
     p.add_argument("--mode", choices=("projector", "lora"), default="projector")
     p.add_argument("--quick", action="store_true", help="smoke run: fewer layers, batch 1, 2 timed steps")
     p.add_argument("--steps", type=int, default=None, help="timed steps per budget (default 5; quick 2)")
@@ -98,7 +94,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     check_size(p, args)
     if args.compare_packing and family_for(args.family).count_depends_on_size:
-        p.error("--compare-packing runs LLaVA-1.5 (one crop per image)")
+        fixed = [f.name for f in FAMILIES if f.bench_sizes is not None and not f.count_depends_on_size]
+        p.error(f"--compare-packing runs a family with one crop per image ({', '.join(fixed)})")
     try:
         allowed = budgets_for(args.family)
         default = "576,64" if args.compare_packing else ",".join(map(str, allowed))
@@ -116,9 +113,10 @@ def check_size(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error(error)
 
 
-def trainable_parts(mode: str) -> TrainableParts:
+def trainable_parts(mode: str, family: str) -> TrainableParts:
     if mode == "lora":
-        return TrainableParts(projector=True, llm="lora", lora_rank=LORA_RANK, lora_targets=LORA_TARGETS)
+        targets = family_for(family).lora_targets
+        return TrainableParts(projector=True, llm="lora", lora_rank=LORA_RANK, lora_targets=targets)
     return TrainableParts(projector=True)
 
 
@@ -134,7 +132,7 @@ def prepare_for_training(model: torch.nn.Module, mode: str) -> torch.nn.Module:
             r=LORA_RANK,
             lora_alpha=LORA_ALPHA,
             lora_dropout=0.05,
-            target_modules=family.lora_target_regex(LORA_TARGETS),  # the LLM's layers only
+            target_modules=family.lora_target_regex(family.lora_targets),  # the LLM's layers only
             task_type="CAUSAL_LM",
         )
         model = get_peft_model(model, config)
@@ -145,30 +143,13 @@ def prepare_for_training(model: torch.nn.Module, mode: str) -> torch.nn.Module:
     return model.train()
 
 
-def ideal_flops(size, family: str, plan, tokens: int, seq_len: int, batch: int, parts: TrainableParts) -> int:
-    return llava_step_flops(
-        size.vision,
-        size.llm,
-        parts,
-        num_images=batch,
-        batch=batch,
-        seq_len=seq_len,
-        image_tokens=plan.llm,
-        visionzip_split=budgets_for(family)[tokens],
-        crops_per_image=plan.crops,
-        projector_tokens_per_image=plan.projected,
-    )["total"].total
-
-
-def check_shapes(model: torch.nn.Module, size) -> None:
-    """The FLOP model must describe the model actually built."""
-    cfg = model.config
-    if VisionTowerShape.from_config(cfg.vision_config) != size.vision or LlamaShape.from_config(
-        cfg.text_config
-    ) != LlamaShape(**{**size.llm.__dict__, "head_dim": LlamaShape.from_config(cfg.text_config).head_dim}):
-        raise RuntimeError(
-            "benchmark model shapes differ from the FLOP model's; fix random_models.llava_config"
-        )
+def ideal_flops(
+    size, config, family: str, plan, tokens: int, seq_len: int, batch: int, parts: TrainableParts
+) -> int:
+    flops = family_for(family).step_flops(
+        size, config, parts, plan, budgets_for(family)[tokens], samples=batch, seq_len=seq_len
+    )
+    return flops["total"].total
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -182,14 +163,12 @@ def run(args: argparse.Namespace) -> list[dict]:
 
         size = replace(size, batch_size=args.batch_size)
     steps = args.steps or (2 if args.quick else 5)
-    parts = trainable_parts(args.mode)
+    parts = trainable_parts(args.mode, args.family)
 
     t0 = time.perf_counter()
     family = family_for(args.family)
     percent = family.takes_ratios  # budgets are percent of each image's tokens, not counts
     model = build_random_model(size, device, seed=args.seed, family=args.family)
-    if size.flop_model:
-        check_shapes(model, size)
     budgets = budgets_for(args.family)
     ref = stock_budget(budgets)
     plans = {k: image_plan(model.config, args.family, k) for k in args.budgets}
@@ -197,8 +176,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     print(f"built {size.name} ({size.note}) on {device} in {time.perf_counter() - t0:.1f}s", flush=True)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     batches = {
-        k: benchmark_batch(size, model.config, plans[k], device, seed=args.seed, image_hw=family.bench_image)
-        for k in args.budgets
+        k: family.bench_batch(size, model.config, plans[k], device, seed=args.seed) for k in args.budgets
     }
     for k in args.budgets:  # the LLM sees each budget's real count of image tokens per image
         found = int((batches[k]["input_ids"] == model.config.image_token_id).sum()) // size.batch_size
@@ -244,7 +222,14 @@ def run(args: argparse.Namespace) -> list[dict]:
             flops = counted[tokens]
         else:
             flops = ideal_flops(
-                size, args.family, plans[tokens], tokens, seq_len, batch["input_ids"].shape[0], parts
+                size,
+                model.config,
+                args.family,
+                plans[tokens],
+                tokens,
+                seq_len,
+                batch["input_ids"].shape[0],
+                parts,
             )
         if tokens == ref:
             base_flops = flops
@@ -291,7 +276,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         "flops_source": (
             "counted (torch.utils.flop_counter.FlopCounterMode, warm-up step)"
             if not size.flop_model
-            else "visionzip_core.bench.flops.llava_step_flops"
+            else f"{type(family).__name__}.step_flops (visionzip_core/families/)"
         ),
         "memory_measure": (
             "torch.cuda.max_memory_allocated"
@@ -317,10 +302,11 @@ def compare_packing(args: argparse.Namespace) -> list[dict]:
     sizes = sizes_for(args.family)
     size = sizes[args.size].quick() if args.quick else sizes[args.size]
     batch_size = args.batch_size or size.batch_size
-    dtype = getattr(torch, size.dtype)
+    family = family_for(args.family)
     model = prepare_for_training(
-        build_random_llava(size, device, seed=args.seed, family=args.family), args.mode
+        build_random_model(size, device, seed=args.seed, family=args.family), args.mode
     )
+    pad_token_id = model.config.text_config.pad_token_id
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     budgets = budgets_for(args.family)
     text = mix665k_like_text_lengths(args.samples, seed=args.seed, cap=args.row_tokens - 577)
@@ -331,13 +317,13 @@ def compare_packing(args: argparse.Namespace) -> list[dict]:
                 LengthGroupedSampler(lengths, batch_size=batch_size, seed=args.seed, group_by_length=grouped)
             )
 
-        padded = DataCollator(pad_token_id=PAD_TOKEN_ID)
+        padded = DataCollator(pad_token_id=pad_token_id)
         return {
             "padded, random order": (fixed(False), padded),
             "padded, length-grouped": (fixed(True), padded),
             "packed": (
                 TokenBudgetBatchSampler(lengths, args.row_tokens, packed=True, seed=args.seed),
-                PackingCollator(pad_token_id=PAD_TOKEN_ID, max_tokens_per_row=args.row_tokens),
+                PackingCollator(pad_token_id=pad_token_id, max_tokens_per_row=args.row_tokens),
             ),
         }
 
@@ -352,7 +338,7 @@ def compare_packing(args: argparse.Namespace) -> list[dict]:
     results = []
     for tokens in args.budgets:
         set_budget(model, tokens, budgets)
-        items = synthetic_items(text, tokens, size.vision.image_size, dtype, seed=args.seed)
+        items = family.bench_items(size, text, tokens, seed=args.seed)
         plans = layouts([len(item["input_ids"]) for item in items])
         batches = {
             name: [collate([items[i] for i in b]) for b in sampler]

@@ -37,10 +37,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from visionzip_core.bench import memory_sim as sim  # noqa: E402
-from visionzip_core.bench.budgets import budgets_for, set_budget  # noqa: E402
-from visionzip_core.bench.flops import TrainableParts, llava_step_flops  # noqa: E402
-from visionzip_core.bench.sizes import SIZES  # noqa: E402
+from visionzip_core.bench.budgets import budgets_for, image_plan, set_budget, stock_budget  # noqa: E402
+from visionzip_core.bench.sizes import benchmarked_families, sizes_for  # noqa: E402
 from visionzip_core.data import DataCollator, build_dataset  # noqa: E402
+from visionzip_core.families import family_for  # noqa: E402
+from visionzip_core.families.flops import TrainableParts  # noqa: E402
 from visionzip_core.testing.sync_counts import FAMILIES, forward_sync_counts  # noqa: E402
 from visionzip_core.testing.tiny import write_tiny  # noqa: E402
 from visionzip_core.training import distributed as dist  # noqa: E402
@@ -279,25 +280,27 @@ def check_step(work: Path) -> list[tuple[str, str, str]]:
     """bf16 step at 576 and 64 tokens: measured time/memory against the simulation and FLOP model."""
     from dataclasses import replace
 
-    size = replace(SIZES["cpu"], dtype="bfloat16", batch_size=8)
-    table = budgets_for("llava-1.5")
-    budgets = {576: table[576], 64: table[64]}
+    family = benchmarked_families()[0]  # the registry's first (LLaVA-1.5: ~470M at the cpu size)
+    size = replace(sizes_for(family)["cpu"], dtype="bfloat16", batch_size=8)
+    table = budgets_for(family)
+    stock, smallest = stock_budget(table), min(table)
+    budgets = {stock: table[stock], smallest: table[smallest]}
     rows = []
     peak_tflops = float(os.environ.get("GPU_PEAK_TFLOPS", "989"))  # H100 SXM dense bf16
-    for tokens in (576, 64):
-        name = f"bf16 step, LLaVA-1.5-shaped ~470M, {tokens} tokens/image, batch {size.batch_size}"
+    for tokens in budgets:
+        name = f"bf16 step, {family}-shaped cpu size, {tokens} tokens/image, batch {size.batch_size}"
         try:
-            meta = sim.build_training_model(size, "llava-1.5", "finetune", False, "meta")
+            meta = sim.build_training_model(size, family, "finetune", False, "meta")
             set_budget(meta, tokens, budgets)
-            batch, info = sim.simulation_batch(meta, size, "llava-1.5", tokens, budgets, "meta")
+            batch, info = sim.simulation_batch(meta, size, family, tokens, budgets, "meta")
             meta_opt = torch.optim.AdamW([p for p in meta.parameters() if p.requires_grad], lr=1e-5)
             simulated = sim.measure_step(meta, batch, sim.MetaTensorMemory, meta_opt).peak
             del meta, meta_opt
 
-            model = sim.build_training_model(size, "llava-1.5", "finetune", False, "cuda")
+            model = sim.build_training_model(size, family, "finetune", False, "cuda")
             model.set_attn_implementation("sdpa")  # the simulation's CPU kernel stands for flash-attention
             set_budget(model, tokens, budgets)
-            batch, _ = sim.simulation_batch(model, size, "llava-1.5", tokens, budgets, "cuda")
+            batch, _ = sim.simulation_batch(model, size, family, tokens, budgets, "cuda")
             optimizer = torch.optim.AdamW(
                 [p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True
             )
@@ -315,16 +318,19 @@ def check_step(work: Path) -> list[tuple[str, str, str]]:
             torch.cuda.synchronize()
             seconds = (time.perf_counter() - started) / steps
             measured = torch.cuda.max_memory_allocated()
-            flops = llava_step_flops(
-                size.vision,
-                size.llm,
-                TrainableParts(llm="full"),
-                num_images=size.batch_size,
-                batch=size.batch_size,
-                seq_len=info["seq_len"],
-                image_tokens=info["image_tokens"],
-                visionzip_split=budgets[tokens],
-            )["total"].total
+            flops = (
+                family_for(family)
+                .step_flops(
+                    size,
+                    model.config,
+                    TrainableParts(llm="full"),
+                    image_plan(model.config, family, tokens, budgets),
+                    budgets[tokens],
+                    samples=size.batch_size,
+                    seq_len=info["seq_len"],
+                )["total"]
+                .total
+            )
             achieved = flops / seconds / 1e12
             rows.append(
                 (

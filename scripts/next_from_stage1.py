@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from visionzip_core.families import family_for
+from visionzip_core.families import FAMILIES, stage1_family
 from visionzip_core.model_folders import MODEL, check_model_folder
 from visionzip_core.weight_checks import WeightsError
 
@@ -30,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
         help='JSON list of [H, W] tilings, e.g. "[[336,672],[672,336]]" (default: llava-v1.6\'s five)',
     )
     args = parser.parse_args(argv)
+    stage1 = stage1_family()
+    # The family whose stage 2 starts from the stage-1 family's export (LLaVA-NeXT).
+    target = next(f for f in FAMILIES if f.reuses_stage1)
 
     out = Path(args.out)
     if out.exists():
@@ -39,8 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         model_type = json.loads(config_file.read_text()).get("model_type")
     except (OSError, ValueError) as err:
         return _fail(f"--stage1: cannot read {config_file} ({' '.join(str(err).split())[:200]})")
-    if model_type != "llava":
-        return _fail(f"--stage1: {args.stage1} is a '{model_type}' model; a llava-1.5 folder is needed")
+    if model_type not in stage1.model_types:
+        return _fail(f"--stage1: {args.stage1} is a '{model_type}' model; a {stage1.name} folder is needed")
     problems = check_model_folder(args.stage1, MODEL, "--stage1")
     if problems:
         return _fail("; ".join(problems))
@@ -54,10 +57,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"--grid-pinpoints: a JSON list of [H, W] pairs of positive ints, got {args.grid_pinpoints!r}"
             )
     try:
-        family_for("llava-next").from_stage1(args.stage1, str(out), pinpoints)
+        target.from_stage1(args.stage1, str(out), pinpoints)
     except (WeightsError, ValueError) as err:
         return _fail(str(err))
-    print(f"wrote {out} (LLaVA-NeXT; stage 2: model.name_or_path={out})")
+    print(f"wrote {out} ({target.name}; stage 2: model.name_or_path={out})")
     return 0
 
 

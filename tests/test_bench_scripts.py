@@ -49,12 +49,12 @@ def test_llava_7b_size_builds_on_meta_and_matches_flop_model():
     """The GPU size is built for real only on a GPU; here its structure and FLOP shapes are checked."""
     import torch
 
-    from visionzip_core.bench.flops import LlamaShape, VisionTowerShape
-    from visionzip_core.bench.random_models import build_random_llava
-    from visionzip_core.bench.sizes import SIZES
+    from visionzip_core.bench.random_models import build_random_model
+    from visionzip_core.families.clip_llama import SIZES, VisionTowerShape
+    from visionzip_core.families.flops import LlamaShape
 
     size = SIZES["llava-1.5-7b"]
-    model = build_random_llava(size, "meta")
+    model = build_random_model(size, "meta", family="llava-1.5")
     cfg = model.config
     assert VisionTowerShape.from_config(cfg.vision_config) == size.vision
     assert LlamaShape.from_config(cfg.text_config).dim_per_head == 128
@@ -87,13 +87,13 @@ def test_llava_next_7b_flop_ideal_training_speedup():
     images, the LLaVA-665k-like text of the benchmarks) at the paper's 640 / 320 / 160 tokens.
     BENCHMARKS.md sets these against the paper's 2.1x measured training-time reduction."""
     from visionzip_core.bench.budgets import budgets_for, image_plan
-    from visionzip_core.bench.flops import TrainableParts, llava_step_flops
-    from visionzip_core.bench.random_models import build_random_llava
-    from visionzip_core.bench.sizes import SIZES
-    from visionzip_core.bench.synthetic import text_lengths
+    from visionzip_core.bench.random_models import build_random_model
+    from visionzip_core.families.base import synthetic_text_lengths as text_lengths
+    from visionzip_core.families.clip_llama import SIZES, llava_step_flops
+    from visionzip_core.families.flops import TrainableParts
 
     size = SIZES["llava-next-7b"]
-    model = build_random_llava(size, "meta", family="llava-next")
+    model = build_random_model(size, "meta", family="llava-next")
     assert 7.0e9 < sum(p.numel() for p in model.parameters()) < 7.1e9
     text = round(sum(text_lengths(size)) / size.batch_size)
 
@@ -189,7 +189,8 @@ def test_qwen2_5_vl_7b_size_builds_on_meta_and_is_refused_on_cpu():
     it on a CPU with one line instead of allocating 16 GB."""
     from visionzip_core.bench.budgets import image_plan
     from visionzip_core.bench.random_models import build_random_model
-    from visionzip_core.bench.sizes import QWEN_SIZES, size_error
+    from visionzip_core.bench.sizes import size_error
+    from visionzip_core.families.qwen_bench import QWEN_SIZES
 
     size = QWEN_SIZES["qwen2.5-vl-7b"]
     model = build_random_model(size, "meta", family="qwen2.5-vl")

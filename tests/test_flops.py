@@ -13,16 +13,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from visionzip_core import num_image_tokens, remove_visionzip, visionzip
-from visionzip_core.bench.flops import (
-    LORA_TARGETS,
-    Flops,
-    LlamaShape,
-    TrainableParts,
-    VisionTowerShape,
-    llava_step_flops,
-)
 from visionzip_core.bench.memory_sim import TINY_SIZE
-from visionzip_core.bench.sizes import SIZES
+from visionzip_core.families.clip_llama import SIZES, VisionTowerShape, llava_step_flops
+from visionzip_core.families.flops import LORA_TARGETS, Flops, LlamaShape, TrainableParts
 
 BATCH, TEXT = 2, 11
 

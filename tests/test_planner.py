@@ -22,8 +22,8 @@ import pytest
 
 from visionzip_core.bench import planner
 from visionzip_core.bench.memory_sim import simulate, workload
-from visionzip_core.bench.sizes import SIZES
 from visionzip_core.families import family_for
+from visionzip_core.families.clip_llama import SIZES
 
 REPO = Path(__file__).resolve().parents[1]
 KEYS = (
@@ -146,7 +146,7 @@ def test_find_budget_gives_the_largest_budget_that_fits_at_the_micro_batch():
 
 def _quick_qwen_model() -> planner.PlanModel:
     """Qwen2.5-VL-7B widths, 2 tower blocks and 1 LLM layer, stock and 0.20 + 0.05."""
-    from visionzip_core.bench.sizes import QWEN_SIZES
+    from visionzip_core.families.qwen_bench import QWEN_SIZES
 
     size = QWEN_SIZES["qwen2.5-vl-7b"].quick()
     return planner.PlanModel("qwen-quick", "qwen2.5-vl", size, {100: None, 25: (0.20, 0.05)})
@@ -170,10 +170,9 @@ def test_qwen_step_flops_equal_a_counted_real_step():
     backward is the 2x the model assumes): equal to the FLOP."""
     import torch
 
-    from visionzip_core.bench.flops import TrainableParts, counted_flops, qwen_step_flops
     from visionzip_core.bench.random_models import build_random_model
-    from visionzip_core.bench.sizes import QWEN_SIZES
-    from visionzip_core.bench.synthetic import qwen_synthetic_batch
+    from visionzip_core.families.flops import TrainableParts, counted_flops
+    from visionzip_core.families.qwen_bench import QWEN_SIZES, qwen_step_flops, qwen_synthetic_batch
 
     size = replace(QWEN_SIZES["cpu"], batch_size=1, text_tokens=(50, 50))
     model = build_random_model(size, "cpu", family="qwen2.5-vl")
@@ -504,3 +503,13 @@ def test_auto_on_cpu_runs_the_entry_point_with_the_fallback_and_resume_keeps_it(
     ) == (2, 2, True)
     second = run(2)
     assert "auto: kept from checkpoint-1: per_device_batch_size=2, grad_accum_steps=2" in second
+
+
+@pytest.mark.parametrize("name", ["llava-1.5-7b", "llava-next-7b", "qwen2.5-vl-7b"])
+def test_default_budgets_are_the_familys_benchmark_table(name):
+    """``--budgets`` left out plans the family's own benchmark budgets (LLaVA-NeXT's per-crop 128, 64,
+    32; Qwen2.5-VL's percent kept), as BENCHMARKS.md's plans type them."""
+    model = planner.resolve_model(name)
+    keys = planner.parse_budgets(planner.default_budgets(model), model)
+    assert keys == list(family_for(model.family).bench_budgets)
+    assert all(model.budgets[k] == family_for(model.family).bench_budgets[k] for k in keys)

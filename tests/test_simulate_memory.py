@@ -26,8 +26,8 @@ from visionzip_core.bench.memory_sim import (
     workload,
     zero_model_states,
 )
-from visionzip_core.bench.sizes import SIZES
 from visionzip_core.families import FAMILIES
+from visionzip_core.families.clip_llama import SIZES
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -39,7 +39,6 @@ the CUDA context.
 
 from __future__ import annotations
 
-import functools
 import math
 import time
 from collections.abc import Iterable
@@ -49,12 +48,11 @@ import torch
 from torch import nn
 
 from visionzip_core.bench.budgets import budgets_for, image_plan, set_budget
-from visionzip_core.bench.flops import LlamaShape, VisionTowerShape
 from visionzip_core.bench.live_memory import LiveTensorMemory, model_tensors
 from visionzip_core.bench.random_models import build_random_model
-from visionzip_core.bench.sizes import BenchSize
-from visionzip_core.bench.synthetic import qwen_synthetic_batch, synthetic_batch
-from visionzip_core.families import family_for
+from visionzip_core.families import ModelFamily, family_for
+from visionzip_core.families.clip_llama import BenchSize, VisionTowerShape
+from visionzip_core.families.flops import LlamaShape
 
 GIB = 2**30
 SIM_ATTENTION = "memsim_fused"  # no "flash" in the name: transformers would look for a kernel package
@@ -181,7 +179,7 @@ def build_training_model(
     seed: int = 0,
     whole_model_ckpt: bool = False,
 ) -> nn.Module:
-    """A random LLaVA(-NeXT) of ``size`` on ``device``, set up for ``mode``.
+    """A random model of ``family`` and ``size`` on ``device``, set up for ``mode``.
 
     Trainable: ``finetune``: projector + LLM; ``finetune_vision``: + the vision layers that reach
     the features; ``lora``: projector + rank-128 adapters on the LLM's linears (peft, projector in
@@ -220,7 +218,7 @@ def build_training_model(
     elif grad_ckpt:
         # Per part: the whole-model call also hooks every submodel's input embeddings to require
         # grad, the CLIP patch embedding included, so a frozen tower would record its graph.
-        inner = _llava_model(model)
+        inner = _inner_model(model)
         inner.language_model.activation_checkpointing_enable({"use_reentrant": False})
         tower = getattr(inner, "vision_tower", None) or inner.visual  # Qwen2.5-VL names it visual
         tower.activation_checkpointing_enable({"use_reentrant": False})
@@ -262,129 +260,58 @@ def simulation_batch(
     config = model.config
     plan = image_plan(config, family, tokens, budgets)
     fam = family_for(family)
-    if not fam.vision_runs_on_meta:
-        return _stand_in_simulation_batch(config, size, plan, device, seed)
-    cpu = synthetic_batch(size, plan.llm, "cpu", seed=seed, image_hw=fam.bench_image, crops=plan.crops)
+    cpu = fam.bench_batch(size, config, plan, "cpu", seed=seed)
     counts = (cpu["input_ids"] == config.image_token_id).sum(dim=1)
     if not bool((counts == plan.llm).all()):
         raise RuntimeError(f"batch has {counts.tolist()} image tokens per sample, the plan {plan.llm}")
-    batch = {k: v if k == "image_sizes" else v.to(device) for k, v in cpu.items()}
+    if fam.vision_runs_on_meta:
+        batch = {k: v if k == "image_sizes" else v.to(device) for k, v in cpu.items()}
+    else:
+        # The frozen tower and the compression are stood in (ModelFamily.stand_in_vision), the
+        # tower's working set by its measured bytes per pixel row.
+        batch = {k: cpu[k].to(device) for k in ("input_ids", "attention_mask", "labels")}
+        batch.update({k: v.to(device) for k, v in fam.stand_in_vision(config, cpu, plan).items()})
+        batch["vision_working_set"] = vision_working_bytes(fam, config, cpu["pixel_values"])  # bytes, an int
     info = {"image_tokens": plan.llm, "crops": plan.crops, "seq_len": int(cpu["input_ids"].shape[1])}
     return batch, info
 
 
-def _stand_in_simulation_batch(config, size, plan, device, seed: int) -> tuple[dict[str, torch.Tensor], dict]:
-    """The meta step's batch for a family whose tower does not run on meta (Qwen2.5-VL): the
-    benchmarks' rows (:func:`qwen_synthetic_batch`, one ``size.image`` each) with ``plan.llm``
-    image tokens, plus what stands in for the tower and the compression (see :func:`training_loss`):
-
-    - ``vision_output``: ``(patches, vision_hidden)``, the frozen tower's output before the merger
-      (no gradient: the tower is frozen and pixels need none);
-    - ``kept_index``: ``(images * plan.llm,)`` rows of the merger's output the LLM receives
-      (compression gathers them; stock keeps every row);
-    - ``position_ids``: ``(3, B, S)`` M-RoPE positions (a plain count on each axis: the same bytes
-      as the image-aware ones, which need the grids on the CPU).
-    """
-    cpu = qwen_synthetic_batch(size, config, plan.llm, "cpu", seed)
-    counts = (cpu["input_ids"] == config.image_token_id).sum(dim=1)
-    if not bool((counts == plan.llm).all()):
-        raise RuntimeError(f"batch has {counts.tolist()} image tokens per sample, the plan {plan.llm}")
-    images, seq_len = cpu["input_ids"].shape
-    merged = plan.projected  # merged tokens per image, all through the merger
-    per_image = torch.arange(plan.llm) * merged // plan.llm  # spread over the image, as selection is
-    kept = (torch.arange(images)[:, None] * merged + per_image[None]).reshape(-1)
-    batch = {k: cpu[k].to(device) for k in ("input_ids", "attention_mask", "labels")}
-    batch["vision_output"] = torch.zeros(
-        cpu["pixel_values"].shape[0], config.vision_config.hidden_size, dtype=cpu["pixel_values"].dtype
-    ).to(device)
-    batch["kept_index"] = kept.to(device)
-    batch["position_ids"] = torch.arange(seq_len).view(1, 1, -1).expand(3, images, -1).contiguous().to(device)
-    batch["vision_working_set"] = qwen_vision_working_bytes(config, cpu["pixel_values"])  # bytes, an int
-    info = {"image_tokens": plan.llm, "crops": 1, "seq_len": int(seq_len)}
-    return batch, info
+# Bytes per pixel row of a frozen tower's forward, by (family, vision config, dtype): measured once.
+_WORKING_BYTES_PER_ROW: dict[tuple[str, str, str], float] = {}
 
 
-def qwen_vision_working_bytes(config, pixel_values: torch.Tensor) -> int:
-    """Bytes a frozen Qwen2.5-VL vision tower holds at once during its forward over ``pixel_values``
-    (``(T, 3 * 2 * 14 * 14)`` patches of the micro-batch).
+def vision_working_bytes(family: ModelFamily, config, pixel_values: torch.Tensor) -> int:
+    """Bytes a frozen vision tower that does not run on meta holds at once during its forward over
+    ``pixel_values`` (``(T, D)`` rows of the micro-batch).
 
     The tower runs without a graph (frozen weights, pixels need no gradient), so only one block's
     tensors are live at a time, and with a fused attention kernel that is linear in ``T``. The
-    bytes per patch are measured (:func:`qwen_vision_bytes_per_patch`) on real CPU tensors, and
-    scaled to ``T``.
+    bytes per row are measured on real CPU tensors, on the family's small tower of the same widths
+    (:meth:`~visionzip_core.families.ModelFamily.vision_probe`) under :class:`LiveTensorMemory`, its
+    input rows included, with the simulation's fused attention, and scaled to ``T``.
     """
-    v = config.vision_config
-    per_patch = qwen_vision_bytes_per_patch(
-        v.to_json_string(), str(pixel_values.dtype).removeprefix("torch.")
-    )
-    return math.ceil(per_patch * pixel_values.shape[0])
-
-
-@functools.lru_cache(maxsize=8)
-def qwen_vision_bytes_per_patch(vision_config_json: str, dtype: str) -> float:
-    """Peak live bytes per patch of a frozen Qwen2.5-VL vision tower's forward, measured on the CPU.
-
-    The tower of these widths is built with two blocks (one windowed, one with full attention,
-    the two kinds it has) and run on one window of patches (a 112 px image) under
-    :class:`LiveTensorMemory`, the input patches included, with the fused attention of the
-    simulation. Blocks run one after another, so two stand for all of them; the figure is the
-    same per patch for 1, 4 or 16 windows (checked when this was written: 44,178 bytes per patch
-    for the 7B's widths in bf16 at 112, 224 and 448 px).
-    """
-    import json
-
-    from transformers import AutoConfig
-    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
-
-    data = json.loads(vision_config_json)
-    data.update(depth=2, fullatt_block_indexes=[1])
-    config = AutoConfig.for_model(**data)  # the vision config's own model_type
-    register_fused_attention()
-    config._attn_implementation = SIM_ATTENTION
-    tower = Qwen2_5_VisionTransformerPretrainedModel._from_config(config, dtype=getattr(torch, dtype))
-    tower.requires_grad_(False)
-    side = config.window_size // config.patch_size
-    width = config.in_channels * config.temporal_patch_size * config.patch_size**2
-    pixels = torch.zeros(side * side, width, dtype=getattr(torch, dtype))
-    grid = torch.tensor([[1, side, side]])
-    with LiveTensorMemory([*tower.parameters(), *tower.buffers(), pixels]) as t:
-        out = tower(pixels, grid_thw=grid)
-        del out
-        return (t.peak - t.start + pixels.numel() * pixels.element_size()) / (side * side)
+    dtype = pixel_values.dtype
+    key = (family.name, config.vision_config.to_json_string(), str(dtype))
+    if key not in _WORKING_BYTES_PER_ROW:
+        register_fused_attention()
+        tower, pixels, kwargs, rows = family.vision_probe(config, dtype, SIM_ATTENTION)
+        with LiveTensorMemory([*tower.parameters(), *tower.buffers(), pixels]) as t:
+            out = tower(pixels, **kwargs)
+            del out
+            _WORKING_BYTES_PER_ROW[key] = (t.peak - t.start + pixels.numel() * pixels.element_size()) / rows
+    return math.ceil(_WORKING_BYTES_PER_ROW[key] * pixel_values.shape[0])
 
 
 def set_simulated_budget(model: nn.Module, family: str, tokens: int, budgets: dict) -> None:
-    """:func:`set_budget`, except for a family whose tower does not run on meta (Qwen2.5-VL): its
-    budget the meta batch carries (``kept_index``), since its compression runs inside the tower's
-    forward, which the meta step does not run."""
+    """:func:`set_budget`, except for a family whose tower does not run on meta: its budget the meta
+    batch carries (:meth:`~visionzip_core.families.ModelFamily.stand_in_vision`), since its
+    compression runs inside the tower's forward, which the meta step does not run."""
     if family_for(family).vision_runs_on_meta:
         set_budget(model, tokens, budgets)
 
 
-def _qwen_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The Qwen2.5-VL training loss from the frozen tower's output on: the tower's working set
-    (:func:`qwen_vision_working_bytes`) is allocated and freed first, as its forward would, then
-    the merger (trainable), the gather of the kept tokens, the scatter into the text embeddings
-    and the language model with its LM head and loss."""
-    inner = _llava_model(model)
-    input_ids = batch["input_ids"]
-    embeds = inner.get_input_embeddings()(input_ids)
-    working = torch.empty(batch["vision_working_set"], dtype=torch.uint8, device=embeds.device)
-    del working
-    features = inner.visual.merger(batch["vision_output"])
-    features = features.index_select(0, batch["kept_index"]).to(embeds.dtype)
-    image_positions = (input_ids == inner.config.image_token_id).unsqueeze(-1)
-    embeds = embeds.masked_scatter(image_positions, features)
-    return model(
-        inputs_embeds=embeds,
-        attention_mask=batch["attention_mask"],
-        position_ids=batch["position_ids"],
-        labels=batch["labels"],
-    ).loss
-
-
-def _llava_model(model: nn.Module) -> nn.Module:
-    """The inner ``Llava(Next)Model`` (``get_image_features``, embeddings) of a possibly peft-wrapped model."""
+def _inner_model(model: nn.Module) -> nn.Module:
+    """The inner model (``language_model``, the vision tower) of a possibly peft-wrapped model."""
     inner = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
     return inner.model
 
@@ -394,26 +321,15 @@ def training_loss(model: nn.Module, batch: dict[str, torch.Tensor], merge: str =
 
     ``merge="stock"``: ``model(**batch)``, the model's own forward (real tensors only).
     ``merge="split"``: the same parts in the same order without the data-dependent count check,
-    so that it also runs on meta: token embeddings, image features, ``masked_scatter`` of the
-    features into the image positions, then the model on ``inputs_embeds``.
+    so that it also runs on meta (the family's ``simulation_loss``): token embeddings, image
+    features, ``masked_scatter`` of the features into the image positions, then the model on
+    ``inputs_embeds``.
     """
     if merge == "stock":
         return model(**batch).loss
     if merge != "split":
         raise ValueError(f"merge={merge!r}; 'split' or 'stock'")
-    if "kept_index" in batch:
-        return _qwen_loss(model, batch)
-    inner = _llava_model(model)
-    input_ids = batch["input_ids"]
-    # Embeddings before the tower, as the stock forward: the order decides which gradients backward
-    # produces first, and so the backward peak.
-    embeds = inner.get_input_embeddings()(input_ids)
-    extra = {"image_sizes": batch["image_sizes"]} if "image_sizes" in batch else {}
-    features = inner.get_image_features(pixel_values=batch["pixel_values"], return_dict=True, **extra)
-    features = torch.cat(list(features.pooler_output), dim=0).to(embeds.device, embeds.dtype)
-    image_positions = (input_ids == inner.config.image_token_id).unsqueeze(-1)
-    embeds = embeds.masked_scatter(image_positions, features)
-    return model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    return family_for(model).simulation_loss(model, batch)
 
 
 def release_grads_on_accumulate(model: nn.Module) -> list:

@@ -14,8 +14,9 @@ and this module turns it into a setting:
 - **Fits.** The peak must stay under the usable memory: the GPU's memory less
   :attr:`Hardware.reserve_gib` (CUDA context, cuBLAS and NCCL workspaces, DeepSpeed's buckets)
   and less :attr:`Hardware.fragmentation` of it (the caching allocator's reserved-but-free blocks).
-- **Time.** Matmul FLOPs of the optimizer step (:func:`visionzip_core.bench.flops.llava_step_flops`,
-  forward + backward, plus the forward again where checkpointing recomputes it) at the mean text
+- **Time.** Matmul FLOPs of the optimizer step (the family's ``step_flops``, e.g.
+  :func:`visionzip_core.families.clip_llama.llava_step_flops`, forward + backward, plus the forward
+  again where checkpointing recomputes it) at the mean text
   length, over ``peak TFLOPS x utilisation``; plus ZeRO's collectives over the interconnect
   (:func:`zero_comm_bytes`), not overlapped with compute. Both assumptions are stated in every
   plan (:meth:`Hardware.describe`) and in BENCHMARKS.md.
@@ -28,16 +29,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from visionzip_core.bench.budgets import budgets_for, image_plan, stock_budget
-from visionzip_core.bench.flops import (
-    LORA_TARGETS,
-    LlamaShape,
-    TrainableParts,
-    VisionTowerShape,
-    llava_step_flops,
-    qwen_step_flops,
-)
 from visionzip_core.bench.memory_sim import (
     GIB,
     LORA_RANK,
@@ -55,14 +49,29 @@ from visionzip_core.bench.memory_sim import (
     simulation_batch,
     zero_model_states,
 )
-from visionzip_core.bench.random_models import llava_config, qwen_config
-from visionzip_core.bench.sizes import PAD_TOKEN_ID, BenchSize, benchmarked_families, sizes_for
+from visionzip_core.bench.random_models import bench_config
+from visionzip_core.bench.sizes import benchmarked_families, sizes_for
 from visionzip_core.bench.synthetic import mix665k_like_text_lengths
-from visionzip_core.families import family_for
+from visionzip_core.families import FAMILIES, LORA_TARGETS, ModelFamily, family_for
+from visionzip_core.families.flops import TrainableParts
 
-QWEN_FAMILY = "qwen2.5-vl"  # planned by size name, with a ratio budget keyed by percent
-# The families the memory simulation can run (build_training_model / simulation_batch).
-SIMULATED_FAMILIES = ("llava-1.5", "llava-next", QWEN_FAMILY)
+
+def simulated_families() -> list[str]:
+    """The families the memory simulation runs (``ModelFamily.simulation``)."""
+    return [f.name for f in FAMILIES if f.simulation is not None]
+
+
+def folder_families() -> list[str]:
+    """The simulated families whose model folders the planner reads (``bench_size_from_config``);
+    the others are planned by their size names."""
+    return [
+        f.name
+        for f in FAMILIES
+        if f.simulation is not None
+        and type(f).bench_size_from_config is not ModelFamily.bench_size_from_config
+    ]
+
+
 # Planner modes -> the simulation's modes. projector/pretrain train the projector only, which the
 # simulation does not model separately; their memory is at most LoRA's (no adapters), so they are
 # planned as lora would be, which errs on the safe side.
@@ -177,7 +186,7 @@ class PlanModel:
 
     name: str
     family: str
-    size: BenchSize
+    size: Any  # one of the family's ``bench_sizes`` (its layout's shapes)
     budgets: dict = field(default_factory=dict)
 
 
@@ -197,10 +206,10 @@ def resolve_model(name_or_folder: str) -> PlanModel:
     known = known_models()
     if name_or_folder in known:
         family = known[name_or_folder]
-        if family not in SIMULATED_FAMILIES:
+        if family_for(family).simulation is None:
             raise ValueError(
                 f"--model {name_or_folder}: the memory simulation does not run {family} yet "
-                f"(it runs {', '.join(SIMULATED_FAMILIES)})"
+                f"(it runs {', '.join(simulated_families())})"
             )
         return PlanModel(name_or_folder, family, sizes_for(family)[name_or_folder], dict(budgets_for(family)))
     folder = Path(name_or_folder)
@@ -217,24 +226,17 @@ def resolve_model(name_or_folder: str) -> PlanModel:
 
 
 def model_from_config(config, name: str) -> PlanModel:
-    """A :class:`PlanModel` from a LLaVA(-NeXT) config (no weights)."""
-    family = family_for(config).name
-    if family not in SIMULATED_FAMILIES or family == QWEN_FAMILY:
+    """A :class:`PlanModel` from a model folder's config (no weights), by its family's
+    ``bench_size_from_config``."""
+    fam = family_for(config)
+    if fam.name not in folder_families():
+        sizes = ", ".join(n for n in known_models() if known_models()[n] == fam.name)
         raise ValueError(
-            f"{name}: the planner reads {', '.join(f for f in SIMULATED_FAMILIES if f != QWEN_FAMILY)} "
-            f"folders; plan {family} by its size name (qwen2.5-vl-7b)"
+            f"{name}: the planner reads {', '.join(folder_families())} folders; "
+            f"plan {fam.name} by its size name ({sizes})"
         )
-    vision = VisionTowerShape.from_config(config.vision_config)
-    llm = LlamaShape.from_config(config.text_config)
-    # The simulation's batches use llava-hf's token ids (<image> 32000, <pad> 32001); a smaller
-    # vocabulary (tiny test models) is simulated at LLaVA's 32064, which overstates its logits.
-    llm = replace(llm, vocab=max(llm.vocab, PAD_TOKEN_ID + 63))
-    size = BenchSize(name, vision, llm, batch_size=1, text_tokens=(0, 0), dtype="bfloat16", note=name)
-    # Stock = every patch (per crop for LLaVA-NeXT); the family's table where the tower matches it.
-    stock = vision.num_patches
-    known = budgets_for(family)
-    table = dict(known) if stock_budget(known) == stock else {stock: None}
-    return PlanModel(name, family, size, table)
+    size, table = fam.bench_size_from_config(config, name)
+    return PlanModel(name, fam.name, size, table)
 
 
 def budget_split(tokens: int) -> tuple[int, int]:
@@ -244,14 +246,15 @@ def budget_split(tokens: int) -> tuple[int, int]:
 
 
 def default_budgets(model: PlanModel) -> str:
-    """``--budgets`` when none is given: the family's budget table, in the form it is typed."""
-    if model.family == QWEN_FAMILY:
-        return "stock,0.7,0.5,0.25"
-    return "stock,192,128,64"
+    """``--budgets`` when none is given: the family's benchmark budgets, in the form they are typed
+    (token counts; fractions kept for a family that takes ratios)."""
+    fam = family_for(model.family)
+    keys = [k for k, split in fam.bench_budgets.items() if split is not None]
+    return ",".join(["stock", *(f"{k / 100:g}" if fam.takes_ratios else str(k) for k in keys)])
 
 
 def ratio_budget(item: str) -> tuple[int, tuple[float, float]]:
-    """Qwen2.5-VL's ratio form: ``"0.45+0.05"`` (dominant + contextual fractions of each image's
+    """The ratio form of a family that takes ratios (e.g. Qwen2.5-VL): ``"0.45+0.05"`` (dominant + contextual fractions of each image's
     merged tokens) or ``"0.5"`` (kept in all, 0.05 of it contextual as the authors' defaults) ->
     ``(percent key, (dominant, contextual))``."""
     try:
@@ -271,15 +274,16 @@ def ratio_budget(item: str) -> tuple[int, tuple[float, float]]:
 
 def parse_budgets(text: str, model: PlanModel) -> list[int]:
     """``"stock,64,128"`` -> budget keys of ``model.budgets`` (missing ones added with the paper's
-    split); Qwen2.5-VL's ``"stock,0.5,0.45+0.05"`` -> percent keys (:func:`ratio_budget`). The
-    stock budget always comes first."""
+    split); for a family that takes ratios (e.g. Qwen2.5-VL) ``"stock,0.5,0.45+0.05"`` -> percent
+    keys (:func:`ratio_budget`). The stock budget always comes first."""
     stock = stock_budget(model.budgets)
+    ratios = family_for(model.family).takes_ratios
     out: list[int] = []
     for item in text.split(","):
         item = item.strip()
         if item == "stock":
             key = stock
-        elif model.family == QWEN_FAMILY:
+        elif ratios:
             key, split = ratio_budget(item)
             model.budgets[key] = split
         else:
@@ -300,7 +304,7 @@ def check_mode(model: PlanModel, mode: str) -> None:
     """A one-line error for a mode the simulation cannot plan for ``model``."""
     if mode not in PLAN_MODES:
         raise ValueError(f"--mode {mode!r}; allowed {list(PLAN_MODES)}")
-    if model.family == QWEN_FAMILY and PLAN_MODES[mode] == "finetune_vision":
+    if not family_for(model.family).vision_runs_on_meta and PLAN_MODES[mode] == "finetune_vision":
         raise ValueError(f"--mode {mode}: the simulation runs {model.family}'s vision tower frozen only")
 
 
@@ -340,35 +344,20 @@ def step_flops(
     """Matmul FLOPs of ``samples`` samples at budget ``tokens`` and ``text_tokens`` text each, the
     forward recomputed once more where checkpointing is on (the LLM, and a trained tower)."""
     parts = trainable_parts(mode)
-    if model.family == QWEN_FAMILY:
-        config = qwen_config(model.size)
-        plan = image_plan(config, model.family, tokens, model.budgets)
-        flops = qwen_step_flops(
-            config,
-            parts,
-            num_images=samples,
-            image_hw=model.size.image,
-            seq_len=round(2 + plan.llm + text_tokens),
-            image_tokens=plan.llm,
-        )
-        total = flops["total"].total
-        return float(total + (flops["llm"].forward if ckpt else 0))
-    config = llava_config(model.size, model.family)
+    fam = family_for(model.family)
+    config = bench_config(model.size, fam)
     plan = image_plan(config, model.family, tokens, model.budgets)
-    split = model.budgets[tokens]
-    seq_len = round(1 + plan.llm + text_tokens)
-    flops = llava_step_flops(
-        model.size.vision,
-        model.size.llm,
+    flops = fam.step_flops(
+        model.size,
+        config,
         parts,
-        num_images=samples,
-        batch=samples,
-        seq_len=seq_len,
-        image_tokens=plan.llm,
-        visionzip_split=split,
-        crops_per_image=plan.crops,
-        projector_tokens_per_image=plan.projected,
+        plan,
+        model.budgets[tokens],
+        samples=samples,
+        seq_len=round(fam.bench_prompt_tokens + plan.llm + text_tokens),
     )
+    if flops is None:
+        raise ValueError(f"{model.family}: no FLOP model (ModelFamily.step_flops) to time a plan with")
     total = flops["total"].total
     if ckpt:
         total += flops["llm"].forward + (flops["vision"].forward if parts.vision else 0)
@@ -431,7 +420,7 @@ class SettingSimulator:
 
     def __init__(
         self,
-        size: BenchSize,
+        size: Any,
         family: str,
         mode: str,
         ckpt: bool,
@@ -568,9 +557,9 @@ def _row(model: PlanModel, tokens: int, candidates: list[Candidate], hardware: H
     split = model.budgets[tokens]
     return {
         "visual_tokens": tokens,
-        # Qwen2.5-VL's budgets are percent of each image's merged tokens; the others' are tokens
-        # per image (per crop for LLaVA-NeXT).
-        "budget_kind": "percent" if model.family == QWEN_FAMILY else "tokens",
+        # A ratio-taking family's budgets are percent of each image's tokens; the others' are
+        # tokens per image (per crop for a tiled family).
+        "budget_kind": "percent" if family_for(model.family).takes_ratios else "tokens",
         "image_tokens": best.image_tokens,
         "stock": split is None,
         "zero_stage": best.zero_stage,
@@ -632,10 +621,17 @@ def find_budget(
     return {"largest_fitting_budget": best["visual_tokens"] if best else None, "rows": rows}
 
 
-def calibrate_planner(family: str = "llava-1.5", mode: str = "finetune") -> list[dict]:
+def calibrated_families() -> list[str]:
+    """The simulated families whose meta step a real CPU step checks (``simulation["calibrate"]``)."""
+    return [f.name for f in FAMILIES if f.simulation is not None and f.simulation["calibrate"] is not None]
+
+
+def calibrate_planner(family: str | None = None, mode: str = "finetune") -> list[dict]:
     """The planner's activation bytes (:class:`SettingSimulator`, meta) against a real CPU step of
     the tiny model (:func:`visionzip_core.bench.memory_sim.calibrate`'s ZeRO setting: gradients released
-    as accumulated), per budget and checkpointing. ``diff_pct`` = (planner - real) / real in %."""
+    as accumulated), per budget and checkpointing, for ``family`` (default: the first calibrated one).
+    ``diff_pct`` = (planner - real) / real in %."""
+    family = family or calibrated_families()[0]
     rows = []
     for ckpt in (False, True):
         sim = SettingSimulator(TINY_SIZE, family, mode, ckpt, TINY_BUDGETS, 1, (2,))

@@ -35,6 +35,14 @@ MODULE_GROUPS = ("projector", "vision", "llm")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+def synthetic_text_lengths(size: Any, seed: int = 0) -> list[int]:
+    """Per-sample text lengths of a benchmark batch of ``size`` (``size.batch_size`` draws from
+    ``size.text_tokens``), fixed by ``seed`` so that every budget sees the same text."""
+    gen = torch.Generator().manual_seed(seed)
+    lo, hi = size.text_tokens
+    return torch.randint(lo, hi + 1, (size.batch_size,), generator=gen).tolist()
+
+
 def save_model_folder(model: nn.Module, processor: Any, out_dir: str | os.PathLike) -> Path:
     """Write ``model`` and ``processor`` as one folder, as a model download holds them."""
     out = Path(out_dir)
@@ -90,6 +98,9 @@ class ModelFamily(ABC):
     lora_targets: ClassVar[tuple[str, ...]] = ()
     #: Whether stage 1 (assembling the model from a vision folder and an LLM folder) is supported.
     assembles: ClassVar[bool] = False
+    #: Whether its stage 2 starts from the stage-1 family's export (:meth:`from_stage1`) instead of
+    #: assembling its own stage 1.
+    reuses_stage1: ClassVar[bool] = False
     #: Whether an image's visual-token count depends on its size (tiled images, native resolution).
     count_depends_on_size: ClassVar[bool] = False
     #: The vision layer VisionZip reads when the caller does not name one.
@@ -169,6 +180,13 @@ class ModelFamily(ABC):
         """Stage 1: the model from a vision-tower folder and an LLM folder, with a fresh projector
         (``llm_config``: the LLM folder's config when the caller has read it)."""
         raise NotImplementedError(f"{self.name}: no stage-1 assembly")
+
+    def from_stage1(
+        self, stage1: str, out: str, grid_pinpoints: list[list[int]] | None = None, seed: int = 0
+    ) -> nn.Module:
+        """Write this family's folder in ``out`` from a stage-1 export of the stage-1 family
+        (:attr:`reuses_stage1`): stage 2's start."""
+        raise NotImplementedError(f"{self.name}: stage 2 does not start from another family's stage 1")
 
     def assemble_processor(
         self,
@@ -276,24 +294,125 @@ class ModelFamily(ABC):
         """Encoder layers of the vision tower described by ``config`` (model or bare tower config)."""
 
     # --- benchmarks ------------------------------------------------------------------------------
-    #: The benchmark size table its random models are built from (a key of
-    #: ``visionzip_core.bench.sizes.SIZE_TABLES``); None: the benchmarks have no size of it.
-    bench_sizes: ClassVar[str | None] = None
+    # What ``visionzip_core.bench`` (the FLOP model, the memory simulation, the planner) and the
+    # benchmark scripts ask of a family; a family without ``bench_sizes`` is not benchmarked.
+    #: The benchmark sizes its random models are built from, name -> size. A size is a frozen
+    #: dataclass of the family's layout with ``name``, ``batch_size``, ``text_tokens`` (per-sample
+    #: ``(lo, hi)``), ``dtype``, ``note``, ``gpu_only``, ``flop_model`` (whether :meth:`step_flops`
+    #: counts it) and ``quick()`` (a smoke variant); real sizes are named ``<family>-<size>``. None:
+    #: the benchmarks have no size of it.
+    bench_sizes: ClassVar[dict[str, Any] | None] = None
     #: The picture ``(H, W)`` its benchmarks feed each sample; None: one crop of the tower's size.
     bench_image: ClassVar[tuple[int, int] | None] = None
     #: The visual-token budgets its benchmarks sweep, key -> split; the key of the None split is the
     #: stock model. Counts ``(dominant, contextual)`` per image (per crop for a tiled family), or, for
     #: a family that :attr:`takes_ratios`, percent kept -> ``(dominant_ratio, contextual_ratio)``.
     bench_budgets: ClassVar[dict[int, tuple | None]] = {}
+    #: Tokens of a benchmark sample besides its text and its image tokens (LLaVA's ``<s>``).
+    bench_prompt_tokens: ClassVar[int] = 1
     #: Whether its vision tower's forward runs on the meta device. The memory simulation runs the
     #: whole step there; for a tower that cannot, it stands in the frozen tower's measured working
-    #: set and runs the rest (``visionzip_core.bench.memory_sim``).
+    #: set and runs the rest (:meth:`stand_in_vision`, :meth:`vision_probe`).
     vision_runs_on_meta: ClassVar[bool] = True
     #: The memory simulation's default workload (``scripts/simulate_memory.py``): ``size`` (a name in
     #: its size table), the per-GPU ``micro_batch`` and the ``batch_source`` recipe it comes from, the
     #: ``modes`` it runs, and the stock and smallest budgets it ``calibrate``\ s with; None: the
     #: simulation does not run this family.
     simulation: ClassVar[dict[str, Any] | None] = None
+    #: The VisionZip setting its tiny model's host-sync count runs (``scripts/count_syncs.py``):
+    #: keyword arguments of ``visionzip()``.
+    tiny_budget: ClassVar[dict[str, Any]] = {"dominant": 20, "contextual": 6}
+
+    def bench_config(self, size: Any, tokenizer: Any) -> Any:
+        """The model config of benchmark ``size`` (one of :attr:`bench_sizes`), its special-token ids
+        those of ``tokenizer`` (the family's tiny tokenizer) where the family has no fixed ones;
+        ``text_config`` carries the pad, bos and eos ids the random model generates with."""
+        raise NotImplementedError(f"{self.name}: no benchmark sizes")
+
+    def bench_processor(self, model: nn.Module, size: Any, tokenizer: Any):
+        """The processor of a random benchmark ``model`` of ``size``, over ``tokenizer`` (a fresh tiny
+        tokenizer of the family), as a download would hold it; may point the model's special ids at
+        the tokenizer's."""
+        raise NotImplementedError(f"{self.name}: no benchmark processor")
+
+    def bench_messages(self, question: str) -> list[dict]:
+        """The chat ``messages`` of a one-image benchmark request, for the processor's chat template
+        (``scripts/bench_prefill.py``): by default the image placeholder in the text."""
+        return [{"role": "user", "content": f"{self.image_token}\n{question}"}]
+
+    def bench_batch(
+        self, size: Any, config: Any, plan: Any, device: str | torch.device = "cpu", seed: int = 0
+    ) -> dict[str, torch.Tensor]:
+        """A right-padded synthetic training batch of ``size`` (``size.batch_size`` samples of
+        :func:`synthetic_text_lengths` text, one :attr:`bench_image` each, labels on the answer only)
+        with ``plan.llm`` image tokens per image (``plan``: ``visionzip_core.bench.budgets.ImagePlan``),
+        as the model's forward takes it."""
+        raise NotImplementedError(f"{self.name}: no synthetic benchmark batch")
+
+    def bench_items(
+        self, size: Any, text_lengths: list[int], image_tokens: int, seed: int = 0
+    ) -> list[dict[str, torch.Tensor]]:
+        """Dataset-like items (one image each) with ``image_tokens`` per image and these text lengths,
+        laid out as :meth:`bench_batch`'s rows, for the real collators and samplers (packing
+        benchmark; families whose count does not depend on the image size)."""
+        raise NotImplementedError(f"{self.name}: no synthetic dataset items")
+
+    def step_flops(
+        self,
+        size: Any,
+        config: Any,
+        parts: Any,
+        plan: Any,
+        split: tuple | None,
+        *,
+        samples: int,
+        seq_len: int,
+        logits_positions: int | None = None,
+    ) -> dict[str, Any] | None:
+        """Matmul FLOPs of one training step (``visionzip_core.families.flops``), by part: ``{"vision",
+        "projector", "llm", "total", ...} -> Flops``, for ``samples`` samples (one image each) padded
+        to ``seq_len``, at the budget of ``plan`` and ``split`` (None: stock), ``parts``
+        (``TrainableParts``) trained; ``logits_positions`` as ``llama_flops``. None: no analytic
+        model (the benchmarks count FLOPs on the step)."""
+        return None
+
+    def bench_size_from_config(self, config: Any, name: str) -> tuple[Any, dict]:
+        """The benchmark size of a model folder's ``config`` (no weights) and the budget table to plan
+        it with, for the planner's ``--model FOLDER``."""
+        raise NotImplementedError(f"{self.name}: the planner takes it by its size name")
+
+    def simulation_loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The training loss of a simulation ``batch`` by the parts of the forward, without its
+        data-dependent checks, so that it also runs on meta (``visionzip_core.bench.memory_sim``):
+        the token embeddings, ``get_image_features``, ``masked_scatter`` of the features into the
+        image positions, then the model on ``inputs_embeds``. Embeddings come before the tower, as in
+        the stock forward: the order decides which gradients backward produces first, and so the
+        backward peak."""
+        inner = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+        inner = inner.model
+        input_ids = batch["input_ids"]
+        embeds = inner.get_input_embeddings()(input_ids)
+        extra = {"image_sizes": batch["image_sizes"]} if "image_sizes" in batch else {}
+        features = inner.get_image_features(pixel_values=batch["pixel_values"], return_dict=True, **extra)
+        features = torch.cat(list(features.pooler_output), dim=0).to(embeds.device, embeds.dtype)
+        image_positions = (input_ids == inner.config.image_token_id).unsqueeze(-1)
+        embeds = embeds.masked_scatter(image_positions, features)
+        return model(
+            inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"]
+        ).loss
+
+    def vision_probe(self, config: Any, dtype: torch.dtype, attn_implementation: str) -> tuple:
+        """For a tower that does not run on meta (:attr:`vision_runs_on_meta` false): a small frozen
+        tower of ``config``'s widths whose forward peak per row of ``pixel_values`` is the full
+        tower's, with ``attn_implementation``; returns ``(tower, pixel_values, kwargs, rows)``."""
+        raise NotImplementedError(f"{self.name}: its tower runs on meta")
+
+    def stand_in_vision(
+        self, config: Any, batch: dict[str, torch.Tensor], plan: Any
+    ) -> dict[str, torch.Tensor]:
+        """For a tower that does not run on meta: what stands in for the frozen tower and the
+        compression in :meth:`simulation_loss`, from the CPU ``batch`` of :meth:`bench_batch`."""
+        raise NotImplementedError(f"{self.name}: its tower runs on meta")
 
     def token_plan(
         self, config: Any, vz: VisionZipConfig | None, image_size: tuple[int, int] | None = None

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import re
 import types
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,21 @@ from visionzip_core.capture import (
 )
 from visionzip_core.config import VisionZipConfig
 from visionzip_core.families.base import LORA_TARGETS, ImageTokenSelection, ModelFamily
+from visionzip_core.families.clip_llama import (
+    BOS_TOKEN_ID,
+    EOS_TOKEN_ID,
+    IMAGE_TOKEN_ID,
+    PAD_TOKEN_ID,
+    SIZES,
+    BenchSize,
+    VisionTowerShape,
+    llava_step_flops,
+    patches_per_image,
+    synthetic_batch,
+    synthetic_items,
+    vision_tower_config,
+)
+from visionzip_core.families.flops import LlamaShape
 from visionzip_core.tokenizer_files import save_pretrained_faithfully
 from visionzip_core.weight_checks import load_checked, progress_bars_on_terminal_only
 
@@ -50,21 +66,6 @@ PROJECTOR = "multi_modal_projector"
 STAGE1_FEATURE_LAYER = -2  # LLaVA-1.5 reads the penultimate CLIP layer
 # Attribute on the LlavaModel instance holding the active settings (the bound method reads it).
 _ACTIVE = "_visionzip_active"
-
-
-def vision_tower_config(config: Any) -> Any:
-    """The vision fields of a CLIP folder's config.
-
-    A full ``CLIPModel`` download (e.g. openai/clip-vit-large-patch14-336, ``model_type: clip``)
-    keeps them in ``.vision_config``; a ``CLIPVisionModel`` folder has them at the top level.
-    """
-    return getattr(config, "vision_config", None) or config
-
-
-def patches_per_image(vision_config: Any) -> int:
-    """Patch tokens of one square CLIP crop: ``(image_size // patch_size) ** 2`` (576 at 336/14)."""
-    vision = vision_tower_config(vision_config)
-    return (vision.image_size // vision.patch_size) ** 2
 
 
 def find_llava_model(model: nn.Module) -> LlavaModel:
@@ -196,7 +197,7 @@ class Llava15(ModelFamily):
     model_types = ("llava",)
     lora_targets = LORA_TARGETS  # a Llama/Vicuna decoder layer's linears
     assembles = True
-    bench_sizes = "clip-llama"
+    bench_sizes = SIZES  # the CLIP + Llama sizes (families/clip_llama.py), shared with LLaVA-NeXT
     # Visual tokens per image -> (dominant, contextual); 576 is the stock model (compression off).
     bench_budgets = {576: None, 192: (162, 30), 128: (108, 20), 64: (54, 10)}
     simulation = {
@@ -207,6 +208,75 @@ class Llava15(ModelFamily):
         "modes": ("finetune", "lora"),
         "calibrate": (576, 64),
     }
+
+    # --- benchmarks ------------------------------------------------------------------------------
+    def bench_config(self, size: BenchSize, tokenizer: Any) -> Any:
+        """llava-hf's token ids (``<image>`` 32000, ``<pad>`` 32001 in a 32064 vocabulary) whatever
+        the tokenizer: the benchmarks' batches are laid out in them."""
+        text = size.llm.to_config(
+            pad_token_id=PAD_TOKEN_ID, bos_token_id=BOS_TOKEN_ID, eos_token_id=EOS_TOKEN_ID
+        )
+        return self.build_config(size.vision.to_config(), text, IMAGE_TOKEN_ID)
+
+    def bench_processor(self, model: nn.Module, size: BenchSize, tokenizer: Any):
+        """The family's processor built from parts: its image processor for the tower's crops and
+        ``tokenizer``; the model's special ids are pointed at the tokenizer's (its embedding covers them)."""
+        tokenizer.model_max_length = 8192  # prompts carry up to 576 (LLaVA-NeXT: 2928) image tokens
+        image_processor = self.image_processor_for(model.config, size.vision.image_size)
+        processor = self.build_processor(
+            image_processor, tokenizer, model.config.vision_config, chat_template=tokenizer.chat_template
+        )
+        model.config.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+        for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            setattr(model.generation_config, key, getattr(tokenizer, key))
+        return processor
+
+    def bench_batch(self, size: BenchSize, config: Any, plan: Any, device="cpu", seed: int = 0):
+        return synthetic_batch(size, plan.llm, device, seed=seed, image_hw=self.bench_image, crops=plan.crops)
+
+    def bench_items(self, size: BenchSize, text_lengths: list[int], image_tokens: int, seed: int = 0):
+        return synthetic_items(
+            text_lengths, image_tokens, size.vision.image_size, getattr(torch, size.dtype), seed=seed
+        )
+
+    def step_flops(
+        self, size: BenchSize, config: Any, parts, plan, split, *, samples, seq_len, logits_positions=None
+    ):
+        """:func:`~visionzip_core.families.clip_llama.llava_step_flops` of ``size``'s shapes, which must
+        be ``config``'s (the model measured)."""
+        text = LlamaShape.from_config(config.text_config)
+        if VisionTowerShape.from_config(config.vision_config) != size.vision or text != replace(
+            size.llm, head_dim=text.head_dim
+        ):
+            raise RuntimeError(f"{self.name}: the model's shapes differ from the FLOP model's ({size.name})")
+        return llava_step_flops(
+            size.vision,
+            size.llm,
+            parts,
+            num_images=samples,
+            batch=samples,
+            seq_len=seq_len,
+            image_tokens=plan.llm,
+            visionzip_split=split,
+            logits_positions=logits_positions,
+            crops_per_image=plan.crops,
+            projector_tokens_per_image=plan.projected,
+        )
+
+    def bench_size_from_config(self, config: Any, name: str) -> tuple[BenchSize, dict]:
+        vision = VisionTowerShape.from_config(config.vision_config)
+        llm = LlamaShape.from_config(config.text_config)
+        # The simulation's batches use llava-hf's token ids (<image> 32000, <pad> 32001); a smaller
+        # vocabulary (tiny test models) is simulated at LLaVA's 32064, which overstates its logits.
+        llm = replace(llm, vocab=max(llm.vocab, PAD_TOKEN_ID + 63))
+        size = BenchSize(name, vision, llm, batch_size=1, text_tokens=(0, 0), dtype="bfloat16", note=name)
+        # Stock = every patch (per crop for LLaVA-NeXT); the family's table where the tower matches it.
+        stock = vision.num_patches
+        known = self.bench_budgets
+        table = (
+            dict(known) if next(k for k, split in known.items() if split is None) == stock else {stock: None}
+        )
+        return size, table
 
     # --- loading ---------------------------------------------------------------------------------
     def load(self, path: str, check_files: bool = True, **from_pretrained_kwargs: Any) -> nn.Module:

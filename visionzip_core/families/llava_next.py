@@ -214,6 +214,7 @@ class LlavaNext(Llava15):
     processor_classes = ("LlavaNextProcessor",)
     model_types = ("llava_next",)
     assembles = False  # stage 1 of LLaVA-NeXT is LLaVA-1.5's: train it with the llava-1.5 family
+    reuses_stage1 = True
     count_depends_on_size = True
     aspect_ratios = ("anyres", "pad", "resize", "crop")  # anyres: tiled as llava-v1.6 trains
     # Benchmarks feed a square 672 px image: it picks the 2 x 2 tiling, so it is cut into 5 crops

@@ -52,8 +52,10 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import json
 import re
 import sys
+import tempfile
 import types
 from pathlib import Path
 from typing import Any
@@ -61,12 +63,14 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import (
+    AutoConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2_5_VLModel,
     Qwen2VLForConditionalGeneration,
     Qwen2VLModel,
 )
 from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 from transformers.vision_utils import get_vision_window_index
 
 from visionzip_core.algorithm import compress_in_place_order, select_by_scores
@@ -74,7 +78,8 @@ from visionzip_core.capture import resolve_feature_layer
 from visionzip_core.config import VisionZipConfig
 from visionzip_core.data.images import ImageLayout
 from visionzip_core.families.base import LORA_TARGETS, ImageTokenSelection, ModelFamily
-from visionzip_core.families.qwen_downloads import write_tiny_folder
+from visionzip_core.families.qwen_bench import QWEN_SIZES, qwen_step_flops, qwen_synthetic_batch
+from visionzip_core.families.qwen_downloads import qwen_preprocessor_config, write_tiny_folder
 from visionzip_core.families.qwen_processing import NativeResize, load_qwen_processor
 from visionzip_core.weight_checks import load_checked
 
@@ -753,7 +758,9 @@ class Qwen2_5VL(ModelFamily):
     templates = ("chat_template",)
     aspect_ratios = ("native", "pad")
     sample_formats = ("messages",)
-    bench_sizes = "qwen2.5-vl"
+    bench_sizes = QWEN_SIZES
+    bench_prompt_tokens = 2  # <|vision_start|> and <|vision_end|> around the image's tokens
+    tiny_budget = {"dominant_ratio": 0.5, "contextual_ratio": 0.1}
     # Benchmarks feed 448 x 448 px = 32 x 32 patches = 16 x 16 = 256 merged tokens (inside the
     # processor's default min/max pixels, so it is not resized).
     bench_image = (448, 448)
@@ -771,6 +778,132 @@ class Qwen2_5VL(ModelFamily):
     # contextual_ratio); 100 is the stock model. 70 = the authors' default (0.65 + 0.05), 50 = their
     # README's 0.45 + 0.05.
     bench_budgets = {100: None, 70: (0.65, 0.05), 50: (0.45, 0.05), 25: (0.20, 0.05)}
+
+    # --- benchmarks ------------------------------------------------------------------------------
+    def bench_config(self, size, tokenizer) -> Any:
+        """A ``qwen2_5_vl`` config of ``size``'s shapes with ``tokenizer``'s special ids."""
+        ids = {t: tokenizer.convert_tokens_to_ids(t) for t in self._BENCH_TOKENS}
+        text = {
+            **size.text,
+            "bos_token_id": ids["<|endoftext|>"],
+            "eos_token_id": ids["<|im_end|>"],
+            "pad_token_id": ids["<|endoftext|>"],
+        }
+        data = {
+            "model_type": self.model_types[0],
+            "text_config": text,
+            "vision_config": size.vision,
+            "image_token_id": ids["<|image_pad|>"],
+            "video_token_id": ids["<|video_pad|>"],
+            "vision_start_token_id": ids["<|vision_start|>"],
+            "vision_end_token_id": ids["<|vision_end|>"],
+            "vision_token_id": ids["<|vision_pad|>"],
+            "tie_word_embeddings": False,
+        }
+        return self.config_from_dict(data)
+
+    _BENCH_TOKENS = (
+        "<|endoftext|>",
+        "<|im_end|>",
+        "<|image_pad|>",
+        "<|video_pad|>",
+        "<|vision_start|>",
+        "<|vision_end|>",
+        "<|vision_pad|>",
+    )
+
+    def bench_processor(self, model: nn.Module, size, tokenizer):
+        """The family's processor class read from a folder as from a download: ``tokenizer`` and its
+        chat template, Qwen2.5-VL-7B-Instruct's image settings (min_pixels 56 x 56, max_pixels
+        28 x 28 x 16384, so a 448 px benchmark image keeps its size)."""
+        with tempfile.TemporaryDirectory() as folder:
+            out = Path(folder)
+            tokenizer.model_max_length = 32768
+            tokenizer.save_pretrained(out)
+            (out / "chat_template.jinja").unlink(missing_ok=True)
+            (out / "chat_template.json").write_text(json.dumps({"chat_template": tokenizer.chat_template}))
+            preprocessor = qwen_preprocessor_config(
+                56 * 56, 28 * 28 * 16384
+            )  # Qwen2.5-VL-7B-Instruct's bounds
+            (out / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2))
+            return self.load_processor(str(out))
+
+    def bench_messages(self, question: str) -> list[dict]:
+        return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+
+    def bench_batch(self, size, config: Any, plan: Any, device="cpu", seed: int = 0):
+        return qwen_synthetic_batch(size, config, plan.llm, device, seed=seed)
+
+    def step_flops(self, size, config: Any, parts, plan, split, *, samples, seq_len, logits_positions=None):
+        if logits_positions is not None:
+            raise NotImplementedError(f"{self.name}: the FLOP model counts training steps only")
+        return qwen_step_flops(
+            config, parts, num_images=samples, image_hw=size.image, seq_len=seq_len, image_tokens=plan.llm
+        )
+
+    def simulation_loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The training loss from the frozen tower's output on (:meth:`stand_in_vision`): the tower's
+        working set (``vision_working_set`` bytes) is allocated and freed first, as its forward would,
+        then the merger (trainable), the gather of the kept tokens, the scatter into the text
+        embeddings and the language model with its LM head and loss."""
+        inner = find_qwen_model(model)
+        input_ids = batch["input_ids"]
+        embeds = inner.get_input_embeddings()(input_ids)
+        working = torch.empty(batch["vision_working_set"], dtype=torch.uint8, device=embeds.device)
+        del working
+        features = inner.visual.merger(batch["vision_output"])
+        features = features.index_select(0, batch["kept_index"]).to(embeds.dtype)
+        image_positions = (input_ids == inner.config.image_token_id).unsqueeze(-1)
+        embeds = embeds.masked_scatter(image_positions, features)
+        return model(
+            inputs_embeds=embeds,
+            attention_mask=batch["attention_mask"],
+            position_ids=batch["position_ids"],
+            labels=batch["labels"],
+        ).loss
+
+    def stand_in_vision(
+        self, config: Any, batch: dict[str, torch.Tensor], plan: Any
+    ) -> dict[str, torch.Tensor]:
+        """Its tower's rotary and window indices come from CPU grid sizes, so the meta step starts
+        after the tower:
+
+        - ``vision_output``: ``(patches, vision_hidden)``, the frozen tower's output before the
+          merger (no gradient: the tower is frozen and pixels need none);
+        - ``kept_index``: ``(images * plan.llm,)`` rows of the merger's output the LLM receives
+          (compression gathers them; stock keeps every row);
+        - ``position_ids``: ``(3, B, S)`` M-RoPE positions (a plain count on each axis: the same
+          bytes as the image-aware ones, which need the grids on the CPU).
+        """
+        images, seq_len = batch["input_ids"].shape
+        merged = plan.projected  # merged tokens per image, all through the merger
+        per_image = torch.arange(plan.llm) * merged // plan.llm  # spread over the image, as selection is
+        kept = (torch.arange(images)[:, None] * merged + per_image[None]).reshape(-1)
+        pixels = batch["pixel_values"]
+        return {
+            "vision_output": torch.zeros(
+                pixels.shape[0], config.vision_config.hidden_size, dtype=pixels.dtype
+            ),
+            "kept_index": kept,
+            "position_ids": torch.arange(seq_len).view(1, 1, -1).expand(3, images, -1).contiguous(),
+        }
+
+    def vision_probe(self, config: Any, dtype: torch.dtype, attn_implementation: str) -> tuple:
+        """Its tower of these widths with two blocks (one windowed, one with full attention, the
+        two kinds it has), frozen, on one window of patches (a 112 px image). Blocks run one after
+        another without a graph, so two stand for all of them; the peak per patch is the same for
+        1, 4 or 16 windows (checked when this was written: 44,178 bytes per patch for the 7B's
+        widths in bf16 at 112, 224 and 448 px)."""
+        data = json.loads(config.vision_config.to_json_string())
+        data.update(depth=2, fullatt_block_indexes=[1])
+        vision = AutoConfig.for_model(**data)  # the vision config's own model_type
+        vision._attn_implementation = attn_implementation
+        tower = Qwen2_5_VisionTransformerPretrainedModel._from_config(vision, dtype=dtype)
+        tower.requires_grad_(False)
+        side = vision.window_size // vision.patch_size
+        width = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+        pixels = torch.zeros(side * side, width, dtype=dtype)
+        return tower, pixels, {"grid_thw": torch.tensor([[1, side, side]])}, side * side
 
     def prompt(
         self, processor, question: str, images: int, videos: int = 0, system: str | None = None

@@ -17,19 +17,16 @@ import torch
 from PIL import Image
 
 from visionzip_core.adapt import remove_visionzip, visionzip, visionzip_processor
+from visionzip_core.families import FAMILIES as REGISTERED
 from visionzip_core.families import family_for
 from visionzip_core.testing.host_syncs import count_cuda_syncs, count_host_syncs
 from visionzip_core.testing.tiny import write_tiny
 
-#: The families measured, by name.
-FAMILIES = ("llava-1.5", "llava-next", "qwen2.5-vl", "qwen2-vl")
-#: VisionZip's settings per family (fixed counts for CLIP towers, ratios for the any-size towers).
-SETTINGS = {
-    "llava-1.5": {"dominant": 20, "contextual": 6},
-    "llava-next": {"dominant": 20, "contextual": 6},
-    "qwen2.5-vl": {"dominant_ratio": 0.5, "contextual_ratio": 0.1},
-    "qwen2-vl": {"dominant_ratio": 0.5, "contextual_ratio": 0.1},
-}
+#: The families measured, by name: every registered family, on its tiny model.
+FAMILIES = tuple(f.name for f in REGISTERED)
+#: VisionZip's settings per family (``ModelFamily.tiny_budget``: fixed counts for a fixed-size
+#: tower, ratios for an any-size one).
+SETTINGS = {f.name: f.tiny_budget for f in REGISTERED}
 # (height, width) of the images, cycled over the rows.
 _SIZES = ((112, 168), (84, 56), (140, 112), (56, 84))
 
@@ -63,17 +60,9 @@ def load_tiny(family_name: str, folder: str | Path):
 def image_batch(family_name: str, processor, batch: int) -> dict:
     """``batch`` rows, one image each, padded on the left as for generation."""
     images = [_image(*_SIZES[i % len(_SIZES)], seed=i) for i in range(batch)]
-    if family_name.startswith("qwen"):
-        texts = [
-            processor.apply_chat_template(
-                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": f"What is {i}?"}]}],
-                tokenize=False,
-                add_generation_prompt=True,
-            )
-            for i in range(batch)
-        ]
-    else:
-        texts = [f"USER: <image>\nWhat is {i}? ASSISTANT:" for i in range(batch)]
+    family = family_for(family_name)
+    # The family's own first turn, without a system prompt.
+    texts = [family.prompt(processor, f"What is {i}?", 1, system="").lstrip() for i in range(batch)]
     processor.tokenizer.padding_side = "left"
     return dict(processor(text=texts, images=images, padding=True, return_tensors="pt"))
 

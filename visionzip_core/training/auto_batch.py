@@ -167,9 +167,13 @@ def _budget(settings, model) -> int:
     return tokens
 
 
-def text_lengths(lengths: list[int], image_tokens) -> list[int]:
+def text_lengths(lengths: list[int], image_tokens, image_size: tuple[int, int] | None) -> list[int]:
     """Text tokens per sample from the preflight's token lengths (image tokens included): one
-    image's count taken off (where the count depends on the size: a 672 px square's, the
-    LLaVA-NeXT benchmarks' picture)."""
-    count = image_tokens((672, 672)) if getattr(image_tokens, "per_size", False) else image_tokens()
+    image's count taken off (where the count depends on the size: ``image_size``'s, the family's
+    benchmark picture, ``ModelFamily.bench_image``; none taken off when it has none, so the text
+    errs long and the planned memory high)."""
+    if not getattr(image_tokens, "per_size", False):
+        count = image_tokens()
+    else:
+        count = 0 if image_size is None else image_tokens(image_size)
     return [max(0, n - count) for n in lengths]

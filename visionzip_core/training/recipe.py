@@ -295,7 +295,7 @@ def plan_auto_batch(settings: Settings, start: Start, train_set, image_tokens) -
     device = torch.cuda.current_device() if torch.cuda.is_available() else None
     memory = None if device is None else torch.cuda.get_device_properties(device).total_memory
     ds_json = json.loads(resolve_repo_path(settings.deepspeed.config).read_text())
-    lengths = auto_batch.text_lengths(train_set.lengths, image_tokens)
+    lengths = auto_batch.text_lengths(train_set.lengths, image_tokens, start.spec.family.bench_image)
     settings, line = auto_batch.resolve(
         settings, start.spec, lengths, dist.world_size(), memory, zero_stage(ds_json)
     )
