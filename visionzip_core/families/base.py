@@ -259,6 +259,12 @@ class ModelFamily(ABC):
         lm_head). Every supported family keeps its LLM under ``language_model``."""
         return [r"(?!.*language_model\.)[^.]+"]
 
+    def packing_refusal(self, config: Any) -> str | None:
+        """Why ``data.packing`` (samples packed in one row, 1-D positions restarting per sample)
+        cannot train this model, as the end of a one-line config error; None when it can. Video
+        families compute 3-D M-RoPE positions from a whole row, so they refuse it."""
+        return "M-RoPE positions per sample" if self.takes_video else None
+
     @abstractmethod
     def projector_modules(self) -> list[str]:
         """Module names of the projector (LoRA ``modules_to_save``; the projector-only export)."""
