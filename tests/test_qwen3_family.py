@@ -424,3 +424,38 @@ def test_the_download_folder_and_a_saved_model_reload_with_the_split(model, proc
     assert n == sum(VisionZipConfig(dominant_ratio=0.45, contextual_ratio=0.05).split_for(4 * 6))
     with torch.no_grad():
         torch.testing.assert_close(again(**second).logits, model(**first).logits)
+
+
+def test_training_data_lays_a_video_out_as_the_processor_does(model, processor):
+    """The data pipeline's encoder expands a video placeholder into the processor's layout (a
+    timestamp and a run per frame group, each with the group's compressed count): the ids of the
+    user turn are the processor's."""
+    from visionzip_core.data.encode import Encoder
+    from visionzip_core.data.templates import tokenizer_of
+    from visionzip_core.families import image_token_count, video_token_count
+
+    visionzip(model, dominant_ratio=0.4, contextual_ratio=0.2)
+    vz = VisionZipConfig(**model.config.visionzip)
+    adapted = visionzip_processor(processor, model.config)
+    frames = [_image(64, 128, 10 + i) for i in range(4)]
+    question = [{"type": "video"}, {"type": "text", "text": "What moves?"}]
+    text = adapted.apply_chat_template([{"role": "user", "content": question}], tokenize=False)
+    inputs = adapted(text=[text], videos=[frames], return_tensors="pt")
+    t, h, w = inputs["video_grid_thw"][0].tolist()
+    encoder = Encoder(
+        tokenizer=tokenizer_of(adapted),
+        template="chat_template",
+        image_token="<|image_pad|>",
+        image_tokens_per_image=image_token_count(model.config, vz),
+        model_max_length=512,
+        image_placement="keep",
+        video_token="<|video_pad|>",
+        video_tokens_per_video=video_token_count(model.config, vz),
+    )
+    turns = [("user", "<|video_pad|>What moves?"), ("assistant", "A dog.")]
+    ids, labels = encoder(turns, 0, [], video_sizes=[(2 * t, h * 16, w * 16)])
+    end = model.config.text_config.eos_token_id  # <|im_end|>: the user turn's end
+    expected = inputs["input_ids"][0].tolist()
+    user = expected[: expected.index(end) + 1]
+    assert ids[: len(user)] == user
+    assert sum(i == model.config.video_token_id for i in ids) == 2 * sum(vz.split_for(h * w // 4))

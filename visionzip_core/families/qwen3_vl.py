@@ -63,8 +63,15 @@ from transformers import (
 )
 
 from visionzip_core.config import VisionZipConfig
-from visionzip_core.families.qwen2_5_vl import PROJECTOR, Qwen2_5VL, compressed_count
+from visionzip_core.families.qwen2_5_vl import (
+    PROJECTOR,
+    Qwen2_5VL,
+    compressed_count,
+    merged_grid,
+    temporal_groups,
+)
 from visionzip_core.families.qwen_downloads import SPECIAL_TOKENS, write_shards, write_tokenizer_files
+from visionzip_core.families.qwen_processing import DEFAULT_FPS
 
 # The DeepStack mergers are projector modules too (they map tower features into the LLM's space).
 # PEFT wraps modules_to_save by name, and a wrapped ModuleList cannot be indexed, so each merger is
@@ -86,10 +93,14 @@ QWEN3_VL_CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
-# Qwen/Qwen3.5-9B's chat_template.jinja, reduced likewise: the same turns, and the generation prompt
-# opens a thinking block, or writes an empty one when ``enable_thinking=False`` (how its evaluation
-# prompt asks for a direct answer).
+# Qwen/Qwen3.5-9B's chat_template.jinja, reduced likewise: the same turns, an assistant turn opens
+# with its (here empty) thinking block, and the generation prompt opens a thinking block, or writes
+# the empty one when ``enable_thinking=False`` (how its evaluation prompt asks for a direct answer,
+# and a prefix of every rendered assistant turn, so replies are located as for Qwen3-VL).
 QWEN3_5_CHAT_TEMPLATE = QWEN3_VL_CHAT_TEMPLATE.replace(
+    "<|im_start|>{{ message['role'] }}\n",
+    "<|im_start|>{{ message['role'] }}\n{% if message['role'] == 'assistant' %}<think>\n\n</think>\n\n{% endif %}",
+).replace(
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
     "{% if add_generation_prompt %}<|im_start|>assistant\n"
     "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n"
@@ -146,6 +157,27 @@ class Qwen3VL(Qwen2_5VL):
         if vz is not None:
             processor.replace_video_token = types.MethodType(_replace_video_token, processor)
         return processor
+
+    def video_placeholder_text(
+        self, config: Any, vz: VisionZipConfig | None, video_size: tuple[int, int, int], video_token: str
+    ) -> str:
+        """As the processor lays a video out (``Qwen3VLProcessor.replace_video_token``): per frame
+        group its timestamp, then ``<|vision_start|>``, the group's count of ``video_token`` and
+        ``<|vision_end|>``. Timestamps as the torchvision-free processor gives them: frames taken as
+        sampled at :data:`~.qwen_processing.DEFAULT_FPS`, a group at the mean of its first and last
+        frame (``video_size`` counts the frames padded to whole groups, so an odd frame count's last
+        group reads a half frame later than the processor's)."""
+        frames, height, width = video_size
+        rows, cols = merged_grid(config.vision_config, (height, width))
+        per_group = rows * cols
+        if vz is not None:
+            per_group = sum(vz.split_for(per_group, f"a video of {height}x{width} px (height x width)"))
+        step = config.vision_config.temporal_patch_size
+        out = []
+        for group in range(temporal_groups(config.vision_config, frames)):
+            seconds = (group * step + group * step + step - 1) / 2 / DEFAULT_FPS
+            out.append(f"<{seconds:.1f} seconds><|vision_start|>{video_token * per_group}<|vision_end|>")
+        return "".join(out)
 
     # A tiny folder speaks the Qwen2-style tiny tokenizer with this family's chat template.
     chat_template = QWEN3_VL_CHAT_TEMPLATE
