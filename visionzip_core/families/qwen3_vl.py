@@ -94,17 +94,17 @@ QWEN3_VL_CHAT_TEMPLATE = (
 )
 
 # Qwen/Qwen3.5-9B's chat_template.jinja, reduced likewise: the same turns, an assistant turn opens
-# with its (here empty) thinking block, and the generation prompt opens a thinking block, or writes
-# the empty one when ``enable_thinking=False`` (how its evaluation prompt asks for a direct answer,
-# and a prefix of every rendered assistant turn, so replies are located as for Qwen3-VL).
+# with its (here empty) thinking block, and the generation prompt writes that empty block (thinking
+# off, how the evaluation prompt asks for a direct answer and how the replies are trained) unless
+# ``enable_thinking=True`` opens one. (The download's template opens a thinking block by default.)
 QWEN3_5_CHAT_TEMPLATE = QWEN3_VL_CHAT_TEMPLATE.replace(
     "<|im_start|>{{ message['role'] }}\n",
     "<|im_start|>{{ message['role'] }}\n{% if message['role'] == 'assistant' %}<think>\n\n</think>\n\n{% endif %}",
 ).replace(
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
     "{% if add_generation_prompt %}<|im_start|>assistant\n"
-    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n"
-    "{% else %}<think>\n{% endif %}{% endif %}",
+    "{% if enable_thinking is defined and enable_thinking %}<think>\n"
+    "{% else %}<think>\n\n</think>\n\n{% endif %}{% endif %}",
 )
 
 # min/max pixels of the tiny preprocessor configs (the real ones: 65536 and 16777216): 4 to 64
