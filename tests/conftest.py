@@ -71,8 +71,8 @@ def tiny_qwen2_vl_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def family_dirs(tiny_llava_dir, tiny_llava_next_dir, tmp_path_factory):
     """``{family: folder}``, each laid out as its download: the session's LLaVA-1.5 and LLaVA-NeXT
-    folders, and Qwen2-VL / Qwen2.5-VL with 2 vision blocks (seed 0), the size the training tests
-    run (built once here, not once per module)."""
+    folders, and Qwen2-VL / Qwen2.5-VL / Qwen3-VL / Qwen3.5 with 2-3 vision blocks (seed 0), the size
+    the training tests run (built once here, not once per module)."""
     from visionzip_core.testing.tiny import write_tiny
 
     root = tmp_path_factory.mktemp("family-dirs")
@@ -81,6 +81,9 @@ def family_dirs(tiny_llava_dir, tiny_llava_next_dir, tmp_path_factory):
         "llava-next": tiny_llava_next_dir,
         "qwen2-vl": write_tiny("qwen2-vl", root / "qwen2-vl", seed=0, vision_depth=2),
         "qwen2.5-vl": write_tiny("qwen2.5-vl", root / "qwen2.5-vl", seed=0, vision_depth=2),
+        # 3 blocks: DeepStack reads blocks 1 and 2, so two levels train and travel with the merger
+        "qwen3-vl": write_tiny("qwen3-vl", root / "qwen3-vl", seed=0, vision_depth=3),
+        "qwen3.5": write_tiny("qwen3.5", root / "qwen3.5", seed=0, vision_depth=2),
     }
 
 

@@ -36,8 +36,11 @@ def _picture(path: Path, h: int, w: int, seed: int) -> None:
 
 @pytest.fixture(scope="module")
 def qwen_data(tmp_path_factory):
+    return write_qwen_data(tmp_path_factory.mktemp("qwen-data"))
+
+
+def write_qwen_data(out: Path) -> Path:
     """Images of different sizes, one 4-frame video, one multi-turn and one text-only sample."""
-    out = tmp_path_factory.mktemp("qwen-data")
     images = out / "images"
     images.mkdir()
     sizes = [(97, 143), (300, 61), (112, 112), (60, 200)]

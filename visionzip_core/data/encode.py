@@ -179,6 +179,15 @@ class Encoder:
             self.plain_end,
             self.video_token,
         )
+        expanded = self._video_texts(video_sizes)
+        if expanded is not None:  # checked against the placeholders first, as for the repeat path
+            n_video = "".join(t for t, _ in pieces).count(self.video_token)
+            if n_video != len(video_sizes):
+                raise SampleError(
+                    "placeholder_mismatch",
+                    f"{n_video} {self.video_token} placeholder(s) for {len(video_sizes)} video(s)",
+                )
+            pieces = _expand_videos(pieces, self.video_token, expanded)
         text = "".join(t for t, _ in pieces)
         n_placeholders = text.count(self.image_token)
         if n_placeholders != n_images:
@@ -187,7 +196,9 @@ class Encoder:
                 f"{n_placeholders} {self.image_token} placeholder(s) for {n_images} image(s)",
             )
         n_video_placeholders = text.count(self.video_token) if self.video_token else 0
-        if n_video_placeholders != len(video_sizes):
+        if expanded is not None:
+            n_video_placeholders = len(video_sizes)  # each already expanded to its runs
+        elif n_video_placeholders != len(video_sizes):
             raise SampleError(
                 "placeholder_mismatch",
                 f"{n_video_placeholders} {self.video_token} placeholder(s) for {len(video_sizes)} video(s)",
@@ -216,15 +227,28 @@ class Encoder:
         is_video = np.zeros(len(ids), dtype=bool)
         if self.video_token is not None:
             is_video = ids == self.tokenizer.convert_tokens_to_ids(self.video_token)
-            if int(is_video.sum()) != n_video_placeholders:
+            if expanded is None and int(is_video.sum()) != n_video_placeholders:
                 raise ValueError(f"data: the tokenizer split {self.video_token!r} into several ids")
         trained = (covered[offsets[:, 1]] - covered[offsets[:, 0]]) > 0
         labels = np.where(trained & ~is_image & ~is_video, ids, IGNORE_INDEX)
         repeat = np.ones(len(ids), dtype=np.int64)
         repeat[is_image] = self.image_counts(n_images, image_sizes)
-        repeat[is_video] = self.video_counts(video_sizes)
+        if expanded is None:
+            repeat[is_video] = self.video_counts(video_sizes)
+        elif int(is_video.sum()) != sum(self.video_counts(video_sizes)):
+            raise ValueError(f"data: the expanded videos do not hold their {self.video_token!r} counts")
         ids, labels = np.repeat(ids, repeat), np.repeat(labels, repeat)
         return self._truncate(ids, labels, image_id, n_images + len(video_sizes))
+
+    def _video_texts(self, video_sizes) -> list[str] | None:
+        """Each video placeholder's expanded text when the model lays a video out as several runs
+        (``video_tokens_per_video.placeholder_text``), else None."""
+        expand = getattr(self.video_tokens_per_video, "placeholder_text", None)
+        if not video_sizes or self.video_token is None or expand is None:
+            return None
+        self.video_counts(video_sizes)  # a video too small for the budget is a bad sample, named
+        texts = [expand(tuple(size), self.video_token) for size in video_sizes]
+        return None if any(t is None for t in texts) else texts
 
     def _tokenize_whole(self, text: str) -> tuple[np.ndarray, np.ndarray]:
         """``(ids [T], offsets [T, 2])`` of the whole text, no special tokens added."""
@@ -297,6 +321,19 @@ class Encoder:
         if not (labels != IGNORE_INDEX).any():
             raise SampleError("too_long", f"no assistant reply within the first {limit} tokens")
         return ids.tolist(), labels.tolist()
+
+
+def _expand_videos(pieces: list, video_token: str, texts: list[str]) -> list:
+    """``pieces`` with the ``k``-th ``video_token`` (in order, across pieces) replaced by ``texts[k]``."""
+    out, k = [], 0
+    for text, is_reply in pieces:
+        parts = text.split(video_token)
+        joined = parts[0]
+        for part in parts[1:]:
+            joined += texts[k] + part
+            k += 1
+        out.append((joined, is_reply))
+    return out
 
 
 def _counted(count, size: tuple, what: str) -> int:

@@ -277,6 +277,21 @@ class ModelFamily(ABC):
         lm_head). Every supported family keeps its LLM under ``language_model``."""
         return [r"(?!.*language_model\.)[^.]+"]
 
+    def video_placeholder_text(
+        self, config: Any, vz: VisionZipConfig | None, video_size: tuple[int, int, int], video_token: str
+    ) -> str | None:
+        """The text a video placeholder becomes in training data, for a family whose processor lays a
+        video out as more than one run (Qwen3-VL: a timestamp and a run per frame group); it must hold
+        exactly ``compressed_tokens_per_video`` (or the stock count when ``vz`` is None) ``video_token``.
+        None (the default): the placeholder is repeated that many times."""
+        return None
+
+    def packing_refusal(self, config: Any) -> str | None:
+        """Why ``data.packing`` (samples packed in one row, 1-D positions restarting per sample)
+        cannot train this model, as the end of a one-line config error; None when it can. Video
+        families compute 3-D M-RoPE positions from a whole row, so they refuse it."""
+        return "M-RoPE positions per sample" if self.takes_video else None
+
     @abstractmethod
     def projector_modules(self) -> list[str]:
         """Module names of the projector (LoRA ``modules_to_save``; the projector-only export)."""

@@ -130,6 +130,14 @@ class VideoTokenCount(ImageTokenCount):
     def _compressed(family: Any, config: Any, vz: VisionZipConfig, size: tuple[int, ...] | None) -> int:
         return family.compressed_tokens_per_video(config, vz, size)
 
+    def placeholder_text(self, video_size: tuple[int, int, int], video_token: str) -> str | None:
+        """The text one video placeholder becomes before tokenising, when the family lays a video
+        out as more than one run of ``video_token`` (:meth:`ModelFamily.video_placeholder_text`);
+        None: the placeholder is repeated ``self(video_size)`` times."""
+        family, config = family_for(self.family), _config(self.family, self.config_json)
+        vz = None if self.vz_json is None else _settings(self.vz_json)
+        return family.video_placeholder_text(config, vz, tuple(int(x) for x in video_size), video_token)
+
 
 def video_token_count(model_config: Any, vz: VisionZipConfig | None = None) -> VideoTokenCount | None:
     """The :class:`VideoTokenCount` of a model config (None when its family takes no video)."""

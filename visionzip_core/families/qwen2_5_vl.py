@@ -71,6 +71,7 @@ from transformers import (
 )
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
 from transformers.vision_utils import get_vision_window_index
 
 from visionzip_core.algorithm import compress_in_place_order, select_by_scores
@@ -86,21 +87,29 @@ from visionzip_core.weight_checks import load_checked
 PROJECTOR = "merger"
 _ACTIVE = "_visionzip_active"
 _KEPT = "_visionzip_kept"
+# "frame_group" on an adapted inner model whose processor writes one video run per frame group.
+_VIDEO_RUNS = "_visionzip_video_runs"
+# True on an adapted inner model whose stock forward refuses input_ids with inputs_embeds.
+_EMBEDS_ONLY = "_visionzip_embeds_only"
+_IDS = "_visionzip_input_ids"
 # Query rows per chunk of the score computation: heads x chunk x segment floats at a time.
 _SCORE_CHUNK_ELEMENTS = 1 << 26
 
 
-def find_qwen_model(model: nn.Module) -> Qwen2_5_VLModel | Qwen2VLModel:
-    """The ``Qwen2_5_VLModel`` (or ``Qwen2VLModel``) inside ``model`` (itself, the
-    ForConditionalGeneration, or a PEFT wrapper)."""
+def find_qwen_model(
+    model: nn.Module, inner_classes: tuple[type, ...] = (Qwen2_5_VLModel, Qwen2VLModel)
+) -> Qwen2_5_VLModel | Qwen2VLModel:
+    """The inner model (one of ``inner_classes``, the families' ``*Model`` classes) inside ``model``:
+    itself, its ForConditionalGeneration (whose ``.model`` it is), or a PEFT wrapper of either."""
     inner = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
-    if isinstance(inner, (Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration)):
-        return inner.model
-    if isinstance(inner, (Qwen2_5_VLModel, Qwen2VLModel)):
+    if isinstance(inner, inner_classes):
         return inner
+    if isinstance(getattr(inner, "model", None), inner_classes):
+        return inner.model
+    names = ", ".join(c.__name__.replace("Model", "ForConditionalGeneration") for c in inner_classes)
     raise ValueError(
-        "visionzip: the qwen families take Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration "
-        f"or their inner models (optionally wrapped by peft); got {type(model).__name__}"
+        f"visionzip: this qwen family takes {names} or their inner models (optionally wrapped by peft); "
+        f"got {type(model).__name__}"
     )
 
 
@@ -213,9 +222,14 @@ def _vision_scores(
     grid_thw: torch.Tensor,
     host_grid: list[list[int]] | None = None,
 ):
-    """Run the stock tower once; return ``(merged (sum N, H), scores (sum N,), keys (sum N, Ck))``
+    """Run the stock tower once; return ``(merged (sum N, H * (1 + L)), scores (sum N,), keys (sum N, Ck))``
     per merged token in raster order (the merger's output order). ``host_grid``: ``grid_thw.tolist()``
-    when the caller already read it."""
+    when the caller already read it.
+
+    A tower with DeepStack (Qwen3-VL) also returns ``L`` per-level merger outputs with the same rows;
+    they are concatenated to the main merger output along the channels, so that one selection and
+    one merge (per-channel linear: target + mean of members) act on every level alike and
+    :func:`split_levels` takes them apart again. ``L = 0`` otherwise."""
     host_grid = grid_thw.tolist() if host_grid is None else host_grid
     visual = inner.visual
     unit = visual.spatial_merge_size**2
@@ -239,7 +253,7 @@ def _vision_scores(
     capture = _LastBlockCapture(visual.blocks[-1])
     try:
         capture.armed = True
-        merged = visual(pixel_values.type(visual.dtype), grid_thw=grid_thw, **tower_kwargs).pooler_output
+        merged = _stacked(visual(pixel_values.type(visual.dtype), grid_thw=grid_thw, **tower_kwargs))
         scores, keys = capture.scores_and_keys(_segment_bounds(host_grid))
     finally:
         capture.armed = False
@@ -249,6 +263,23 @@ def _vision_scores(
     if reverse is not None:
         scores, keys = scores[reverse], keys[reverse]
     return merged, scores, keys
+
+
+def _stacked(tower_output) -> torch.Tensor:
+    """``(sum N, H * (1 + L))``: the merger output and every DeepStack level's, side by side."""
+    levels = getattr(tower_output, "deepstack_features", None) or []
+    merged = tower_output.pooler_output
+    return torch.cat([merged, *levels], dim=-1) if levels else merged
+
+
+def deepstack_levels(inner: nn.Module) -> int:
+    """How many DeepStack levels the tower feeds the LLM (0 without DeepStack)."""
+    return len(getattr(inner.visual, "deepstack_merger_list", None) or ())
+
+
+def split_levels(features: torch.Tensor, levels: int) -> list[torch.Tensor]:
+    """``(n, H * (1 + L))`` -> ``[(n, H)] * (1 + L)``: the main features, then each DeepStack level."""
+    return list(features.chunk(1 + levels, dim=-1)) if levels else [features]
 
 
 def compress_vision(
@@ -359,8 +390,21 @@ def select_tokens(
 # --- the adapted model's methods ---------------------------------------------------------------------
 
 
-def _pooled(merged, features, kept, grid_thw, host_grid) -> BaseModelOutputWithPooling:
-    output = BaseModelOutputWithPooling(last_hidden_state=merged, pooler_output=tuple(features))
+def _encoder_output(merged, features, levels: int) -> BaseModelOutputWithPooling:
+    """The stock ``get_*_features`` output: ``pooler_output`` one tensor per item, and with DeepStack
+    ``deepstack_features`` one tuple per level of one tensor per item (same rows, same order)."""
+    if not levels:
+        return BaseModelOutputWithPooling(last_hidden_state=merged, pooler_output=tuple(features))
+    per_item = [split_levels(f, levels) for f in features]
+    return BaseModelOutputWithDeepstackFeatures(
+        last_hidden_state=split_levels(merged, levels)[0],
+        pooler_output=tuple(parts[0] for parts in per_item),
+        deepstack_features=[tuple(parts[1 + level] for parts in per_item) for level in range(levels)],
+    )
+
+
+def _pooled(merged, features, kept, grid_thw, host_grid, levels: int = 0) -> BaseModelOutputWithPooling:
+    output = _encoder_output(merged, features, levels)
     # Where each kept token stands travels with the features: generate computes them before its
     # first forward and hands them in as mm_encoder_outputs, and the positions need them.
     object.__setattr__(output, _KEPT, (kept, grid_thw, host_grid))
@@ -370,7 +414,7 @@ def _pooled(merged, features, kept, grid_thw, host_grid) -> BaseModelOutputWithP
 def _features(self: Qwen2_5_VLModel, pixel_values, grid_thw, kind: str, **kwargs):
     host_grid = grid_thw.tolist()
     features, kept, merged = compress_vision(self, pixel_values, grid_thw, kind, host_grid)
-    output = _pooled(merged, features, kept, grid_thw, host_grid)
+    output = _pooled(merged, features, kept, grid_thw, host_grid, deepstack_levels(self))
     return output if kwargs.get("return_dict", True) else output.to_tuple()
 
 
@@ -416,7 +460,9 @@ def _compressed_vision(self, pixel_values, image_grid_thw, pixel_values_videos, 
     for kind, count in kinds:
         span = slice(start, start + count)
         own_grid = image_grid_thw if kind == "image" else video_grid_thw
-        encoded[kind] = _pooled(merged, features[span], kept[span], own_grid, host_grid[span])
+        encoded[kind] = _pooled(
+            merged, features[span], kept[span], own_grid, host_grid[span], deepstack_levels(self)
+        )
         start += count
     return encoded
 
@@ -427,12 +473,12 @@ def _stock_vision(self, pixel_values, image_grid_thw, pixel_values_videos, video
     kinds, pixels, grid, host_grid = _vision_inputs(
         self, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw
     )
-    merged = self.visual(pixels, grid_thw=grid).pooler_output
+    merged = _stacked(self.visual(pixels, grid_thw=grid))
     merge = self.visual.spatial_merge_size**2
     per_item = torch.split(merged, [t * h * w // merge for t, h, w in host_grid])
     encoded, start = {}, 0
     for kind, count in kinds:
-        encoded[kind] = BaseModelOutputWithPooling(pooler_output=per_item[start : start + count])
+        encoded[kind] = _encoder_output(merged, per_item[start : start + count], deepstack_levels(self))
         start += count
     return encoded
 
@@ -482,6 +528,8 @@ def _visionzip_rope_index(
         if "video" in kept
         else ([] if video_grid_thw is None else video_grid_thw.tolist()),
     }
+    if getattr(self, _VIDEO_RUNS, None) == "frame_group":
+        grids[2], kept = _frame_group_runs(vz, merge, grids[2], kept)
     if second_per_grid_ts is None:
         seconds = [1.0] * len(grids[2])
     else:
@@ -556,6 +604,24 @@ def _visionzip_rope_index(
     return position_ids, deltas.unsqueeze(1)
 
 
+def _frame_group_runs(vz: VisionZipConfig, merge: int, grids: list, kept: dict) -> tuple[list, dict]:
+    """Videos as one placeholder run per frame group (Qwen3-VL, Qwen3.5: timestamps separate them):
+    ``(grids, kept)`` with each video's ``(t, h, w)`` split into ``t`` grids ``(1, h, w)`` and its
+    kept places into each group's own (indices within the group). Sizes come from the host grids;
+    the places are split on the device without reading them."""
+    group_grids, group_places = [], []
+    places = kept["video"][0] if "video" in kept else None
+    for index, (t, h, w) in enumerate(grids):
+        size = h * w // merge**2
+        count = sum(vz.split_for(size, f"video {index}"))
+        group_grids.extend([[1, h, w]] * t)
+        if places is not None:
+            group_places.extend(p - g * size for g, p in enumerate(places[index].split(count)))
+    if places is not None:
+        kept = {**kept, "video": (group_places, *kept["video"][1:])}
+    return group_grids, kept
+
+
 def _grid_positions(grid: list[int], merge: int, start: int, interval: float) -> torch.Tensor:
     """``(3, t * h * w / merge**2)`` stock (t, h, w) positions of one image or video's merged tokens,
     computed on the host from its grid (as ``get_vision_position_ids``)."""
@@ -604,9 +670,12 @@ def _visionzip_forward(
     decoding = past_key_values is not None and past_key_values.get_seq_length() > 0
     encoded = {kind: out for kind, out in (mm_encoder_outputs or {}).items() if out is not None}
 
+    given_embeds = inputs_embeds
+
     def run_stock(positions, encoder_outputs, embeds):
-        return stock(
+        return _call_stock(
             self,
+            stock,
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=positions,
@@ -632,7 +701,7 @@ def _visionzip_forward(
             inputs_embeds, position_ids = _with_blank_vision(
                 self, inputs_embeds, attention_mask, position_ids
             )
-        return run_stock(position_ids, None, inputs_embeds)
+        return run_stock(position_ids, None, given_embeds)
     if input_ids is None:
         raise ValueError(
             "visionzip: qwen2.5-vl needs input_ids with pixel values (the placeholder runs say where the "
@@ -675,6 +744,27 @@ def _visionzip_forward(
     return run_stock(position_ids, encoded, inputs_embeds)
 
 
+def _call_stock(self, stock, input_ids=None, inputs_embeds=None, **kwargs):
+    """``stock(self, ...)``; for a stock forward that takes input ids or embeddings but not both
+    (Qwen3-VL's, flagged :data:`_EMBEDS_ONLY`), the embeddings computed here go in alone and the ids
+    reach :func:`_placeholder_mask` on the side, so the placeholders are still found by id, without
+    another embedding call (under ZeRO-3 every rank must call the same modules)."""
+    if input_ids is None or inputs_embeds is None or not getattr(self, _EMBEDS_ONLY, False):
+        return stock(self, input_ids=input_ids, inputs_embeds=inputs_embeds, **kwargs)
+    self.__dict__[_IDS] = input_ids
+    try:
+        return stock(self, input_ids=None, inputs_embeds=inputs_embeds, **kwargs)
+    finally:
+        self.__dict__.pop(_IDS, None)
+
+
+def _placeholder_mask(self, input_ids, inputs_embeds, *args, **kwargs):
+    """``get_placeholder_mask`` reading the ids :func:`_call_stock` set aside."""
+    if input_ids is None:
+        input_ids = self.__dict__.get(_IDS)
+    return type(self).get_placeholder_mask(self, input_ids, inputs_embeds, *args, **kwargs)
+
+
 def _blank_image(self: Qwen2_5_VLModel, device: torch.device) -> dict[str, torch.Tensor]:
     """The smallest blank image one merge unit per side allows, as tower inputs: 2x2 merged tokens."""
     vision = self.config.vision_config
@@ -690,7 +780,8 @@ def _with_blank_vision(self, inputs_embeds, attention_mask, position_ids):
     uncompressed tower: the blank image may be smaller than the budget, and only the modules'
     participation matters here. Returns ``(inputs_embeds, position_ids)``."""
     blank = self._visionzip_blank_image(inputs_embeds.device)
-    merged = self.visual(blank["pixel_values"], grid_thw=blank["grid_thw"]).pooler_output
+    # Every DeepStack level too: its merger must get a (zero) gradient on a text-only rank as well.
+    merged = _stacked(self.visual(blank["pixel_values"], grid_thw=blank["grid_thw"]))
     inputs_embeds = inputs_embeds + merged.sum().to(inputs_embeds.dtype) * 0.0
     if position_ids is None:  # explicit text positions: a stale rope_deltas must not shift them
         batch, length = inputs_embeds.shape[:2]
@@ -742,6 +833,13 @@ class Qwen2_5VL(ModelFamily):
     model_types = ("qwen2_5_vl",)
     #: The class ``load`` and ``random_model`` build (its ``config_class`` reads config.json).
     model_class = Qwen2_5_VLForConditionalGeneration
+    #: The inner ``*Model`` classes :meth:`find_model` accepts (the adapter acts on the inner model).
+    inner_classes: tuple[type, ...] = (Qwen2_5_VLModel, Qwen2VLModel)
+    #: How the processor lays a video out: "video" = one placeholder run per video; "frame_group" =
+    #: one run per frame group, timestamps between them (Qwen3-VL's processor).
+    video_runs = "video"
+    #: Whether the inner model's stock forward refuses ``input_ids`` together with ``inputs_embeds``.
+    embeds_only = False
     image_token = "<|image_pad|>"
     video_token = "<|video_pad|>"
     lora_targets = LORA_TARGETS
@@ -998,8 +1096,17 @@ class Qwen2_5VL(ModelFamily):
         return getattr(config, "vision_config", config).depth
 
     # --- instance adaptation ---------------------------------------------------------------------
+    def find_model(self, model: nn.Module) -> nn.Module:
+        """The inner model the adapter acts on (see :func:`find_qwen_model`)."""
+        return find_qwen_model(model, self.inner_classes)
+
+    def _adapt_stock_call(self, inner: nn.Module) -> None:
+        if self.embeds_only:
+            setattr(inner, _EMBEDS_ONLY, True)
+            inner.get_placeholder_mask = types.MethodType(_placeholder_mask, inner)
+
     def check_supported(self, model: nn.Module) -> None:
-        find_qwen_model(model)
+        self.find_model(model)
 
     def check_settings(self, config: Any, vz: VisionZipConfig) -> None:
         depth = self.vision_layers(config)
@@ -1010,9 +1117,11 @@ class Qwen2_5VL(ModelFamily):
             )
 
     def apply(self, model: nn.Module, vz: VisionZipConfig) -> None:
-        inner = find_qwen_model(model)
+        inner = self.find_model(model)
         self.check_settings(inner.config, vz)
         setattr(inner, _ACTIVE, vz)
+        setattr(inner, _VIDEO_RUNS, self.video_runs)
+        self._adapt_stock_call(inner)
         inner.get_image_features = types.MethodType(_visionzip_get_image_features, inner)
         inner.get_video_features = types.MethodType(_visionzip_get_video_features, inner)
         inner.get_rope_index = types.MethodType(_visionzip_rope_index, inner)
@@ -1024,7 +1133,7 @@ class Qwen2_5VL(ModelFamily):
     ) -> list[ImageTokenSelection]:
         """Per image, its merged tokens (``rows x cols`` merge units of the resized picture, no CLS)
         as the adapted forward selects them; ``image_sizes`` the resized ``(H, W)`` of each image."""
-        inner = find_qwen_model(model)
+        inner = self.find_model(model)
         if getattr(inner, _ACTIVE, None) is None:
             raise ValueError(f"{self.name}: select_image_tokens needs a VisionZip-adapted model")
         if image_sizes is None:
@@ -1039,19 +1148,20 @@ class Qwen2_5VL(ModelFamily):
     ) -> list[list[ImageTokenSelection]]:
         """Per video, per temporal group (frame group), what the adapted forward keeps of it; each
         group's picture is its first frame."""
-        inner = find_qwen_model(model)
+        inner = self.find_model(model)
         if getattr(inner, _ACTIVE, None) is None:
             raise ValueError(f"{self.name}: select_video_tokens needs a VisionZip-adapted model")
         return select_tokens(inner, pixel_values_videos, video_grid_thw, "video")
 
     def remove(self, model: nn.Module) -> None:
-        inner = find_qwen_model(model)
-        for name in ("get_image_features", "get_video_features", "get_rope_index", "forward", _ACTIVE):
+        inner = self.find_model(model)
+        adapted = ("get_image_features", "get_video_features", "get_rope_index", "forward")
+        for name in (*adapted, "get_placeholder_mask", _ACTIVE, _VIDEO_RUNS, _EMBEDS_ONLY):
             inner.__dict__.pop(name, None)
         inner.__dict__.pop("_visionzip_graph", None)
 
     def configs(self, model: nn.Module) -> list[Any]:
-        inner = find_qwen_model(model)
+        inner = self.find_model(model)
         return list({id(c): c for c in (inner.config, getattr(model, "config", inner.config))}.values())
 
     def adapt_processor(self, processor, vz: VisionZipConfig | None, config: Any = None):
@@ -1080,15 +1190,16 @@ class Qwen2_5VL(ModelFamily):
         """As LLaVA's (see :meth:`Llava15.keep_vision_in_graph`): a text-only batch runs the tower and
         merger on one blank 56x56 image and adds its features times zero, so every rank calls the
         same modules in the same order and the merger always has a gradient."""
-        inner = find_qwen_model(model)
+        inner = self.find_model(model)
         if getattr(inner, _ACTIVE, None) is None:  # the stock model: adapt only the forward
             inner._visionzip_blank_image = types.MethodType(_blank_image, inner)
             inner.forward = types.MethodType(_stock_forward_keeping_graph, inner)
+            self._adapt_stock_call(inner)
         inner._visionzip_graph = True
 
     # --- training --------------------------------------------------------------------------------
     def module_group(self, param_name: str) -> str:
-        if f"visual.{PROJECTOR}" in param_name:
+        if any(f"visual.{name}" in param_name for name in self.projector_modules()):
             return "projector"
         if "visual." in param_name:
             return "vision"
@@ -1133,8 +1244,21 @@ def _stock_forward_keeping_graph(
             inputs_embeds, position_ids = _with_blank_vision(
                 self, inputs_embeds, attention_mask, position_ids
             )
-    return type(self).forward(
+    if mm_encoder_outputs is not None and position_ids is None and getattr(self, _EMBEDS_ONLY, False):
+        # The stock forward will see embeddings only: it cannot compute the 3-D positions itself.
+        types_ = kwargs.get("mm_token_type_ids")
+        position_ids = self.compute_3d_position_ids(
+            input_ids=input_ids,
+            inputs_embeds=inputs_embeds,
+            image_grid_thw=image_grid_thw,
+            video_grid_thw=video_grid_thw,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            mm_token_type_ids=token_types(self.config, input_ids) if types_ is None else types_,
+        )
+    return _call_stock(
         self,
+        type(self).forward,
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids,

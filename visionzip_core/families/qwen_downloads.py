@@ -133,6 +133,49 @@ def qwen2_vl_4x_vision(vision: dict) -> dict:
     }
 
 
+def write_shards(
+    out: Path,
+    state: dict[str, torch.Tensor],
+    vision_prefix: str,
+    pattern: str = "model-{:05d}-of-{:05d}.safetensors",
+) -> None:
+    """``state`` as two safetensors shards (vision keys first, as the real shards) named by
+    ``pattern``, plus ``model.safetensors.index.json``."""
+    names = sorted(state, key=lambda k: (not k.startswith(vision_prefix), k))
+    half = len(names) // 2
+    shards = {pattern.format(1, 2): names[:half], pattern.format(2, 2): names[half:]}
+    weight_map = {}
+    for file, keys in shards.items():
+        save_file({k: state[k] for k in keys}, out / file, metadata={"format": "pt"})
+        weight_map.update({k: file for k in keys})
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def write_tokenizer_files(
+    out: Path,
+    tokenizer: Any,
+    processor_class: str,
+    chat_template: str,
+    template_file: str = "chat_template.json",
+) -> None:
+    """The tokenizer files a Qwen download ships: ``tokenizer.json``, ``tokenizer_config.json`` (no
+    template inside), ``vocab.json`` + ``merges.txt``, and the chat template in ``template_file``
+    (``chat_template.json`` for the Qwen2/2.5/3-VL downloads, ``chat_template.jinja`` for Qwen3.5)."""
+    tokenizer.save_pretrained(out)
+    tokenizer.backend_tokenizer.model.save(str(out))  # vocab.json + merges.txt, as the download ships them
+    tok_config = json.loads((out / "tokenizer_config.json").read_text())
+    tok_config.pop("chat_template", None)
+    tok_config.update(tokenizer_class="Qwen2Tokenizer", processor_class=processor_class)
+    (out / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2))
+    (out / "chat_template.jinja").unlink(missing_ok=True)
+    if template_file.endswith(".json"):
+        (out / template_file).write_text(json.dumps({"chat_template": chat_template}, indent=2))
+    else:
+        (out / template_file).write_text(chat_template)
+
+
 def write_tiny_folder(
     family: Any, tokenizer: Any, out_dir: str | os.PathLike, seed: int = 0, vision_depth: int = 4
 ) -> Path:
@@ -176,19 +219,7 @@ def write_tiny_folder(
     model = family.random_model(config).eval()
 
     state = {_qwen_4x_key(k): v.detach().contiguous() for k, v in model.state_dict().items()}
-    names = sorted(state, key=lambda k: (not k.startswith("visual."), k))  # vision first, as the real shards
-    half = len(names) // 2
-    shards = {
-        "model-00001-of-00002.safetensors": names[:half],
-        "model-00002-of-00002.safetensors": names[half:],
-    }
-    weight_map = {}
-    for file, keys in shards.items():
-        save_file({k: state[k] for k in keys}, out / file, metadata={"format": "pt"})
-        weight_map.update({k: file for k in keys})
-    total = sum(t.numel() * t.element_size() for t in state.values())
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    write_shards(out, state, vision_prefix="visual.")
     generation = {
         "bos_token_id": token_ids["<|endoftext|>"],
         "pad_token_id": token_ids["<|endoftext|>"],
@@ -198,14 +229,7 @@ def write_tiny_folder(
     }
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2))
 
-    tokenizer.save_pretrained(out)
-    tokenizer.backend_tokenizer.model.save(str(out))  # vocab.json + merges.txt, as the download ships them
-    tok_config = json.loads((out / "tokenizer_config.json").read_text())
-    tok_config.pop("chat_template", None)  # the download keeps it in chat_template.json
-    tok_config.update(tokenizer_class="Qwen2Tokenizer", processor_class=processor_class)
-    (out / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2))
-    (out / "chat_template.jinja").unlink(missing_ok=True)
-    (out / "chat_template.json").write_text(json.dumps({"chat_template": chat_template}, indent=2))
+    write_tokenizer_files(out, tokenizer, processor_class, chat_template)
     preprocessor = qwen_preprocessor_config(TINY_QWEN_MIN_PIXELS, TINY_QWEN_MAX_PIXELS, processor_class)
     (out / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2))
     return out

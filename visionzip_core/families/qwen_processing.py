@@ -1,4 +1,4 @@
-"""Qwen2-VL / Qwen2.5-VL processors built without torchvision.
+"""Qwen2-VL / Qwen2.5-VL / Qwen3-VL (and Qwen3.5) processors built without torchvision.
 
 Why: transformers' ``Qwen2_5_VLProcessor`` wants a video processor, and the only one transformers
 ships for Qwen (``Qwen2VLVideoProcessor``) imports torchvision at module import, as does the default
@@ -50,6 +50,8 @@ import transformers as _hf
 from transformers.image_processing_backends import PilBackend
 from transformers.image_processing_utils import BatchFeature
 from transformers.image_utils import (
+    IMAGENET_STANDARD_MEAN,
+    IMAGENET_STANDARD_STD,
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
     PILImageResampling,
@@ -57,6 +59,7 @@ from transformers.image_utils import (
     load_image,
 )
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil, smart_resize
+from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize as qwen3_smart_resize
 from transformers.processing_utils import VideosKwargs
 from transformers.video_processing_utils import VideoProcessorMixin
 from transformers.video_utils import VideoMetadata
@@ -176,17 +179,29 @@ class FrameVideoProcessor(VideoProcessorMixin, PilBackend):
 
     # -- processing ---------------------------------------------------------------------------------
 
+    def frame_size(
+        self, num_frames: int, height: int, width: int, factor: int, min_pixels: int, max_pixels: int
+    ) -> tuple[int, int]:
+        """The resized ``(H', W')`` of every frame: Qwen2-VL bounds each frame's pixels on its own."""
+        return smart_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
+
     def resize(
-        self, image: np.ndarray, size: SizeDict, resample=None, factor: int = 28, **kwargs
+        self,
+        image: np.ndarray,
+        size: SizeDict,
+        resample=None,
+        factor: int = 28,
+        num_frames: int = 1,
+        **kwargs,
     ) -> np.ndarray:
-        """``(C, H, W)`` -> ``(C, H', W')`` with ``H', W'`` multiples of ``factor`` (Qwen's smart_resize)."""
+        """``(C, H, W)`` -> ``(C, H', W')`` with ``H', W'`` multiples of ``factor`` (:meth:`frame_size`)."""
         if not size.shortest_edge or not size.longest_edge:
             raise ValueError(
                 f"`size` must hold 'shortest_edge' and 'longest_edge' (min/max pixels), got {size}"
             )
         height, width = image.shape[-2:]
-        new_h, new_w = smart_resize(
-            height, width, factor=factor, min_pixels=size.shortest_edge, max_pixels=size.longest_edge
+        new_h, new_w = self.frame_size(
+            num_frames, height, width, factor, size.shortest_edge, size.longest_edge
         )
         return super().resize(image, size=SizeDict(height=new_h, width=new_w), resample=resample)
 
@@ -262,7 +277,13 @@ class FrameVideoProcessor(VideoProcessorMixin, PilBackend):
             processed = []
             for frame in arrays:  # per frame, exactly the image processor's steps and order
                 if kwargs["do_resize"]:
-                    frame = self.resize(frame, size, kwargs["resample"], factor=patch_size * merge_size)
+                    frame = self.resize(
+                        frame,
+                        size,
+                        kwargs["resample"],
+                        factor=patch_size * merge_size,
+                        num_frames=len(arrays),
+                    )
                 if kwargs["do_rescale"]:
                     frame = self.rescale(frame, kwargs["rescale_factor"])
                 if kwargs["do_normalize"]:
@@ -301,14 +322,36 @@ class FrameVideoProcessor(VideoProcessorMixin, PilBackend):
         patch_size = videos_kwargs.get("patch_size") or self.patch_size
         merge_size = videos_kwargs.get("merge_size") or self.merge_size
         temporal = videos_kwargs.get("temporal_patch_size") or self.temporal_patch_size
-        new_h, new_w = smart_resize(
-            height,
-            width,
-            patch_size * merge_size,
-            min_pixels=size["shortest_edge"],
-            max_pixels=size["longest_edge"],
+        new_h, new_w = self.frame_size(
+            num_frames, height, width, patch_size * merge_size, size["shortest_edge"], size["longest_edge"]
         )
         return -(-num_frames // temporal) * (new_h // patch_size) * (new_w // patch_size)
+
+
+class Qwen3FrameVideoProcessor(FrameVideoProcessor):
+    """:class:`FrameVideoProcessor` with ``Qwen3VLVideoProcessor``'s resize and defaults (Qwen3-VL,
+    Qwen3.5): the pixel budget bounds the whole clip (frames x height x width, transformers'
+    ``video_processing_qwen3_vl.smart_resize``), 16 px patches, mean/std 0.5."""
+
+    size = {"shortest_edge": 128 * 32 * 32, "longest_edge": 32 * 32 * 768}  # Qwen3VLVideoProcessor's
+    image_mean = IMAGENET_STANDARD_MEAN
+    image_std = IMAGENET_STANDARD_STD
+    patch_size = 16
+
+    def frame_size(
+        self, num_frames: int, height: int, width: int, factor: int, min_pixels: int, max_pixels: int
+    ) -> tuple[int, int]:
+        # Qwen3's resize refuses fewer frames than a temporal patch; the frames are padded to one anyway.
+        frames = max(int(num_frames), self.temporal_patch_size)
+        return qwen3_smart_resize(
+            frames,
+            height,
+            width,
+            self.temporal_patch_size,
+            factor,
+            min_pixels=min_pixels,
+            max_pixels=max_pixels,
+        )
 
 
 class _TorchvisionFreeCheck:
@@ -333,6 +376,24 @@ class Qwen2VLProcessor(_TorchvisionFreeCheck, _hf.Qwen2VLProcessor):
     """transformers' ``Qwen2VLProcessor``, constructible without torchvision (see the module doc)."""
 
 
+class Qwen3VLProcessor(_TorchvisionFreeCheck, _hf.Qwen3VLProcessor):
+    """transformers' ``Qwen3VLProcessor`` (Qwen3-VL and Qwen3.5), constructible without torchvision."""
+
+
+# The torchvision-free processor classes by name, and the video processor each takes.
+_PROCESSORS = {
+    "Qwen2_5_VLProcessor": (Qwen2_5_VLProcessor, FrameVideoProcessor),
+    "Qwen2VLProcessor": (Qwen2VLProcessor, FrameVideoProcessor),
+    "Qwen3VLProcessor": (Qwen3VLProcessor, Qwen3FrameVideoProcessor),
+}
+# config.json model_type -> the processor class its download uses when the folder does not name one.
+_PROCESSOR_OF_TYPE = {
+    "qwen2_vl": "Qwen2VLProcessor",
+    "qwen3_vl": "Qwen3VLProcessor",
+    "qwen3_5": "Qwen3VLProcessor",
+}
+
+
 # -- loading ----------------------------------------------------------------------------------------
 
 
@@ -348,24 +409,24 @@ def _settings(config: dict) -> dict:
 
 
 def _processor_class(folder: Path, processor_class, configs: list[dict]):
-    classes = {"Qwen2_5_VLProcessor": Qwen2_5_VLProcessor, "Qwen2VLProcessor": Qwen2VLProcessor}
+    classes = {name: pair[0] for name, pair in _PROCESSORS.items()}
     if processor_class is None:
         named = [c.get("processor_class") for c in configs if c.get("processor_class")]
         if named:
             processor_class = named[0]
         elif (folder / "config.json").is_file():
             model_type = _read_json(folder / "config.json").get("model_type")
-            processor_class = "Qwen2VLProcessor" if model_type == "qwen2_vl" else "Qwen2_5_VLProcessor"
+            processor_class = _PROCESSOR_OF_TYPE.get(model_type, "Qwen2_5_VLProcessor")
         else:
             processor_class = "Qwen2_5_VLProcessor"
     if isinstance(processor_class, str):
         if processor_class not in classes:
             raise QwenProcessorFilesError(
-                f"{folder}: processor_class {processor_class!r} is not a Qwen2-VL / Qwen2.5-VL processor "
+                f"{folder}: processor_class {processor_class!r} is not a Qwen-VL processor "
                 f"(expected one of {sorted(classes)})"
             )
         processor_class = classes[processor_class]
-    elif processor_class in (_hf.Qwen2_5_VLProcessor, _hf.Qwen2VLProcessor):
+    elif processor_class in (_hf.Qwen2_5_VLProcessor, _hf.Qwen2VLProcessor, _hf.Qwen3VLProcessor):
         processor_class = classes[processor_class.__name__]  # the library class itself cannot take ours
     return processor_class
 
@@ -422,7 +483,8 @@ def load_qwen_processor(path: str | os.PathLike, processor_class=None):
     cls = _processor_class(folder, processor_class, [processor_config, image_config])
 
     image_processor = Qwen2VLImageProcessorPil.from_dict(_settings(image_config))
-    video_processor = FrameVideoProcessor.from_dict(_settings(video_config))
+    videos = (pair[1] for pair in _PROCESSORS.values() if issubclass(cls, pair[0]))
+    video_processor = next(videos, FrameVideoProcessor).from_dict(_settings(video_config))
     tokenizer = AutoTokenizer.from_pretrained(folder)
     chat_template = _chat_template(folder) or getattr(tokenizer, "chat_template", None)
     return cls(

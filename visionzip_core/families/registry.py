@@ -12,10 +12,16 @@ from visionzip_core.families.base import ModelFamily
 from visionzip_core.families.llava import Llava15
 from visionzip_core.families.llava_next import LlavaNext
 from visionzip_core.families.qwen2_5_vl import Qwen2_5VL, Qwen2VL
+from visionzip_core.families.qwen3_vl import Qwen3_5, Qwen3VL
 
-FAMILIES: tuple[ModelFamily, ...] = (Llava15(), LlavaNext(), Qwen2_5VL(), Qwen2VL())
+FAMILIES: tuple[ModelFamily, ...] = (Llava15(), LlavaNext(), Qwen2_5VL(), Qwen2VL(), Qwen3VL(), Qwen3_5())
 
-_BY_CLASS = {cls: family for family in FAMILIES for cls in (*family.model_classes, *family.processor_classes)}
+# A processor class two families share (Qwen3.5 ships Qwen3-VL's) maps to the first registered; the
+# families that share one adapt it alike.
+_BY_CLASS: dict[str, ModelFamily] = {}
+for _family in FAMILIES:
+    for _cls in (*_family.model_classes, *_family.processor_classes):
+        _BY_CLASS.setdefault(_cls, _family)
 _BY_TYPE = {t: family for family in FAMILIES for t in family.model_types}
 _BY_NAME = {family.name: family for family in FAMILIES}
 

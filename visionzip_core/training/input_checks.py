@@ -44,7 +44,7 @@ def check_inputs(
         if tower is not None and data is not None:
             problems += _template_fits(data, tower[0])
             problems += _aspect_ratio_fits(data, tower[0], train.mode)
-            problems += _packing_fits(data, tower[0])
+            problems += _packing_fits(data, *tower)
     if train is not None:
         warnings += _no_effect(sections, raw)
     return problems, warnings
@@ -159,13 +159,11 @@ def _no_stage1(config) -> str | None:
     )
 
 
-def _packing_fits(data, family) -> list[str]:
-    """Packing restarts 1-D position ids per sample; a video model (qwen2.5-vl) computes 3-D M-RoPE
-    positions from each row's ``input_ids`` as one sequence, so samples packed in one row would get
-    the wrong positions (and its text-only fast path would attend across them)."""
-    if not data.packing or not family.takes_video:
-        return []
-    return [f"data.packing: not supported for {family.name} (M-RoPE positions per sample)"]
+def _packing_fits(data, family, config) -> list[str]:
+    """Packing restarts 1-D position ids per sample; a family that cannot keep packed samples apart
+    says why (:meth:`~visionzip_core.families.ModelFamily.packing_refusal`)."""
+    reason = family.packing_refusal(config) if data.packing else None
+    return [] if reason is None else [f"data.packing: not supported for {family.name} ({reason})"]
 
 
 def _template_fits(data, family) -> list[str]:
