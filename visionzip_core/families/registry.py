@@ -11,9 +11,10 @@ from typing import Any
 from visionzip_core.families.base import ModelFamily
 from visionzip_core.families.llava import Llava15
 from visionzip_core.families.llava_next import LlavaNext
+from visionzip_core.families.llava_onevision import LlavaOnevision
 from visionzip_core.families.qwen2_5_vl import Qwen2_5VL, Qwen2VL
 
-FAMILIES: tuple[ModelFamily, ...] = (Llava15(), LlavaNext(), Qwen2_5VL(), Qwen2VL())
+FAMILIES: tuple[ModelFamily, ...] = (Llava15(), LlavaNext(), Qwen2_5VL(), Qwen2VL(), LlavaOnevision())
 
 _BY_CLASS = {cls: family for family in FAMILIES for cls in (*family.model_classes, *family.processor_classes)}
 _BY_TYPE = {t: family for family in FAMILIES for t in family.model_types}
