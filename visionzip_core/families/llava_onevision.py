@@ -707,6 +707,9 @@ class LlavaOnevision(LlavaNext):
             "processor_class": "LlavaOnevisionProcessor",
             "video_token": "<video>",
             "vision_feature_select_strategy": "full",
+            # The download leaves it out (the class default, anyres_max_9, is its model's); the tiny
+            # model's differs, and the stock processor must count as its model packs.
+            "vision_aspect_ratio": config_4x["vision_aspect_ratio"],
         }
         (out / "processor_config.json").write_text(json.dumps(processor_config, indent=2))
         return out
