@@ -381,6 +381,8 @@ class LlavaOnevision(LlavaNext):
     data_defaults = {"template": "chat_template", "image_aspect_ratio": "anyres"}
     templates = ("chat_template",)
     tiny_tokenizer = "qwen2-bpe"
+    # No benchmark sizes or memory-simulation model yet (the FLOP model and sizes are LLaVA's and Qwen's).
+    bench_sizes = None
     bench_image = None
     bench_budgets = {}
     simulation = None
