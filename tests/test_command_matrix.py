@@ -27,7 +27,7 @@ from test_train_e2e import REPO, _cmd, _env
 
 pytestmark = pytest.mark.slow
 
-FAMILIES = ("llava-1.5", "llava-next", "qwen2-vl", "qwen2.5-vl")
+FAMILIES = ("llava-1.5", "llava-next", "qwen2-vl", "qwen2.5-vl", "llava-onevision")
 SIZES = [(97, 143), (300, 61), (112, 112), (60, 200), (150, 90)]
 
 

@@ -29,11 +29,9 @@ POOLED = 16  # a video frame after the stock 2x2 pooling: ceil(8 / 2) ** 2
 D, K = 7, 3  # dominant and contextual tokens per crop (and per video frame)
 
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    from visionzip_core.testing.tiny import write_tiny
-
-    return write_tiny("llava-onevision", tmp_path_factory.mktemp("tiny-onevision") / "model")
+@pytest.fixture
+def folder(tiny_llava_onevision_dir):
+    return tiny_llava_onevision_dir
 
 
 @pytest.fixture
@@ -56,7 +54,8 @@ def noise_video(frames: int, seed: int = 0) -> list[Image.Image]:
 
 
 def prompt(processor, images: int = 1, videos: int = 0, question: str = "What is here?") -> str:
-    return family_for("llava-onevision").prompt(processor, question, images, videos)
+    content = [{"type": "image"}] * images + [{"type": "video"}] * videos + [{"type": "text", "text": question}]
+    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
 
 
 # --- the rule against an eager reference written with loops -------------------------------------------

@@ -378,7 +378,7 @@ class LlavaOnevision(LlavaNext):
     default_budget = {"dominant": 54, "contextual": 10, "feature_layer": -1}
     uses_chat_template = True
     # Trained on its chat template (Qwen2's ChatML), each image tiled by its own processor.
-    data_defaults = {"template": "chat_template", "image_aspect_ratio": "anyres"}
+    data_defaults = {"template": "chat_template", "image_placement": "keep", "image_aspect_ratio": "anyres"}
     templates = ("chat_template",)
     tiny_tokenizer = "qwen2-bpe"
     # No benchmark sizes or memory-simulation model yet (the FLOP model and sizes are LLaVA's and Qwen's).
@@ -388,8 +388,11 @@ class LlavaOnevision(LlavaNext):
     simulation = None
 
     def prompt(self, processor, question: str, images: int, videos: int = 0, system: str | None = None) -> str:
-        """The first user turn rendered by the processor's chat template, with the generation prompt."""
-        return Qwen2_5VL.prompt(self, processor, question, images, videos, system)
+        """The first user turn rendered by the processor's chat template, with the generation prompt
+        (images only: the commands and the trainer feed this family no videos)."""
+        if videos:
+            raise ValueError(f"{self.name} takes images only in the commands; pass videos to visionzip_processor")
+        return Qwen2_5VL.prompt(self, processor, question, images, 0, system)
 
     # --- loading ---------------------------------------------------------------------------------
     def load(self, path: str, check_files: bool = True, **from_pretrained_kwargs: Any) -> nn.Module:
