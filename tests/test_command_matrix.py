@@ -113,9 +113,11 @@ def family_overrides(name: str, model_dir: Path, data: Path, out: Path) -> list[
             "data.template=chat_template",
         ]
         if name.startswith("qwen")
+        else ["data.template=chat_template"]
+        if name == "llava-onevision"
         else []
     )
-    aspect = ["data.image_aspect_ratio=anyres"] if name == "llava-next" else []
+    aspect = ["data.image_aspect_ratio=anyres"] if name in ("llava-next", "llava-onevision") else []
     return [
         f"model.name_or_path={model_dir}",
         f"train.output_dir={out}",
