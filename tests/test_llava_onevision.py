@@ -54,7 +54,9 @@ def noise_video(frames: int, seed: int = 0) -> list[Image.Image]:
 
 
 def prompt(processor, images: int = 1, videos: int = 0, question: str = "What is here?") -> str:
-    content = [{"type": "image"}] * images + [{"type": "video"}] * videos + [{"type": "text", "text": question}]
+    content = (
+        [{"type": "image"}] * images + [{"type": "video"}] * videos + [{"type": "text", "text": question}]
+    )
     return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
 
 
@@ -139,9 +141,7 @@ def test_each_crop_matches_the_eager_reference_and_the_layout(folder, model, pro
     torch.testing.assert_close(ours[0], expected, atol=1e-5, rtol=1e-4)
     # The test can fail: a CLS-style ranking (the row of token 0) picks other patches.
     cls_row = eager.model.vision_tower(pixel_values, output_attentions=True).attentions[-1][:, :, 0].sum(1)
-    assert any(
-        sorted(cls_row[c].topk(D).indices.tolist()) != dominants[c] for c in range(crops)
-    )
+    assert any(sorted(cls_row[c].topk(D).indices.tolist()) != dominants[c] for c in range(crops))
 
 
 # --- keeping every token is the stock model ----------------------------------------------------------
@@ -156,7 +156,9 @@ def test_keep_all_is_the_stock_model_for_several_images_and_a_video(model, proce
     video_batch = processor(videos=[noise_video(3)], text=[prompt(processor, 0, 1)], return_tensors="pt")
     with torch.no_grad():
         stock = [model(**b).logits for b in (stock_batch, video_batch)]
-        stock_gen = [model.generate(**b, max_new_tokens=5, do_sample=False) for b in (stock_batch, video_batch)]
+        stock_gen = [
+            model.generate(**b, max_new_tokens=5, do_sample=False) for b in (stock_batch, video_batch)
+        ]
     visionzip(model, dominant=PATCHES, contextual=0, feature_layer=-1)
     visionzip_processor(processor, model.config)
     ours_batch = processor(images=[images], text=[text], return_tensors="pt")
@@ -252,7 +254,9 @@ def test_multi_image_sample_and_video_compressed(model, processor):
     first = noise_image(90, 50, 6)
     logits = []
     for seed in (7, 8):
-        batch = processor(images=[[first, noise_image(50, 90, seed)]], text=[prompt(processor, 2)], return_tensors="pt")
+        batch = processor(
+            images=[[first, noise_image(50, 90, seed)]], text=[prompt(processor, 2)], return_tensors="pt"
+        )
         assert int((batch["input_ids"] == model.config.image_token_id).sum()) == 2 * (D + K + 1)
         with torch.no_grad():
             logits.append(model(**batch).logits[0, -1])
@@ -260,7 +264,12 @@ def test_multi_image_sample_and_video_compressed(model, processor):
     video = processor(videos=[noise_video(4, 1)], text=[prompt(processor, 0, 1)], return_tensors="pt")
     assert video["pixel_values_videos"].shape == (1, 4, 3, 64, 64)
     assert int((video["input_ids"] == model.config.video_token_id).sum()) == 4 * (D + K) + 1
-    assert family_for(model).compressed_tokens_per_video(model.config, VisionZipConfig(dominant=D, contextual=K), (4, 48, 80)) == 4 * (D + K) + 1
+    assert (
+        family_for(model).compressed_tokens_per_video(
+            model.config, VisionZipConfig(dominant=D, contextual=K), (4, 48, 80)
+        )
+        == 4 * (D + K) + 1
+    )
     with torch.no_grad():
         out = model.generate(**video, max_new_tokens=3, do_sample=False)
     assert out.shape[1] == video["input_ids"].shape[1] + 3
@@ -281,9 +290,13 @@ def test_video_frames_follow_the_rule_on_pooled_tokens(model, processor):
         tower = inner.vision_tower(frames, output_hidden_states=True)
         stock = inner.apply_pooling(inner.multi_modal_projector(tower.hidden_states[-1]))
         _, scores, keys = capture_received_attention(inner.vision_tower, frames, -1)
-        grid = lambda x: torch.nn.functional.interpolate(  # noqa: E731
-            x.view(2, SIDE, SIDE, -1).permute(0, 3, 1, 2), size=[4, 4], mode="bilinear"
-        ).permute(0, 2, 3, 1).reshape(2, POOLED, -1)
+        grid = lambda x: (
+            torch.nn.functional.interpolate(  # noqa: E731
+                x.view(2, SIDE, SIDE, -1).permute(0, 3, 1, 2), size=[4, 4], mode="bilinear"
+            )
+            .permute(0, 2, 3, 1)
+            .reshape(2, POOLED, -1)
+        )
         selection = select_by_scores(grid(scores[..., None])[..., 0], grid(keys), D, K)
         expected = compress_selected(stock, selection).reshape(1, -1, 64)
     assert ours.shape == (1, 2 * (D + K) + 1, 64)
@@ -296,8 +309,16 @@ def test_video_frames_follow_the_rule_on_pooled_tokens(model, processor):
 
 def test_visionzip_and_load_visionzip_processor_on_the_download_layout(folder, tmp_path):
     files = {p.name for p in folder.iterdir()}
-    assert {"config.json", "model.safetensors.index.json", "chat_template.json", "preprocessor_config.json",
-            "processor_config.json", "added_tokens.json", "vocab.json", "merges.txt"} <= files
+    assert {
+        "config.json",
+        "model.safetensors.index.json",
+        "chat_template.json",
+        "preprocessor_config.json",
+        "processor_config.json",
+        "added_tokens.json",
+        "vocab.json",
+        "merges.txt",
+    } <= files
     assert (folder / "video_processor" / "preprocessor_config.json").is_file()
     raw = json.loads((folder / "config.json").read_text())
     assert "image_token_index" in raw and "torch_dtype" in raw["text_config"]
@@ -309,12 +330,16 @@ def test_visionzip_and_load_visionzip_processor_on_the_download_layout(folder, t
     processor = load_visionzip_processor(str(folder), model.config)
     image = noise_image(100, 60, 9)
     batch = processor(images=[image], text=[prompt(processor)], return_tensors="pt")
-    assert int((batch["input_ids"] == model.config.image_token_id).sum()) == crops_per_image(model.config, (100, 60)) * (D + K)
+    assert int((batch["input_ids"] == model.config.image_token_id).sum()) == crops_per_image(
+        model.config, (100, 60)
+    ) * (D + K)
     model.save_pretrained(tmp_path)
     processor.save_pretrained(tmp_path)
     loaded = load_visionzip_model(tmp_path).eval()
     again = load_visionzip_processor(tmp_path)
-    assert torch.equal(again(images=[image], text=[prompt(again)], return_tensors="pt")["input_ids"], batch["input_ids"])
+    assert torch.equal(
+        again(images=[image], text=[prompt(again)], return_tensors="pt")["input_ids"], batch["input_ids"]
+    )
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits)
 
@@ -325,14 +350,31 @@ def test_bad_input_is_one_clear_line(model, processor, tmp_path):
             call()
         assert "\n" not in str(err.value)
 
-    one_line(r"dominant \+ contextual = 70 exceeds the 64 tokens", lambda: visionzip(model, dominant=60, contextual=10, feature_layer=-1))
-    one_line(r"feature_layer=-2 differs from model.config.vision_feature_layer=-1", lambda: visionzip(model, dominant=D, contextual=K, feature_layer=-2))
-    one_line("takes counts per crop", lambda: visionzip(model, dominant_ratio=0.4, contextual_ratio=0.1, feature_layer=-1))
+    one_line(
+        r"dominant \+ contextual = 70 exceeds the 64 tokens",
+        lambda: visionzip(model, dominant=60, contextual=10, feature_layer=-1),
+    )
+    one_line(
+        r"feature_layer=-2 differs from model.config.vision_feature_layer=-1",
+        lambda: visionzip(model, dominant=D, contextual=K, feature_layer=-2),
+    )
+    one_line(
+        "takes counts per crop",
+        lambda: visionzip(model, dominant_ratio=0.4, contextual_ratio=0.1, feature_layer=-1),
+    )
     visionzip(model, dominant=20, contextual=5, feature_layer=-1)
     visionzip_processor(processor, model.config)
-    one_line(r"a video frame \(16 tokens after the 2x2 pooling\)", lambda: processor(videos=[noise_video(2)], text=[prompt(processor, 0, 1)]))
+    one_line(
+        r"a video frame \(16 tokens after the 2x2 pooling\)",
+        lambda: processor(videos=[noise_video(2)], text=[prompt(processor, 0, 1)]),
+    )
     visionzip(model, dominant=D, contextual=K, feature_layer=-1)
     visionzip_processor(processor, model.config)
-    one_line("Found total 2 <image> tokens and 1 images", lambda: processor(images=[noise_image(64, 64)], text=[prompt(processor, images=2)]))
+    one_line(
+        "Found total 2 <image> tokens and 1 images",
+        lambda: processor(images=[noise_image(64, 64)], text=[prompt(processor, images=2)]),
+    )
     (tmp_path / "processor_config.json").write_text("{}")
-    one_line("missing preprocessor_config.json", lambda: load_visionzip_processor(str(tmp_path), model.config))
+    one_line(
+        "missing preprocessor_config.json", lambda: load_visionzip_processor(str(tmp_path), model.config)
+    )

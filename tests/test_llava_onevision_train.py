@@ -36,7 +36,12 @@ def runs(tiny_llava_onevision_dir, tmp_path_factory):
         overrides = [o for o in overrides if not o.startswith(("train.mode=", "eval.", "data.val="))]
         overrides += ["data.val=[]", *extra]
         started[mode] = subprocess.Popen(
-            _cmd("python", overrides), cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            _cmd("python", overrides),
+            cwd=REPO,
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
     out = {}
     for mode, proc in started.items():

@@ -78,7 +78,13 @@ from visionzip_core.capture import resolve_feature_layer
 from visionzip_core.config import VisionZipConfig
 from visionzip_core.families.base import ImageTokenSelection
 from visionzip_core.families.llava import _forward_with_vision_in_graph, active_settings
-from visionzip_core.families.llava_next import LlavaNext, _blank_image, crops_per_image, layout_image, tile_grid
+from visionzip_core.families.llava_next import (
+    LlavaNext,
+    _blank_image,
+    crops_per_image,
+    layout_image,
+    tile_grid,
+)
 from visionzip_core.families.onevision_processing import (
     LlavaOnevisionProcessor,
     OnevisionVideoProcessor,
@@ -156,7 +162,9 @@ def capture_received_attention(
         for handle in handles:
             handle.remove()
     if "q" not in seen or "k" not in seen:
-        raise RuntimeError("visionzip: the feature layer did not call self_attn.q_proj/k_proj; unsupported tower")
+        raise RuntimeError(
+            "visionzip: the feature layer did not call self_attn.q_proj/k_proj; unsupported tower"
+        )
     batch, tokens, _ = hidden.shape
     heads, dim = attn.num_heads, attn.head_dim
     with torch.no_grad():
@@ -195,7 +203,8 @@ def image_crops(config: Any, image_sizes: Any, batch_num_images: Any = None) -> 
     anyres tiling for an image alone in its sample (``batch_num_images`` None: every image), one
     padded-to-square crop for an image of a sample with several (the stock rule)."""
     sizes = [
-        tuple(int(v) for v in s) for s in (image_sizes.tolist() if torch.is_tensor(image_sizes) else image_sizes)
+        tuple(int(v) for v in s)
+        for s in (image_sizes.tolist() if torch.is_tensor(image_sizes) else image_sizes)
     ]
     if batch_num_images is None:
         tiled = [True] * len(sizes)
@@ -239,7 +248,9 @@ def _visionzip_get_image_features(
         else:
             grid = tile_grid(self.config, size)
             part = slice(start, start + n)
-            features.append(layout_image(compressed[part], selection.dominant[part], grid, side, vz, cls=False))
+            features.append(
+                layout_image(compressed[part], selection.dominant[part], grid, side, vz, cls=False)
+            )
         start += n
     output = BaseModelOutputWithPooling(last_hidden_state=hidden, pooler_output=features)
     return output if return_dict else output.to_tuple()
@@ -273,7 +284,9 @@ def _visionzip_get_video_features(
     pooled, selection = _video_selection(self, pixel_values_videos.flatten(0, 1), vz)
     tokens = compress_selected(pooled, selection, vz.merge).reshape(videos, -1, pooled.shape[-1])
     newline = self.image_newline[None, None].expand(videos, 1, -1).to(tokens.dtype)
-    output = BaseModelOutputWithPooling(last_hidden_state=pooled, pooler_output=torch.cat([tokens, newline], dim=1))
+    output = BaseModelOutputWithPooling(
+        last_hidden_state=pooled, pooler_output=torch.cat([tokens, newline], dim=1)
+    )
     return output if return_dict else output.to_tuple()
 
 
@@ -291,7 +304,9 @@ def crops_per_image_pinpoints(pinpoints: list, side: int, image_size) -> int:
     return image_size_to_num_patches(list(int(v) for v in image_size), pinpoints, side)
 
 
-def _replace_image_token(self: LlavaOnevisionProcessor, image_inputs: dict, image_idx: int, **kwargs: Any) -> str:
+def _replace_image_token(
+    self: LlavaOnevisionProcessor, image_inputs: dict, image_idx: int, **kwargs: Any
+) -> str:
     cumulative, multi = 0, False
     for n in image_inputs["batch_num_images"]:
         if image_idx < cumulative + n:
@@ -311,7 +326,9 @@ def _frame_split(self: LlavaOnevisionProcessor) -> int:
     return sum(self._visionzip.split_for(pooled, f"a video frame ({pooled} tokens after the 2x2 pooling)"))
 
 
-def _replace_video_token(self: LlavaOnevisionProcessor, video_inputs: dict, video_idx: int, **kwargs: Any) -> str:
+def _replace_video_token(
+    self: LlavaOnevisionProcessor, video_inputs: dict, video_idx: int, **kwargs: Any
+) -> str:
     video = video_inputs["pixel_values_videos"][video_idx]
     frames = len(video) if isinstance(video, (list, tuple)) else video.shape[0]
     return self.video_token * (frames * _frame_split(self) + 1)
@@ -387,16 +404,22 @@ class LlavaOnevision(LlavaNext):
     bench_budgets = {}
     simulation = None
 
-    def prompt(self, processor, question: str, images: int, videos: int = 0, system: str | None = None) -> str:
+    def prompt(
+        self, processor, question: str, images: int, videos: int = 0, system: str | None = None
+    ) -> str:
         """The first user turn rendered by the processor's chat template, with the generation prompt
         (images only: the commands and the trainer feed this family no videos)."""
         if videos:
-            raise ValueError(f"{self.name} takes images only in the commands; pass videos to visionzip_processor")
+            raise ValueError(
+                f"{self.name} takes images only in the commands; pass videos to visionzip_processor"
+            )
         return Qwen2_5VL.prompt(self, processor, question, images, 0, system)
 
     # --- loading ---------------------------------------------------------------------------------
     def load(self, path: str, check_files: bool = True, **from_pretrained_kwargs: Any) -> nn.Module:
-        return load_checked(LlavaOnevisionForConditionalGeneration, path, check_files, **from_pretrained_kwargs)
+        return load_checked(
+            LlavaOnevisionForConditionalGeneration, path, check_files, **from_pretrained_kwargs
+        )
 
     def load_processor(self, path: str, trust_remote_code: bool = False, config: Any = None, **kwargs: Any):
         # Built from PIL/numpy parts: AutoProcessor would import torchvision for the video processor.
@@ -430,24 +453,36 @@ class LlavaOnevision(LlavaNext):
             return base + 1
         side = patch_side(config)
         rows, cols = tile_grid(config, image_size)
-        bound = types.SimpleNamespace(vision_aspect_ratio=getattr(config, "vision_aspect_ratio", "anyres_max_9"))
-        unpadded, newlines = Stock._get_unpadded_features(bound, image_size[0], image_size[1], side, side, rows, cols)
+        bound = types.SimpleNamespace(
+            vision_aspect_ratio=getattr(config, "vision_aspect_ratio", "anyres_max_9")
+        )
+        unpadded, newlines = Stock._get_unpadded_features(
+            bound, image_size[0], image_size[1], side, side, rows, cols
+        )
         return base + unpadded + newlines
 
     def compressed_tokens_per_image(
         self, config: Any, vz: VisionZipConfig, image_size: tuple[int, int] | None = None
     ) -> int:
         if image_size is None:
-            raise ValueError("llava-onevision: the visual token count depends on the image size; pass image_size=(H, W)")
+            raise ValueError(
+                "llava-onevision: the visual token count depends on the image size; pass image_size=(H, W)"
+            )
         return crops_per_image(config, image_size) * vz.tokens_per_image
 
     def stock_tokens_per_video(self, config: Any, video_size: tuple[int, int, int]) -> int:
         """Tokens of a video of ``video_size`` (frames, H, W): pooled frames and one newline."""
         return int(video_size[0]) * pooled_side(config) ** 2 + 1
 
-    def compressed_tokens_per_video(self, config: Any, vz: VisionZipConfig, video_size: tuple[int, int, int]) -> int:
+    def compressed_tokens_per_video(
+        self, config: Any, vz: VisionZipConfig, video_size: tuple[int, int, int]
+    ) -> int:
         pooled = pooled_side(config) ** 2
-        return int(video_size[0]) * sum(vz.split_for(pooled, f"a video frame ({pooled} tokens after the 2x2 pooling)")) + 1
+        return (
+            int(video_size[0])
+            * sum(vz.split_for(pooled, f"a video frame ({pooled} tokens after the 2x2 pooling)"))
+            + 1
+        )
 
     def token_plan(
         self, config: Any, vz: VisionZipConfig | None, image_size: tuple[int, int] | None = None
@@ -481,7 +516,9 @@ class LlavaOnevision(LlavaNext):
     def _check_layer_and_fit(self, cfg: Any, vz: VisionZipConfig) -> None:
         layer = cfg.vision_feature_layer
         if not isinstance(layer, int):
-            raise ValueError(f"model.config.vision_feature_layer={layer!r} selects several layers; visionzip supports one")
+            raise ValueError(
+                f"model.config.vision_feature_layer={layer!r} selects several layers; visionzip supports one"
+            )
         n = cfg.vision_config.num_hidden_layers
         if resolve_feature_layer(vz.feature_layer, n) != resolve_feature_layer(layer, n):
             raise ValueError(
@@ -514,7 +551,9 @@ class LlavaOnevision(LlavaNext):
         for size, n in zip(sizes, crops):
             part: TokenSelection = selection.rows(start, start + n)
             images.append(
-                ImageTokenSelection(pixel_values[start : start + n], part, tile_grid(inner.config, size), side, cls=False)
+                ImageTokenSelection(
+                    pixel_values[start : start + n], part, tile_grid(inner.config, size), side, cls=False
+                )
             )
             start += n
         return images
@@ -567,7 +606,9 @@ class LlavaOnevision(LlavaNext):
         return unused | {name for name, _ in model.named_parameters() if head.search(name)}
 
     # --- building from parts (tiny test models) -----------------------------------------------------
-    def build_config(self, vision_config: dict, text_config: dict, image_token_id: int, video_token_id: int, **extra):
+    def build_config(
+        self, vision_config: dict, text_config: dict, image_token_id: int, video_token_id: int, **extra
+    ):
         from transformers import LlavaOnevisionConfig
 
         return LlavaOnevisionConfig(
@@ -593,7 +634,9 @@ class LlavaOnevision(LlavaNext):
             image_std=[0.5, 0.5, 0.5],
         )
 
-    def write_tiny(self, tokenizer: Any, out_dir, seed: int = 0, image_size: int = 64, patch_size: int = 8) -> Path:
+    def write_tiny(
+        self, tokenizer: Any, out_dir, seed: int = 0, image_size: int = 64, patch_size: int = 8
+    ) -> Path:
         """A tiny random LLaVA-OneVision laid out like ``llava-hf/llava-onevision-qwen2-7b-ov-hf``
         (saved by transformers 4.45): ``config.json`` with 4.x keys (``image_token_index``,
         ``video_token_index``, text ``torch_dtype``/``rope_theta``), two safetensors shards with the
@@ -606,7 +649,9 @@ class LlavaOnevision(LlavaNext):
         is downsampled by the stock model), a 2-layer Qwen2 of width 64."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        tokenizer.add_special_tokens({"additional_special_tokens": ["<image>", "<video>"]}, replace_extra_special_tokens=False)
+        tokenizer.add_special_tokens(
+            {"additional_special_tokens": ["<image>", "<video>"]}, replace_extra_special_tokens=False
+        )
         image_id, video_id = tokenizer.convert_tokens_to_ids(["<image>", "<video>"])
         vocab = -(-len(tokenizer) // 64) * 64
         eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
@@ -663,7 +708,10 @@ class LlavaOnevision(LlavaNext):
         state = {to_4x_key(k): v.detach().contiguous() for k, v in model.state_dict().items()}
         names = sorted(state)
         half = len(names) // 2
-        shards = {"model-00001-of-00002.safetensors": names[:half], "model-00002-of-00002.safetensors": names[half:]}
+        shards = {
+            "model-00001-of-00002.safetensors": names[:half],
+            "model-00002-of-00002.safetensors": names[half:],
+        }
         weight_map = {}
         for file, keys in shards.items():
             save_file({k: state[k] for k in keys}, out / file, metadata={"format": "pt"})
@@ -671,18 +719,27 @@ class LlavaOnevision(LlavaNext):
         total = sum(t.numel() * t.element_size() for t in state.values())
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        generation = {"_from_model_config": True, "bos_token_id": bos, "eos_token_id": eos, "transformers_version": "4.45.0.dev0"}
+        generation = {
+            "_from_model_config": True,
+            "bos_token_id": bos,
+            "eos_token_id": eos,
+            "transformers_version": "4.45.0.dev0",
+        }
         (out / "generation_config.json").write_text(json.dumps(generation, indent=2))
 
         tokenizer.save_pretrained(out)
-        tokenizer.backend_tokenizer.model.save(str(out))  # vocab.json + merges.txt, as the download ships them
+        tokenizer.backend_tokenizer.model.save(
+            str(out)
+        )  # vocab.json + merges.txt, as the download ships them
         tok_config = json.loads((out / "tokenizer_config.json").read_text())
         tok_config.pop("chat_template", None)  # the download keeps it in chat_template.json
         tok_config.update(tokenizer_class="Qwen2Tokenizer", processor_class="LlavaOnevisionProcessor")
         (out / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2))
         (out / "chat_template.jinja").unlink(missing_ok=True)
         (out / "chat_template.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}, indent=2))
-        (out / "added_tokens.json").write_text(json.dumps({"<image>": image_id, "<video>": video_id}, indent=2))
+        (out / "added_tokens.json").write_text(
+            json.dumps({"<image>": image_id, "<video>": video_id}, indent=2)
+        )
         image_settings = {
             "do_convert_rgb": True,
             "do_normalize": True,
@@ -696,15 +753,36 @@ class LlavaOnevision(LlavaNext):
             "rescale_factor": 1 / 255,
             "size": {"height": image_size, "width": image_size},
         }
-        preprocessor = {**image_settings, "image_processor_type": "LlavaOnevisionImageProcessor", "processor_class": "LlavaOnevisionProcessor"}
+        preprocessor = {
+            **image_settings,
+            "image_processor_type": "LlavaOnevisionImageProcessor",
+            "processor_class": "LlavaOnevisionProcessor",
+        }
         (out / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2))
         video = {
             k: image_settings[k]
-            for k in ("do_convert_rgb", "do_normalize", "do_rescale", "do_resize", "image_mean", "image_std", "resample", "rescale_factor", "size")
+            for k in (
+                "do_convert_rgb",
+                "do_normalize",
+                "do_rescale",
+                "do_resize",
+                "image_mean",
+                "image_std",
+                "resample",
+                "rescale_factor",
+                "size",
+            )
         }
         (out / "video_processor").mkdir(exist_ok=True)
         (out / "video_processor" / "preprocessor_config.json").write_text(
-            json.dumps({**video, "image_processor_type": "LlavaOnevisionVideoProcessor", "processor_class": "LlavaOnevisionProcessor"}, indent=2)
+            json.dumps(
+                {
+                    **video,
+                    "image_processor_type": "LlavaOnevisionVideoProcessor",
+                    "processor_class": "LlavaOnevisionProcessor",
+                },
+                indent=2,
+            )
         )
         processor_config = {
             "image_token": "<image>",

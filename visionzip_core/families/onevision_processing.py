@@ -44,7 +44,13 @@ from visionzip_core.families.qwen_processing import (
 )
 
 # Processor settings of processor_config.json that the constructor takes.
-_PROCESSOR_KEYS = ("num_image_tokens", "vision_feature_select_strategy", "vision_aspect_ratio", "image_token", "video_token")
+_PROCESSOR_KEYS = (
+    "num_image_tokens",
+    "vision_feature_select_strategy",
+    "vision_aspect_ratio",
+    "image_token",
+    "video_token",
+)
 
 
 class OnevisionVideoProcessor(FrameVideoProcessor):
@@ -73,7 +79,7 @@ class OnevisionVideoProcessor(FrameVideoProcessor):
         size = kwargs.get("size")
         size = size if isinstance(size, SizeDict) else SizeDict(**dict(size))
         out = []
-        for index, frames in enumerate(self._split_videos(videos)):
+        for frames in self._split_videos(videos):
             processed = []
             for frame in frames:
                 if isinstance(frame, (str, os.PathLike)):
@@ -91,7 +97,9 @@ class OnevisionVideoProcessor(FrameVideoProcessor):
             raise ValueError(
                 f"videos of one batch need one frame count; got {sorted({v.shape[0] for v in out})} frames"
             )
-        return BatchFeature(data={"pixel_values_videos": np.stack(out)}, tensor_type=kwargs.get("return_tensors"))
+        return BatchFeature(
+            data={"pixel_values_videos": np.stack(out)}, tensor_type=kwargs.get("return_tensors")
+        )
 
 
 class LlavaOnevisionProcessor(_TorchvisionFreeCheck, _hf.LlavaOnevisionProcessor):
