@@ -318,6 +318,7 @@ def test_visionzip_and_load_visionzip_processor_on_the_download_layout(folder, t
         "added_tokens.json",
         "vocab.json",
         "merges.txt",
+        "special_tokens_map.json",
     } <= files
     assert (folder / "video_processor" / "preprocessor_config.json").is_file()
     raw = json.loads((folder / "config.json").read_text())
@@ -378,3 +379,53 @@ def test_bad_input_is_one_clear_line(model, processor, tmp_path):
     one_line(
         "missing preprocessor_config.json", lambda: load_visionzip_processor(str(tmp_path), model.config)
     )
+
+
+def test_the_7b_config_as_downloaded_counts_as_transformers_does():
+    """llava-onevision-qwen2-7b-ov-hf's config.json (4.x keys): 729 tokens per 384 px crop, the 36
+    tilings; the stock count is transformers' processor formula (unpadding, newlines, anyres_max_9
+    downsampling), the compressed one ``crops x 64`` at 54 + 10."""
+    from transformers.models.llava_onevision.processing_llava_onevision import LlavaOnevisionProcessor
+
+    pinpoints = [[384 * r, 384 * c] for r in range(1, 7) for c in range(1, 7)]
+    raw = {
+        "model_type": "llava_onevision",
+        "image_token_index": 151646,
+        "video_token_index": 151647,
+        "image_grid_pinpoints": pinpoints,
+        "vision_aspect_ratio": "anyres_max_9",
+        "vision_feature_layer": -1,
+        "vision_feature_select_strategy": "full",
+        "text_config": {
+            "model_type": "qwen2",
+            "hidden_size": 3584,
+            "num_hidden_layers": 28,
+            "rope_theta": 1000000.0,
+            "torch_dtype": "bfloat16",
+            "vocab_size": 152128,
+        },
+        "vision_config": {
+            "model_type": "siglip_vision_model",
+            "hidden_size": 1152,
+            "intermediate_size": 4304,
+            "num_hidden_layers": 26,
+            "num_attention_heads": 16,
+            "image_size": 384,
+            "patch_size": 14,
+            "vision_use_head": False,
+        },
+    }
+    family = family_for("llava-onevision")
+    config = family.config_from_dict(raw)
+    assert config.image_token_id == 151646 and family.tower_tokens(config) == 729
+    stock = LlavaOnevisionProcessor.__new__(LlavaOnevisionProcessor)
+    stock.num_image_tokens, stock.vision_aspect_ratio = 729, "anyres_max_9"
+    stock.image_processor = type("P", (), {"image_grid_pinpoints": pinpoints})()
+    vz = VisionZipConfig(dominant=54, contextual=10, feature_layer=-1)
+    for size in [(384, 384), (480, 640), (1080, 1920), (2000, 300), (4000, 4000)]:
+        assert family.stock_tokens_per_image(config, size) == stock._get_number_of_features(
+            *size, 384, 384
+        ), size
+        assert family.compressed_tokens_per_image(config, vz, size) == crops_per_image(config, size) * 64
+    assert family.stock_tokens_per_image(config, (384, 384)) == 729 + 729 + 27
+    assert family.compressed_tokens_per_video(config, vz, (8, 384, 384)) == 8 * 64 + 1

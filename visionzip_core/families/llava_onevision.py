@@ -740,6 +740,13 @@ class LlavaOnevision(LlavaNext):
         (out / "added_tokens.json").write_text(
             json.dumps({"<image>": image_id, "<video>": video_id}, indent=2)
         )
+        special = {
+            "additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<image>", "<video>"],
+            "eos_token": "<|im_end|>",
+            "pad_token": "<|endoftext|>",
+        }
+        if not (out / "special_tokens_map.json").is_file():  # 4.45 writes it; transformers 5 does not
+            (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
         image_settings = {
             "do_convert_rgb": True,
             "do_normalize": True,
