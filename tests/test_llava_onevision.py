@@ -290,13 +290,12 @@ def test_video_frames_follow_the_rule_on_pooled_tokens(model, processor):
         tower = inner.vision_tower(frames, output_hidden_states=True)
         stock = inner.apply_pooling(inner.multi_modal_projector(tower.hidden_states[-1]))
         _, scores, keys = capture_received_attention(inner.vision_tower, frames, -1)
-        grid = lambda x: (
-            torch.nn.functional.interpolate(  # noqa: E731
-                x.view(2, SIDE, SIDE, -1).permute(0, 3, 1, 2), size=[4, 4], mode="bilinear"
-            )
-            .permute(0, 2, 3, 1)
-            .reshape(2, POOLED, -1)
-        )
+
+        def grid(x):  # (2, 64, X) -> (2, 16, X): the stock pooling's bilinear call, written out
+            x = x.view(2, SIDE, SIDE, -1).permute(0, 3, 1, 2)
+            x = torch.nn.functional.interpolate(x, size=[4, 4], mode="bilinear")
+            return x.permute(0, 2, 3, 1).reshape(2, POOLED, -1)
+
         selection = select_by_scores(grid(scores[..., None])[..., 0], grid(keys), D, K)
         expected = compress_selected(stock, selection).reshape(1, -1, 64)
     assert ours.shape == (1, 2 * (D + K) + 1, 64)
