@@ -69,7 +69,17 @@ def tiny_qwen2_vl_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def family_dirs(tiny_llava_dir, tiny_llava_next_dir, tmp_path_factory):
+def tiny_llava_onevision_dir(tmp_path_factory):
+    """A folder laid out like the llava-hf/llava-onevision-qwen2-7b-ov-hf download (4.45 keys and
+    files): random tiny LLaVA-OneVision (2-layer SigLIP, 64 px crops of 8 x 8 patches, no CLS,
+    tilings up to 3 x 3 under anyres_max_2, a 2-layer Qwen2) and its processor files."""
+    from visionzip_core.testing.tiny import write_tiny
+
+    return write_tiny("llava-onevision", tmp_path_factory.mktemp("tiny-llava-onevision") / "model")
+
+
+@pytest.fixture(scope="session")
+def family_dirs(tiny_llava_dir, tiny_llava_next_dir, tiny_llava_onevision_dir, tmp_path_factory):
     """``{family: folder}``, each laid out as its download: the session's LLaVA-1.5 and LLaVA-NeXT
     folders, and Qwen2-VL / Qwen2.5-VL / Qwen3-VL / Qwen3.5 with 2-3 vision blocks (seed 0), the size
     the training tests run (built once here, not once per module)."""
@@ -84,6 +94,7 @@ def family_dirs(tiny_llava_dir, tiny_llava_next_dir, tmp_path_factory):
         # 3 blocks: DeepStack reads blocks 1 and 2, so two levels train and travel with the merger
         "qwen3-vl": write_tiny("qwen3-vl", root / "qwen3-vl", seed=0, vision_depth=3),
         "qwen3.5": write_tiny("qwen3.5", root / "qwen3.5", seed=0, vision_depth=2),
+        "llava-onevision": tiny_llava_onevision_dir,
     }
 
 

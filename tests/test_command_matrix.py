@@ -27,7 +27,7 @@ from test_train_e2e import REPO, _cmd, _env
 
 pytestmark = pytest.mark.slow
 
-FAMILIES = ("llava-1.5", "llava-next", "qwen2-vl", "qwen2.5-vl", "qwen3-vl", "qwen3.5")
+FAMILIES = ("llava-1.5", "llava-next", "qwen2-vl", "qwen2.5-vl", "qwen3-vl", "qwen3.5", "llava-onevision")
 SIZES = [(97, 143), (300, 61), (112, 112), (60, 200), (150, 90)]
 
 
@@ -113,9 +113,11 @@ def family_overrides(name: str, model_dir: Path, data: Path, out: Path) -> list[
             "data.template=chat_template",
         ]
         if name.startswith("qwen")
+        else ["data.template=chat_template"]
+        if name == "llava-onevision"
         else []
     )
-    aspect = ["data.image_aspect_ratio=anyres"] if name == "llava-next" else []
+    aspect = ["data.image_aspect_ratio=anyres"] if name in ("llava-next", "llava-onevision") else []
     return [
         f"model.name_or_path={model_dir}",
         f"train.output_dir={out}",

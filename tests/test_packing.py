@@ -222,6 +222,29 @@ def test_packed_next_batch_has_the_unpacked_summed_loss(tiny_llava_next_dir):
         torch.testing.assert_close(grads_p[k], grads_u[k], rtol=1e-5, atol=1e-5, msg=k)
 
 
+def test_packed_onevision_batch_has_the_unpacked_summed_loss(tiny_llava_onevision_dir):
+    """LLaVA-OneVision's Qwen2 LLM takes 1-D positions: packed rows (positions restarting per
+    sample) give the unpacked loss and gradients, and reading each row as one sequence does not."""
+    model, items, pad = _model_and_items(
+        tiny_llava_onevision_dir,
+        ["data.template=chat_template", "data.image_aspect_ratio=anyres", "data.model_max_length=1024"],
+        n=5,
+    )
+    lengths = [len(i["input_ids"]) for i in items]
+    packed = PackingCollator(pad_token_id=pad, max_tokens_per_row=sum(sorted(lengths)[-2:]))(items)
+    assert packed["input_ids"].shape[0] < len(items)
+    loss_u, _, grads_u = _summed_loss_and_grads(model, DataCollator(pad_token_id=pad)(items))
+    loss_p, _, grads_p = _summed_loss_and_grads(model, packed)
+    torch.testing.assert_close(loss_p, loss_u, rtol=1e-5, atol=1e-5)
+    assert len(grads_u) > 10
+    for k in grads_u:
+        torch.testing.assert_close(grads_p[k], grads_u[k], rtol=1e-5, atol=1e-5, msg=k)
+    crossed = {k: v for k, v in packed.items() if k not in ("position_ids", "num_tokens")}
+    crossed["position_ids"] = torch.arange(packed["input_ids"].shape[1]).expand_as(packed["input_ids"])
+    loss_x, _, _ = _summed_loss_and_grads(model, crossed)
+    assert abs(float(loss_x - loss_u)) > 1e-3
+
+
 # --- config ------------------------------------------------------------------------------------
 
 

@@ -29,6 +29,7 @@ FAMILIES = {
     "llava-next": ("tiny_llava_next_dir", ["--dominant", "12", "--contextual", "4"]),
     "qwen2-vl": ("tiny_qwen2_vl_dir", ["--dominant-ratio", "0.3", "--contextual-ratio", "0.1"]),
     "qwen2.5-vl": ("tiny_qwen2_5_vl_dir", ["--dominant-ratio", "0.3", "--contextual-ratio", "0.1"]),
+    "llava-onevision": ("tiny_llava_onevision_dir", ["--dominant", "12", "--contextual", "4"]),
 }
 
 

@@ -83,6 +83,7 @@ def layout_image(
     grid: tuple[int, int],
     side: int,
     vz: VisionZipConfig,
+    cls: bool = True,
 ) -> torch.Tensor:
     """One image's tokens in the LLM sequence, from its crops' compressed tokens.
 
@@ -93,6 +94,8 @@ def layout_image(
             patch ``p`` at ``p``), sorted ascending, as :func:`select_dominant_tokens` returns them.
         grid: ``(rows, cols)`` of tiles; ``rows * cols == n_crops - 1``.
         side: patches per crop side (24 for CLIP-L/336).
+        cls: whether token 0 of a crop is CLS (CLIP); without one (SigLIP) patch ``p`` is token
+            ``p`` and there are no CLS tokens to place, whatever ``vz.keep_cls`` says.
 
     Returns:
         ``(n_crops * (D + K), H)``: base crop, tiles' dominant patches in raster order over the whole
@@ -103,15 +106,16 @@ def layout_image(
     if tiles.shape[0] != rows * cols:
         raise ValueError(f"{tiles.shape[0]} tiles for a {rows} x {cols} grid")
     d = dominant_idx.shape[1]
-    first = 1 if vz.keep_cls else 0  # dominant slots 0.. of each crop; slot 0 is CLS when kept
-    patch = dominant_idx[1:, first:] - 1  # (T, D') patch numbers in each tile
+    keep_cls = cls and vz.keep_cls
+    first = 1 if keep_cls else 0  # dominant slots 0.. of each crop; slot 0 is CLS when kept
+    patch = dominant_idx[1:, first:] - int(cls)  # (T, D') patch numbers in each tile
     tile = torch.arange(rows * cols, device=patch.device)[:, None]
     y = (tile // cols) * side + patch // side
     x = (tile % cols) * side + patch % side
     order = (y * (cols * side) + x).flatten().argsort()
     dominant = tiles[:, first:d].flatten(0, 1)[order]
     parts = [compressed[0], dominant]
-    if vz.keep_cls:
+    if keep_cls:
         parts.append(tiles[:, 0])
     parts.append(tiles[:, d:].flatten(0, 1))
     return torch.cat(parts, dim=0)

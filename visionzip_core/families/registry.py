@@ -11,10 +11,19 @@ from typing import Any
 from visionzip_core.families.base import ModelFamily
 from visionzip_core.families.llava import Llava15
 from visionzip_core.families.llava_next import LlavaNext
+from visionzip_core.families.llava_onevision import LlavaOnevision
 from visionzip_core.families.qwen2_5_vl import Qwen2_5VL, Qwen2VL
 from visionzip_core.families.qwen3_vl import Qwen3_5, Qwen3VL
 
-FAMILIES: tuple[ModelFamily, ...] = (Llava15(), LlavaNext(), Qwen2_5VL(), Qwen2VL(), Qwen3VL(), Qwen3_5())
+FAMILIES: tuple[ModelFamily, ...] = (
+    Llava15(),
+    LlavaNext(),
+    Qwen2_5VL(),
+    Qwen2VL(),
+    Qwen3VL(),
+    Qwen3_5(),
+    LlavaOnevision(),
+)
 
 # A processor class two families share (Qwen3.5 ships Qwen3-VL's) maps to the first registered; the
 # families that share one adapt it alike.
