@@ -459,3 +459,34 @@ def test_training_data_lays_a_video_out_as_the_processor_does(model, processor):
     user = expected[: expected.index(end) + 1]
     assert ids[: len(user)] == user
     assert sum(i == model.config.video_token_id for i in ids) == 2 * sum(vz.split_for(h * w // 4))
+
+
+def test_text_image_and_video_batches_call_the_same_modules_in_training(model, processor):
+    """ZeRO-3 gathers a module's parameters when it is called, so every batch kind a rank can draw
+    must call the same parameter-owning modules in the same order (embedding, tower with every
+    DeepStack merger, LLM): a text-only batch runs the tower on a blank image, and the embeddings go
+    to the stock forward once (Qwen3-VL's forward takes ids or embeddings, not both)."""
+    from visionzip_core.testing.call_order import call_order, first_difference
+
+    family = family_for(model)
+    model.train()
+    visionzip(model, dominant_ratio=0.25, contextual_ratio=0.25)
+    family.keep_vision_in_graph(model)
+    adapted = visionzip_processor(processor, model.config)
+    frames = [_image(64, 64, 20 + i) for i in range(4)]
+    batches = {
+        "text": adapted(text=[_chat(adapted, [["Say hi."]])], return_tensors="pt"),
+        "image": adapted(
+            text=[_chat(adapted, [["image", "What?"]])], images=[_image(128, 128, 0)], return_tensors="pt"
+        ),
+        "video": adapted(text=[_chat(adapted, [["video", "What?"]])], videos=[frames], return_tensors="pt"),
+    }
+    orders = {}
+    for kind, batch in batches.items():
+        batch = {**batch, "labels": batch["input_ids"].clone()}
+        orders[kind] = call_order(model, lambda b=batch: model(**b).loss.backward())
+    assert first_difference(orders) is None, first_difference(orders)
+    assert orders["text"].count("model.language_model.embed_tokens") == 1
+    assert any("deepstack_merger_list" in name for name in orders["text"]) == (
+        "Qwen3VL" in type(model).__name__
+    )

@@ -74,11 +74,12 @@ def mixed_messages(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("variant", ["qwen2_5_vl", "qwen2_vl"])
+@pytest.mark.parametrize("variant", ["qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_5"])
 def test_zero3_two_processes_on_mixed_kinds_with_a_mixed_validation_set(
     variant, family_dirs, mixed_messages, tmp_path
 ):
-    model_dir = family_dirs[{"qwen2_5_vl": "qwen2.5-vl", "qwen2_vl": "qwen2-vl"}[variant]]  # 2 vision blocks
+    names = {"qwen2_5_vl": "qwen2.5-vl", "qwen2_vl": "qwen2-vl", "qwen3_vl": "qwen3-vl", "qwen3_5": "qwen3.5"}
+    model_dir = family_dirs[names[variant]]  # 2-3 vision blocks (Qwen3-VL: two DeepStack levels)
     data, out = mixed_messages, tmp_path / "run"
     proc = train(
         [

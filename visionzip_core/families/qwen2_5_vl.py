@@ -701,6 +701,9 @@ def _visionzip_forward(
             inputs_embeds, position_ids = _with_blank_vision(
                 self, inputs_embeds, attention_mask, position_ids
             )
+            return run_stock(position_ids, None, inputs_embeds)
+        # Without the graph rule: the caller's inputs as given (the stock forward embeds the ids and
+        # computes the text positions itself, never from a stale rope_deltas).
         return run_stock(position_ids, None, given_embeds)
     if input_ids is None:
         raise ValueError(
