@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import types
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,12 @@ from visionzip_core.families.qwen2_5_vl import (
     compressed_count,
     merged_grid,
     temporal_groups,
+)
+from visionzip_core.families.qwen3_bench import (
+    QWEN3_5_SIZES,
+    QWEN3_VL_SIZES,
+    qwen3_step_flops,
+    qwen3_synthetic_batch,
 )
 from visionzip_core.families.qwen_downloads import SPECIAL_TOKENS, write_shards, write_tokenizer_files
 from visionzip_core.families.qwen_processing import DEFAULT_FPS
@@ -138,10 +145,41 @@ class Qwen3VL(Qwen2_5VL):
     inner_classes = (Qwen3VLModel,)
     video_runs = "frame_group"
     embeds_only = True  # Qwen3VLModel.forward: "exactly one of input_ids or inputs_embeds"
-    bench_sizes = None  # no benchmark sizes yet: the bench tables are Qwen2.5-VL's
+    bench_sizes = QWEN3_VL_SIZES
     simulation = None
-    # Benchmarks would feed 448 x 448 px = 28 x 28 patches of 16 px = 14 x 14 = 196 merged tokens.
+    # Benchmarks feed 448 x 448 px = 28 x 28 patches of 16 px = 14 x 14 = 196 merged tokens (inside
+    # the download's min/max pixels, so the processor keeps the size).
     bench_image = (448, 448)
+
+    # --- benchmarks ------------------------------------------------------------------------------
+    def bench_processor(self, model, size, tokenizer):
+        """The processor read from a folder laid out as the download's: ``tokenizer`` with this
+        family's chat template, the download's image and video settings (16 px patches, 65536 to
+        16777216 pixels, so a 448 px benchmark image keeps its size)."""
+        with tempfile.TemporaryDirectory() as folder:
+            out = Path(folder)
+            tokenizer.model_max_length = 32768
+            tokenizer.chat_template = self.chat_template
+            tokenizer.save_pretrained(out)
+            (out / "chat_template.jinja").unlink(missing_ok=True)
+            (out / "chat_template.json").write_text(json.dumps({"chat_template": self.chat_template}))
+            image, video = qwen3_preprocessor_configs(65536, 16777216)
+            (out / "preprocessor_config.json").write_text(json.dumps(image, indent=2))
+            (out / "video_preprocessor_config.json").write_text(json.dumps(video, indent=2))
+            return self.load_processor(str(out))
+
+    def bench_batch(self, size, config: Any, plan: Any, device="cpu", seed: int = 0):
+        return qwen3_synthetic_batch(size, config, plan.llm, device, seed=seed)
+
+    def step_flops(self, size, config: Any, parts, plan, split, *, samples, seq_len, logits_positions=None):
+        return qwen3_step_flops(
+            config,
+            parts,
+            num_images=samples,
+            image_hw=size.image,
+            seq_len=seq_len,
+            logits_positions=logits_positions,
+        )
 
     def projector_modules(self) -> list[str]:
         return [PROJECTOR, *(f"{DEEPSTACK}.{i}" for i in range(_MAX_DEEPSTACK_LEVELS))]
@@ -199,6 +237,7 @@ class Qwen3_5(Qwen3VL):
     inner_classes = (Qwen3_5Model,)
     embeds_only = False
     chat_template = QWEN3_5_CHAT_TEMPLATE
+    bench_sizes = QWEN3_5_SIZES
     # Full attention's q/k/v/o, the Gated DeltaNet layers' projections (3 of 4 layers), the MLP.
     lora_targets = (
         "q_proj",
