@@ -85,6 +85,12 @@ from visionzip_core.families.llava_next import (
     layout_image,
     tile_grid,
 )
+from visionzip_core.families.onevision_bench import (
+    ONEVISION_SIZES,
+    onevision_pinpoints,
+    onevision_step_flops,
+    onevision_synthetic_batch,
+)
 from visionzip_core.families.onevision_processing import (
     LlavaOnevisionProcessor,
     OnevisionVideoProcessor,
@@ -398,11 +404,74 @@ class LlavaOnevision(LlavaNext):
     data_defaults = {"template": "chat_template", "image_placement": "keep", "image_aspect_ratio": "anyres"}
     templates = ("chat_template",)
     tiny_tokenizer = "qwen2-bpe"
-    # No benchmark sizes or memory-simulation model yet (the FLOP model and sizes are LLaVA's and Qwen's).
-    bench_sizes = None
-    bench_image = None
-    bench_budgets = {}
+    bench_sizes = ONEVISION_SIZES
+    # Benchmarks feed a square 768 px image: the 2 x 2 tiling of 384 px crops, so 5 crops (base + 4
+    # tiles) and 729 + 54 x 54 + 54 = 3699 stock tokens (unpadded, no downsampling under anyres_max_9).
+    bench_image = (768, 768)
+    # Visual tokens per crop -> (dominant, contextual), as LLaVA-NeXT's table (the paper's 54 + 10
+    # proportion); 729 is the stock model (every patch of every crop, unpadded, newlines).
+    bench_budgets = {729: None, 128: (108, 20), 64: (54, 10), 32: (27, 5)}
+    bench_prompt_tokens = 1  # <|im_start|> before the text
     simulation = None
+
+    # --- benchmarks ------------------------------------------------------------------------------
+    def bench_config(self, size, tokenizer) -> Any:
+        """A ``llava_onevision`` config of ``size``'s shapes (the released 36 tilings of its crop side,
+        ``anyres_max_9``), with the tiny tokenizer's ids for pad, bos and eos, and ``<image>`` /
+        ``<video>`` at the ids :meth:`bench_processor` adds them at (right after its vocabulary)."""
+        text = {
+            **size.text,
+            "bos_token_id": tokenizer.convert_tokens_to_ids("<|im_start|>"),
+            "eos_token_id": tokenizer.convert_tokens_to_ids("<|im_end|>"),
+            "pad_token_id": tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        }
+        return self.build_config(
+            size.vision,
+            text,
+            len(tokenizer),
+            len(tokenizer) + 1,
+            image_grid_pinpoints=onevision_pinpoints(size.vision["image_size"]),
+            vision_aspect_ratio="anyres_max_9",
+            tie_word_embeddings=False,
+        )
+
+    def bench_processor(self, model: nn.Module, size, tokenizer):
+        """The processor built from parts: ``tokenizer`` with ``<image>`` and ``<video>`` added (at the
+        ids :meth:`bench_config` gave the model), the family's chat template, SigLIP's image settings
+        with the model's tilings."""
+        tokenizer.add_special_tokens(
+            {"additional_special_tokens": ["<image>", "<video>"]}, replace_extra_special_tokens=False
+        )
+        tokenizer.model_max_length = 32768
+        config = model.config
+        side = config.vision_config.image_size
+        image_id = tokenizer.convert_tokens_to_ids("<image>")
+        if image_id != config.image_token_id:
+            raise RuntimeError(
+                f"{self.name}: <image> is {image_id} in the tokenizer, {config.image_token_id} in the model"
+            )
+        return LlavaOnevisionProcessor(
+            image_processor=self.image_processor_for(config, side),
+            tokenizer=tokenizer,
+            video_processor=OnevisionVideoProcessor(
+                size={"height": side, "width": side}, image_mean=[0.5] * 3, image_std=[0.5] * 3
+            ),
+            chat_template=CHAT_TEMPLATE,
+            num_image_tokens=patch_side(config) ** 2,
+            vision_feature_select_strategy="full",
+            vision_aspect_ratio=config.vision_aspect_ratio,
+        )
+
+    def bench_messages(self, question: str) -> list[dict]:
+        return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+
+    def bench_batch(self, size, config: Any, plan: Any, device="cpu", seed: int = 0):
+        return onevision_synthetic_batch(size, config, plan, self.bench_image, device, seed=seed)
+
+    def step_flops(self, size, config: Any, parts, plan, split, *, samples, seq_len, logits_positions=None):
+        return onevision_step_flops(
+            config, parts, plan, split, samples=samples, seq_len=seq_len, logits_positions=logits_positions
+        )
 
     def prompt(
         self, processor, question: str, images: int, videos: int = 0, system: str | None = None

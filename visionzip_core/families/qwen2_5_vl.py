@@ -947,7 +947,7 @@ class Qwen2_5VL(ModelFamily):
         working set (``vision_working_set`` bytes) is allocated and freed first, as its forward would,
         then the merger (trainable), the gather of the kept tokens, the scatter into the text
         embeddings and the language model with its LM head and loss."""
-        inner = find_qwen_model(model)
+        inner = self.find_model(model)
         input_ids = batch["input_ids"]
         embeds = inner.get_input_embeddings()(input_ids)
         working = torch.empty(batch["vision_working_set"], dtype=torch.uint8, device=embeds.device)

@@ -50,17 +50,21 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import types
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import (
+    AutoConfig,
     Qwen3_5ForConditionalGeneration,
     Qwen3_5Model,
     Qwen3VLForConditionalGeneration,
     Qwen3VLModel,
 )
+from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5VisionModel
+from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
 
 from visionzip_core.config import VisionZipConfig
 from visionzip_core.families.qwen2_5_vl import (
@@ -69,6 +73,12 @@ from visionzip_core.families.qwen2_5_vl import (
     compressed_count,
     merged_grid,
     temporal_groups,
+)
+from visionzip_core.families.qwen3_bench import (
+    QWEN3_5_SIZES,
+    QWEN3_VL_SIZES,
+    qwen3_step_flops,
+    qwen3_synthetic_batch,
 )
 from visionzip_core.families.qwen_downloads import SPECIAL_TOKENS, write_shards, write_tokenizer_files
 from visionzip_core.families.qwen_processing import DEFAULT_FPS
@@ -138,10 +148,60 @@ class Qwen3VL(Qwen2_5VL):
     inner_classes = (Qwen3VLModel,)
     video_runs = "frame_group"
     embeds_only = True  # Qwen3VLModel.forward: "exactly one of input_ids or inputs_embeds"
-    bench_sizes = None  # no benchmark sizes yet: the bench tables are Qwen2.5-VL's
+    bench_sizes = QWEN3_VL_SIZES
     simulation = None
-    # Benchmarks would feed 448 x 448 px = 28 x 28 patches of 16 px = 14 x 14 = 196 merged tokens.
+    # Benchmarks feed 448 x 448 px = 28 x 28 patches of 16 px = 14 x 14 = 196 merged tokens (inside
+    # the download's min/max pixels, so the processor keeps the size).
     bench_image = (448, 448)
+
+    # --- benchmarks ------------------------------------------------------------------------------
+    def bench_processor(self, model, size, tokenizer):
+        """The processor read from a folder laid out as the download's: ``tokenizer`` with this
+        family's chat template, the download's image and video settings (16 px patches, 65536 to
+        16777216 pixels, so a 448 px benchmark image keeps its size)."""
+        with tempfile.TemporaryDirectory() as folder:
+            out = Path(folder)
+            tokenizer.model_max_length = 32768
+            tokenizer.chat_template = self.chat_template
+            tokenizer.save_pretrained(out)
+            (out / "chat_template.jinja").unlink(missing_ok=True)
+            (out / "chat_template.json").write_text(json.dumps({"chat_template": self.chat_template}))
+            image, video = qwen3_preprocessor_configs(65536, 16777216)
+            (out / "preprocessor_config.json").write_text(json.dumps(image, indent=2))
+            (out / "video_preprocessor_config.json").write_text(json.dumps(video, indent=2))
+            return self.load_processor(str(out))
+
+    #: The tower class (:meth:`vision_probe` builds a small one).
+    vision_class: type = Qwen3VLVisionModel
+
+    def vision_probe(self, config: Any, dtype: torch.dtype, attn_implementation: str) -> tuple:
+        """Its tower of these widths with two blocks (every block has full attention, so two stand
+        for all of them; no DeepStack level: the simulation stands in the mergers' input), frozen, on
+        the benchmark image's patches (448 px: 28 x 28 = 784 rows), so the per-row peak is the one
+        of the simulated images."""
+        data = json.loads(config.vision_config.to_json_string())
+        data.update(depth=2, deepstack_visual_indexes=[])
+        vision = AutoConfig.for_model(**data)  # the vision config's own model_type
+        vision._attn_implementation = attn_implementation
+        tower = self.vision_class._from_config(vision, dtype=dtype)
+        tower.requires_grad_(False)
+        rows, cols = (side // vision.patch_size for side in self.bench_image)
+        width = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+        pixels = torch.zeros(rows * cols, width, dtype=dtype)
+        return tower, pixels, {"grid_thw": torch.tensor([[1, rows, cols]])}, rows * cols
+
+    def bench_batch(self, size, config: Any, plan: Any, device="cpu", seed: int = 0):
+        return qwen3_synthetic_batch(size, config, plan.llm, device, seed=seed)
+
+    def step_flops(self, size, config: Any, parts, plan, split, *, samples, seq_len, logits_positions=None):
+        return qwen3_step_flops(
+            config,
+            parts,
+            num_images=samples,
+            image_hw=size.image,
+            seq_len=seq_len,
+            logits_positions=logits_positions,
+        )
 
     def projector_modules(self) -> list[str]:
         return [PROJECTOR, *(f"{DEEPSTACK}.{i}" for i in range(_MAX_DEEPSTACK_LEVELS))]
@@ -199,6 +259,16 @@ class Qwen3_5(Qwen3VL):
     inner_classes = (Qwen3_5Model,)
     embeds_only = False
     chat_template = QWEN3_5_CHAT_TEMPLATE
+    bench_sizes = QWEN3_5_SIZES
+    vision_class = Qwen3_5VisionModel
+    simulation = {
+        "size": "qwen3.5-9b",
+        "micro_batch": 2,
+        "batch_source": "2 per GPU: configs/qwen3.5-9b/lora.yaml (2 x accumulation 8 x 8 GPUs = 128, "
+        "gradient checkpointing, bf16)",
+        "modes": ("lora", "projector"),
+        "calibrate": None,  # the real step runs the tower the meta step stands in for
+    }
     # Full attention's q/k/v/o, the Gated DeltaNet layers' projections (3 of 4 layers), the MLP.
     lora_targets = (
         "q_proj",
@@ -217,6 +287,13 @@ class Qwen3_5(Qwen3VL):
 
     def projector_modules(self) -> list[str]:
         return [PROJECTOR]
+
+    def simulation_loss(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Qwen2.5-VL's, without the 2-D attention mask: the DeltaNet layers' padding mask asks
+        ``torch.all(mask == 1)`` on the host, which meta tensors cannot answer. The full-attention
+        layers take no mask in the simulation either (its fused attention), and zeroing padded rows
+        is element-wise, so the memory is the same."""
+        return super().simulation_loss(model, {**batch, "attention_mask": None})
 
     def packing_refusal(self, config: Any) -> str | None:
         return (
