@@ -33,6 +33,8 @@ from pathlib import Path
 # from the warm process. Anything else that differs means a cold start.
 _RUNTIME_ENV = (
     "WANDB_",
+    "TORCHINDUCTOR_",
+    "PYTEST_",  # PYTEST_CURRENT_TEST names the running test
     "RANK",
     "LOCAL_RANK",
     "WORLD_SIZE",
@@ -70,11 +72,13 @@ if sys.path and sys.path[0] == "":  # imports resolve as for a script elsewhere,
     sys.path.pop(0)
 answer = os.fdopen(int(sys.argv[1]), "w", buffering=1)
 preload_error = None
+before = set(os.environ)
 try:
     exec(compile(sys.argv[2], "<preload>", "exec"), {})
 except Exception:
     preload_error = traceback.format_exc()
-answer.write(json.dumps({"ready": True, "error": preload_error}) + "\n")
+added = sorted(set(os.environ) - before)  # what the imports set, as they would in any process
+answer.write(json.dumps({"ready": True, "error": preload_error, "added": added}) + "\n")
 sys.stdout.flush(); sys.stderr.flush()
 
 def child(req):
@@ -121,9 +125,14 @@ def _cold() -> bool:
     return os.environ.get("VISIONZIP_TEST_COLD") == "1"
 
 
-def _differs_at_import(env: dict, base: dict) -> list[str]:
+def _differs_at_import(env: dict, base: dict, set_by_imports: set[str]) -> list[str]:
+    """Variables of ``env`` that differ from ``base`` and may have been read at import time.
+    ``set_by_imports``: variables the modules set when imported (torch's inductor sets its cache
+    folder), in the warm process as in any process that imports them (the tests' own included)."""
     keys = set(env) ^ set(base) | {k for k in env.keys() & base.keys() if env[k] != base[k]}
-    return sorted(k for k in keys if not (k.startswith(_RUNTIME_ENV) or k in _RUNTIME_KEYS))
+    return sorted(
+        k for k in keys if not (k.startswith(_RUNTIME_ENV) or k in _RUNTIME_KEYS or k in set_by_imports)
+    )
 
 
 class _Server:
@@ -147,6 +156,7 @@ class _Server:
         ready = self._answer()
         if ready.get("error"):
             raise RuntimeError(f"the warm process could not import its modules:\n{ready['error']}")
+        self.set_by_imports = set(ready["added"])
         self.lock = threading.Lock()
 
     def _answer(self) -> dict:
@@ -241,7 +251,7 @@ def _can_run_warm(cmd, env: dict | None) -> list[str] | None:
     if args is None:
         return None
     server = _get_server()
-    if env is not None and _differs_at_import(env, server.env):
+    if env is not None and _differs_at_import(env, server.env, server.set_by_imports):
         return None
     if not server.lock.acquire(blocking=False):  # another warm child still runs: this one starts cold
         return None
@@ -269,7 +279,7 @@ def run(cmd, *, cwd=None, env=None, capture_output=False, text=False, timeout=No
         proc = WarmProcess(args, cwd, env if env is not None else dict(os.environ), out, err)
         try:
             proc.wait(timeout)
-        except subprocess.TimeoutExpired:
+        except BaseException:  # a timeout or an interrupt: the child goes too, as with subprocess.run
             proc.kill()
             proc.wait()
             raise
