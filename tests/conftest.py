@@ -19,6 +19,10 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Commands the tests start run on one thread each (set after torch's import: the suite's own
+# process keeps its threads), the same in the warm process that forks most of them
+# (tests/warm_python.py) as in the ones started cold: two of them on 2 cores otherwise fight.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import warm_python
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _run(script: str, out: Path, *extra: str) -> list[dict]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, str(ROOT / "scripts" / script), "--quick", "--threads", "1", "--budgets", "576,64"]
-    subprocess.run([*cmd, *extra, "--out", str(out)], check=True, env=env, cwd=ROOT, timeout=600)
+    warm_python.run([*cmd, *extra, "--out", str(out)], check=True, env=env, cwd=ROOT, timeout=600)
     return json.loads(out.read_text())
 
 
@@ -72,7 +72,7 @@ def test_bench_train_and_prefill_quick_for_llava_next(tmp_path):
     for script, extra in (("bench_train.py", ["--steps", "1"]), ("bench_prefill.py", ["--new-tokens", "2"])):
         out = tmp_path / script.replace(".py", ".json")
         cmd = [sys.executable, str(ROOT / "scripts" / script), *common, *extra, "--out", str(out)]
-        subprocess.run(cmd, check=True, env=env, cwd=ROOT, timeout=600)
+        warm_python.run(cmd, check=True, env=env, cwd=ROOT, timeout=600)
         stock, small = json.loads(out.read_text())
         assert stock["crops_per_image"] == small["crops_per_image"] == 5
         # stock: 576 base + 48 x 48 tile grid + 48 newlines; compressed: 5 crops x 32
@@ -151,7 +151,7 @@ def test_paper_table_quick(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, str(ROOT / "scripts/paper_table.py"), "--quick", "--out", str(out)]
     cmd += ["--work", str(tmp_path / "runs")]
-    subprocess.run(cmd, check=True, env=env, cwd=ROOT, timeout=1200)
+    warm_python.run(cmd, check=True, env=env, cwd=ROOT, timeout=1200)
     rows = json.loads(out.read_text())
     assert [r["row"] for r in rows] == ["a", "b", "c", "d"]
     assert [r["tokens"] for r in rows] == [64, 8, 8, 8]
@@ -170,7 +170,7 @@ def test_bench_train_and_prefill_quick_for_qwen2_5_vl(tmp_path):
     for script, extra in (("bench_train.py", ["--steps", "1"]), ("bench_prefill.py", ["--new-tokens", "2"])):
         out = tmp_path / script.replace(".py", ".json")
         cmd = [sys.executable, str(ROOT / "scripts" / script), *common, *extra, "--out", str(out)]
-        subprocess.run(cmd, check=True, env=env, cwd=ROOT, timeout=600)
+        warm_python.run(cmd, check=True, env=env, cwd=ROOT, timeout=600)
         stock, small = json.loads(out.read_text())
         assert (stock["tokens"], small["tokens"]) == (100, 25)
         assert (stock["image_tokens"], small["image_tokens"]) == (256, 63)
@@ -217,7 +217,7 @@ def test_qwen2_5_vl_7b_size_builds_on_meta_and_is_refused_on_cpu():
     assert "not a qwen2.5-vl size" in size_error("qwen2.5-vl", "llava-1.5-7b", "cpu")
     for script in ("bench_train.py", "bench_prefill.py"):
         cmd = [sys.executable, str(ROOT / "scripts" / script), "--family", "qwen2.5-vl"]
-        done = subprocess.run(
+        done = warm_python.run(
             [*cmd, "--size", "qwen2.5-vl-7b", "--device", "cpu"], capture_output=True, text=True, timeout=300
         )
         assert done.returncode == 2 and "is a GPU size" in done.stderr

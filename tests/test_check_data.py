@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import warm_python
 from test_train_e2e import _env
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,7 +46,7 @@ def _overrides(data: Path, out: Path, *extra: str) -> list[str]:
 
 
 def _run(script: str, overrides: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run(
+    return warm_python.run(
         [sys.executable, script, "--config", "configs/demo.yaml", *overrides],
         cwd=REPO,
         env=_env(),

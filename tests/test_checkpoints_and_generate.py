@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import warm_python
 
 from visionzip_core.model_names import resolve_model_path
 
@@ -34,7 +34,7 @@ def test_plain_names_pass_through_and_unknown_builtins_fail():
 @pytest.mark.slow
 def test_generate_cli_reports_kept_tokens(tiny_llava_dir):
     cmd = [sys.executable, str(REPO / "scripts" / "generate.py"), "--model", str(tiny_llava_dir)]
-    out = subprocess.run(
+    out = warm_python.run(
         cmd + ["--dominant", "9", "--contextual", "3", "--max-new-tokens", "3"],
         capture_output=True,
         text=True,
@@ -42,11 +42,11 @@ def test_generate_cli_reports_kept_tokens(tiny_llava_dir):
     ).stdout
     assert "visual tokens per image: 12 of 64 (VisionZip dominant 9 + contextual 3)" in out
     assert "generated:" in out
-    stock = subprocess.run(
+    stock = warm_python.run(
         cmd + ["--no-visionzip", "--max-new-tokens", "2"], capture_output=True, text=True
     ).stdout
     assert "visual tokens per image: 64 of 64 (stock)" in stock
-    bad = subprocess.run(cmd + ["--dominant", "60", "--contextual", "10"], capture_output=True, text=True)
+    bad = warm_python.run(cmd + ["--dominant", "60", "--contextual", "10"], capture_output=True, text=True)
     assert bad.returncode != 0 and "dominant + contextual = 70" in bad.stderr
 
 
@@ -69,10 +69,10 @@ def test_generate_cli_keeps_the_split_a_checkpoint_records(tiny_llava_dir, tmp_p
         "--max-new-tokens",
         "2",
     ]
-    same = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    same = warm_python.run(cmd, capture_output=True, text=True, check=True)
     assert "visual tokens per image: 8 of 64 (VisionZip dominant 6 + contextual 2)" in same.stdout
     assert "note:" not in same.stderr
-    override = subprocess.run(cmd + ["--contextual", "4"], capture_output=True, text=True, check=True)
+    override = warm_python.run(cmd + ["--contextual", "4"], capture_output=True, text=True, check=True)
     assert "visual tokens per image: 10 of 64 (VisionZip dominant 6 + contextual 4)" in override.stdout
     # Another split than the one trained is said, not done silently.
     assert (

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import warm_python
 
 from visionzip_core import num_image_tokens
 from visionzip_core.data import DataCollator, DataSettings, LengthGroupedSampler, build_dataset
@@ -55,7 +55,7 @@ def test_demo_data_feeds_the_tiny_model(tmp_path, tiny, template, kind):
 
 def test_generator_is_deterministic(tmp_path):
     for out in ("a", "b"):
-        subprocess.run(
+        warm_python.run(
             [
                 sys.executable,
                 str(REPO / "data/make_demo_data.py"),

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import warm_python
 
 from visionzip_core import VisionZipConfig
 from visionzip_core.evaluation import exact_match, load_eval_samples, normalize_answer, parse_budgets
@@ -107,7 +108,7 @@ def test_samples_without_an_image_are_left_out_and_problems_name_the_sample(tmp_
 def _evaluate(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, str(REPO / "scripts/evaluate.py"), *args]
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    return warm_python.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
 def test_evaluate_scores_every_budget_side_by_side(tiny_llava_dir, tmp_path):

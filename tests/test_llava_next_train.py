@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import warm_python
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 from test_train_e2e import REPO, _cmd, _env, final_weights, metrics, train
@@ -73,7 +74,7 @@ def _next(model_dir, out: Path, data: Path) -> list[str]:
 
 
 def _generate(final: Path, image: Path) -> str:
-    proc = subprocess.run(
+    proc = warm_python.run(
         [
             sys.executable,
             "scripts/generate.py",
@@ -221,7 +222,7 @@ def test_resume_after_sigkill_matches_an_unbroken_run(
     common = RESUME
     (unbroken, _), killed = deepspeed_run, tmp_path / "killed"
     cmd = _cmd("python", _next(tiny_llava_next_dir, killed, next_data) + common + ["debug.step_sleep_s=1.0"])
-    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = warm_python.popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
     while not (killed / "checkpoint-3" / "COMPLETE").is_file():
         assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
@@ -271,11 +272,11 @@ def test_stage2_starts_from_a_stage1_export(pretrain_run, next_data, tmp_path):
         "--out",
         str(init),
     ]
-    proc = subprocess.run(convert, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    proc = warm_python.run(convert, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     src, dst = load_file(str(stage1 / "final/model.safetensors")), load_file(str(init / "model.safetensors"))
     assert set(dst) == set(src) | {"image_newline"} and all(torch.equal(src[k], dst[k]) for k in src)
-    again = subprocess.run(convert, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    again = warm_python.run(convert, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
     assert again.returncode == 2 and again.stderr.count("\n") == 1 and "exists" in again.stderr
     out = tmp_path / "stage2"
     train(_next(init, out, next_data))

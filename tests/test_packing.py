@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import warm_python
 from test_train_e2e import pretrain_overrides
 
 from visionzip_core.data import DataCollator, build_dataset
@@ -288,7 +289,9 @@ def test_packed_token_budget_run_logs_padding_and_resumes_exactly_after_sigkill(
     steps = [line for line in (unbroken / "debug/samples-rank0.jsonl").read_text().splitlines()]
     assert len(steps) == 6 and all(line.count(",") >= 8 for line in steps)
     cmd = _cmd("python", args(killed) + common + ["debug.step_sleep_s=1.0"])
-    victim = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    victim = warm_python.popen(
+        cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 600
     while not (killed / "checkpoint-3" / "COMPLETE").is_file():
         assert victim.poll() is None and time.time() < deadline, "run ended before its first checkpoint"

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import warm_python
 
 from visionzip_core.bench import planner
 from visionzip_core.bench.memory_sim import simulate, workload
@@ -252,7 +252,7 @@ def test_calibration_planner_equals_a_real_cpu_step():
 def _plan(tmp_path, *args) -> list[dict]:
     out = tmp_path / "plan.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(
+    proc = warm_python.run(
         [sys.executable, "scripts/plan.py", *args, "--out", str(out)],
         cwd=REPO,
         env=env,
@@ -360,7 +360,7 @@ def test_quantization_is_refused_where_the_trainer_refuses_it():
 
 def test_cli_bad_input_is_one_line(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(
+    proc = warm_python.run(
         [sys.executable, "scripts/plan.py", "--gpus", "3", "--global-batch", "128"],
         cwd=REPO,
         env=env,
@@ -479,7 +479,7 @@ def test_auto_on_cpu_runs_the_entry_point_with_the_fallback_and_resume_keeps_it(
     ]
 
     def run(steps: int) -> str:
-        proc = subprocess.run(
+        proc = warm_python.run(
             common + [f"train.max_steps={steps}"],
             cwd=REPO,
             env=env,

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import warm_python
 from PIL import Image
 from transformers import AttentionInterface
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import eager_attention_forward
@@ -398,7 +399,6 @@ def test_save_and_reload_keep_the_split_for_model_and_processor(model, processor
 
 
 def test_generate_cli_on_a_qwen_folder_with_an_image_and_a_video(tiny_qwen, tmp_path):
-    import subprocess
     import sys
     from pathlib import Path
 
@@ -417,7 +417,7 @@ def test_generate_cli_on_a_qwen_folder_with_an_image_and_a_video(tiny_qwen, tmp_
         "--max-new-tokens",
         "2",
     ]
-    run = subprocess.run(
+    run = warm_python.run(
         [
             *cmd,
             "--image",
@@ -437,7 +437,7 @@ def test_generate_cli_on_a_qwen_folder_with_an_image_and_a_video(tiny_qwen, tmp_
     # 150x90 -> 140x84 after smart_resize: 5 x 3 = 15 merged tokens; 4 frames = 2 groups of 4 x 5
     assert "visual tokens per image: 4 of 15 (VisionZip dominant 3 + contextual 1)" in run.stdout
     assert "video tokens: 8 " in run.stdout
-    bad = subprocess.run(
+    bad = warm_python.run(
         [*cmd, "--image", str(image), "--dominant-ratio", "1.2", "--contextual-ratio", "0.1"],
         capture_output=True,
         text=True,

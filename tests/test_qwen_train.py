@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import warm_python
 from PIL import Image
 from safetensors.torch import load_file
 from test_train_e2e import REPO, _cmd, _env, metrics, train
@@ -197,7 +198,7 @@ def test_resume_continues_to_the_same_weights(qwen_dir, qwen_data, finetuned, tm
     straight, split = finetuned, tmp_path / "split"
     # killed once checkpoint-2 is complete (a pause per step keeps it from reaching step 4 first)
     args = _qwen(qwen_dir, split, qwen_data, "finetune", steps=4) + ["debug.step_sleep_s=1.5"]
-    victim = subprocess.Popen(
+    victim = warm_python.popen(
         _cmd("python", args), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     deadline = time.time() + 600

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import warm_python
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -120,7 +121,7 @@ def test_pretrain_from_full_clip_bin_and_sharded_bin_vicuna(full_clip_dir, vicun
 
 def _generate_cli(model: Path, *flags: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, str(REPO / "scripts/generate.py"), "--model", str(model), "--max-new-tokens", "3"]
-    return subprocess.run(cmd + list(flags), capture_output=True, text=True, timeout=300)
+    return warm_python.run(cmd + list(flags), capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.slow
@@ -278,7 +279,7 @@ def test_the_entry_points_refuse_an_unusable_folder_with_exit_2(llava_hf_4x_dir,
     proc = train(_base(broken, tmp_path / "run"), expect=2)
     assert f"model.name_or_path: {broken} has no weights" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "run" / "metrics.jsonl").exists()
-    check = subprocess.run(
+    check = warm_python.run(
         [
             sys.executable,
             "scripts/check_data.py",

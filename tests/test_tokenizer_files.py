@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import warm_python
 from transformers import AutoTokenizer, LlamaTokenizer, LlavaProcessor
 
 from visionzip_core.families.llava import clip_image_processor
@@ -51,7 +52,6 @@ def test_stage1_export_tokenises_like_its_legacy_input_folder(tiny_pretrain_dirs
     ``final/`` must reload with the same tokenisation, so stage 2 encodes as stage 1 did."""
     import os
     import shutil
-    import subprocess
     import sys
     from pathlib import Path
 
@@ -86,7 +86,7 @@ def test_stage1_export_tokenises_like_its_legacy_input_folder(tiny_pretrain_dirs
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "WANDB_MODE": "disabled"}
     env.pop("RANK", None)
-    proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    proc = warm_python.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
     stage1 = AutoTokenizer.from_pretrained(llm)

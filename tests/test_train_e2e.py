@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import warm_python
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -111,7 +112,9 @@ def _cmd(launcher: str, overrides: list[str]) -> list[str]:
 
 
 def train(overrides: list[str], launcher: str = "python", expect: int = 0, timeout: int = 600):
-    proc = subprocess.run(
+    # `python train/finetune.py` runs forked from a warm interpreter (tests/warm_python.py); the
+    # launchers start cold.
+    proc = warm_python.run(
         _cmd(launcher, overrides), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout
     )
     assert proc.returncode == expect, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
@@ -288,7 +291,7 @@ def test_resume_after_sigkill_matches_an_unbroken_run(tiny_llava_dir, tmp_path):
     train(_base(tiny_llava_dir, unbroken) + common)
 
     cmd = _cmd("python", _base(tiny_llava_dir, killed) + common + ["debug.step_sleep_s=1.0"])
-    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = warm_python.popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
     while not (killed / "checkpoint-3" / "COMPLETE").is_file():
         assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"

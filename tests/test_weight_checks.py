@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import warm_python
 from safetensors.torch import load_file, save_file
 
 from visionzip_core import load_visionzip_model, visionzip
@@ -164,7 +165,7 @@ def test_both_key_layouts_load(export_dir, tmp_path):
 
 
 def _generate(model: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
+    return warm_python.run(
         [sys.executable, "scripts/generate.py", "--model", str(model), "--max-new-tokens", "2"],
         cwd=REPO,
         capture_output=True,

@@ -1,0 +1,311 @@
+"""``python script.py ...`` without paying for the imports each time: a process that imported the
+trainer's and the commands' heavy modules once (torch, transformers, DeepSpeed, matplotlib, ...)
+forks one child per command, and the child runs the script as ``python`` would.
+
+On 2 cores a fresh interpreter spends 6-15 s importing before a tiny run's first step, which is most
+of such a test. The child is still a process of its own (its own pid, exit code, signals, process
+group, environment, working folder, stdout and stderr), so what the tests assert on is the same;
+what it does not show is the cold start itself. The tests that are about the start (``--help``, the
+log-noise checks, the launchers, the installed wheel) start fresh interpreters, and every entry
+point keeps at least one such test.
+
+    from warm_python import run, popen
+    proc = run([sys.executable, "train/finetune.py", ...], cwd=REPO, env=env, capture_output=True, text=True)
+
+A command this cannot run warm (not ``sys.executable script`` or ``-c code``, interpreter flags, an
+environment that differs from the warm process's in a variable read at import time) goes to
+:mod:`subprocess` unchanged. ``VISIONZIP_TEST_COLD=1`` sends every command there.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+# Variables the scripts read at run time (not at import), so a child may set them differently
+# from the warm process. Anything else that differs means a cold start.
+_RUNTIME_ENV = (
+    "WANDB_",
+    "TORCHINDUCTOR_",
+    "PYTEST_",  # PYTEST_CURRENT_TEST names the running test
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+)
+_RUNTIME_KEYS = {"TORCH_EXTENSIONS_DIR", "PYTHONUNBUFFERED"}
+
+# What a run imports; imported once in the warm process. DeepSpeed's ZeRO optimizer check imports
+# its Muon optimizer, which imports torch's inductor (seconds on every start).
+_PRELOAD = """
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot
+import deepspeed
+import deepspeed.runtime.zero.muon.muon_optimizer
+import datasets
+import peft
+import wandb
+import transformers
+from transformers import (
+    CLIPImageProcessor, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration,
+    Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration,
+)
+import visionzip_core.training.recipe
+import visionzip_core.cli.check_data, visionzip_core.cli.evaluate, visionzip_core.cli.generate
+import visionzip_core.cli.plan, visionzip_core.cli.show_tokens
+"""
+
+# The warm process: reads one JSON request per line on stdin, answers on the fd it is given.
+_SERVER = r"""
+import json, os, runpy, sys, traceback, types
+if sys.path and sys.path[0] == "":  # imports resolve as for a script elsewhere, not from this folder
+    sys.path.pop(0)
+answer = os.fdopen(int(sys.argv[1]), "w", buffering=1)
+preload_error = None
+before = set(os.environ)
+try:
+    exec(compile(sys.argv[2], "<preload>", "exec"), {})
+except Exception:
+    preload_error = traceback.format_exc()
+added = sorted(set(os.environ) - before)  # what the imports set, as they would in any process
+answer.write(json.dumps({"ready": True, "error": preload_error, "added": added}) + "\n")
+sys.stdout.flush(); sys.stderr.flush()
+
+def child(req):
+    answer.close()
+    fds = [os.open(os.devnull, os.O_RDONLY), os.open(req["stdout"], os.O_WRONLY), os.open(req["stderr"], os.O_WRONLY)]
+    for fd, target in zip(fds, (0, 1, 2)):
+        os.dup2(fd, target)
+        os.close(fd)
+    os.chdir(req["cwd"])
+    os.environ.clear()
+    os.environ.update(req["env"])
+    args = req["args"]
+    source = args[1] if args[0] == "-c" else open(args[0]).read()
+    if "training.recipe" in source or "training import recipe" in source:
+        # Importing the recipe sets the process's environment defaults (a launcher-less run's
+        # RANK, WORLD_SIZE, ...); here it was imported before this child's environment was set.
+        from visionzip_core.training import distributed
+        distributed.set_env_defaults()
+    if args[0] == "-c":
+        sys.argv = ["-c", *args[2:]]
+        sys.path.insert(0, "")
+        main = sys.modules["__main__"] = types.ModuleType("__main__")
+        exec(compile(args[1], "<string>", "exec"), vars(main))
+    else:
+        sys.argv = list(args)
+        sys.path.insert(0, os.path.dirname(os.path.abspath(args[0])))
+        runpy.run_path(args[0], run_name="__main__")
+
+for line in sys.stdin:
+    req = json.loads(line)
+    sys.stdout.flush(); sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        del line
+        child(req)  # an exception or SystemExit ends this child as it would end `python script`
+        sys.exit(0)
+    answer.write(json.dumps({"pid": pid}) + "\n")
+    _, status = os.waitpid(pid, 0)
+    answer.write(json.dumps({"returncode": os.waitstatus_to_exitcode(status)}) + "\n")
+"""
+
+
+def _cold() -> bool:
+    return os.environ.get("VISIONZIP_TEST_COLD") == "1"
+
+
+def _differs_at_import(env: dict, base: dict, set_by_imports: set[str]) -> list[str]:
+    """Variables of ``env`` that differ from ``base`` and may have been read at import time.
+    ``set_by_imports``: variables the modules set when imported (torch's inductor sets its cache
+    folder), in the warm process as in any process that imports them (the tests' own included)."""
+    keys = set(env) ^ set(base) | {k for k in env.keys() & base.keys() if env[k] != base[k]}
+    return sorted(
+        k for k in keys if not (k.startswith(_RUNTIME_ENV) or k in _RUNTIME_KEYS or k in set_by_imports)
+    )
+
+
+class _Server:
+    """The warm process (one per test session, started on first use)."""
+
+    def __init__(self):
+        self.env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+        self.env.pop("RANK", None)
+        read, write = os.pipe()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _SERVER, str(write), _PRELOAD],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=self.env,
+            pass_fds=(write,),
+            text=True,
+        )
+        os.close(write)
+        self.answers = os.fdopen(read, "r")
+        ready = self._answer()
+        if ready.get("error"):
+            raise RuntimeError(f"the warm process could not import its modules:\n{ready['error']}")
+        self.set_by_imports = set(ready["added"])
+        self.lock = threading.Lock()
+
+    def _answer(self) -> dict:
+        line = self.answers.readline()
+        if not line:
+            raise RuntimeError(f"the warm process exited ({self.proc.poll()})")
+        return json.loads(line)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+_server: _Server | None = None
+
+
+def _get_server() -> _Server:
+    global _server
+    if _server is None or _server.proc.poll() is not None:
+        _server = _Server()
+        atexit.register(_server.close)
+    return _server
+
+
+class WarmProcess:
+    """A forked child running one command; the part of :class:`subprocess.Popen` the tests use."""
+
+    def __init__(self, args: list[str], cwd, env: dict, stdout: Path, stderr: Path):
+        self.args = args
+        self._server = _get_server()
+        request = {
+            "args": args,
+            "cwd": str(cwd or os.getcwd()),
+            "env": env,
+            "stdout": str(stdout),
+            "stderr": str(stderr),
+        }
+        self._server.proc.stdin.write(json.dumps(request) + "\n")
+        self._server.proc.stdin.flush()
+        self.pid = self._server._answer()["pid"]
+        self.returncode: int | None = None
+        self._waiter = threading.Thread(target=self._wait_answer, daemon=True)
+        self._waiter.start()
+
+    def _wait_answer(self) -> None:
+        try:
+            self.returncode = self._server._answer()["returncode"]
+        finally:
+            self._server.lock.release()
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        self._waiter.join(timeout)
+        if self._waiter.is_alive():
+            raise subprocess.TimeoutExpired(self.args, timeout)
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is None:
+            os.kill(self.pid, sig)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+def _warm_args(cmd) -> list[str] | None:
+    """The script and its arguments when ``cmd`` is ``sys.executable script ...`` or ``-c code``."""
+    cmd = [str(c) for c in cmd]
+    if len(cmd) < 2 or cmd[0] != sys.executable:
+        return None
+    if cmd[1] == "-c" and len(cmd) >= 3:
+        return cmd[1:]
+    if cmd[1].startswith("-"):
+        return None
+    return cmd[1:]
+
+
+def _can_run_warm(cmd, env: dict | None) -> list[str] | None:
+    """The arguments to run warm, with the warm process reserved for them; None: run it cold."""
+    if _cold():
+        return None
+    args = _warm_args(cmd)
+    if args is None:
+        return None
+    server = _get_server()
+    if env is not None and _differs_at_import(env, server.env, server.set_by_imports):
+        return None
+    if not server.lock.acquire(blocking=False):  # another warm child still runs: this one starts cold
+        return None
+    return args
+
+
+def run(cmd, *, cwd=None, env=None, capture_output=False, text=False, timeout=None, check=False, **kw):
+    """:func:`subprocess.run` for ``[sys.executable, script, ...]``, run warm where it can be."""
+    args = None if kw else _can_run_warm(cmd, env)
+    if args is None:
+        return subprocess.run(
+            cmd,
+            cwd=cwd,
+            env=env,
+            capture_output=capture_output,
+            text=text,
+            timeout=timeout,
+            check=check,
+            **kw,
+        )
+    with tempfile.TemporaryDirectory(prefix="warm-") as tmp:
+        out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
+        out.touch()
+        err.touch()
+        proc = WarmProcess(args, cwd, env if env is not None else dict(os.environ), out, err)
+        try:
+            proc.wait(timeout)
+        except BaseException:  # a timeout or an interrupt: the child goes too, as with subprocess.run
+            proc.kill()
+            proc.wait()
+            raise
+        stdout, stderr = out.read_bytes(), err.read_bytes()
+    if text:  # as subprocess's text mode reads them: universal newlines
+        stdout, stderr = (
+            b.decode(errors="replace").replace("\r\n", "\n").replace("\r", "\n") for b in (stdout, stderr)
+        )
+    if not capture_output:
+        # Not captured: pass it on, as a child sharing the test's stdout and stderr would.
+        (sys.stdout.buffer if not text else sys.stdout).write(stdout)
+        (sys.stderr.buffer if not text else sys.stderr).write(stderr)
+        stdout = stderr = None
+    done = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+    if check:
+        done.check_returncode()
+    return done
+
+
+def popen(cmd, *, cwd=None, env=None, stdout=None, stderr=None):
+    """:class:`subprocess.Popen` for ``[sys.executable, script, ...]`` whose output is not read
+    (``stdout``/``stderr`` ``DEVNULL`` or None), run warm where it can be."""
+    read = any(s not in (None, subprocess.DEVNULL) for s in (stdout, stderr))
+    args = None if read else _can_run_warm(cmd, env)
+    if args is None:
+        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=stdout, stderr=stderr)
+    return WarmProcess(
+        args, cwd, env if env is not None else dict(os.environ), Path(os.devnull), Path(os.devnull)
+    )
