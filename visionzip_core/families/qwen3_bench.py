@@ -36,29 +36,20 @@ from visionzip_core.families.flops import (
     llama_flops,
     matmul_flops,
 )
-from visionzip_core.families.qwen_bench import qwen_synthetic_batch
+from visionzip_core.families.qwen_bench import QwenBenchSize, qwen_synthetic_batch
 
 #: Tokens per chunk of transformers' reference Gated DeltaNet kernel (``torch_chunk_gated_delta_rule``).
 DELTA_CHUNK = 64
 
 
 @dataclass(frozen=True)
-class Qwen3BenchSize:
-    """A Qwen3-VL or Qwen3.5 size: ``vision`` and ``text`` are the ``vision_config`` / ``text_config``
-    entries of its config.json (token ids are the tiny Qwen tokenizer's, added by ``bench_config``);
-    ``image`` is the (H, W) of every benchmark image. Other fields as in ``QwenBenchSize``."""
+class Qwen3BenchSize(QwenBenchSize):
+    """A Qwen3-VL or Qwen3.5 size: the fields of :class:`QwenBenchSize` (``vision`` and ``text`` are
+    the ``vision_config`` / ``text_config`` entries of its config.json, token ids the tiny Qwen
+    tokenizer's, added by ``bench_config``), with an analytic FLOP model (:func:`qwen3_step_flops`)
+    and its own smoke variant."""
 
     flop_model: ClassVar[bool] = True
-
-    name: str
-    vision: dict
-    text: dict
-    batch_size: int
-    text_tokens: tuple[int, int]
-    dtype: str
-    image: tuple[int, int] = (448, 448)
-    note: str = ""
-    gpu_only: bool = False
 
     def quick(self) -> Qwen3BenchSize:
         """Smoke variant: 2 vision blocks (a DeepStack level after the first when the size has any),
