@@ -8,7 +8,9 @@ before it), so the worker's command line still names ``train/finetune.py``.
 ``debug.log_samples=true``: write each step's sample indices to ``output_dir/debug/samples-rank<R>.jsonl``
 (truncated to the resumed step, so a resumed run's file equals an unbroken run's);
 ``debug.nan_at_step=N``: make step N's loss NaN; ``debug.step_sleep_s=S``: pause after every step;
-``debug.fail_scoring=true``: ``eval.generate_accuracy`` fails on the loaded export.
+``debug.fail_scoring=true``: ``eval.generate_accuracy`` fails on the loaded export;
+``debug.hold_until=PATH``: after each step, write ``PATH.waiting`` and wait (up to 600 s) until ``PATH``
+exists, so a test can act while the run is known to be mid-way, however slow the machine.
 Everything else goes to the recipe's ``main`` (:mod:`visionzip_core.training.recipe`, what
 ``train/finetune.py`` runs) unchanged, the launchers' own arguments included.
 """
@@ -32,9 +34,11 @@ class DebugHooks(TrainHooks):
         nan_at_step: int | None = None,
         step_sleep_s: float = 0.0,
         fail_scoring: bool = False,
+        hold_until: str | None = None,
     ):
         self.log_samples, self.nan_at_step, self.step_sleep_s = log_samples, nan_at_step, step_sleep_s
         self.fail_scoring = fail_scoring
+        self.hold_until = Path(hold_until) if hold_until else None
         self.path: Path | None = None
 
     def on_start(self, output_dir, rank, step):
@@ -54,6 +58,11 @@ class DebugHooks(TrainHooks):
     def after_step(self, step):
         if self.step_sleep_s:
             time.sleep(self.step_sleep_s)
+        if self.hold_until is not None and not self.hold_until.exists():
+            Path(f"{self.hold_until}.waiting").write_text(str(step))
+            deadline = time.monotonic() + 600
+            while not self.hold_until.exists() and time.monotonic() < deadline:
+                time.sleep(0.1)
 
     def before_scoring(self, final):
         if self.fail_scoring:
@@ -73,6 +82,7 @@ def split_debug(argv: list[str]) -> tuple[DebugHooks, list[str]]:
         nan_at_step=int(values.pop("nan_at_step")) if "nan_at_step" in values else None,
         step_sleep_s=float(values.pop("step_sleep_s", 0.0)),
         fail_scoring=values.pop("fail_scoring", "false").lower() == "true",
+        hold_until=values.pop("hold_until", None),
     )
     if values:
         raise SystemExit(f"hooked_finetune: unknown debug.* arguments {sorted(values)}")

@@ -124,20 +124,29 @@ def test_a_finished_run_exits_at_once_and_only_reexports_a_missing_final(tiny_ll
 
 def test_a_second_run_on_the_same_folder_is_refused(tiny_llava_dir, tmp_path):
     """A dead run's lock does not block: test_train_e2e.py's SIGKILL resume test."""
-    out = tmp_path / "run"
-    args = _base(tiny_llava_dir, out) + ["train.max_steps=6", "debug.step_sleep_s=1.0"]
+    out, release = tmp_path / "run", tmp_path / "release"
+    args = _base(tiny_llava_dir, out) + ["train.max_steps=6"]
+    # The first run waits after each step until the second has been refused, on any machine load.
     first = subprocess.Popen(
-        _cmd("python", args), cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        _cmd("python", args + [f"debug.hold_until={release}"]),
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
-    deadline = time.time() + 600
-    while not (out / "metrics.jsonl").is_file():
-        assert first.poll() is None and time.time() < deadline, "first run ended before training"
-        time.sleep(0.2)
-    started = time.time()
-    second = train(args, expect=2)
-    assert time.time() - started < 60
-    assert f"is in use by another run (PID {first.pid} on " in second.stderr, second.stderr
-    assert len([line for line in second.stderr.splitlines() if line.startswith("error:")]) == 1
+    try:
+        deadline = time.time() + 600
+        while not Path(f"{release}.waiting").is_file():  # the first run holds the folder, mid-way
+            assert first.poll() is None and time.time() < deadline, "first run ended before training"
+            time.sleep(0.2)
+        started = time.time()
+        second = train(args, expect=2)
+        assert time.time() - started < 60
+        assert f"is in use by another run (PID {first.pid} on " in second.stderr, second.stderr
+        assert len([line for line in second.stderr.splitlines() if line.startswith("error:")]) == 1
+    finally:
+        release.touch()
     assert first.wait(timeout=240) == 0, first.stderr[-3000:]
     assert [r["step"] for r in metrics(out) if "loss" in r] == [1, 2, 3, 4, 5, 6]  # each row once
 
