@@ -72,7 +72,7 @@ def _encode(value):
 
 
 def _decode(data):
-    (kind, value), = data.items()
+    ((kind, value),) = data.items()
     if kind == "path":
         return Path(value)
     if kind == "process":
@@ -129,7 +129,9 @@ def tiny_qwen2_5_vl_dir(tmp_path_factory):
     windowed vision blocks, 2x2 merge units of 14 px patches) and its processor."""
     from visionzip_core.testing.tiny import write_tiny
 
-    return built_once(tmp_path_factory, "tiny-qwen2.5-vl", lambda path: write_tiny("qwen2.5-vl", path / "model"))
+    return built_once(
+        tmp_path_factory, "tiny-qwen2.5-vl", lambda path: write_tiny("qwen2.5-vl", path / "model")
+    )
 
 
 @pytest.fixture(scope="session")
@@ -158,7 +160,6 @@ def family_dirs(tiny_llava_dir, tiny_llava_next_dir, tiny_llava_onevision_dir, t
     folders, and Qwen2-VL / Qwen2.5-VL / Qwen3-VL / Qwen3.5 with 2-3 vision blocks (seed 0), the size
     the training tests run (built once here, not once per module)."""
     from visionzip_core.testing.tiny import write_tiny
-
 
     def build(root: Path) -> dict[str, Path]:
         return {
