@@ -34,6 +34,7 @@ from visionzip_core.families.flops import (
     attention_flops,
     linear_flops,
     llama_flops,
+    lora_flops,
     matmul_flops,
 )
 from visionzip_core.families.qwen_bench import QwenBenchSize, qwen_synthetic_batch
@@ -325,13 +326,14 @@ def hybrid_llm_flops(
     gated MLP, and by ``layer_types`` either gated full attention (``q_proj`` to twice the heads: query
     and output gate) or a Gated DeltaNet layer (projections, causal depthwise conv1d, the chunked scan
     of :func:`delta_rule_flops`, ``out_proj``); then the LM head (over ``logits_positions`` per
-    sequence, None: all, as :func:`llama_flops`). LoRA is not modelled.
+    sequence, None: all, as :func:`llama_flops`). With LoRA, each layer's adapters on the targets it
+    has (:func:`~visionzip_core.families.flops.lora_flops`): full attention's ``q_proj`` (to the query
+    and its gate), ``k_proj``, ``v_proj``, ``o_proj``, a DeltaNet layer's ``in_proj_qkv``,
+    ``in_proj_z``, ``in_proj_b``, ``in_proj_a``, ``out_proj``, and every layer's MLP.
 
     Returns:
         ``(Flops, solve)``: the counted products, and the triangular solves' FLOPs apart.
     """
-    if parts.llm == "lora":
-        raise NotImplementedError("qwen3.5: the FLOP model counts projector and full training, not LoRA")
     t = text_config
     tokens = batch * seq_len
     d, hd = t.hidden_size, t.head_dim
@@ -356,6 +358,22 @@ def hybrid_llm_flops(
     gates = lin(d, t.linear_num_value_heads)  # in_proj_b and in_proj_a
     linear = lin(d, conv_dim) + lin(d, value_dim) + gates + gates
     linear = linear + conv + scan["scan"] + lin(value_dim, d) + mlp
+    if parts.llm == "lora":
+        inner = t.intermediate_size
+        mlp_sizes = {"gate_proj": (d, inner), "up_proj": (d, inner), "down_proj": (inner, d)}
+        full_sizes = {"q_proj": (d, 2 * q_out), "k_proj": (d, kv_out), "v_proj": (d, kv_out), "o_proj": (q_out, d)}
+        linear_sizes = {
+            "in_proj_qkv": (d, conv_dim),
+            "in_proj_z": (d, value_dim),
+            "in_proj_b": (d, t.linear_num_value_heads),
+            "in_proj_a": (d, t.linear_num_value_heads),
+            "out_proj": (value_dim, d),
+        }
+        absent = sorted(set(parts.lora_targets) - {*mlp_sizes, *full_sizes, *linear_sizes})
+        if absent:
+            raise ValueError(f"lora_targets {absent}: a {t.model_type} layer has no such layers")
+        full = full + lora_flops(tokens, {**full_sizes, **mlp_sizes}, parts)
+        linear = linear + lora_flops(tokens, {**linear_sizes, **mlp_sizes}, parts)
     head_tokens = tokens if logits_positions is None else batch * logits_positions
     total = linear_flops(head_tokens, d, t.vocab_size, grad_input=grad_in, grad_weight=grad_w)
     solve = 0
