@@ -23,7 +23,7 @@ What the FLOP model counts that Qwen2.5-VL's (:mod:`~visionzip_core.families.qwe
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
@@ -37,7 +37,7 @@ from visionzip_core.families.flops import (
     lora_flops,
     matmul_flops,
 )
-from visionzip_core.families.qwen_bench import QwenBenchSize, qwen_synthetic_batch
+from visionzip_core.families.qwen_bench import QwenBenchSize, qwen_synthetic_batch, qwen_visionzip_flops
 
 #: Tokens per chunk of transformers' reference Gated DeltaNet kernel (``torch_chunk_gated_delta_rule``).
 DELTA_CHUNK = 64
@@ -47,10 +47,8 @@ DELTA_CHUNK = 64
 class Qwen3BenchSize(QwenBenchSize):
     """A Qwen3-VL or Qwen3.5 size: the fields of :class:`QwenBenchSize` (``vision`` and ``text`` are
     the ``vision_config`` / ``text_config`` entries of its config.json, token ids the tiny Qwen
-    tokenizer's, added by ``bench_config``), with an analytic FLOP model (:func:`qwen3_step_flops`)
-    and its own smoke variant."""
-
-    flop_model: ClassVar[bool] = True
+    tokenizer's, added by ``bench_config``), with its own smoke variant; its FLOP model is
+    :func:`qwen3_step_flops`."""
 
     def quick(self) -> Qwen3BenchSize:
         """Smoke variant: 2 vision blocks (a DeepStack level after the first when the size has any),
@@ -361,7 +359,12 @@ def hybrid_llm_flops(
     if parts.llm == "lora":
         inner = t.intermediate_size
         mlp_sizes = {"gate_proj": (d, inner), "up_proj": (d, inner), "down_proj": (inner, d)}
-        full_sizes = {"q_proj": (d, 2 * q_out), "k_proj": (d, kv_out), "v_proj": (d, kv_out), "o_proj": (q_out, d)}
+        full_sizes = {
+            "q_proj": (d, 2 * q_out),
+            "k_proj": (d, kv_out),
+            "v_proj": (d, kv_out),
+            "o_proj": (q_out, d),
+        }
         linear_sizes = {
             "in_proj_qkv": (d, conv_dim),
             "in_proj_z": (d, value_dim),
@@ -392,6 +395,7 @@ def qwen3_step_flops(
     num_images: int,
     image_hw: tuple[int, int],
     seq_len: int,
+    split: tuple | None = None,
     logits_positions: int | None = None,
 ) -> dict[str, Any]:
     """Matmul FLOPs of one Qwen3-VL or Qwen3.5 training step, one image of ``image_hw`` per sample
@@ -400,13 +404,20 @@ def qwen3_step_flops(
     VisionZip compresses after the mergers, so the tower and every merger see every patch at every
     budget and only the LLM's ``seq_len`` (padded, image tokens included) shrinks. Qwen3-VL's LLM is a
     Qwen3 decoder, counted as :func:`llama_flops` counts a Llama (its q/k norms are element-wise);
-    Qwen3.5's is :func:`hybrid_llm_flops`. VisionZip's own selection products are left out.
+    Qwen3.5's is :func:`hybrid_llm_flops`. VisionZip's own products at budget ``split`` (None: stock)
+    are Qwen2.5-VL's (:func:`~.qwen_bench.qwen_visionzip_flops`), its merge over the main features and
+    the DeepStack levels concatenated along the channels.
 
     Returns:
-        ``{"vision", "projector", "llm", "total"}`` -> :class:`Flops`, and ``"solve"``: the DeltaNet
-        triangular solves' FLOPs (0 for Qwen3-VL), which ``total`` leaves out.
+        ``{"vision", "visionzip", "projector", "llm", "total"}`` -> :class:`Flops`, and ``"solve"``: the
+        DeltaNet triangular solves' FLOPs (0 for Qwen3-VL), which ``total`` leaves out.
     """
-    vision, mergers = qwen3_vision_flops(config.vision_config, num_images, image_hw, trainable=parts.vision)
+    v = config.vision_config
+    vision, mergers = qwen3_vision_flops(v, num_images, image_hw, trainable=parts.vision)
+    levels = len(getattr(v, "deepstack_visual_indexes", None) or ())
+    channels = v.out_hidden_size * (1 + levels)
+    grad = parts.projector or parts.vision
+    visionzip = qwen_visionzip_flops(v, num_images, image_hw, split, channels, grad=grad)
     text = config.text_config
     if getattr(text, "layer_types", None) and "linear_attention" in text.layer_types:
         llm, solve = hybrid_llm_flops(text, num_images, seq_len, parts, logits_positions)
@@ -415,9 +426,10 @@ def qwen3_step_flops(
         llm, solve = llama_flops(shape, num_images, seq_len, parts, logits_positions), 0
     return {
         "vision": vision,
+        "visionzip": visionzip,
         "projector": mergers,
         "llm": llm,
-        "total": vision + mergers + llm,
+        "total": vision + visionzip + mergers + llm,
         "solve": solve,
     }
 

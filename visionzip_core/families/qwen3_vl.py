@@ -266,7 +266,8 @@ class Qwen3VL(Qwen2_5VL):
         features = inner.visual.merger(tower_output).index_select(0, kept).to(embeds.dtype)
         mergers = getattr(inner.visual, DEEPSTACK, None) or ()  # Qwen3.5's tower has none
         deepstack = [
-            merger(level).index_select(0, kept).to(embeds.dtype) for merger, level in zip(mergers, level_inputs)
+            merger(level).index_select(0, kept).to(embeds.dtype)
+            for merger, level in zip(mergers, level_inputs)
         ]
         del level_inputs
         image_positions = (input_ids == inner.config.image_token_id).unsqueeze(-1)
@@ -300,6 +301,7 @@ class Qwen3VL(Qwen2_5VL):
             num_images=samples,
             image_hw=size.image,
             seq_len=seq_len,
+            split=split,
             logits_positions=logits_positions,
         )
 
