@@ -25,8 +25,8 @@ from visionzip_core.bench.budgets import image_plan
 from visionzip_core.bench.memory_sim import LORA_RANK, simulate, workload
 from visionzip_core.bench.random_models import bench_config
 from visionzip_core.families import LORA_TARGETS, family_for
-from visionzip_core.families.flops import TrainableParts
 from visionzip_core.families.clip_llama import SIZES
+from visionzip_core.families.flops import TrainableParts
 
 REPO = Path(__file__).resolve().parents[1]
 KEYS = (
@@ -530,6 +530,8 @@ def test_lora_step_flops_count_the_family_s_targets():
     def total(targets) -> int:
         parts = TrainableParts(llm="lora", lora_rank=LORA_RANK, lora_targets=targets)
         seq_len = round(fam.bench_prompt_tokens + plan.llm + 125)
-        return fam.step_flops(model.size, config, parts, plan, None, samples=16, seq_len=seq_len)["total"].total
+        return fam.step_flops(model.size, config, parts, plan, None, samples=16, seq_len=seq_len)[
+            "total"
+        ].total
 
     assert ours == total(fam.lora_targets) > total(LORA_TARGETS)

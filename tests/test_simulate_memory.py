@@ -241,7 +241,9 @@ def test_qwen3_vl_simulation_step_adds_deepstack_as_the_stock_forward():
         kept = batch["kept_index"]
         with torch.no_grad():
             main = visual.merger(batch["vision_output"])[kept]
-            deep = [m(x)[kept] * levels for m, x in zip(visual.deepstack_merger_list, batch["deepstack_input"])]
+            deep = [
+                m(x)[kept] * levels for m, x in zip(visual.deepstack_merger_list, batch["deepstack_input"])
+            ]
             encoded = BaseModelOutputWithDeepstackFeatures(
                 pooler_output=[main], deepstack_features=[[d] for d in deep]
             )

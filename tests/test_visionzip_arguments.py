@@ -11,14 +11,26 @@ from visionzip_core.families import FAMILIES, family_for
 
 # keyword arguments -> what the one line must hold: the argument as given, and what it accepts.
 BAD_ARGUMENTS = [
-    ({"dominant_ratio": 1.5, "contextual_ratio": 0.05}, "visionzip(dominant_ratio=1.5)", "a number in (0, 1]"),
-    ({"dominant_ratio": 0.45, "contextual_ratio": 1.0}, "visionzip(contextual_ratio=1.0)", "a number in [0, 1)"),
+    (
+        {"dominant_ratio": 1.5, "contextual_ratio": 0.05},
+        "visionzip(dominant_ratio=1.5)",
+        "a number in (0, 1]",
+    ),
+    (
+        {"dominant_ratio": 0.45, "contextual_ratio": 1.0},
+        "visionzip(contextual_ratio=1.0)",
+        "a number in [0, 1)",
+    ),
     ({"dominant": 0, "contextual": 2}, "visionzip(dominant=0)", "an integer >= 1"),
     ({"dominant": 4, "contextual": -1}, "visionzip(contextual=-1)", "an integer >= 0"),
     ({"dominant": 2.5, "contextual": 2}, "visionzip(dominant=2.5)", "an integer >= 1"),
     ({"dominant": 4, "contextual": 2, "merge": "avg"}, "visionzip(merge='avg')", "'paper' or 'mean'"),
     ({"dominant": 4, "contextual": 2, "keep_cls": "maybe"}, "visionzip(keep_cls='maybe')", "True or False"),
-    ({"dominant": 4, "contextual": 2, "feature_layer": "last"}, "visionzip(feature_layer='last')", "an integer"),
+    (
+        {"dominant": 4, "contextual": 2, "feature_layer": "last"},
+        "visionzip(feature_layer='last')",
+        "an integer",
+    ),
     ({"dominant": 4, "contextual": 2, "feature_layer": 99}, "feature_layer=99", "allowed"),
     ({"dominant_ratio": 0.45}, "dominant_ratio", "together"),
     ({"dominant_ratio": 0.9, "contextual_ratio": 0.2}, "dominant_ratio + contextual_ratio", "<= 1"),
@@ -37,5 +49,7 @@ def test_each_bad_argument_is_one_line_naming_it(family, family_dirs):
         assert named in message and accepts in message, (arguments, message)
         assert read_visionzip_config(model.config) is None  # nothing applied
     both = {"dominant": 0, "contextual": -1}  # two bad arguments: both named, still one line
-    with pytest.raises(ValueError, match=r"^visionzip\(dominant=0\): .*; visionzip\(contextual=-1\): [^\n]*$"):
+    with pytest.raises(
+        ValueError, match=r"^visionzip\(dominant=0\): .*; visionzip\(contextual=-1\): [^\n]*$"
+    ):
         visionzip(model, **both)

@@ -145,9 +145,7 @@ def linear_flops(tokens: int, d_in: int, d_out: int, *, grad_input: bool, grad_w
     return Flops(one, one * (int(grad_input) + int(grad_weight)))
 
 
-def lora_flops(
-    tokens: int, sizes: dict[str, tuple[int, int]], parts: TrainableParts
-) -> Flops:
+def lora_flops(tokens: int, sizes: dict[str, tuple[int, int]], parts: TrainableParts) -> Flops:
     """The LoRA adapters of one layer whose linears are ``sizes`` (name -> ``(d_in, d_out)``) over
     ``tokens`` rows: each of ``parts.lora_targets`` the layer has gets A (``d_in -> r``) then B
     (``r -> d_out``); both train, and both pass gradients on. Targets the layer lacks match nothing
