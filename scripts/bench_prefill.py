@@ -41,6 +41,7 @@ from visionzip_core import visionzip_processor
 from visionzip_core.bench.budgets import (
     budget_label,
     budgets_for,
+    budgets_help,
     image_plan,
     parse_budgets,
     set_budget,
@@ -73,7 +74,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--budgets",
         default=None,
-        help="default 576,192,128,64 (llava-next, per crop: 576,128,64,32; qwen2.5-vl, percent kept: 100,70,50,25)",
+        help=budgets_help(),
     )
     p.add_argument("--device", default=None)
     p.add_argument("--threads", type=int, default=None)

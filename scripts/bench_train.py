@@ -36,6 +36,7 @@ import torch
 from visionzip_core.bench.budgets import (
     budget_label,
     budgets_for,
+    budgets_help,
     image_plan,
     parse_budgets,
     set_budget,
@@ -72,8 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--budgets",
         default=None,
-        help="visual tokens per image (per crop for llava-next; percent kept for qwen2.5-vl); default "
-        "576,192,128,64 (llava-next 576,128,64,32; qwen2.5-vl 100,70,50,25)",
+        help=budgets_help(),
     )
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")

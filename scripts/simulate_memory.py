@@ -16,7 +16,9 @@ Per-GPU micro-batches: LLaVA-1.5 16 (LLaVA's scripts/v1_5/finetune.sh: 16 x 8 GP
 gradient checkpointing, bf16); LLaVA-NeXT 4 (LLaVA-NeXT's scripts/train/finetune_clip.sh:
 per-device batch 4, ZeRO-3, gradient checkpointing, bf16, CLIP trained; the ``finetune_vision``
 mode); Qwen2.5-VL 4 (configs/qwen2.5-vl-7b/lora.yaml), its frozen tower stood in by its measured
-working set. The families and their workloads are the registry's (``ModelFamily.simulation``).
+working set; Qwen3-VL 4 and Qwen3.5 2 (their configs' lora.yaml), towers stood in likewise (Qwen3-VL's
+DeepStack levels included); LLaVA-OneVision 1 (LLaVA-NeXT's finetune_ov.sh), the whole step on meta.
+The families and their workloads are the registry's (``ModelFamily.simulation``).
 Text: the benchmarks' 100-150 tokens per sample (LLaVA-665k-like), one image per sample.
 ``--calibrate`` runs the same step for real on a small CPU model and on meta and prints the
 difference.

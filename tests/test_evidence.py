@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -18,9 +19,16 @@ from PIL import Image
 
 from visionzip_core import visionzip, visionzip_processor
 from visionzip_core.algorithm import DOMINANT, DROPPED
+from visionzip_core.config import read_visionzip_config
 from visionzip_core.data.images import mean_colour, open_rgb, pad_to_square
 from visionzip_core.families import family_for
-from visionzip_core.token_overlay import budget_line, select_image, select_video_group, token_map
+from visionzip_core.token_overlay import (
+    budget_line,
+    select_image,
+    select_video_group,
+    selection_line,
+    token_map,
+)
 from visionzip_core.training import plots
 
 REPO = Path(__file__).resolve().parents[1]
@@ -341,3 +349,33 @@ def test_plot_metrics_compares_runs_and_names_a_missing_folder(tmp_path, capsys)
         err = capsys.readouterr().err.strip()
         assert err == f"error: {missing}: {why} (expected a train.output_dir)"
     assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize(
+    ("family", "split", "expected"),
+    [
+        # SigLIP, no CLS: 8 x 8 patches per crop, the image tiled into several crops.
+        (
+            "llava-onevision",
+            dict(dominant=12, contextual=4),
+            r"^per crop: 12 dominant \+ 4 contextual = 16 of 64 patches \(8 x 8, rows x cols\); \d+ crops = \d+ tokens$",
+        ),
+        # Qwen: the merger's outputs, one per 2 x 2 patches, one crop.
+        (
+            "qwen2.5-vl",
+            dict(dominant_ratio=0.3, contextual_ratio=0.1),
+            r"^\d+ dominant \+ \d+ contextual = \d+ of \d+ merged tokens \(\d+ x \d+, rows x cols\), ratios 0.3 \+ 0.1$",
+        ),
+    ],
+)
+def test_selection_line_speaks_the_family_s_unit(family, split, expected, family_dirs):
+    """``show_tokens``' summary names what the family selects from (``selected_tokens``) and counts a
+    tiled image per crop, on the model's own selection."""
+    fam = family_for(family)
+    folder = str(family_dirs[family])
+    model = visionzip(fam.load(folder).eval(), **split)
+    processor = visionzip_processor(fam.load_processor(folder), model.config)
+    image = select_image(model, processor.image_processor, str(IMAGE), fam.inference_aspect_ratio)
+    vz = read_visionzip_config(model.config)
+    line = selection_line(vz, image, fam.tower_tokens(model.config), fam.selected_tokens)
+    assert re.match(expected, line), line

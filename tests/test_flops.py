@@ -264,3 +264,48 @@ def test_shapes_and_configs_map_both_ways():
     )
     assert LlamaShape.from_config(grouped.to_config()) == grouped
     assert grouped.to_config(pad_token_id=7).pad_token_id == 7
+
+
+def test_every_benchmark_size_has_an_analytic_flop_model():
+    """The bench scripts take the FLOP-ideal from each family's ``step_flops`` (checked against
+    ``FlopCounterMode`` in this file and beside each family's benchmarks), not from a count."""
+    from visionzip_core.families import FAMILIES
+
+    sizes = [(f.name, name, s) for f in FAMILIES if f.bench_sizes for name, s in f.bench_sizes.items()]
+    assert {family for family, _, _ in sizes} >= {"qwen2.5-vl", "qwen3-vl", "qwen3.5", "llava-onevision"}
+    assert [(family, name) for family, name, s in sizes if not s.flop_model] == []
+
+
+@pytest.mark.parametrize("family", ["qwen2.5-vl", "qwen3-vl", "qwen3.5"])
+def test_qwen_flop_models_match_flop_counter_when_compressed(family):
+    """At 25 % kept (0.20 + 0.05 of each image's merged tokens) the Qwen families' ``step_flops``
+    equals torch's count to the FLOP: a training step with the mergers trained (forward + backward,
+    VisionZip's score, key similarity and merge included, the merge passing gradients back to the
+    mergers) and ``generate``'s prefill (forward, the LM head on the last position only)."""
+    from visionzip_core.bench.budgets import budgets_for, image_plan, set_budget
+    from visionzip_core.bench.random_models import build_random_model
+    from visionzip_core.families import family_for
+    from visionzip_core.families.flops import counted_flops
+
+    fam = family_for(family)
+    size = replace(fam.bench_sizes["cpu"].quick(), text_tokens=(30, 30))
+    model = build_random_model(size, "cpu", family=family)
+    model.set_attn_implementation("eager")
+    for name, p in model.named_parameters():
+        p.requires_grad_(fam.module_group(name) == "projector")
+    budgets = budgets_for(family)
+    plan = image_plan(model.config, family, 25)
+    set_budget(model, 25, budgets)
+    batch = fam.bench_batch(size, model.config, plan)
+    seq_len = batch["input_ids"].shape[1]
+    counted = counted_flops(lambda: model(**batch).loss.backward())
+    ours = fam.step_flops(size, model.config, TrainableParts(), plan, budgets[25], samples=1, seq_len=seq_len)
+    assert ours["visionzip"].forward > 0 and ours["total"].total == counted
+    prompt = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        prefill = counted_flops(lambda: model(**prompt, logits_to_keep=1))
+    frozen = TrainableParts(projector=False)
+    ours = fam.step_flops(
+        size, model.config, frozen, plan, budgets[25], samples=1, seq_len=seq_len, logits_positions=1
+    )
+    assert ours["total"].forward == prefill  # bench_prefill.py reads the forward

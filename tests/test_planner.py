@@ -21,9 +21,12 @@ import pytest
 import warm_python
 
 from visionzip_core.bench import planner
-from visionzip_core.bench.memory_sim import simulate, workload
-from visionzip_core.families import family_for
+from visionzip_core.bench.budgets import image_plan
+from visionzip_core.bench.memory_sim import LORA_RANK, simulate, workload
+from visionzip_core.bench.random_models import bench_config
+from visionzip_core.families import LORA_TARGETS, family_for
 from visionzip_core.families.clip_llama import SIZES
+from visionzip_core.families.flops import TrainableParts
 
 REPO = Path(__file__).resolve().parents[1]
 KEYS = (
@@ -513,3 +516,22 @@ def test_default_budgets_are_the_familys_benchmark_table(name):
     keys = planner.parse_budgets(planner.default_budgets(model), model)
     assert keys == list(family_for(model.family).bench_budgets)
     assert all(model.budgets[k] == family_for(model.family).bench_budgets[k] for k in keys)
+
+
+def test_lora_step_flops_count_the_family_s_targets():
+    """A Qwen3.5 LoRA plan counts the adapters on its Gated DeltaNet projections too (the family's
+    targets, as the simulation wraps them): more than the default decoder targets alone."""
+    model = planner.resolve_model("qwen3.5-9b")
+    fam = family_for("qwen3.5")
+    ours = planner.step_flops(model, "lora", 100, 16, 125, ckpt=False)
+    config = bench_config(model.size, fam)
+    plan = image_plan(config, "qwen3.5", 100, model.budgets)
+
+    def total(targets) -> int:
+        parts = TrainableParts(llm="lora", lora_rank=LORA_RANK, lora_targets=targets)
+        seq_len = round(fam.bench_prompt_tokens + plan.llm + 125)
+        return fam.step_flops(model.size, config, parts, plan, None, samples=16, seq_len=seq_len)[
+            "total"
+        ].total
+
+    assert ours == total(fam.lora_targets) > total(LORA_TARGETS)

@@ -17,6 +17,7 @@ import torch
 from visionzip_core.bench.memory_sim import (
     TINY_BUDGETS,
     TINY_SIZE,
+    Workload,
     build_training_model,
     calibrate,
     optimizer_step_transient,
@@ -26,6 +27,7 @@ from visionzip_core.bench.memory_sim import (
     workload,
     zero_model_states,
 )
+from visionzip_core.bench.sizes import sizes_for
 from visionzip_core.families import FAMILIES
 from visionzip_core.families.clip_llama import SIZES
 
@@ -166,3 +168,98 @@ def test_cli_families_are_the_registry_s(script):
         script.parse_args(["--families", ",".join(without) or "no-such-family"])
     with pytest.raises(SystemExit):
         script.parse_args(["--calibrate", "--families", "qwen2.5-vl"])
+
+
+SIMULATED = [f for f in FAMILIES if f.simulation is not None]
+
+
+def test_every_benchmarked_family_is_simulated():
+    """Each family with benchmark sizes has a simulated workload at one of its real sizes."""
+    benchmarked = [f for f in FAMILIES if f.bench_sizes is not None]
+    assert [f.name for f in SIMULATED] == [f.name for f in benchmarked]
+    for fam in SIMULATED:
+        assert fam.simulation["size"] in fam.bench_sizes and not fam.simulation["size"].startswith("cpu")
+
+
+@pytest.mark.parametrize("fam", SIMULATED, ids=lambda f: f.name)
+def test_simulation_runs_for_each_family_at_a_small_size(fam):
+    """One meta step per budget (stock and the smallest) in the family's first mode, checkpointing
+    on, at its CPU size's smoke variant: fewer visual tokens, shorter rows and fewer activations."""
+    budgets = fam.bench_budgets
+    smallest = list(budgets)[-1]
+    stock = next(k for k, split in budgets.items() if split is None)
+    size = sizes_for(fam.name)["cpu"].quick()
+    work = Workload(size, fam.name, {stock: None, smallest: budgets[smallest]}, "test")
+    mode = fam.simulation["modes"][0]
+    rows = simulate(work, [mode], grad_ckpt=(True,), stages=(2,), log=lambda *a: None)
+    by = {r["tokens"]: r for r in rows}
+    assert set(by) == {stock, smallest}
+    assert by[smallest]["seq_len"] < by[stock]["seq_len"]
+    assert 0 < by[smallest]["activations_gib"] < by[stock]["activations_gib"]
+    assert by[smallest]["stock_over_this"] > 1
+
+
+def test_onevision_meta_step_tracks_the_real_step():
+    """LLaVA-OneVision's SigLIP tower, unpadding and newlines run on meta (sizes from the CPU
+    ``image_sizes``): its meta step allocates what the real CPU step does (as the LLaVA rows above)."""
+    size = sizes_for("llava-onevision")["cpu"].quick()
+    result = calibrate(size, "llava-onevision", 32, mode="finetune", grad_ckpt=True)
+    for kind in ("zero", "full"):
+        real, meta = result[kind]["real"], result[kind]["meta"]
+        assert real["activations"] > 5 * 2**20
+        for key in ("resident", "forward", "backward", "optimizer"):
+            assert meta[key] == pytest.approx(real[key], rel=1e-4), (kind, key)
+
+
+def test_qwen3_vl_simulation_step_adds_deepstack_as_the_stock_forward():
+    """Qwen3-VL's simulation step (its tower stood in) on real CPU tensors gives the stock forward's
+    language-model output and loss when the stock forward is handed the same tower outputs
+    (``mm_encoder_outputs``): the main features and each DeepStack level through their mergers,
+    gathered at the kept rows, the levels added by the stock boolean-mask code after the first
+    layers. Without the levels the output differs by far more than the tolerance."""
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
+
+    from visionzip_core.bench.memory_sim import training_loss
+
+    quick = sizes_for("qwen3-vl")["cpu"].quick()
+    # Two samples (padded rows: flat indices) and two LLM layers: a level added after the last layer
+    # would reach only the image positions' own logits, which carry no label.
+    size = replace(quick, batch_size=2, text={**quick.text, "num_hidden_layers": 2})
+    model = build_training_model(size, "qwen3-vl", "projector", False, "cpu")
+    batch, _ = simulation_batch(model, size, "qwen3-vl", 50, None, "cpu")
+    assert (batch["attention_mask"] == 0).any()
+    gen = torch.Generator().manual_seed(0)
+    batch["vision_output"] = torch.randn(batch["vision_output"].shape, generator=gen)
+    batch["deepstack_input"] = torch.randn(batch["deepstack_input"].shape, generator=gen)
+    visual = model.model.visual
+    assert len(visual.deepstack_merger_list) == batch["deepstack_input"].shape[0] > 0
+    hidden = []
+    model.model.language_model.register_forward_hook(lambda m, a, out: hidden.append(out.last_hidden_state))
+    loss = training_loss(model, batch)
+
+    def stock(levels: bool) -> torch.Tensor:
+        kept = batch["kept_index"]
+        with torch.no_grad():
+            main = visual.merger(batch["vision_output"])[kept]
+            deep = [
+                m(x)[kept] * levels for m, x in zip(visual.deepstack_merger_list, batch["deepstack_input"])
+            ]
+            encoded = BaseModelOutputWithDeepstackFeatures(
+                pooler_output=[main], deepstack_features=[[d] for d in deep]
+            )
+            return model(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                position_ids=batch["position_ids"],
+                mm_encoder_outputs={"image": encoded},
+                labels=batch["labels"],
+            ).loss
+
+    torch.testing.assert_close(loss.detach(), stock(True))
+    simulated, with_levels = hidden[0].detach(), hidden[1]
+    torch.testing.assert_close(simulated, with_levels)
+    stock(False)
+    assert (hidden[2] - with_levels).abs().max() > 100 * 1e-5
+    loss.backward()
+    for merger in visual.deepstack_merger_list:  # the levels train with the projector
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in merger.parameters())

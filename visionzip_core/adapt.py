@@ -24,7 +24,7 @@ from typing import Any
 
 from torch import nn
 
-from visionzip_core.config import CONFIG_KEY, VisionZipConfig, read_visionzip_config
+from visionzip_core.config import CONFIG_KEY, VisionZipConfig, config_from_arguments, read_visionzip_config
 from visionzip_core.families import family_for, num_image_tokens
 
 
@@ -61,6 +61,8 @@ def visionzip(
             settings, or a split that does not fit the tower.
     """
     family = family_for(model)
+    if config is not None and not isinstance(config, VisionZipConfig):
+        raise ValueError(f"visionzip(config=...): a VisionZipConfig, not {type(config).__name__}")
     if config is None:
         ratios = dominant_ratio is not None or contextual_ratio is not None
         if not ratios and (dominant is None or contextual is None):
@@ -70,7 +72,8 @@ def visionzip(
             )
         counts = {} if dominant is None else {"dominant": dominant}
         counts.update({} if contextual is None else {"contextual": contextual})
-        config = VisionZipConfig(
+        config = config_from_arguments(
+            "visionzip",
             **counts,
             feature_layer=family.default_feature_layer if feature_layer is None else feature_layer,
             keep_cls=keep_cls,

@@ -130,6 +130,47 @@ def one_line(err: ValueError) -> str:
     return "; ".join(parts)
 
 
+def allowed_values(field: str) -> str:
+    """What :class:`VisionZipConfig`'s ``field`` accepts, in words, from its declaration (type and
+    bounds): ``"an integer >= 1"``, ``"a number in (0, 1]"``, ``"'paper' or 'mean'"``."""
+    info = VisionZipConfig.model_fields[field]
+    # annotated_types' Ge(ge=1), Gt(gt=0), ...: the class name and its one field, named alike.
+    bounds = {type(m).__name__: getattr(m, type(m).__name__.lower()) for m in info.metadata}
+    annotation = info.annotation
+    if getattr(annotation, "__origin__", None) is Literal:
+        return " or ".join(repr(v) for v in annotation.__args__)
+    if annotation is bool:
+        return "True or False"
+    if annotation is int:
+        limits = [f"{op} {bounds[name]:g}" for name, op in (("Ge", ">="), ("Gt", ">")) if name in bounds]
+        return " ".join(["an integer", *limits])
+    low = "(" if "Gt" in bounds else "["
+    high = ")" if "Lt" in bounds else "]"
+    lo, hi = bounds.get("Gt", bounds.get("Ge")), bounds.get("Lt", bounds.get("Le"))
+    return f"a number in {low}{lo:g}, {hi:g}{high}"
+
+
+def config_from_arguments(call: str, **arguments: Any) -> VisionZipConfig:
+    """:class:`VisionZipConfig` from a library call's keyword ``arguments``; a bad value raises a
+    one-line ``ValueError`` naming ``call``, the argument, its value and what it accepts
+    (``visionzip(dominant_ratio=1.5): must be a number in (0, 1]``), every bad argument on the same
+    line, instead of pydantic's multi-line report."""
+    try:
+        return VisionZipConfig(**arguments)
+    except ValueError as err:  # pydantic's ValidationError is one
+        errors = err.errors() if callable(getattr(err, "errors", None)) else []
+        parts = []
+        for item in errors:
+            loc = item.get("loc", ())
+            if loc and loc[0] in VisionZipConfig.model_fields:
+                name = loc[0]
+                parts.append(f"{call}({name}={arguments.get(name)!r}): must be {allowed_values(name)}")
+            else:  # a rule across fields: its message names them
+                why = str(item.get("msg", "")).removeprefix("Value error, ").removeprefix("visionzip.")
+                parts.append(f"{call}: {why}")
+        raise ValueError("; ".join(parts) or one_line(err)) from None
+
+
 def settings_from_flags(
     recorded: VisionZipConfig | None, default: dict[str, Any], **flags: Any
 ) -> VisionZipConfig:

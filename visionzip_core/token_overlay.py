@@ -145,19 +145,23 @@ def budget_line(vz: VisionZipConfig, tower_tokens: int, n_crops: int) -> str:
     return line
 
 
-def selection_line(vz: VisionZipConfig, image: ImageTokenSelection, tower_tokens: int) -> str:
+def selection_line(
+    vz: VisionZipConfig, image: ImageTokenSelection, tower_tokens: int, unit: str = "patches"
+) -> str:
     """The budget of the drawn selection: :func:`budget_line` for a CLS tower, else e.g.
-    ``9 dominant + 1 contextual = 10 of 24 merged tokens (4 x 6, rows x cols)``."""
+    ``9 dominant + 1 contextual = 10 of 24 merged tokens (4 x 6, rows x cols)``, ``unit`` the
+    family's name for what it selects from (``ModelFamily.selected_tokens``), per crop when tiled."""
+    crops = image.selection.dominant.shape[0]
     if image.cls:
-        return budget_line(vz, tower_tokens, image.selection.dominant.shape[0])
+        return budget_line(vz, tower_tokens, crops)
     rows, cols = image.patch_shape
     dominant = image.selection.dominant.shape[1]
     targets = image.selection.target_tokens()
     contextual = 0 if targets is None else targets.shape[1]
-    line = (
-        f"{dominant} dominant + {contextual} contextual = {dominant + contextual} of {rows * cols} merged "
-        f"tokens ({rows} x {cols}, rows x cols)"
-    )
+    kept = dominant + contextual
+    line = f"{dominant} dominant + {contextual} contextual = {kept} of {rows * cols} {unit} ({rows} x {cols}, rows x cols)"
+    if crops > 1:
+        line = f"per crop: {line}; {crops} crops = {crops * kept} tokens"
     if vz.uses_ratios:
         line += f", ratios {vz.dominant_ratio:g} + {vz.contextual_ratio:g}"
     return line

@@ -10,12 +10,35 @@ import torch
 
 from visionzip_core import remove_visionzip, visionzip
 from visionzip_core.config import VisionZipConfig
-from visionzip_core.families import family_for
+from visionzip_core.families import FAMILIES, family_for
 
 
 def budgets_for(family: str) -> dict:
     """The budget table ``family``'s benchmarks sweep (``ModelFamily.bench_budgets``)."""
     return family_for(family).bench_budgets
+
+
+def budget_unit(family: str) -> str:
+    """What a budget of ``family``'s table counts: percent of each image's tokens kept (a family that
+    takes ratios), visual tokens per crop (a tiled family, whose count depends on the image size)
+    or per image."""
+    fam = family_for(family)
+    if fam.takes_ratios:
+        return "percent kept"
+    return "per crop" if fam.count_depends_on_size else "per image"
+
+
+def budgets_help() -> str:
+    """The bench scripts' ``--budgets`` help: each benchmarked family's table and unit, from the
+    registry (no percent sign: argparse formats help strings)."""
+    tables = [
+        f"{fam.name} ({budget_unit(fam.name)}) {','.join(map(str, fam.bench_budgets))}"
+        for fam in FAMILIES
+        if fam.bench_sizes is not None
+    ]
+    return "visual-token budgets, the stock one included; default: the family's whole table: " + "; ".join(
+        tables
+    )
 
 
 def stock_budget(budgets: dict) -> int:

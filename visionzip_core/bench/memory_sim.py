@@ -1,4 +1,4 @@
-"""Peak GPU memory of one LLaVA training step, simulated without allocating the model.
+"""Peak GPU memory of one training step, simulated without allocating the model.
 
 The model is built on the ``meta`` device (shapes, dtypes and strides, no storage). One training
 step runs there under :class:`MetaTensorMemory`, which sums the bytes of every live storage the

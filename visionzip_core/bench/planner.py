@@ -52,7 +52,7 @@ from visionzip_core.bench.memory_sim import (
 from visionzip_core.bench.random_models import bench_config
 from visionzip_core.bench.sizes import benchmarked_families, sizes_for
 from visionzip_core.bench.synthetic import mix665k_like_text_lengths
-from visionzip_core.families import FAMILIES, LORA_TARGETS, ModelFamily, family_for
+from visionzip_core.families import FAMILIES, ModelFamily, family_for
 from visionzip_core.families.flops import TrainableParts
 
 
@@ -329,12 +329,14 @@ def check_quantization(mode: str, quantization: str) -> None:
         )
 
 
-def trainable_parts(mode: str) -> TrainableParts:
+def trainable_parts(mode: str, family: str) -> TrainableParts:
+    """What ``mode`` trains, LoRA on ``family``'s targets, as the simulation builds it."""
     if mode == "finetune_vision":
         return TrainableParts(vision=True, llm="full")
     llm = {"finetune": "full", "lora": "lora"}.get(mode, "none")
     if llm == "lora":
-        return TrainableParts(llm="lora", lora_rank=LORA_RANK, lora_targets=LORA_TARGETS)
+        targets = family_for(family).lora_targets
+        return TrainableParts(llm="lora", lora_rank=LORA_RANK, lora_targets=targets)
     return TrainableParts(llm=llm)
 
 
@@ -343,7 +345,7 @@ def step_flops(
 ) -> float:
     """Matmul FLOPs of ``samples`` samples at budget ``tokens`` and ``text_tokens`` text each, the
     forward recomputed once more where checkpointing is on (the LLM, and a trained tower)."""
-    parts = trainable_parts(mode)
+    parts = trainable_parts(mode, model.family)
     fam = family_for(model.family)
     config = bench_config(model.size, fam)
     plan = image_plan(config, model.family, tokens, model.budgets)

@@ -8,6 +8,7 @@ depend only on shapes (VisionZip's selection is data-dependent, but its cost is 
 
 from __future__ import annotations
 
+from visionzip_core.bench.random_models import build_random_model
 from visionzip_core.families import FAMILIES, family_for
 
 
@@ -31,16 +32,24 @@ def size_names() -> list[str]:
     return sorted({name for family in benchmarked_families() for name in sizes_for(family)})
 
 
+def parameter_count(family: str, size) -> int:
+    """Parameters of ``family``'s model of benchmark ``size``, counted on a meta build (shapes only,
+    well under a second for a 9B model)."""
+    return sum(p.numel() for p in build_random_model(size, "meta", family=family).parameters())
+
+
 def size_error(family: str, size_name: str, device: str) -> str | None:
     """Why ``--size size_name`` cannot run for ``family`` on ``device`` (None when it can): it must be
     one of the family's sizes, and a GPU-only size needs CUDA."""
     sizes = sizes_for(family)
     if size_name not in sizes:
         return f"--size {size_name}: not a {family} size; choose from {sorted(sizes)}"
-    if sizes[size_name].gpu_only and not device.startswith("cuda"):
+    size = sizes[size_name]
+    if size.gpu_only and not device.startswith("cuda"):
+        billions = parameter_count(family, size) / 1e9
         return (
-            f"--size {size_name} is a GPU size (8.3B parameters in {sizes[size_name].dtype}; a step would "
+            f"--size {size_name} is a GPU size ({billions:.2f}B parameters in {size.dtype}; a step would "
             "take minutes and tens of GB on a CPU): run it where CUDA is available, or use --size cpu. "
-            "Its structure is checked on the meta device by tests/test_bench_scripts.py."
+            "Its structure is checked on the meta device by the tests (tests/test_bench_*.py)."
         )
     return None

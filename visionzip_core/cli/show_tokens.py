@@ -108,7 +108,8 @@ def show_tokens(args: argparse.Namespace) -> int:
         what = f"{Path(args.image).name} ({aspect})"
     tokens = token_map(image)
     pictures = crop_pictures(image.crops, image_processor.image_mean, image_processor.image_std)
-    summary = selection_line(settings, image, folder.family.tower_tokens(model.config))
+    family = folder.family
+    summary = selection_line(settings, image, family.tower_tokens(model.config), family.selected_tokens)
     title = [summary, f"{what}, {folder.family.name}: {folder.path}"]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -119,6 +119,9 @@ class ModelFamily(ABC):
     #: Whether the budget may be given as ratios of each image's tokens (``dominant_ratio``): only
     #: for a tower whose token count follows the image size.
     takes_ratios: ClassVar[bool] = False
+    #: What the tokens VisionZip selects from are called in ``show_tokens``' summary (a tower
+    #: without CLS): its patches, or a family's own unit (Qwen's 2 x 2 merged tokens).
+    selected_tokens: ClassVar[str] = "patches"
     #: Placeholder the processor expands into one video's tokens (None: the family takes no video).
     video_token: ClassVar[str | None] = None
     #: ``data.*`` values this family trains with when the config leaves the key out (LLaVA's are

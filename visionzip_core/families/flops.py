@@ -31,7 +31,12 @@ from transformers import LlamaConfig
 from visionzip_core.families.base import LORA_TARGETS
 
 LlmTraining = Literal["none", "lora", "full"]
-# LoRA targets this model can count: a decoder layer's linears, what LoRA wraps by default (LORA_TARGETS).
+#: The projections of a Gated DeltaNet (linear-attention) layer, LoRA targets of a hybrid LLM (Qwen3.5)
+#: besides a decoder layer's linears.
+GATED_DELTANET_TARGETS = ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj")
+#: LoRA targets the FLOP models can count: a decoder layer's linears (what LoRA wraps by default,
+#: LORA_TARGETS), and a Gated DeltaNet layer's projections.
+COUNTED_LORA_TARGETS = LORA_TARGETS + GATED_DELTANET_TARGETS
 
 
 @dataclass(frozen=True)
@@ -99,10 +104,10 @@ class TrainableParts:
             raise ValueError(f"TrainableParts.llm={self.llm!r} must be 'none', 'lora' or 'full'")
         if self.llm == "lora" and self.lora_rank < 1:
             raise ValueError("TrainableParts.lora_rank must be >= 1 when llm='lora'")
-        unknown = set(self.lora_targets) - set(LORA_TARGETS)
+        unknown = set(self.lora_targets) - set(COUNTED_LORA_TARGETS)
         if unknown:
             raise ValueError(
-                f"TrainableParts.lora_targets: unknown {sorted(unknown)}; allowed {list(LORA_TARGETS)}"
+                f"TrainableParts.lora_targets: unknown {sorted(unknown)}; allowed {list(COUNTED_LORA_TARGETS)}"
             )
         if self.llm != "none" and not (self.projector or self.vision):
             raise ValueError(
@@ -138,6 +143,21 @@ def linear_flops(tokens: int, d_in: int, d_out: int, *, grad_input: bool, grad_w
     """A linear layer applied to ``tokens`` rows; backward as requested."""
     one = matmul_flops(tokens, d_in, d_out)
     return Flops(one, one * (int(grad_input) + int(grad_weight)))
+
+
+def lora_flops(tokens: int, sizes: dict[str, tuple[int, int]], parts: TrainableParts) -> Flops:
+    """The LoRA adapters of one layer whose linears are ``sizes`` (name -> ``(d_in, d_out)``) over
+    ``tokens`` rows: each of ``parts.lora_targets`` the layer has gets A (``d_in -> r``) then B
+    (``r -> d_out``); both train, and both pass gradients on. Targets the layer lacks match nothing
+    in it (as peft's name match)."""
+    total = Flops()
+    r = parts.lora_rank
+    for name in parts.lora_targets:
+        if name in sizes:
+            d_in, d_out = sizes[name]
+            total = total + linear_flops(tokens, d_in, r, grad_input=True, grad_weight=True)
+            total = total + linear_flops(tokens, r, d_out, grad_input=True, grad_weight=True)
+    return total
 
 
 def attention_flops(batch: int, heads: int, q_len: int, kv_len: int, head_dim: int, *, grad: bool) -> Flops:
@@ -178,12 +198,10 @@ def llama_flops(
             "up_proj": (d, inner),
             "down_proj": (inner, d),
         }
-        for name in parts.lora_targets:
-            d_in, d_out = sizes[name]
-            r = parts.lora_rank
-            # Adapter A (d_in -> r) then B (r -> d_out); both train, and both pass gradients on.
-            layer = layer + linear_flops(tokens, d_in, r, grad_input=True, grad_weight=True)
-            layer = layer + linear_flops(tokens, r, d_out, grad_input=True, grad_weight=True)
+        absent = sorted(set(parts.lora_targets) - set(sizes))
+        if absent:
+            raise ValueError(f"lora_targets {absent}: a Llama-layout decoder has no such layers")
+        layer = layer + lora_flops(tokens, sizes, parts)
     head_tokens = tokens if logits_positions is None else batch * logits_positions
     total = linear_flops(head_tokens, d, shape.vocab, grad_input=grad_in, grad_weight=grad_w)
     for _ in range(shape.layers):

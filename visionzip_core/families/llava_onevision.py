@@ -412,7 +412,17 @@ class LlavaOnevision(LlavaNext):
     # proportion); 729 is the stock model (every patch of every crop, unpadded, newlines).
     bench_budgets = {729: None, 128: (108, 20), 64: (54, 10), 32: (27, 5)}
     bench_prompt_tokens = 1  # <|im_start|> before the text
-    simulation = None
+    # Its SigLIP tower, the unpadding and the anyres_max_9 downsampling run on meta (sizes from the CPU
+    # image_sizes), so the whole step is simulated, tower included, and calibrated against a real one.
+    simulation = {
+        "size": "llava-onevision-7b",
+        "micro_batch": 1,
+        "batch_source": "1 per GPU: LLaVA-NeXT scripts/train/finetune_ov.sh (per-device 1, zero3, gradient "
+        "checkpointing, bf16, SigLIP tuned); configs/llava-onevision-qwen2-7b-ov-hf/finetune.yaml: 1 x "
+        "accumulation 32 x 8 GPUs = 256",
+        "modes": ("finetune_vision", "finetune", "lora"),
+        "calibrate": (729, 32),
+    }
 
     # --- benchmarks ------------------------------------------------------------------------------
     def bench_config(self, size, tokenizer) -> Any:

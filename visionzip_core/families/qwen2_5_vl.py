@@ -853,6 +853,7 @@ class Qwen2_5VL(ModelFamily):
     inference_aspect_ratio = "native"
     default_budget = {"dominant_ratio": 0.45, "contextual_ratio": 0.05, "feature_layer": -1}  # authors' 50 %
     takes_ratios = True
+    selected_tokens = "merged tokens"  # selection runs on the merger's outputs, one per 2 x 2 patches
     # Trained on HF messages rendered by its chat template, images where each message puts them,
     # each at its native resolution (its processor resizes keeping the aspect ratio).
     data_defaults = {"template": "chat_template", "image_placement": "keep", "image_aspect_ratio": "native"}
@@ -936,10 +937,15 @@ class Qwen2_5VL(ModelFamily):
         return qwen_synthetic_batch(size, config, plan.llm, device, seed=seed)
 
     def step_flops(self, size, config: Any, parts, plan, split, *, samples, seq_len, logits_positions=None):
-        if logits_positions is not None:
-            raise NotImplementedError(f"{self.name}: the FLOP model counts training steps only")
         return qwen_step_flops(
-            config, parts, num_images=samples, image_hw=size.image, seq_len=seq_len, image_tokens=plan.llm
+            config,
+            parts,
+            num_images=samples,
+            image_hw=size.image,
+            seq_len=seq_len,
+            image_tokens=plan.llm,
+            split=split,
+            logits_positions=logits_positions,
         )
 
     def simulation_loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

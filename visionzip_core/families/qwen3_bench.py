@@ -23,7 +23,7 @@ What the FLOP model counts that Qwen2.5-VL's (:mod:`~visionzip_core.families.qwe
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
@@ -34,9 +34,10 @@ from visionzip_core.families.flops import (
     attention_flops,
     linear_flops,
     llama_flops,
+    lora_flops,
     matmul_flops,
 )
-from visionzip_core.families.qwen_bench import QwenBenchSize, qwen_synthetic_batch
+from visionzip_core.families.qwen_bench import QwenBenchSize, qwen_synthetic_batch, qwen_visionzip_flops
 
 #: Tokens per chunk of transformers' reference Gated DeltaNet kernel (``torch_chunk_gated_delta_rule``).
 DELTA_CHUNK = 64
@@ -46,10 +47,8 @@ DELTA_CHUNK = 64
 class Qwen3BenchSize(QwenBenchSize):
     """A Qwen3-VL or Qwen3.5 size: the fields of :class:`QwenBenchSize` (``vision`` and ``text`` are
     the ``vision_config`` / ``text_config`` entries of its config.json, token ids the tiny Qwen
-    tokenizer's, added by ``bench_config``), with an analytic FLOP model (:func:`qwen3_step_flops`)
-    and its own smoke variant."""
-
-    flop_model: ClassVar[bool] = True
+    tokenizer's, added by ``bench_config``), with its own smoke variant; its FLOP model is
+    :func:`qwen3_step_flops`."""
 
     def quick(self) -> Qwen3BenchSize:
         """Smoke variant: 2 vision blocks (a DeepStack level after the first when the size has any),
@@ -325,13 +324,14 @@ def hybrid_llm_flops(
     gated MLP, and by ``layer_types`` either gated full attention (``q_proj`` to twice the heads: query
     and output gate) or a Gated DeltaNet layer (projections, causal depthwise conv1d, the chunked scan
     of :func:`delta_rule_flops`, ``out_proj``); then the LM head (over ``logits_positions`` per
-    sequence, None: all, as :func:`llama_flops`). LoRA is not modelled.
+    sequence, None: all, as :func:`llama_flops`). With LoRA, each layer's adapters on the targets it
+    has (:func:`~visionzip_core.families.flops.lora_flops`): full attention's ``q_proj`` (to the query
+    and its gate), ``k_proj``, ``v_proj``, ``o_proj``, a DeltaNet layer's ``in_proj_qkv``,
+    ``in_proj_z``, ``in_proj_b``, ``in_proj_a``, ``out_proj``, and every layer's MLP.
 
     Returns:
         ``(Flops, solve)``: the counted products, and the triangular solves' FLOPs apart.
     """
-    if parts.llm == "lora":
-        raise NotImplementedError("qwen3.5: the FLOP model counts projector and full training, not LoRA")
     t = text_config
     tokens = batch * seq_len
     d, hd = t.hidden_size, t.head_dim
@@ -356,6 +356,27 @@ def hybrid_llm_flops(
     gates = lin(d, t.linear_num_value_heads)  # in_proj_b and in_proj_a
     linear = lin(d, conv_dim) + lin(d, value_dim) + gates + gates
     linear = linear + conv + scan["scan"] + lin(value_dim, d) + mlp
+    if parts.llm == "lora":
+        inner = t.intermediate_size
+        mlp_sizes = {"gate_proj": (d, inner), "up_proj": (d, inner), "down_proj": (inner, d)}
+        full_sizes = {
+            "q_proj": (d, 2 * q_out),
+            "k_proj": (d, kv_out),
+            "v_proj": (d, kv_out),
+            "o_proj": (q_out, d),
+        }
+        linear_sizes = {
+            "in_proj_qkv": (d, conv_dim),
+            "in_proj_z": (d, value_dim),
+            "in_proj_b": (d, t.linear_num_value_heads),
+            "in_proj_a": (d, t.linear_num_value_heads),
+            "out_proj": (value_dim, d),
+        }
+        absent = sorted(set(parts.lora_targets) - {*mlp_sizes, *full_sizes, *linear_sizes})
+        if absent:
+            raise ValueError(f"lora_targets {absent}: a {t.model_type} layer has no such layers")
+        full = full + lora_flops(tokens, {**full_sizes, **mlp_sizes}, parts)
+        linear = linear + lora_flops(tokens, {**linear_sizes, **mlp_sizes}, parts)
     head_tokens = tokens if logits_positions is None else batch * logits_positions
     total = linear_flops(head_tokens, d, t.vocab_size, grad_input=grad_in, grad_weight=grad_w)
     solve = 0
@@ -374,6 +395,7 @@ def qwen3_step_flops(
     num_images: int,
     image_hw: tuple[int, int],
     seq_len: int,
+    split: tuple | None = None,
     logits_positions: int | None = None,
 ) -> dict[str, Any]:
     """Matmul FLOPs of one Qwen3-VL or Qwen3.5 training step, one image of ``image_hw`` per sample
@@ -382,13 +404,20 @@ def qwen3_step_flops(
     VisionZip compresses after the mergers, so the tower and every merger see every patch at every
     budget and only the LLM's ``seq_len`` (padded, image tokens included) shrinks. Qwen3-VL's LLM is a
     Qwen3 decoder, counted as :func:`llama_flops` counts a Llama (its q/k norms are element-wise);
-    Qwen3.5's is :func:`hybrid_llm_flops`. VisionZip's own selection products are left out.
+    Qwen3.5's is :func:`hybrid_llm_flops`. VisionZip's own products at budget ``split`` (None: stock)
+    are Qwen2.5-VL's (:func:`~.qwen_bench.qwen_visionzip_flops`), its merge over the main features and
+    the DeepStack levels concatenated along the channels.
 
     Returns:
-        ``{"vision", "projector", "llm", "total"}`` -> :class:`Flops`, and ``"solve"``: the DeltaNet
-        triangular solves' FLOPs (0 for Qwen3-VL), which ``total`` leaves out.
+        ``{"vision", "visionzip", "projector", "llm", "total"}`` -> :class:`Flops`, and ``"solve"``: the
+        DeltaNet triangular solves' FLOPs (0 for Qwen3-VL), which ``total`` leaves out.
     """
-    vision, mergers = qwen3_vision_flops(config.vision_config, num_images, image_hw, trainable=parts.vision)
+    v = config.vision_config
+    vision, mergers = qwen3_vision_flops(v, num_images, image_hw, trainable=parts.vision)
+    levels = len(getattr(v, "deepstack_visual_indexes", None) or ())
+    channels = v.out_hidden_size * (1 + levels)
+    grad = parts.projector or parts.vision
+    visionzip = qwen_visionzip_flops(v, num_images, image_hw, split, channels, grad=grad)
     text = config.text_config
     if getattr(text, "layer_types", None) and "linear_attention" in text.layer_types:
         llm, solve = hybrid_llm_flops(text, num_images, seq_len, parts, logits_positions)
@@ -397,9 +426,10 @@ def qwen3_step_flops(
         llm, solve = llama_flops(shape, num_images, seq_len, parts, logits_positions), 0
     return {
         "vision": vision,
+        "visionzip": visionzip,
         "projector": mergers,
         "llm": llm,
-        "total": vision + mergers + llm,
+        "total": vision + visionzip + mergers + llm,
         "solve": solve,
     }
 

@@ -52,6 +52,8 @@ import json
 import os
 import tempfile
 import types
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +125,33 @@ TINY_QWEN3_MIN_PIXELS = 4 * 32 * 32
 TINY_QWEN3_MAX_PIXELS = 64 * 32 * 32
 
 
+@contextmanager
+def indexed_deepstack(language_model: torch.nn.Module) -> Iterator[None]:
+    """While active, ``language_model`` (a Qwen3-VL text model instance) adds the DeepStack levels at
+    rows given by an index instead of a boolean mask, so that its forward runs on the meta device.
+
+    The stock ``_deepstack_process`` indexes the hidden states with ``visual_pos_masks`` moved to
+    their device; on meta a boolean index needs ``nonzero``, whose output size a meta tensor cannot
+    know. Here ``visual_pos_masks`` is ``(N,)`` flat positions in the ``(B * S)`` rows (computed on
+    the CPU before the step), and the same ops run: a clone, a gather, the addition and an in-place
+    put of the ``(N, H)`` rows, so the same storages are created. Only this instance changes, for
+    the simulation's step; the attribute is removed after it.
+    """
+
+    def process(hidden_states: torch.Tensor, visual_index: torch.Tensor, visual_embeds: torch.Tensor):
+        hidden_states = hidden_states.clone()
+        rows = hidden_states.view(-1, hidden_states.shape[-1])
+        local = rows.index_select(0, visual_index) + visual_embeds.to(rows.dtype)
+        rows.index_put_((visual_index,), local)
+        return hidden_states
+
+    language_model._deepstack_process = process
+    try:
+        yield
+    finally:
+        del language_model._deepstack_process
+
+
 def _replace_video_token(self, video_inputs: dict, video_idx: int, **kwargs: Any) -> str:
     """Qwen3's video placeholder (timestamp, then one run per frame group) with each run holding the
     group's compressed count."""
@@ -149,7 +178,14 @@ class Qwen3VL(Qwen2_5VL):
     video_runs = "frame_group"
     embeds_only = True  # Qwen3VLModel.forward: "exactly one of input_ids or inputs_embeds"
     bench_sizes = QWEN3_VL_SIZES
-    simulation = None
+    simulation = {
+        "size": "qwen3-vl-8b",
+        "micro_batch": 4,
+        "batch_source": "4 per GPU: configs/qwen3-vl-8b/lora.yaml (4 x accumulation 4 x 8 GPUs = 128, "
+        "gradient checkpointing, bf16)",
+        "modes": ("lora", "projector"),
+        "calibrate": None,  # the real step runs the tower the meta step stands in for
+    }
     # Benchmarks feed 448 x 448 px = 28 x 28 patches of 16 px = 14 x 14 = 196 merged tokens (inside
     # the download's min/max pixels, so the processor keeps the size).
     bench_image = (448, 448)
@@ -193,6 +229,71 @@ class Qwen3VL(Qwen2_5VL):
     def bench_batch(self, size, config: Any, plan: Any, device="cpu", seed: int = 0):
         return qwen3_synthetic_batch(size, config, plan.llm, device, seed=seed)
 
+    def stand_in_vision(
+        self, config: Any, batch: dict[str, torch.Tensor], plan: Any
+    ) -> dict[str, torch.Tensor]:
+        """Qwen2.5-VL's stand-ins (:meth:`Qwen2_5VL.stand_in_vision`), plus for DeepStack:
+
+        - ``deepstack_input``: ``(levels, patches, vision_hidden)``, the frozen tower's output after
+          each block in ``deepstack_visual_indexes``, what each level's merger reads;
+        - ``visual_index``: ``(B * plan.llm,)`` flat positions of the image tokens in the ``(B * S)``
+          rows, where the levels are added (:func:`indexed_deepstack`), taken from the CPU
+          ``input_ids`` here, before the step.
+        """
+        out = super().stand_in_vision(config, batch, plan)
+        levels = len(config.vision_config.deepstack_visual_indexes or ())
+        if levels:
+            out["deepstack_input"] = out["vision_output"].new_zeros((levels, *out["vision_output"].shape))
+            flat = batch["input_ids"].reshape(-1) == config.image_token_id
+            out["visual_index"] = flat.nonzero().squeeze(1)
+        return out
+
+    def simulation_loss(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Qwen2.5-VL's (:meth:`Qwen2_5VL.simulation_loss`), with the DeepStack levels. The tower's
+        outputs, the last block's and each level's (``(patches, hidden)`` after its block), are
+        copied in the step, as the frozen tower creates them there and the trainable mergers save
+        them for backward; each level's merger runs over its input, its output is gathered at the
+        kept rows (the main features' selection) and the language model adds it after its first
+        layers at the image positions (:func:`indexed_deepstack`)."""
+        inner = self.find_model(model)
+        input_ids = batch["input_ids"]
+        embeds = inner.get_input_embeddings()(input_ids)
+        tower_output = batch["vision_output"].clone()
+        level_inputs = [level.clone() for level in batch.get("deepstack_input", ())]
+        working = torch.empty(batch["vision_working_set"], dtype=torch.uint8, device=embeds.device)
+        del working
+        kept = batch["kept_index"]
+        features = inner.visual.merger(tower_output).index_select(0, kept).to(embeds.dtype)
+        mergers = getattr(inner.visual, DEEPSTACK, None) or ()  # Qwen3.5's tower has none
+        deepstack = [
+            merger(level).index_select(0, kept).to(embeds.dtype)
+            for merger, level in zip(mergers, level_inputs)
+        ]
+        del level_inputs
+        image_positions = (input_ids == inner.config.image_token_id).unsqueeze(-1)
+        embeds = embeds.masked_scatter(image_positions, features)
+        inputs = {
+            "inputs_embeds": embeds,
+            "attention_mask": batch["attention_mask"],
+            "position_ids": batch["position_ids"],
+            "labels": batch["labels"],
+        }
+        if not deepstack:  # Qwen3.5
+            return model(**inputs).loss
+        language_model = inner.language_model
+
+        def add_levels(module, args, kwargs):
+            # The stock forward passes no levels without pixel_values: the language model gets them here.
+            kwargs.update(visual_pos_masks=batch["visual_index"], deepstack_visual_embeds=deepstack)
+            return args, kwargs
+
+        hook = language_model.register_forward_pre_hook(add_levels, with_kwargs=True)
+        try:
+            with indexed_deepstack(language_model):
+                return model(**inputs).loss
+        finally:
+            hook.remove()
+
     def step_flops(self, size, config: Any, parts, plan, split, *, samples, seq_len, logits_positions=None):
         return qwen3_step_flops(
             config,
@@ -200,6 +301,7 @@ class Qwen3VL(Qwen2_5VL):
             num_images=samples,
             image_hw=size.image,
             seq_len=seq_len,
+            split=split,
             logits_positions=logits_positions,
         )
 

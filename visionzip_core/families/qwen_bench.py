@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from visionzip_core.config import VisionZipConfig
 from visionzip_core.families.base import synthetic_text_lengths
 from visionzip_core.families.flops import (
     Flops,
@@ -17,6 +18,7 @@ from visionzip_core.families.flops import (
     attention_flops,
     linear_flops,
     llama_flops,
+    matmul_flops,
 )
 
 
@@ -27,7 +29,7 @@ class QwenBenchSize:
     (H, W) of every benchmark image (the family's ``bench_image``). The other fields as in
     :class:`BenchSize`."""
 
-    flop_model: ClassVar[bool] = False
+    flop_model: ClassVar[bool] = True
 
     name: str
     vision: dict
@@ -187,6 +189,47 @@ def qwen_vision_flops(
     return total, merger
 
 
+def qwen_visionzip_flops(
+    vision_config: Any,
+    num_images: int,
+    image_hw: tuple[int, int],
+    split: tuple | None,
+    channels: int,
+    *,
+    grad: bool,
+) -> Flops:
+    """VisionZip's own products on ``num_images`` images of ``image_hw`` px at budget ``split``
+    (``(dominant_ratio, contextual_ratio)`` or counts per image; None: stock, nothing), as the Qwen
+    adapter runs them per image (scores and keys come from the frozen block: forward only; the merge
+    passes a gradient back to the merger's outputs when ``grad``, the merger or tower trained):
+
+    - the score: the last block's ``Q K^T`` recomputed per head over the image's ``N`` patches (that
+      block attends to the whole image in every released size), ``heads * N^2 * head_dim``;
+    - the similarity of the other merged tokens' head-mean keys to the contextual targets,
+      ``(others, head_dim) @ (head_dim, contextual)``;
+    - the merge, ``(contextual, others) @ (others, channels)``: ``channels`` the merger's output
+      width (times the levels merged with it, Qwen3-VL's DeepStack).
+    """
+    if split is None:
+        return Flops()
+    v = vision_config
+    patches = (image_hw[0] // v.patch_size) * (image_hw[1] // v.patch_size)
+    merged = patches // v.spatial_merge_size**2
+    heads = v.num_heads
+    head_dim = v.hidden_size // heads
+    if isinstance(split[0], float):
+        budget = VisionZipConfig(dominant_ratio=split[0], contextual_ratio=split[1])
+    else:
+        budget = VisionZipConfig(dominant=split[0], contextual=split[1])
+    dominant, contextual = budget.split_for(merged)
+    others = merged - dominant - contextual
+    forward = heads * matmul_flops(patches, head_dim, patches)
+    merge = matmul_flops(contextual, others, channels) if contextual else 0
+    if contextual:
+        forward += matmul_flops(others, head_dim, contextual) + merge
+    return Flops(num_images * forward, num_images * merge if grad else 0)
+
+
 def qwen_step_flops(
     config: Any,
     parts: TrainableParts,
@@ -195,22 +238,30 @@ def qwen_step_flops(
     image_hw: tuple[int, int],
     seq_len: int,
     image_tokens: int,
+    split: tuple | None = None,
+    logits_positions: int | None = None,
 ) -> dict[str, Flops]:
-    """Matmul FLOPs of one Qwen2.5-VL training step, one image of ``image_hw`` per sample, by part.
+    """Matmul FLOPs of one Qwen2.5-VL training step, one image of ``image_hw`` per sample, by part
+    (``logits_positions``: as :func:`llama_flops`; 1 with nothing trained is ``generate``'s prefill).
 
     The LLM is a Qwen2 decoder, counted as :func:`llama_flops` counts a Llama one (the same matmuls;
     its q/k/v biases are element-wise). VisionZip compresses after the merger, so the tower and
     merger see every patch at every budget and only the LLM's ``seq_len`` (padded, ``image_tokens``
-    per sample included) shrinks; VisionZip's own selection products are left out (a few
-    ``(tokens, H)`` products, far under one block's).
+    per sample included) shrinks; VisionZip's own products at budget ``split`` (None: stock) are
+    :func:`qwen_visionzip_flops`.
 
     Returns:
-        ``{"vision", "projector", "llm", "total"}`` -> :class:`Flops`.
+        ``{"vision", "visionzip", "projector", "llm", "total"}`` -> :class:`Flops`.
     """
-    vision, merger = qwen_vision_flops(config.vision_config, num_images, image_hw, trainable=parts.vision)
-    llm = llama_flops(LlamaShape.from_config(config.text_config), num_images, seq_len, parts)
-    out = {"vision": vision, "projector": merger, "llm": llm}
-    out["total"] = vision + merger + llm
+    v = config.vision_config
+    vision, merger = qwen_vision_flops(v, num_images, image_hw, trainable=parts.vision)
+    grad = parts.projector or parts.vision
+    visionzip = qwen_visionzip_flops(v, num_images, image_hw, split, v.out_hidden_size, grad=grad)
+    llm = llama_flops(
+        LlamaShape.from_config(config.text_config), num_images, seq_len, parts, logits_positions
+    )
+    out = {"vision": vision, "visionzip": visionzip, "projector": merger, "llm": llm}
+    out["total"] = vision + visionzip + merger + llm
     return out
 
 
