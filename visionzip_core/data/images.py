@@ -42,13 +42,16 @@ class ImageLayout:
 
     ``tiles``: each image becomes a base crop and a grid of tiles. ``native``: the processor keeps
     each image's aspect ratio and resizes it itself, ``(H, W) -> (H, W)`` (picklable), giving patch
-    rows and a ``grid_thw`` instead of ``(3, H, W)`` crops. ``video``: the same resize for video
-    frames. The default: one crop of a fixed input size per image.
+    rows and a ``grid_thw`` instead of ``(3, H, W)`` crops. ``video``: the resize of video frames
+    (None: the model takes no video). ``video_temporal_patch``: frames per temporal patch, the multiple
+    a video's frame count is padded to (Qwen's video processors: 2; a model that reads every frame on
+    its own: 1). The default: one crop of a fixed input size per image.
     """
 
     tiles: bool = False
     native: Callable[[tuple[int, int]], tuple[int, int]] | None = None
     video: Callable[[tuple[int, int]], tuple[int, int]] | None = None
+    video_temporal_patch: int = 2
 
 
 def tiles(image_processor) -> bool:
@@ -100,6 +103,8 @@ class SizeRule:
     native: Callable[[tuple[int, int]], tuple[int, int]] | None = None
     #: the video processor's resize, for video frames (never padded)
     video: Callable[[tuple[int, int]], tuple[int, int]] | None = None
+    #: frames per temporal patch (:attr:`ImageLayout.video_temporal_patch`)
+    video_temporal_patch: int = 2
 
     def __call__(self, size: tuple[int, int]) -> tuple[int, int]:
         if self.aspect_ratio == "pad":
@@ -108,14 +113,13 @@ class SizeRule:
             return self.input_size
         return self.native(size) if self.native is not None else tuple(size)
 
-    def video_size(
-        self, n_frames: int, frame_size: tuple[int, int], temporal_patch_size: int = 2
-    ) -> tuple[int, int, int]:
+    def video_size(self, n_frames: int, frame_size: tuple[int, int]) -> tuple[int, int, int]:
         """``(T, H, W)`` of a video of ``n_frames`` frames of ``frame_size``: frames padded to a
         multiple of the temporal patch, the frame size as the video processor resizes it."""
         if self.video is None:
             raise ValueError("data: this model's processor takes no video")
-        t = -(-n_frames // temporal_patch_size) * temporal_patch_size
+        step = self.video_temporal_patch
+        t = -(-n_frames // step) * step
         return (t, *self.video(frame_size))
 
 
@@ -147,6 +151,7 @@ class ImageTransform:
         self.tiles = layout.tiles
         self.native = layout.native
         self.video = layout.video
+        self.video_temporal_patch = layout.video_temporal_patch
         name = type(image_processor).__name__
         if self.native is not None and aspect_ratio not in ("native", "pad"):
             raise ValueError(
@@ -178,7 +183,7 @@ class ImageTransform:
     @property
     def size_rule(self) -> SizeRule:
         """What :meth:`prepare` does to an image's size."""
-        return SizeRule(self.aspect_ratio, self.size, self.native, self.video)
+        return SizeRule(self.aspect_ratio, self.size, self.native, self.video, self.video_temporal_patch)
 
     def __call__(self, paths: list[str]) -> torch.Tensor:
         """``FloatTensor[crops, 3, H, W]``: every image's crops, in order."""
@@ -208,7 +213,11 @@ class ImageTransform:
 
     def load_videos(self, videos: list[list[str]]) -> dict[str, torch.Tensor]:
         """``{"pixel_values_videos": [sum of patches, C*2*14*14], "video_grid_thw": [n, 3],
-        "second_per_grid_ts": [n], "video_sizes": [n, 3]}`` for videos given as frame-path lists.
+        "second_per_grid_ts": [n], "video_sizes": [n, 3]}`` for videos given as frame-path lists,
+        from a patch-row video processor (Qwen's, which gives ``video_grid_thw``); from a frame video
+        processor (``pixel_values_videos: [n, T, C, H, W]``, LLaVA-OneVision's):
+        ``{"pixel_values_videos": [sum of frames, C, H, W], "video_frames": [n], "video_sizes": [n, 3]}``,
+        every video's frames back to back, so that videos of different lengths share a batch.
 
         ``video_sizes`` is each video's ``(T, H, W)``: frames padded to the temporal patch, the
         resized frame size (what the count needs). Frames are taken as given (no sampling);
@@ -225,6 +234,16 @@ class ImageTransform:
                     f"the frames of a video differ in size ({sorted({im.size for im in opened})})"
                 )
             frames.append(opened)
+        if self.video_temporal_patch == 1:  # a frame processor: one video at a time (lengths differ)
+            pixels = [
+                self.video_processor(videos=[v], return_tensors="pt")["pixel_values_videos"][0]
+                for v in frames
+            ]
+            return {
+                "pixel_values_videos": torch.cat(pixels, dim=0),
+                "video_frames": torch.tensor([len(p) for p in pixels], dtype=torch.long),
+                "video_sizes": torch.tensor([list(p.shape[:1]) + list(p.shape[-2:]) for p in pixels]).long(),
+            }
         out = self.video_processor(videos=frames, return_tensors="pt", return_metadata=True)
         grid = out["video_grid_thw"].long()
         temporal = int(self.video_processor.temporal_patch_size)

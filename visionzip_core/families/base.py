@@ -105,7 +105,8 @@ class ModelFamily(ABC):
     count_depends_on_size: ClassVar[bool] = False
     #: The vision layer VisionZip reads when the caller does not name one.
     default_feature_layer: ClassVar[int] = -2
-    #: Whether the family takes videos (``<|video_pad|>`` runs).
+    #: Whether the family takes videos, in training data and in the commands (its
+    #: ``stock_tokens_per_video`` / ``compressed_tokens_per_video`` count them).
     takes_video: ClassVar[bool] = False
     #: Whether prompts are rendered by the processor's chat template (HF ``messages``) rather
     #: than LLaVA-1.5's ``vicuna_v1`` text.
@@ -288,9 +289,9 @@ class ModelFamily(ABC):
 
     def packing_refusal(self, config: Any) -> str | None:
         """Why ``data.packing`` (samples packed in one row, 1-D positions restarting per sample)
-        cannot train this model, as the end of a one-line config error; None when it can. Video
-        families compute 3-D M-RoPE positions from a whole row, so they refuse it."""
-        return "M-RoPE positions per sample" if self.takes_video else None
+        cannot train this model, as the end of a one-line config error; None when it can (1-D
+        positions: images and videos alike)."""
+        return None
 
     @abstractmethod
     def projector_modules(self) -> list[str]:

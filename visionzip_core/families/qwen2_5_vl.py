@@ -1031,6 +1031,10 @@ class Qwen2_5VL(ModelFamily):
         video = None if video_processor is None else NativeResize.of(video_processor)
         return ImageLayout(native=NativeResize.of(image_processor), video=video)
 
+    def packing_refusal(self, config: Any) -> str | None:
+        """3-D M-RoPE positions are computed from a whole row, not per packed sample."""
+        return "M-RoPE positions per sample"
+
     def load_processor(self, path: str, trust_remote_code: bool = False, config: Any = None, **kwargs: Any):
         # Built from PIL/numpy parts: AutoProcessor would import torchvision for the video processor.
         # No remote code is involved; the folder's config is not needed.
