@@ -229,6 +229,12 @@ class ModelFamily(ABC):
         calls its forward makes."""
         raise NotImplementedError(f"{self.name}: no token selection to show")
 
+    def select_video_tokens(self, model: nn.Module, **video_inputs: Any) -> list[list[ImageTokenSelection]]:
+        """Per video, per frame group, what the VisionZip-adapted ``model`` keeps of it, from the data
+        pipeline's video inputs (``ImageTransform.load_videos``: ``pixel_values_videos`` and the
+        family's own layout keys); each group's picture is its first frame."""
+        raise NotImplementedError(f"{self.name}: no video token selection to show")
+
     @abstractmethod
     def check_supported(self, model: nn.Module) -> None:
         """Raise ``ValueError`` naming the model when ``model`` is not this family's."""

@@ -791,6 +791,30 @@ class LlavaOnevision(LlavaNext):
             start += n
         return images
 
+    def select_video_tokens(
+        self, model: nn.Module, pixel_values_videos: torch.Tensor, video_frames: torch.Tensor, **_: Any
+    ) -> list[list[ImageTokenSelection]]:
+        """Per video, per frame (a frame group is one frame), what the adapted forward keeps of its
+        pooled tokens (a ``pooled_side`` square, each about 2 x 2 patches of the frame), selected by the
+        calls :func:`_visionzip_get_video_features` makes. ``pixel_values_videos``: the frames of every
+        video back to back, ``video_frames`` their counts (the data pipeline's layout)."""
+        inner = find_onevision_model(model)
+        vz = active_settings(inner, self.name)
+        _, selection = _video_selection(inner, pixel_values_videos, vz)
+        side = pooled_side(inner.config)
+        videos, start = [], 0
+        for n in video_frames.tolist():
+            videos.append(
+                [
+                    ImageTokenSelection(
+                        pixel_values_videos[f : f + 1], selection.rows(f, f + 1), (0, 0), side, cls=False
+                    )
+                    for f in range(start, start + n)
+                ]
+            )
+            start += n
+        return videos
+
     def remove(self, model: nn.Module) -> None:
         inner = find_onevision_model(model)
         for name in ("get_image_features", "get_video_features", _ACTIVE):

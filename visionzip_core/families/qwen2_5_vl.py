@@ -1151,10 +1151,10 @@ class Qwen2_5VL(ModelFamily):
         return [groups[0] for groups in select_tokens(inner, pixel_values, grid.to(pixel_values.device))]
 
     def select_video_tokens(
-        self, model: nn.Module, pixel_values_videos: torch.Tensor, video_grid_thw: torch.Tensor
+        self, model: nn.Module, pixel_values_videos: torch.Tensor, video_grid_thw: torch.Tensor, **_: Any
     ) -> list[list[ImageTokenSelection]]:
         """Per video, per temporal group (frame group), what the adapted forward keeps of it; each
-        group's picture is its first frame."""
+        group's picture is its first frame (the rest of the data pipeline's video inputs unused)."""
         inner = self.find_model(model)
         if getattr(inner, _ACTIVE, None) is None:
             raise ValueError(f"{self.name}: select_video_tokens needs a VisionZip-adapted model")
