@@ -434,7 +434,8 @@ def test_the_7b_config_as_downloaded_counts_as_transformers_does():
 
 
 def _training_rows(images_dir) -> list[dict]:
-    """Text-only, image, a 3-frame video, and an image with a 2-frame video (frames 70 x 100 px)."""
+    """Text-only, image, a 3-frame video, an image with a 2-frame video (frames 70 x 100 px), and two
+    images in one sample (one crop and a newline each, not tiled)."""
     for i, (h, w) in enumerate([(50, 130), (90, 60)]):
         noise_image(h, w, i).save(images_dir / f"im{i}.png")
     for k in range(3):
@@ -459,6 +460,12 @@ def _training_rows(images_dir) -> list[dict]:
             "Same?",
             "No.",
             "both",
+        ),
+        ask(
+            [{"type": "image", "image": "im0.png"}, {"type": "image", "image": "im1.png"}],
+            "Same?",
+            "No.",
+            "two",
         ),
     ]
 
@@ -501,8 +508,9 @@ def _training_dataset(folder, processor, vz, tmp_path):
 
 @pytest.mark.parametrize("compressed", [False, True], ids=["stock", "visionzip"])
 def test_training_data_is_the_processors_ids_for_images_and_videos(folder, processor, compressed, tmp_path):
-    """Each sample the trainer encodes (text, a tiled image, a video, an image and a video) holds the ids
-    the processor writes for it (the stock processor, or the VisionZip-adapted one), and the pixels."""
+    """Each sample the trainer encodes (text, a tiled image, a video, an image and a video, two images)
+    holds the ids the processor writes for it (the stock processor, or the VisionZip-adapted one), and
+    the pixels."""
     vz = VisionZipConfig(dominant=D, contextual=K, feature_layer=-1) if compressed else None
     config = family_for("llava-onevision").config_from_file(str(folder / "config.json"))
     if vz is not None:
@@ -516,16 +524,23 @@ def test_training_data_is_the_processors_ids_for_images_and_videos(folder, proce
             [Image.open(images / f).convert("RGB") for f in p["video"]] for p in parts if p["type"] == "video"
         ]
         text = processor.apply_chat_template(row["messages"], tokenize=False)
-        ref = processor(text=[text], images=pictures or None, videos=videos or None, return_tensors="pt")
+        # One sample's images as one list: the processor lays out two images of one sample apart.
+        ref = processor(
+            text=[text], images=[pictures] if pictures else None, videos=videos or None, return_tensors="pt"
+        )
         assert item["input_ids"].tolist() == ref["input_ids"][0].tolist(), row["id"]
         if videos:
             assert torch.equal(item["pixel_values_videos"], ref["pixel_values_videos"].flatten(0, 1))
             assert item["video_frames"].tolist() == [len(v) for v in videos]
         if pictures:
-            assert torch.equal(item["pixel_values"], ref["pixel_values"][0])
+            crops = ref["pixel_values"][0] if len(pictures) == 1 else ref["pixel_values"][:, 0]
+            assert torch.equal(item["pixel_values"], crops)
+            assert item["batch_num_images"].tolist() == ref["batch_num_images"].tolist() == [len(pictures)]
     video_id = config.video_token_id
     per_frame = (D + K) if compressed else POOLED
     assert (dataset[2]["input_ids"] == video_id).sum() == 3 * per_frame + 1
+    per_image = (D + K) if compressed else PATCHES
+    assert (dataset[4]["input_ids"] == config.image_token_id).sum() == 2 * (per_image + 1)
 
 
 @pytest.mark.parametrize("compressed", [False, True], ids=["stock", "visionzip"])
@@ -533,7 +548,7 @@ def test_the_trainers_forward_on_a_mixed_batch_is_the_models_forward_per_sample(
     folder, processor, compressed, tmp_path
 ):
     """The trainer's forward (one tower and projector call for the batch: text, a tiled image, videos of
-    3 and 2 frames) gives each row the logits the model's own forward gives that sample alone, and
+    3 and 2 frames, two one-crop images) gives each row the logits the model's own forward gives that sample alone, and
     calls the same modules in the same order for every kind of batch (ZeRO-3: ranks stay in step)."""
     from visionzip_core.data import DataCollator
     from visionzip_core.testing.call_order import call_order, first_difference
@@ -557,7 +572,7 @@ def test_the_trainers_forward_on_a_mixed_batch_is_the_models_forward_per_sample(
         for row, item in enumerate(items):
             alone = {"input_ids": item["input_ids"][None]}
             if "pixel_values" in item:
-                alone |= {"pixel_values": item["pixel_values"], "image_sizes": item["image_sizes"]}
+                alone |= {k: item[k] for k in ("pixel_values", "image_sizes", "batch_num_images")}
             if "pixel_values_videos" in item:
                 alone["pixel_values_videos"] = item["pixel_values_videos"][None]
             n = len(item["input_ids"])
@@ -567,6 +582,7 @@ def test_the_trainers_forward_on_a_mixed_batch_is_the_models_forward_per_sample(
         "image": [items[1], items[0]],
         "video": [items[2]],
         "image and video": [items[3], items[2]],
+        "two images": [items[4]],
     }
     trained.train()
     orders = {kind: call_order(trained, trained, **collate(rows)) for kind, rows in kinds.items()}

@@ -12,10 +12,12 @@ from visionzip_core.data.encode import IGNORE_INDEX
 # Per-image (per-video) tensors of an item, concatenated along dim 0 in batch order: the order in
 # which the model meets the image-token (video-token) runs. Qwen2.5-VL's are patch rows and
 # ``(t, h, w)`` grids; ``second_per_grid_ts`` is one float per video. A frame video processor's
-# (LLaVA-OneVision's) are frames and ``video_frames``, one frame count per video.
+# (LLaVA-OneVision's) are frames and ``video_frames``, one frame count per video; its
+# ``batch_num_images`` holds one count per sample with images.
 VISUAL_KEYS = (
     "pixel_values",
     "image_sizes",
+    "batch_num_images",
     "image_grid_thw",
     "pixel_values_videos",
     "video_grid_thw",

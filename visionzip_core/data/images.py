@@ -45,13 +45,17 @@ class ImageLayout:
     rows and a ``grid_thw`` instead of ``(3, H, W)`` crops. ``video``: the resize of video frames
     (None: the model takes no video). ``video_temporal_patch``: frames per temporal patch, the multiple
     a video's frame count is padded to (Qwen's video processors: 2; a model that reads every frame on
-    its own: 1). The default: one crop of a fixed input size per image.
+    its own: 1). ``several_one_crop``: an image that shares its sample with other images is one
+    padded-to-square crop, not tiled (LLaVA-OneVision's processor): a sample's images go through the
+    processor together, and the sample tells the model how many it holds (``batch_num_images``).
+    The default: one crop of a fixed input size per image.
     """
 
     tiles: bool = False
     native: Callable[[tuple[int, int]], tuple[int, int]] | None = None
     video: Callable[[tuple[int, int]], tuple[int, int]] | None = None
     video_temporal_patch: int = 2
+    several_one_crop: bool = False
 
 
 def tiles(image_processor) -> bool:
@@ -152,6 +156,7 @@ class ImageTransform:
         self.native = layout.native
         self.video = layout.video
         self.video_temporal_patch = layout.video_temporal_patch
+        self.several_one_crop = layout.several_one_crop
         name = type(image_processor).__name__
         if self.native is not None and aspect_ratio not in ("native", "pad"):
             raise ValueError(
@@ -190,8 +195,18 @@ class ImageTransform:
         return self.load(paths)["pixel_values"]
 
     def load(self, paths: list[str]) -> dict[str, torch.Tensor]:
-        """``{"pixel_values": [crops, 3, H, W], "image_sizes"?: [n, 2]}`` (sizes for a tiling processor)."""
+        """``{"pixel_values": [crops, 3, H, W], "image_sizes"?: [n, 2]}`` (sizes for a tiling processor)
+        for the images of one sample; with ``several_one_crop`` also ``"batch_num_images": [1]``, their
+        number."""
         images = [self.prepare(open_rgb(p)) for p in paths]
+        if self.several_one_crop:  # the processor decides per sample: tiled alone, one crop each else
+            out = self.processor(images=[images], return_tensors="pt")
+            pixels = out["pixel_values"]  # (images, crops padded to the most, 3, H, W)
+            return {
+                "pixel_values": pixels[0] if len(images) == 1 else pixels[:, 0],
+                "image_sizes": torch.as_tensor(out["image_sizes"]).long(),
+                "batch_num_images": torch.tensor([len(images)]),
+            }
         if self.native is not None:
             out = self.processor(images=images, return_tensors="pt")
             grid = out["image_grid_thw"].long()

@@ -220,6 +220,12 @@ class ModelFamily(ABC):
     ) -> int:
         """Visual tokens per image with VisionZip ``vz`` on, for an image of ``image_size``."""
 
+    def several_image_tokens(self, config: Any, vz: VisionZipConfig | None) -> int | None:
+        """Visual tokens of each image of a sample holding several, compressed by ``vz`` (None: stock),
+        for a family whose processor lays those out apart from an image alone (then its
+        :meth:`image_layout` sets ``several_one_crop``); None (the default): as an image alone."""
+        return None
+
     # --- instance adaptation ---------------------------------------------------------------------
     def select_image_tokens(
         self, model: nn.Module, pixel_values: torch.Tensor, image_sizes: Any = None

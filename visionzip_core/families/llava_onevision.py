@@ -52,8 +52,9 @@ given (the stock video processor samples none either): a video of ``T`` frame fi
 ``vz.keep_cls`` means nothing here (there is no CLS) and is ignored. The budget is counts per crop
 (``takes_ratios`` is False): a crop always has 729 tokens.
 
-**Training and the commands.** The trainer tiles every image (each placeholder run is one image,
-without ``batch_num_images``: the count of a one-image sample), and takes videos as ``messages``
+**Training and the commands.** The trainer lays images out as the processor does: tiled when alone
+in their sample, one crop and the newline each in a sample with several (the data pipeline passes
+``batch_num_images``); it takes videos as ``messages``
 samples with a ``{"type": "video", "video": [frame files]}`` part, each ``<video>`` expanded to the
 count above (the stock processor's count with VisionZip off). Its forward calls the tower and the
 projector once per batch, images and frames together (:func:`_forward_in_graph`), so that ranks
@@ -646,7 +647,11 @@ class LlavaOnevision(LlavaNext):
         """Tiled images; video frames each resized to the video processor's one size, read one by one
         (no temporal patch), handed to the model as frames (:class:`~.onevision_processing.FrameSize`)."""
         video = None if video_processor is None else FrameSize.of(video_processor)
-        return ImageLayout(tiles=True, video=video, video_temporal_patch=1)
+        return ImageLayout(tiles=True, video=video, video_temporal_patch=1, several_one_crop=True)
+
+    def several_image_tokens(self, config: Any, vz: VisionZipConfig | None) -> int | None:
+        """One crop and the newline (see the module's "One-crop images")."""
+        return (self.tower_tokens(config) if vz is None else vz.tokens_per_image) + 1
 
     # --- loading ---------------------------------------------------------------------------------
     def load(self, path: str, check_files: bool = True, **from_pretrained_kwargs: Any) -> nn.Module:
@@ -850,10 +855,10 @@ class LlavaOnevision(LlavaNext):
         inner.forward = types.MethodType(_forward_in_graph, inner)
 
     def unused_params(self, model: nn.Module) -> set[str]:
-        """``image_newline`` when VisionZip is on: the trainer tiles every image (one image per
-        placeholder run, no ``batch_num_images``), whose compressed layout has no newline. A video
-        still ends with it, as released: it stays frozen, since only batches holding a video would
-        give it a gradient (ZeRO-2 reduces the same gradients on every rank)."""
+        """``image_newline`` when VisionZip is on: a tiled image's compressed layout has no newline.
+        A video, and each image of a several-image sample, still end with it, as released: it stays
+        frozen, since only batches holding those would give it a gradient (ZeRO-2 reduces the same
+        gradients on every rank)."""
         if getattr(find_onevision_model(model), _ACTIVE, None) is None:
             return set()
         return {name for name, _ in model.named_parameters() if name.endswith("image_newline")}
