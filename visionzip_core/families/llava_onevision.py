@@ -54,7 +54,9 @@ given (the stock video processor samples none either): a video of ``T`` frame fi
 
 **Training and the commands.** The trainer lays images out as the processor does: tiled when alone
 in their sample, one crop and the newline each in a sample with several (the data pipeline passes
-``batch_num_images``); it takes videos as ``messages``
+``batch_num_images``), as the authors' training data loader does (LLaVA-NeXT ``llava/train/train.py``,
+``LazySupervisedDataset.__getitem__``: several images of a sample are processed with ``pad``, one
+crop each); it takes videos as ``messages``
 samples with a ``{"type": "video", "video": [frame files]}`` part, each ``<video>`` expanded to the
 count above (the stock processor's count with VisionZip off). Its forward calls the tower and the
 projector once per batch, images and frames together (:func:`_forward_in_graph`), so that ranks
