@@ -548,9 +548,11 @@ def test_the_trainers_forward_on_a_mixed_batch_is_the_models_forward_per_sample(
     folder, processor, compressed, tmp_path
 ):
     """The trainer's forward (one tower and projector call for the batch: text, a tiled image, videos of
-    3 and 2 frames, two one-crop images) gives each row the logits the model's own forward gives that sample alone, and
-    calls the same modules in the same order for every kind of batch (ZeRO-3: ranks stay in step)."""
+    3 and 2 frames, two one-crop images) gives each row the logits the model's own forward gives that
+    sample alone, and calls the same modules in the same order for every kind of batch (ZeRO-3: ranks stay in step);
+    packed rows give the unpacked loss."""
     from visionzip_core.data import DataCollator
+    from visionzip_core.data.collate import PackingCollator
     from visionzip_core.testing.call_order import call_order, first_difference
 
     family = family_for("llava-onevision")
@@ -565,7 +567,8 @@ def test_the_trainers_forward_on_a_mixed_batch_is_the_models_forward_per_sample(
     if vz is not None:
         visionzip(trained, config=vz)
     family.keep_vision_in_graph(trained)
-    collate = DataCollator(pad_token_id=processor.tokenizer.pad_token_id)
+    pad = processor.tokenizer.pad_token_id
+    collate = DataCollator(pad_token_id=pad)
     batch = collate(items)
     with torch.no_grad():
         logits = trained(**batch).logits
@@ -577,6 +580,18 @@ def test_the_trainers_forward_on_a_mixed_batch_is_the_models_forward_per_sample(
                 alone["pixel_values_videos"] = item["pixel_values_videos"][None]
             n = len(item["input_ids"])
             torch.testing.assert_close(logits[row, :n], reference(**alone).logits[0], rtol=1e-4, atol=1e-4)
+    # Packed rows (the samples reordered, videos and images following their rows) give the same loss.
+    lengths = [len(item["input_ids"]) for item in items]
+    packed = PackingCollator(pad_token_id=pad, max_tokens_per_row=sum(sorted(lengths)[-2:]))(items)
+    assert packed["input_ids"].shape[0] < len(items)
+
+    def summed_loss(rows):
+        rows = {k: v for k, v in rows.items() if k != "num_tokens"}
+        # No cache, as the trainer runs: with one, transformers reads no sample boundaries from positions.
+        return trained(**rows, use_cache=False).loss * (rows["labels"][:, 1:] != -100).sum()
+
+    with torch.no_grad():
+        torch.testing.assert_close(summed_loss(packed), summed_loss(batch), rtol=1e-5, atol=1e-5)
     kinds = {
         "text-only": [items[0]],
         "image": [items[1], items[0]],
