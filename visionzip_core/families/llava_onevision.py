@@ -401,7 +401,7 @@ def _forward_in_graph(
             pixel_values_videos = pixel_values_videos.flatten(0, 1)
         elif video_frames is None:
             raise ValueError("visionzip: pixel_values_videos of one frame per row need video_frames")
-        else:
+        else:  # the trainer leaves the counts on the host (training/dataloaders.py HOST_COUNTS)
             frames = [int(n) for n in video_frames.tolist()]
         parts.append(pixel_values_videos.to(self.vision_tower.dtype))
     blank = not parts
