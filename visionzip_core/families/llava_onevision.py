@@ -363,13 +363,16 @@ def _forward_in_graph(
     counts, as the data pipeline gives it (videos of different lengths in one batch).
     Embeddings given, or precomputed ``mm_encoder_outputs``: the stock forward, unchanged.
     """
+    vz: VisionZipConfig | None = getattr(self, _ACTIVE, None)
+    if vz is not None:
+        _check_layer_argument(self, kwargs.get("vision_feature_layer"), vz)
     for name in (
         "vision_feature_layer",
         "vision_feature_select_strategy",
         "vision_aspect_ratio",
         "image_sizes_videos",
     ):
-        kwargs.pop(name, None)  # the config's, as the trainer and generate leave them
+        kwargs.pop(name, None)  # the config's are used, as the trainer and generate leave them unset
     if (
         input_ids is None
         or kwargs.get("inputs_embeds") is not None
@@ -386,7 +389,6 @@ def _forward_in_graph(
         )
     kwargs.pop("inputs_embeds", None)
     kwargs.pop("mm_encoder_outputs", None)
-    vz: VisionZipConfig | None = getattr(self, _ACTIVE, None)
     embeds = self.get_input_embeddings()(input_ids)
     parts, sizes, crops = [], [], []
     if pixel_values is not None:
@@ -414,6 +416,8 @@ def _forward_in_graph(
     if vz is None:
         layer = self.config.vision_feature_layer
         hidden = self.vision_tower(pixels, output_hidden_states=True).hidden_states[layer]
+        if self.config.vision_feature_select_strategy == "default":  # a tower with CLS: dropped
+            hidden = hidden[:, 1:]
         image_hidden, scores, keys = hidden[:n_crops], None, None
     else:
         hidden, scores, keys = capture_received_attention(self.vision_tower, pixels, vz.feature_layer)
