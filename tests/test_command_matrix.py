@@ -101,10 +101,15 @@ def write_matrix_data(out: Path) -> Path:
     return out
 
 
+def takes_video(name: str) -> bool:
+    """Whether the family's matrix run trains and scores on the messages data, with its video."""
+    return name.startswith("qwen") or name == "llava-onevision"
+
+
 def family_overrides(name: str, model_dir: Path, data: Path, out: Path) -> list[str]:
     """A short projector-mode run of ``model_dir`` on the family's data format, scored at the end.
     Data keys the family has its own default for (template, aspect ratio) are left to the family."""
-    fmt, ext = ("messages", "jsonl") if name.startswith("qwen") else ("llava", "json")
+    fmt, ext = ("messages", "jsonl") if takes_video(name) else ("llava", "json")
     budget = (  # configs/demo.yaml is LLaVA's: a Qwen user sets the template as configs/qwen2.5-vl-7b do
         [
             "visionzip.dominant_ratio=0.25",
@@ -224,7 +229,7 @@ def test_check_data_counts_the_epoch_training_runs(trained, name):
     t = trained[name]
     record = json.loads((t.run / "checkpoint-2" / "run_settings.json").read_text())
     samples = record["derived"]["data.train_samples"]
-    assert samples == (5 if name.startswith("llava") else 6)  # every image (and video) sample, no text-only
+    assert samples == (6 if takes_video(name) else 5)  # every image (and video) sample, no text-only
     assert f"data.train: {samples} samples per epoch" in t.check_stdout, t.check_stdout
     assert "1 text-only left out in projector mode" in t.check_stdout
 
@@ -232,7 +237,7 @@ def test_check_data_counts_the_epoch_training_runs(trained, name):
 @pytest.mark.parametrize("name", FAMILIES)
 def test_training_scores_its_export(trained, name):
     """``eval.generate_accuracy`` asks the export as its family is trained and scores every val
-    sample it takes (the video too, for Qwen); the run exits 0 (``train`` checks it)."""
+    sample it takes (the video too, for a family that takes video); the run exits 0 (``train`` checks it)."""
     t = trained[name]
     assert (t.final / "config.json").is_file()
     scored = re.search(r"answers: \d\.\d{3} \((\d+)/(\d+) first replies exact", t.train_stdout)
@@ -243,7 +248,7 @@ def test_training_scores_its_export(trained, name):
 @pytest.mark.parametrize("name", FAMILIES)
 def test_evaluate_scores_the_export(trained, matrix_data, tmp_path, name):
     t = trained[name]
-    fmt = "messages_val.jsonl" if name.startswith("qwen") else "llava_val.json"
+    fmt = "messages_val.jsonl" if takes_video(name) else "llava_val.json"
     out = tmp_path / "eval.json"
     code, _, stderr = run_script(
         "evaluate",
@@ -256,7 +261,7 @@ def test_evaluate_scores_the_export(trained, matrix_data, tmp_path, name):
     )  # fmt: skip
     assert code == 0, stderr[-3000:]
     rows = json.loads(out.read_text())
-    assert [r["samples"] for r in rows] == [2, 2]  # the Qwen video sample is asked too
+    assert [r["samples"] for r in rows] == [2, 2]  # the video sample is asked too
     assert rows[0]["tokens"] != rows[1]["tokens"]  # the recorded split is fewer tokens than stock
 
 

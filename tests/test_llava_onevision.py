@@ -428,3 +428,177 @@ def test_the_7b_config_as_downloaded_counts_as_transformers_does():
         assert family.compressed_tokens_per_image(config, vz, size) == crops_per_image(config, size) * 64
     assert family.stock_tokens_per_image(config, (384, 384)) == 729 + 729 + 27
     assert family.compressed_tokens_per_video(config, vz, (8, 384, 384)) == 8 * 64 + 1
+
+
+# --- videos in training: the data pipeline and the trainer's forward -------------------------------------
+
+
+def _training_rows(images_dir) -> list[dict]:
+    """Text-only, image, a 3-frame video, an image with a 2-frame video (frames 70 x 100 px), and two
+    images in one sample (one crop and a newline each, not tiled)."""
+    for i, (h, w) in enumerate([(50, 130), (90, 60)]):
+        noise_image(h, w, i).save(images_dir / f"im{i}.png")
+    for k in range(3):
+        noise_image(70, 100, 20 + k).save(images_dir / f"fr{k}.png")
+
+    def ask(parts: list[dict], question: str, answer: str, sid: str) -> dict:
+        return {
+            "id": sid,
+            "messages": [
+                {"role": "user", "content": [*parts, {"type": "text", "text": question}]},
+                {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+            ],
+        }
+
+    video = {"type": "video", "video": ["fr0.png", "fr1.png", "fr2.png"]}
+    return [
+        ask([], "Say hi.", "Hi.", "text"),
+        ask([{"type": "image", "image": "im0.png"}], "What is it?", "A cat.", "image"),
+        ask([video], "What moves?", "A dog.", "video"),
+        ask(
+            [{"type": "image", "image": "im1.png"}, {**video, "video": video["video"][:2]}],
+            "Same?",
+            "No.",
+            "both",
+        ),
+        ask(
+            [{"type": "image", "image": "im0.png"}, {"type": "image", "image": "im1.png"}],
+            "Same?",
+            "No.",
+            "two",
+        ),
+    ]
+
+
+def _training_dataset(folder, processor, vz, tmp_path):
+    """The trainer's dataset of :func:`_training_rows`, built as ``training/modeling.py`` builds it."""
+    from visionzip_core.data import DataSettings, build_dataset
+    from visionzip_core.data.templates import tokenizer_of
+    from visionzip_core.families import video_token_count
+
+    family = family_for("llava-onevision")
+    config = family.config_from_file(str(folder / "config.json"))
+    images = tmp_path / "images"
+    images.mkdir()
+    rows = _training_rows(images)
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    settings = DataSettings(
+        train=[{"path": str(path), "image_folder": str(images)}],
+        template="chat_template",
+        image_placement="keep",
+        image_aspect_ratio="anyres",
+        num_workers=0,
+        cache_dir=str(tmp_path / "cache"),
+    )
+    dataset = build_dataset(
+        settings,
+        "train",
+        tokenizer_of(processor),
+        processor.image_processor,
+        image_token_count(config, vz),
+        image_token=family.image_token,
+        video_processor=processor.video_processor,
+        video_token=family.video_token,
+        video_tokens=video_token_count(config, vz),
+        image_layout=family.image_layout(processor.image_processor, processor.video_processor),
+    )
+    return dataset, rows, images
+
+
+@pytest.mark.parametrize("compressed", [False, True], ids=["stock", "visionzip"])
+def test_training_data_is_the_processors_ids_for_images_and_videos(folder, processor, compressed, tmp_path):
+    """Each sample the trainer encodes (text, a tiled image, a video, an image and a video, two images)
+    holds the ids the processor writes for it (the stock processor, or the VisionZip-adapted one), and
+    the pixels."""
+    vz = VisionZipConfig(dominant=D, contextual=K, feature_layer=-1) if compressed else None
+    config = family_for("llava-onevision").config_from_file(str(folder / "config.json"))
+    if vz is not None:
+        visionzip_processor(processor, config=vz)
+    dataset, rows, images = _training_dataset(folder, processor, vz, tmp_path)
+    for i, row in enumerate(rows):
+        item = dataset[i]
+        parts = row["messages"][0]["content"]
+        pictures = [Image.open(images / p["image"]).convert("RGB") for p in parts if p["type"] == "image"]
+        videos = [
+            [Image.open(images / f).convert("RGB") for f in p["video"]] for p in parts if p["type"] == "video"
+        ]
+        text = processor.apply_chat_template(row["messages"], tokenize=False)
+        # One sample's images as one list: the processor lays out two images of one sample apart.
+        ref = processor(
+            text=[text], images=[pictures] if pictures else None, videos=videos or None, return_tensors="pt"
+        )
+        assert item["input_ids"].tolist() == ref["input_ids"][0].tolist(), row["id"]
+        if videos:
+            assert torch.equal(item["pixel_values_videos"], ref["pixel_values_videos"].flatten(0, 1))
+            assert item["video_frames"].tolist() == [len(v) for v in videos]
+        if pictures:
+            crops = ref["pixel_values"][0] if len(pictures) == 1 else ref["pixel_values"][:, 0]
+            assert torch.equal(item["pixel_values"], crops)
+            assert item["batch_num_images"].tolist() == ref["batch_num_images"].tolist() == [len(pictures)]
+    video_id = config.video_token_id
+    per_frame = (D + K) if compressed else POOLED
+    assert (dataset[2]["input_ids"] == video_id).sum() == 3 * per_frame + 1
+    per_image = (D + K) if compressed else PATCHES
+    assert (dataset[4]["input_ids"] == config.image_token_id).sum() == 2 * (per_image + 1)
+
+
+@pytest.mark.parametrize("compressed", [False, True], ids=["stock", "visionzip"])
+def test_the_trainers_forward_on_a_mixed_batch_is_the_models_forward_per_sample(
+    folder, processor, compressed, tmp_path
+):
+    """The trainer's forward (one tower and projector call for the batch: text, a tiled image, videos of
+    3 and 2 frames, two one-crop images) gives each row the logits the model's own forward gives that
+    sample alone, and calls the same modules in the same order for every kind of batch (ZeRO-3: ranks stay in step);
+    packed rows give the unpacked loss."""
+    from visionzip_core.data import DataCollator
+    from visionzip_core.data.collate import PackingCollator
+    from visionzip_core.testing.call_order import call_order, first_difference
+
+    family = family_for("llava-onevision")
+    vz = VisionZipConfig(dominant=D, contextual=K, feature_layer=-1) if compressed else None
+    reference = family.load(str(folder)).eval()
+    if vz is not None:
+        visionzip(reference, config=vz)
+        visionzip_processor(processor, config=vz)
+    dataset, _, _ = _training_dataset(folder, processor, vz, tmp_path)
+    items = [dataset[i] for i in range(len(dataset))]
+    trained = family.load(str(folder)).eval()
+    if vz is not None:
+        visionzip(trained, config=vz)
+    family.keep_vision_in_graph(trained)
+    pad = processor.tokenizer.pad_token_id
+    collate = DataCollator(pad_token_id=pad)
+    batch = collate(items)
+    with torch.no_grad():
+        logits = trained(**batch).logits
+        for row, item in enumerate(items):
+            alone = {"input_ids": item["input_ids"][None]}
+            if "pixel_values" in item:
+                alone |= {k: item[k] for k in ("pixel_values", "image_sizes", "batch_num_images")}
+            if "pixel_values_videos" in item:
+                alone["pixel_values_videos"] = item["pixel_values_videos"][None]
+            n = len(item["input_ids"])
+            torch.testing.assert_close(logits[row, :n], reference(**alone).logits[0], rtol=1e-4, atol=1e-4)
+    # Packed rows (the samples reordered, videos and images following their rows) give the same loss.
+    lengths = [len(item["input_ids"]) for item in items]
+    packed = PackingCollator(pad_token_id=pad, max_tokens_per_row=sum(sorted(lengths)[-2:]))(items)
+    assert packed["input_ids"].shape[0] < len(items)
+
+    def summed_loss(rows):
+        rows = {k: v for k, v in rows.items() if k != "num_tokens"}
+        # No cache, as the trainer runs: with one, transformers reads no sample boundaries from positions.
+        return trained(**rows, use_cache=False).loss * (rows["labels"][:, 1:] != -100).sum()
+
+    with torch.no_grad():
+        torch.testing.assert_close(summed_loss(packed), summed_loss(batch), rtol=1e-5, atol=1e-5)
+    kinds = {
+        "text-only": [items[0]],
+        "image": [items[1], items[0]],
+        "video": [items[2]],
+        "image and video": [items[3], items[2]],
+        "two images": [items[4]],
+    }
+    trained.train()
+    orders = {kind: call_order(trained, trained, **collate(rows)) for kind, rows in kinds.items()}
+    assert len(set(orders["video"])) > 10 and first_difference(orders) is None, first_difference(orders)

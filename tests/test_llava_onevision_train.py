@@ -1,10 +1,12 @@
-"""LLaVA-OneVision through the real entry point: finetune (vision tower included) and LoRA on the tiny
+"""LLaVA-OneVision through the real entry point: finetune (vision tower included) under 2-process
+ZeRO-3 and LoRA under 2-process ZeRO-2, on data mixing text-only, image and video samples, on the tiny
 folder laid out as the download, exported, reloaded with ``load_visionzip_model`` and asked. Projector
-mode, scoring and the other commands run in tests/test_command_matrix.py."""
+mode, scoring (a video too) and the other commands run in tests/test_command_matrix.py."""
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 
 import pytest
@@ -19,9 +21,27 @@ from visionzip_core.families import family_for
 pytestmark = pytest.mark.slow
 
 MODES = {
-    "finetune": ["train.mode=finetune", "train.tune_vision_tower=true", "optim.lr_vision=1e-3"],
-    "lora": ["train.mode=lora", "lora.r=4", "optim.lr_llm=1e-2"],
+    "finetune": [
+        "train.mode=finetune",
+        "train.tune_vision_tower=true",
+        "optim.lr_vision=1e-3",
+        "deepspeed.config=configs/deepspeed/zero3.json",
+    ],
+    "lora": [
+        "train.mode=lora",
+        "lora.r=4",
+        "optim.lr_llm=1e-2",
+        "deepspeed.config=configs/deepspeed/zero2.json",
+    ],
 }
+MIXED_KEYS = ("train.per_device_batch_size=", "train.max_steps=", "train.save_steps=")
+# One sample per rank and step, in file order: the two ranks draw different kinds (image, video, text).
+MIXED = [
+    "train.per_device_batch_size=1",
+    "train.max_steps=3",
+    "train.save_steps=3",
+    "data.group_by_length=false",
+]
 
 
 @pytest.fixture(scope="module")
@@ -33,10 +53,12 @@ def runs(tiny_llava_onevision_dir, tmp_path_factory):
     started = {}
     for mode, extra in MODES.items():
         overrides = family_overrides("llava-onevision", tiny_llava_onevision_dir, data, root / mode)
-        overrides = [o for o in overrides if not o.startswith(("train.mode=", "eval.", "data.val="))]
-        overrides += ["data.val=[]", *extra]
+        overrides = [
+            o for o in overrides if not o.startswith(("train.mode=", "eval.", "data.val=", *MIXED_KEYS))
+        ]
+        overrides += ["data.val=[]", *MIXED, "debug.log_samples=true", *extra]
         started[mode] = subprocess.Popen(
-            _cmd("python", overrides),
+            _cmd("torchrun2", overrides),
             cwd=REPO,
             env=_env(),
             stdout=subprocess.PIPE,
@@ -70,14 +92,54 @@ def _asks(final) -> None:
     batch = processor(images=[image], text=[family.prompt(processor, "What is it?", 1)], return_tensors="pt")
     crops = family.token_plan(model.config, None, (60, 100))[0]
     assert int((batch["input_ids"] == model.config.image_token_id).sum()) == crops * (12 + 4)
+    video = processor(
+        videos=[[image, image]], text=[family.prompt(processor, "What moves?", 0, 1)], return_tensors="pt"
+    )
+    assert int((video["input_ids"] == model.config.video_token_id).sum()) == 2 * (12 + 4) + 1
     with torch.no_grad():
-        out = model.generate(**batch, max_new_tokens=2, min_new_tokens=2, do_sample=False)
-    assert out.shape[1] == batch["input_ids"].shape[1] + 2
+        for inputs in (batch, video):
+            out = model.generate(**inputs, max_new_tokens=2, min_new_tokens=2, do_sample=False)
+            assert out.shape[1] == inputs["input_ids"].shape[1] + 2
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_the_two_ranks_drew_different_kinds_in_one_step(runs, mode):
+    """The case the mixed data is there for: in some step one rank held a video and the other an
+    image or text (the trainer's forward keeps both ranks' module calls in step)."""
+    rows = [
+        json.loads(line)
+        for line in (runs[mode].parent / "data/messages_train.jsonl").read_text().splitlines()
+    ]
+
+    def kind(sample: int) -> str:
+        parts = [
+            p["type"]
+            for m in rows[sample]["messages"]
+            if isinstance(m["content"], list)
+            for p in m["content"]
+        ]
+        return "video" if "video" in parts else "image" if "image" in parts else "text"
+
+    ranks = [
+        [
+            json.loads(line)["samples"]
+            for line in (runs[mode] / f"debug/samples-rank{r}.jsonl").read_text().splitlines()
+        ]
+        for r in (0, 1)
+    ]
+    steps = [({kind(s) for s in a}, {kind(s) for s in b}) for a, b in zip(*ranks)]
+    assert len(steps) == 3 and any("video" in a ^ b for a, b in steps), steps
 
 
 def test_finetune_trains_llm_projector_and_tower_and_the_export_reloads(runs, tiny_llava_onevision_dir):
-    # The export keeps the names of the folder it started from (transformers saves the 4.x layout back).
+    # The export keeps the 4.x names of the folder it started from, but for the SigLIP tower: ZeRO-3's
+    # gathered weights are saved from a fresh model, which writes the tower under transformers 5's names
+    # (``vision_tower.encoder...``, without ``vision_model.``); both load.
     base, new = _base(tiny_llava_onevision_dir), final_weights(runs["finetune"])
+    new = {
+        re.sub(r"^vision_tower\.(?!vision_model\.)", "vision_tower.vision_model.", k): v
+        for k, v in new.items()
+    }
     assert set(new) == set(base)
     changed = {k for k in base if not torch.equal(base[k], new[k])}
     assert any("language_model" in k for k in changed) and any("multi_modal_projector" in k for k in changed)

@@ -80,7 +80,8 @@ def test_show_tokens_and_generate_run_on_every_family(family, request, tmp_path,
     fixture, budget = FAMILIES[family]
     model = str(request.getfixturevalue(fixture))
     out = tmp_path / "tokens.png"
-    videos = ["--video", ",".join(video_frames)] if family.startswith("qwen") else []
+    takes_video = family.startswith("qwen") or family == "llava-onevision"
+    videos = ["--video", ",".join(video_frames)] if takes_video else []
     # The two scripts are independent: run side by side to keep the matrix short.
     procs = [
         _start("show_tokens.py", "--model", model, "--image", str(IMAGE), "--out", str(out), *budget),
@@ -113,6 +114,30 @@ def test_show_tokens_draws_one_qwen_video_frame_group(tiny_qwen2_5_vl_dir, tmp_p
     assert show.main([*argv, "--frame-group", "2"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --video") and "frame group 2" in err and "\n" not in err, err
+
+
+def test_show_tokens_draws_one_onevision_video_frame(
+    tiny_llava_onevision_dir, tmp_path, video_frames, capsys
+):
+    """A LLaVA-OneVision frame group is one frame: its 4 x 4 pooled tokens (8 x 8 patches pooled 2x2)."""
+    show = _script("show_tokens")
+    out = tmp_path / "video.png"
+    argv = [
+        "--model",
+        str(tiny_llava_onevision_dir),
+        "--video",
+        ",".join(video_frames[:3]),
+        "--out",
+        str(out),
+    ]
+    argv += ["--dominant", "5", "--contextual", "2"]
+    assert show.main([*argv, "--frame-group", "2"]) == 0
+    assert "5 dominant + 2 contextual = 7 of 16 merged tokens (4 x 4, rows x cols)" in capsys.readouterr().out
+    with Image.open(out) as png:
+        assert png.format == "PNG"
+    assert show.main([*argv, "--frame-group", "3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --video") and "frame group 3" in err and "\n" not in err, err
 
 
 @pytest.mark.parametrize("script", ["generate", "show_tokens"])

@@ -94,9 +94,11 @@ def select_video_group(model, processor, frames: list[str], group: int = 0) -> I
         family.image_layout(processor.image_processor, processor.video_processor),
     )
     inputs = transform.load_videos([frames])
+    inputs.pop("video_sizes")  # counting only
     weight = next(model.parameters())
-    pixel_values = inputs["pixel_values_videos"].to(weight.device, weight.dtype)
-    [groups] = family.select_video_tokens(model, pixel_values, inputs["video_grid_thw"].to(weight.device))
+    inputs = {k: v.to(weight.device) for k, v in inputs.items()}
+    inputs["pixel_values_videos"] = inputs["pixel_values_videos"].to(weight.dtype)
+    [groups] = family.select_video_tokens(model, **inputs)
     if not 0 <= group < len(groups):
         raise ValueError(f"frame group {group}: the video has {len(groups)} (0..{len(groups) - 1})")
     return groups[group]

@@ -53,7 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         action="append",
         default=[],
         help="a video as comma-separated frame files, all of one size (repeat for several; families "
-        "that take video: qwen2-vl, qwen2.5-vl)",
+        "that take video: the Qwen families, llava-onevision)",
     )
     parser.add_argument(
         "--prompt",

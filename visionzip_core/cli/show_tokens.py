@@ -16,7 +16,8 @@ setting, the processor alone as scripts/generate.py feeds it: ``crop`` for LLaVA
 LLaVA-NeXT, ``native`` for Qwen). The selection is the model's own: the same capture and selection
 its forward runs. LLaVA-NeXT images are drawn per crop, the base image beside the tile grid; Qwen
 images as merge units (2x2 patches) on the resized picture, and a ``--video`` as one frame group
-(``--frame-group``, its first frame drawn). A checkpoint that records VisionZip settings keeps them
+(``--frame-group``, its first frame drawn; for LLaVA-OneVision a group is one frame, drawn as its
+2x2-pooled tokens). A checkpoint that records VisionZip settings keeps them
 for any budget flag left out; any other checkpoint takes the family's default (54 + 10 for LLaVA,
 ratios 0.45 + 0.05 for Qwen).
 """
@@ -50,7 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     source.add_argument(
         "--video",
         help="a video as comma-separated frame files, all of one size (families that take video: "
-        "qwen2-vl, qwen2.5-vl)",
+        "the Qwen families, llava-onevision)",
     )
     parser.add_argument("--frame-group", type=int, default=0, help="with --video: the frame group drawn")
     parser.add_argument("--out", required=True, help="PNG to write")

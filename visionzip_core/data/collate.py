@@ -11,14 +11,18 @@ from visionzip_core.data.encode import IGNORE_INDEX
 
 # Per-image (per-video) tensors of an item, concatenated along dim 0 in batch order: the order in
 # which the model meets the image-token (video-token) runs. Qwen2.5-VL's are patch rows and
-# ``(t, h, w)`` grids; ``second_per_grid_ts`` is one float per video.
+# ``(t, h, w)`` grids; ``second_per_grid_ts`` is one float per video. A frame video processor's
+# (LLaVA-OneVision's) are frames and ``video_frames``, one frame count per video; its
+# ``batch_num_images`` holds one count per sample with images.
 VISUAL_KEYS = (
     "pixel_values",
     "image_sizes",
+    "batch_num_images",
     "image_grid_thw",
     "pixel_values_videos",
     "video_grid_thw",
     "second_per_grid_ts",
+    "video_frames",
 )
 
 
@@ -101,7 +105,7 @@ class PackingCollator:
     Shapes: ``input_ids``/``labels``/``position_ids``: ``[R, L]``, R rows of at most
     ``max_tokens_per_row`` tokens (L: the longest row, rounded up to ``pad_to_multiple_of``);
     ``pixel_values``: the images (crops) of all samples in the order their image-token runs appear
-    row by row; ``image_sizes`` likewise; ``num_tokens``: a 0-d tensor, the real (non-padding) tokens.
+    row by row; ``image_sizes`` and the videos' tensors likewise; ``num_tokens``: a 0-d tensor, the real (non-padding) tokens.
 
     There is no ``attention_mask``: ``position_ids`` restart at 0 with every sample, and transformers
     reads the sample boundaries from them, so no token attends across samples. Trailing padding is
@@ -131,7 +135,7 @@ class PackingCollator:
         input_ids = torch.full(shape, self.pad_token_id, dtype=torch.long)
         labels = torch.full(shape, self.ignore_index, dtype=torch.long)
         position_ids = torch.zeros(shape, dtype=torch.long)
-        images, sizes = [], []
+        visual: dict[str, list[torch.Tensor]] = {}
         for r, row in enumerate(rows):
             at = 0
             for i in row:
@@ -140,10 +144,9 @@ class PackingCollator:
                 labels[r, at : at + n] = item["labels"]
                 labels[r, at] = self.ignore_index
                 position_ids[r, at : at + n] = torch.arange(n)
-                if "pixel_values" in item:
-                    images.append(item["pixel_values"])
-                if "image_sizes" in item:
-                    sizes.append(item["image_sizes"])
+                for key in VISUAL_KEYS:
+                    if key in item:
+                        visual.setdefault(key, []).append(item[key])
                 at += n
             position_ids[r, at:] = torch.arange(longest - at)
         out = {
@@ -152,8 +155,6 @@ class PackingCollator:
             "position_ids": position_ids,
             "num_tokens": torch.tensor(sum(lengths)),
         }
-        if images:
-            out["pixel_values"] = torch.cat(images, dim=0)
-        if sizes:
-            out["image_sizes"] = torch.cat(sizes, dim=0)
+        for key, parts in visual.items():
+            out[key] = torch.cat(parts, dim=0)
         return out

@@ -44,7 +44,8 @@ class Encoder:
 
     ``image_tokens_per_image``: an int, or a callable ``(H, W) -> int`` with a ``per_size``
     attribute (:class:`visionzip_core.families.ImageTokenCount`); when ``per_size`` is true every
-    call must pass the images' sizes.
+    call must pass the images' sizes. Its ``in_several()``, when it has one and it is not None, is
+    the count of each image of a sample with several (a model that does not tile those).
     ``image_placement``: ``"start"`` moves each turn's placeholders to its start as LLaVA does,
     ``"keep"`` leaves them where the sample has them. ``plain_end``: ``"newline"`` ends a
     ``plain`` caption with LLaVA's ``"\\n"`` separator, ``"eos"`` with the eos token.
@@ -130,6 +131,9 @@ class Encoder:
         count = self.image_tokens_per_image
         if not callable(count) or n_images == 0:
             return [count] * n_images
+        several = getattr(count, "in_several", None)
+        if n_images > 1 and several is not None and several() is not None:
+            return [several()] * n_images  # one crop each, whatever its size
         if not self.needs_image_sizes:
             return [count(None)] * n_images
         if image_sizes is None or len(image_sizes) != n_images:

@@ -42,13 +42,20 @@ class ImageLayout:
 
     ``tiles``: each image becomes a base crop and a grid of tiles. ``native``: the processor keeps
     each image's aspect ratio and resizes it itself, ``(H, W) -> (H, W)`` (picklable), giving patch
-    rows and a ``grid_thw`` instead of ``(3, H, W)`` crops. ``video``: the same resize for video
-    frames. The default: one crop of a fixed input size per image.
+    rows and a ``grid_thw`` instead of ``(3, H, W)`` crops. ``video``: the resize of video frames
+    (None: the model takes no video). ``video_temporal_patch``: frames per temporal patch, the multiple
+    a video's frame count is padded to (Qwen's video processors: 2; a model that reads every frame on
+    its own: 1). ``several_one_crop``: an image that shares its sample with other images is one
+    padded-to-square crop, not tiled (LLaVA-OneVision's processor): a sample's images go through the
+    processor together, and the sample tells the model how many it holds (``batch_num_images``).
+    The default: one crop of a fixed input size per image.
     """
 
     tiles: bool = False
     native: Callable[[tuple[int, int]], tuple[int, int]] | None = None
     video: Callable[[tuple[int, int]], tuple[int, int]] | None = None
+    video_temporal_patch: int = 2
+    several_one_crop: bool = False
 
 
 def tiles(image_processor) -> bool:
@@ -100,6 +107,8 @@ class SizeRule:
     native: Callable[[tuple[int, int]], tuple[int, int]] | None = None
     #: the video processor's resize, for video frames (never padded)
     video: Callable[[tuple[int, int]], tuple[int, int]] | None = None
+    #: frames per temporal patch (:attr:`ImageLayout.video_temporal_patch`)
+    video_temporal_patch: int = 2
 
     def __call__(self, size: tuple[int, int]) -> tuple[int, int]:
         if self.aspect_ratio == "pad":
@@ -108,14 +117,13 @@ class SizeRule:
             return self.input_size
         return self.native(size) if self.native is not None else tuple(size)
 
-    def video_size(
-        self, n_frames: int, frame_size: tuple[int, int], temporal_patch_size: int = 2
-    ) -> tuple[int, int, int]:
+    def video_size(self, n_frames: int, frame_size: tuple[int, int]) -> tuple[int, int, int]:
         """``(T, H, W)`` of a video of ``n_frames`` frames of ``frame_size``: frames padded to a
         multiple of the temporal patch, the frame size as the video processor resizes it."""
         if self.video is None:
             raise ValueError("data: this model's processor takes no video")
-        t = -(-n_frames // temporal_patch_size) * temporal_patch_size
+        step = self.video_temporal_patch
+        t = -(-n_frames // step) * step
         return (t, *self.video(frame_size))
 
 
@@ -147,6 +155,8 @@ class ImageTransform:
         self.tiles = layout.tiles
         self.native = layout.native
         self.video = layout.video
+        self.video_temporal_patch = layout.video_temporal_patch
+        self.several_one_crop = layout.several_one_crop
         name = type(image_processor).__name__
         if self.native is not None and aspect_ratio not in ("native", "pad"):
             raise ValueError(
@@ -178,15 +188,25 @@ class ImageTransform:
     @property
     def size_rule(self) -> SizeRule:
         """What :meth:`prepare` does to an image's size."""
-        return SizeRule(self.aspect_ratio, self.size, self.native, self.video)
+        return SizeRule(self.aspect_ratio, self.size, self.native, self.video, self.video_temporal_patch)
 
     def __call__(self, paths: list[str]) -> torch.Tensor:
         """``FloatTensor[crops, 3, H, W]``: every image's crops, in order."""
         return self.load(paths)["pixel_values"]
 
     def load(self, paths: list[str]) -> dict[str, torch.Tensor]:
-        """``{"pixel_values": [crops, 3, H, W], "image_sizes"?: [n, 2]}`` (sizes for a tiling processor)."""
+        """``{"pixel_values": [crops, 3, H, W], "image_sizes"?: [n, 2]}`` (sizes for a tiling processor)
+        for the images of one sample; with ``several_one_crop`` also ``"batch_num_images": [1]``, their
+        number."""
         images = [self.prepare(open_rgb(p)) for p in paths]
+        if self.several_one_crop:  # the processor decides per sample: tiled alone, one crop each else
+            out = self.processor(images=[images], return_tensors="pt")
+            pixels = out["pixel_values"]  # (images, crops padded to the most, 3, H, W)
+            return {
+                "pixel_values": pixels[0] if len(images) == 1 else pixels[:, 0],
+                "image_sizes": torch.as_tensor(out["image_sizes"]).long(),
+                "batch_num_images": torch.tensor([len(images)]),
+            }
         if self.native is not None:
             out = self.processor(images=images, return_tensors="pt")
             grid = out["image_grid_thw"].long()
@@ -208,7 +228,11 @@ class ImageTransform:
 
     def load_videos(self, videos: list[list[str]]) -> dict[str, torch.Tensor]:
         """``{"pixel_values_videos": [sum of patches, C*2*14*14], "video_grid_thw": [n, 3],
-        "second_per_grid_ts": [n], "video_sizes": [n, 3]}`` for videos given as frame-path lists.
+        "second_per_grid_ts": [n], "video_sizes": [n, 3]}`` for videos given as frame-path lists,
+        from a patch-row video processor (Qwen's, which gives ``video_grid_thw``); from a frame video
+        processor (``pixel_values_videos: [n, T, C, H, W]``, LLaVA-OneVision's):
+        ``{"pixel_values_videos": [sum of frames, C, H, W], "video_frames": [n], "video_sizes": [n, 3]}``,
+        every video's frames back to back, so that videos of different lengths share a batch.
 
         ``video_sizes`` is each video's ``(T, H, W)``: frames padded to the temporal patch, the
         resized frame size (what the count needs). Frames are taken as given (no sampling);
@@ -225,6 +249,16 @@ class ImageTransform:
                     f"the frames of a video differ in size ({sorted({im.size for im in opened})})"
                 )
             frames.append(opened)
+        if self.video_temporal_patch == 1:  # a frame processor: one video at a time (lengths differ)
+            pixels = [
+                self.video_processor(videos=[v], return_tensors="pt")["pixel_values_videos"][0]
+                for v in frames
+            ]
+            return {
+                "pixel_values_videos": torch.cat(pixels, dim=0),
+                "video_frames": torch.tensor([len(p) for p in pixels], dtype=torch.long),
+                "video_sizes": torch.tensor([list(p.shape[:1]) + list(p.shape[-2:]) for p in pixels]).long(),
+            }
         out = self.video_processor(videos=frames, return_tensors="pt", return_metadata=True)
         grid = out["video_grid_thw"].long()
         temporal = int(self.video_processor.temporal_patch_size)

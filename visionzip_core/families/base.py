@@ -105,7 +105,8 @@ class ModelFamily(ABC):
     count_depends_on_size: ClassVar[bool] = False
     #: The vision layer VisionZip reads when the caller does not name one.
     default_feature_layer: ClassVar[int] = -2
-    #: Whether the family takes videos (``<|video_pad|>`` runs).
+    #: Whether the family takes videos, in training data and in the commands (its
+    #: ``stock_tokens_per_video`` / ``compressed_tokens_per_video`` count them).
     takes_video: ClassVar[bool] = False
     #: Whether prompts are rendered by the processor's chat template (HF ``messages``) rather
     #: than LLaVA-1.5's ``vicuna_v1`` text.
@@ -222,6 +223,12 @@ class ModelFamily(ABC):
     ) -> int:
         """Visual tokens per image with VisionZip ``vz`` on, for an image of ``image_size``."""
 
+    def several_image_tokens(self, config: Any, vz: VisionZipConfig | None) -> int | None:
+        """Visual tokens of each image of a sample holding several, compressed by ``vz`` (None: stock),
+        for a family whose processor lays those out apart from an image alone (then its
+        :meth:`image_layout` sets ``several_one_crop``); None (the default): as an image alone."""
+        return None
+
     # --- instance adaptation ---------------------------------------------------------------------
     def select_image_tokens(
         self, model: nn.Module, pixel_values: torch.Tensor, image_sizes: Any = None
@@ -230,6 +237,12 @@ class ModelFamily(ABC):
         image processor gives them; ``image_sizes`` as it gives them too), selected by the same
         calls its forward makes."""
         raise NotImplementedError(f"{self.name}: no token selection to show")
+
+    def select_video_tokens(self, model: nn.Module, **video_inputs: Any) -> list[list[ImageTokenSelection]]:
+        """Per video, per frame group, what the VisionZip-adapted ``model`` keeps of it, from the data
+        pipeline's video inputs (``ImageTransform.load_videos``: ``pixel_values_videos`` and the
+        family's own layout keys); each group's picture is its first frame."""
+        raise NotImplementedError(f"{self.name}: no video token selection to show")
 
     @abstractmethod
     def check_supported(self, model: nn.Module) -> None:
@@ -291,9 +304,9 @@ class ModelFamily(ABC):
 
     def packing_refusal(self, config: Any) -> str | None:
         """Why ``data.packing`` (samples packed in one row, 1-D positions restarting per sample)
-        cannot train this model, as the end of a one-line config error; None when it can. Video
-        families compute 3-D M-RoPE positions from a whole row, so they refuse it."""
-        return "M-RoPE positions per sample" if self.takes_video else None
+        cannot train this model, as the end of a one-line config error; None when it can (1-D
+        positions: images and videos alike)."""
+        return None
 
     @abstractmethod
     def projector_modules(self) -> list[str]:

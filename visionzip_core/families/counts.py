@@ -75,6 +75,17 @@ class ImageTokenCount:
                 self._memo[key] = self._compressed(family, config, _settings(self.vz_json), key)
         return self._memo[key]
 
+    def in_several(self) -> int | None:
+        """The count of each image of a sample holding several, when the family lays those out
+        apart from an image alone (:meth:`ModelFamily.several_image_tokens`); None: as alone."""
+        if self.fixed is not None or not self.family:
+            return None
+        if "several" not in self._memo:
+            family, config = family_for(self.family), _config(self.family, self.config_json)
+            vz = None if self.vz_json is None else _settings(self.vz_json)
+            self._memo["several"] = family.several_image_tokens(config, vz)
+        return self._memo["several"]
+
     @staticmethod
     def _stock(family: Any, config: Any, size: tuple[int, ...] | None) -> int:
         return family.stock_tokens_per_image(config, size)

@@ -46,12 +46,22 @@ and processor do and as the authors keep their one-crop branch (``llava_arch.py`
 (``apply_pooling``), then ends the video with one newline. Here each frame is pooled as stock (the LLM
 was trained on pooled frames), its received-attention map and keys are pooled by the same bilinear
 call, and ``dominant + contextual`` of the 196 pooled tokens are kept per frame: a video becomes
-``frames * (dominant + contextual) + 1`` tokens, and the budget must fit 196.
+``frames * (dominant + contextual) + 1`` tokens, and the budget must fit 196. Frames are taken as
+given (the stock video processor samples none either): a video of ``T`` frame files is ``T`` frames.
 
 ``vz.keep_cls`` means nothing here (there is no CLS) and is ignored. The budget is counts per crop
-(``takes_ratios`` is False): a crop always has 729 tokens. The commands and the trainer feed this
-family images (every image tiled, as a one-image sample); videos go through the library
-(``visionzip`` + ``visionzip_processor``), not yet through the training data pipeline.
+(``takes_ratios`` is False): a crop always has 729 tokens.
+
+**Training and the commands.** The trainer lays images out as the processor does: tiled when alone
+in their sample, one crop and the newline each in a sample with several (the data pipeline passes
+``batch_num_images``), as the authors' training data loader does (LLaVA-NeXT ``llava/train/train.py``,
+``LazySupervisedDataset.__getitem__``: several images of a sample are processed with ``pad``, one
+crop each); it takes videos as ``messages``
+samples with a ``{"type": "video", "video": [frame files]}`` part, each ``<video>`` expanded to the
+count above (the stock processor's count with VisionZip off). Its forward calls the tower and the
+projector once per batch, images and frames together (:func:`_forward_in_graph`), so that ranks
+drawing different kinds stay in step under ZeRO-3. The commands (``generate``, ``evaluate``) take
+videos through the processor, as the library does.
 """
 
 from __future__ import annotations
@@ -76,8 +86,9 @@ from transformers.processing_utils import MultiModalData
 from visionzip_core.algorithm import TokenSelection, compress_selected, select_by_scores
 from visionzip_core.capture import resolve_feature_layer
 from visionzip_core.config import VisionZipConfig
+from visionzip_core.data.images import ImageLayout
 from visionzip_core.families.base import ImageTokenSelection
-from visionzip_core.families.llava import _forward_with_vision_in_graph, active_settings
+from visionzip_core.families.llava import active_settings
 from visionzip_core.families.llava_next import (
     LlavaNext,
     _blank_image,
@@ -92,6 +103,7 @@ from visionzip_core.families.onevision_bench import (
     onevision_synthetic_batch,
 )
 from visionzip_core.families.onevision_processing import (
+    FrameSize,
     LlavaOnevisionProcessor,
     OnevisionVideoProcessor,
     load_onevision_processor,
@@ -245,6 +257,21 @@ def _visionzip_get_image_features(
         pixel_values = torch.cat([pv[:n] for pv, n in zip(pixel_values, crops)], dim=0)
     hidden, selection = select_crops(self.vision_tower, pixel_values, vz)
     compressed = self.multi_modal_projector(compress_selected(hidden, selection, vz.merge))
+    features = _lay_out_images(self, compressed, selection, sizes, crops, vz)
+    output = BaseModelOutputWithPooling(last_hidden_state=hidden, pooler_output=features)
+    return output if return_dict else output.to_tuple()
+
+
+def _lay_out_images(
+    self: LlavaOnevisionModel,
+    compressed: torch.Tensor,
+    selection: TokenSelection,
+    sizes: list,
+    crops: list[int],
+    vz: VisionZipConfig,
+) -> list[torch.Tensor]:
+    """Each image's features from its crops' projected kept tokens ``compressed`` ``(crops, D + K, H)``:
+    a tiled image laid out by :func:`layout_image`, a one-crop image followed by the newline."""
     side = patch_side(self.config)
     features, start = [], 0
     for size, n in zip(sizes, crops):
@@ -258,15 +285,27 @@ def _visionzip_get_image_features(
                 layout_image(compressed[part], selection.dominant[part], grid, side, vz, cls=False)
             )
         start += n
-    output = BaseModelOutputWithPooling(last_hidden_state=hidden, pooler_output=features)
-    return output if return_dict else output.to_tuple()
+    return features
 
 
 def _video_selection(self: LlavaOnevisionModel, frames: torch.Tensor, vz: VisionZipConfig):
     """``(pooled features (F, P, H), selection)`` of a batch of frames: the tower to the feature
     layer, the projector, the stock pooling; scores and keys pooled by the same call."""
     hidden, scores, keys = capture_received_attention(self.vision_tower, frames, vz.feature_layer)
-    pooled = self.apply_pooling(self.multi_modal_projector(hidden))
+    return _select_pooled(self, self.multi_modal_projector(hidden), scores, keys, vz)
+
+
+def _select_pooled(
+    self: LlavaOnevisionModel,
+    projected: torch.Tensor,
+    scores: torch.Tensor,
+    keys: torch.Tensor,
+    vz: VisionZipConfig,
+):
+    """``(pooled (F, P, H), selection)``: frames' projected features ``(F, N, H)`` pooled as stock, and
+    VisionZip's choice among the pooled tokens, by scores ``(F, N)`` and keys ``(F, N, d)`` pooled by
+    the same bilinear call."""
+    pooled = self.apply_pooling(projected)
     pooled_scores = self.apply_pooling(scores[..., None])[..., 0]
     pooled_keys = self.apply_pooling(keys)
     count = pooled.shape[1]
@@ -294,6 +333,135 @@ def _visionzip_get_video_features(
         last_hidden_state=pooled, pooler_output=torch.cat([tokens, newline], dim=1)
     )
     return output if return_dict else output.to_tuple()
+
+
+# --- training: one tower call per batch --------------------------------------------------------------
+
+
+def _forward_in_graph(
+    self: LlavaOnevisionModel,
+    input_ids: torch.Tensor | None = None,
+    pixel_values: torch.Tensor | None = None,
+    image_sizes: torch.Tensor | None = None,
+    pixel_values_videos: torch.Tensor | None = None,
+    video_frames: torch.Tensor | None = None,
+    batch_num_images: torch.Tensor | None = None,
+    **kwargs: Any,
+):
+    """``LlavaOnevisionModel.forward`` as the trainer runs it (:meth:`LlavaOnevision.keep_vision_in_graph`).
+
+    Every batch calls the tower once and the projector once, whatever it holds: the images' crops and
+    the videos' frames go through together, and a batch with neither runs one blank image and adds its
+    features times zero. The stock forward calls the tower once per kind and not at all for text, and
+    ZeRO-3 gathers parameters per module call: ranks holding different kinds would issue mismatched
+    collectives. With VisionZip on, images keep ``D + K`` per crop (selected before the projector, as
+    :func:`_visionzip_get_image_features`), frames ``D + K`` of their pooled tokens (after it, as
+    :func:`_visionzip_get_video_features`); off, the stock features.
+
+    ``pixel_values_videos``: ``(videos, frames, C, H, W)`` as the processor gives it, or the frames of
+    every video back to back ``(sum of frames, C, H, W)`` with ``video_frames`` ``(videos,)`` their
+    counts, as the data pipeline gives it (videos of different lengths in one batch).
+    Embeddings given, or precomputed ``mm_encoder_outputs``: the stock forward, unchanged.
+    """
+    vz: VisionZipConfig | None = getattr(self, _ACTIVE, None)
+    if vz is not None:
+        _check_layer_argument(self, kwargs.get("vision_feature_layer"), vz)
+    for name in (
+        "vision_feature_layer",
+        "vision_feature_select_strategy",
+        "vision_aspect_ratio",
+        "image_sizes_videos",
+    ):
+        kwargs.pop(name, None)  # the config's are used, as the trainer and generate leave them unset
+    if (
+        input_ids is None
+        or kwargs.get("inputs_embeds") is not None
+        or kwargs.get("mm_encoder_outputs") is not None
+    ):
+        return type(self).forward(
+            self,
+            input_ids,
+            pixel_values,
+            image_sizes,
+            pixel_values_videos,
+            batch_num_images=batch_num_images,
+            **kwargs,
+        )
+    kwargs.pop("inputs_embeds", None)
+    kwargs.pop("mm_encoder_outputs", None)
+    embeds = self.get_input_embeddings()(input_ids)
+    parts, sizes, crops = [], [], []
+    if pixel_values is not None:
+        sizes, crops = image_crops(self.config, image_sizes, batch_num_images)
+        if pixel_values.dim() == 5:
+            pixel_values = torch.cat([pv[:n] for pv, n in zip(pixel_values, crops)], dim=0)
+        parts.append(pixel_values.to(self.vision_tower.dtype))
+    frames: list[int] = []
+    if pixel_values_videos is not None:
+        if pixel_values_videos.dim() == 5:
+            frames = [pixel_values_videos.shape[1]] * pixel_values_videos.shape[0]
+            pixel_values_videos = pixel_values_videos.flatten(0, 1)
+        elif video_frames is None:
+            raise ValueError("visionzip: pixel_values_videos of one frame per row need video_frames")
+        else:  # the trainer leaves the counts on the host (training/dataloaders.py HOST_COUNTS)
+            frames = [int(n) for n in video_frames.tolist()]
+        parts.append(pixel_values_videos.to(self.vision_tower.dtype))
+    blank = not parts
+    if blank:
+        blank_image = _blank_image(self, input_ids.device)
+        sizes, crops = image_crops(self.config, blank_image["image_sizes"])
+        parts.append(blank_image["pixel_values"])
+    pixels = torch.cat(parts) if len(parts) > 1 else parts[0]
+    n_crops = sum(crops)
+    if vz is None:
+        layer = self.config.vision_feature_layer
+        hidden = self.vision_tower(pixels, output_hidden_states=True).hidden_states[layer]
+        if self.config.vision_feature_select_strategy == "default":  # a tower with CLS: dropped
+            hidden = hidden[:, 1:]
+        image_hidden, scores, keys = hidden[:n_crops], None, None
+    else:
+        hidden, scores, keys = capture_received_attention(self.vision_tower, pixels, vz.feature_layer)
+        image_selection = select_by_scores(scores[:n_crops], keys[:n_crops], vz.dominant, vz.contextual)
+        image_hidden = compress_selected(hidden[:n_crops], image_selection, vz.merge)
+    # One projector call over the kept image tokens and every frame token (it acts per token).
+    tokens = [image_hidden.flatten(0, 1), hidden[n_crops:].flatten(0, 1)]
+    projected = self.multi_modal_projector(torch.cat(tokens))
+    image_part, video_part = projected.split([tokens[0].shape[0], tokens[1].shape[0]])
+    image_part = image_part.view(n_crops, image_hidden.shape[1], projected.shape[-1])
+    if not crops:  # videos only
+        image_features = []
+    elif vz is None:
+        image_features, _ = self.pack_image_features(
+            list(image_part.split(crops)),
+            torch.as_tensor(sizes, device=pixels.device),
+            image_newline=self.image_newline,
+            vision_aspect_ratio=self.config.vision_aspect_ratio,
+        )
+    else:
+        image_features = _lay_out_images(self, image_part, image_selection, sizes, crops, vz)
+    video_features = []
+    if frames:
+        video_part = video_part.view(sum(frames), hidden.shape[1], projected.shape[-1])
+        if vz is None:
+            pooled = self.apply_pooling(video_part)
+        else:
+            pooled, selection = _select_pooled(self, video_part, scores[n_crops:], keys[n_crops:], vz)
+            pooled = compress_selected(pooled, selection, vz.merge)
+        newline = self.image_newline[None].to(pooled.dtype)
+        video_features = [torch.cat([v.flatten(0, 1), newline]) for v in pooled.split(frames)]
+    if blank:
+        embeds = embeds + torch.stack([f.sum() for f in image_features]).sum().to(embeds.dtype) * 0.0
+    else:
+        image = torch.cat(image_features).to(embeds.dtype) if image_features else None
+        video = torch.cat(video_features).to(embeds.dtype) if video_features else None
+        image_mask, video_mask = self.get_placeholder_mask(
+            input_ids, inputs_embeds=embeds, image_features=image, video_features=video
+        )
+        if image is not None:
+            embeds = embeds.masked_scatter(image_mask, image)
+        if video is not None:
+            embeds = embeds.masked_scatter(video_mask, video)
+    return type(self).forward(self, None, inputs_embeds=embeds, **kwargs)
 
 
 # --- the processor ----------------------------------------------------------------------------------
@@ -400,6 +568,7 @@ class LlavaOnevision(LlavaNext):
     default_feature_layer = -1  # the llava-hf conversion keeps 26 SigLIP layers and reads the last
     default_budget = {"dominant": 54, "contextual": 10, "feature_layer": -1}
     uses_chat_template = True
+    takes_video = True  # every frame resized to one crop, pooled 2x2 (see the module's "Videos")
     # Trained on its chat template (Qwen2's ChatML), each image tiled by its own processor.
     data_defaults = {"template": "chat_template", "image_placement": "keep", "image_aspect_ratio": "anyres"}
     templates = ("chat_template",)
@@ -486,13 +655,19 @@ class LlavaOnevision(LlavaNext):
     def prompt(
         self, processor, question: str, images: int, videos: int = 0, system: str | None = None
     ) -> str:
-        """The first user turn rendered by the processor's chat template, with the generation prompt
-        (images only: the commands and the trainer feed this family no videos)."""
-        if videos:
-            raise ValueError(
-                f"{self.name} takes images only in the commands; pass videos to visionzip_processor"
-            )
-        return Qwen2_5VL.prompt(self, processor, question, images, 0, system)
+        """The first user turn rendered by the processor's chat template (images, then videos, then
+        the question), with the generation prompt."""
+        return Qwen2_5VL.prompt(self, processor, question, images, videos, system)
+
+    def image_layout(self, image_processor, video_processor=None):
+        """Tiled images; video frames each resized to the video processor's one size, read one by one
+        (no temporal patch), handed to the model as frames (:class:`~.onevision_processing.FrameSize`)."""
+        video = None if video_processor is None else FrameSize.of(video_processor)
+        return ImageLayout(tiles=True, video=video, video_temporal_patch=1, several_one_crop=True)
+
+    def several_image_tokens(self, config: Any, vz: VisionZipConfig | None) -> int | None:
+        """One crop and the newline (see the module's "One-crop images")."""
+        return (self.tower_tokens(config) if vz is None else vz.tokens_per_image) + 1
 
     # --- loading ---------------------------------------------------------------------------------
     def load(self, path: str, check_files: bool = True, **from_pretrained_kwargs: Any) -> nn.Module:
@@ -637,6 +812,30 @@ class LlavaOnevision(LlavaNext):
             start += n
         return images
 
+    def select_video_tokens(
+        self, model: nn.Module, pixel_values_videos: torch.Tensor, video_frames: torch.Tensor, **_: Any
+    ) -> list[list[ImageTokenSelection]]:
+        """Per video, per frame (a frame group is one frame), what the adapted forward keeps of its
+        pooled tokens (a ``pooled_side`` square, each about 2 x 2 patches of the frame), selected by the
+        calls :func:`_visionzip_get_video_features` makes. ``pixel_values_videos``: the frames of every
+        video back to back, ``video_frames`` their counts (the data pipeline's layout)."""
+        inner = find_onevision_model(model)
+        vz = active_settings(inner, self.name)
+        _, selection = _video_selection(inner, pixel_values_videos, vz)
+        side = pooled_side(inner.config)
+        videos, start = [], 0
+        for n in video_frames.tolist():
+            videos.append(
+                [
+                    ImageTokenSelection(
+                        pixel_values_videos[f : f + 1], selection.rows(f, f + 1), (0, 0), side, cls=False
+                    )
+                    for f in range(start, start + n)
+                ]
+            )
+            start += n
+        return videos
+
     def remove(self, model: nn.Module) -> None:
         inner = find_onevision_model(model)
         for name in ("get_image_features", "get_video_features", _ACTIVE):
@@ -666,14 +865,16 @@ class LlavaOnevision(LlavaNext):
         return processor
 
     def keep_vision_in_graph(self, model: nn.Module) -> None:
-        """As LLaVA-1.5's (see there), with one blank image cut into the crops of its size."""
+        """One tower call and one projector call per batch, whatever it holds (:func:`_forward_in_graph`):
+        images and videos together, one blank image for a text-only batch."""
         inner = find_onevision_model(model)
-        inner._visionzip_blank_image = types.MethodType(_blank_image, inner)
-        inner.forward = types.MethodType(_forward_with_vision_in_graph, inner)
+        inner.forward = types.MethodType(_forward_in_graph, inner)
 
     def unused_params(self, model: nn.Module) -> set[str]:
-        """``image_newline`` when VisionZip is on: the trainer tiles every image (one image per
-        placeholder run, no ``batch_num_images``), whose compressed layout has no newline."""
+        """``image_newline`` when VisionZip is on: a tiled image's compressed layout has no newline.
+        A video, and each image of a several-image sample, still end with it, as released: it stays
+        frozen, since only batches holding those would give it a gradient (ZeRO-2 reduces the same
+        gradients on every rank)."""
         if getattr(find_onevision_model(model), _ACTIVE, None) is None:
             return set()
         return {name for name, _ in model.named_parameters() if name.endswith("image_newline")}

@@ -23,6 +23,7 @@ so the settings always come from the folder.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -100,6 +101,24 @@ class OnevisionVideoProcessor(FrameVideoProcessor):
         return BatchFeature(
             data={"pixel_values_videos": np.stack(out)}, tensor_type=kwargs.get("return_tensors")
         )
+
+
+@dataclass(frozen=True)
+class FrameSize:
+    """``(H, W) -> (H, W)``: the size a video frame of any size is resized to (the processor's one
+    ``size``, aspect ratio not kept); picklable, for the data pipeline's workers."""
+
+    height: int
+    width: int
+
+    @classmethod
+    def of(cls, video_processor) -> FrameSize:
+        size = video_processor.size
+        get = size.get if isinstance(size, dict) else (lambda k: getattr(size, k))
+        return cls(int(get("height")), int(get("width")))
+
+    def __call__(self, size: tuple[int, int]) -> tuple[int, int]:
+        return self.height, self.width
 
 
 class LlavaOnevisionProcessor(_TorchvisionFreeCheck, _hf.LlavaOnevisionProcessor):

@@ -1037,6 +1037,10 @@ class Qwen2_5VL(ModelFamily):
         video = None if video_processor is None else NativeResize.of(video_processor)
         return ImageLayout(native=NativeResize.of(image_processor), video=video)
 
+    def packing_refusal(self, config: Any) -> str | None:
+        """3-D M-RoPE positions are computed from a whole row, not per packed sample."""
+        return "M-RoPE positions per sample"
+
     def load_processor(self, path: str, trust_remote_code: bool = False, config: Any = None, **kwargs: Any):
         # Built from PIL/numpy parts: AutoProcessor would import torchvision for the video processor.
         # No remote code is involved; the folder's config is not needed.
@@ -1153,10 +1157,10 @@ class Qwen2_5VL(ModelFamily):
         return [groups[0] for groups in select_tokens(inner, pixel_values, grid.to(pixel_values.device))]
 
     def select_video_tokens(
-        self, model: nn.Module, pixel_values_videos: torch.Tensor, video_grid_thw: torch.Tensor
+        self, model: nn.Module, pixel_values_videos: torch.Tensor, video_grid_thw: torch.Tensor, **_: Any
     ) -> list[list[ImageTokenSelection]]:
         """Per video, per temporal group (frame group), what the adapted forward keeps of it; each
-        group's picture is its first frame."""
+        group's picture is its first frame (the rest of the data pipeline's video inputs unused)."""
         inner = self.find_model(model)
         if getattr(inner, _ACTIVE, None) is None:
             raise ValueError(f"{self.name}: select_video_tokens needs a VisionZip-adapted model")

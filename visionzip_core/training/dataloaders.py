@@ -141,15 +141,22 @@ def build_train_loader(
 # Float inputs that are not activations and keep their dtype: Qwen2.5-VL's seconds per video frame
 # group sets the temporal positions (bf16 would round 1/3 s and every multiple of it).
 KEEP_DTYPE = frozenset({"second_per_grid_ts"})
+# Counts a forward reads on the host to split its inputs (LLaVA-OneVision's frames per video and
+# images per sample): left there, reading them is no device sync.
+HOST_COUNTS = frozenset({"video_frames", "batch_num_images"})
 
 
 def batch_to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
     """Every tensor of ``batch`` copied to ``device``, then its float activations (pixels) cast to
     ``dtype`` THERE: the copy can run asynchronously from the loader's pinned memory
     (``non_blocking``), which a cast on the host would undo (its result is not pinned), and a
-    cast is cheaper on the device. Integer tensors and :data:`KEEP_DTYPE` keep their dtype."""
+    cast is cheaper on the device. Integer tensors and :data:`KEEP_DTYPE` keep their dtype;
+    :data:`HOST_COUNTS` stay on the host."""
     out = {}
     for key, value in batch.items():
+        if key in HOST_COUNTS:
+            out[key] = value
+            continue
         value = value.to(device, non_blocking=True)
         if value.is_floating_point() and key not in KEEP_DTYPE:
             value = value.to(dtype)
