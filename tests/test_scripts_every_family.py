@@ -132,7 +132,7 @@ def test_show_tokens_draws_one_onevision_video_frame(
     ]
     argv += ["--dominant", "5", "--contextual", "2"]
     assert show.main([*argv, "--frame-group", "2"]) == 0
-    assert "5 dominant + 2 contextual = 7 of 16 merged tokens (4 x 4, rows x cols)" in capsys.readouterr().out
+    assert "5 dominant + 2 contextual = 7 of 16 pooled tokens (4 x 4, rows x cols)" in capsys.readouterr().out
     with Image.open(out) as png:
         assert png.format == "PNG"
     assert show.main([*argv, "--frame-group", "3"]) == 2

@@ -110,7 +110,8 @@ def show_tokens(args: argparse.Namespace) -> int:
     tokens = token_map(image)
     pictures = crop_pictures(image.crops, image_processor.image_mean, image_processor.image_std)
     family = folder.family
-    summary = selection_line(settings, image, family.tower_tokens(model.config), family.selected_tokens)
+    unit = (family.selected_video_tokens or family.selected_tokens) if frames else family.selected_tokens
+    summary = selection_line(settings, image, family.tower_tokens(model.config), unit)
     title = [summary, f"{what}, {folder.family.name}: {folder.path}"]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -123,6 +123,8 @@ class ModelFamily(ABC):
     #: What the tokens VisionZip selects from are called in ``show_tokens``' summary (a tower
     #: without CLS): its patches, or a family's own unit (Qwen's 2 x 2 merged tokens).
     selected_tokens: ClassVar[str] = "patches"
+    #: The same for a video's frame group, where it differs from an image's (None: the same).
+    selected_video_tokens: ClassVar[str | None] = None
     #: Placeholder the processor expands into one video's tokens (None: the family takes no video).
     video_token: ClassVar[str | None] = None
     #: ``data.*`` values this family trains with when the config leaves the key out (LLaVA's are

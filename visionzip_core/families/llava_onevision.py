@@ -569,6 +569,7 @@ class LlavaOnevision(LlavaNext):
     default_budget = {"dominant": 54, "contextual": 10, "feature_layer": -1}
     uses_chat_template = True
     takes_video = True  # every frame resized to one crop, pooled 2x2 (see the module's "Videos")
+    selected_video_tokens = "pooled tokens"  # a frame's selection runs after the 2x2 pooling
     # Trained on its chat template (Qwen2's ChatML), each image tiled by its own processor.
     data_defaults = {"template": "chat_template", "image_placement": "keep", "image_aspect_ratio": "anyres"}
     templates = ("chat_template",)
