@@ -1,7 +1,7 @@
 """LLaVA-OneVision through the real entry point: finetune (vision tower included) under 2-process
 ZeRO-3 and LoRA under 2-process ZeRO-2, on data mixing text-only, image and video samples, on the tiny
 folder laid out as the download, exported, reloaded with ``load_visionzip_model`` and asked; projector
-mode resumed after kill -9 to an unbroken run's weights. Scoring (a video too) and the other commands
+mode resumed after kill -9 to an unbroken run's weights (tests/kill_resume.py). Scoring (a video too) and the other commands
 run in tests/test_command_matrix.py."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import subprocess
 
 import pytest
 import torch
+from kill_resume import SAVE_STEPS, STEPS, assert_same_run, kill_after_checkpoint_2_and_resume
 from safetensors.torch import load_file
 from test_command_matrix import family_overrides, write_matrix_data
-from test_qwen3_train import assert_same_run, kill_after_checkpoint_2_and_resume
 from test_train_e2e import REPO, _cmd, _env, final_weights
 
 from visionzip_core import load_visionzip_model, load_visionzip_processor
@@ -177,8 +177,8 @@ def test_projector_resume_after_kill_9_continues_to_the_unbroken_runs_weights(
             "train.mode=projector",
             "data.val=[]",
             "eval.generate_accuracy=false",
-            "train.max_steps=4",
-            "train.save_steps=2",
+            f"train.max_steps={STEPS}",
+            f"train.save_steps={SAVE_STEPS}",
             "debug.log_samples=true",
         ]
 

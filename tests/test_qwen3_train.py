@@ -2,28 +2,24 @@
 of different sizes, a video (timestamped frame groups), a multi-turn and a text-only sample: LoRA on
 Qwen3-VL (the DeepStack mergers train with the merger), a full finetune of Qwen3.5's hybrid LLM, each
 export reloaded with ``load_visionzip_model`` and asked, and each resumed after kill -9 to the unbroken
-run's weights; Qwen3.5's packing refusal. Projector mode
-and the other commands run in tests/test_command_matrix.py.
+run's weights (tests/kill_resume.py); Qwen3.5's packing refusal. Projector mode and the other commands
+run in tests/test_command_matrix.py.
 
 Run: ``PYTHONPATH=$PWD .venv/bin/python -m pytest -m slow tests/test_qwen3_train.py`` (about a minute, CPU).
 """
 
 from __future__ import annotations
 
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
-import torch
-import warm_python
+from kill_resume import STEPS, assert_same_run, kill_after_checkpoint_2_and_resume
 from test_qwen_train import _changed, _generate, _qwen, _weights, write_qwen_data
-from test_train_e2e import REPO, _cmd, _env, metrics, train
+from test_train_e2e import train
 
 pytestmark = pytest.mark.slow
 
-# 4 steps, checkpoints at 2 and 4 (``_qwen``'s save_steps): the runs the resume tests break and compare.
-STEPS = 4
+# Run as kill_resume.py's runs are (4 steps; ``_qwen``'s checkpoints at 2 and 4): the unbroken references.
 QWEN3_VL_LORA = ["export.merge_lora=true", "debug.log_samples=true"]
 QWEN3_5_FINETUNE = ["debug.log_samples=true"]
 
@@ -47,42 +43,6 @@ def qwen3_5_finetune(family_dirs, qwen_data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("qwen3.5-finetune") / "run"
     train(_qwen(family_dirs["qwen3.5"], out, qwen_data, "finetune", steps=STEPS) + QWEN3_5_FINETUNE)
     return out
-
-
-def kill_after_checkpoint_2_and_resume(args: list[str], out: Path, hold: Path) -> None:
-    """Run ``args`` (4 steps, checkpoints at 2 and 4, output ``out``) held after step 3, kill -9 it
-    there (checkpoint-2 complete, step 3's update in memory only), then rerun it unheld to the end.
-    The hold is a file (``debug.hold_until``), not a sleep: the kill lands mid-way on any machine load."""
-    held = args + [f"debug.hold_until={hold}", "debug.hold_from_step=3"]
-    victim = warm_python.popen(
-        _cmd("python", held), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    try:
-        deadline = time.time() + 600
-        while not Path(f"{hold}.waiting").is_file():
-            assert victim.poll() is None and time.time() < deadline, f"exit {victim.poll()} before step 3"
-            time.sleep(0.2)
-    finally:
-        victim.kill()
-        victim.wait()
-    assert (out / "checkpoint-2" / "COMPLETE").is_file()
-    assert not (out / "checkpoint-4").exists() and not (out / "final").exists()
-    proc = train(args)
-    assert f"resumed from {out}/checkpoint-2" in proc.stdout
-
-
-def assert_same_run(unbroken: Path, resumed: Path) -> None:
-    """Equal exported weights (adapter included), losses and samples, step by step."""
-    for sub in ("final", "final/adapter"):
-        a, b = _weights(unbroken / sub), _weights(resumed / sub)
-        assert set(a) == set(b), sub
-        assert [k for k in a if not torch.equal(a[k], b[k])] == [], sub
-    assert _weights(unbroken / "final")  # the comparison is not of two empty folders
-    losses = [[(r["step"], r["loss"]) for r in metrics(d) if "loss" in r] for d in (unbroken, resumed)]
-    assert [s for s, _ in losses[1]] == list(range(1, STEPS + 1))
-    assert losses[0] == losses[1]
-    samples = [(d / "debug/samples-rank0.jsonl").read_text() for d in (unbroken, resumed)]
-    assert samples[0] == samples[1]  # none skipped or repeated
 
 
 def test_lora_on_qwen3_vl_trains_the_deepstack_mergers_with_the_merger_and_reloads(
@@ -120,19 +80,19 @@ def test_finetune_on_qwen3_5_trains_its_linear_attention_layers_and_reloads(
 
 
 @pytest.mark.parametrize(
-    "family, mode, extra, unbroken",
-    [
-        ("qwen3-vl", "lora", QWEN3_VL_LORA, "qwen3_vl_lora"),  # adapters + the DeepStack mergers
-        ("qwen3.5", "finetune", QWEN3_5_FINETUNE, "qwen3_5_finetune"),  # the Gated DeltaNet layers
+    "family, mode, extra, unbroken, exported",
+    [  # lora: the adapters + the DeepStack mergers; finetune: the Gated DeltaNet layers
+        ("qwen3-vl", "lora", QWEN3_VL_LORA, "qwen3_vl_lora", ("final", "final/adapter")),
+        ("qwen3.5", "finetune", QWEN3_5_FINETUNE, "qwen3_5_finetune", ("final",)),
     ],
 )
 def test_resume_after_kill_9_continues_to_the_unbroken_runs_weights(
-    family_dirs, qwen_data, tmp_path, request, family, mode, extra, unbroken
+    family_dirs, qwen_data, tmp_path, request, family, mode, extra, unbroken, exported
 ):
     out = tmp_path / "run"
     args = _qwen(family_dirs[family], out, qwen_data, mode, steps=STEPS) + extra
     kill_after_checkpoint_2_and_resume(args, out, tmp_path / "release")
-    assert_same_run(request.getfixturevalue(unbroken), out)
+    assert_same_run(request.getfixturevalue(unbroken), out, exported)
 
 
 def test_packing_on_qwen3_5_is_one_config_error_before_weights_load(family_dirs, qwen_data, tmp_path):
