@@ -10,7 +10,9 @@ before it), so the worker's command line still names ``train/finetune.py``.
 ``debug.nan_at_step=N``: make step N's loss NaN; ``debug.step_sleep_s=S``: pause after every step;
 ``debug.fail_scoring=true``: ``eval.generate_accuracy`` fails on the loaded export;
 ``debug.hold_until=PATH``: after each step, write ``PATH.waiting`` and wait (up to 600 s) until ``PATH``
-exists, so a test can act while the run is known to be mid-way, however slow the machine.
+exists, so a test can act while the run is known to be mid-way, however slow the machine;
+``debug.hold_from_step=N``: hold only after step N and later (default 1). The hold comes before the
+step's checkpoint is saved: to kill a run with checkpoint-2 complete, hold from step 3.
 Everything else goes to the recipe's ``main`` (:mod:`visionzip_core.training.recipe`, what
 ``train/finetune.py`` runs) unchanged, the launchers' own arguments included.
 """
@@ -35,10 +37,12 @@ class DebugHooks(TrainHooks):
         step_sleep_s: float = 0.0,
         fail_scoring: bool = False,
         hold_until: str | None = None,
+        hold_from_step: int = 1,
     ):
         self.log_samples, self.nan_at_step, self.step_sleep_s = log_samples, nan_at_step, step_sleep_s
         self.fail_scoring = fail_scoring
         self.hold_until = Path(hold_until) if hold_until else None
+        self.hold_from_step = hold_from_step
         self.path: Path | None = None
 
     def on_start(self, output_dir, rank, step):
@@ -58,7 +62,7 @@ class DebugHooks(TrainHooks):
     def after_step(self, step):
         if self.step_sleep_s:
             time.sleep(self.step_sleep_s)
-        if self.hold_until is not None and not self.hold_until.exists():
+        if self.hold_until is not None and step >= self.hold_from_step and not self.hold_until.exists():
             Path(f"{self.hold_until}.waiting").write_text(str(step))
             deadline = time.monotonic() + 600
             while not self.hold_until.exists() and time.monotonic() < deadline:
@@ -83,6 +87,7 @@ def split_debug(argv: list[str]) -> tuple[DebugHooks, list[str]]:
         step_sleep_s=float(values.pop("step_sleep_s", 0.0)),
         fail_scoring=values.pop("fail_scoring", "false").lower() == "true",
         hold_until=values.pop("hold_until", None),
+        hold_from_step=int(values.pop("hold_from_step", 1)),
     )
     if values:
         raise SystemExit(f"hooked_finetune: unknown debug.* arguments {sorted(values)}")

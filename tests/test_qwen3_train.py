@@ -1,19 +1,27 @@
 """Qwen3-VL and Qwen3.5 through the real entry point (train/finetune.py) on messages data with images
 of different sizes, a video (timestamped frame groups), a multi-turn and a text-only sample: LoRA on
 Qwen3-VL (the DeepStack mergers train with the merger), a full finetune of Qwen3.5's hybrid LLM, each
-export reloaded with ``load_visionzip_model`` and asked; Qwen3.5's packing refusal. Projector mode
-and the other commands run in tests/test_command_matrix.py.
+export reloaded with ``load_visionzip_model`` and asked, and each resumed after kill -9 to the unbroken
+run's weights (tests/kill_resume.py); Qwen3.5's packing refusal. Projector mode and the other commands
+run in tests/test_command_matrix.py.
 
 Run: ``PYTHONPATH=$PWD .venv/bin/python -m pytest -m slow tests/test_qwen3_train.py`` (about a minute, CPU).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+from kill_resume import STEPS, assert_same_run, kill_after_checkpoint_2_and_resume
 from test_qwen_train import _changed, _generate, _qwen, _weights, write_qwen_data
 from test_train_e2e import train
 
 pytestmark = pytest.mark.slow
+
+# Run as kill_resume.py's runs are (4 steps; ``_qwen``'s checkpoints at 2 and 4): the unbroken references.
+QWEN3_VL_LORA = ["export.merge_lora=true", "debug.log_samples=true"]
+QWEN3_5_FINETUNE = ["debug.log_samples=true"]
 
 
 @pytest.fixture(scope="module")
@@ -21,12 +29,27 @@ def qwen_data(tmp_path_factory):
     return write_qwen_data(tmp_path_factory.mktemp("qwen3-data"))
 
 
+@pytest.fixture(scope="module")
+def qwen3_vl_lora(family_dirs, qwen_data, tmp_path_factory) -> Path:
+    """A finished LoRA run on Qwen3-VL: read by the mode's test and, unbroken, by its resume test."""
+    out = tmp_path_factory.mktemp("qwen3-vl-lora") / "run"
+    train(_qwen(family_dirs["qwen3-vl"], out, qwen_data, "lora", steps=STEPS) + QWEN3_VL_LORA)
+    return out
+
+
+@pytest.fixture(scope="module")
+def qwen3_5_finetune(family_dirs, qwen_data, tmp_path_factory) -> Path:
+    """A finished finetune run on Qwen3.5: read by the mode's test and, unbroken, by its resume test."""
+    out = tmp_path_factory.mktemp("qwen3.5-finetune") / "run"
+    train(_qwen(family_dirs["qwen3.5"], out, qwen_data, "finetune", steps=STEPS) + QWEN3_5_FINETUNE)
+    return out
+
+
 def test_lora_on_qwen3_vl_trains_the_deepstack_mergers_with_the_merger_and_reloads(
-    family_dirs, qwen_data, tmp_path
+    family_dirs, qwen_data, qwen3_vl_lora
 ):
     folder = family_dirs["qwen3-vl"]
-    out = tmp_path / "run"
-    train(_qwen(folder, out, qwen_data, "lora", steps=2) + ["export.merge_lora=true"])
+    out = qwen3_vl_lora
     base, new = _weights(folder), _weights(out / "final")
     changed, _ = _changed(base, new, lambda k: True)
     assert any("visual.merger." in k for k in changed)
@@ -41,10 +64,11 @@ def test_lora_on_qwen3_vl_trains_the_deepstack_mergers_with_the_merger_and_reloa
     assert n_image == 6
 
 
-def test_finetune_on_qwen3_5_trains_its_linear_attention_layers_and_reloads(family_dirs, qwen_data, tmp_path):
+def test_finetune_on_qwen3_5_trains_its_linear_attention_layers_and_reloads(
+    family_dirs, qwen_data, qwen3_5_finetune
+):
     folder = family_dirs["qwen3.5"]
-    out = tmp_path / "run"
-    train(_qwen(folder, out, qwen_data, "finetune", steps=2))
+    out = qwen3_5_finetune
     base, new = _weights(folder), _weights(out / "final")
     changed, _ = _changed(base, new, lambda k: True)
     assert any("visual.merger." in k for k in changed)
@@ -53,6 +77,22 @@ def test_finetune_on_qwen3_5_trains_its_linear_attention_layers_and_reloads(fami
     assert not any("visual.blocks" in k for k in changed)
     n_image, tokens = _generate(out / "final", qwen_data / "images/im0.png")
     assert n_image == 6
+
+
+@pytest.mark.parametrize(
+    "family, mode, extra, unbroken, exported",
+    [  # lora: the adapters + the DeepStack mergers; finetune: the Gated DeltaNet layers
+        ("qwen3-vl", "lora", QWEN3_VL_LORA, "qwen3_vl_lora", ("final", "final/adapter")),
+        ("qwen3.5", "finetune", QWEN3_5_FINETUNE, "qwen3_5_finetune", ("final",)),
+    ],
+)
+def test_resume_after_kill_9_continues_to_the_unbroken_runs_weights(
+    family_dirs, qwen_data, tmp_path, request, family, mode, extra, unbroken, exported
+):
+    out = tmp_path / "run"
+    args = _qwen(family_dirs[family], out, qwen_data, mode, steps=STEPS) + extra
+    kill_after_checkpoint_2_and_resume(args, out, tmp_path / "release")
+    assert_same_run(request.getfixturevalue(unbroken), out, exported)
 
 
 def test_packing_on_qwen3_5_is_one_config_error_before_weights_load(family_dirs, qwen_data, tmp_path):
