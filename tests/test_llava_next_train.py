@@ -221,7 +221,12 @@ def test_resume_after_sigkill_matches_an_unbroken_run(
     (one process either way: the same steps)."""
     common = RESUME
     (unbroken, _), killed = deepspeed_run, tmp_path / "killed"
-    cmd = _cmd("python", _next(tiny_llava_next_dir, killed, next_data) + common + ["debug.step_sleep_s=1.0"])
+    cmd = _cmd(
+        "python",
+        _next(tiny_llava_next_dir, killed, next_data)
+        + common
+        + [f"debug.hold_until={tmp_path / 'never'}", "debug.hold_from_step=4"],
+    )
     proc = warm_python.popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
     while not (killed / "checkpoint-3" / "COMPLETE").is_file():

@@ -288,7 +288,9 @@ def test_packed_token_budget_run_logs_padding_and_resumes_exactly_after_sigkill(
     # The budget sets the count: 1024 tokens hold about ten of the demo's ~90-token samples.
     steps = [line for line in (unbroken / "debug/samples-rank0.jsonl").read_text().splitlines()]
     assert len(steps) == 6 and all(line.count(",") >= 8 for line in steps)
-    cmd = _cmd("python", args(killed) + common + ["debug.step_sleep_s=1.0"])
+    cmd = _cmd(
+        "python", args(killed) + common + [f"debug.hold_until={tmp_path / 'never'}", "debug.hold_from_step=4"]
+    )
     victim = warm_python.popen(
         cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )

@@ -196,8 +196,9 @@ def test_lora_mode_wraps_the_llm_only_and_trains_the_merger(qwen_dir, qwen_data,
 
 def test_resume_continues_to_the_same_weights(qwen_dir, qwen_data, finetuned, tmp_path):
     straight, split = finetuned, tmp_path / "split"
-    # killed once checkpoint-2 is complete (a pause per step keeps it from reaching step 4 first)
-    args = _qwen(qwen_dir, split, qwen_data, "finetune", steps=4) + ["debug.step_sleep_s=1.5"]
+    # killed once checkpoint-2 is complete: held after step 3 (by a file no one writes) until the kill
+    args = _qwen(qwen_dir, split, qwen_data, "finetune", steps=4)
+    args += [f"debug.hold_until={tmp_path / 'never'}", "debug.hold_from_step=3"]
     victim = warm_python.popen(
         _cmd("python", args), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )

@@ -290,7 +290,12 @@ def test_resume_after_sigkill_matches_an_unbroken_run(tiny_llava_dir, tmp_path):
     unbroken, killed = tmp_path / "unbroken", tmp_path / "killed"
     train(_base(tiny_llava_dir, unbroken) + common)
 
-    cmd = _cmd("python", _base(tiny_llava_dir, killed) + common + ["debug.step_sleep_s=1.0"])
+    cmd = _cmd(
+        "python",
+        _base(tiny_llava_dir, killed)
+        + common
+        + [f"debug.hold_until={tmp_path / 'never'}", "debug.hold_from_step=4"],
+    )
     proc = warm_python.popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
     while not (killed / "checkpoint-3" / "COMPLETE").is_file():
