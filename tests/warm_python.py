@@ -251,11 +251,20 @@ def _can_run_warm(cmd, env: dict | None) -> list[str] | None:
     if args is None:
         return None
     server = _get_server()
-    if env is not None and _differs_at_import(env, server.env, server.set_by_imports):
+    if env is not None and (differ := _differs_at_import(env, server.env, server.set_by_imports)):
+        _log_cold(args, f"environment differs in {differ}")
         return None
     if not server.lock.acquire(blocking=False):  # another warm child still runs: this one starts cold
+        _log_cold(args, "another warm child runs")
         return None
     return args
+
+
+def _log_cold(args: list[str], why: str) -> None:
+    """``VISIONZIP_TEST_WARM_LOG=FILE`` appends each command that could not run warm, and why."""
+    if path := os.environ.get("VISIONZIP_TEST_WARM_LOG"):
+        with open(path, "a") as f:
+            f.write(f"{os.environ.get('PYTEST_CURRENT_TEST', '?')}: {args[0]}: {why}\n")
 
 
 def run(cmd, *, cwd=None, env=None, capture_output=False, text=False, timeout=None, check=False, **kw):
