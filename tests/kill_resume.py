@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -37,6 +38,25 @@ def kill_after_checkpoint_2_and_resume(args: list[str], out: Path, hold: Path) -
     assert not (out / "checkpoint-4").exists() and not (out / "final").exists()
     proc = train(args)
     assert f"resumed from {out}/checkpoint-2" in proc.stdout
+
+
+def unbroken_beside_the_resumed(args_for: Callable[[Path], list[str]], root: Path) -> tuple[Path, Path]:
+    """The unbroken run of ``args_for(root / "unbroken")`` side by side with
+    ``kill_after_checkpoint_2_and_resume`` of ``args_for(root / "run")``, for a case no finished run
+    of the same settings exists for: ``(unbroken, resumed)`` output folders. The reference starts cold
+    (the warm interpreter serves the held victim), so the two overlap instead of queueing."""
+    unbroken, out = root / "unbroken", root / "run"
+    logs = [open(root / f"unbroken.{kind}", "w") for kind in ("out", "err")]  # noqa: SIM115
+    with logs[0], logs[1]:
+        reference = subprocess.Popen(
+            _cmd("python", args_for(unbroken)), cwd=REPO, env=_env(), stdout=logs[0], stderr=logs[1]
+        )
+        try:
+            kill_after_checkpoint_2_and_resume(args_for(out), out, root / "release")
+        finally:
+            reference.wait(timeout=600)
+    assert reference.returncode == 0, (root / "unbroken.err").read_text()[-3000:]
+    return unbroken, out
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:

@@ -1,7 +1,8 @@
 """LLaVA-OneVision through the real entry point: finetune (vision tower included) under 2-process
 ZeRO-3 and LoRA under 2-process ZeRO-2, on data mixing text-only, image and video samples, on the tiny
-folder laid out as the download, exported, reloaded with ``load_visionzip_model`` and asked; projector
-mode resumed after kill -9 to an unbroken run's weights (tests/kill_resume.py). Scoring (a video too) and the other commands
+folder laid out as the download, exported, reloaded with ``load_visionzip_model`` and asked; each
+mode (projector, finetune with the tower, lora) resumed after kill -9 to an unbroken run's weights
+(tests/kill_resume.py). Scoring (a video too) and the other commands
 run in tests/test_command_matrix.py."""
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import subprocess
 
 import pytest
 import torch
-from kill_resume import SAVE_STEPS, STEPS, assert_same_run, kill_after_checkpoint_2_and_resume
+from kill_resume import SAVE_STEPS, STEPS, assert_same_run, unbroken_beside_the_resumed
 from safetensors.torch import load_file
 from test_command_matrix import family_overrides, write_matrix_data
 from test_train_e2e import REPO, _cmd, _env, final_weights
@@ -163,18 +164,19 @@ def test_lora_trains_the_llm_only_and_the_merged_export_reloads(runs, tiny_llava
     _asks(runs["lora"] / "final")
 
 
-def test_projector_resume_after_kill_9_continues_to_the_unbroken_runs_weights(
-    tiny_llava_onevision_dir, tmp_path
-):
-    """4 steps on the 7 mixed samples (the text-only one left out: 3 steps an epoch), checkpoints at 2
-    and 4; the unbroken run goes side by side with the one killed after step 3."""
+@pytest.mark.parametrize("mode", ["projector", *MODES])
+def test_resume_after_kill_9_continues_to_the_unbroken_runs_weights(tiny_llava_onevision_dir, tmp_path, mode):
+    """Each mode in one process (finetune with the tower, as ``MODES`` has it; the ZeRO stage left to
+    the config's default): 4 steps on the 7 mixed samples (the text-only one left out: 3 steps an
+    epoch), checkpoints at 2 and 4; the unbroken run goes side by side with the one killed after step 3."""
     data = write_matrix_data(tmp_path)
+    extra = [o for o in MODES.get(mode, ["train.mode=projector"]) if not o.startswith("deepspeed.")]
 
     def overrides(out):
         keep = ("train.mode=", "eval.", "data.val=", "train.max_steps=", "train.save_steps=")
         given = family_overrides("llava-onevision", tiny_llava_onevision_dir, data, out)
         return [o for o in given if not o.startswith(keep)] + [
-            "train.mode=projector",
+            *extra,
             "data.val=[]",
             "eval.generate_accuracy=false",
             f"train.max_steps={STEPS}",
@@ -182,19 +184,12 @@ def test_projector_resume_after_kill_9_continues_to_the_unbroken_runs_weights(
             "debug.log_samples=true",
         ]
 
-    unbroken, out = tmp_path / "unbroken", tmp_path / "run"
-    logs = [open(tmp_path / f"unbroken.{kind}", "w") for kind in ("out", "err")]  # noqa: SIM115
-    with logs[0], logs[1]:
-        reference = subprocess.Popen(
-            _cmd("python", overrides(unbroken)), cwd=REPO, env=_env(), stdout=logs[0], stderr=logs[1]
-        )
-        try:
-            kill_after_checkpoint_2_and_resume(overrides(out), out, tmp_path / "release")
-        finally:
-            reference.wait(timeout=600)
-    assert reference.returncode == 0, (tmp_path / "unbroken.err").read_text()[-3000:]
-    assert_same_run(unbroken, out)
+    unbroken, out = unbroken_beside_the_resumed(overrides, tmp_path)
+    assert_same_run(unbroken, out, ("final", "final/adapter") if mode == "lora" else ("final",))
     base, new = _base(tiny_llava_onevision_dir), final_weights(out)
     assert set(new) == set(base)
     changed = {k for k in base if not torch.equal(base[k], new[k])}
-    assert changed and all("multi_modal_projector" in k for k in changed)  # projector mode: nothing else
+    # what the mode trains, so each case resumes what it claims to (lora: the projector in full too)
+    assert any("multi_modal_projector" in k for k in changed)
+    assert any("language_model" in k for k in changed) == (mode != "projector")
+    assert any("vision_tower" in k for k in changed) == (mode == "finetune")

@@ -1,9 +1,9 @@
 """Qwen3-VL and Qwen3.5 through the real entry point (train/finetune.py) on messages data with images
 of different sizes, a video (timestamped frame groups), a multi-turn and a text-only sample: LoRA on
 Qwen3-VL (the DeepStack mergers train with the merger), a full finetune of Qwen3.5's hybrid LLM, each
-export reloaded with ``load_visionzip_model`` and asked, and each resumed after kill -9 to the unbroken
-run's weights (tests/kill_resume.py); Qwen3.5's packing refusal. Projector mode and the other commands
-run in tests/test_command_matrix.py.
+export reloaded with ``load_visionzip_model`` and asked; every mode (projector, finetune, the ViT too on
+Qwen3-VL, lora) on both families resumed after kill -9 to the unbroken run's weights
+(tests/kill_resume.py); Qwen3.5's packing refusal. The other commands run in tests/test_command_matrix.py.
 
 Run: ``PYTHONPATH=$PWD .venv/bin/python -m pytest -m slow tests/test_qwen3_train.py`` (about a minute, CPU).
 """
@@ -13,7 +13,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from kill_resume import STEPS, assert_same_run, kill_after_checkpoint_2_and_resume
+from kill_resume import (
+    STEPS,
+    assert_same_run,
+    kill_after_checkpoint_2_and_resume,
+    unbroken_beside_the_resumed,
+)
 from test_qwen_train import _changed, _generate, _qwen, _weights, write_qwen_data
 from test_train_e2e import train
 
@@ -79,20 +84,39 @@ def test_finetune_on_qwen3_5_trains_its_linear_attention_layers_and_reloads(
     assert n_image == 6
 
 
+LOGGED = ["debug.log_samples=true"]
+WITH_THE_TOWER = ["train.tune_vision_tower=true", "optim.lr_vision=1e-3"]
+
+
 @pytest.mark.parametrize(
     "family, mode, extra, unbroken, exported",
-    [  # lora: the adapters + the DeepStack mergers; finetune: the Gated DeltaNet layers
+    [  # every mode on both families; the mode tests' runs are the references where their settings match
+        ("qwen3-vl", "projector", LOGGED, None, ("final",)),
+        # finetune with the ViT once (its optimizer state resumed too); Qwen3.5's keeps it frozen
+        ("qwen3-vl", "finetune", WITH_THE_TOWER + LOGGED, None, ("final",)),
         ("qwen3-vl", "lora", QWEN3_VL_LORA, "qwen3_vl_lora", ("final", "final/adapter")),
+        ("qwen3.5", "projector", LOGGED, None, ("final",)),
         ("qwen3.5", "finetune", QWEN3_5_FINETUNE, "qwen3_5_finetune", ("final",)),
+        ("qwen3.5", "lora", QWEN3_VL_LORA, None, ("final", "final/adapter")),
     ],
 )
 def test_resume_after_kill_9_continues_to_the_unbroken_runs_weights(
     family_dirs, qwen_data, tmp_path, request, family, mode, extra, unbroken, exported
 ):
-    out = tmp_path / "run"
-    args = _qwen(family_dirs[family], out, qwen_data, mode, steps=STEPS) + extra
-    kill_after_checkpoint_2_and_resume(args, out, tmp_path / "release")
-    assert_same_run(request.getfixturevalue(unbroken), out, exported)
+    def args(out: Path) -> list[str]:
+        return _qwen(family_dirs[family], out, qwen_data, mode, steps=STEPS) + extra
+
+    if unbroken is None:
+        reference, out = unbroken_beside_the_resumed(args, tmp_path)
+    else:
+        reference, out = request.getfixturevalue(unbroken), tmp_path / "run"
+        kill_after_checkpoint_2_and_resume(args(out), out, tmp_path / "release")
+    assert_same_run(reference, out, exported)
+    # what the mode trains, so each case resumes what it claims to: the tower only where asked
+    changed, _ = _changed(_weights(family_dirs[family]), _weights(out / "final"), lambda k: True)
+    assert any("visual.merger." in k for k in changed)
+    assert any("language_model" in k for k in changed) == (mode != "projector")
+    assert any("visual.blocks." in k for k in changed) == (extra[0] == WITH_THE_TOWER[0])
 
 
 def test_packing_on_qwen3_5_is_one_config_error_before_weights_load(family_dirs, qwen_data, tmp_path):
