@@ -13,7 +13,7 @@ import subprocess
 
 import pytest
 import torch
-from kill_resume import SAVE_STEPS, STEPS, assert_same_run, unbroken_beside_the_resumed
+from kill_resume import SAVE_STEPS, STEPS, assert_same_run, unbroken_and_resumed
 from safetensors.torch import load_file
 from test_command_matrix import family_overrides, write_matrix_data
 from test_train_e2e import REPO, _cmd, _env, final_weights
@@ -168,7 +168,7 @@ def test_lora_trains_the_llm_only_and_the_merged_export_reloads(runs, tiny_llava
 def test_resume_after_kill_9_continues_to_the_unbroken_runs_weights(tiny_llava_onevision_dir, tmp_path, mode):
     """Each mode in one process (finetune with the tower, as ``MODES`` has it; the ZeRO stage left to
     the config's default): 4 steps on the 7 mixed samples (the text-only one left out: 3 steps an
-    epoch), checkpoints at 2 and 4; the unbroken run goes side by side with the one killed after step 3."""
+    epoch), checkpoints at 2 and 4; the unbroken run, then the one killed after step 3."""
     data = write_matrix_data(tmp_path)
     extra = [o for o in MODES.get(mode, ["train.mode=projector"]) if not o.startswith("deepspeed.")]
 
@@ -184,7 +184,7 @@ def test_resume_after_kill_9_continues_to_the_unbroken_runs_weights(tiny_llava_o
             "debug.log_samples=true",
         ]
 
-    unbroken, out = unbroken_beside_the_resumed(overrides, tmp_path)
+    unbroken, out = unbroken_and_resumed(overrides, tmp_path)
     assert_same_run(unbroken, out, ("final", "final/adapter") if mode == "lora" else ("final",))
     base, new = _base(tiny_llava_onevision_dir), final_weights(out)
     assert set(new) == set(base)

@@ -17,7 +17,7 @@ from kill_resume import (
     STEPS,
     assert_same_run,
     kill_after_checkpoint_2_and_resume,
-    unbroken_beside_the_resumed,
+    unbroken_and_resumed,
 )
 from test_qwen_train import _changed, _generate, _qwen, _weights, write_qwen_data
 from test_train_e2e import train
@@ -107,7 +107,7 @@ def test_resume_after_kill_9_continues_to_the_unbroken_runs_weights(
         return _qwen(family_dirs[family], out, qwen_data, mode, steps=STEPS) + extra
 
     if unbroken is None:
-        reference, out = unbroken_beside_the_resumed(args, tmp_path)
+        reference, out = unbroken_and_resumed(args, tmp_path)
     else:
         reference, out = request.getfixturevalue(unbroken), tmp_path / "run"
         kill_after_checkpoint_2_and_resume(args(out), out, tmp_path / "release")
