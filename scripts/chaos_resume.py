@@ -39,6 +39,7 @@ def command(out: Path, processes: int, args: argparse.Namespace) -> list[str]:
         "--config",
         "configs/demo.yaml",
         f"train.output_dir={out}",
+        *([f"model.name_or_path={args.model}"] if args.model else []),
         f"train.max_steps={args.steps}",
         "train.save_steps=1",
         "train.save_total_limit=2",
@@ -161,6 +162,9 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=4, help="train.per_device_batch_size")
     p.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
     p.add_argument("--keep", action="store_true", help="keep the trials' output folders")
+    p.add_argument(
+        "--model", default=None, help="model.name_or_path (default: the demo config's, builtin:demo-llava)"
+    )
     args = p.parse_args(argv)
     root = args.work or Path(tempfile.mkdtemp(prefix="chaos-resume-"))
     root.mkdir(parents=True, exist_ok=True)

@@ -318,8 +318,10 @@ def test_an_empty_data_file_says_so(tmp_path):
             load_source(DatasetSource(path=str(tmp_path / name)), str(tmp_path / "cache"))
 
 
-def _entry_point(*overrides, cache):
-    env = {**os.environ, "VISIONZIP_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
+def _entry_point(*overrides, cache=None):
+    """``train/finetune.py`` on demo.yaml, started cold; ``cache``: a built-in model cache of its own
+    (None: the ordinary one, where the demo model is built once for the whole suite)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"} | ({"VISIONZIP_CACHE": str(cache)} if cache else {})
     return subprocess.run(
         [sys.executable, "train/finetune.py", "--config", "configs/demo.yaml", *overrides],
         cwd=REPO,
@@ -352,9 +354,9 @@ def test_path_errors_at_the_entry_point_are_one_list_with_exit_2(tmp_path):
 
 
 def test_feature_layer_stops_the_entry_point_before_weights_load(tmp_path):
-    proc = _entry_point(
-        "visionzip.feature_layer=99", f"train.output_dir={tmp_path / 'out'}", cache=tmp_path / "cache"
-    )
+    # The check reads the demo model's config: from the ordinary cache, so that the demo model is
+    # built once for the suite (test_demo_tower.py uses it too), not once more here (~100 s).
+    proc = _entry_point("visionzip.feature_layer=99", f"train.output_dir={tmp_path / 'out'}")
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "visionzip.feature_layer: 99 is out of range" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists()  # nothing written: the run never started

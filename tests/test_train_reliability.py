@@ -260,6 +260,8 @@ def test_chaos_resume_script_smoke():
             "6",
             "--seed",
             "3",
+            "--model",  # the script's property, not the demo model's: the tiny one saves fast
+            "builtin:tiny-llava",
         ],
         cwd=REPO,
         env=_env(),
