@@ -18,7 +18,7 @@ import torch
 import warm_python
 from PIL import Image
 from safetensors.torch import load_file
-from test_train_e2e import REPO, _cmd, _env, metrics, train
+from test_train_e2e import REPO, _cmd, _env, free_port, metrics, train
 
 pytestmark = pytest.mark.slow
 
@@ -277,6 +277,8 @@ def test_the_shipped_qwen_configs_run_as_written(qwen_dir, qwen_data, tmp_path, 
     out = tmp_path / "run"
     cmd = [
         str(Path(sys.executable).parent / "deepspeed"),
+        "--master_port",  # not the default 29500: another run on the machine may hold it
+        str(free_port()),
         "train/finetune.py",
         "--config",
         f"configs/qwen2.5-vl-7b/{name}.yaml",
