@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import warm_python
+from kill_resume import _weights, kill_after_checkpoint_2_and_resume
 from PIL import Image
-from safetensors.torch import load_file
-from test_train_e2e import REPO, _cmd, _env, free_port, metrics, train
+from test_train_e2e import REPO, _env, free_port, metrics, train
 
 pytestmark = pytest.mark.slow
 
@@ -108,13 +106,6 @@ def finetuned(qwen_dir, qwen_data, tmp_path_factory) -> Path:
     return out
 
 
-def _weights(folder: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for shard in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(str(shard)))
-    return out
-
-
 def _changed(base: dict, new: dict, match) -> tuple[list[str], list[str]]:
     """``(changed, same)`` names among ``match``-ing keys. The 4.x download names keys ``visual.*``
     and ``model.*``; an export names them as transformers 5 saves them, so compare by suffix."""
@@ -196,20 +187,9 @@ def test_lora_mode_wraps_the_llm_only_and_trains_the_merger(qwen_dir, qwen_data,
 
 def test_resume_continues_to_the_same_weights(qwen_dir, qwen_data, finetuned, tmp_path):
     straight, split = finetuned, tmp_path / "split"
-    # killed once checkpoint-2 is complete: held after step 3 (by a file no one writes) until the kill
+    # killed with checkpoint-2 complete, rerun to the end: it must say it resumed from checkpoint-2
     args = _qwen(qwen_dir, split, qwen_data, "finetune", steps=4)
-    args += [f"debug.hold_until={tmp_path / 'never'}", "debug.hold_from_step=3"]
-    victim = warm_python.popen(
-        _cmd("python", args), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    deadline = time.time() + 600
-    while not (split / "checkpoint-2" / "COMPLETE").is_file():
-        assert victim.poll() is None and time.time() < deadline, "the first run ended before checkpoint-2"
-        time.sleep(0.2)
-    victim.kill()
-    victim.wait()
-    proc = train(_qwen(qwen_dir, split, qwen_data, "finetune", steps=4))
-    assert f"resumed from {split}/checkpoint-2" in proc.stdout
+    kill_after_checkpoint_2_and_resume(args, split, tmp_path / "hold")
     a, b = _weights(straight / "final"), _weights(split / "final")
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
 
