@@ -222,7 +222,7 @@ def llava_next_hf_4x_dir(tmp_path_factory):
 
 
 # Two-process runs through the real entry point, shared by the tests that assert on them: each
-# torchrun start costs tens of seconds on 2 cores, the same run need not be trained twice.
+# two-process run costs seconds to tens of seconds on 2 cores, the same run need not be trained twice.
 @pytest.fixture(scope="session")
 def zero3_two_process_run(tiny_llava_dir, tmp_path_factory):
     """``(out, overrides)``: 4 fp32 steps of the tiny LLaVA under ZeRO-3, two processes (torchrun),
@@ -243,7 +243,7 @@ def zero3_two_process_run(tiny_llava_dir, tmp_path_factory):
 @pytest.fixture(scope="session")
 def zero2_two_process_run(tiny_llava_dir, tmp_path_factory):
     """``(out, overrides)``: 3 steps of the tiny LLaVA under ZeRO-2 (demo.yaml's), two processes
-    (torchrun), one checkpoint at the end, no validation. Tests may rerun its command (a finished
+    (``ranks2``: torchrun's workers, forked warm), one checkpoint at the end, no validation. Tests may rerun its command (a finished
     run writes nothing), not train further."""
     from test_train_e2e import _base, train
 
@@ -255,7 +255,7 @@ def zero2_two_process_run(tiny_llava_dir, tmp_path_factory):
             "train.save_steps=3",
             "data.val=[]",
         ]
-        train(overrides, launcher="torchrun2")
+        train(overrides, launcher="ranks2")
         return out, overrides
 
     return built_once(tmp_path_factory, "zero2-two-process", build)

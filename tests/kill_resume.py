@@ -17,14 +17,22 @@ from test_train_e2e import REPO, _cmd, _env, metrics, train
 STEPS, SAVE_STEPS = 4, 2
 
 
-def kill_after_checkpoint_2_and_resume(args: list[str], out: Path, hold: Path) -> None:
+def kill_after_checkpoint_2_and_resume(
+    args: list[str], out: Path, hold: Path, launcher: str = "python"
+) -> None:
     """Run ``args`` (``STEPS`` steps, checkpoints every ``SAVE_STEPS``, output ``out``) held after step 3,
-    kill -9 it there (checkpoint-2 complete, step 3's update in memory only), then rerun ``args``
-    unheld to the end; the rerun must say it resumed from checkpoint-2. ``debug.*`` switches are not
-    settings: the rerun without the hold is the same run to the resume check."""
+    kill -9 it there (checkpoint-2 complete, step 3's update in memory only; every process of the run,
+    as a node failure would), then rerun ``args`` unheld to the end; the rerun must say it resumed
+    from checkpoint-2. ``debug.*`` switches are not settings: the rerun without the hold is the same
+    run to the resume check. ``launcher``: as in ``test_train_e2e.train``."""
     held = args + [f"debug.hold_until={hold}", "debug.hold_from_step=3"]
     victim = warm_python.popen(
-        _cmd("python", held), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        _cmd(launcher, held),
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        warm_ranks=launcher == "ranks2",
     )
     try:
         deadline = time.time() + 600
@@ -32,11 +40,10 @@ def kill_after_checkpoint_2_and_resume(args: list[str], out: Path, hold: Path) -
             assert victim.poll() is None and time.time() < deadline, f"exit {victim.poll()} before step 3"
             time.sleep(0.2)
     finally:
-        victim.kill()
-        victim.wait()
+        warm_python.kill_all(victim)
     assert (out / "checkpoint-2" / "COMPLETE").is_file()
     assert not (out / "checkpoint-4").exists() and not (out / "final").exists()
-    proc = train(args)
+    proc = train(args, launcher)
     assert f"resumed from {out}/checkpoint-2" in proc.stdout
 
 

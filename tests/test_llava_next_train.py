@@ -138,17 +138,16 @@ RESUME = ["train.max_steps=6", "train.save_steps=3", "debug.log_samples=true"]
 
 
 @pytest.fixture(scope="module")
-def deepspeed_run(tiny_llava_next_dir, next_data, tmp_path_factory):
-    """``(out, proc)``: 6 finetune steps under the deepspeed launcher (one process), checkpoints at
-    3 and 6, samples logged; the export test reads it and the resume test compares against it."""
-    out = tmp_path_factory.mktemp("next-deepspeed") / "run"
-    return out, train(_next(tiny_llava_next_dir, out, next_data) + RESUME, launcher="deepspeed")
+def next_run(tiny_llava_next_dir, next_data, tmp_path_factory):
+    """``(out, proc)``: 6 finetune steps (one process), checkpoints at 3 and 6, samples logged; the
+    export test reads it and the resume test compares against it. (The deepspeed launcher itself is
+    test_train_e2e.py's; this run forks from the warm interpreter.)"""
+    out = tmp_path_factory.mktemp("next-run") / "run"
+    return out, train(_next(tiny_llava_next_dir, out, next_data) + RESUME)
 
 
-def test_finetune_exports_a_next_model_that_loads_and_generates(
-    tiny_llava_next_dir, next_data, deepspeed_run
-):
-    out, proc = deepspeed_run
+def test_finetune_exports_a_next_model_that_loads_and_generates(tiny_llava_next_dir, next_data, next_run):
+    out, proc = next_run
     records = [r for r in metrics(out) if "loss" in r]
     assert [r["step"] for r in records] == list(range(1, 7))
     assert records[0]["visual_tokens_per_image"] == f"{D + K} per crop"
@@ -207,20 +206,17 @@ def test_zero3_two_processes(tiny_llava_next_dir, next_data, tmp_path):
             f"data.val=[{{path: {val}, image_folder: {next_data}/images}}]",
             "train.eval_steps=4",
         ],
-        launcher="torchrun2",
+        launcher="ranks2",
     )
     assert any("val_loss" in r for r in metrics(out))
     base, new = load_file(str(tiny_llava_next_dir / "model.safetensors")), final_weights(out)
     assert set(new) == set(base) and all(new[k].shape == base[k].shape for k in base)
 
 
-def test_resume_after_sigkill_matches_an_unbroken_run(
-    tiny_llava_next_dir, next_data, deepspeed_run, tmp_path
-):
-    """Killed and resumed as plain ``python`` runs; the unbroken run is the deepspeed launcher's
-    (one process either way: the same steps)."""
+def test_resume_after_sigkill_matches_an_unbroken_run(tiny_llava_next_dir, next_data, next_run, tmp_path):
+    """Killed and resumed; the unbroken run is the shared one (``next_run``)."""
     common = RESUME
-    (unbroken, _), killed = deepspeed_run, tmp_path / "killed"
+    (unbroken, _), killed = next_run, tmp_path / "killed"
     cmd = _cmd(
         "python",
         _next(tiny_llava_next_dir, killed, next_data)

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 
 import pytest
 import torch
 from kill_resume import SAVE_STEPS, STEPS, assert_same_run, unbroken_and_resumed
 from safetensors.torch import load_file
 from test_command_matrix import family_overrides, write_matrix_data
-from test_train_e2e import REPO, _cmd, _env, final_weights
+from test_train_e2e import final_weights, train
 
 from visionzip_core import load_visionzip_model, load_visionzip_processor
 from visionzip_core.families import family_for
@@ -49,29 +48,18 @@ MIXED = [
 
 @pytest.fixture(scope="module")
 def runs(tiny_llava_onevision_dir, tmp_path_factory):
-    """Both modes side by side (most of a tiny run is the interpreter's start): ``{mode: run folder}``."""
+    """Both modes, two processes each (``ranks2``: torchrun's workers, forked warm): ``{mode: run folder}``."""
     root = tmp_path_factory.mktemp("onevision-train")
     (root / "data").mkdir()
     data = write_matrix_data(root / "data")
-    started = {}
+    out = {}
     for mode, extra in MODES.items():
         overrides = family_overrides("llava-onevision", tiny_llava_onevision_dir, data, root / mode)
         overrides = [
             o for o in overrides if not o.startswith(("train.mode=", "eval.", "data.val=", *MIXED_KEYS))
         ]
         overrides += ["data.val=[]", *MIXED, "debug.log_samples=true", *extra]
-        started[mode] = subprocess.Popen(
-            _cmd("torchrun2", overrides),
-            cwd=REPO,
-            env=_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-    out = {}
-    for mode, proc in started.items():
-        stdout, stderr = proc.communicate(timeout=600)
-        assert proc.returncode == 0, f"{mode}: exit {proc.returncode}\n{stdout[-2000:]}\n{stderr[-4000:]}"
+        train(overrides, launcher="ranks2")
         out[mode] = root / mode
     return out
 

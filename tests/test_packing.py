@@ -326,7 +326,7 @@ def test_packed_runs_with_two_processes_under_zero(tiny_llava_dir, tmp_path, zer
             "eval.generate_accuracy=false",
             *PACKED,
         ],
-        launcher="torchrun2",
+        launcher="ranks2",
     )
     records = [r for r in metrics(out) if "loss" in r]
     assert len(records) == 3 and all(np.isfinite(r["loss"]) for r in records)

@@ -82,7 +82,7 @@ def test_qlora_demo_trains_under_zero2_and_its_export_evaluates(tiny_llava_dir, 
         *DEMO_VAL,  # the demo's validation set, scored
         "eval.limit=4",
     ]
-    proc = train(args, launcher="torchrun2")
+    proc = train(args, launcher="ranks2")
     assert "the LLM is loaded in 4-bit (NF4)" in proc.stdout and "zero=2 processes=2" in proc.stdout
     losses = [r["loss"] for r in metrics(out) if "loss" in r]
     assert len(losses) == 8 and sum(losses[-3:]) < sum(losses[:3])  # it learns

@@ -106,16 +106,24 @@ def _cmd(launcher: str, overrides: list[str]) -> list[str]:
         return [str(Path(sys.executable).parent / "deepspeed"), *port, *script]
     if launcher == "deepspeed2":
         return [str(Path(sys.executable).parent / "deepspeed"), *port, "--num_gpus", "2", *script]
-    if launcher == "torchrun2":
+    if launcher in ("torchrun2", "ranks2"):
         return [str(Path(sys.executable).parent / "torchrun"), *port, "--nproc_per_node", "2", *script]
     raise ValueError(launcher)
 
 
 def train(overrides: list[str], launcher: str = "python", expect: int = 0, timeout: int = 600):
-    # `python train/finetune.py` runs forked from a warm interpreter (tests/warm_python.py); the
-    # launchers start cold.
+    """Run the entry point with ``overrides``. ``python train/finetune.py`` runs forked from a warm
+    interpreter (tests/warm_python.py), and so do the two workers of ``ranks2`` (torchrun's command,
+    its workers forked warm with the environment torchrun gives them: for tests of two processes,
+    not of the launcher); the launchers themselves (``torchrun2``, ``deepspeed``...) start cold."""
     proc = warm_python.run(
-        _cmd(launcher, overrides), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout
+        _cmd(launcher, overrides),
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        warm_ranks=launcher == "ranks2",
     )
     assert proc.returncode == expect, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc

@@ -82,7 +82,7 @@ def test_two_processes_train_whole_epochs_over_mixed_text_and_image_batches(tiny
             f"data.val=[{{path: {val}, image_folder: {REPO}/data/demo/images}}]",
             "train.eval_steps=12",
         ]
-    proc = train(overrides, launcher="torchrun2")
+    proc = train(overrides, launcher="ranks2")
     assert "done: step 12/12" in proc.stdout
     assert [r["step"] for r in metrics(out) if "loss" in r] == list(range(1, 13))
     assert (zero == "zero3") == any("val_loss" in r for r in metrics(out))
@@ -149,7 +149,7 @@ def unbroken_runs(tiny_llava_dir, stop_data, tmp_path_factory):
     def unbroken(launcher: str) -> Path:
         if launcher not in done:
             out = tmp_path_factory.mktemp(f"unbroken-{launcher}") / "run"
-            train(_base(tiny_llava_dir, out) + _stop_common(stop_data[0]), launcher=launcher)
+            train(_base(tiny_llava_dir, out) + _stop_common(stop_data[0]), launcher=warm(launcher))
             done[launcher] = out
         return done[launcher]
 
@@ -197,12 +197,18 @@ def test_stop_and_resume_matches_an_unbroken_run(
         assert proc.returncode == (75 if launcher == "python" else 1), log[-3000:]  # torchrun: a failed child
         if launcher != "python":
             assert "exitcode  : 75" in log
-    resumed = train(_base(tiny_llava_dir, stopped) + common, launcher=launcher)
+    resumed = train(_base(tiny_llava_dir, stopped) + common, launcher=warm(launcher))
     assert "resumed from" in resumed.stdout
     assert_same_weights(unbroken, stopped)
     for r in (0, 1) if launcher != "python" else (0,):
         a, b = (d / f"debug/samples-rank{r}.jsonl" for d in (unbroken, stopped))
         assert a.read_text() == b.read_text()  # the same samples, none skipped or repeated
+
+
+def warm(launcher: str) -> str:
+    """The runs around the stopped one (the unbroken reference, the resume) need torchrun's two
+    workers, not torchrun itself: ``ranks2`` forks them warm (tests/warm_python.py)."""
+    return "ranks2" if launcher == "torchrun2" else launcher
 
 
 def checkpoint_steps(out: Path) -> list[int]:

@@ -215,5 +215,5 @@ def test_two_processes_refuse_a_changed_world_size_once_and_finish_cleanly(zero2
     proc = train(args, expect=2)  # one process now
     assert proc.stderr.count("error: resuming from") == 1
     assert "world_size: 2 in the checkpoint, 1 now (cannot change on resume" in proc.stderr
-    proc = train(args, launcher="torchrun2")
+    proc = train(args, launcher="ranks2")
     assert proc.stdout.count(f"{out} is finished: step 3/3") == 1

@@ -111,7 +111,7 @@ def test_two_processes_on_mixed_kinds_with_a_mixed_validation_set(
             "debug.log_samples=true",
             "eval.generate_accuracy=false",  # scoring a Qwen export (video too): test_command_matrix.py
         ],
-        launcher="torchrun2",
+        launcher="ranks2",
     )
     assert "Received data size" not in proc.stderr
     records = metrics(out)

@@ -20,9 +20,11 @@ environment that differs from the warm process's in a variable read at import ti
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -67,7 +69,7 @@ import visionzip_core.cli.plan, visionzip_core.cli.show_tokens
 
 # The warm process: reads one JSON request per line on stdin, answers on the fd it is given.
 _SERVER = r"""
-import json, os, runpy, sys, traceback, types
+import json, os, runpy, signal, sys, time, traceback, types
 if sys.path and sys.path[0] == "":  # imports resolve as for a script elsewhere, not from this folder
     sys.path.pop(0)
 answer = os.fdopen(int(sys.argv[1]), "w", buffering=1)
@@ -83,7 +85,9 @@ sys.stdout.flush(); sys.stderr.flush()
 
 def child(req):
     answer.close()
-    fds = [os.open(os.devnull, os.O_RDONLY), os.open(req["stdout"], os.O_WRONLY), os.open(req["stderr"], os.O_WRONLY)]
+    # Appending: the ranks of one run share the files, as torchrun's workers share its stdout.
+    out = os.O_WRONLY | os.O_APPEND
+    fds = [os.open(os.devnull, os.O_RDONLY), os.open(req["stdout"], out), os.open(req["stderr"], out)]
     for fd, target in zip(fds, (0, 1, 2)):
         os.dup2(fd, target)
         os.close(fd)
@@ -107,17 +111,83 @@ def child(req):
         sys.path.insert(0, os.path.dirname(os.path.abspath(args[0])))
         runpy.run_path(args[0], run_name="__main__")
 
+def exit_as_python(main):
+    # Ends the child as `python script` ends (the exit code of its SystemExit or exception, the
+    # traceback through sys.excepthook, its threads joined, its atexit functions run, the standard
+    # streams flushed), less the tear-down of every module: that writes to the pages the child shares
+    # with the warm process, which copies them (about 2 s a child, as long as most tiny runs).
+    code, interrupted = 0, False
+    try:
+        main()
+    except SystemExit as e:
+        if e.code is None or isinstance(e.code, int):
+            code = e.code or 0
+        else:
+            print(e.code, file=sys.stderr)
+            code = 1
+    except BaseException as e:
+        sys.excepthook(type(e), e, e.__traceback__)
+        code, interrupted = 1, isinstance(e, KeyboardInterrupt)
+    import atexit, threading
+    threading._shutdown()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    if interrupted:  # as the interpreter ends on an unhandled KeyboardInterrupt: by SIGINT
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+    os._exit(code & 0xFF)
+
+def rank_env(rank, ranks):
+    # What torchrun's agent sets for a worker of a one-node run (the rendezvous address and port
+    # come with the request). Without TORCHELASTIC_USE_AGENT_STORE rank 0 hosts the store itself.
+    return dict(
+        RANK=str(rank), LOCAL_RANK=str(rank), GROUP_RANK="0", ROLE_RANK=str(rank), ROLE_NAME="default",
+        WORLD_SIZE=str(ranks), LOCAL_WORLD_SIZE=str(ranks), GROUP_WORLD_SIZE="1", ROLE_WORLD_SIZE=str(ranks),
+        TORCHELASTIC_RESTART_COUNT="0", TORCHELASTIC_MAX_RESTARTS="0",
+    )
+
+def wait_ranks(pids):
+    # As torchrun's agent does: the first rank that fails stops the others (SIGTERM, SIGKILL after
+    # 30 s), and the run's exit code is 1 if any rank failed.
+    codes, kill_at = {}, None
+    while len(codes) < len(pids):
+        pid, status = os.waitpid(-1, os.WNOHANG)
+        if pid:
+            codes[pid] = os.waitstatus_to_exitcode(status)
+            if codes[pid] != 0 and kill_at is None:
+                for other in set(pids) - set(codes):
+                    os.kill(other, signal.SIGTERM)
+                kill_at = time.monotonic() + 30
+            continue
+        if kill_at is not None and time.monotonic() > kill_at:
+            for other in set(pids) - set(codes):
+                os.kill(other, signal.SIGKILL)
+            kill_at = float("inf")
+        time.sleep(0.05)
+    return 0 if all(code == 0 for code in codes.values()) else 1
+
 for line in sys.stdin:
     req = json.loads(line)
     sys.stdout.flush(); sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:
-        del line
-        child(req)  # an exception or SystemExit ends this child as it would end `python script`
-        sys.exit(0)
-    answer.write(json.dumps({"pid": pid}) + "\n")
-    _, status = os.waitpid(pid, 0)
-    answer.write(json.dumps({"returncode": os.waitstatus_to_exitcode(status)}) + "\n")
+    pids = []
+    for rank in range(req.get("ranks") or 1):
+        pid = os.fork()
+        if pid == 0:
+            del line
+            if req.get("ranks"):
+                req["env"].update(rank_env(rank, req["ranks"]))
+            exit_as_python(lambda: child(req))
+        pids.append(pid)
+    answer.write(json.dumps({"pid": pids[0], "pids": pids}) + "\n")
+    if req.get("ranks"):
+        code = wait_ranks(pids)
+    else:
+        code = os.waitstatus_to_exitcode(os.waitpid(pids[0], 0)[1])
+    answer.write(json.dumps({"returncode": code}) + "\n")
 """
 
 
@@ -188,7 +258,7 @@ def _get_server() -> _Server:
 class WarmProcess:
     """A forked child running one command; the part of :class:`subprocess.Popen` the tests use."""
 
-    def __init__(self, args: list[str], cwd, env: dict, stdout: Path, stderr: Path):
+    def __init__(self, args: list[str], cwd, env: dict, stdout: Path, stderr: Path, ranks: int | None = None):
         self.args = args
         self._server = _get_server()
         request = {
@@ -197,10 +267,13 @@ class WarmProcess:
             "env": env,
             "stdout": str(stdout),
             "stderr": str(stderr),
+            "ranks": ranks,
         }
         self._server.proc.stdin.write(json.dumps(request) + "\n")
         self._server.proc.stdin.flush()
-        self.pid = self._server._answer()["pid"]
+        started = self._server._answer()
+        #: the child's pid; with ``ranks``, rank 0's (``pids``: every rank's, by rank)
+        self.pid, self.pids = started["pid"], started["pids"]
         self.returncode: int | None = None
         self._waiter = threading.Thread(target=self._wait_answer, daemon=True)
         self._waiter.start()
@@ -221,8 +294,11 @@ class WarmProcess:
         return self.returncode
 
     def send_signal(self, sig: int) -> None:
+        """To the child; with ``ranks``, to every rank (as torchrun forwards the signals it gets)."""
         if self.returncode is None:
-            os.kill(self.pid, sig)
+            for pid in self.pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
 
     def terminate(self) -> None:
         self.send_signal(signal.SIGTERM)
@@ -267,9 +343,55 @@ def _log_cold(args: list[str], why: str) -> None:
             f.write(f"{os.environ.get('PYTEST_CURRENT_TEST', '?')}: {args[0]}: {why}\n")
 
 
-def run(cmd, *, cwd=None, env=None, capture_output=False, text=False, timeout=None, check=False, **kw):
-    """:func:`subprocess.run` for ``[sys.executable, script, ...]``, run warm where it can be."""
-    args = None if kw else _can_run_warm(cmd, env)
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _as_ranks(cmd, env: dict | None) -> tuple[list[str], dict, int] | None:
+    """``([sys.executable, script, ...], env, N)`` for ``torchrun [--master_port P] --nproc_per_node N
+    script ...`` (this environment's torchrun, no other option): the command each of the N workers
+    runs, and the environment with the rendezvous address torchrun would give them."""
+    cmd = [str(c) for c in cmd]
+    if not cmd or Path(cmd[0]) != Path(sys.executable).parent / "torchrun":
+        return None
+    options, i = {}, 1
+    while i + 1 < len(cmd) and cmd[i].startswith("--"):
+        options[cmd[i]] = cmd[i + 1]
+        i += 2
+    if (
+        set(options) - {"--master_port", "--nproc_per_node"}
+        or not options.get("--nproc_per_node", "").isdigit()
+    ):
+        return None
+    port = options.get("--master_port") or str(_free_port())
+    env = {**(env if env is not None else os.environ), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+    return [sys.executable, *cmd[i:]], env, int(options["--nproc_per_node"])
+
+
+def run(
+    cmd,
+    *,
+    cwd=None,
+    env=None,
+    capture_output=False,
+    text=False,
+    timeout=None,
+    check=False,
+    warm_ranks=False,
+    **kw,
+):
+    """:func:`subprocess.run` for ``[sys.executable, script, ...]``, run warm where it can be.
+    ``warm_ranks``: ``cmd`` is a one-node ``torchrun`` command, whose workers are forked warm
+    (:func:`_as_ranks`); where they cannot be, torchrun runs as given."""
+    ranks = None
+    if warm_ranks and not kw and (as_ranks := _as_ranks(cmd, env)):
+        python_cmd, rank_env, ranks = as_ranks
+        args = _can_run_warm(python_cmd, rank_env)
+        env = rank_env if args is not None else env
+    else:
+        args = None if kw else _can_run_warm(cmd, env)
     if args is None:
         return subprocess.run(
             cmd,
@@ -285,7 +407,7 @@ def run(cmd, *, cwd=None, env=None, capture_output=False, text=False, timeout=No
         out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
         out.touch()
         err.touch()
-        proc = WarmProcess(args, cwd, env if env is not None else dict(os.environ), out, err)
+        proc = WarmProcess(args, cwd, env if env is not None else dict(os.environ), out, err, ranks)
         try:
             proc.wait(timeout)
         except BaseException:  # a timeout or an interrupt: the child goes too, as with subprocess.run
@@ -308,13 +430,45 @@ def run(cmd, *, cwd=None, env=None, capture_output=False, text=False, timeout=No
     return done
 
 
-def popen(cmd, *, cwd=None, env=None, stdout=None, stderr=None):
+def popen(cmd, *, cwd=None, env=None, stdout=None, stderr=None, warm_ranks=False):
     """:class:`subprocess.Popen` for ``[sys.executable, script, ...]`` whose output is not read
-    (``stdout``/``stderr`` ``DEVNULL`` or None), run warm where it can be."""
+    (``stdout``/``stderr`` ``DEVNULL`` or None), run warm where it can be; ``warm_ranks`` as in
+    :func:`run`. torchrun run as given starts each worker in a session of its own: see
+    :func:`kill_all` for stopping every process of either kind."""
     read = any(s not in (None, subprocess.DEVNULL) for s in (stdout, stderr))
-    args = None if read else _can_run_warm(cmd, env)
+    ranks = None
+    if read:
+        args = None
+    elif warm_ranks and (as_ranks := _as_ranks(cmd, env)):
+        python_cmd, rank_env, ranks = as_ranks
+        args = _can_run_warm(python_cmd, rank_env)
+        env = rank_env if args is not None else env
+    else:
+        args = _can_run_warm(cmd, env)
     if args is None:
-        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=stdout, stderr=stderr)
+        return subprocess.Popen(
+            cmd, cwd=cwd, env=env, stdout=stdout, stderr=stderr, start_new_session=bool(warm_ranks)
+        )
     return WarmProcess(
-        args, cwd, env if env is not None else dict(os.environ), Path(os.devnull), Path(os.devnull)
+        args, cwd, env if env is not None else dict(os.environ), Path(os.devnull), Path(os.devnull), ranks
     )
+
+
+def kill_all(proc) -> None:
+    """SIGKILL every process of a run, as a node failure would: a :class:`WarmProcess`'s child or
+    ranks, or a launcher and its workers (torchrun starts each worker in a session of its own, and
+    killing the launcher alone lets the workers checkpoint and exit)."""
+    if isinstance(proc, WarmProcess):
+        proc.kill()
+    else:
+        for pid in [*_children(proc.pid), proc.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    proc.wait()
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found
