@@ -15,6 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import warm_python
 
 from visionzip_core.training.config_loading import load_config
 
@@ -240,46 +241,32 @@ dist.shutdown()
 """
 
 
-def _two_ranks(timeout_s: float, sleep_s: float) -> list[subprocess.CompletedProcess]:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", SLOW_RANK0, str(timeout_s), str(sleep_s)],
-            env=_env(
-                RANK=str(r),
-                LOCAL_RANK=str(r),
-                WORLD_SIZE="2",
-                LOCAL_WORLD_SIZE="2",
-                MASTER_ADDR="127.0.0.1",
-                MASTER_PORT=str(port),
-            ),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for r in range(2)
-    ]
-    out = []
-    for p in procs:
-        stdout, stderr = p.communicate(timeout=240)
-        out.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
-    return out
+def _two_ranks(tmp_path: Path, timeout_s: float, sleep_s: float) -> subprocess.CompletedProcess:
+    """SLOW_RANK0 on two ranks (torchrun's workers, forked warm: both start at once)."""
+    script = tmp_path / "slow_rank0.py"
+    script.write_text(SLOW_RANK0)
+    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2"]
+    return warm_python.run(
+        [*torchrun, str(script), str(timeout_s), str(sleep_s)],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
+        warm_ranks=True,
+    )
 
 
 @pytest.mark.slow
-def test_ranks_wait_for_a_slow_rank0_as_long_as_the_configured_timeout():
-    """Rank 0 sleeps 14 s before a collective: a 6 s timeout fails the waiting rank there (as
-    DeepSpeed's 10-minute default did for a first run on a large dataset); a 60 s timeout lets both
-    go on. (The short one is not shorter: the two processes must first meet within it at start-up.)"""
-    short = _two_ranks(timeout_s=6, sleep_s=14)
-    assert short[1].returncode != 0 and "timed out" in short[1].stdout, short[1].stderr[-2000:]
-    long = _two_ranks(timeout_s=60, sleep_s=14)
-    assert [p.returncode for p in long] == [0, 0], long[1].stderr[-2000:]
-    assert all("waited" in p.stdout for p in long)
+def test_ranks_wait_for_a_slow_rank0_as_long_as_the_configured_timeout(tmp_path):
+    """Rank 0 sleeps 8 s before a collective: a 4 s timeout fails the waiting rank there (as
+    DeepSpeed's 10-minute default did for a first run on a large dataset), and the failed rank
+    stops the run; a 30 s timeout lets both go on. (The short one is not shorter: the two processes
+    must first meet within it at start-up.)"""
+    short = _two_ranks(tmp_path, timeout_s=4, sleep_s=8)
+    assert short.returncode != 0 and "timed out" in short.stdout, short.stderr[-2000:]
+    long = _two_ranks(tmp_path, timeout_s=30, sleep_s=8)
+    assert long.returncode == 0 and long.stdout.count("waited") == 2, long.stderr[-2000:]
 
 
 def test_the_entry_point_passes_the_configured_timeout_to_the_process_group():

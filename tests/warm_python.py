@@ -15,6 +15,19 @@ point keeps at least one such test.
 A command this cannot run warm (not ``sys.executable script`` or ``-c code``, interpreter flags, an
 environment that differs from the warm process's in a variable read at import time) goes to
 :mod:`subprocess` unchanged. ``VISIONZIP_TEST_COLD=1`` sends every command there.
+
+Two more things make a child cheap:
+
+- ``warm_ranks=True`` with a one-node ``torchrun --nproc_per_node N script ...`` command forks the N
+  workers warm, each with the environment torchrun's agent gives it (``RANK``, ``LOCAL_RANK``,
+  ``WORLD_SIZE``, ``MASTER_ADDR``/``MASTER_PORT`` ...), their output merged as torchrun merges it;
+  the first rank that fails stops the others and the run exits 1, as under torchrun. For tests of
+  several processes, not of the launcher: the launcher tests run torchrun itself.
+- A child ends as ``python`` ends (exit code, traceback, threads joined, atexit functions, open
+  files flushed, standard streams flushed) but without tearing down the modules it shares with the
+  warm process: that tear-down writes to every shared page, which the kernel then copies (about
+  2 s a child on 2 cores). The warm process freezes its objects (``gc.freeze``) for the same reason:
+  a child's collections walk only the child's own objects.
 """
 
 from __future__ import annotations
@@ -69,7 +82,7 @@ import visionzip_core.cli.plan, visionzip_core.cli.show_tokens
 
 # The warm process: reads one JSON request per line on stdin, answers on the fd it is given.
 _SERVER = r"""
-import json, os, runpy, signal, sys, time, traceback, types
+import gc, json, os, runpy, signal, sys, time, traceback, types
 if sys.path and sys.path[0] == "":  # imports resolve as for a script elsewhere, not from this folder
     sys.path.pop(0)
 answer = os.fdopen(int(sys.argv[1]), "w", buffering=1)
@@ -80,8 +93,14 @@ try:
 except Exception:
     preload_error = traceback.format_exc()
 added = sorted(set(os.environ) - before)  # what the imports set, as they would in any process
+# What the imports made is never garbage: out of the collector's sight, a child's collections walk
+# only its own objects, and do not write to (so copy) the pages it shares with this process.
+gc.collect()
+gc.freeze()
 answer.write(json.dumps({"ready": True, "error": preload_error, "added": added}) + "\n")
 sys.stdout.flush(); sys.stderr.flush()
+
+code_module = None
 
 def child(req):
     answer.close()
@@ -104,8 +123,9 @@ def child(req):
     if args[0] == "-c":
         sys.argv = ["-c", *args[2:]]
         sys.path.insert(0, "")
-        main = sys.modules["__main__"] = types.ModuleType("__main__")
-        exec(compile(args[1], "<string>", "exec"), vars(main))
+        global code_module
+        code_module = sys.modules["__main__"] = types.ModuleType("__main__")
+        exec(compile(args[1], "<string>", "exec"), vars(code_module))
     else:
         sys.argv = list(args)
         sys.path.insert(0, os.path.dirname(os.path.abspath(args[0])))
@@ -131,6 +151,11 @@ def exit_as_python(main):
     import atexit, threading
     threading._shutdown()
     atexit._run_exitfuncs()
+    # What the script still holds goes as at the interpreter's end (a file left open is flushed and
+    # closed): its module's names, then the cycles among its objects.
+    if code_module is not None:  # `-c` code's module (a script's went when runpy returned)
+        vars(code_module).clear()
+    gc.collect()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
