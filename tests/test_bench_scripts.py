@@ -69,6 +69,39 @@ def test_llava_7b_size_builds_on_meta_and_matches_flop_model():
     assert 7.0e9 < params < 7.1e9
 
 
+def test_smoke_size_has_the_real_geometry_and_the_other_sizes_keep_llava_hf_token_ids():
+    """``--size smoke`` plans every budget as the cpu size does (so the smoke tests' token counts are
+    the real ones), its batches stay inside its small vocabulary, the planner does not offer it, and
+    the LLaVA sizes the figures come from keep llava-hf's ``<image>`` 32000 and ``<pad>`` 32001."""
+    from visionzip_core.bench.budgets import image_plan
+    from visionzip_core.bench.planner import known_models
+    from visionzip_core.bench.random_models import bench_config
+    from visionzip_core.bench.sizes import size_names
+    from visionzip_core.families import FAMILIES, family_for
+
+    with_smoke = [f.name for f in FAMILIES if "smoke" in (f.bench_sizes or {})]
+    assert with_smoke == ["llava-1.5", "llava-next", "llava-onevision"]
+    for family in with_smoke:
+        smoke, cpu = (bench_config(family_for(family).bench_sizes[n], family) for n in ("smoke", "cpu"))
+        for tokens in family_for(family).bench_budgets:
+            assert image_plan(smoke, family, tokens) == image_plan(cpu, family, tokens), (family, tokens)
+    assert "smoke" in size_names() and "smoke" not in known_models()
+
+    fam = family_for("llava-next")
+    for name, size in fam.bench_sizes.items():
+        config = bench_config(size, fam)
+        ids = (config.image_token_id, config.text_config.pad_token_id)
+        assert ids == ((2048, 2049) if name == "smoke" else (32000, 32001)), name
+    size = fam.bench_sizes["smoke"]
+    config = bench_config(size, fam)
+    plan = image_plan(config, "llava-next", 32)
+    batch = fam.bench_batch(size, config, plan)
+    assert int(batch["input_ids"].max()) < size.llm.vocab == config.text_config.vocab_size
+    assert int((batch["input_ids"] == config.image_token_id).sum()) == plan.llm == 160
+    items = fam.bench_items(size, [40, 50], 64)
+    assert all(int((item["input_ids"] == 2048).sum()) == 64 for item in items)
+
+
 @pytest.mark.slow
 def test_bench_train_and_prefill_quick_for_llava_next(tmp_path):
     """``--family llava-next``: 672 px images, 5 crops each; the budget is per crop."""
