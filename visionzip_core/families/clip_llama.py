@@ -270,13 +270,14 @@ class BenchSize:
 
     def quick(self) -> BenchSize:
         """A clearly smaller variant for smoke runs: 6 tower layers, 2 LLM layers, same widths."""
+        tower, llm = min(self.vision.layers, 6), min(self.llm.layers, 2)
         return replace(
             self,
             name=f"{self.name}-quick",
-            vision=replace(self.vision, layers=min(self.vision.layers, 6)),
-            llm=replace(self.llm, layers=min(self.llm.layers, 2)),
+            vision=replace(self.vision, layers=tower),
+            llm=replace(self.llm, layers=llm),
             batch_size=1,
-            note=f"QUICK (smoke only): {self.name} widths, 6 tower layers, 2 LLM layers, batch 1",
+            note=f"QUICK (smoke only): {self.name} widths, {tower} tower layers, {llm} LLM layers, batch 1",
         )
 
 
