@@ -49,7 +49,13 @@ from visionzip_core.bench.budgets import (
 )
 from visionzip_core.bench.random_models import build_random_model, random_model_processor
 from visionzip_core.bench.report import run_context, write_report
-from visionzip_core.bench.sizes import benchmarked_families, size_error, size_names, sizes_for
+from visionzip_core.bench.sizes import (
+    benchmarked_families,
+    size_error,
+    size_names,
+    sizes_for,
+    sizes_help,
+)
 from visionzip_core.bench.timing import interleaved_schedule, median
 from visionzip_core.families import family_for
 from visionzip_core.families.flops import TrainableParts, counted_flops
@@ -63,7 +69,7 @@ QUESTION = (
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", choices=size_names(), default="cpu")
+    p.add_argument("--size", choices=size_names(), default="cpu", metavar="SIZE", help=sizes_help())
     p.add_argument("--family", choices=benchmarked_families(), default=benchmarked_families()[0])
     p.add_argument(
         "--quick", action="store_true", help="smoke run: fewer layers, 1 timed round, 8 new tokens"

@@ -45,7 +45,13 @@ from visionzip_core.bench.budgets import (
 from visionzip_core.bench.live_memory import model_tensors, peak_memory_bytes
 from visionzip_core.bench.random_models import build_random_model
 from visionzip_core.bench.report import run_context, write_report
-from visionzip_core.bench.sizes import benchmarked_families, size_error, size_names, sizes_for
+from visionzip_core.bench.sizes import (
+    benchmarked_families,
+    size_error,
+    size_names,
+    sizes_for,
+    sizes_help,
+)
 from visionzip_core.bench.synthetic import mix665k_like_text_lengths
 from visionzip_core.bench.timing import interleaved_schedule, median
 from visionzip_core.data import DataCollator, LengthGroupedSampler
@@ -64,7 +70,7 @@ def _default_family() -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", choices=size_names(), default="cpu")
+    p.add_argument("--size", choices=size_names(), default="cpu", metavar="SIZE", help=sizes_help())
     p.add_argument("--family", choices=benchmarked_families(), default=_default_family())
     p.add_argument("--mode", choices=("projector", "lora"), default="projector")
     p.add_argument("--quick", action="store_true", help="smoke run: fewer layers, batch 1, 2 timed steps")

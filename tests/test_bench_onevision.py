@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import warm_python
 from torch.utils.flop_counter import FlopCounterMode
 
 from visionzip_core import visionzip
@@ -87,7 +87,7 @@ def test_released_size_builds_on_meta_and_is_refused_on_cpu():
     assert "GPU size" in size_error(FAMILY, "llava-onevision-7b", "cpu")
     assert size_error(FAMILY, "llava-onevision-7b", "cuda") is None
     cmd = [sys.executable, str(ROOT / "scripts" / "bench_train.py"), "--family", FAMILY]
-    done = subprocess.run(
+    done = warm_python.run(
         [*cmd, "--size", "llava-onevision-7b", "--device", "cpu"], capture_output=True, text=True, timeout=300
     )
     errors = [line for line in done.stderr.splitlines() if "error:" in line]
@@ -96,20 +96,24 @@ def test_released_size_builds_on_meta_and_is_refused_on_cpu():
 
 @pytest.mark.slow
 def test_bench_prefill_quick(tmp_path):
-    """``--family llava-onevision`` through the prefill script: the processor built by the family
-    expands a 768 px image to 3699 stock tokens and 5 x 64 = 320 at 64 per crop."""
+    """``--family llava-onevision`` through the prefill script on the smoke size (the real crop and
+    image geometry, 64 wide models): the processor built by the family expands a 768 px image to 3699
+    stock tokens and 5 x 64 = 320 at 64 per crop."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = tmp_path / "prefill.json"
     cmd = [
         sys.executable,
         str(ROOT / "scripts" / "bench_prefill.py"),
-        "--quick",
+        "--size",
+        "smoke",
+        "--rounds",
+        "1",
         "--threads",
         "1",
         "--family",
         FAMILY,
     ]
-    subprocess.run(
+    warm_python.run(
         [*cmd, "--budgets", "729,64", "--new-tokens", "2", "--out", str(out)],
         check=True,
         env=env,

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import warm_python
 from torch.utils.flop_counter import FlopCounterMode
 
 from visionzip_core.bench.budgets import ImagePlan, image_plan
@@ -188,7 +188,7 @@ def test_real_sizes_build_on_meta_and_are_refused_on_cpu():
             "--device",
             "cpu",
         ]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        done = warm_python.run(cmd, capture_output=True, text=True, timeout=300)
         assert done.returncode == 2 and "is a GPU size" in done.stderr
         errors = [line for line in done.stderr.splitlines() if "error:" in line]
         assert len(errors) == 1 and errors[0] == done.stderr.strip().splitlines()[-1]  # after the usage
@@ -205,7 +205,7 @@ def test_bench_train_and_prefill_quick(family, tmp_path):
     for script, extra in (("bench_train.py", ["--steps", "1"]), ("bench_prefill.py", ["--new-tokens", "2"])):
         out = tmp_path / script.replace(".py", ".json")
         cmd = [sys.executable, str(ROOT / "scripts" / script), *common, *extra, "--out", str(out)]
-        subprocess.run(cmd, check=True, env=env, cwd=ROOT, timeout=600)
+        warm_python.run(cmd, check=True, env=env, cwd=ROOT, timeout=600)
         stock, small = json.loads(out.read_text())
         assert (stock["image_tokens"], small["image_tokens"]) == (196, 48)
         length = "seq_len" if script == "bench_train.py" else "prompt_len"

@@ -1,4 +1,7 @@
-"""Smoke runs of the benchmark entry points on their quick size, through the real command line."""
+"""Smoke runs of the benchmark entry points through the real command line: LLaVA-1.5's training
+benchmark on its ``--quick`` size (the path BENCHMARKS.md's quick figures come from), the others on
+the ``smoke`` size (the real image geometry at 64 wide, 2-layer models: plumbing in seconds, figures
+meaningless)."""
 
 from __future__ import annotations
 
@@ -13,16 +16,18 @@ import warm_python
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(script: str, out: Path, *extra: str) -> list[dict]:
+def _run(script: str, out: Path, *extra: str, size: str = "smoke") -> list[dict]:
+    """``script`` at budgets 576 and 64 on benchmark ``size`` ("quick": the cpu size's ``--quick``)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, str(ROOT / "scripts" / script), "--quick", "--threads", "1", "--budgets", "576,64"]
+    which = ["--quick"] if size == "quick" else ["--size", size]
+    cmd = [sys.executable, str(ROOT / "scripts" / script), *which, "--threads", "1", "--budgets", "576,64"]
     warm_python.run([*cmd, *extra, "--out", str(out)], check=True, env=env, cwd=ROOT, timeout=600)
     return json.loads(out.read_text())
 
 
 @pytest.mark.slow
 def test_bench_train_quick(tmp_path):
-    results = _run("bench_train.py", tmp_path / "train.json", "--steps", "1")
+    results = _run("bench_train.py", tmp_path / "train.json", "--steps", "1", size="quick")
     assert [r["tokens"] for r in results] == [576, 64]
     stock, small = results
     for key in ("tokens", "step_time_s", "peak_mem_mb", "measured_speedup", "ideal_speedup"):
@@ -38,7 +43,7 @@ def test_bench_train_quick(tmp_path):
 
 @pytest.mark.slow
 def test_bench_prefill_quick(tmp_path):
-    results = _run("bench_prefill.py", tmp_path / "prefill.json", "--new-tokens", "3")
+    results = _run("bench_prefill.py", tmp_path / "prefill.json", "--rounds", "1", "--new-tokens", "3")
     stock, small = results
     # The processor helper inserted the budget's image tokens: the prompts differ by 576 - 64.
     assert stock["prompt_len"] - small["prompt_len"] == 512
@@ -64,12 +69,46 @@ def test_llava_7b_size_builds_on_meta_and_matches_flop_model():
     assert 7.0e9 < params < 7.1e9
 
 
+def test_smoke_size_has_the_real_geometry_and_the_other_sizes_keep_llava_hf_token_ids():
+    """``--size smoke`` plans every budget as the cpu size does (so the smoke tests' token counts are
+    the real ones), its batches stay inside its small vocabulary, the planner does not offer it, and
+    the LLaVA sizes the figures come from keep llava-hf's ``<image>`` 32000 and ``<pad>`` 32001."""
+    from visionzip_core.bench.budgets import image_plan
+    from visionzip_core.bench.planner import known_models
+    from visionzip_core.bench.random_models import bench_config
+    from visionzip_core.bench.sizes import size_names
+    from visionzip_core.families import FAMILIES, family_for
+
+    with_smoke = [f.name for f in FAMILIES if "smoke" in (f.bench_sizes or {})]
+    assert with_smoke == ["llava-1.5", "llava-next", "llava-onevision"]
+    for family in with_smoke:
+        smoke, cpu = (bench_config(family_for(family).bench_sizes[n], family) for n in ("smoke", "cpu"))
+        for tokens in family_for(family).bench_budgets:
+            assert image_plan(smoke, family, tokens) == image_plan(cpu, family, tokens), (family, tokens)
+    assert "smoke" in size_names() and "smoke" not in known_models()
+
+    fam = family_for("llava-next")
+    for name, size in fam.bench_sizes.items():
+        config = bench_config(size, fam)
+        ids = (config.image_token_id, config.text_config.pad_token_id)
+        assert ids == ((2048, 2049) if name == "smoke" else (32000, 32001)), name
+    size = fam.bench_sizes["smoke"]
+    config = bench_config(size, fam)
+    plan = image_plan(config, "llava-next", 32)
+    batch = fam.bench_batch(size, config, plan)
+    assert int(batch["input_ids"].max()) < size.llm.vocab == config.text_config.vocab_size
+    assert int((batch["input_ids"] == config.image_token_id).sum()) == plan.llm == 160
+    items = fam.bench_items(size, [40, 50], 64)
+    assert all(int((item["input_ids"] == 2048).sum()) == 64 for item in items)
+
+
 @pytest.mark.slow
 def test_bench_train_and_prefill_quick_for_llava_next(tmp_path):
     """``--family llava-next``: 672 px images, 5 crops each; the budget is per crop."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    common = ["--quick", "--threads", "1", "--family", "llava-next", "--budgets", "576,32"]
-    for script, extra in (("bench_train.py", ["--steps", "1"]), ("bench_prefill.py", ["--new-tokens", "2"])):
+    common = ["--size", "smoke", "--threads", "1", "--family", "llava-next", "--budgets", "576,32"]
+    prefill = ["--rounds", "1", "--new-tokens", "2"]
+    for script, extra in (("bench_train.py", ["--steps", "1"]), ("bench_prefill.py", prefill)):
         out = tmp_path / script.replace(".py", ".json")
         cmd = [sys.executable, str(ROOT / "scripts" / script), *common, *extra, "--out", str(out)]
         warm_python.run(cmd, check=True, env=env, cwd=ROOT, timeout=600)
@@ -122,8 +161,6 @@ def test_bench_train_compare_packing_quick(tmp_path):
         "bench_train.py",
         tmp_path / "packing.json",
         "--compare-packing",
-        "--size",
-        "cpu-llm",
         "--samples",
         "6",
         "--batch-size",

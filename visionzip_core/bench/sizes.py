@@ -32,6 +32,17 @@ def size_names() -> list[str]:
     return sorted({name for family in benchmarked_families() for name in sizes_for(family)})
 
 
+def sizes_help() -> str:
+    """The bench scripts' ``--size`` help: what ``cpu`` and ``smoke`` are, and each benchmarked family's
+    sizes, from the registry."""
+    tables = [f"{family} {','.join(sizes_for(family))}" for family in benchmarked_families()]
+    return (
+        "benchmark size (default cpu: the CPU figures); smoke, where a family has it: its real image "
+        "geometry at 64 wide, 2-layer models with a small vocabulary, for testing the scripts in "
+        "seconds (its figures mean nothing); each family's sizes: " + "; ".join(tables)
+    )
+
+
 def parameter_count(family: str, size) -> int:
     """Parameters of ``family``'s model of benchmark ``size``, counted on a meta build (shapes only,
     well under a second for a 9B model)."""

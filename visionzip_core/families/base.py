@@ -332,8 +332,9 @@ class ModelFamily(ABC):
     #: The benchmark sizes its random models are built from, name -> size. A size is a frozen
     #: dataclass of the family's layout with ``name``, ``batch_size``, ``text_tokens`` (per-sample
     #: ``(lo, hi)``), ``dtype``, ``note``, ``gpu_only``, ``flop_model`` (whether :meth:`step_flops`
-    #: counts it) and ``quick()`` (a smoke variant); real sizes are named ``<family>-<size>``. None:
-    #: the benchmarks have no size of it.
+    #: counts it) and ``quick()`` (a smoke variant); real sizes are named ``<family>-<size>``; a
+    #: ``smoke`` size (the real image geometry at 64 wide, 2-layer models; figures meaningless) lets
+    #: the tests run the scripts in seconds. None: the benchmarks have no size of it.
     bench_sizes: ClassVar[dict[str, Any] | None] = None
     #: The picture ``(H, W)`` its benchmarks feed each sample; None: one crop of the tower's size.
     bench_image: ClassVar[tuple[int, int] | None] = None

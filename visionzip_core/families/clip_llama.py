@@ -233,6 +233,12 @@ def llava_step_flops(
 IMAGE_TOKEN_ID, PAD_TOKEN_ID, BOS_TOKEN_ID, EOS_TOKEN_ID = 32000, 32001, 1, 2
 
 
+def llava_token_ids(vocab: int) -> tuple[int, int]:
+    """``(<image>, <pad>)`` ids of a vocabulary laid out as llava-hf's: the text ids, then ``<image>``
+    and ``<pad>``, padded to a multiple of 64 (32000 and 32001 in LLaVA-1.5's 32064)."""
+    return vocab - 64, vocab - 63
+
+
 CLIP_L_336 = VisionTowerShape(
     hidden=1024, intermediate=4096, layers=24, heads=16, image_size=336, patch_size=14
 )
@@ -264,13 +270,14 @@ class BenchSize:
 
     def quick(self) -> BenchSize:
         """A clearly smaller variant for smoke runs: 6 tower layers, 2 LLM layers, same widths."""
+        tower, llm = min(self.vision.layers, 6), min(self.llm.layers, 2)
         return replace(
             self,
             name=f"{self.name}-quick",
-            vision=replace(self.vision, layers=min(self.vision.layers, 6)),
-            llm=replace(self.llm, layers=min(self.llm.layers, 2)),
+            vision=replace(self.vision, layers=tower),
+            llm=replace(self.llm, layers=llm),
             batch_size=1,
-            note=f"QUICK (smoke only): {self.name} widths, 6 tower layers, 2 LLM layers, batch 1",
+            note=f"QUICK (smoke only): {self.name} widths, {tower} tower layers, {llm} LLM layers, batch 1",
         )
 
 
@@ -316,20 +323,36 @@ SIZES: dict[str, BenchSize] = {
         dtype="bfloat16",
         note="CLIP-L/336 + Vicuna-7B shapes (llava-v1.6-vicuna-7b), 672 px images = 5 crops, bf16",
     ),
+    # For testing the scripts' plumbing in seconds, not for figures: LLaVA's geometry (336 px crops of
+    # 576 patches, so the 576 / 64 budgets and LLaVA-NeXT's 5 crops hold) at a 64 wide, 2-layer tower
+    # and LLM, and a vocabulary of 2048 text ids laid out as llava-hf's (a 32064-wide LM head would
+    # be most of a step). Its timings and memory mean nothing.
+    "smoke": BenchSize(
+        name="smoke",
+        vision=replace(CLIP_L_336, hidden=64, intermediate=256, layers=2, heads=4),
+        llm=LlamaShape(hidden=64, intermediate=256, layers=2, heads=4, kv_heads=4, vocab=2112),
+        batch_size=1,
+        text_tokens=(100, 150),
+        dtype="float32",
+        note="SMOKE (tests the scripts; figures meaningless): CLIP-L/336 geometry (576 patches) at 2 layers "
+        "x 64 + Llama 2 layers x 64, vocab 2112, batch 1",
+    ),
 }
 
 
-def synthetic_row(n: int, image_tokens: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def synthetic_row(
+    n: int, image_tokens: int, gen: torch.Generator, image_token_id: int = IMAGE_TOKEN_ID
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One sample's ``(input_ids, labels)``, each ``[1 + image_tokens + n]``: ``<s>``, the first 20% of
-    ``n`` random text tokens, ``<image>*image_tokens``, the rest; only the last 60% of the text (the
-    answer) carries labels, as in LLaVA."""
-    text = torch.randint(3, IMAGE_TOKEN_ID, (n,), generator=gen)
+    ``n`` random text tokens (ids below ``image_token_id``), ``<image>*image_tokens``, the rest; only
+    the last 60% of the text (the answer) carries labels, as in LLaVA."""
+    text = torch.randint(3, image_token_id, (n,), generator=gen)
     before, answer_from = n // 5, n - (3 * n) // 5
     ids = torch.cat(
         [
             torch.tensor([BOS_TOKEN_ID]),
             text[:before],
-            torch.full((image_tokens,), IMAGE_TOKEN_ID),
+            torch.full((image_tokens,), image_token_id),
             text[before:],
         ]
     )
@@ -345,13 +368,16 @@ def synthetic_items(
     image_size: int,
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
+    vocab: int = PAD_TOKEN_ID + 63,
 ) -> list[dict[str, torch.Tensor]]:
     """Dataset-like items (one image each), laid out as :func:`synthetic_batch`'s rows, for the
-    real collators and samplers: ``input_ids``/``labels`` ``[n]``, ``pixel_values`` ``[1, 3, S, S]``."""
+    real collators and samplers: ``input_ids``/``labels`` ``[n]``, ``pixel_values`` ``[1, 3, S, S]``;
+    token ids of a llava-hf layout of ``vocab`` (:func:`llava_token_ids`)."""
     gen = torch.Generator().manual_seed(seed)
+    image_token_id = llava_token_ids(vocab)[0]
     items = []
     for n in text_lengths:
-        ids, labels = synthetic_row(n, image_tokens, gen)
+        ids, labels = synthetic_row(n, image_tokens, gen, image_token_id)
         pixels = torch.randn(1, 3, image_size, image_size, generator=gen).to(dtype)
         items.append({"input_ids": ids, "labels": labels, "pixel_values": pixels})
     return items
@@ -370,17 +396,19 @@ def synthetic_batch(
     The first 20% of each sample's text is the prompt before the image, the answer is the last
     60%; only answer tokens carry labels (image, prompt and padding are -100), as in LLaVA.
     The text tokens are identical for every ``image_tokens``. For LLaVA-NeXT (``image_hw`` given)
-    each image is ``crops`` crops and the batch carries ``image_sizes``.
+    each image is ``crops`` crops and the batch carries ``image_sizes``. Token ids as
+    :func:`llava_token_ids` of the size's vocabulary.
     """
     gen = torch.Generator().manual_seed(seed)
+    image_token_id, pad_token_id = llava_token_ids(size.llm.vocab)
     lengths = synthetic_text_lengths(size, seed)
     rows, labels = [], []
     for n in lengths:
-        ids, lab = synthetic_row(n, image_tokens, gen)
+        ids, lab = synthetic_row(n, image_tokens, gen, image_token_id)
         rows.append(ids)
         labels.append(lab)
     width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), PAD_TOKEN_ID)
+    input_ids = torch.full((len(rows), width), pad_token_id)
     attention_mask = torch.zeros(len(rows), width, dtype=torch.long)
     label_t = torch.full((len(rows), width), -100)
     for i, (r, lab) in enumerate(zip(rows, labels)):

@@ -47,12 +47,12 @@ from visionzip_core.families.base import LORA_TARGETS, ImageTokenSelection, Mode
 from visionzip_core.families.clip_llama import (
     BOS_TOKEN_ID,
     EOS_TOKEN_ID,
-    IMAGE_TOKEN_ID,
     PAD_TOKEN_ID,
     SIZES,
     BenchSize,
     VisionTowerShape,
     llava_step_flops,
+    llava_token_ids,
     patches_per_image,
     synthetic_batch,
     synthetic_items,
@@ -211,12 +211,14 @@ class Llava15(ModelFamily):
 
     # --- benchmarks ------------------------------------------------------------------------------
     def bench_config(self, size: BenchSize, tokenizer: Any) -> Any:
-        """llava-hf's token ids (``<image>`` 32000, ``<pad>`` 32001 in a 32064 vocabulary) whatever
-        the tokenizer: the benchmarks' batches are laid out in them."""
+        """llava-hf's token ids (``<image>`` 32000, ``<pad>`` 32001 in a 32064 vocabulary; the same
+        layout in a smaller one, :func:`llava_token_ids`) whatever the tokenizer: the benchmarks'
+        batches are laid out in them."""
+        image_token_id, pad_token_id = llava_token_ids(size.llm.vocab)
         text = size.llm.to_config(
-            pad_token_id=PAD_TOKEN_ID, bos_token_id=BOS_TOKEN_ID, eos_token_id=EOS_TOKEN_ID
+            pad_token_id=pad_token_id, bos_token_id=BOS_TOKEN_ID, eos_token_id=EOS_TOKEN_ID
         )
-        return self.build_config(size.vision.to_config(), text, IMAGE_TOKEN_ID)
+        return self.build_config(size.vision.to_config(), text, image_token_id)
 
     def bench_processor(self, model: nn.Module, size: BenchSize, tokenizer: Any):
         """The family's processor built from parts: its image processor for the tower's crops and
@@ -236,7 +238,12 @@ class Llava15(ModelFamily):
 
     def bench_items(self, size: BenchSize, text_lengths: list[int], image_tokens: int, seed: int = 0):
         return synthetic_items(
-            text_lengths, image_tokens, size.vision.image_size, getattr(torch, size.dtype), seed=seed
+            text_lengths,
+            image_tokens,
+            size.vision.image_size,
+            getattr(torch, size.dtype),
+            seed=seed,
+            vocab=size.llm.vocab,
         )
 
     def step_flops(

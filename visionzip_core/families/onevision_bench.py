@@ -106,6 +106,33 @@ ONEVISION_SIZES: dict[str, OnevisionBenchSize] = {
         "729 patches, no CLS) + Qwen2 LLM 4 layers x 768 (MLP 4096, 6 heads, 2 KV heads), vocab 16384; "
         "768 px images (base + 2 x 2 tiles = 5 crops)",
     ),
+    # For testing the scripts' plumbing in seconds, not for figures: the cpu size's geometry (384 px
+    # crops of 729 patches, 768 px images of 5 crops) at a 64 wide, 2-layer tower and LLM and a
+    # 2048 vocabulary (the tiny tokenizer's ids fit). Its timings and memory mean nothing.
+    "smoke": OnevisionBenchSize(
+        name="smoke",
+        vision={
+            **_SIGLIP,
+            "hidden_size": 64,
+            "intermediate_size": 256,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+        },
+        text={
+            **_QWEN2,
+            "hidden_size": 64,
+            "intermediate_size": 256,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "vocab_size": 2048,
+        },
+        batch_size=1,
+        text_tokens=(100, 150),
+        dtype="float32",
+        note="SMOKE (tests the scripts; figures meaningless): the cpu size's geometry (384 px crops, 729 "
+        "patches, 768 px images = 5 crops) at SigLIP 2 layers x 64 + Qwen2 2 layers x 64, vocab 2048",
+    ),
     "llava-onevision-7b": OnevisionBenchSize(
         name="llava-onevision-7b",
         vision={
