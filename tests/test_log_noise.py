@@ -17,6 +17,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import warm_python
 from PIL import Image
 
 from visionzip_core.data import DataSettings, build_dataset
@@ -103,12 +104,7 @@ print(gather(False))
 print(gather(True))
 dist.destroy_process_group()
 """
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
-    env = {**os.environ, "PORT": port, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PORT": str(warm_python.free_port()), "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
     before, after = proc.stdout.splitlines()[-2:]

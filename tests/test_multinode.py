@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import warm_python
 from test_train_e2e import REPO, _base, _env, final_weights
 
 pytestmark = pytest.mark.slow
@@ -22,15 +23,9 @@ pytestmark = pytest.mark.slow
 COMMON = ["train.per_device_batch_size=2", "train.max_steps=3", "train.save_steps=3", "data.val=[]"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _two_nodes(outputs: tuple[Path, Path], overrides: list[str], timeout: int = 400):
     """Start node ranks 0 and 1 as a cluster scheduler would (one launcher per node); wait for both."""
-    port, torchrun = _free_port(), str(Path(sys.executable).parent / "torchrun")
+    port, torchrun = warm_python.free_port(), str(Path(sys.executable).parent / "torchrun")
     procs = [
         subprocess.Popen(
             [

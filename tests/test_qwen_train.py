@@ -15,7 +15,7 @@ import pytest
 import torch
 from kill_resume import _weights, kill_after_checkpoint_2_and_resume
 from PIL import Image
-from test_train_e2e import REPO, _env, free_port, metrics, train
+from test_train_e2e import REPO, _env, metrics, train
 
 pytestmark = pytest.mark.slow
 
@@ -261,7 +261,7 @@ def test_the_shipped_qwen_configs_run_as_written(qwen_dir, qwen_data, tmp_path, 
         [
             str(Path(sys.executable).parent / "deepspeed"),
             "--master_port",  # not the default 29500: another run on the machine may hold it
-            str(free_port()),
+            str(warm_python.free_port()),
         ]
         if name == "projector"
         else [sys.executable]

@@ -15,7 +15,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -87,19 +86,11 @@ DEMO_VAL = [
 ]
 
 
-def free_port() -> int:
-    """A port no one listens on now: the launchers' default (29500) may be taken by another job on
-    a shared machine, and the rendezvous then fails with EADDRINUSE."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _cmd(launcher: str, overrides: list[str]) -> list[str]:
     # debug.* switches are test hooks, injected by tests/hooked_finetune.py, not config keys.
     hooked = ["tests/hooked_finetune.py"] if any(o.startswith("debug.") for o in overrides) else []
     script = [*hooked, "train/finetune.py", "--config", "configs/demo.yaml", *overrides]
-    port = ["--master_port", str(free_port())]
+    port = ["--master_port", str(warm_python.free_port())]
     if launcher == "python":
         return [sys.executable, *script]
     if launcher == "deepspeed":

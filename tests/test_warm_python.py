@@ -130,7 +130,7 @@ def test_warm_ranks_get_torchrun_s_environment_and_a_failed_rank_stops_the_run(t
     for how in ("pass", "fail"):
         ends = []
         for warm in (False, True):
-            cmd = [torchrun, "--master_port", str(warm_python._free_port()), "--nproc_per_node", "2"]
+            cmd = [torchrun, "--master_port", str(warm_python.free_port()), "--nproc_per_node", "2"]
             started = time.time()
             proc = warm_python.run(
                 [*cmd, str(script), how],

@@ -368,7 +368,9 @@ def _log_cold(args: list[str], why: str) -> None:
             f.write(f"{os.environ.get('PYTEST_CURRENT_TEST', '?')}: {args[0]}: {why}\n")
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A port no one listens on now: the launchers' default (29500) may be taken by another job on
+    a shared machine, and the rendezvous then fails with EADDRINUSE."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -390,9 +392,20 @@ def _as_ranks(cmd, env: dict | None) -> tuple[list[str], dict, int] | None:
         or not options.get("--nproc_per_node", "").isdigit()
     ):
         return None
-    port = options.get("--master_port") or str(_free_port())
+    port = options.get("--master_port") or str(free_port())
     env = {**(env if env is not None else os.environ), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
     return [sys.executable, *cmd[i:]], env, int(options["--nproc_per_node"])
+
+
+def _warm_plan(cmd, env: dict | None, warm_ranks: bool) -> tuple[list[str] | None, dict | None, int | None]:
+    """``(args, env, ranks)`` of ``cmd`` run warm (``ranks``: workers of ``warm_ranks``' torchrun
+    command, else None), or ``(None, env, None)``: run ``cmd`` as given."""
+    if warm_ranks and (as_ranks := _as_ranks(cmd, env)):
+        python_cmd, rank_env, ranks = as_ranks
+        if (args := _can_run_warm(python_cmd, rank_env)) is not None:
+            return args, rank_env, ranks
+        return None, env, None
+    return _can_run_warm(cmd, env), env, None
 
 
 def run(
@@ -410,13 +423,7 @@ def run(
     """:func:`subprocess.run` for ``[sys.executable, script, ...]``, run warm where it can be.
     ``warm_ranks``: ``cmd`` is a one-node ``torchrun`` command, whose workers are forked warm
     (:func:`_as_ranks`); where they cannot be, torchrun runs as given."""
-    ranks = None
-    if warm_ranks and not kw and (as_ranks := _as_ranks(cmd, env)):
-        python_cmd, rank_env, ranks = as_ranks
-        args = _can_run_warm(python_cmd, rank_env)
-        env = rank_env if args is not None else env
-    else:
-        args = None if kw else _can_run_warm(cmd, env)
+    args, env, ranks = (None, env, None) if kw else _warm_plan(cmd, env, warm_ranks)
     if args is None:
         return subprocess.run(
             cmd,
@@ -461,15 +468,7 @@ def popen(cmd, *, cwd=None, env=None, stdout=None, stderr=None, warm_ranks=False
     :func:`run`. torchrun run as given starts each worker in a session of its own: see
     :func:`kill_all` for stopping every process of either kind."""
     read = any(s not in (None, subprocess.DEVNULL) for s in (stdout, stderr))
-    ranks = None
-    if read:
-        args = None
-    elif warm_ranks and (as_ranks := _as_ranks(cmd, env)):
-        python_cmd, rank_env, ranks = as_ranks
-        args = _can_run_warm(python_cmd, rank_env)
-        env = rank_env if args is not None else env
-    else:
-        args = _can_run_warm(cmd, env)
+    args, env, ranks = (None, env, None) if read else _warm_plan(cmd, env, warm_ranks)
     if args is None:
         return subprocess.Popen(
             cmd, cwd=cwd, env=env, stdout=stdout, stderr=stderr, start_new_session=bool(warm_ranks)

@@ -229,14 +229,18 @@ def llava_step_flops(
     return out
 
 
-# llava-hf LLaVA-1.5 token ids (vocab 32064: Llama's 32000 + <image> + <pad> + padding to 64).
-IMAGE_TOKEN_ID, PAD_TOKEN_ID, BOS_TOKEN_ID, EOS_TOKEN_ID = 32000, 32001, 1, 2
+#: llava-hf LLaVA-1.5's vocabulary: Llama's 32000 text ids + <image> + <pad>, padded to 64.
+LLAVA_VOCAB = 32064
 
 
 def llava_token_ids(vocab: int) -> tuple[int, int]:
     """``(<image>, <pad>)`` ids of a vocabulary laid out as llava-hf's: the text ids, then ``<image>``
     and ``<pad>``, padded to a multiple of 64 (32000 and 32001 in LLaVA-1.5's 32064)."""
     return vocab - 64, vocab - 63
+
+
+IMAGE_TOKEN_ID, PAD_TOKEN_ID = llava_token_ids(LLAVA_VOCAB)
+BOS_TOKEN_ID, EOS_TOKEN_ID = 1, 2
 
 
 CLIP_L_336 = VisionTowerShape(
@@ -368,7 +372,7 @@ def synthetic_items(
     image_size: int,
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
-    vocab: int = PAD_TOKEN_ID + 63,
+    vocab: int = LLAVA_VOCAB,
 ) -> list[dict[str, torch.Tensor]]:
     """Dataset-like items (one image each), laid out as :func:`synthetic_batch`'s rows, for the
     real collators and samplers: ``input_ids``/``labels`` ``[n]``, ``pixel_values`` ``[1, 3, S, S]``;

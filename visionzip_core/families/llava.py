@@ -47,7 +47,7 @@ from visionzip_core.families.base import LORA_TARGETS, ImageTokenSelection, Mode
 from visionzip_core.families.clip_llama import (
     BOS_TOKEN_ID,
     EOS_TOKEN_ID,
-    PAD_TOKEN_ID,
+    LLAVA_VOCAB,
     SIZES,
     BenchSize,
     VisionTowerShape,
@@ -275,7 +275,7 @@ class Llava15(ModelFamily):
         llm = LlamaShape.from_config(config.text_config)
         # The simulation's batches use llava-hf's token ids (<image> 32000, <pad> 32001); a smaller
         # vocabulary (tiny test models) is simulated at LLaVA's 32064, which overstates its logits.
-        llm = replace(llm, vocab=max(llm.vocab, PAD_TOKEN_ID + 63))
+        llm = replace(llm, vocab=max(llm.vocab, LLAVA_VOCAB))
         size = BenchSize(name, vision, llm, batch_size=1, text_tokens=(0, 0), dtype="bfloat16", note=name)
         # Stock = every patch (per crop for LLaVA-NeXT); the family's table where the tower matches it.
         stock = vision.num_patches
