@@ -113,7 +113,9 @@ names = ["RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "
 dist.init_process_group("gloo")
 total = torch.ones(1) * (dist.get_rank() + 1)
 dist.all_reduce(total)
-print(json.dumps({**{k: os.environ.get(k) for k in names}, "sum": total.item()}), flush=True)
+# One write per line: the ranks share the output, and print's text and newline are two writes unbuffered.
+sys.stdout.write(json.dumps({**{k: os.environ.get(k) for k in names}, "sum": total.item()}) + "\\n")
+sys.stdout.flush()
 if sys.argv[1] == "fail":
     if dist.get_rank() == 1:
         sys.exit(3)
