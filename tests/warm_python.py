@@ -267,6 +267,7 @@ class _Server:
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+        self.answers.close()
 
 
 _server: _Server | None = None
